@@ -1,0 +1,47 @@
+"""Regenerate npgpt2/assets/jargon.txt.gz from Debian's dict-jargon package.
+
+    apt-get download dict-jargon && dpkg-deb -x dict-jargon_*.deb jx
+    python tools/extract_jargon.py jx/usr/share/dictd > npgpt2/assets/jargon.txt.gz
+
+The dictd index lists `headword<TAB>offset<TAB>length`, offsets in dictd's base64
+digits. Each entry becomes one paragraph "term: definition" with whitespace folded,
+paragraphs separated by a blank line. The Jargon File 4.4.7 is in the public domain.
+"""
+import gzip
+import sys
+import re
+from pathlib import Path
+
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def b64num(s):
+    n = 0
+    for ch in s:
+        n = n * 64 + B64.index(ch)
+    return n
+
+
+def main(folder):
+    folder = Path(folder)
+    data = gzip.open(folder / "jargon.dict.dz").read()
+    entries = []
+    for line in (folder / "jargon.index").read_text("utf-8").splitlines():
+        head, off, length = line.split("\t")
+        if head.startswith("00-database") or head.startswith("00database"):
+            continue
+        body = data[b64num(off):b64num(off) + b64num(length)].decode("utf-8")
+        lines = body.split("\n")
+        # first line repeats the headword, second is pronunciation/part of speech
+        term = lines[0].strip()
+        text = " ".join(l.strip() for l in lines[1:] if l.strip())
+        text = re.sub(r"^//\s*", "", text)
+        text = re.sub(r"\s+", " ", text).strip()
+        if text:
+            entries.append(f"{term}: {text}")
+    out = "\n\n".join(entries) + "\n"
+    sys.stdout.buffer.write(gzip.compress(out.encode("utf-8"), mtime=0))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
