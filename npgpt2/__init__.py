@@ -1,0 +1,16 @@
+"""npgpt2: GPT-2 written by hand in NumPy.
+
+    import npgpt2
+    model = npgpt2.load_model("weights/124M")
+    enc = npgpt2.load_tokenizer("weights/124M")
+    ids = npgpt2.generate(model, enc.encode("Hello"), length=20, top_k=40, seed=1)
+    print(enc.decode(ids))
+"""
+from .errors import Npgpt2Error
+from .model import GPT2, init_model, load_model, save_model
+from .sampling import generate
+from .tokenizer import Tokenizer, load_tokenizer
+
+__version__ = "0.1.0"
+__all__ = ["GPT2", "Npgpt2Error", "Tokenizer", "generate", "init_model", "load_model",
+           "load_tokenizer", "save_model"]

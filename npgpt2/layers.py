@@ -1,0 +1,178 @@
+"""GPT-2's layers in plain NumPy, each a forward/backward pair.
+
+The names and argument order follow llm.c's train_gpt2.c: `layernorm_forward` returns
+what `layernorm_backward` needs, and every backward returns the gradients of its inputs.
+Shapes: B batch, T time, C channels, OC output channels, NH heads, hs = C // NH, V vocab.
+This file is the readable reference; `kernels.py` holds the fast twins and tests keep
+the two equal.
+"""
+import math
+
+import numpy as np
+
+
+# ---------------------------------------------------------------- embeddings
+def encoder_forward(wte, wpe, inp, pos0=0):
+    """Token + position embedding.
+
+    wte: (V, C), wpe: (maxT, C), inp: int (B, T); positions start at pos0 (KV cache).
+    Returns out: (B, T, C).
+    """
+    T = inp.shape[1]
+    return wte[inp] + wpe[pos0:pos0 + T]
+
+
+def encoder_backward(dout, inp, V, maxT):
+    """dout: (B, T, C), inp: (B, T) -> dwte: (V, C), dwpe: (maxT, C)."""
+    B, T, C = dout.shape
+    dwte = np.zeros((V, C), dtype=dout.dtype)
+    np.add.at(dwte, inp.reshape(-1), dout.reshape(-1, C))  # a token may repeat: accumulate
+    dwpe = np.zeros((maxT, C), dtype=dout.dtype)
+    dwpe[:T] = dout.sum(axis=0)
+    return dwte, dwpe
+
+
+# ---------------------------------------------------------------- layernorm
+def layernorm_forward(inp, weight, bias, eps=1e-5):
+    """inp: (..., C), weight/bias: (C,) -> out (..., C), mean (...), rstd (...)."""
+    mean = inp.mean(axis=-1)
+    xc = inp - mean[..., None]
+    var = (xc * xc).mean(axis=-1)  # biased variance, as TF and PyTorch
+    rstd = 1.0 / np.sqrt(var + eps)
+    out = xc * rstd[..., None] * weight + bias
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, inp, weight, mean, rstd):
+    """-> dinp (..., C), dweight (C,), dbias (C,)."""
+    C = inp.shape[-1]
+    norm = (inp - mean[..., None]) * rstd[..., None]
+    dbias = dout.reshape(-1, C).sum(axis=0)
+    dweight = (dout * norm).reshape(-1, C).sum(axis=0)
+    dnorm = dout * weight
+    # d/dx of (x - mean) * rstd: subtract the mean of dnorm and its projection on norm
+    dinp = (dnorm - dnorm.mean(axis=-1, keepdims=True)
+            - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * rstd[..., None]
+    return dinp, dweight, dbias
+
+
+# ---------------------------------------------------------------- linear (TF's conv1d)
+def matmul_forward(inp, weight, bias):
+    """inp: (..., C), weight: (C, OC), bias: (OC,) -> out (..., OC)."""
+    return inp @ weight + bias
+
+
+def matmul_backward(dout, inp, weight):
+    """-> dinp (..., C), dweight (C, OC), dbias (OC,)."""
+    C, OC = weight.shape
+    dinp = dout @ weight.T
+    dweight = inp.reshape(-1, C).T @ dout.reshape(-1, OC)
+    dbias = dout.reshape(-1, OC).sum(axis=0)
+    return dinp, dweight, dbias
+
+
+# ---------------------------------------------------------------- attention
+def split_heads(x, NH):
+    """(B, T, C) -> (B, NH, T, hs)."""
+    B, T, C = x.shape
+    return x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, NH, T, hs) -> (B, T, C)."""
+    B, NH, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
+
+
+def softmax(x):
+    """Softmax over the last axis; -inf entries get probability 0."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention_forward(qkv, NH):
+    """Causal multi-head self-attention.
+
+    qkv: (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) the softmax probabilities.
+    """
+    C = qkv.shape[-1] // 3
+    q, k, v = (split_heads(x, NH) for x in np.split(qkv, 3, axis=-1))
+    T = q.shape[2]
+    scale = 1.0 / math.sqrt(C // NH)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * scale
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    scores = np.where(future, -np.inf, scores)  # position t sees only 0..t
+    att = softmax(scores)
+    return merge_heads(att @ v), att
+
+
+def attention_backward(dout, qkv, att, NH):
+    """dout: (B, T, C) -> dqkv (B, T, 3C)."""
+    C = qkv.shape[-1] // 3
+    q, k, v = (split_heads(x, NH) for x in np.split(qkv, 3, axis=-1))
+    scale = 1.0 / math.sqrt(C // NH)
+    dy = split_heads(dout, NH)
+    datt = dy @ v.transpose(0, 1, 3, 2)
+    dv = att.transpose(0, 1, 3, 2) @ dy
+    # softmax backward; masked positions have att == 0 so they get no gradient
+    dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True)) * scale
+    dq = dscores @ k
+    dk = dscores.transpose(0, 1, 3, 2) @ q
+    return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+
+
+def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
+    """Attention for T new positions pos0..pos0+T-1 against a KV cache (inference only).
+
+    qkv: (B, T, 3C); k_cache, v_cache: (B, NH, n_ctx, hs), filled up to pos0 and written
+    here for the new positions. Returns out (B, T, C), equal to rows pos0.. of
+    attention_forward over the whole sequence.
+    """
+    C = qkv.shape[-1] // 3
+    q, k, v = (split_heads(x, NH) for x in np.split(qkv, 3, axis=-1))
+    T = q.shape[2]
+    end = pos0 + T
+    k_cache[:, :, pos0:end] = k
+    v_cache[:, :, pos0:end] = v
+    scale = 1.0 / math.sqrt(C // NH)
+    scores = (q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)) * scale
+    future = np.arange(end)[None, :] > (pos0 + np.arange(T))[:, None]
+    scores = np.where(future, -np.inf, scores)
+    return merge_heads(softmax(scores) @ v_cache[:, :, :end])
+
+
+# ---------------------------------------------------------------- GELU (tanh form, as GPT-2)
+# Python floats, not NumPy float64 scalars: those would promote float32 arrays to float64
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(inp):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); inp: any shape."""
+    # x*x*x, not x**3: NumPy's float power is ~80x slower
+    return 0.5 * inp * (1.0 + np.tanh(GELU_SCALE * (inp + 0.044715 * inp * inp * inp)))
+
+
+def gelu_backward(dout, inp):
+    """-> dinp, same shape as inp."""
+    t = np.tanh(GELU_SCALE * (inp + 0.044715 * inp * inp * inp))
+    dt = (1.0 - t * t) * GELU_SCALE * (1.0 + 3 * 0.044715 * inp * inp)
+    return dout * (0.5 * (1.0 + t) + 0.5 * inp * dt)
+
+
+# ---------------------------------------------------------------- output head + loss
+def crossentropy_forward(logits, targets):
+    """logits: (B, T, V), targets: int (B, T) -> losses (B, T), probs (B, T, V)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    sumexp = e.sum(axis=-1, keepdims=True)
+    # the loss from the log-sum-exp, not log(probs): tiny probabilities stay finite
+    logp = np.take_along_axis(shifted, targets[..., None], axis=-1) - np.log(sumexp)
+    return -logp[..., 0], e / sumexp
+
+
+def crossentropy_softmax_backward(dlosses, probs, targets):
+    """dlosses: (B, T) -> dlogits (B, T, V) = (probs - onehot(targets)) * dlosses."""
+    dlogits = probs.copy()
+    np.put_along_axis(dlogits, targets[..., None],
+                      np.take_along_axis(dlogits, targets[..., None], axis=-1) - 1.0, axis=-1)
+    return dlogits * dlosses[..., None]

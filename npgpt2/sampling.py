@@ -1,0 +1,140 @@
+"""Sampling: temperature, top-k, top-p (nucleus); token generation with a KV cache; and
+turning a token stream into text that stops at a given string."""
+import codecs
+import logging
+
+import numpy as np
+
+from .errors import Npgpt2Error
+
+log = logging.getLogger(__name__)
+
+
+def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
+    """Draw one token id per row. logits: (B, V) -> int64 (B,).
+
+    temperature 0 is greedy; top_k 0 and top_p 1.0 mean no restriction (OpenAI's
+    conventions). Work in float64 so the draw does not depend on the model's dtype.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    out = np.empty(logits.shape[0], dtype=np.int64)
+    for b, row in enumerate(logits / temperature):
+        ids = np.arange(row.shape[0])
+        if 0 < top_k < row.shape[0]:
+            ids = np.argpartition(-row, top_k - 1)[:top_k]
+        # most likely first, ties broken by id, so the draw is reproducible
+        ids = ids[np.lexsort((ids, -row[ids]))]
+        probs = np.exp(row[ids] - row[ids[0]])
+        probs /= probs.sum()
+        if top_p < 1.0:
+            # keep the smallest head whose mass reaches top_p (always at least one token)
+            keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1)
+            ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+        cdf = np.cumsum(probs)
+        out[b] = ids[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(ids) - 1)]
+    return out
+
+
+def check_sampling_args(temperature=1.0, top_k=0, top_p=1.0):
+    """Raise Npgpt2Error naming the flag when a sampling setting is out of range."""
+    if not temperature >= 0:
+        raise Npgpt2Error(f"--temperature must be >= 0, got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise Npgpt2Error(f"--top_k must be an integer >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise Npgpt2Error(f"--top_p must be in (0, 1], got {top_p}")
+
+
+def fit_prompt(prompt_tokens, length, n_ctx):
+    """Left-trim the prompt so prompt + length fits the context; returns the tokens kept."""
+    if not 1 <= length < n_ctx:
+        raise Npgpt2Error(f"--length must be between 1 and n_ctx - 1 = {n_ctx - 1}, got {length}")
+    prompt_tokens = list(prompt_tokens)
+    if not prompt_tokens:
+        raise Npgpt2Error("the prompt is empty (give at least one token)")
+    room = n_ctx - length
+    if len(prompt_tokens) > room:
+        log.warning("prompt of %d tokens does not fit n_ctx=%d with --length %d: keeping its last %d tokens",
+                    len(prompt_tokens), n_ctx, length, room)
+        prompt_tokens = prompt_tokens[-room:]
+    return prompt_tokens
+
+
+def generate_stream(model, prompt_tokens, length, temperature=1.0, top_k=0, top_p=1.0,
+                    seed=None, batch_size=1, rng=None):
+    """Yield `length` steps of new tokens, each an int64 array (batch_size,).
+
+    Every row continues the same prompt with its own draws. The prompt is prefilled in one
+    forward pass (logits only for its last position); each later step feeds one token
+    through the KV cache. Pass rng to continue a random stream; else seed makes one.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    prompt_tokens = fit_prompt(prompt_tokens, length, model.hparams["n_ctx"])
+    bad = [t for t in prompt_tokens if not 0 <= t < model.hparams["n_vocab"]]
+    if bad:
+        raise Npgpt2Error(f"prompt token id {bad[0]} is outside the model's vocabulary "
+                          f"(n_vocab={model.hparams['n_vocab']})")
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    cache = model.new_cache(batch_size)
+    context = np.tile(np.asarray(prompt_tokens, dtype=np.int64), (batch_size, 1))
+    logits = model.forward(context, cache=cache, last_only=True)[:, -1]
+    for step in range(length):
+        tokens = sample_logits(logits, rng, temperature, top_k, top_p)
+        yield tokens
+        if step + 1 < length:
+            logits = model.forward(tokens[:, None], cache=cache)[:, -1]
+
+
+def generate(model, prompt_tokens, length, temperature=1.0, top_k=0, top_p=1.0, seed=None):
+    """Continue prompt_tokens (list of ids) by `length` new tokens -> list of the new ids."""
+    return [int(t[0]) for t in generate_stream(model, prompt_tokens, length, temperature,
+                                               top_k, top_p, seed)]
+
+
+class TextStream:
+    """Turns tokens into text as they arrive, stopping at the first of `stops`.
+
+    push() returns (text that is now safe to show, stopped). Text is held back while it
+    could still be the start of a stop string or of a multi-byte UTF-8 character, so what
+    is shown never has to be taken back.
+    """
+
+    def __init__(self, tokenizer, stops=()):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def push(self, token):
+        if self.stopped:
+            return "", True
+        self.text += self.decoder.decode(self.tokenizer.decode_bytes([int(token)]))
+        return self._emit(final=False)
+
+    def finish(self):
+        """Flush what is held back; returns the remaining text."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.decode(b"", final=True)
+        return self._emit(final=True)[0]
+
+    def _emit(self, final):
+        # a stop string can only begin in the part not shown yet or in the held-back tail
+        start = max(0, self.shown - self.hold)
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            end, self.stopped = min(hits), True
+        else:
+            end = len(self.text) if final else max(self.shown, len(self.text) - self.hold)
+        out = self.text[self.shown:end]
+        self.shown = end
+        return out, self.stopped
+
+    @property
+    def shown_text(self):
+        return self.text[:self.shown]
