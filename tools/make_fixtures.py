@@ -1,0 +1,429 @@
+"""Generate npgpt2's independent reference fixtures under tests/fixtures/.
+
+Run in the fixture venv (never in CI; the package and its tests never import these libraries):
+
+    /opt/fixenv/bin/python tools/make_fixtures.py
+
+Versions are pinned in tools/fixtures-requirements.txt. Every random draw comes from a fixed seed,
+so re-running rewrites the same values (TensorFlow's .meta may differ in build metadata only).
+
+Outputs (see tests/fixtures/README.md for the formats):
+  tiny/, tiny_values.npz      OpenAI-layout TF checkpoint written by real TensorFlow + the exact values fed
+  full/, full_sha256.json     same with the full 50257 vocab + OpenAI's encoder.json / vocab.bpe
+  tiny_reference.npz          HF transformers GPT-2 logits, loss and every gradient (float64 and float32)
+  full_reference.npz          HF logits for the full-vocab model
+  adamw_reference.npz         torch.optim.AdamW / SGD trajectories on a fixed problem
+  hf_tiny/, hf_tiny_logits.npz  the tiny model saved by transformers itself (safetensors) + its logits
+
+The generator also checks, without committing anything: the checkpoint reads back bit-exactly through
+TensorFlow, HF float64 logits agree with an independent NumPy forward written below (guards against a
+mis-mapped weight), and the HF folder reloads to the same logits.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import numpy as np
+import tensorflow as tf
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures"
+ASSETS = ROOT / "npgpt2" / "assets"
+
+TINY_HPARAMS = {"n_vocab": 96, "n_ctx": 16, "n_embd": 24, "n_head": 3, "n_layer": 2}
+FULL_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 8, "n_head": 2, "n_layer": 2}
+
+# One seed per artefact so that changing one fixture never shifts the others.
+SEED_TINY_VALUES = 1234
+SEED_FULL_VALUES = 5678
+SEED_TINY_TOKENS = 42
+SEED_FULL_TOKENS = 43
+SEED_OPTIM = 7
+SEED_TORCH = 0  # only for HF's throwaway random init; every weight is overwritten
+
+
+# ---------------------------------------------------------------- parameter values
+
+def variable_shapes(hp):
+    """OpenAI's TF variable names -> shapes, in the order OpenAI's model.py creates them."""
+    V, T, C = hp["n_vocab"], hp["n_ctx"], hp["n_embd"]
+    shapes = {"model/wpe": (T, C), "model/wte": (V, C)}
+    for i in range(hp["n_layer"]):
+        h = f"model/h{i}/"
+        shapes.update({
+            h + "ln_1/g": (C,), h + "ln_1/b": (C,),
+            h + "attn/c_attn/w": (1, C, 3 * C), h + "attn/c_attn/b": (3 * C,),
+            h + "attn/c_proj/w": (1, C, C), h + "attn/c_proj/b": (C,),
+            h + "ln_2/g": (C,), h + "ln_2/b": (C,),
+            h + "mlp/c_fc/w": (1, C, 4 * C), h + "mlp/c_fc/b": (4 * C,),
+            h + "mlp/c_proj/w": (1, 4 * C, C), h + "mlp/c_proj/b": (C,),
+        })
+    shapes.update({"model/ln_f/g": (C,), "model/ln_f/b": (C,)})
+    return shapes
+
+
+def make_values(hp, seed):
+    """Random float32 weights scaled so logits are far from uniform (not GPT-2's init)."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for name, shape in variable_shapes(hp).items():
+        leaf = name.rsplit("/", 1)[1]
+        if name in ("model/wte", "model/wpe"):
+            v = rng.normal(0.0, 0.5, shape)
+        elif leaf == "g":
+            v = 1.0 + rng.normal(0.0, 0.1, shape)
+        elif leaf == "b":
+            v = rng.normal(0.0, 0.1, shape)
+        else:
+            v = rng.normal(0.0, 0.2, shape)
+        values[name] = np.ascontiguousarray(v, dtype=np.float32)
+    return values
+
+
+# ---------------------------------------------------------------- TensorFlow checkpoint
+
+def write_tf_checkpoint(folder, hp, values):
+    """Write an OpenAI-layout model folder with tf.compat.v1.train.Saver, then read it back."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf_vars = {}
+        # Ref variables, as OpenAI's TF 1.x release used; zeros initializer keeps the .meta tiny.
+        with tf.compat.v1.variable_scope("model"):
+            for name, shape in variable_shapes(hp).items():
+                tf_vars[name] = tf.compat.v1.get_variable(
+                    name[len("model/"):], shape=shape, dtype=tf.float32,
+                    initializer=tf.compat.v1.zeros_initializer(), use_resource=False)
+        for name, var in tf_vars.items():
+            assert var.op.name == name, (var.op.name, name)
+        saver = tf.compat.v1.train.Saver(var_list=list(tf_vars.values()), save_relative_paths=True)
+        with tf.compat.v1.Session(graph=graph) as sess:
+            # Feeding the initial value (what Variable.load does) adds no assign ops to the graph.
+            for name, var in tf_vars.items():
+                sess.run(var.initializer, feed_dict={var.initial_value: values[name]})
+            prefix = saver.save(sess, str(folder / "model.ckpt"), write_meta_graph=True)
+    assert Path(prefix).name == "model.ckpt", prefix
+    (folder / "hparams.json").write_text(json.dumps(hp, indent=2) + "\n")
+
+    expected = {"checkpoint", "hparams.json", "model.ckpt.index",
+                "model.ckpt.data-00000-of-00001", "model.ckpt.meta"}
+    got = {p.name for p in folder.iterdir()}
+    assert got == expected, got
+    state = (folder / "checkpoint").read_text()
+    assert 'model_checkpoint_path: "model.ckpt"' in state, state
+
+    # Read back through TensorFlow: exactly our variables, bit-equal to what was fed.
+    listed = dict(tf.train.list_variables(str(folder)))
+    assert set(listed) == set(values), sorted(set(listed) ^ set(values))
+    for name, v in values.items():
+        back = tf.train.load_variable(str(folder), name)
+        assert back.dtype == np.float32 and back.shape == v.shape, name
+        assert back.tobytes() == v.tobytes(), name
+
+
+# ---------------------------------------------------------------- HF transformers GPT-2
+
+def hf_config(hp):
+    return GPT2Config(
+        vocab_size=hp["n_vocab"], n_positions=hp["n_ctx"], n_embd=hp["n_embd"],
+        n_layer=hp["n_layer"], n_head=hp["n_head"], layer_norm_epsilon=1e-5,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="eager", tie_word_embeddings=True)
+
+
+def hf_name_map(hp):
+    """HF parameter name -> (TF variable name, function TF array -> HF array)."""
+    ident = lambda a: a  # noqa: E731
+    conv = lambda a: a[0]  # TF (1, in, out) -> HF Conv1D weight (in, out)  # noqa: E731
+    m = {"transformer.wte.weight": ("model/wte", ident),
+         "transformer.wpe.weight": ("model/wpe", ident),
+         "transformer.ln_f.weight": ("model/ln_f/g", ident),
+         "transformer.ln_f.bias": ("model/ln_f/b", ident)}
+    for i in range(hp["n_layer"]):
+        h, t = f"transformer.h.{i}.", f"model/h{i}/"
+        for hf_ln, tf_ln in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
+            m[h + hf_ln + ".weight"] = (t + tf_ln + "/g", ident)
+            m[h + hf_ln + ".bias"] = (t + tf_ln + "/b", ident)
+        for sub in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            tf_sub = t + sub.replace(".", "/")
+            m[h + sub + ".weight"] = (tf_sub + "/w", conv)
+            m[h + sub + ".bias"] = (tf_sub + "/b", ident)
+    return m
+
+
+def build_hf(hp, values, dtype):
+    """GPT2LMHeadModel with our values mapped by hand; lm_head stays tied to wte."""
+    torch.manual_seed(SEED_TORCH)
+    model = GPT2LMHeadModel(hf_config(hp)).to(dtype).eval()
+    assert model.config._attn_implementation == "eager", model.config._attn_implementation
+    params = dict(model.named_parameters())  # tied lm_head.weight is deduplicated here
+    mapping = hf_name_map(hp)
+    assert set(params) == set(mapping), sorted(set(params) ^ set(mapping))
+    assert {tf_name for tf_name, _ in mapping.values()} == set(values)
+    with torch.no_grad():
+        for hf_name, (tf_name, fn) in mapping.items():
+            arr = fn(values[tf_name])
+            assert tuple(params[hf_name].shape) == arr.shape, (hf_name, arr.shape)
+            params[hf_name].copy_(torch.from_numpy(np.array(arr, dtype=np.float64)).to(dtype))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)).logits.numpy()
+
+
+def hf_loss_and_grads(model, hp, tokens, targets):
+    """Mean cross-entropy of logits vs targets (no shift: targets are given per position)
+    and every gradient in TF names and TF shapes."""
+    model.zero_grad(set_to_none=True)
+    logits = model(torch.from_numpy(tokens)).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.from_numpy(targets).reshape(-1))
+    loss.backward()
+    params = dict(model.named_parameters())
+    grads = {}
+    for hf_name, (tf_name, _) in hf_name_map(hp).items():
+        g = params[hf_name].grad.detach().numpy().copy()
+        if tf_name.endswith("/w"):
+            g = g[None]  # HF Conv1D (in, out) -> TF (1, in, out)
+        grads[tf_name] = g
+    return float(loss.item()), grads
+
+
+# ---------------------------------------------------------------- independent NumPy forward
+
+def numpy_forward(hp, values, tokens):
+    """A plain float64 GPT-2 forward straight from the TF arrays, for the sanity check only."""
+    p = {k: v.astype(np.float64) for k, v in values.items()}
+    B, T = tokens.shape
+    C, H = hp["n_embd"], hp["n_head"]
+    D = C // H
+
+    def ln(x, g, b):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * g + b
+
+    def gelu(x):
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    x = p["model/wte"][tokens] + p["model/wpe"][:T]
+    causal = np.tril(np.ones((T, T), dtype=bool))
+    for i in range(hp["n_layer"]):
+        h = f"model/h{i}/"
+        a = ln(x, p[h + "ln_1/g"], p[h + "ln_1/b"])
+        qkv = a @ p[h + "attn/c_attn/w"][0] + p[h + "attn/c_attn/b"]
+        q, k, v = (qkv[..., j * C:(j + 1) * C].reshape(B, T, H, D).transpose(0, 2, 1, 3)
+                   for j in range(3))
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(D)
+        s = np.where(causal, s, -np.inf)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = (s @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+        x = x + o @ p[h + "attn/c_proj/w"][0] + p[h + "attn/c_proj/b"]
+        m = ln(x, p[h + "ln_2/g"], p[h + "ln_2/b"])
+        m = gelu(m @ p[h + "mlp/c_fc/w"][0] + p[h + "mlp/c_fc/b"])
+        x = x + m @ p[h + "mlp/c_proj/w"][0] + p[h + "mlp/c_proj/b"]
+    x = ln(x, p["model/ln_f/g"], p["model/ln_f/b"])
+    return x @ p["model/wte"].T
+
+
+def numpy_loss(hp, values, tokens, targets):
+    logits = numpy_forward(hp, values, tokens)
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, targets[..., None], -1).mean()
+
+
+def fd_check(hp, values, tokens, targets, loss, grads, eps=1e-5):
+    """Max relative error of a few torch gradient entries vs central differences of the NumPy loss.
+
+    Includes a wte row that no input token uses, whose gradient comes only from the tied head."""
+    v64 = {k: v.astype(np.float64) for k, v in values.items()}
+    assert abs(numpy_loss(hp, v64, tokens, targets) - loss) < 1e-12
+    unused = sorted(set(range(hp["n_vocab"])) - set(tokens.ravel().tolist()))[0]
+    picks = [("model/wte", (unused, 0)), ("model/wte", (int(tokens[0, 0]), 1)),
+             ("model/wpe", (3, 2)), ("model/h0/attn/c_attn/w", (0, 1, 30)),
+             ("model/h1/mlp/c_proj/w", (0, 5, 7)), ("model/h0/ln_1/g", (4,)),
+             ("model/ln_f/b", (0,))]
+    worst = 0.0
+    for name, idx in picks:
+        orig = v64[name][idx]
+        v64[name][idx] = orig + eps
+        up = numpy_loss(hp, v64, tokens, targets)
+        v64[name][idx] = orig - eps
+        down = numpy_loss(hp, v64, tokens, targets)
+        v64[name][idx] = orig
+        fd = (up - down) / (2 * eps)
+        worst = max(worst, abs(fd - grads[name][idx]) / max(abs(fd), 1e-8))
+    return worst
+
+
+# ---------------------------------------------------------------- fixtures
+
+def save_npz(path, arrays):
+    np.savez_compressed(path, **arrays)
+    with np.load(path) as back:  # keys with '/' must survive the zip round trip
+        assert set(back.files) == set(arrays), sorted(set(back.files) ^ set(arrays))
+
+
+def make_tiny(report):
+    hp = TINY_HPARAMS
+    values = make_values(hp, SEED_TINY_VALUES)
+    write_tf_checkpoint(FIX / "tiny", hp, values)
+    save_npz(FIX / "tiny_values.npz", values)
+
+    rng = np.random.default_rng(SEED_TINY_TOKENS)
+    tokens = rng.integers(0, hp["n_vocab"], size=(2, hp["n_ctx"]), dtype=np.int64)
+    targets = rng.integers(0, hp["n_vocab"], size=(2, hp["n_ctx"]), dtype=np.int64)
+
+    m64 = build_hf(hp, values, torch.float64)
+    m32 = build_hf(hp, values, torch.float32)
+    logits64 = hf_logits(m64, tokens)
+    logits32 = hf_logits(m32, tokens)
+    assert logits64.dtype == np.float64 and logits32.dtype == np.float32
+
+    ref_np = numpy_forward(hp, values, tokens)
+    report["sanity tiny |HF f64 - numpy f64|"] = float(np.abs(ref_np - logits64).max())
+    report["tiny |HF f32 - HF f64|"] = float(np.abs(logits32 - logits64).max())
+    report["tiny logits std"] = float(logits64.std())
+    assert report["sanity tiny |HF f64 - numpy f64|"] < 1e-10
+
+    loss64, grads64 = hf_loss_and_grads(m64, hp, tokens, targets)
+    loss32, grads32 = hf_loss_and_grads(m32, hp, tokens, targets)
+    for name, v in values.items():
+        assert grads64[name].shape == v.shape and grads64[name].dtype == np.float64, name
+        assert grads32[name].shape == v.shape and grads32[name].dtype == np.float32, name
+    report["tiny loss_f64"] = loss64
+    report["sanity tiny grad rel err vs numpy finite differences"] = fd_check(
+        hp, values, tokens, targets, loss64, grads64)
+    assert report["sanity tiny grad rel err vs numpy finite differences"] < 1e-6
+    report["tiny loss_f32"] = loss32
+
+    ref = {"tokens": tokens, "targets": targets,
+           "logits_f64": logits64, "logits_f32": logits32,
+           "loss_f64": np.float64(loss64), "loss_f32": np.float32(loss32)}
+    ref.update({f"grad/{k}": g for k, g in grads64.items()})
+    ref.update({f"grad32/{k}": g for k, g in grads32.items()})
+    save_npz(FIX / "tiny_reference.npz", ref)
+
+    # The same float32 model written by transformers itself, for the converter tests.
+    folder = FIX / "hf_tiny"
+    if folder.exists():
+        shutil.rmtree(folder)
+    m32.save_pretrained(folder, safe_serialization=True)
+    extra = {p.name for p in folder.iterdir()} - {"config.json", "model.safetensors"}
+    for name in extra:  # generation_config.json: not part of the model, keep the fixture minimal
+        (folder / name).unlink()
+    reloaded = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    assert reloaded.dtype == torch.float32
+    hf_tiny = hf_logits(reloaded, tokens)
+    assert np.array_equal(hf_tiny, logits32), np.abs(hf_tiny - logits32).max()
+    save_npz(FIX / "hf_tiny_logits.npz", {"tokens": tokens, "logits": hf_tiny})
+
+
+def make_full(report):
+    hp = FULL_HPARAMS
+    values = make_values(hp, SEED_FULL_VALUES)
+    folder = FIX / "full"
+    write_tf_checkpoint(folder, hp, values)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(ASSETS / name, folder / name)
+    sha = {k: hashlib.sha256(np.ascontiguousarray(v, dtype=np.float32).tobytes()).hexdigest()
+           for k, v in values.items()}
+    (FIX / "full_sha256.json").write_text(json.dumps(sha, indent=2, sort_keys=True) + "\n")
+
+    rng = np.random.default_rng(SEED_FULL_TOKENS)
+    tokens = rng.integers(0, hp["n_vocab"], size=(1, 8), dtype=np.int64)
+    tokens[0, 3] = hp["n_vocab"] - 1  # make sure the last vocabulary row (<|endoftext|>) is used
+    tokens_b = rng.integers(0, hp["n_vocab"], size=(2, 5), dtype=np.int64)
+
+    m64 = build_hf(hp, values, torch.float64)
+    m32 = build_hf(hp, values, torch.float32)
+    l64 = hf_logits(m64, tokens)
+    l32 = hf_logits(m32, tokens)
+    lb64 = hf_logits(m64, tokens_b)
+    report["sanity full |HF f64 - numpy f64|"] = float(max(
+        np.abs(numpy_forward(hp, values, tokens) - l64).max(),
+        np.abs(numpy_forward(hp, values, tokens_b) - lb64).max()))
+    report["full |HF f32 - HF f64|"] = float(np.abs(l32 - l64).max())
+    assert report["sanity full |HF f64 - numpy f64|"] < 1e-10
+    save_npz(FIX / "full_reference.npz", {
+        "tokens": tokens,
+        "logits_f64_last2": l64[:, -2:], "logits_f32_last2": l32[:, -2:],
+        "tokens_b": tokens_b, "logits_f64_b_last": lb64[:, -1]})
+
+
+def make_optim(report):
+    """torch.optim trajectories on fixed float64 parameters with hand-set gradients."""
+    rng = np.random.default_rng(SEED_OPTIM)
+    steps = 6
+    p0 = rng.normal(0.0, 1.0, (4, 3))
+    p0b = rng.normal(0.0, 1.0, (5,))
+    # Scales vary per step so clipping (max_norm 1) bites on some steps and not on others.
+    scales = [0.05, 2.0, 0.3, 5.0, 0.1, 1.5]
+    g = [rng.normal(0.0, s, (4, 3)) for s in scales]
+    gb = [rng.normal(0.0, s, (5,)) for s in scales]
+
+    out = {"p0": p0, "p0b": p0b, "steps": np.int64(steps),
+           "lr": np.float64(1e-2), "beta1": np.float64(0.9), "beta2": np.float64(0.999),
+           "eps": np.float64(1e-8), "weight_decay": np.float64(0.1),
+           "clip/weight_decay": np.float64(0.0), "clip/max_norm": np.float64(1.0),
+           "sgd/lr": np.float64(0.1)}
+    for t in range(1, steps + 1):
+        out[f"g{t}"], out[f"gb{t}"] = g[t - 1], gb[t - 1]
+
+    def run(prefix, make_opt, clip):
+        a = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(p0b, dtype=torch.float64, requires_grad=True)
+        opt = make_opt([a, b])
+        for t in range(1, steps + 1):
+            a.grad = torch.tensor(g[t - 1], dtype=torch.float64)
+            b.grad = torch.tensor(gb[t - 1], dtype=torch.float64)
+            if clip:
+                norm = torch.nn.utils.clip_grad_norm_([a, b], max_norm=1.0)
+                out[f"{prefix}norm{t}"] = np.float64(norm.item())  # total norm before clipping
+                out[f"{prefix}clipped_norm{t}"] = np.float64(
+                    np.sqrt((a.grad.numpy() ** 2).sum() + (b.grad.numpy() ** 2).sum()))
+            opt.step()
+            out[f"{prefix}p{t}"] = a.detach().numpy().copy()
+            out[f"{prefix}pb{t}"] = b.detach().numpy().copy()
+
+    run("", lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                                         weight_decay=0.1), clip=False)
+    run("clip/", lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                                              weight_decay=0.0), clip=True)
+    run("sgd/", lambda ps: torch.optim.SGD(ps, lr=0.1), clip=False)
+    report["clip norms"] = [round(float(out[f"clip/norm{t}"]), 4) for t in range(1, steps + 1)]
+    save_npz(FIX / "adamw_reference.npz", out)
+
+
+def main():
+    torch.set_num_threads(1)  # shared 2-core machine; also keeps reductions in one order
+    tf.compat.v1.disable_eager_execution()
+    FIX.mkdir(parents=True, exist_ok=True)
+    report = {"python": sys.version.split()[0], "numpy": np.__version__,
+              "tensorflow": tf.__version__, "torch": torch.__version__,
+              "transformers": transformers.__version__}
+    make_tiny(report)
+    make_full(report)
+    make_optim(report)
+    for k, v in report.items():
+        print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
