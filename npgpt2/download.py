@@ -1,0 +1,235 @@
+"""Download OpenAI's published GPT-2 files: resumable, retried, verified.
+
+`download_model("124M")` fetches the seven files OpenAI published for a model size into
+`<models_dir>/<name>/` (default `weights/124M/`):
+
+    hparams.json  encoder.json  vocab.bpe  model.ckpt.index  model.ckpt.meta
+    model.ckpt.data-00000-of-00001  checkpoint
+
+Each file streams in chunks into `<file>.part` and is renamed to its final name only once
+every byte promised by the server has arrived, so a final name always means a complete file.
+A cut download continues from the `.part` with an HTTP Range request. The checkpoint is
+crc-checked before the small `checkpoint` file (the one that makes a folder look like a
+model to `latest_checkpoint`) is fetched, last of all.
+"""
+import contextlib
+import errno
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+from .checkpoint import latest_checkpoint, read_checkpoint
+from .errors import Npgpt2Error
+from .model import ALIASES, MODEL_HPARAMS, read_hparams, validate_params
+
+log = logging.getLogger(__name__)
+
+# The address OpenAI's own download_model.py uses: <base>/<model name>/<file>.
+OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+BASE_URL_ENV = "NPGPT2_BASE_URL"
+PREFIX = "model.ckpt"
+# `checkpoint` comes last: its presence is what marks a finished folder.
+FILES = ("hparams.json", "encoder.json", "vocab.bpe", PREFIX + ".index", PREFIX + ".meta",
+         PREFIX + ".data-00000-of-00001", "checkpoint")
+CHUNK_BYTES = 1 << 20
+
+
+class _Retry(Exception):
+    """A failure worth trying again (dropped connection, timeout, 5xx, short body)."""
+
+
+def canonical_name(model_name):
+    """'124M' for '124M' or its old name '117M' (likewise 345M -> 355M); else Npgpt2Error."""
+    name = ALIASES.get(str(model_name).strip(), str(model_name).strip())
+    if name not in MODEL_HPARAMS:
+        known = ", ".join(MODEL_HPARAMS)
+        raise Npgpt2Error(f"model name '{model_name}' is unknown: choose one of {known} "
+                          f"(117M and 345M are accepted as the old names of 124M and 355M)")
+    return name
+
+
+def is_complete(folder):
+    """True if `folder` holds all seven files (final names only appear once complete)."""
+    return all((Path(folder) / f).is_file() for f in FILES)
+
+
+def download_model(model_name, models_dir="weights", base_url=None, force=False, progress=True,
+                   session=None, retries=5, backoff=1.0, timeout=(10, 60)):
+    """Fetch a GPT-2 model into `<models_dir>/<canonical name>/` and return that folder.
+
+    base_url: where `<name>/<file>` lives; default `$NPGPT2_BASE_URL`, else OpenAI's storage.
+    force: download every file again even if the folder is complete (existing files stay
+      until their replacement is complete; `.part` files are started afresh).
+    progress: a tqdm bar per file on stderr (only when stderr is a terminal).
+    session: a requests.Session to use (one is made and closed otherwise).
+    retries / backoff: per file, at most `retries` further attempts after a failure that made
+      no new progress, sleeping backoff * 2**k seconds before attempt k+1.
+    timeout: requests' (connect, read) timeout in seconds.
+    Raises Npgpt2Error with one line for an unknown name, a 404, running out of retries, a
+    full disk (the `.part` stays for resuming) or a checkpoint that fails its crc check.
+    """
+    name = canonical_name(model_name)
+    base = (base_url or os.environ.get(BASE_URL_ENV) or OPENAI_BASE_URL).rstrip("/")
+    if not re.match(r"https?://", base):
+        raise Npgpt2Error(f"--base_url: '{base}' is not an http:// or https:// address")
+    folder = Path(models_dir) / name
+    if is_complete(folder) and not force:
+        log.info("%s is already downloaded (use --force to download it again)", folder)
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Npgpt2Error(f"{folder}: cannot create folder ({e.strerror or e})") from None
+    if force:
+        # Until the new files are in and checked, the folder must not look finished.
+        with contextlib.suppress(FileNotFoundError):
+            (folder / "checkpoint").unlink()
+
+    own_session = session is None
+    session = session or requests.Session()
+    try:
+        fetch = dict(session=session, retries=retries, backoff=backoff, timeout=timeout,
+                     progress=progress, restart=force)
+        for fname in FILES[:-1]:
+            if force or not (folder / fname).is_file():
+                fetch_file(f"{base}/{name}/{fname}", folder / fname, **fetch)
+        verify_folder(folder)
+        fetch_file(f"{base}/{name}/checkpoint", folder / "checkpoint", **fetch)
+    finally:
+        if own_session:
+            session.close()
+    if os.path.abspath(latest_checkpoint(folder)) != os.path.abspath(folder / PREFIX):
+        raise Npgpt2Error(f"{folder / 'checkpoint'}: names a checkpoint other than {PREFIX}")
+    log.info("downloaded %s", folder)
+    return folder
+
+
+def verify_folder(folder):
+    """crc-check every tensor of folder/model.ckpt and its shapes against hparams.json."""
+    prefix = str(Path(folder) / PREFIX)
+    try:
+        hparams = read_hparams(folder)
+        tensors = read_checkpoint(prefix, verify=True, mmap=True)
+        validate_params(hparams, tensors, prefix + ".index")
+    except Npgpt2Error as e:
+        raise Npgpt2Error(f"{e} (the download is damaged; run again with --force)") from None
+
+
+def fetch_file(url, dest, session, retries=5, backoff=1.0, timeout=(10, 60), progress=True,
+               restart=False):
+    """Download `url` to `dest` through `dest.part`, resuming and retrying; see module doc."""
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    if restart:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+    failures = 0
+    best = _size(part)
+    while True:
+        try:
+            _fetch_once(url, part, session, timeout, progress, dest.name)
+            break
+        except _Retry as e:
+            have = _size(part)
+            if have > best:  # progress was made: this is a new run of bad luck
+                best, failures = have, 0
+            failures += 1
+            if failures > retries:
+                kept = f"; {have} bytes kept in {part} for resuming" if have else ""
+                raise Npgpt2Error(f"{url}: {e}; gave up after {retries} retries{kept}") from None
+            delay = backoff * 2 ** (failures - 1)
+            log.warning("%s: %s; retrying in %.1f s", url, e, delay)
+            time.sleep(delay)
+    os.replace(part, dest)
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _open_part(path, mode):
+    """Open the .part file (a seam for tests that simulate a full disk)."""
+    return open(path, mode)
+
+
+def _fetch_once(url, part, session, timeout, progress, label):
+    """One HTTP request appending to `part`; returns when `part` is complete, else raises."""
+    have = _size(part)
+    # identity: byte counts must match Content-Length, which a gzip-encoded body would not.
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+            if r.status_code == 404:
+                raise Npgpt2Error(f"{url}: not found (HTTP 404)")
+            if r.status_code == 416:  # nothing left after `have`: complete already, or junk
+                if _content_range(r)[2] == have:
+                    return
+                part.unlink(missing_ok=True)
+                raise _Retry("server refused to resume (HTTP 416); starting over")
+            if r.status_code >= 500 or r.status_code in (408, 429):
+                raise _Retry(f"HTTP {r.status_code} {r.reason}")
+            if r.status_code == 206:
+                start, _, total = _content_range(r)
+                if start != have:
+                    part.unlink()
+                    raise _Retry(f"server resumed at byte {start}, not {have}; starting over")
+                mode = "ab"
+            elif r.status_code == 200:
+                # No Range sent, or the server ignored it: the body is the whole file.
+                have, mode = 0, "wb"
+                length = r.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+            else:
+                raise Npgpt2Error(f"{url}: HTTP {r.status_code} {r.reason}")
+            have = _stream(r, part, mode, have, total, progress, label)
+    except (requests.ConnectionError, requests.Timeout,
+            requests.exceptions.ChunkedEncodingError) as e:
+        raise _Retry(f"connection failed ({type(e).__name__})") from None
+    except requests.RequestException as e:
+        raise Npgpt2Error(f"{url}: {type(e).__name__}: {e}") from None
+    if total is not None and have < total:
+        raise _Retry(f"connection closed after {have} of {total} bytes")
+    if total is not None and have > total:
+        part.unlink()
+        raise Npgpt2Error(f"{url}: server sent {have} bytes but announced {total}")
+
+
+def _stream(r, part, mode, have, total, progress, label):
+    """Write r's body to `part`; returns the bytes now in `part`. A full disk is one line."""
+    bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+               desc=label, disable=not (progress and sys.stderr.isatty()))
+    try:
+        with bar, _open_part(part, mode) as f:
+            for chunk in r.iter_content(CHUNK_BYTES):
+                f.write(chunk)
+                have += len(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    except requests.RequestException:
+        raise
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise Npgpt2Error(f"{part}: disk full after {_size(part)} bytes; free some space "
+                              f"and run the same command again to resume") from None
+        raise Npgpt2Error(f"{part}: cannot write ({e.strerror or e})") from None
+    return have
+
+
+def _content_range(r):
+    """(start, end, total) from 'bytes a-b/n' or 'bytes */n'; None for what is absent."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", r.headers.get("Content-Range", ""))
+    if not m:
+        return None, None, None
+    return tuple(int(g) if g and g != "*" else None for g in m.groups())
