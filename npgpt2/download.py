@@ -37,7 +37,9 @@ PREFIX = "model.ckpt"
 # `checkpoint` comes last: its presence is what marks a finished folder.
 FILES = ("hparams.json", "encoder.json", "vocab.bpe", PREFIX + ".index", PREFIX + ".meta",
          PREFIX + ".data-00000-of-00001", "checkpoint")
-CHUNK_BYTES = 1 << 20
+# Small enough that little is lost when a connection drops (urllib3 discards the partly
+# filled chunk it was reading), large enough that the Python loop costs nothing.
+CHUNK_BYTES = 1 << 16
 
 
 class _Retry(Exception):
