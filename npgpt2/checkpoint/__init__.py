@@ -7,7 +7,8 @@
 """
 from .bundle import (latest_checkpoint, list_variables, read_checkpoint, write_checkpoint,
                      write_checkpoint_state)
-from .crc32c import crc32c, masked_crc32c
 
+# The checksum functions live in npgpt2.checkpoint.crc32c (not re-exported here: the name would
+# shadow the submodule).
 __all__ = ["latest_checkpoint", "list_variables", "read_checkpoint", "write_checkpoint",
-           "write_checkpoint_state", "crc32c", "masked_crc32c"]
+           "write_checkpoint_state"]

@@ -30,14 +30,17 @@ def _make_tables(n):
 
 _TABLES = _make_tables(16)
 _TABLE0 = [int(x) for x in _TABLES[0]]
-_TABLES64 = _TABLES.astype(np.uint64)  # same values; uint64 keeps the Numba loop in one integer type
+_FLAT64 = _TABLES.astype(np.uint64).reshape(-1)  # uint64 keeps the Numba loop in one integer type
 
 
 @njit(cache=True, nogil=True)
 def _crc_kernel(crc, head, words, tail, t):
-    """Update the (pre-inverted) crc with bytes `head`, then uint64 `words` (little-endian), then `tail`."""
+    """Update the (pre-inverted) crc with bytes `head`, then uint64 `words` (little-endian), then `tail`.
+
+    t: the 16 tables flattened, table k at t[256 * k:256 * (k + 1)] (a flat array indexes faster).
+    """
     for b in head:
-        crc = t[0, (crc ^ b) & 0xFF] ^ (crc >> 8)
+        crc = t[(crc ^ b) & 0xFF] ^ (crc >> 8)
     n = words.shape[0]
     i = 0
     # Slicing-by-16: two 64-bit words per step; each byte indexes the table that advances it
@@ -45,20 +48,20 @@ def _crc_kernel(crc, head, words, tail, t):
     while i + 1 < n:
         a = words[i] ^ crc
         b = words[i + 1]
-        crc = (t[15, a & 0xFF] ^ t[14, (a >> 8) & 0xFF] ^ t[13, (a >> 16) & 0xFF]
-               ^ t[12, (a >> 24) & 0xFF] ^ t[11, (a >> 32) & 0xFF] ^ t[10, (a >> 40) & 0xFF]
-               ^ t[9, (a >> 48) & 0xFF] ^ t[8, a >> 56]
-               ^ t[7, b & 0xFF] ^ t[6, (b >> 8) & 0xFF] ^ t[5, (b >> 16) & 0xFF]
-               ^ t[4, (b >> 24) & 0xFF] ^ t[3, (b >> 32) & 0xFF] ^ t[2, (b >> 40) & 0xFF]
-               ^ t[1, (b >> 48) & 0xFF] ^ t[0, b >> 56])
+        crc = (t[3840 + (a & 0xFF)] ^ t[3584 + ((a >> 8) & 0xFF)] ^ t[3328 + ((a >> 16) & 0xFF)]
+               ^ t[3072 + ((a >> 24) & 0xFF)] ^ t[2816 + ((a >> 32) & 0xFF)]
+               ^ t[2560 + ((a >> 40) & 0xFF)] ^ t[2304 + ((a >> 48) & 0xFF)] ^ t[2048 + (a >> 56)]
+               ^ t[1792 + (b & 0xFF)] ^ t[1536 + ((b >> 8) & 0xFF)] ^ t[1280 + ((b >> 16) & 0xFF)]
+               ^ t[1024 + ((b >> 24) & 0xFF)] ^ t[768 + ((b >> 32) & 0xFF)]
+               ^ t[512 + ((b >> 40) & 0xFF)] ^ t[256 + ((b >> 48) & 0xFF)] ^ t[b >> 56])
         i += 2
-    if i < n:
+    if i < n:  # slicing-by-8 for an odd last word
         a = words[i] ^ crc
-        crc = (t[7, a & 0xFF] ^ t[6, (a >> 8) & 0xFF] ^ t[5, (a >> 16) & 0xFF]
-               ^ t[4, (a >> 24) & 0xFF] ^ t[3, (a >> 32) & 0xFF] ^ t[2, (a >> 40) & 0xFF]
-               ^ t[1, (a >> 48) & 0xFF] ^ t[0, a >> 56])
+        crc = (t[1792 + (a & 0xFF)] ^ t[1536 + ((a >> 8) & 0xFF)] ^ t[1280 + ((a >> 16) & 0xFF)]
+               ^ t[1024 + ((a >> 24) & 0xFF)] ^ t[768 + ((a >> 32) & 0xFF)]
+               ^ t[512 + ((a >> 40) & 0xFF)] ^ t[256 + ((a >> 48) & 0xFF)] ^ t[a >> 56])
     for b in tail:
-        crc = t[0, (crc ^ b) & 0xFF] ^ (crc >> 8)
+        crc = t[(crc ^ b) & 0xFF] ^ (crc >> 8)
     return crc
 
 
@@ -84,7 +87,7 @@ def crc32c(data, value=0):
     stop = start + nwords * 8
     words = buf[start:stop].view("<u8")
     crc = np.uint64((value ^ 0xFFFFFFFF) & 0xFFFFFFFF)
-    crc = _crc_kernel(crc, buf[:start], words, buf[stop:], _TABLES64)
+    crc = _crc_kernel(crc, buf[:start], words, buf[stop:], _FLAT64)
     return int(crc) ^ 0xFFFFFFFF
 
 
