@@ -125,7 +125,7 @@ def read_checkpoint(prefix, verify=True, mmap=False):
         for shard in sorted({e.shard_id for e in entries.values()}):
             path = data_path(prefix, shard, header.num_shards)
             try:
-                f = open(path, "rb")
+                f = open(path, "rb", buffering=0)  # large reads go straight into the arrays
             except FileNotFoundError:
                 raise Npgpt2Error(f"{path}: file not found (data shard {shard} of checkpoint "
                                   f"{prefix})") from None
