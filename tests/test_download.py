@@ -335,3 +335,49 @@ def test_bad_base_url_is_one_line(tmp_path):
 
 def test_default_base_url_is_openais():
     assert download.OPENAI_BASE_URL == "https://openaipublic.blob.core.windows.net/gpt-2/models"
+
+
+class FakeResponse:
+    def __init__(self, status, body, headers):
+        self.status_code, self.reason, self.body, self.headers = status, "", body, headers
+
+    def iter_content(self, n):
+        for i in range(0, len(self.body), n):
+            yield self.body[i:i + n]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+class FakeSession:
+    """Answers from a script, quietly: a body shorter than its Content-Length raises nothing
+    here (unlike urllib3), so only npgpt2's own byte count can notice it."""
+
+    def __init__(self, answers):
+        self.answers, self.ranges = list(answers), []
+
+    def get(self, url, headers, stream, timeout):
+        self.ranges.append(headers.get("Range"))
+        return self.answers.pop(0)
+
+
+def test_short_body_is_noticed_by_byte_count_alone(tmp_path):
+    data = bytes(range(200))
+    s = FakeSession([FakeResponse(200, data[:150], {"Content-Length": "200"}),
+                     FakeResponse(206, data[150:], {"Content-Range": "bytes 150-199/200"})])
+    download.fetch_file("http://x/124M/f", tmp_path / "f", session=s, backoff=0, progress=False)
+    assert (tmp_path / "f").read_bytes() == data
+    assert s.ranges == [None, "bytes=150-"]
+
+
+def test_resume_at_the_wrong_offset_starts_over(tmp_path):
+    data = bytes(range(100))
+    (tmp_path / "f.part").write_bytes(data[:40])
+    s = FakeSession([FakeResponse(206, data[30:], {"Content-Range": "bytes 30-99/100"}),
+                     FakeResponse(200, data, {"Content-Length": "100"})])
+    download.fetch_file("http://x/124M/f", tmp_path / "f", session=s, backoff=0, progress=False)
+    assert (tmp_path / "f").read_bytes() == data
+    assert s.ranges == ["bytes=40-", None]
