@@ -302,6 +302,7 @@ def convert(src, dst, fmt=None, src_fmt=None, force=False):
     hparams, params, tok = read_model(src, src_fmt)
     log.info("converting %s (%s) -> %s (%s)", src, src_fmt, dst, fmt)
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "npz":
             write_npz(dst, hparams, params)
         else:
@@ -314,8 +315,8 @@ def convert(src, dst, fmt=None, src_fmt=None, force=False):
 
 def _check_destination(dst, fmt, force):
     if not dst.exists():
-        if not dst.parent.is_dir():
-            raise Npgpt2Error(f"{dst.parent}: no such folder")
+        if dst.parent.exists() and not dst.parent.is_dir():
+            raise Npgpt2Error(f"{dst.parent}: is a file, not a folder")
         return
     if fmt == "npz":
         if dst.is_dir():

@@ -235,6 +235,11 @@ def test_empty_existing_folder_is_fine(tmp_path, tiny_values):
     assert_same_params(read_model(tmp_path / "out")[1], tiny_values)
 
 
+def test_missing_parent_folders_are_made(tmp_path, tiny_values):
+    convert(FIX / "hf_tiny", tmp_path / "weights" / "tiny")
+    assert_same_params(read_model(tmp_path / "weights" / "tiny")[1], tiny_values)
+
+
 def test_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
