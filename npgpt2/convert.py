@@ -141,7 +141,8 @@ def _read_hf(folder):
             if (folder / "pytorch_model.bin").is_file() else ""
         raise Npgpt2Error(f"{st}: missing{other}")
     tensors, _ = read_safetensors(st, mmap=True)
-    to_tf = {hf_name(n): n for n in expected_shapes(hparams)}
+    shapes = expected_shapes(hparams)
+    to_tf = {hf_name(n): n for n in shapes}
     params = {}
     lm_head = None
     for name, arr in tensors.items():
@@ -155,8 +156,7 @@ def _read_hf(folder):
         if tf is None:
             raise Npgpt2Error(f"{st}: unexpected tensor '{name}' (not a GPT2LMHeadModel with the "
                               f"sizes in config.json?)")
-        want = expected_shapes(hparams)[tf]
-        if len(want) == 3 and arr.ndim == 2:  # Conv1D weight: TF keeps a leading 1
+        if len(shapes[tf]) == 3 and arr.ndim == 2:  # Conv1D weight: TF keeps a leading 1
             arr = arr[None]
         params[tf] = arr
     params = _checked(hparams, params, str(st))
