@@ -105,6 +105,111 @@ def cmd_prompt(args):
         sys.stdout.flush()
 
 
+# ---------------------------------------------------------------- chat and serve
+CHAT_HELP = """commands:
+  /reset       forget the conversation
+  /save FILE   write the transcript so far to FILE
+  /help        this text
+  //text       send "/text" as a message
+End of input (Ctrl-D) or Ctrl-C at the prompt quits; Ctrl-C during a reply stops the reply."""
+
+
+def add_chat_flags(p):
+    p.add_argument("--seed", type=int, default=None, help="random seed; same seed and messages, same replies")
+    p.add_argument("--length", type=int, default=None, help="most tokens per reply (default n_ctx // 4)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
+    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--truncate", default=None, help="also end a reply where this text appears")
+    p.add_argument("--user_tag", default="User:", help="the user's speaker tag (default %(default)s)")
+    p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag (default %(default)s)")
+
+
+def chat_command(chat, line):
+    """Run a /command; returns False to quit."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name == "/reset":
+        chat.reset()
+        print("(conversation cleared)", file=sys.stderr)
+    elif name == "/save" and arg:
+        chat.save(arg)
+        print(f"(saved {len(chat.turns)} turns to {arg})", file=sys.stderr)
+    elif name in ("/quit", "/exit"):
+        return False
+    elif name == "/help":
+        print(CHAT_HELP, file=sys.stderr)
+    else:
+        print(f"unknown command {line!r}; /help lists them" if name != "/save" else "usage: /save FILE",
+              file=sys.stderr)
+    return True
+
+
+def cmd_chat(args):
+    """A conversation on the terminal (or over a pipe): one message per line."""
+    from .chat import ChatSession
+    model, enc = load_for_generation(args)
+    chat = ChatSession(model, enc, args.length, args.temperature, args.top_k, args.top_p, args.seed,
+                       args.truncate, args.user_tag, args.bot_tag)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.model_name}; /help lists commands, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(args.user_tag + " ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not interactive and line == "":
+            return 0  # end of a piped input
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/") and not text.startswith("//"):
+            try:
+                if not chat_command(chat, text):
+                    return 0
+            except Npgpt2Error as e:
+                print(f"npgpt2: error: {e}", file=sys.stderr)
+            continue
+        text = text[1:] if text.startswith("//") else text
+        try:
+            reply = chat.say(text)
+        except Npgpt2Error as e:  # this message alone is too long; the chat goes on
+            print(f"npgpt2: error: {e}", file=sys.stderr)
+            continue
+        if not interactive:
+            sys.stdout.write(f"{args.user_tag} {text}\n")
+        sys.stdout.write(args.bot_tag + " ")
+        sys.stdout.flush()
+        try:
+            for piece in reply:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            reply.close()  # keeps what was shown as the bot's turn
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def cmd_serve(args):
+    """The HTTP API and chat page until Ctrl-C."""
+    from .server import Limits, Server
+    limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
+                    timeout=args.timeout, max_queue=args.max_queue)
+    limits.check()
+    model, enc = load_for_generation(args)
+    server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
+                    model_name=args.model_name)
+    print(f"serving {args.model_name} on {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
 # ---------------------------------------------------------------- parser
 def build_parser():
     parser = argparse.ArgumentParser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
@@ -121,6 +226,24 @@ def build_parser():
     add_model_flags(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_prompt)
+
+    p = sub.add_parser("chat", help="a conversation with the model, with history (/help inside)")
+    add_model_flags(p)
+    add_chat_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, streaming) and a chat page")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 = any free port)")
+    p.add_argument("--user_tag", default="User:", help="the user's speaker tag in /v1/chat (default %(default)s)")
+    p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag in /v1/chat (default %(default)s)")
+    p.add_argument("--max_body", type=int, default=256 * 1024, help="largest request body in bytes (default %(default)s)")
+    p.add_argument("--max_length", type=int, default=None, help="most tokens one request may ask for (default n_ctx - 1)")
+    p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt in tokens (default 8 * n_ctx)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included (default %(default)s)")
+    p.add_argument("--max_queue", type=int, default=64, help="requests queued or running before new ones get 503 (default %(default)s)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,233 @@
+"""Conversations: a transcript of speaker turns that GPT-2 continues.
+
+The transcript is plain text, one turn after another, each `<tag> <text>` and a newline:
+
+    User: hello there
+    Bot: hi!
+    User: how are you?
+    Bot:
+
+To reply, the model continues after the final bot tag. The reply ends at a line that starts
+with a speaker tag, at `<|endoftext|>`, at an optional `truncate` string, or after `length`
+tokens. When the transcript plus `length` no longer fits in n_ctx, the oldest turns are left
+out of the context (never the current message). The KV cache keeps the transcript's tokens
+between replies, and each reply only feeds what comes after the longest prefix it shares
+with them. Positions are absolute, so once the oldest turn is dropped the whole context is
+fed again.
+"""
+import logging
+
+import numpy as np
+
+from .errors import Npgpt2Error
+from .fsutil import atomic_write
+from .sampling import TextStream, check_sampling_args, sample_logits
+
+log = logging.getLogger(__name__)
+
+USER, BOT = "user", "bot"
+DEFAULT_USER_TAG, DEFAULT_BOT_TAG = "User:", "Bot:"
+EOT_TEXT = "<|endoftext|>"
+
+
+def check_tags(user_tag, bot_tag):
+    """Raise Npgpt2Error unless the tags are two different, non-empty, one-line strings."""
+    for flag, tag in (("--user_tag", user_tag), ("--bot_tag", bot_tag)):
+        if not tag.strip() or "\n" in tag:
+            raise Npgpt2Error(f"{flag} must be non-empty text on one line, got {tag!r}")
+    if user_tag.strip() == bot_tag.strip():
+        raise Npgpt2Error(f"--user_tag and --bot_tag must differ, both are {user_tag!r}")
+
+
+def turn_text(tag, text):
+    """One turn as it appears in the transcript: 'User: hello\\n'."""
+    return f"{tag} {text}".rstrip(" ") + "\n"
+
+
+def build_prompt(tokenizer, turns, n_ctx, length, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
+    """The tokens to continue for the bot's next reply, and how many old turns were left out.
+
+    turns: [(USER or BOT, text)], oldest first; the last one is the current message and is
+    always kept. Returns (tokens, n_dropped) with len(tokens) + length <= n_ctx. Each turn is
+    encoded on its own, so a turn's tokens stay the same as the transcript grows (GPT-2's
+    pre-tokenizer splits at the newline between turns anyway).
+    """
+    if not 1 <= length < n_ctx:
+        raise Npgpt2Error(f"--length must be between 1 and n_ctx - 1 = {n_ctx - 1}, got {length}")
+    if not turns:
+        raise Npgpt2Error("the conversation is empty (give at least one message)")
+    tags = {USER: user_tag, BOT: bot_tag}
+    tail = tokenizer.encode(bot_tag)
+    room = n_ctx - length - len(tail)
+    # newest first, and only as far back as fits: a long history costs no encoding
+    kept = []
+    for role, text in reversed(turns):
+        tokens = tokenizer.encode(turn_text(tags[role], text))
+        if not kept and len(tokens) > room:
+            raise Npgpt2Error(f"the message is {len(tokens)} tokens, but with --length {length} only "
+                              f"{max(room, 0)} fit in the context (n_ctx={n_ctx})")
+        if len(tokens) > room:
+            break
+        room -= len(tokens)
+        kept.append(tokens)
+    dropped = len(turns) - len(kept)
+    if dropped:
+        log.info("left out the %d oldest turns to fit the context (n_ctx=%d, --length %d)",
+                 dropped, n_ctx, length)
+    return [t for tokens in reversed(kept) for t in tokens] + tail, dropped
+
+
+def transcript_text(turns, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
+    tags = {USER: user_tag, BOT: bot_tag}
+    return "".join(turn_text(tags[role], text) for role, text in turns)
+
+
+def stop_strings(user_tag, bot_tag, truncate=None):
+    """Where a reply ends: a line that starts with a speaker tag, <|endoftext|>, truncate."""
+    stops = ["\n" + user_tag.strip(), "\n" + bot_tag.strip(), EOT_TEXT]
+    return stops + ([truncate] if truncate else [])
+
+
+class ReplyText:
+    """A bot reply as text, token by token: TextStream with the chat's stops, no leading
+    whitespace, and an end at the <|endoftext|> token however the tokenizer spells it.
+
+    push(token) -> (text now safe to show, stopped); finish() -> the held-back rest;
+    .text is the whole reply, stripped.
+    """
+
+    def __init__(self, tokenizer, stops):
+        self.stream = TextStream(tokenizer, stops)
+        self.eot = tokenizer.eot_token
+        self.started = False
+        self.stopped = False
+
+    def push(self, token):
+        if self.stopped:
+            return "", True
+        if int(token) == self.eot:
+            text, self.stopped = self.stream.finish(), True
+        else:
+            text, self.stopped = self.stream.push(token)
+        return self._lead(text), self.stopped
+
+    def finish(self):
+        return "" if self.stopped else self._lead(self.stream.finish())
+
+    def _lead(self, text):
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        return text
+
+    @property
+    def text(self):
+        return self.stream.shown_text.strip()
+
+
+class ChatSession:
+    """A conversation with a model, kept as a list of turns, with a KV cache kept between replies.
+
+    length: most tokens per reply (default n_ctx // 4). Sampling settings as in `prompt`;
+    one random stream for the whole session, so a seed makes the conversation repeatable.
+
+        chat = ChatSession(model, tokenizer, seed=1)
+        for piece in chat.say("hello"):   # the reply, as it is generated
+            print(piece, end="")
+        chat.turns   # [("user", "hello"), ("bot", "...")]
+    """
+
+    def __init__(self, model, tokenizer, length=None, temperature=1.0, top_k=0, top_p=1.0,
+                 seed=None, truncate=None, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
+        check_sampling_args(temperature, top_k, top_p)
+        check_tags(user_tag, bot_tag)
+        self.model, self.tokenizer = model, tokenizer
+        self.n_ctx = model.hparams["n_ctx"]
+        self.length = length if length is not None else max(1, self.n_ctx // 4)
+        if not 1 <= self.length < self.n_ctx:
+            raise Npgpt2Error(f"--length must be between 1 and n_ctx - 1 = {self.n_ctx - 1}, got {self.length}")
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.rng = np.random.default_rng(seed)
+        self.user_tag, self.bot_tag = user_tag, bot_tag
+        self.stops = stop_strings(user_tag, bot_tag, truncate)
+        self.turns = []      # every turn since the last reset, for /save
+        self.start = 0       # turns[:start] no longer fit in the context
+        self.cache = model.new_cache(1)
+        self.cached = []     # the tokens whose keys/values are in self.cache, in order
+        self.reused = 0      # tokens the last reply took from the cache instead of feeding
+
+    def reset(self):
+        """Forget the conversation (the cache is simply overwritten next time)."""
+        self.turns, self.start = [], 0
+        self.cache.truncate(0)
+        self.cached = []
+
+    def transcript(self):
+        """The whole conversation since the last reset, in the speaker format."""
+        return transcript_text(self.turns, self.user_tag, self.bot_tag)
+
+    def save(self, path):
+        """Write the transcript to path atomically (UTF-8)."""
+        try:
+            with atomic_write(path, "w", encoding="utf-8") as f:
+                f.write(self.transcript())
+        except OSError as e:
+            raise Npgpt2Error(f"{path}: cannot write the transcript ({e.strerror or e})") from None
+
+    def say(self, text):
+        """Add the user's message; returns a generator of the bot's reply as it is generated.
+
+        Raises Npgpt2Error, before changing anything, when the message alone does not fit in
+        the context. The bot's turn holds what the generator has shown so far, also when it
+        is closed early (e.g. on Ctrl-C).
+        """
+        turns = self.turns[self.start:] + [(USER, text)]
+        prompt, dropped = build_prompt(self.tokenizer, turns, self.n_ctx, self.length,
+                                       self.user_tag, self.bot_tag)
+        self.start += dropped
+        self.turns += [(USER, text), (BOT, "")]
+        return self._reply(prompt, len(self.turns) - 1)
+
+    def _reply(self, prompt, index):
+        reply = ReplyText(self.tokenizer, self.stops)
+        try:
+            for token in self._generate(prompt):
+                piece, stopped = reply.push(token)
+                if piece:
+                    yield piece
+                if stopped:
+                    break
+            tail = reply.finish()
+            if tail:
+                yield tail
+        finally:
+            if index < len(self.turns):  # unless reset() came first
+                self.turns[index] = (BOT, reply.text)
+
+    def reply(self, text):
+        """say() without streaming: the whole reply."""
+        return "".join(self.say(text)).strip()
+
+    # ------------------------------------------------------------ generation
+    def _generate(self, prompt):
+        """Yield up to self.length sampled tokens after prompt, feeding only what the cache lacks."""
+        n = 0
+        limit = min(len(self.cached), len(prompt) - 1)  # feed at least one token to get logits
+        while n < limit and self.cached[n] == prompt[n]:
+            n += 1
+        self.cache.truncate(n)
+        del self.cached[n:]
+        self.reused = n
+        logits = self._feed(prompt[n:], last_only=True)
+        for step in range(self.length):
+            token = int(sample_logits(logits, self.rng, **self.sampling)[0])
+            yield token
+            if step + 1 < self.length:
+                logits = self._feed([token])
+
+    def _feed(self, tokens, last_only=False):
+        logits = self.model.forward(np.asarray([tokens], dtype=np.int64), cache=self.cache,
+                                    last_only=last_only)
+        # only after forward returned: an interrupted forward leaves the cache as it was
+        self.cached.extend(tokens)
+        return logits[:, -1]

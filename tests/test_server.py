@@ -1,0 +1,389 @@
+"""`npgpt2 serve` over real HTTP on a free loopback port, with the `full` fixture model
+(GPT-2's 50257-token vocabulary, n_ctx 64, tiny width).
+
+Expected texts are never computed by npgpt2 outside the server: the checks compare the
+server with itself across modes (streaming vs not, alone vs among 20 concurrent clients)
+and check the protocol (status codes, JSON error bodies, SSE framing, limits).
+"""
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+import npgpt2
+from npgpt2.errors import Npgpt2Error
+from npgpt2.server import Limits, Server
+
+FULL = Path(__file__).parent / "fixtures" / "full"
+T = 30  # seconds: the most any single HTTP call in these tests may take
+
+
+def load():
+    return npgpt2.load_model(FULL), npgpt2.load_tokenizer(FULL)
+
+
+@pytest.fixture(scope="module")
+def server():
+    model, tok = load()
+    with Server(model, tok, host="127.0.0.1", port=0) as s:
+        s.start()
+        yield s
+
+
+def slowed(model, seconds, calls=None):
+    """Make every forward pass of this model instance take at least `seconds`."""
+    plain = model.forward
+
+    def forward(*args, **kwargs):
+        if calls is not None:
+            calls.append(time.monotonic())
+        time.sleep(seconds)
+        return plain(*args, **kwargs)
+    model.forward = forward
+    return model
+
+
+def events(resp):
+    """Parse a text/event-stream body -> [(event name, data object)], checking the framing."""
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    raw = b"".join(resp.iter_content(chunk_size=None)).decode("utf-8")
+    assert raw.endswith("\n\n")
+    out = []
+    for block in raw[:-2].split("\n\n"):
+        name, data = "message", None
+        for line in block.split("\n"):
+            key, _, value = line.partition(": ")
+            if key == "event":
+                name = value
+            else:
+                assert key == "data", f"unexpected SSE line {line!r}"
+                data = json.loads(value)
+        out.append((name, data))
+    return out
+
+
+def post(url, body, **kw):
+    return requests.post(url, json=body, timeout=T, **kw)
+
+
+def streamed(url, body):
+    """POST with stream=true -> (concatenated text pieces, the done event's data)."""
+    with requests.post(url, json={**body, "stream": True}, timeout=T, stream=True) as r:
+        assert r.status_code == 200
+        evs = events(r)
+    assert evs[-1][0] == "done" and all(name == "message" for name, _ in evs[:-1])
+    assert all(set(d) == {"text"} and d["text"] for _, d in evs[:-1])
+    return "".join(d["text"] for _, d in evs[:-1]), evs[-1][1]
+
+
+# ---------------------------------------------------------------- basics
+def test_health_page_and_unknown_paths(server):
+    r = requests.get(server.url + "health", timeout=T)
+    assert r.status_code == 200
+    h = r.json()
+    assert h["status"] == "ok" and h["n_ctx"] == 64 and h["n_vocab"] == 50257
+
+    r = requests.get(server.url, timeout=T)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    page = r.text
+    assert "/v1/chat" in page and "getReader" in page
+    # self-contained: nothing loaded from another host
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+
+    for method, path in [("get", "nope"), ("post", "v1/nope"), ("get", "v1/generate")]:
+        r = getattr(requests, method)(server.url + path, timeout=T)
+        assert r.status_code == 404, path
+        assert "error" in r.json()
+    r = requests.delete(server.url + "v1/generate", timeout=T)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_binds_loopback_by_default():
+    model, tok = load()
+    with Server(model, tok, port=0) as s:
+        assert s.httpd.server_address[0] == "127.0.0.1"
+
+
+def test_generate_answer_shape(server):
+    r = post(server.url + "v1/generate", {"prompt": "Hello, my name is", "length": 7, "seed": 3})
+    assert r.status_code == 200
+    a = r.json()
+    assert set(a) == {"text", "tokens", "finish_reason"}
+    assert len(a["tokens"]) == 7 and a["finish_reason"] == "length"
+    assert all(isinstance(t, int) and 0 <= t < 50257 for t in a["tokens"])
+    # the text is the decoding of exactly those tokens (no truncate asked for)
+    assert a["text"] == npgpt2.load_tokenizer(FULL).decode(a["tokens"])
+
+
+def test_seed_repeats_and_differs(server):
+    body = {"prompt": "The cat", "length": 12, "seed": 11, "temperature": 1.0, "top_k": 50}
+    a = post(server.url + "v1/generate", body).json()
+    b = post(server.url + "v1/generate", body).json()
+    c = post(server.url + "v1/generate", {**body, "seed": 12}).json()
+    assert a == b
+    assert a["tokens"] != c["tokens"]
+
+
+def test_streaming_equals_non_streaming(server):
+    for path, body in [
+        ("v1/generate", {"prompt": "Once upon a time", "length": 20, "seed": 5, "top_p": 0.9}),
+        ("v1/generate", {"prompt": "", "length": 15, "seed": 6}),
+        ("v1/chat", {"messages": [{"role": "user", "content": "hi there"},
+                                  {"role": "assistant", "content": "hello!"},
+                                  {"role": "user", "content": "how are you?"}],
+                     "length": 20, "seed": 7}),
+    ]:
+        plain = post(server.url + path, body)
+        assert plain.status_code == 200
+        plain = plain.json()
+        text, done = streamed(server.url + path, body)
+        assert done == plain
+        # chat replies are shown stripped; the pieces are the text as it was generated
+        assert (text.strip() if path == "v1/chat" else text) == plain["text"]
+
+
+def test_truncate_stops_the_text(server):
+    body = {"prompt": "a", "length": 40, "seed": 8}
+    full = post(server.url + "v1/generate", body).json()
+    cut_at = full["text"][10:14]  # some text from the middle of the answer
+    cut = post(server.url + "v1/generate", {**body, "truncate": cut_at}).json()
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full["text"][:full["text"].index(cut_at)]
+    assert len(cut["tokens"]) < 40
+
+
+def test_chat_answer_and_history_limit(server):
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i} here"}
+            for i in range(21)]
+    r = post(server.url + "v1/chat", {"messages": msgs, "length": 16, "seed": 1})
+    assert r.status_code == 200
+    a = r.json()
+    assert a["message"] == {"role": "assistant", "content": a["text"]}
+    assert a["text"] == a["text"].strip()
+    # 21 messages of ~7 tokens cannot fit in 64 - 16 positions: the oldest were left out
+    assert 0 < a["dropped"] < 21
+    # a message that alone is too long for the context is a client error
+    r = post(server.url + "v1/chat", {"messages": [{"role": "user", "content": "word " * 80}], "length": 16})
+    assert r.status_code == 400 and "context" in r.json()["error"]
+
+
+# ---------------------------------------------------------------- concurrency
+def test_twenty_concurrent_clients_get_their_own_complete_answers(server):
+    def body(i):
+        return {"prompt": f"Client {i} says", "length": 12, "seed": 100 + i}
+
+    # every answer alone first, one after another
+    alone = [post(server.url + "v1/generate", body(i)).json() for i in range(20)]
+    assert len({a["text"] for a in alone}) == 20  # 20 different answers to tell apart
+
+    start = threading.Barrier(20)
+
+    def client(i):
+        start.wait(timeout=T)
+        if i % 2:  # half of them stream
+            text, done = streamed(server.url + "v1/generate", body(i))
+            assert text == done["text"]
+            return done
+        r = post(server.url + "v1/generate", body(i))
+        assert r.status_code == 200
+        return r.json()
+
+    with ThreadPoolExecutor(20) as pool:
+        together = list(pool.map(client, range(20)))
+    for i in range(20):
+        assert together[i] == alone[i], f"client {i}"
+        assert len(together[i]["tokens"]) == 12 and together[i]["finish_reason"] == "length"
+
+
+def test_keep_alive_connection_serves_many_requests(server):
+    with requests.Session() as s:
+        for i in range(3):
+            r = s.post(server.url + "v1/generate", json={"prompt": "x", "length": 2, "seed": i}, timeout=T)
+            assert r.status_code == 200 and len(r.json()["tokens"]) == 2
+
+
+def raw_post(port, path, body):
+    """Send a POST on a plain socket and return the socket, for clients that misbehave."""
+    data = json.dumps(body).encode()
+    c = socket.create_connection(("127.0.0.1", port), timeout=T)
+    c.sendall(b"POST /%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+    return c
+
+
+def test_vanished_client_is_cancelled_and_does_not_block_others():
+    calls = []
+    model, tok = load()
+    slowed(model, 0.05, calls)
+    with Server(model, tok, port=0) as s:
+        s.start()
+        # a streaming client that reads until its first piece of text and hangs up;
+        # its 63 tokens would take > 3 s
+        c = raw_post(s.port, "v1/generate", {"prompt": "x", "length": 63, "seed": 1, "stream": True})
+        got = b""
+        while b"data: " not in got:
+            got += c.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        c.close()
+        t0 = time.monotonic()
+        ok = post(s.url + "v1/generate", {"prompt": "y", "length": 3, "seed": 2})
+        assert ok.status_code == 200 and len(ok.json()["tokens"]) == 3
+        # the other client waited for at most a few steps of the abandoned one
+        assert time.monotonic() - t0 < 2.0
+        assert len(calls) < 30, f"{len(calls)} forward passes: the abandoned request was not stopped"
+
+
+def test_silent_and_non_reading_clients_do_not_block_others():
+    model, tok = load()
+    with Server(model, tok, port=0, limits=Limits(io_timeout=1)) as s:
+        s.start()
+        # one sends half a request and then nothing
+        half = socket.create_connection(("127.0.0.1", s.port), timeout=T)
+        half.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+        # one asks for a long stream and never reads it
+        mute = raw_post(s.port, "v1/generate", {"prompt": "z", "length": 60, "seed": 3, "stream": True})
+        try:
+            t0 = time.monotonic()
+            for i in range(3):
+                r = post(s.url + "v1/generate", {"prompt": "ok", "length": 5, "seed": i})
+                assert r.status_code == 200 and len(r.json()["tokens"]) == 5
+            assert time.monotonic() - t0 < 5
+            # the half-sent request is given up after io_timeout: the server closes it
+            half.settimeout(5)
+            while half.recv(1 << 16):  # raises socket.timeout if the server keeps it open
+                pass
+            deadline = time.monotonic() + 10
+            while s.app.worker.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert s.app.worker.pending == 0  # the worker is free again
+        finally:
+            half.close()
+            mute.close()
+
+
+def test_per_request_timeout():
+    model, tok = load()
+    slowed(model, 0.5)  # a forward pass takes 0.5 s, the timeout is 0.6 s
+    with Server(model, tok, port=0, limits=Limits(timeout=0.6)) as s:
+        s.start()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, s.url + "v1/generate", {"prompt": "x", "length": 60, "seed": 1})
+            time.sleep(0.2)
+            second = pool.submit(post, s.url + "v1/generate", {"prompt": "y", "length": 5, "seed": 1})
+            a, r = first.result(), second.result()
+        # the first ran out of time while generating: what was made so far, marked "timeout"
+        assert a.status_code == 200
+        assert a.json()["finish_reason"] == "timeout"
+        assert 1 <= len(a.json()["tokens"]) < 60
+        # the second ran out of time waiting behind it: 503 with a JSON message
+        assert r.status_code == 503 and "queue" in r.json()["error"]
+
+
+def test_queue_limit_answers_503():
+    model, tok = load()
+    slowed(model, 0.05)
+    with Server(model, tok, port=0, limits=Limits(max_queue=1)) as s:
+        s.start()
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(post, s.url + "v1/generate", {"prompt": "x", "length": 20, "seed": 1})
+            deadline = time.monotonic() + 10
+            while s.app.worker.pending == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            r = post(s.url + "v1/generate", {"prompt": "y", "length": 2})
+            assert r.status_code == 503 and "busy" in r.json()["error"]
+            assert busy.result().status_code == 200
+
+
+# ---------------------------------------------------------------- bad input
+BAD_GENERATE = [
+    {"prompt": "x", "length": 0},
+    {"prompt": "x", "length": 64},            # n_ctx - 1 = 63 is the most
+    {"prompt": "x", "length": "10"},
+    {"prompt": "x", "length": True},
+    {"prompt": "x", "length": 2.5},
+    {"prompt": "x", "temperature": -0.1},
+    {"prompt": "x", "temperature": "hot"},
+    {"prompt": "x", "top_k": -1},
+    {"prompt": "x", "top_k": 50258},
+    {"prompt": "x", "top_p": 0},
+    {"prompt": "x", "top_p": 1.5},
+    {"prompt": "x", "seed": -1},
+    {"prompt": "x", "seed": 1.5},
+    {"prompt": "x", "seed": "1"},
+    {"prompt": "x", "stream": "yes"},
+    {"prompt": "x", "truncate": 5},
+    {"prompt": 5},
+    {"prompt": ["x"]},
+    {"prompt": "x", "lenght": 5},             # a typo is reported, not ignored
+]
+BAD_CHAT = [
+    {},
+    {"messages": []},
+    {"messages": "hi"},
+    {"messages": [{"role": "system", "content": "x"}]},
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user"}]},
+    {"messages": ["hi"]},
+    {"messages": [{"role": "user", "content": "a", "name": "b"}]},
+    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    {"messages": [{"role": "user", "content": "a"}], "length": -3},
+]
+BAD_RAW = [b"", b"{", b"[1, 2]", b'"text"', b"\xff\xfe", b'{"prompt": "x", "temperature": NaN}',
+           b'{"prompt": "x", "top_p": Infinity}']
+
+
+@pytest.mark.parametrize("path,body", [("v1/generate", b) for b in BAD_GENERATE] + [("v1/chat", b) for b in BAD_CHAT])
+def test_bad_fields_get_400_with_a_message(server, path, body):
+    r = post(server.url + path, body)
+    assert r.status_code == 400, r.text
+    assert r.headers["Content-Type"] == "application/json"
+    msg = r.json()["error"]
+    assert isinstance(msg, str) and msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("raw", BAD_RAW)
+def test_bad_json_gets_400(server, raw):
+    r = requests.post(server.url + "v1/generate", data=raw, timeout=T,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]
+
+
+def test_limits_and_the_server_keeps_serving(server):
+    # a body over max_body
+    r = requests.post(server.url + "v1/generate", data=b'{"prompt": "' + b"a" * 300_000 + b'"}', timeout=T)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    # a prompt over max_prompt_tokens (8 * n_ctx = 512)
+    r = post(server.url + "v1/generate", {"prompt": " hello" * 600, "length": 4})
+    assert r.status_code == 400 and "tokens" in r.json()["error"]
+    # a Content-Length that is not a number, and a request line that is not HTTP
+    for raw in [b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
+                b"NOT HTTP\r\n\r\n"]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=T) as c:
+            c.sendall(raw)
+            answer = b""
+            while chunk := c.recv(4096):  # the server answers and closes
+                answer += chunk
+        assert b'{"error": ' in answer
+        if raw.startswith(b"POST"):
+            assert answer.startswith(b"HTTP/1.1 400 ")
+    # and still serving
+    r = post(server.url + "v1/generate", {"prompt": "still there?", "length": 3, "seed": 1})
+    assert r.status_code == 200 and len(r.json()["tokens"]) == 3
+
+
+def test_bad_settings_are_refused():
+    model, tok = load()
+    with pytest.raises(Npgpt2Error, match="--timeout"):
+        Server(model, tok, port=0, limits=Limits(timeout=0))
+    with pytest.raises(Npgpt2Error, match="--max_queue"):
+        Server(model, tok, port=0, limits=Limits(max_queue=0))
+    with pytest.raises(Npgpt2Error, match="--user_tag"):
+        Server(model, tok, port=0, user_tag="")
+    with Server(model, tok, port=0) as s:  # the port is taken
+        with pytest.raises(Npgpt2Error, match="cannot listen"):
+            Server(model, tok, port=s.port)
