@@ -210,12 +210,47 @@ def cmd_serve(args):
         server.close()
 
 
+def cmd_download(args):
+    """Fetch OpenAI's released files, as download_model.py, resumable and crc-checked."""
+    from .download import download_model
+    for name in args.model_name:
+        print(download_model(name, models_dir=args.models_dir, base_url=args.base_url, force=args.force,
+                             progress=not args.no_progress, retries=args.retries))
+
+
+def cmd_convert(args):
+    """Convert weights between an OpenAI TF folder, a .npz and a Hugging Face folder."""
+    from .convert import convert
+    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force))
+
+
 # ---------------------------------------------------------------- parser
 def build_parser():
     parser = argparse.ArgumentParser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
+
+    p = sub.add_parser("download", help="fetch OpenAI's GPT-2 files (resumable, crc-checked)")
+    p.add_argument("model_name", nargs="+", help="124M, 355M, 774M or 1558M (117M/345M are old names)")
+    p.add_argument("--models_dir", default="weights", help="folder to put <model_name>/ in (default %(default)s)")
+    p.add_argument("--base_url", default=None,
+                   help="download from URL/<model_name>/<file> (default $NPGPT2_BASE_URL, else OpenAI's storage)")
+    p.add_argument("--force", action="store_true", help="download again even if the folder is complete")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--retries", type=int, default=5,
+                   help="retries per file after failures that make no progress (default %(default)s)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="convert weights: OpenAI TF folder <-> .npz <-> Hugging Face folder")
+    p.add_argument("src", help="a model folder (OpenAI TF or Hugging Face) or a .npz")
+    p.add_argument("dst", help="where to write; *.npz for a single file")
+    p.add_argument("--to", dest="fmt", choices=["tf", "npz", "hf"], default=None,
+                   help="output format (default: npz for *.npz, else hf from tf, tf from the others)")
+    p.add_argument("--from", dest="src_fmt", choices=["tf", "npz", "hf"], default=None,
+                   help="input format when the folder holds two")
+    p.add_argument("--force", action="store_true", help="replace a model already at DST")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="unconditional samples (generate_unconditional_samples.py)")
     add_model_flags(p)
