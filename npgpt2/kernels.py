@@ -529,41 +529,32 @@ def encoder_backward(dout, inp, V, maxT):
 
 
 # ================================================================ AdamW
-def plain_adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """One AdamW step in place (decoupled weight decay), NumPy; the reference twin.
-
-    param, grad, m, v: arrays of one shape; m, v the first/second moment, updated in
-    place; step counts from 1. The operation order is torch.optim.AdamW's:
-    p *= 1 - lr wd; m += (1 - b1)(g - m); v = b2 v + (1 - b2) g^2;
-    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
-    """
-    bc1 = 1.0 - beta1 ** step
-    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    param *= 1.0 - lr * weight_decay
-    m += (1.0 - beta1) * (grad - m)
-    v *= beta2
-    v += (1.0 - beta2) * grad * grad
-    param -= (lr / bc1) * m / (np.sqrt(v) / bc2_sqrt + eps)
-
-
 @njit(cache=True, parallel=True)
 def _adamw(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt):
     decay = 1.0 - lr * weight_decay
     step_size = lr / bc1
     for i in prange(p.shape[0]):
         gi = np.float64(g[i])
-        mi = m[i] + (1.0 - beta1) * (gi - m[i])
+        mi = beta1 * m[i] + (1.0 - beta1) * gi
         vi = beta2 * v[i] + (1.0 - beta2) * gi * gi
         m[i] = mi
         v[i] = vi
         p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
 
 
-def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """plain_adamw_update in one fused pass over the four arrays (all contiguous)."""
-    arrays = (param, grad, m, v)
-    if any(not a.flags.c_contiguous for a in arrays) or not param.flags.writeable:
-        raise ValueError("adamw_update needs C-contiguous arrays and a writeable param")
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch=None):
+    """One AdamW step in place on p, m, v: `optim.adamw_update` (the plain twin, which
+    follows torch.optim.AdamW) fused into one pass over the four arrays.
+
+    p, g, m, v: C-contiguous arrays of one shape; step counts from 1; scratch is
+    accepted for the plain twin's signature and not needed:
+        p *= 1 - lr*wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+    arrays = (p, g, m, v)
+    if any(not a.flags.c_contiguous for a in arrays) or not (p.flags.writeable and m.flags.writeable
+                                                             and v.flags.writeable):
+        raise ValueError("adamw_update needs C-contiguous arrays and writeable p, m, v")
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"adamw_update: shapes differ: {[a.shape for a in arrays]}")
     bc1 = 1.0 - beta1 ** step

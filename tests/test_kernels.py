@@ -1,0 +1,297 @@
+"""Every fast kernel in npgpt2.kernels equals its plain twin in npgpt2.layers.
+
+Shapes are drawn by hypothesis and kept small (the first call of each Numba kernel
+compiles it; `cache=True` keeps that out of later runs). The block size of the blockwise
+attention and the size from which loops go parallel are lowered here, so that small
+shapes take every path: several query blocks, a diagonal block, the parallel loops.
+AdamW is also checked against torch.optim.AdamW's trajectory (a committed fixture).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from npgpt2 import kernels as K
+from npgpt2 import layers as L
+from npgpt2 import optim
+from npgpt2.model import ops
+
+FIX = Path(__file__).parent / "fixtures"
+DTYPES = [np.float32, np.float64]
+# float64 kernels differ from NumPy only by summation order; float32 by that and by
+# the kernels' float64 accumulators
+TOL = {np.float32: 2e-6, np.float64: 1e-13}
+# the fixtures used inside examples (monkeypatching module constants) are safe to share
+FAST = settings(max_examples=15, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+dtypes = st.sampled_from(DTYPES)
+seeds = st.integers(0, 2**32 - 1)
+
+
+def close(got, want, dtype, scale=None):
+    """max |got - want| <= tol * max(1, max |want|) (or * scale), same dtype and shape."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    assert got.dtype == want.dtype
+    scale = scale if scale is not None else max(1.0, float(np.abs(want).max(initial=0.0)))
+    err = float(np.abs(got.astype(np.float64) - want).max(initial=0.0))
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
+
+
+@pytest.fixture(params=["serial", "parallel"], autouse=True)
+def threads(request, monkeypatch):
+    """Run each test with the serial loops, and again with every loop taking the parallel one."""
+    if request.param == "parallel":
+        monkeypatch.setattr(K, "PARALLEL_MIN", 0)
+    return request.param
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# ---------------------------------------------------------------- layernorm
+@FAST
+@given(dtype=dtypes, seed=seeds, lead=st.sampled_from([(1,), (3,), (2, 5), (1, 1, 2)]),
+       C=st.integers(1, 70), offset=st.floats(-100, 100))
+def test_layernorm(dtype, seed, lead, C, offset):
+    rng = np.random.default_rng(seed)
+    # an offset far from 0 tests the two-pass variance (one pass would cancel)
+    x = randn(rng, lead + (C,), dtype, 3.0) + dtype(offset)
+    w, b = randn(rng, (C,), dtype) + dtype(1), randn(rng, (C,), dtype)
+    # float32 NumPy subtracts a float32 mean: its error grows with |x| / std(x)
+    cond = min(1e4, float(np.abs(x).max() / max(x.astype(np.float64).std(axis=-1).min(), 1e-30)))
+    cond = 1.0 if C == 1 else max(1.0, cond)
+    want = L.layernorm_forward(x, w, b)
+    got = K.layernorm_forward(x, w, b)
+    close(got[0], want[0], dtype, scale=max(1.0, float(np.abs(want[0]).max())) * cond)
+    close(got[1], want[1], dtype)
+    close(got[2], want[2], dtype, scale=max(1.0, float(np.abs(want[2]).max())) * cond)
+    dout = randn(rng, x.shape, dtype)
+    want = L.layernorm_backward(dout, x, w, want[1], want[2])
+    got = K.layernorm_backward(dout, x, w, got[1], got[2])
+    for g_, w_ in zip(got, want):
+        close(g_, w_, dtype, scale=max(1.0, float(np.abs(w_).max())) * cond * 10)
+
+
+def test_layernorm_noncontiguous_input():
+    rng = np.random.default_rng(0)
+    x = randn(rng, (6, 4, 10), np.float64).transpose(1, 0, 2)  # (4, 6, 10) strided
+    w, b = randn(rng, (10,), np.float64), randn(rng, (10,), np.float64)
+    for g_, w_ in zip(K.layernorm_forward(x, w, b), L.layernorm_forward(x, w, b)):
+        close(g_, w_, np.float64)
+
+
+# ---------------------------------------------------------------- GELU, linear
+@FAST
+@given(dtype=dtypes, seed=seeds, shape=st.sampled_from([(1,), (7,), (2, 3, 17), (1, 1, 64)]),
+       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]))
+def test_gelu(dtype, seed, shape, scale):
+    rng = np.random.default_rng(seed)
+    x, dout = randn(rng, shape, dtype, scale), randn(rng, shape, dtype)
+    close(K.gelu_forward(x), L.gelu_forward(x), dtype)
+    close(K.gelu_backward(dout, x), L.gelu_backward(dout, x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_forward(dtype):
+    rng = np.random.default_rng(1)
+    x, w, b = randn(rng, (2, 3, 5), dtype), randn(rng, (5, 4), dtype), randn(rng, (4,), dtype)
+    w0, b0 = w.copy(), b.copy()
+    close(K.matmul_forward(x, w, b), L.matmul_forward(x, w, b), dtype)
+    # the in-place bias add touches only the fresh product
+    assert np.array_equal(w, w0) and np.array_equal(b, b0)
+
+
+# ---------------------------------------------------------------- attention
+attn_shapes = st.tuples(st.integers(1, 2), st.integers(1, 11), st.integers(1, 3),
+                        st.integers(1, 5))  # B, T, NH, hs
+
+
+@FAST
+@given(dtype=dtypes, seed=seeds, shape=attn_shapes, qblock=st.sampled_from([1, 3, 4, 128]))
+def test_attention_forward_backward(dtype, seed, shape, qblock, monkeypatch_module):
+    B, T, NH, hs = shape
+    monkeypatch_module.setattr(K, "QBLOCK", qblock)
+    rng = np.random.default_rng(seed)
+    qkv = randn(rng, (B, T, 3 * NH * hs), dtype, 2.0)
+    out_w, att_w = L.attention_forward(qkv, NH)
+    out_g, att_g = K.attention_forward(qkv, NH)
+    close(out_g, out_w, dtype)
+    close(att_g, att_w, dtype)
+    assert np.all(att_g[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
+    dout = randn(rng, (B, T, NH * hs), dtype)
+    close(K.attention_backward(dout, qkv, att_g, NH), L.attention_backward(dout, qkv, att_w, NH), dtype)
+
+
+@FAST
+@given(dtype=dtypes, seed=seeds, shape=attn_shapes, pos0=st.integers(0, 6),
+       qblock=st.sampled_from([2, 128]))
+def test_attention_cached_prefill_and_decode(dtype, seed, shape, pos0, qblock, monkeypatch_module):
+    """A prompt of T positions after pos0 cached ones, then two single-token steps."""
+    B, T, NH, hs = shape
+    monkeypatch_module.setattr(K, "QBLOCK", qblock)
+    rng = np.random.default_rng(seed)
+    n_ctx = pos0 + T + 3
+    C = NH * hs
+    caches = {}
+    for name in ("plain", "fast"):
+        kc = np.zeros((B, NH, n_ctx, hs), dtype)
+        vc = np.zeros_like(kc)
+        caches[name] = kc, vc
+    before = randn(rng, (2, B, NH, pos0, hs), dtype)
+    for kc, vc in caches.values():
+        kc[:, :, :pos0], vc[:, :, :pos0] = before
+    steps = [(pos0, randn(rng, (B, T, 3 * C), dtype, 2.0)),
+             (pos0 + T, randn(rng, (B, 1, 3 * C), dtype, 2.0)),
+             (pos0 + T + 1, randn(rng, (B, 1, 3 * C), dtype, 2.0))]
+    for p0, qkv in steps:
+        want = L.attention_forward_cached(qkv, *caches["plain"], p0, NH)
+        got = K.attention_forward_cached(qkv, *caches["fast"], p0, NH)
+        close(got, want, dtype)
+        assert np.array_equal(caches["fast"][0], caches["plain"][0])
+        assert np.array_equal(caches["fast"][1], caches["plain"][1])
+
+
+def test_cached_attention_equals_full_attention_rows():
+    """Independent of layers' cached version: rows of the full causal attention."""
+    rng = np.random.default_rng(3)
+    B, T, NH, hs = 2, 9, 3, 4
+    qkv = randn(rng, (B, T, 3 * NH * hs), np.float64)
+    full, _ = L.attention_forward(qkv, NH)
+    kc = np.zeros((B, NH, 16, hs))
+    vc = np.zeros_like(kc)
+    parts = [K.attention_forward_cached(qkv[:, :4], kc, vc, 0, NH)]
+    parts += [K.attention_forward_cached(qkv[:, t:t + 1], kc, vc, t, NH) for t in range(4, T)]
+    close(np.concatenate(parts, axis=1), full, np.float64)
+
+
+@pytest.fixture
+def monkeypatch_module():
+    """A MonkeyPatch usable inside hypothesis examples (undone after each test)."""
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+# ---------------------------------------------------------------- cross-entropy, embeddings
+@FAST
+@given(dtype=dtypes, seed=seeds, B=st.integers(1, 3), T=st.integers(1, 4), V=st.integers(2, 300),
+       scale=st.sampled_from([0.1, 3.0, 60.0]))
+def test_crossentropy(dtype, seed, B, T, V, scale):
+    rng = np.random.default_rng(seed)
+    logits = randn(rng, (B, T, V), dtype, scale)
+    targets = rng.integers(0, V, (B, T))
+    lw, pw = L.crossentropy_forward(logits, targets)
+    lg, pg = K.crossentropy_forward(logits, targets)
+    close(lg, lw, dtype)
+    close(pg, pw, dtype)
+    assert np.all(np.isfinite(lg))
+    dl = randn(rng, (B, T), dtype)
+    close(K.crossentropy_softmax_backward(dl, pw, targets),
+          L.crossentropy_softmax_backward(dl, pw, targets), dtype)
+
+
+def test_crossentropy_rejects_bad_target():
+    logits = np.zeros((1, 2, 5), np.float32)
+    with pytest.raises(IndexError):
+        K.crossentropy_forward(logits, np.array([[0, 5]]))
+    with pytest.raises(IndexError):
+        K.crossentropy_softmax_backward(np.ones((1, 2), np.float32), logits, np.array([[-1, 0]]))
+
+
+@FAST
+@given(dtype=dtypes, seed=seeds, B=st.integers(1, 3), T=st.integers(1, 6), V=st.integers(1, 9),
+       C=st.integers(1, 8))
+def test_encoder_backward(dtype, seed, B, T, V, C):
+    rng = np.random.default_rng(seed)
+    inp = rng.integers(0, V, (B, T))  # a small vocab: tokens repeat and must accumulate
+    dout = randn(rng, (B, T, C), dtype)
+    for g_, w_ in zip(K.encoder_backward(dout, inp, V, T + 2), L.encoder_backward(dout, inp, V, T + 2)):
+        close(g_, w_, dtype)
+
+
+# ---------------------------------------------------------------- AdamW
+@FAST
+@given(dtype=dtypes, seed=seeds, shape=st.sampled_from([(1,), (13,), (3, 5), (2, 3, 4)]),
+       wd=st.sampled_from([0.0, 0.1]))
+def test_adamw_equals_plain_twin(dtype, seed, shape, wd):
+    rng = np.random.default_rng(seed)
+    p, m = randn(rng, shape, dtype), randn(rng, shape, dtype, 0.1)
+    v = np.abs(randn(rng, shape, dtype, 0.01))
+    fast = [p.copy(), m.copy(), v.copy()]
+    plain = [p.copy(), m.copy(), v.copy()]
+    for step in (1, 2, 3):
+        g = randn(rng, shape, dtype)
+        K.adamw_update(fast[0], g, fast[1], fast[2], 1e-2, 0.9, 0.999, 1e-8, wd, step)
+        optim.adamw_update(plain[0], g, plain[1], plain[2], 1e-2, 0.9, 0.999, 1e-8, wd, step)
+    for f, q in zip(fast, plain):
+        close(f, q, dtype)
+
+
+def test_adamw_matches_torch_trajectory():
+    ref = np.load(FIX / "adamw_reference.npz")
+    hp = [float(ref[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")]
+    p, pb = ref["p0"].copy(), ref["p0b"].copy()
+    state = [np.zeros_like(p), np.zeros_like(p), np.zeros_like(pb), np.zeros_like(pb)]
+    for t in range(1, int(ref["steps"]) + 1):
+        K.adamw_update(p, ref[f"g{t}"], state[0], state[1], *hp, t)
+        K.adamw_update(pb, ref[f"gb{t}"], state[2], state[3], *hp, t)
+        np.testing.assert_allclose(p, ref[f"p{t}"], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(pb, ref[f"pb{t}"], rtol=1e-12, atol=1e-14)
+
+
+def test_adamw_rejects_strided_or_readonly():
+    p = np.zeros((4, 4))
+    with pytest.raises(ValueError):
+        K.adamw_update(p[:, ::2], p[:, ::2], p[:, ::2], p[:, ::2], 1e-3, 0.9, 0.999, 1e-8, 0, 1)
+    ro = np.zeros(3)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        K.adamw_update(ro, np.zeros(3), np.zeros(3), np.zeros(3), 1e-3, 0.9, 0.999, 1e-8, 0, 1)
+
+
+# ---------------------------------------------------------------- the switch and the cache
+def test_plain_switch(monkeypatch):
+    monkeypatch.setenv("NPGPT2_PLAIN", "1")
+    assert ops() is L
+    monkeypatch.setenv("NPGPT2_PLAIN", "0")
+    assert ops() is K
+    monkeypatch.delenv("NPGPT2_PLAIN")
+    assert ops() is K
+
+
+def test_every_twin_exists_in_layers():
+    """A kernel is a twin: the plain module has a function of the same name."""
+    for name in ("layernorm_forward", "layernorm_backward", "matmul_forward", "gelu_forward",
+                 "gelu_backward", "attention_forward", "attention_backward",
+                 "attention_forward_cached", "crossentropy_forward",
+                 "crossentropy_softmax_backward", "encoder_backward"):
+        assert getattr(K, name) is not getattr(L, name), name
+        assert callable(getattr(L, name))
+    assert K.adamw_update is not optim.adamw_update
+
+
+def test_second_process_loads_compiled_kernels_from_cache(threads):
+    """Numba's cache=True: a fresh process runs the kernels without compiling them again."""
+    if threads == "parallel":
+        pytest.skip("once is enough")
+    rng = np.random.default_rng(0)
+    x = randn(rng, (2, 3, 8), np.float32)
+    K.layernorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32))  # compiled + cached here
+    code = ("import numpy as np\n"
+            "from npgpt2 import kernels as K\n"
+            "x = np.ones((2, 3, 8), np.float32)\n"
+            "K.layernorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32))\n"
+            "s = K._ln_fwd.stats\n"
+            "print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent.parent, timeout=120, check=True).stdout.split()
+    hits, misses = int(out[0]), int(out[1])
+    assert hits >= 1 and misses == 0
