@@ -224,6 +224,78 @@ def cmd_convert(args):
     print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force))
 
 
+# ---------------------------------------------------------------- encode, train, eval, demo
+def cmd_encode(args):
+    """Text files (file, folder or glob) -> .npz of uint16 tokens, as encode.py."""
+    from .data import encode_corpus
+    from .model import ALIASES, MODEL_HPARAMS, resolve_model_dir
+    from .tokenizer import load_tokenizer
+    try:
+        model_dir = resolve_model_dir(args.models_dir, args.model_name)
+    except Npgpt2Error:
+        if ALIASES.get(args.model_name, args.model_name) not in MODEL_HPARAMS:
+            raise
+        model_dir = None  # every released size has the same vocabulary, which npgpt2 ships
+        log.info("%s/%s not found: using the GPT-2 vocabulary packaged with npgpt2", args.models_dir, args.model_name)
+    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding)
+    print(f"Wrote {stats['tokens']} tokens from {stats['files']} file(s) to {args.out_npz}")
+
+
+def add_dataset_flags(p):
+    p.add_argument("--combine", type=int, default=50000, help="encode text in pieces of this many characters (default %(default)s)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of .txt inputs (default %(default)s)")
+
+
+def cmd_train(args):
+    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder."""
+    import dataclasses
+    from .train import TrainConfig, train
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                         if hasattr(args, f.name)})
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        with tqdm(total=args.steps or None, unit="step", dynamic_ncols=True) as bar, logging_redirect_tqdm():
+            result = train(cfg, on_step=lambda i: (bar.update(1), bar.set_postfix(loss=f"{i['avg']:.3f}")))
+    else:
+        result = train(cfg)
+    where = result["checkpoint"] or "(nothing saved)"
+    print(f"{'Interrupted' if result['interrupted'] else 'Done'} at step {result['step']}: "
+          f"avg loss {result['avg']:.4f}; checkpoint {where}")
+
+
+def cmd_eval(args):
+    """Mean loss and perplexity of a model over every token of a dataset."""
+    import math
+    from .data import check_tokens, load_dataset
+    from .model import load_model, resolve_model_dir
+    from .tokenizer import load_tokenizer
+    from .train import evaluate
+    model_dir = resolve_model_dir(args.models_dir, args.model_name)
+    model = load_model(model_dir)
+    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine)
+    T = args.context or model.hparams["n_ctx"]
+    if not 1 <= T <= model.hparams["n_ctx"]:
+        raise Npgpt2Error(f"--context must be between 1 and n_ctx = {model.hparams['n_ctx']}, got {T}")
+    check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
+    loss, n = evaluate(model, tokens, T)
+    print(f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} over {n} tokens "
+          f"(windows of {T} tokens) of {args.dataset}")
+
+
+def cmd_demo(args):
+    """Train a small GPT-2 from scratch on the bundled Jargon File and show it learning."""
+    from .demo import run_demo
+    r = run_demo(steps=args.steps, quick=args.quick, seed=args.seed, out_dir=args.out)
+    print(f"Trained a {r['params'] / 1e6:.2f}M-parameter GPT-2 for {r['steps']} steps "
+          f"({r['train_seconds']:.0f} s) on {r['corpus']}.")
+    print(f"Validation loss {r['val_loss']:.3f} nats/token over {r['eval_tokens']} held-out tokens; "
+          f"a model of token frequencies alone scores {r['unigram_entropy']:.3f} (the corpus' unigram entropy).")
+    for i, text in enumerate(r["samples"]):
+        print_header(i + 1)
+        print(text)
+
+
 # ---------------------------------------------------------------- parser
 def build_parser():
     parser = argparse.ArgumentParser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
@@ -279,6 +351,62 @@ def build_parser():
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included (default %(default)s)")
     p.add_argument("--max_queue", type=int, default=64, help="requests queued or running before new ones get 503 (default %(default)s)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")
+    p.add_argument("in_text", help="a text file, a folder of them, or a glob")
+    p.add_argument("out_npz", help="the .npz to write")
+    add_model_flags(p)
+    add_dataset_flags(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name")
+    p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
+    add_model_flags(p)
+    add_dataset_flags(p)
+    p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch (default %(default)s)")
+    p.add_argument("--learning_rate", type=float, default=2e-5, help="peak learning rate (default %(default)s)")
+    p.add_argument("--accumulate_gradients", type=int, default=1, help="micro-batches per update (default %(default)s)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam = AdamW (default), sgd")
+    p.add_argument("--only_train_transformer_layers", action="store_true", help="keep wte, wpe and ln_f fixed")
+    p.add_argument("--run_name", default="run1", help="run folder name under --checkpoint_dir (default %(default)s)")
+    p.add_argument("--restore_from", default="latest",
+                   help="latest (the run's newest checkpoint, else the base model), fresh (the base model) or a model folder")
+    p.add_argument("--checkpoint_dir", default="checkpoint", help="folder of run folders (default %(default)s)")
+    p.add_argument("--sample_dir", default="samples", help="samples go to SAMPLE_DIR/RUN_NAME (default %(default)s)")
+    p.add_argument("--sample_every", type=int, default=100, help="write samples every N steps; 0 = never (default %(default)s)")
+    p.add_argument("--sample_length", type=int, default=128, help="tokens per sample (default %(default)s)")
+    p.add_argument("--sample_num", type=int, default=1, help="samples each time (default %(default)s)")
+    p.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps; 0 = only at the end (default %(default)s)")
+    p.add_argument("--max_to_keep", type=int, default=5, help="newest checkpoints kept (default %(default)s)")
+    p.add_argument("--val_dataset", default=None, help="validation data (default: the training data)")
+    p.add_argument("--val_every", type=int, default=0, help="validation loss every N steps; 0 = never (default)")
+    p.add_argument("--val_batch_size", type=int, default=2, help="sequences per validation batch (default %(default)s)")
+    p.add_argument("--val_batch_count", type=int, default=40, help="fixed validation batches (default %(default)s)")
+    p.add_argument("--top_k", type=int, default=40, help="top-k for samples (default %(default)s; 0 = off)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus mass for samples (default 1.0 = off)")
+    p.add_argument("--steps", type=int, default=0, help="stop after N updates; 0 = until Ctrl-C (default)")
+    p.add_argument("--context", type=int, default=0, help="tokens per sequence (default n_ctx; shorter is much faster)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the batch order (default: random, saved for resume)")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices (default 0)")
+    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps (default 0)")
+    p.add_argument("--lr_schedule", choices=["constant", "cosine"], default="constant", help="after warmup (default constant)")
+    p.add_argument("--lr_decay_steps", type=int, default=0, help="cosine reaches its minimum at this step (default: the last)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradients' global norm to this; 0 = off (default %(default)s)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="mean loss and perplexity over a dataset (all windows, deterministic)")
+    p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
+    add_model_flags(p)
+    add_dataset_flags(p)
+    p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
+    p.add_argument("--steps", type=int, default=None, help="updates (default 600; about 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (a smoke test)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
+    p.add_argument("--out", default=None, help="also write the run (checkpoints, loss.png) to this folder")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

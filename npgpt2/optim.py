@@ -110,7 +110,10 @@ class Optimizer:
 
 
 class AdamW(Optimizer):
-    """AdamW with torch's defaults except weight_decay (0 by default: fine-tuning)."""
+    """AdamW with torch's defaults except weight_decay (0 by default: fine-tuning).
+
+    weight_decay: one float for all, or {name: float} (e.g. 0 for biases and gains).
+    """
 
     kind = "adam"
 
@@ -118,7 +121,7 @@ class AdamW(Optimizer):
         super().__init__(params, lr)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = _per_param(weight_decay, self.params)
         self.m = {k: np.zeros_like(p) for k, p in self.params.items()}
         self.v = {k: np.zeros_like(p) for k, p in self.params.items()}
         self._update = _adamw_impl()
@@ -129,10 +132,10 @@ class AdamW(Optimizer):
         for k, p in self.params.items():
             if self._update is adamw_update:
                 adamw_update(p, grads[k], self.m[k], self.v[k], lr, self.beta1, self.beta2,
-                             self.eps, self.weight_decay, self.step_count, self._scratch)
+                             self.eps, self.weight_decay[k], self.step_count, self._scratch)
             else:
                 self._update(p, grads[k], self.m[k], self.v[k], lr, self.beta1, self.beta2,
-                             self.eps, self.weight_decay, self.step_count)
+                             self.eps, self.weight_decay[k], self.step_count)
 
     def state_dict(self):
         state = super().state_dict()
@@ -162,7 +165,7 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0):
         super().__init__(params, lr)
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = _per_param(weight_decay, self.params)
 
     def step(self, grads, lr=None):
         lr = self.lr if lr is None else float(lr)
@@ -170,9 +173,16 @@ class SGD(Optimizer):
         for k, p in self.params.items():
             tmp = self._scratch[:p.size].reshape(p.shape)
             np.multiply(grads[k], lr, out=tmp)
-            if self.weight_decay:
-                p *= 1.0 - lr * self.weight_decay
+            if self.weight_decay[k]:
+                p *= 1.0 - lr * self.weight_decay[k]
             p -= tmp
+
+
+def _per_param(weight_decay, params):
+    """A float for every parameter, or a {name: float} dict (missing names: 0)."""
+    if isinstance(weight_decay, dict):
+        return {k: float(weight_decay.get(k, 0.0)) for k in params}
+    return {k: float(weight_decay) for k in params}
 
 
 def make_optimizer(name, params, lr, weight_decay=0.0):

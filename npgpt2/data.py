@@ -1,0 +1,302 @@
+"""Training data: encoding a text corpus to tokens, loading it, and drawing batches.
+
+`encode_corpus` is OpenAI's encode.py: text files (a file, a folder, or a glob) become one
+token stream, documents (files) joined by `<|endoftext|>`, stored as uint16 in an .npz with
+members `arr_0`, `arr_1`, ... (np.savez's names; their concatenation is the stream). Text is
+read in blocks and encoded block by block, so memory stays bounded however big the corpus.
+`<|endoftext|>` written in the text is the single token 50256.
+
+`Sampler` draws windows of `length` consecutive tokens at random start positions from a
+seeded NumPy Generator whose state can be saved and restored, so a resumed run sees exactly
+the batches an uninterrupted one would.
+"""
+import codecs
+import glob
+import gzip
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Npgpt2Error
+from .fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+ENDOFTEXT = "<|endoftext|>"
+READ_BYTES = 1 << 20  # bytes read from a text file at a time
+
+
+# ---------------------------------------------------------------- finding files
+def expand_paths(spec, what="--dataset"):
+    """A file, a folder (every file below it, sorted) or a glob (sorted) -> [Path].
+
+    spec may also be a list of such. Hidden files and folders (".name") inside a folder are
+    skipped. Raises Npgpt2Error naming `what` when nothing matches.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    paths = []
+    for s in specs:
+        s = os.fspath(s)
+        if os.path.isfile(s):
+            paths.append(Path(s))
+        elif os.path.isdir(s):
+            found = []
+            for root, dirs, files in os.walk(s):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                found += [Path(root) / f for f in files if not f.startswith(".")]
+            if not found:
+                raise Npgpt2Error(f"{s}: folder holds no files ({what})")
+            paths += sorted(found)
+        else:
+            found = sorted(p for p in glob.glob(s, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise Npgpt2Error(f"{s}: no such file, folder or glob match ({what})")
+            paths += [Path(p) for p in found]
+    if not paths:
+        raise Npgpt2Error(f"{what}: no input given")
+    return paths
+
+
+# ---------------------------------------------------------------- reading text
+def read_text_blocks(path, encoding="utf-8", block_bytes=READ_BYTES):
+    """Yield the text of `path` as str blocks (a .gz file is decompressed).
+
+    A byte sequence that is not valid in `encoding` raises Npgpt2Error naming the file and
+    the byte offset (counted in the file as stored, or in the decompressed stream for .gz).
+    """
+    path = Path(path)
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    except LookupError:
+        raise Npgpt2Error(f"--encoding: unknown text encoding {encoding!r}") from None
+    offset = 0  # bytes handed to the decoder so far
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            while True:
+                data = f.read(block_bytes)
+                state = decoder.getstate()
+                pending = len(state[0]) if isinstance(state[0], bytes) else 0
+                try:
+                    text = decoder.decode(data, final=not data)
+                except UnicodeDecodeError as e:
+                    at = offset - pending + e.start
+                    raise Npgpt2Error(f"{path}: not valid {encoding} text at byte {at} ({e.reason}); "
+                                      f"pass the file's --encoding (e.g. latin-1, cp1252)") from None
+                offset += len(data)
+                if text:
+                    yield text
+                if not data:
+                    return
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise Npgpt2Error(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def corpus_text(paths, encoding="utf-8"):
+    """Yield the text of every file as blocks, documents separated by "<|endoftext|>".
+
+    Empty files are skipped (no separator for them).
+    """
+    started = False
+    for path in paths:
+        first = True
+        for block in read_text_blocks(path, encoding):
+            if first and started:
+                yield ENDOFTEXT
+            first, started = False, True
+            yield block
+
+
+def iter_tokens(paths, tokenizer, combine=50000, encoding="utf-8"):
+    """Yield the corpus' tokens as arrays of about `combine` characters' worth each.
+
+    paths: text files (.npz files are read as already-encoded tokens and passed through).
+    Their concatenation equals tokenizer.encode(whole joined text, allowed_special={EOT}).
+    """
+    allowed = {ENDOFTEXT}
+    text_run = []  # consecutive text files, encoded as one stream
+    first = True
+
+    def flush():
+        nonlocal first
+        if text_run:
+            blocks = corpus_text(text_run, encoding)
+            if not first:
+                blocks = _prepend(ENDOFTEXT, blocks)
+            for arr in tokenizer.encode_iter(blocks, allowed_special=allowed, block_chars=combine):
+                if arr.size:
+                    first = False
+                    yield arr
+            text_run.clear()
+
+    for path in paths:
+        if path.suffix == ".npz":
+            yield from flush()
+            for arr in read_npz_tokens(path):
+                first = False
+                yield arr
+        else:
+            text_run.append(path)
+    yield from flush()
+
+
+def _prepend(item, it):
+    started = False
+    for x in it:
+        if not started:
+            yield item
+            started = True
+        yield x
+
+
+# ---------------------------------------------------------------- .npz token files
+def read_npz_tokens(path):
+    """The token arrays of an .npz (ours, or OpenAI/nshepperd encode.py's), in member order."""
+    try:
+        with np.load(path) as npz:
+            names = sorted(npz.files, key=_member_order)
+            for name in names:
+                arr = npz[name]
+                if arr.ndim != 1 or arr.dtype.kind not in "iu":
+                    raise Npgpt2Error(f"{path}: member '{name}' is not a 1-D integer token array "
+                                      f"(shape {arr.shape}, {arr.dtype})")
+                if arr.size and int(arr.min()) < 0:
+                    raise Npgpt2Error(f"{path}: member '{name}' holds negative token ids")
+                yield arr
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise Npgpt2Error(f"{path}: not a readable .npz token file ({e})") from None
+
+
+def _member_order(name):
+    # arr_2 before arr_10 (zip order is insertion order already; this guards hand-made files)
+    stem = name[4:] if name.startswith("arr_") else ""
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+class _NpzWriter:
+    """Writes arrays as members arr_0, arr_1, ... of a compressed .npz, one at a time."""
+
+    def __init__(self, f):
+        self.zip = zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
+        self.count = 0
+
+    def add(self, arr):
+        with self.zip.open(f"arr_{self.count}.npy", "w", force_zip64=True) as m:
+            np.lib.format.write_array(m, np.ascontiguousarray(arr), allow_pickle=False)
+        self.count += 1
+
+    def close(self):
+        self.zip.close()
+
+
+def encode_corpus(paths_or_globs, out_npz, tokenizer, combine=50000, encoding="utf-8"):
+    """Encode text files (file, folder, glob, or a list of them) into `out_npz`.
+
+    Documents are joined by <|endoftext|>; tokens are stored uint16 (uint32 past 65536
+    ids), one member per ~`combine` characters of text. Written atomically. Returns
+    {"tokens": n, "files": n, "members": n}.
+    """
+    if combine < 1:
+        raise Npgpt2Error(f"--combine must be >= 1, got {combine}")
+    paths = expand_paths(paths_or_globs, "input")
+    out_npz = Path(out_npz)
+    if out_npz.suffix != ".npz":
+        log.warning("%s: np.load reads it whatever the name; .npz is the usual suffix", out_npz)
+    if out_npz.resolve() in {p.resolve() for p in paths}:
+        raise Npgpt2Error(f"{out_npz}: the output is also an input")
+    if not out_npz.parent.is_dir():
+        raise Npgpt2Error(f"{out_npz.parent}: output folder does not exist")
+    total = 0
+    with atomic_write(out_npz) as f:
+        w = _NpzWriter(f)
+        for arr in iter_tokens(paths, tokenizer, combine, encoding):
+            w.add(arr)
+            total += arr.size
+            log.debug("%s: %d tokens", out_npz, total)
+        w.close()
+        if total == 0:
+            raise Npgpt2Error(f"{paths_or_globs}: no text to encode (the files are empty)")
+    return {"tokens": total, "files": len(paths), "members": w.count}
+
+
+def load_dataset(path_or_glob, tokenizer=None, encoding="utf-8", combine=50000, what="--dataset"):
+    """A 1-D token array (uint16, or int64 if an id does not fit) from an .npz made by
+    encode_corpus / encode.py, or from text files, folders or globs encoded on the fly
+    (tokenizer needed then). Raises Npgpt2Error for a missing or empty dataset."""
+    paths = expand_paths(path_or_glob, what)
+    if tokenizer is None and any(p.suffix != ".npz" for p in paths):
+        raise Npgpt2Error(f"{path_or_glob}: text input needs a tokenizer ({what})")
+    parts = list(iter_tokens(paths, tokenizer, combine, encoding))
+    n = sum(p.size for p in parts)
+    if n == 0:
+        raise Npgpt2Error(f"{path_or_glob}: dataset is empty (0 tokens) ({what})")
+    top = max(int(p.max()) for p in parts if p.size)
+    dtype = np.uint16 if top < 1 << 16 else np.int64
+    out = np.empty(n, dtype=dtype)
+    i = 0
+    for p in parts:
+        out[i:i + p.size] = p
+        i += p.size
+    return out
+
+
+def check_tokens(tokens, n_vocab, context, source, what="--dataset"):
+    """Raise Npgpt2Error if ids exceed the vocabulary or the data cannot fill one window."""
+    if tokens.size == 0:
+        raise Npgpt2Error(f"{source}: dataset is empty (0 tokens) ({what})")
+    top = int(tokens.max())
+    if top >= n_vocab:
+        raise Npgpt2Error(f"{source}: token id {top} is outside the model's vocabulary "
+                          f"(n_vocab={n_vocab}); was it encoded for another model? ({what})")
+    if tokens.size < context + 1:
+        raise Npgpt2Error(f"{source}: dataset has {tokens.size} tokens, fewer than --context + 1 = "
+                          f"{context + 1}; use a smaller --context or more text ({what})")
+
+
+# ---------------------------------------------------------------- batches
+class Sampler:
+    """Random windows of `length` consecutive tokens (train on [:, :-1] -> [:, 1:]).
+
+    Start positions are uniform over every place a whole window fits. The Generator's
+    state is in get_state()/set_state() (JSON-able) so a resumed run continues the same
+    sequence of batches.
+    """
+
+    def __init__(self, tokens, length, seed=None):
+        if tokens.size < length:
+            raise Npgpt2Error(f"dataset has {tokens.size} tokens, fewer than a window of {length}")
+        self.tokens = tokens
+        self.length = int(length)
+        self.rng = np.random.default_rng(seed)
+        self._offsets = np.arange(self.length)
+
+    def sample(self, batch_size):
+        """-> int64 (batch_size, length)."""
+        starts = self.rng.integers(0, self.tokens.size - self.length + 1, size=batch_size)
+        return self.tokens[starts[:, None] + self._offsets].astype(np.int64)
+
+    def get_state(self):
+        return json.dumps(self.rng.bit_generator.state)
+
+    def set_state(self, state):
+        st = json.loads(state) if isinstance(state, str) else state
+        if st.get("bit_generator") != type(self.rng.bit_generator).__name__:
+            raise Npgpt2Error(f"sampler state is for {st.get('bit_generator')}, not "
+                              f"{type(self.rng.bit_generator).__name__}")
+        self.rng.bit_generator.state = st
+
+
+def eval_windows(n_tokens, context):
+    """Every token after the first predicted exactly once: [(start, T)] windows of T+1
+    tokens, T = context except possibly a shorter last one."""
+    out = []
+    start = 0
+    while start + 1 < n_tokens:
+        T = min(context, n_tokens - 1 - start)
+        out.append((start, T))
+        start += T
+    return out
