@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
 PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
+# Zero-width (or one space) matches at the points where text can be cut without changing its
+# ids (see Tokenizer.encode_iter for why).
+SAFE_CUT = (r" (?=\S)|(?<=\p{L})(?=[^\s\p{L}])|(?<=\p{N})(?=[^\s\p{N}])"
+            r"|(?<=[^\s\p{L}\p{N}'])(?=[\p{L}\p{N}])")
+_SAFE_CUT_LAST = regex.compile(SAFE_CUT, regex.REVERSE)
 # The fast engine's first use costs ~0.8 s (cached JIT load, class table), which the plain
 # engine (~2.5 MB/s) would spend on ~2 MB of text; once paid, it wins from a few KB on.
 FAST_MIN_CHARS = 4096
@@ -228,45 +233,56 @@ class Tokenizer:
     # ------------------------------------------------------------------ streaming
     def encode_iter(self, text_chunks, allowed_special=(), block_chars=1 << 20):
         """Encode a stream of str chunks; yield one np.ndarray of ids (uint16 when the vocabulary
-        fits, else uint32) per block of about `block_chars` characters.
+        fits, else uint32) per block of about `block_chars` characters or more.
 
-        The concatenated arrays equal `encode("".join(text_chunks))`: text is cut only just before
-        a space that is followed by a non-space character. PATTERN never matches across such a
-        point (only its whitespace runs contain a space, and they stop before the next non-space
-        or give up their last space to the word that follows), and what it matches before the
-        point does not depend on what comes after it, so both halves tokenize as in the whole.
-        Special tokens contain no space, so they are never cut either.
+        The concatenated arrays equal `encode("".join(text_chunks))`, because text is cut only at
+        points p where PATTERN's matches of text[:p] and text[p:] are exactly its matches of the
+        whole text (`SAFE_CUT`), which needs only text[p-1], text[p] and text[p+1]:
+        - before a space followed by a non-space: the space starts the next word (' ?\\p{L}+' etc.),
+          and a whitespace run before it ends there whether or not the text goes on;
+        - between two non-space characters of different classes (letter / number / other), unless
+          the first is an apostrophe (which could start "'s", "'t", ...): runs of one class end
+          there with or without what follows, and no match spans two classes.
+        An allowed special token is never cut: a cut inside one moves to its start, where the
+        text splits into segments anyway. Text with no cut point for a long stretch is held (as
+        one string) until one comes.
         """
         dtype = np.uint16 if self.n_vocab <= 1 << 16 else np.uint32
-        buf = []
-        size = 0
+        allowed = self._allowed(allowed_special)
+        # Cut points are looked for only this far from the end, so that an allowed special token
+        # around a cut is wholly in the buffer.
+        margin = max(map(len, allowed), default=1) - 1
+        buf, size, searched, next_try = [], 0, 0, block_chars
         for chunk in text_chunks:
             if not isinstance(chunk, str):
                 raise TypeError(f"encode_iter expects str chunks, got {type(chunk).__name__}")
             buf.append(chunk)
             size += len(chunk)
-            if size < block_chars:
+            if size < next_try:
                 continue
             text = "".join(buf)
-            cut = self._safe_cut(text)
+            start = max(searched - 2, 0)  # the part before was searched already
+            end = max(len(text) - margin, 0)
+            m = _SAFE_CUT_LAST.search(text, start, end)
+            if m is None or m.start() <= start:
+                # Try again once the text has doubled, so a long stretch without a cut costs
+                # linear time, not quadratic.
+                buf, searched, next_try = [text], end, 2 * size
+                continue
+            cut = m.start()
+            for sp in allowed:
+                i = text.rfind(sp, max(0, cut - len(sp) + 1), cut + len(sp) - 1)
+                if i != -1 and i < cut:
+                    cut = i
             if cut <= 0:
-                buf, size = [text], len(text)  # no safe point yet: keep reading
+                buf, searched, next_try = [text], end, 2 * size
                 continue
             yield np.asarray(self.encode(text[:cut], allowed_special), dtype=dtype)
             rest = text[cut:]
-            buf, size = [rest], len(rest)
+            buf, size, searched, next_try = [rest], len(rest), end - cut, block_chars
         text = "".join(buf)
         if text:
             yield np.asarray(self.encode(text, allowed_special), dtype=dtype)
-
-    _ws = regex.compile(r"\s")
-
-    def _safe_cut(self, text):
-        """The last index p > 0 with text[p] == ' ' and text[p + 1] not whitespace, or -1."""
-        p = text.rfind(" ", 0, len(text) - 1)
-        while p > 0 and self._ws.match(text, p + 1):
-            p = text.rfind(" ", 0, p)
-        return p
 
     def encode_file(self, path, encoding="utf-8", allowed_special=(), block_chars=1 << 20):
         """Yield id arrays (see `encode_iter`) for a text file read in blocks, as
@@ -316,6 +332,13 @@ class Tokenizer:
     def token_bytes(self, i):
         """The bytes of one token id."""
         return self.decode_bytes([i])
+
+    def clear_cache(self):
+        """Forget every cached word (both engines); the next encode starts cold."""
+        with self._fast_lock:
+            self._cache = {}
+            if self._fast is not None:
+                self._fast._alloc(*self._fast.initial[:3])
 
     # ------------------------------------------------------------------ fast engine
     def _encode_fast(self, text):
@@ -459,6 +482,8 @@ def _class_table():
 class _FastState:
     """The Numba engine's tables for one Tokenizer: pair ranks, and the table of seen words."""
 
+    initial = (1 << 16, 1 << 20, 1 << 19, 1024)  # words, code points, tokens, work buffer
+
     def __init__(self, tok):
         pairs = list(tok.merges.items())
         size = 1 << max(4, (4 * len(pairs)).bit_length())
@@ -471,8 +496,8 @@ class _FastState:
             _build_pairs(self.mkeys, self.mrank, self.mnew, ab[:, 0], ab[:, 1], rn[:, 0], rn[:, 1])
         self.byte_sym = np.array(tok._byte_sym, dtype=np.int32)
         self.classes = _class_table()
-        self.work = np.zeros(1024, dtype=np.int32)
-        self._alloc(1 << 16, 1 << 20, 1 << 19)
+        self.work = np.zeros(self.initial[3], dtype=np.int32)
+        self._alloc(*self.initial[:3])
 
     def _alloc(self, n_entries, n_cp, n_tok):
         self.slots = np.full(2 * n_entries, -1, dtype=np.int64)
@@ -500,8 +525,8 @@ class _FastState:
         if t + 4 * need > len(self.tstore):
             self.tstore = np.concatenate([self.tstore, np.zeros(max(len(self.tstore), 4 * need), np.int32)])
 
-    def encode(self, cp):
-        out = np.zeros(len(cp) + 64, dtype=np.int32)
+    def encode(self, cp, out_size=None):
+        out = np.zeros(len(cp) + 64 if out_size is None else out_size, dtype=np.int32)
         pos = n_out = 0
         while True:
             status, pos, n_out, need = _encode_kernel(

@@ -1,0 +1,213 @@
+"""Tokenizer speed: npgpt2 vs OpenAI's original algorithm (re-implemented below) vs tiktoken.
+
+    python benchmarks/tokenizer.py [--mb 10] [--reps 5]
+
+Text: the Python standard library's .py sources (sorted walk of os.path.dirname(os.__file__)),
+concatenated until `mb` MB of UTF-8. Every run of every tokenizer starts with an empty word cache
+(the encoders are built beforehand; npgpt2's JIT is warmed up once). MB/s = UTF-8 bytes / median
+time; the tokenizers take turns within each repetition, since the machine is noisy.
+
+`bench_tokenizer(mb, reps)` returns the results as a dict (for benchmarks/run.py).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import regex
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import npgpt2  # noqa: E402
+from npgpt2 import tokenizer as tk  # noqa: E402
+
+ASSETS = ROOT / "npgpt2" / "assets"
+
+
+def stdlib_text(mb=10):
+    """About `mb` MB (10**6 bytes of UTF-8) of the standard library's Python sources."""
+    target = int(mb * 1_000_000)
+    parts, size = [], 0
+    for folder, dirs, files in os.walk(os.path.dirname(os.__file__)):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue
+            parts.append(text)
+            size += len(text.encode("utf-8"))
+            if size >= target:
+                return "".join(parts)
+    return "".join(parts)
+
+
+class OriginalEncoder:
+    """OpenAI's encoder.py algorithm, written here from its description, with its costs: strings
+    throughout, a dict cache of BPE results per pre-token, the pair set rebuilt after every merge,
+    min() over it by rank, and every occurrence of the best pair merged left to right."""
+
+    def __init__(self, encoder, merges):
+        self.encoder = encoder
+        self.ranks = {pair: r for r, pair in enumerate(merges)}
+        self.byte_char = tk.bytes_to_unicode()
+        self.cache = {}
+        self.pat = regex.compile(tk.PATTERN)
+
+    @staticmethod
+    def pairs(word):
+        return {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+
+    def bpe(self, token):
+        if token in self.cache:
+            return self.cache[token]
+        word = tuple(token)
+        pairs = self.pairs(word)
+        if not pairs:
+            return token
+        while True:
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            a, b = best
+            merged, i = [], 0
+            while i < len(word):
+                try:
+                    j = word.index(a, i)
+                except ValueError:
+                    merged.extend(word[i:])
+                    break
+                merged.extend(word[i:j])
+                i = j
+                if i < len(word) - 1 and word[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+            if len(word) == 1:
+                break
+            pairs = self.pairs(word)
+        result = " ".join(word)
+        self.cache[token] = result
+        return result
+
+    def encode(self, text):
+        ids = []
+        for token in self.pat.findall(text):
+            token = "".join(self.byte_char[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(token).split(" "))
+        return ids
+
+
+def _tiktoken():
+    """tiktoken's Encoding built from the packaged files, or None when it is not installed."""
+    try:
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+        import tiktoken
+        import tiktoken.load
+    except ImportError:
+        return None
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(ASSETS / "vocab.bpe"),
+                                                         str(ASSETS / "encoder.json"))
+    return tiktoken.Encoding("gpt2-local", pat_str=tk.PATTERN, mergeable_ranks=ranks,
+                             special_tokens={tk.ENDOFTEXT: 50256})
+
+
+def bench_tokenizer(mb=10, reps=5):
+    """Encode ~mb MB of stdlib sources with each tokenizer `reps` times (after one warm-up).
+
+    Returns {"mb", "bytes", "tokens", "reps", "rows": [{"name", "seconds", "mb_per_s",
+    "ratio_vs_original", "ids_identical"} or {"name", "status": "not installed"}]}.
+    """
+    text = stdlib_text(mb)
+    nbytes = len(text.encode("utf-8"))
+    tok = tk.read_tokenizer(ASSETS / "encoder.json", ASSETS / "vocab.bpe")
+    with open(ASSETS / "encoder.json", encoding="utf-8") as f:
+        encoder = json.load(f)
+    merges = tk._read_merges(ASSETS / "vocab.bpe")
+    tt = _tiktoken()
+
+    def original():
+        return OriginalEncoder(encoder, merges).encode  # fresh cache every run
+
+    def npgpt2_fast():
+        tok.clear_cache()
+        return tok.encode
+
+    def npgpt2_plain():
+        tok.clear_cache()
+        return tok._encode_plain
+
+    def tiktoken_run():
+        return tt.encode_ordinary
+
+    runners = {"OpenAI original (re-implemented)": original, "npgpt2": npgpt2_fast,
+               "npgpt2 plain engine (NPGPT2_PLAIN=1)": npgpt2_plain}
+    if tt is not None:
+        runners["tiktoken"] = tiktoken_run
+    tok.encode(text[:1_000_000])  # warm up: JIT load and the code point class table
+    times = {name: [] for name in runners}
+    ids = {}
+    for r in range(reps):
+        names = list(runners)
+        names = names[r % len(names):] + names[:r % len(names)]  # take turns going first
+        for name in names:
+            encode = runners[name]()
+            t0 = time.perf_counter()
+            out = encode(text)
+            times[name].append(time.perf_counter() - t0)
+            if r == 0:
+                ids[name] = list(out)
+    base_name = "OpenAI original (re-implemented)"
+    base = statistics.median(times[base_name])
+    rows = []
+    for name in runners:
+        sec = statistics.median(times[name])
+        rows.append({"name": name, "seconds": sec, "mb_per_s": nbytes / 1e6 / sec,
+                     "ratio_vs_original": base / sec, "ids_identical": ids[name] == ids[base_name]})
+    if tt is None:
+        rows.append({"name": "tiktoken", "status": "not installed"})
+    return {"mb": mb, "bytes": nbytes, "tokens": len(ids[base_name]), "reps": reps, "rows": rows,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def format_table(res):
+    lines = [f"Tokenizer: encode {res['bytes'] / 1e6:.1f} MB of Python stdlib sources "
+             f"({res['tokens']:,} tokens), median of {res['reps']}",
+             f"{'tokenizer':40s} {'MB/s':>8s} {'seconds':>8s} {'vs original':>12s} {'ids identical':>14s}"]
+    for row in res["rows"]:
+        if "status" in row:
+            lines.append(f"{row['name']:40s} {row['status']:>8s}")
+        else:
+            lines.append(f"{row['name']:40s} {row['mb_per_s']:8.2f} {row['seconds']:8.2f} "
+                         f"{row['ratio_vs_original']:11.2f}x {'yes' if row['ids_identical'] else 'NO':>14s}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=10, help="MB of text to encode (default 10)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (default 5)")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    res = bench_tokenizer(args.mb, args.reps)
+    print(format_table(res))
+    if args.json:
+        from npgpt2.fsutil import atomic_write
+        with atomic_write(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""GPT-2 tokenizer: ids against independent references, round trips, both engines, errors.
+
+Expected ids come from tests/fixtures/tokenizer_cases.json.gz, written by
+tools/make_tokenizer_fixture.py with tiktoken, HF tokenizers and transformers (which all agreed),
+each built from the committed encoder.json + vocab.bpe.
+"""
+import gzip
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import npgpt2
+from npgpt2 import tokenizer as tk
+from npgpt2.errors import Npgpt2Error
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer_cases.json.gz"
+ASSETS = Path(tk.__file__).parent / "assets"
+CASES = json.loads(gzip.decompress(FIXTURE.read_bytes()))["cases"]
+EOT = "<|endoftext|>"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return npgpt2.load_tokenizer()
+
+
+@pytest.fixture(params=["plain", "fast"])
+def engine(request, monkeypatch):
+    """Route encode() through one engine for every text length."""
+    if request.param == "plain":
+        monkeypatch.setenv("NPGPT2_PLAIN", "1")
+    else:
+        monkeypatch.delenv("NPGPT2_PLAIN", raising=False)
+        monkeypatch.setattr(tk, "FAST_MIN_CHARS", 0)
+        monkeypatch.setattr(tk, "FAST_START_CHARS", 0)
+    return request.param
+
+
+def test_fixture_is_rich():
+    names = {c["name"] for c in CASES}
+    assert len(CASES) > 400
+    assert {"empty", "contractions upper", "emoji zwj family", "cjk", "crlf", "nbsp", "jargon 64k",
+            "eot in text", "eot in text (eot allowed)"} <= names
+
+
+def test_ids_match_references(tok, engine):
+    wrong = []
+    for case in CASES:
+        allowed = {EOT} if case["allowed_special"] else ()
+        if tok.encode(case["text"], allowed_special=allowed) != case["ids"]:
+            wrong.append(case["name"])
+    assert not wrong, f"{engine} engine differs from the references on {wrong}"
+
+
+def test_decode_reference_ids(tok):
+    for case in CASES:
+        assert tok.decode(case["ids"]) == case["text"], case["name"]
+        assert tok.decode_bytes(np.array(case["ids"], dtype=np.uint16)) == case["text"].encode("utf-8")
+
+
+def test_engines_called_directly(tok):
+    """The two engines on their own (no dispatch) against the references."""
+    for case in CASES:
+        if not case["allowed_special"]:
+            assert tok._encode_plain(case["text"]) == case["ids"], case["name"]
+            assert tok._encode_fast(case["text"]).tolist() == case["ids"], case["name"]
+
+
+def test_constants(tok):
+    assert tok.eot_token == 50256
+    assert tok.n_vocab == 50257
+    assert tok.decode([50256]) == EOT
+    assert tok.encode(EOT) != [50256]  # ordinary text by default
+    assert tok.encode(EOT, allowed_special="all") == [50256]
+    assert tok.encode(EOT, allowed_special={EOT}) == [50256]
+    assert tok.encode(EOT, allowed_special=EOT) == [50256]
+    assert tok.encode("") == []
+
+
+def test_unknown_special_is_an_error(tok):
+    with pytest.raises(Npgpt2Error, match="<|fim|>"):
+        tok.encode("x", allowed_special={"<|fim|>"})
+
+
+def test_encode_rejects_bytes(tok):
+    with pytest.raises(TypeError):
+        tok.encode(b"abc")
+
+
+# ---------------------------------------------------------------- round trips (hypothesis)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text())
+def test_roundtrip_plain(tok, s):
+    assert tok.decode(tok._encode_plain(s)) == s
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text())
+def test_roundtrip_fast(tok, s):
+    assert tok.decode(tok._encode_fast(s).tolist()) == s
+
+
+# Characters the pattern treats specially, so random strings hit every branch of the scanner.
+TRICKY = (" '\t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2009\u2028\u3000\u200b\ufeff"
+          "stredvlmSTREDVLMab09²½٣!?.,-_'\"日本éß\u0301\u200d😀🇺🇸\U000f0000<|>endoftx")
+tricky_text = st.text(alphabet=st.sampled_from(TRICKY), max_size=60)
+pieces_text = st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\xa0", EOT, "<|", "日本", "'s", "'", "12", ".", "!?"]),
+                       max_size=30).map("".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(tricky_text, st.text()))
+def test_scanner_equals_regex(s):
+    assert tk.Tokenizer.split_fast(s) == regex.findall(tk.PATTERN, s)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(tricky_text, st.text()))
+def test_fast_equals_plain(tok, s):
+    assert tok._encode_fast(s).tolist() == tok._encode_plain(s)
+    assert tok.decode(tok.encode(s, allowed_special="all")) == s
+
+
+# ---------------------------------------------------------------- merge loops
+def test_merge_loops_agree_on_random_words(tok):
+    rng = random.Random(5)
+    words = [w.encode() for w in regex.findall(tk.PATTERN, CASES[-1]["text"] + " hello world")]
+    words += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))) for _ in range(500)]
+    words += [bytes(rng.choice(b"etaoin shrdlu") for _ in range(rng.randrange(1, 60))) for _ in range(500)]
+    for w in words:
+        syms = tok.byte_symbols(w)
+        assert tok.merge_fast(syms) == tok.merge_plain(syms), w
+
+
+def test_merge_rules_by_hand():
+    """A toy vocabulary whose merges are worked out by hand."""
+    byte_char = tk.bytes_to_unicode()
+    enc = {byte_char[b]: b for b in range(256)}
+    enc.update({"ab": 256, "abc": 257, "bc": 258, "aa": 259})
+    merges = [("a", "b"), ("ab", "c"), ("b", "c"), ("a", "a")]
+    t = tk.Tokenizer(enc, merges)
+    a, b, c = ord("a"), ord("b"), ord("c")
+    cases = {
+        "abcab": [257, 256],          # ab first everywhere, then ab+c
+        "bcabc": [258, 257],          # 'b c' (rank 2) loses to 'a b' (rank 0) inside
+        "aaa": [259, a],              # non-overlapping, left to right
+        "aaaa": [259, 259],
+        "cba": [c, b, a],
+    }
+    for word, want in cases.items():
+        assert t._bpe_word_plain(word) == tuple(want), word
+        assert t.merge_fast(t.byte_symbols(word.encode())) == want, word
+        assert t._encode_fast(word).tolist() == want, word
+
+
+def test_merge_result_missing_from_encoder_is_an_error():
+    byte_char = tk.bytes_to_unicode()
+    enc = {byte_char[b]: b for b in range(256)}
+    t = tk.Tokenizer(enc, [("x", "y")], source="toy/encoder.json")
+    assert t.encode("yx") == [ord("y"), ord("x")]
+    for encode in (t._encode_plain, t._encode_fast):
+        with pytest.raises(Npgpt2Error, match="'xy'"):
+            encode("axy")
+
+
+# ---------------------------------------------------------------- fast engine internals
+def test_fast_engine_grows_and_clears(monkeypatch):
+    """Tiny tables force every grow path and the clear-when-full path; ids must not change."""
+    monkeypatch.setattr(tk._FastState, "initial", (2, 4, 4, 4))
+    monkeypatch.setattr(tk, "_FAST_MAX_ENTRIES", 300)
+    t = tk.read_tokenizer(ASSETS / "encoder.json", ASSETS / "vocab.bpe")
+    for case in CASES:
+        if not case["allowed_special"]:
+            assert t._encode_fast(case["text"]).tolist() == case["ids"], case["name"]
+    assert len(t._fast.ehash) > 2
+
+
+def test_fast_engine_grows_output(tok):
+    case = next(c for c in CASES if c["name"] == "astral private run")
+    cp = np.frombuffer(case["text"].encode("utf-32-le"), dtype=np.uint32)
+    tok._encode_fast("warm up")
+    assert tok._fast.encode(cp, out_size=1).tolist() == case["ids"]
+
+
+# ---------------------------------------------------------------- decoding
+def test_decode_partial_utf8(tok):
+    """Cutting the ids of 120 emoji anywhere: bytes are a prefix, text ends in U+FFFD, no error."""
+    case = next(c for c in CASES if c["name"] == "emoji long run")
+    ids, whole = case["ids"], case["text"].encode("utf-8")
+    partial = 0
+    for k in range(1, len(ids)):
+        raw = tok.decode_bytes(ids[:k])
+        assert whole.startswith(raw)
+        text = tok.decode(ids[:k])
+        if len(raw) % 4:
+            partial += 1
+            assert text.endswith("\ufffd")
+        assert text.replace("\ufffd", "") == "😀" * (len(raw) // 4)
+    assert partial > 0
+    lone = tok.encoder[tk.bytes_to_unicode()[0xE2]]  # first byte of a 3-byte character
+    assert tok.decode([lone]) == "\ufffd"
+    assert tok.decode_bytes([lone]) == b"\xe2"
+
+
+@pytest.mark.parametrize("bad", [-1, 50257, 10 ** 12, "7", None])
+def test_decode_bad_id(tok, bad):
+    with pytest.raises(Npgpt2Error, match=regex.escape(repr(bad))) as e:
+        tok.decode([15496, bad])
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- streaming
+def _jargon():
+    with gzip.open(ASSETS / "jargon.txt.gz", "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def test_encode_iter_equals_whole(tok):
+    case = next(c for c in CASES if c["name"] == "jargon 64k")
+    text = case["text"]
+    rng = random.Random(1)
+    chunks, i = [], 0
+    while i < len(text):
+        n = rng.randrange(1, 3000)
+        chunks.append(text[i:i + n])
+        i += n
+    arrays = list(tok.encode_iter(iter(chunks), block_chars=2000))
+    assert len(arrays) > 10
+    assert all(a.dtype == np.uint16 for a in arrays)
+    assert np.concatenate(arrays).tolist() == case["ids"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(tricky_text, pieces_text), st.lists(st.integers(0, 120), max_size=8), st.integers(1, 20))
+def test_encode_iter_property(tok, s, cuts, block):
+    cuts = sorted(min(c, len(s)) for c in cuts)
+    chunks = [s[a:b] for a, b in zip([0] + cuts, cuts + [len(s)])]
+    for allowed in ((), "all"):
+        got = [x for a in tok.encode_iter(chunks, allowed, block_chars=block) for x in a.tolist()]
+        assert got == tok.encode(s, allowed)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(tricky_text, pieces_text))
+def test_every_safe_cut_is_safe(tok, s):
+    """Cutting at any SAFE_CUT point gives the pre-tokens, hence the ids, of the whole text."""
+    whole, words = tok.encode(s), regex.findall(tk.PATTERN, s)
+    for m in regex.finditer(tk.SAFE_CUT, s):
+        p = m.start()
+        assert regex.findall(tk.PATTERN, s[:p]) + regex.findall(tk.PATTERN, s[p:]) == words, p
+        assert tok.encode(s[:p]) + tok.encode(s[p:]) == whole, p
+
+
+def test_no_cut_in_cjk_or_allowed_special(tok):
+    text = "日本語のテキスト" * 50 + "。" + "中文" * 400  # CJK has no spaces: cut only at 。
+    arrays = list(tok.encode_iter([text[i:i + 7] for i in range(0, len(text), 7)], block_chars=16))
+    assert len(arrays) == 2
+    assert arrays[0].tolist() == tok.encode(text[:401])  # the last cut point: after "。"
+    assert np.concatenate(arrays).tolist() == tok.encode(text)
+    text = ("a" * 30 + EOT) * 20
+    chunks = [text[i:i + 5] for i in range(0, len(text), 5)]
+    arrays = list(tok.encode_iter(chunks, allowed_special="all", block_chars=10))
+    assert len(arrays) > 10
+    assert np.concatenate(arrays).tolist() == tok.encode(text, allowed_special="all")
+    assert np.concatenate(arrays).tolist().count(50256) == 20
+
+
+def test_encode_file(tok, tmp_path):
+    text = _jargon()[:300_000].replace("\n\n", "\r\n\r\n") + "\nend <|endoftext|> tail  "
+    p = tmp_path / "corpus.txt"
+    p.write_bytes(text.encode("utf-8"))
+    with open(p, encoding="utf-8") as f:  # universal newlines, as encode_file reads
+        want = tok.encode(f.read())
+    got = np.concatenate(list(tok.encode_file(p, block_chars=50_000)))
+    assert got.tolist() == want
+    gz = tmp_path / "corpus.txt.gz"
+    gz.write_bytes(gzip.compress(text.encode("utf-8")))
+    assert np.concatenate(list(tok.encode_file(gz, block_chars=50_000))).tolist() == want
+
+
+def test_encode_file_errors(tok, tmp_path):
+    with pytest.raises(Npgpt2Error, match="missing.txt"):
+        list(tok.encode_file(tmp_path / "missing.txt"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    with pytest.raises(Npgpt2Error, match="latin1.txt.*utf-8"):
+        list(tok.encode_file(bad))
+    assert np.concatenate(list(tok.encode_file(bad, encoding="latin-1"))).tolist() == tok.encode("café")
+
+
+# ---------------------------------------------------------------- loading
+def test_load_tokenizer_is_cached():
+    assert npgpt2.load_tokenizer() is npgpt2.load_tokenizer()
+    assert npgpt2.load_tokenizer(None) is npgpt2.load_tokenizer("/nonexistent/folder")
+
+
+def test_load_from_model_dir(tmp_path):
+    shutil.copy(ASSETS / "encoder.json", tmp_path)
+    shutil.copy(ASSETS / "vocab.bpe", tmp_path)
+    t = npgpt2.load_tokenizer(tmp_path)
+    assert t is not npgpt2.load_tokenizer()
+    assert str(tmp_path) in t._source
+    assert t.encode("Hello world") == [15496, 995]
+
+
+def test_model_dir_tokenizer_is_used(tmp_path):
+    """A model folder's own files win over the packaged ones."""
+    byte_char = tk.bytes_to_unicode()
+    enc = {byte_char[b]: b for b in range(256)}
+    enc["hi"] = 256
+    (tmp_path / "encoder.json").write_text(json.dumps(enc), encoding="utf-8")
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\nh i\n", encoding="utf-8")
+    t = npgpt2.load_tokenizer(tmp_path)
+    assert t.encode("hi ih") == [256, ord(" "), ord("i"), ord("h")]
+    assert t.n_vocab == 257 and t.eot_token is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ("{}", "JSON object"),
+    ('{"a": "1"}', "'a' has id '1'"),
+    ('{"a": -3}', "'a' has id -3"),
+    ('{"a": 1.5}', "'a' has id 1.5"),
+])
+def test_malformed_encoder(tmp_path, content, message):
+    (tmp_path / "encoder.json").write_text(content, encoding="utf-8")
+    shutil.copy(ASSETS / "vocab.bpe", tmp_path)
+    with pytest.raises(Npgpt2Error) as e:
+        npgpt2.load_tokenizer(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "encoder.json" in msg and message in msg
+
+
+def test_encoder_not_utf8(tmp_path):
+    (tmp_path / "encoder.json").write_bytes(b'{"\xff": 1}')
+    shutil.copy(ASSETS / "vocab.bpe", tmp_path)
+    with pytest.raises(Npgpt2Error, match="encoder.json"):
+        npgpt2.load_tokenizer(tmp_path)
+
+
+def test_malformed_vocab_bpe(tmp_path):
+    shutil.copy(ASSETS / "encoder.json", tmp_path)
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\nĠ t\nĠ a b\n", encoding="utf-8")
+    with pytest.raises(Npgpt2Error) as e:
+        npgpt2.load_tokenizer(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "vocab.bpe" in msg and "line 3" in msg
+
+
+def test_only_one_file_falls_back_to_packaged(tmp_path, caplog):
+    (tmp_path / "encoder.json").write_text("{broken", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        t = npgpt2.load_tokenizer(tmp_path)
+    assert t is npgpt2.load_tokenizer()
+    assert "only one" in caplog.text
