@@ -194,6 +194,7 @@ def cmd_chat(args):
 
 def cmd_serve(args):
     """The HTTP API and chat page until Ctrl-C."""
+    import signal
     from .server import Limits, Server
     limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
                     timeout=args.timeout, max_queue=args.max_queue)
@@ -201,8 +202,12 @@ def cmd_serve(args):
     model, enc = load_for_generation(args)
     server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
                     model_name=args.model_name)
-    print(f"serving {args.model_name} on {server.url} (Ctrl-C stops)", flush=True)
+
+    def stop(signum, frame):  # SIGTERM (systemd, docker stop) ends it as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
     try:
+        print(f"serving {args.model_name} on {server.url} (Ctrl-C stops)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -336,6 +336,7 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as e:
             self._send_json(e.status, {"error": str(e)}, close=self.close_connection)
             return
+        self._checked = time.monotonic()
         (self._stream if job.options["stream"] else self._answer)(job)
 
     def _method_not_allowed(self):
@@ -403,30 +404,35 @@ class Handler(BaseHTTPRequestHandler):
         """The job's next result; None once the client has gone (the job is then cancelled)."""
         backstop = job.deadline + 30  # the worker enforces the deadline; this is for a stuck one
         while True:
+            now = time.monotonic()
+            if now - self._checked >= 0.2:  # results may flow without pause: look every 0.2 s
+                self._checked = now
+                if client_gone(self.connection):
+                    log.info("%s went away; cancelling its request", self.address_string())
+                    job.cancelled.set()
+                    self.close_connection = True
+                    return None
+            if now > backstop:
+                job.cancelled.set()
+                return ("error", HTTPStatus.GATEWAY_TIMEOUT, "timed out")
             try:
                 return job.out.get(timeout=0.2)
             except queue.Empty:
                 pass
-            if client_gone(self.connection):
-                log.info("%s went away; cancelling its request", self.address_string())
-                job.cancelled.set()
-                self.close_connection = True
-                return None
-            if time.monotonic() > backstop:
-                job.cancelled.set()
-                return ("error", HTTPStatus.GATEWAY_TIMEOUT, "timed out")
 
     def _answer(self, job):
         while True:
             item = self._next(job)
-            if item is None:
-                return
-            if item[0] == "done":
+            if item is None or item[0] in ("done", "error"):
+                break
+        try:
+            if item is not None and item[0] == "done":
                 self._send_json(HTTPStatus.OK, item[1])
-                return
-            if item[0] == "error":
+            elif item is not None:
                 self._send_json(item[1], {"error": item[2]})
-                return
+        except OSError as e:  # gone after all, or too slow to read even this
+            log.info("%s: answer not delivered (%s)", self.address_string(), e)
+            self.close_connection = True
 
     def _stream(self, job):
         item = self._next(job)

@@ -23,6 +23,12 @@ FULL = Path(__file__).parent / "fixtures" / "full"
 T = 30  # seconds: the most any single HTTP call in these tests may take
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_for_loopback(monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
 def load():
     return npgpt2.load_model(FULL), npgpt2.load_tokenizer(FULL)
 
@@ -216,19 +222,26 @@ def raw_post(port, path, body):
     return c
 
 
-def test_vanished_client_is_cancelled_and_does_not_block_others():
+@pytest.mark.parametrize("stream", [True, False])
+def test_vanished_client_is_cancelled_and_does_not_block_others(stream):
     calls = []
     model, tok = load()
     slowed(model, 0.05, calls)
     with Server(model, tok, port=0) as s:
         s.start()
-        # a streaming client that reads until its first piece of text and hangs up;
-        # its 63 tokens would take > 3 s
-        c = raw_post(s.port, "v1/generate", {"prompt": "x", "length": 63, "seed": 1, "stream": True})
-        got = b""
-        while b"data: " not in got:
-            got += c.recv(4096)
-        assert got.startswith(b"HTTP/1.1 200 ")
+        # a client that asks for 63 tokens (> 3 s) and hangs up: after the first piece of a
+        # stream, or while waiting for a plain answer
+        c = raw_post(s.port, "v1/generate", {"prompt": "x", "length": 63, "seed": 1, "stream": stream})
+        if stream:
+            got = b""
+            while b"data: " not in got:
+                got += c.recv(4096)
+            assert got.startswith(b"HTTP/1.1 200 ")
+        else:
+            deadline = time.monotonic() + T
+            while not calls and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)
         c.close()
         t0 = time.monotonic()
         ok = post(s.url + "v1/generate", {"prompt": "y", "length": 3, "seed": 2})
@@ -387,3 +400,26 @@ def test_bad_settings_are_refused():
     with Server(model, tok, port=0) as s:  # the port is taken
         with pytest.raises(Npgpt2Error, match="cannot listen"):
             Server(model, tok, port=s.port)
+
+
+def test_cli_serve_starts_answers_and_stops_on_sigterm():
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "npgpt2.cli", "serve", "--models_dir", str(FULL.parent),
+                             "--model_name", "full", "--port", "0", "--max_length", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving full on http://127.0.0.1:PORT/ (Ctrl-C stops)"
+        url = line.split(" on ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert requests.get(url + "health", timeout=T).json()["limits"]["max_length"] == 5
+        r = post(url + "v1/generate", {"prompt": "hi", "length": 6})
+        assert r.status_code == 400 and "from 1 to 5" in r.json()["error"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -1,0 +1,223 @@
+"""The chat page in a real browser: Debian's headless Chromium, driven with the Chrome
+DevTools Protocol, types a message, presses Enter and watches the reply stream into the page.
+
+CDP runs over --remote-debugging-pipe (JSON messages separated by NUL bytes on fds 3 and 4)
+rather than a websocket: the same protocol with no listening port, no websocket framing code
+and no new dependency. The model's forward pass is slowed down a little so the pieces of the
+reply arrive one by one; a MutationObserver in the page records every state the reply bubble
+goes through. The final texts are checked against the HTTP API's own non-streaming answers
+for the same messages and seed.
+"""
+import base64
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import npgpt2
+from npgpt2.server import Server
+
+FULL = Path(__file__).parent / "fixtures" / "full"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--no-proxy-server", "--mute-audio", "--hide-scrollbars",
+         "--window-size=900,640", "--remote-debugging-pipe"]
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on PATH: Debian's `chromium` package is needed (.ci/run installs it with apt-get)")
+
+
+class Chromium:
+    """A headless Chromium and a CDP connection to it over the debugging pipe."""
+
+    def __init__(self, profile, log_path):
+        to_r, self.to_w = os.pipe()      # we write commands, Chromium reads them on fd 3
+        self.from_r, from_w = os.pipe()  # Chromium writes answers and events on fd 4
+        # the child's ends moved to fds >= 10, so placing them on 3 and 4 cannot clobber one another
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_r, from_w)]
+        os.close(to_r)
+        os.close(from_w)
+        script = f'exec "$0" "$@" 3<&{ends[0]} 4>&{ends[1]}'  # bash places them (dash takes fds < 10 only)
+        self.log = open(log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(["bash", "-c", script, CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
+                                          "about:blank"],
+                                         pass_fds=ends, stdin=subprocess.DEVNULL,
+                                         stdout=self.log, stderr=self.log, start_new_session=True)
+        finally:
+            for fd in ends:
+                os.close(fd)
+        self.buf, self.next_id, self.events = b"", 0, []
+
+    def call(self, method, params=None, session=None, timeout=20):
+        """Send one command and wait for its answer; events that arrive meanwhile are kept."""
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self.to_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buf:
+                raw, self.buf = self.buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self.next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+                self.events.append(reply)
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise TimeoutError(f"{method}: no answer from Chromium (exit status {self.proc.poll()})")
+            if select.select([self.from_r], [], [], left)[0]:
+                chunk = os.read(self.from_r, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"{method}: Chromium closed the debugging pipe")
+                self.buf += chunk
+
+    def close(self):
+        try:
+            if self.proc.poll() is None:
+                self.call("Browser.close", timeout=5)
+        except (OSError, RuntimeError, TimeoutError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        # the process group started for this browser: its renderer and helper processes
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        os.close(self.to_w)
+        os.close(self.from_r)
+        self.log.close()
+
+
+class Page:
+    def __init__(self, browser):
+        self.b = browser
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.call("Page.enable")
+        self.call("Runtime.enable")
+
+    def call(self, method, params=None, timeout=20):
+        return self.b.call(method, params, session=self.session, timeout=timeout)
+
+    def js(self, expression):
+        r = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"page script failed: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(self, expression, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out waiting for {expression}")
+
+    def type_and_enter(self, text):
+        self.js("document.getElementById('input').focus()")
+        self.call("Input.insertText", {"text": text})
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
+                                                 "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13})
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_for_loopback(monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+RECORD = """
+window.__states = [];
+new MutationObserver(() => {
+  const b = [...document.querySelectorAll('.msg.bot')].pop();
+  if (b) window.__states.push([b.dataset.state, b.textContent]);
+}).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true,
+                                            attributes: true});
+"""
+SETTINGS = {"length": 20, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 7}
+LAST_BOT = "[...document.querySelectorAll('.msg.bot')].pop()"
+
+
+def test_page_streams_a_reply_in_headless_chromium(tmp_path):
+    model, tok = npgpt2.load_model(FULL), npgpt2.load_tokenizer(FULL)
+    plain = model.forward
+
+    def slow_forward(*args, **kwargs):  # ~25 ms per token, so pieces arrive one at a time
+        time.sleep(0.025)
+        return plain(*args, **kwargs)
+    model.forward = slow_forward
+
+    with Server(model, tok, port=0) as server:
+        server.start()
+        browser = Chromium(tmp_path / "profile", tmp_path / "chromium.log")
+        try:
+            page = Page(browser)
+            page.call("Page.navigate", {"url": server.url})
+            page.wait_for("document.readyState === 'complete' && "
+                          "document.getElementById('model').textContent.includes('64')")
+            page.js(RECORD)
+            page.js(";".join(f"document.getElementById('{k}').value = '{v}'" for k, v in SETTINGS.items()))
+
+            messages = []
+            for text in ["Hello there, bot!", "Tell me more."]:
+                page.js("window.__states = []")
+                page.type_and_enter(text)
+                assert page.js("document.getElementById('input').value") == ""  # Enter sent it
+                state = page.wait_for(f"{LAST_BOT} && ['done', 'stopped'].includes({LAST_BOT}.dataset.state) "
+                                      f"&& {LAST_BOT}.dataset.state")
+                assert state == "done"
+                shown = page.js(f"{LAST_BOT}.textContent")
+                states = page.js("window.__states")
+
+                # the API's non-streaming answer for the same conversation and settings
+                messages.append({"role": "user", "content": text})
+                r = requests.post(server.url + "v1/chat", json={"messages": messages, **SETTINGS}, timeout=30)
+                assert r.status_code == 200
+                expected = r.json()["text"]
+                assert expected, "pick a seed whose reply is not empty"
+                assert shown == expected
+                messages.append({"role": "assistant", "content": expected})
+
+                # it streamed: the bubble grew through several partial texts before the end
+                partial = []
+                for st, txt in states:
+                    if st == "streaming" and txt and (not partial or txt != partial[-1]):
+                        partial.append(txt)
+                assert len(partial) >= 3, states
+                for a, b in zip(partial, partial[1:]):
+                    assert b.startswith(a) and len(b) > len(a)
+                assert all(expected.startswith(p.rstrip()) for p in partial)
+                assert len(partial[0].strip()) < len(expected)
+
+            # both turns are on the page, in order
+            bubbles = page.js("[...document.querySelectorAll('.msg')].map(e => [e.className, e.textContent])")
+            assert bubbles == [["msg user", m["content"]] if m["role"] == "user" else ["msg bot", m["content"]]
+                               for m in messages]
+
+            shot = base64.b64decode(page.call("Page.captureScreenshot", {"format": "png"})["data"])
+            assert shot.startswith(b"\x89PNG\r\n\x1a\n")
+            (tmp_path / "chat.png").write_bytes(shot)
+            if os.environ.get("NPGPT2_SCREENSHOT"):  # to look at it: NPGPT2_SCREENSHOT=/tmp/chat.png
+                Path(os.environ["NPGPT2_SCREENSHOT"]).write_bytes(shot)
+        finally:
+            browser.close()
