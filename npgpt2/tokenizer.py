@@ -159,21 +159,26 @@ class Tokenizer:
         "<|endoftext|>" exists) that become their single id; elsewhere they are plain text."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        return self._encode(text, allowed_special, False)
+
+    def _encode(self, text, allowed_special, stream):
         ids = []
         for seg, special in self._segments(text, allowed_special):
             if special is not None:
                 ids.append(special)
             elif seg:
-                ids.extend(self._encode_ordinary(seg))
+                ids.extend(self._encode_ordinary(seg, stream))
         return ids
 
     def encode_ordinary(self, text):
         """str -> list[int], with every special token treated as plain text."""
         return self._encode_ordinary(text)
 
-    def _encode_ordinary(self, text):
+    def _encode_ordinary(self, text, stream=False):
+        # A stream (encode_iter) is long by nature, worth the fast engine's start-up cost.
         n = len(text)
-        if n >= FAST_MIN_CHARS and (n >= FAST_START_CHARS or self._fast is not None) and _fast_enabled():
+        if (n >= FAST_MIN_CHARS and (stream or n >= FAST_START_CHARS or self._fast is not None)
+                and _fast_enabled()):
             return self._encode_fast(text).tolist()
         return self._encode_plain(text)
 
@@ -225,7 +230,7 @@ class Tokenizer:
 
     def _final(self, syms):
         for s in syms:
-            if s >= self.n_vocab or s not in self.decoder:
+            if s >= self.n_vocab:  # every symbol below n_vocab is an encoder.json id
                 raise Npgpt2Error(f"{self._source}: BPE produced token {self._sym_str[s]!r}, "
                                   f"which encoder.json does not contain")
         return syms
@@ -277,12 +282,12 @@ class Tokenizer:
             if cut <= 0:
                 buf, searched, next_try = [text], end, 2 * size
                 continue
-            yield np.asarray(self.encode(text[:cut], allowed_special), dtype=dtype)
+            yield np.asarray(self._encode(text[:cut], allowed_special, True), dtype=dtype)
             rest = text[cut:]
             buf, size, searched, next_try = [rest], len(rest), end - cut, block_chars
         text = "".join(buf)
         if text:
-            yield np.asarray(self.encode(text, allowed_special), dtype=dtype)
+            yield np.asarray(self._encode(text, allowed_special, True), dtype=dtype)
 
     def encode_file(self, path, encoding="utf-8", allowed_special=(), block_chars=1 << 20):
         """Yield id arrays (see `encode_iter`) for a text file read in blocks, as
@@ -350,11 +355,9 @@ class Tokenizer:
             if self._fast is None:
                 self._fast = _FastState(self)
             ids = self._fast.encode(cp)
-        bad = ids[(ids >= self.n_vocab) | (ids < 0)]
+        bad = ids[ids >= self.n_vocab]
         if bad.size:
             self._final(bad.tolist())
-        if len(self.decoder) != self.n_vocab:  # ids with gaps: reject strings encoder.json lacks
-            self._final(np.unique(ids).tolist())
         return ids
 
     def merge_fast(self, symbols):
@@ -403,6 +406,12 @@ def _read_encoder(path):
             raise Npgpt2Error(f"{path}: token {s!r} has id {i!r}; ids must be non-negative integers")
     if max(encoder.values()) >= 1 << 31:
         raise Npgpt2Error(f"{path}: ids must be below 2**31")
+    if len(set(encoder.values())) != len(encoder):
+        seen = {}
+        for s, i in encoder.items():
+            if i in seen:
+                raise Npgpt2Error(f"{path}: tokens {seen[i]!r} and {s!r} share the id {i}")
+            seen[i] = s
     return encoder
 
 

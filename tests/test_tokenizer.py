@@ -329,6 +329,7 @@ def test_model_dir_tokenizer_is_used(tmp_path):
     ('{"a": "1"}', "'a' has id '1'"),
     ('{"a": -3}', "'a' has id -3"),
     ('{"a": 1.5}', "'a' has id 1.5"),
+    ('{"a": 1, "b": 1}', "'a' and 'b' share the id 1"),
 ])
 def test_malformed_encoder(tmp_path, content, message):
     (tmp_path / "encoder.json").write_text(content, encoding="utf-8")
