@@ -441,33 +441,47 @@ class Handler(BaseHTTPRequestHandler):
         if item[0] == "error":  # before any output: a plain JSON error with its status
             self._send_json(item[1], {"error": item[2]})
             return
+        # HTTP/1.1 clients get chunked encoding: every event reaches them as its own chunk
+        # (clients that read a close-delimited body in fixed-size blocks would wait for
+        # several events) and the connection can be kept after the end.
+        self._chunked = self.request_version == "HTTP/1.1"
         try:
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Accel-Buffering", "no")
-            self.send_header("Connection", "close")  # the stream ends when the connection does
+            if self._chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Connection", "close")  # the stream ends when the connection does
+                self.close_connection = True
             self.end_headers()
-            self.close_connection = True
             while True:
                 item = self._next(job)
                 if item is None:
                     return
                 if item[0] == "text":
                     self._event(None, {"text": item[1]})
-                elif item[0] == "done":
+                    continue
+                if item[0] == "done":
                     self._event("done", item[1])
-                    return
-                elif item[0] == "error":
+                else:
                     self._event("error", {"error": item[2]})
-                    return
+                if self._chunked:
+                    self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                return
         except OSError as e:  # includes a write that timed out: a reader too slow to keep
             log.info("%s: stream ended early (%s); cancelling its request", self.address_string(), e)
             job.cancelled.set()
+            self.close_connection = True
 
     def _event(self, name, obj):
         head = f"event: {name}\n" if name else ""
-        self.wfile.write(f"{head}data: {json.dumps(obj)}\n\n".encode("utf-8"))
+        data = f"{head}data: {json.dumps(obj)}\n\n".encode("utf-8")
+        if self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self.wfile.write(data)
         self.wfile.flush()
 
 

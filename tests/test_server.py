@@ -153,6 +153,26 @@ def test_streaming_equals_non_streaming(server):
         assert (text.strip() if path == "v1/chat" else text) == plain["text"]
 
 
+def test_stream_arrives_piece_by_piece():
+    model, tok = load()
+    slowed(model, 0.05)  # 20 tokens take over a second
+    with Server(model, tok, port=0) as s, requests.Session() as http:
+        s.start()
+        arrivals = []
+        with http.post(s.url + "v1/generate", json={"prompt": "x", "length": 20, "seed": 1, "stream": True},
+                       stream=True, timeout=T) as r:
+            assert r.headers.get("Transfer-Encoding") == "chunked"
+            for chunk in r.iter_content(chunk_size=None):
+                arrivals.append((time.monotonic(), chunk))
+        body = b"".join(c for _, c in arrivals)
+        assert body.count(b"\n\n") == body.count(b"data: ") >= 2
+        # the first events came well before the last, not all at the end
+        pieces = [t for t, c in arrivals if b"data: " in c]
+        assert len(pieces) >= 5 and pieces[-1] - pieces[0] > 0.5
+        # the same connection serves the next request
+        assert http.post(s.url + "v1/generate", json={"prompt": "y", "length": 2}, timeout=T).status_code == 200
+
+
 def test_truncate_stops_the_text(server):
     body = {"prompt": "a", "length": 40, "seed": 8}
     full = post(server.url + "v1/generate", body).json()
