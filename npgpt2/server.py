@@ -551,6 +551,8 @@ class Server:
 
     def __init__(self, model, tokenizer, host="127.0.0.1", port=8000, limits=None,
                  user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG, model_name=None):
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise Npgpt2Error(f"--port must be from 0 to 65535, got {port}")
         self.app = App(model, tokenizer, limits, user_tag, bot_tag, model_name)
         handler = type("BoundHandler", (Handler,), {"app": self.app, "timeout": self.app.limits.io_timeout})
         server_class = type("NpServer", (ThreadingHTTPServer,), {

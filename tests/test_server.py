@@ -417,6 +417,8 @@ def test_bad_settings_are_refused():
         Server(model, tok, port=0, limits=Limits(max_queue=0))
     with pytest.raises(Npgpt2Error, match="--user_tag"):
         Server(model, tok, port=0, user_tag="")
+    with pytest.raises(Npgpt2Error, match="--port"):
+        Server(model, tok, port=70000)
     with Server(model, tok, port=0) as s:  # the port is taken
         with pytest.raises(Npgpt2Error, match="cannot listen"):
             Server(model, tok, port=s.port)
