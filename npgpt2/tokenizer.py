@@ -219,7 +219,7 @@ class Tokenizer:
                 toks = self._bpe_word_plain(word)
                 if len(cache) >= _WORD_CACHE_MAX:
                     for old in list(cache)[: _WORD_CACHE_MAX // 2]:  # oldest first (dict order)
-                        del cache[old]
+                        cache.pop(old, None)  # pop: another thread may be evicting too
                 cache[word] = toks
             extend(toks)
         return ids

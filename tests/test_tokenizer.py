@@ -182,6 +182,22 @@ def test_fast_engine_grows_and_clears(monkeypatch):
     assert len(t._fast.ehash) > 2
 
 
+def test_plain_cache_eviction(monkeypatch):
+    monkeypatch.setattr(tk, "_WORD_CACHE_MAX", 10)
+    t = tk.read_tokenizer(ASSETS / "encoder.json", ASSETS / "vocab.bpe")
+    case = next(c for c in CASES if c["name"] == "jargon 4k")
+    assert t._encode_plain(case["text"]) == case["ids"]
+    assert len(t._cache) <= 10
+
+
+def test_threads_share_a_tokenizer(tok, engine):
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [c for c in CASES if not c["allowed_special"]] * 2
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: tok.encode(c["text"]), cases))
+    assert got == [c["ids"] for c in cases]
+
+
 def test_fast_engine_grows_output(tok):
     case = next(c for c in CASES if c["name"] == "astral private run")
     cp = np.frombuffer(case["text"].encode("utf-32-le"), dtype=np.uint32)
