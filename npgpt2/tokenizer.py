@@ -18,6 +18,7 @@ Two engines give the same ids (tests prove it):
 `<|endoftext|>` is ordinary text unless the caller allows it (`allowed_special`, as in tiktoken).
 """
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -448,7 +449,8 @@ _loaded_lock = threading.Lock()
 
 def load_tokenizer(model_dir=None):
     """The tokenizer of `model_dir` (its encoder.json + vocab.bpe) when both files are there,
-    else the GPT-2 files packaged with npgpt2. Loaded once per process per file version."""
+    else the GPT-2 files packaged with npgpt2. Loaded once per process per file content (so a
+    model folder holding OpenAI's files shares the packaged tokenizer and its caches)."""
     folder = ASSETS
     if model_dir is not None:
         d = Path(model_dir)
@@ -458,14 +460,16 @@ def load_tokenizer(model_dir=None):
         elif any(have):
             log.warning("%s has only one of encoder.json / vocab.bpe; using the packaged GPT-2 files", d)
     enc, bpe = folder / "encoder.json", folder / "vocab.bpe"
-    try:
-        key = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in (enc, bpe))
-    except OSError as e:
-        raise Npgpt2Error(f"{e.filename}: cannot read ({e.strerror})") from None
+    key = []
+    for p in (enc, bpe):
+        try:
+            key.append(hashlib.sha256(p.read_bytes()).hexdigest())
+        except OSError as e:
+            raise Npgpt2Error(f"{p}: cannot read ({e.strerror or e})") from None
     with _loaded_lock:
-        tok = _loaded.get(key)
+        tok = _loaded.get(tuple(key))
         if tok is None:
-            tok = _loaded[key] = read_tokenizer(enc, bpe)
+            tok = _loaded[tuple(key)] = read_tokenizer(enc, bpe)
     return tok
 
 

@@ -320,6 +320,9 @@ def test_load_tokenizer_is_cached():
 def test_load_from_model_dir(tmp_path):
     shutil.copy(ASSETS / "encoder.json", tmp_path)
     shutil.copy(ASSETS / "vocab.bpe", tmp_path)
+    assert npgpt2.load_tokenizer(tmp_path) is npgpt2.load_tokenizer()  # same content, one tokenizer
+    with open(tmp_path / "vocab.bpe", "a", encoding="utf-8") as f:
+        f.write("\n")  # same merges, different file
     t = npgpt2.load_tokenizer(tmp_path)
     assert t is not npgpt2.load_tokenizer()
     assert str(tmp_path) in t._source
