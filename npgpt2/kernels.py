@@ -265,53 +265,79 @@ def gelu_backward(dout, inp):
 
 # ================================================================ attention
 def _split_qkv(qkv, NH):
-    """(B, T, 3C) -> q, k, v each a C-contiguous (B, NH, T, hs) (one copy in all)."""
+    """(B, T, 3C) -> q, k, v each a C-contiguous (B, NH, T, hs), q already times 1/sqrt(hs).
+
+    Scaling q (T*C numbers) instead of the scores (T*T) saves work; it rounds differently
+    from the plain (q @ k.T) * scale only in the last bit.
+    """
     B, T, C3 = qkv.shape
     hs = C3 // 3 // NH
     qkv = np.ascontiguousarray(qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4))
-    return qkv[0], qkv[1], qkv[2]
+    q = qkv[0]
+    q *= 1.0 / math.sqrt(hs)
+    return q, qkv[1], qkv[2]
 
 
+@njit(cache=True, inline="always")
+def _max(a, n):
+    """max of a[:n] (n >= 1), eight partial maxima."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = a[0]
+    i = 0
+    while i + 8 <= n:
+        m0 = max(m0, a[i])
+        m1 = max(m1, a[i + 1])
+        m2 = max(m2, a[i + 2])
+        m3 = max(m3, a[i + 3])
+        m4 = max(m4, a[i + 4])
+        m5 = max(m5, a[i + 5])
+        m6 = max(m6, a[i + 6])
+        m7 = max(m7, a[i + 7])
+        i += 8
+    while i < n:
+        m0 = max(m0, a[i])
+        i += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+# The blockwise softmax works on rows r0..r1-1 of a C-contiguous (B, NH, R, *) array,
+# columns 0..L-1, where row r may see columns 0..first + (r - r0): the full att of
+# training (rows of one query block) or a prompt's scores buffer (keys incl. the cache).
 @njit(cache=True)
-def _causal_shift(s, first, scale):
-    """s: (B, NH, R, L) raw scores q.k; row r may see columns 0..first + r.
-
-    In place: scale, subtract the row max over the visible part, -inf on the masked part
-    (np.exp then gives exactly 0 there, as in the plain softmax).
-    """
-    B, NH, R, L = s.shape
+def _causal_shift(s, r0, r1, L, first):
+    """In place: subtract the max over the visible part; -inf on the masked part (so that
+    np.exp gives exactly 0 there, as the plain softmax does)."""
+    B, NH = s.shape[0], s.shape[1]
     for b in range(B):
         for h in range(NH):
-            for r in range(R):
+            for r in range(r0, r1):
                 row = s[b, h, r]
-                lim = min(L, first + r + 1)
-                m = -np.inf
+                lim = min(L, first + (r - r0) + 1)
+                m = _max(row, lim)
                 for j in range(lim):
-                    m = max(m, row[j] * scale)
-                for j in range(lim):
-                    row[j] = row[j] * scale - m
+                    row[j] = row[j] - m
                 for j in range(lim, L):
                     row[j] = -np.inf
 
 
 @njit(cache=True)
-def _normalize_rows(s):
-    """s: (B, NH, R, L) exponentials -> divided by their row sums, in place."""
-    B, NH, R, L = s.shape
+def _normalize_rows(s, r0, r1, L):
+    """In place: divide each row's exponentials by their sum."""
+    B, NH = s.shape[0], s.shape[1]
     for b in range(B):
         for h in range(NH):
-            for r in range(R):
+            for r in range(r0, r1):
                 row = s[b, h, r]
-                inv = 1.0 / _sum(row)
+                inv = s.dtype.type(1.0 / _sum(row[:L]))
                 for j in range(L):
                     row[j] = row[j] * inv
 
 
-def _causal_softmax_(s, first, scale):
-    """In place: softmax(scale * s) with row r of s seeing columns 0..first + r."""
-    _causal_shift(s, first, scale)
-    np.exp(s, out=s)
-    _normalize_rows(s)
+def _causal_softmax_(s, r0, r1, L, first):
+    """softmax in place on s[:, :, r0:r1, :L], row r seeing columns 0..first + r - r0."""
+    _causal_shift(s, r0, r1, L, first)
+    block = s[:, :, r0:r1, :L]
+    np.exp(block, out=block)
+    _normalize_rows(s, r0, r1, L)
 
 
 def attention_forward(qkv, NH):
@@ -323,31 +349,31 @@ def attention_forward(qkv, NH):
     """
     B, T, C3 = qkv.shape
     q, k, v = _split_qkv(qkv, NH)
-    hs = q.shape[-1]
-    scale = 1.0 / math.sqrt(hs)
     att = np.zeros((B, NH, T, T), dtype=qkv.dtype)
     y = np.empty_like(q)
     for i0 in range(0, T, QBLOCK):
         i1 = min(T, i0 + QBLOCK)
         s = att[:, :, i0:i1, :i1]
         np.matmul(q[:, :, i0:i1], k[:, :, :i1].swapaxes(-1, -2), out=s)
-        _causal_softmax_(s, i0, scale)
+        _causal_softmax_(att, i0, i1, i1, i0)
         np.matmul(s, v[:, :, :i1], out=y[:, :, i0:i1])
     return merge_heads(y), att
 
 
 @njit(cache=True)
-def _softmax_backward_rows(datt, att, scale):
-    """In place: datt <- att * (datt - sum(datt * att)) * scale, row by row."""
+def _softmax_backward_rows(datt, att, r0, scale):
+    """datt: (B, NH, R, L) <- att * (datt - sum(datt * att)) * scale, with att's rows
+    r0..r0+R-1 (columns 0..L-1) the matching probabilities."""
     B, NH, R, L = datt.shape
     for b in range(B):
         for h in range(NH):
             for r in range(R):
                 d = datt[b, h, r]
-                a = att[b, h, r]
-                dot = _dot(d, a)
+                a = att[b, h, r0 + r]
+                dot = d.dtype.type(_dot(d, a[:L]))
+                sc = d.dtype.type(scale)
                 for j in range(L):
-                    d[j] = a[j] * (d[j] - dot) * scale
+                    d[j] = a[j] * (d[j] - dot) * sc
 
 
 def attention_backward(dout, qkv, att, NH):
@@ -355,7 +381,9 @@ def attention_backward(dout, qkv, att, NH):
     B, T, C3 = qkv.shape
     q, k, v = _split_qkv(qkv, NH)
     hs = q.shape[-1]
+    q *= math.sqrt(hs)  # dk needs q unscaled (the scale is applied to dscores)
     scale = 1.0 / math.sqrt(hs)
+    att = np.ascontiguousarray(att)
     dy = np.ascontiguousarray(split_heads(dout, NH))
     dqkv = np.empty((3, B, NH, T, hs), dtype=qkv.dtype)
     dq, dk, dv = dqkv[0], dqkv[1], dqkv[2]
@@ -367,43 +395,11 @@ def attention_backward(dout, qkv, att, NH):
         dyb = dy[:, :, i0:i1]
         dv[:, :, :i1] += a.swapaxes(-1, -2) @ dyb
         datt = dyb @ v[:, :, :i1].swapaxes(-1, -2)
-        _softmax_backward_rows(datt, a, scale)
+        _softmax_backward_rows(datt, att, i0, scale)
         np.matmul(datt, k[:, :, :i1], out=dq[:, :, i0:i1])
         dk[:, :, :i1] += datt.swapaxes(-1, -2) @ q[:, :, i0:i1]
     # (3, B, NH, T, hs) -> (B, T, 3, NH, hs) = (B, T, 3C)
     return np.ascontiguousarray(dqkv.transpose(1, 3, 0, 2, 4)).reshape(B, T, C3)
-
-
-@njit(cache=True)
-def _decode_attention(q, k_cache, v_cache, end, scale, y):
-    """One query per (b, h) at position end - 1 against cache rows 0..end-1.
-
-    q: (B, NH, hs); caches (B, NH, n_ctx, hs); y: (B, NH, hs) output.
-    """
-    B, NH, hs = q.shape
-    s = np.empty(end, np.float64)
-    acc = np.empty(hs, np.float64)
-    for b in range(B):
-        for h in range(NH):
-            qh = q[b, h]
-            K = k_cache[b, h]
-            V = v_cache[b, h]
-            m = -np.inf
-            for j in range(end):
-                s[j] = _dot(K[j], qh) * scale
-                m = max(m, s[j])
-            total = 0.0
-            for j in range(end):
-                s[j] = math.exp(s[j] - m)
-                total += s[j]
-            acc[:] = 0.0
-            for j in range(end):
-                p = s[j]
-                Vj = V[j]
-                for d in range(hs):
-                    acc[d] += p * Vj[d]
-            for d in range(hs):
-                y[b, h, d] = acc[d] / total
 
 
 def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
@@ -411,28 +407,24 @@ def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
 
     qkv: (B, T, 3C); k_cache, v_cache: (B, NH, n_ctx, hs), filled up to pos0 and written
     here for the new positions. Returns out (B, T, C), equal to rows pos0.. of
-    attention_forward over the whole sequence. One new position (decoding) is one Numba
-    call; a prompt goes blockwise through BLAS with a scores buffer the size of one block.
+    attention_forward over the whole sequence. Blockwise through BLAS like
+    attention_forward, with a scores buffer the size of one block (no (T, T) matrix).
     """
     B, T, C3 = qkv.shape
     q, k, v = _split_qkv(qkv, NH)
-    hs = q.shape[-1]
     end = pos0 + T
     k_cache[:, :, pos0:end] = k
     v_cache[:, :, pos0:end] = v
-    scale = 1.0 / math.sqrt(hs)
-    if T == 1:
-        y = np.empty((B, NH, hs), dtype=qkv.dtype)
-        _decode_attention(q[:, :, 0], k_cache, v_cache, end, scale, y)
-        return y.reshape(B, 1, NH * hs)
     y = np.empty_like(q)
-    buf = np.empty(B * NH * min(T, QBLOCK) * end, dtype=qkv.dtype)
+    rows = min(T, QBLOCK)
+    buf = np.empty(B * NH * rows * end, dtype=qkv.dtype)
     for i0 in range(0, T, QBLOCK):
         i1 = min(T, i0 + QBLOCK)
-        s = buf[:B * NH * (i1 - i0) * (pos0 + i1)].reshape(B, NH, i1 - i0, pos0 + i1)
-        np.matmul(q[:, :, i0:i1], k_cache[:, :, :pos0 + i1].swapaxes(-1, -2), out=s)
-        _causal_softmax_(s, pos0 + i0, scale)
-        np.matmul(s, v_cache[:, :, :pos0 + i1], out=y[:, :, i0:i1])
+        L = pos0 + i1
+        s = buf[:B * NH * (i1 - i0) * L].reshape(B, NH, i1 - i0, L)
+        np.matmul(q[:, :, i0:i1], k_cache[:, :, :L].swapaxes(-1, -2), out=s)
+        _causal_softmax_(s, 0, i1 - i0, L, pos0 + i0)
+        np.matmul(s, v_cache[:, :, :L], out=y[:, :, i0:i1])
     return merge_heads(y)
 
 

@@ -121,6 +121,15 @@ class GPT2:
 
     def _block(self, i):
         """The parameters of layer i, with the (1, C, OC) conv weights as (C, OC) views."""
+        # built once per set of parameter arrays (decoding calls this 12+ times a token);
+        # the views see in-place updates, and replacing an array rebuilds them
+        key = tuple(map(id, self.params.values()))
+        if getattr(self, "_blocks_key", None) != key:
+            self._blocks = [self._block_views(j) for j in range(self.hparams["n_layer"])]
+            self._blocks_key = key
+        return self._blocks[i]
+
+    def _block_views(self, i):
         h = f"model/h{i}/"
         return {k[len(h):]: (v[0] if v.ndim == 3 else v)
                 for k, v in self.params.items() if k.startswith(h)}
@@ -140,7 +149,7 @@ class GPT2:
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
-        T = tokens.shape[1]
+        B, T = tokens.shape
         pos0 = cache.length if cache is not None else 0
         if pos0 + T > self.hparams["n_ctx"]:
             raise ValueError(f"{pos0 + T} positions exceed the context n_ctx={self.hparams['n_ctx']}")
@@ -151,7 +160,10 @@ class GPT2:
             a, _, _ = K.layernorm_forward(x, P["ln_1/g"], P["ln_1/b"])
             qkv = K.matmul_forward(a, P["attn/c_attn/w"], P["attn/c_attn/b"])
             if cache is None:
-                a, _ = K.attention_forward(qkv, NH)
+                # a throwaway cache for this layer: the same result as attention_forward
+                # without keeping its (B, NH, T, T) probabilities, which only training needs
+                kv = np.empty((2, B, NH, T, self.hparams["n_embd"] // NH), dtype=qkv.dtype)
+                a = K.attention_forward_cached(qkv, kv[0], kv[1], 0, NH)
             else:
                 a = K.attention_forward_cached(qkv, cache.k[i], cache.v[i], pos0, NH)
             x = x + K.matmul_forward(a, P["attn/c_proj/w"], P["attn/c_proj/b"])
@@ -229,7 +241,8 @@ class GPT2:
                 dln1, a["x"], P["ln_1/g"], a["ln1_mean"], a["ln1_rstd"])
             dx = dx + dx1
         dwte, g["model/wpe"] = K.encoder_backward(dx, inputs, V, self.hparams["n_ctx"])
-        g["model/wte"] = dwte + dwte_head
+        dwte += dwte_head  # in place: a third (V, C) array would cost 154 MB at 124M
+        g["model/wte"] = dwte
         return loss, {k: g[k] for k in p}
 
 
