@@ -62,13 +62,14 @@ def expand_paths(spec, what="--dataset"):
 
 
 # ---------------------------------------------------------------- reading text
-def read_text_blocks(path, encoding="utf-8", block_bytes=READ_BYTES):
+def read_text_blocks(path, encoding="utf-8", block_bytes=None):
     """Yield the text of `path` as str blocks (a .gz file is decompressed).
 
     A byte sequence that is not valid in `encoding` raises Npgpt2Error naming the file and
     the byte offset (counted in the file as stored, or in the decompressed stream for .gz).
     """
     path = Path(path)
+    block_bytes = block_bytes or READ_BYTES
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     except LookupError:
@@ -177,20 +178,10 @@ def _member_order(name):
     return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
 
 
-class _NpzWriter:
-    """Writes arrays as members arr_0, arr_1, ... of a compressed .npz, one at a time."""
-
-    def __init__(self, f):
-        self.zip = zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
-        self.count = 0
-
-    def add(self, arr):
-        with self.zip.open(f"arr_{self.count}.npy", "w", force_zip64=True) as m:
-            np.lib.format.write_array(m, np.ascontiguousarray(arr), allow_pickle=False)
-        self.count += 1
-
-    def close(self):
-        self.zip.close()
+def _add_member(zf, index, arr):
+    """Write arr as member arr_<index>.npy of an open zipfile (np.savez's layout)."""
+    with zf.open(f"arr_{index}.npy", "w", force_zip64=True) as m:
+        np.lib.format.write_array(m, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 def encode_corpus(paths_or_globs, out_npz, tokenizer, combine=50000, encoding="utf-8"):
@@ -210,17 +201,17 @@ def encode_corpus(paths_or_globs, out_npz, tokenizer, combine=50000, encoding="u
         raise Npgpt2Error(f"{out_npz}: the output is also an input")
     if not out_npz.parent.is_dir():
         raise Npgpt2Error(f"{out_npz.parent}: output folder does not exist")
-    total = 0
+    total = members = 0
     with atomic_write(out_npz) as f:
-        w = _NpzWriter(f)
-        for arr in iter_tokens(paths, tokenizer, combine, encoding):
-            w.add(arr)
-            total += arr.size
-            log.debug("%s: %d tokens", out_npz, total)
-        w.close()
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            for arr in iter_tokens(paths, tokenizer, combine, encoding):
+                _add_member(zf, members, arr)
+                members += 1
+                total += arr.size
+                log.debug("%s: %d tokens", out_npz, total)
         if total == 0:
             raise Npgpt2Error(f"{paths_or_globs}: no text to encode (the files are empty)")
-    return {"tokens": total, "files": len(paths), "members": w.count}
+    return {"tokens": total, "files": len(paths), "members": members}
 
 
 def load_dataset(path_or_glob, tokenizer=None, encoding="utf-8", combine=50000, what="--dataset"):

@@ -29,7 +29,7 @@ CORPUS_NAME = "The Jargon File 4.4.7 (public domain)"
 FULL = dict(n_embd=128, n_head=4, n_layer=4, context=64, batch_size=16, steps=600,
             learning_rate=3e-3, warmup=30, val_every=50, val_batch_count=8, eval_tokens=None)
 QUICK = dict(n_embd=32, n_head=2, n_layer=1, context=16, batch_size=8, steps=40,
-             learning_rate=1e-2, warmup=5, val_every=20, val_batch_count=2, eval_tokens=4000)
+             learning_rate=1e-2, warmup=5, val_every=10, val_batch_count=2, eval_tokens=2000)
 PROMPTS = ["hacker:", "kludge:", "The"]
 
 

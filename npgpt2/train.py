@@ -142,14 +142,15 @@ def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=
 
 
 def load_train_state(run_dir, prefix):
-    """The train state saved with checkpoint `prefix` (a `model-<step>` name), or None."""
+    """The train state saved with checkpoint `prefix` (a `model-<step>` name): a dict of
+    arrays; just {"step"} when the state file is missing; None for other checkpoint names."""
     m = re.fullmatch(r"model-(\d+)", Path(prefix).name)
     if not m:
         return None
     path = state_path(run_dir, int(m.group(1)))
     if not path.exists():
         log.warning("%s: not found; starting the optimizer and batch order afresh", path)
-        return None
+        return {"step": np.array(int(m.group(1)))}
     try:
         with np.load(path) as z:
             state = {k: z[k] for k in z.files}
@@ -295,11 +296,14 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     sampler = Sampler(tokens, T + 1, seed)
     history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
     step, avg = 0, (0.0, 0.0)
-    if state is not None:
+    if state is not None and "sampler" in state:
         opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")}, state["_path"])
         sampler.set_state(str(state["sampler"]))
         step, avg = int(state["step"]), tuple(float(x) for x in state["avg"])
         history = {k: state[f"history/{k}"].tolist() for k in history}
+    elif state is not None:  # weights without a train state: keep counting from their step
+        step = int(state["step"])
+        log.info("batch order seed %d", seed)
     else:
         log.info("batch order seed %d", seed)
 
@@ -338,7 +342,8 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
                 micro_loss, grads = model.loss_and_grads(batch[:, :-1], batch[:, 1:])
                 loss += micro_loss / cfg.accumulate_gradients
                 if total is None:
-                    total = {k: grads[k] for k in names}
+                    # copied when more micro-batches follow: loss_and_grads may reuse its buffers
+                    total = {k: grads[k] if cfg.accumulate_gradients == 1 else grads[k].copy() for k in names}
                 else:
                     optim.accumulate(total, grads, names)
                 del grads
