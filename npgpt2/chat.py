@@ -125,6 +125,50 @@ class ReplyText:
         return self.stream.shown_text.strip()
 
 
+class CachedContext:
+    """One KV cache kept from one generation to the next.
+
+    Each generation feeds only what follows the longest prefix its prompt shares with the
+    tokens already in the cache. The result can differ from a fresh prefill in the last
+    float bits (tokens fed one at a time take another path than a prefill), so a seeded
+    answer that must not depend on earlier requests uses a fresh cache instead.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = model.new_cache(1)
+        self.tokens = []     # the tokens whose keys/values are in self.cache, in order
+        self.reused = 0      # tokens the last generation took from the cache instead of feeding
+
+    def clear(self):
+        self.cache.truncate(0)
+        self.tokens = []
+
+    def generate(self, prompt, length, rng, temperature=1.0, top_k=0, top_p=1.0):
+        """Yield up to `length` sampled token ids after prompt (a non-empty list of ids that,
+        with length, fits in n_ctx)."""
+        n = 0
+        limit = min(len(self.tokens), len(prompt) - 1)  # feed at least one token to get logits
+        while n < limit and self.tokens[n] == prompt[n]:
+            n += 1
+        self.cache.truncate(n)
+        del self.tokens[n:]
+        self.reused = n
+        logits = self._feed(prompt[n:], last_only=True)
+        for step in range(length):
+            token = int(sample_logits(logits, rng, temperature, top_k, top_p)[0])
+            yield token
+            if step + 1 < length:
+                logits = self._feed([token])
+
+    def _feed(self, tokens, last_only=False):
+        logits = self.model.forward(np.asarray([tokens], dtype=np.int64), cache=self.cache,
+                                    last_only=last_only)
+        # only after forward returned: an interrupted forward leaves the cache as it was
+        self.tokens.extend(tokens)
+        return logits[:, -1]
+
+
 class ChatSession:
     """A conversation with a model, kept as a list of turns, with a KV cache kept between replies.
 
@@ -152,15 +196,12 @@ class ChatSession:
         self.stops = stop_strings(user_tag, bot_tag, truncate)
         self.turns = []      # every turn since the last reset, for /save
         self.start = 0       # turns[:start] no longer fit in the context
-        self.cache = model.new_cache(1)
-        self.cached = []     # the tokens whose keys/values are in self.cache, in order
-        self.reused = 0      # tokens the last reply took from the cache instead of feeding
+        self.context = CachedContext(model)
 
     def reset(self):
         """Forget the conversation (the cache is simply overwritten next time)."""
         self.turns, self.start = [], 0
-        self.cache.truncate(0)
-        self.cached = []
+        self.context.clear()
 
     def transcript(self):
         """The whole conversation since the last reset, in the speaker format."""
@@ -191,7 +232,7 @@ class ChatSession:
     def _reply(self, prompt, index):
         reply = ReplyText(self.tokenizer, self.stops)
         try:
-            for token in self._generate(prompt):
+            for token in self.context.generate(prompt, self.length, self.rng, **self.sampling):
                 piece, stopped = reply.push(token)
                 if piece:
                     yield piece
@@ -207,27 +248,3 @@ class ChatSession:
     def reply(self, text):
         """say() without streaming: the whole reply."""
         return "".join(self.say(text)).strip()
-
-    # ------------------------------------------------------------ generation
-    def _generate(self, prompt):
-        """Yield up to self.length sampled tokens after prompt, feeding only what the cache lacks."""
-        n = 0
-        limit = min(len(self.cached), len(prompt) - 1)  # feed at least one token to get logits
-        while n < limit and self.cached[n] == prompt[n]:
-            n += 1
-        self.cache.truncate(n)
-        del self.cached[n:]
-        self.reused = n
-        logits = self._feed(prompt[n:], last_only=True)
-        for step in range(self.length):
-            token = int(sample_logits(logits, self.rng, **self.sampling)[0])
-            yield token
-            if step + 1 < self.length:
-                logits = self._feed([token])
-
-    def _feed(self, tokens, last_only=False):
-        logits = self.model.forward(np.asarray([tokens], dtype=np.int64), cache=self.cache,
-                                    last_only=last_only)
-        # only after forward returned: an interrupted forward leaves the cache as it was
-        self.cached.extend(tokens)
-        return logits[:, -1]

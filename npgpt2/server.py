@@ -16,8 +16,10 @@ data is the JSON above (or `event: error` with `{"error"}`).
 Design. The standard library's ThreadingHTTPServer: one thread per connection reads,
 validates and tokenizes the request, then puts a job on a FIFO queue served by one model
 worker thread, which runs jobs one at a time. So answers are never interleaved, and a seeded
-request gives the same text whatever else is going on: every job prefills its own fresh KV
-cache (no batching and no sharing across requests, both of which change float rounding).
+request gives the same text whatever else is going on: it prefills a fresh KV cache (no
+batching, which changes float rounding). Unseeded requests share one cache instead and feed
+only what follows the prefix they have in common with the previous request's tokens, which
+is most of a conversation that a chat page sends again with each new message.
 The work is one CPU-bound model, so an asyncio framework would add a dependency without
 adding throughput. The worker never touches a socket: it puts text pieces on the job's own
 queue and the connection thread writes them with a socket timeout, so a slow reader cannot
@@ -41,7 +43,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .chat import BOT, DEFAULT_BOT_TAG, DEFAULT_USER_TAG, USER, ReplyText, build_prompt, check_tags, stop_strings
+from .chat import (BOT, DEFAULT_BOT_TAG, DEFAULT_USER_TAG, USER, CachedContext, ReplyText, build_prompt,
+                   check_tags, stop_strings)
 from .errors import Npgpt2Error
 from .sampling import TextStream, generate_stream
 
@@ -171,6 +174,7 @@ class Worker:
 
     def __init__(self, model, tokenizer, max_queue):
         self.model, self.tokenizer = model, tokenizer
+        self.context = CachedContext(model)  # for unseeded requests
         self.max_queue = max_queue
         self.jobs = queue.Queue()
         self.pending = 0          # queued or running
@@ -228,8 +232,16 @@ class Worker:
         o = job.options
         text = ReplyText(self.tokenizer, job.stops) if job.chat else TextStream(self.tokenizer, job.stops)
         tokens, reason = [], "length"
-        steps = generate_stream(self.model, job.prompt, o["length"], o["temperature"], o["top_k"],
-                                o["top_p"], rng=np.random.default_rng(o["seed"]))
+        if o["seed"] is None:
+            # nothing to reproduce: continue from the previous request's cache, so a chat page
+            # that sends its history again only feeds the new turn
+            steps = self.context.generate(job.prompt, o["length"], np.random.default_rng(),
+                                          o["temperature"], o["top_k"], o["top_p"])
+        else:
+            # a fresh cache, so the same seed gives the same text whatever ran before
+            steps = (int(t[0]) for t in generate_stream(
+                self.model, job.prompt, o["length"], o["temperature"], o["top_k"], o["top_p"],
+                rng=np.random.default_rng(o["seed"])))
         try:
             for step in steps:
                 if self.stopping:
@@ -237,7 +249,7 @@ class Worker:
                     return
                 if job.cancelled.is_set():
                     return
-                tokens.append(int(step[0]))
+                tokens.append(step)
                 piece, stopped = text.push(tokens[-1])
                 if piece:
                     job.out.put(("text", piece))

@@ -180,7 +180,7 @@ class Script:
     def __init__(self, monkeypatch, tokens):
         self.tokens, self.draws = list(tokens), 0
 
-        def sample(logits, rng, **kw):
+        def sample(logits, rng, *args, **kwargs):
             self.draws += 1
             return np.array([self.tokens[self.draws - 1]])
         monkeypatch.setattr(chat_mod, "sample_logits", sample)

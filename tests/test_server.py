@@ -173,6 +173,33 @@ def test_stream_arrives_piece_by_piece():
         assert http.post(s.url + "v1/generate", json={"prompt": "y", "length": 2}, timeout=T).status_code == 200
 
 
+def test_unseeded_requests_reuse_the_cache_and_seeded_ones_do_not():
+    model, tok = load()
+    starts = []  # (cache position, tokens fed) of every prefill
+    plain = model.forward
+
+    def forward(tokens, cache=None, last_only=False):
+        if last_only:
+            starts.append((cache.length, tokens.shape[1]))
+        return plain(tokens, cache=cache, last_only=last_only)
+    model.forward = forward
+    with Server(model, tok, port=0) as s:
+        s.start()
+        first = [{"role": "user", "content": "hello there"}]
+        a = post(s.url + "v1/chat", {"messages": first, "length": 6, "top_k": 40}).json()
+        second = first + [{"role": "assistant", "content": a["text"]}, {"role": "user", "content": "go on"}]
+        for seed in (None, 5, 5, None):
+            assert post(s.url + "v1/chat", {"messages": second, "length": 6, "seed": seed, "top_k": 40}).ok
+        fed_from = [start for start, _ in starts]
+        # the 2nd request continues after the 1st one's tokens
+        assert fed_from[0] == 0 and fed_from[1] > 0
+        # seeded requests always start from a fresh cache
+        assert fed_from[2] == 0 and fed_from[3] == 0
+        # the last one repeats the 2nd's prompt: the shared cache, which the seeded requests
+        # left alone, has all of it but the token whose logits are needed
+        assert starts[4] == (fed_from[1] + starts[1][1] - 1, 1)
+
+
 def test_truncate_stops_the_text(server):
     body = {"prompt": "a", "length": 40, "seed": 8}
     full = post(server.url + "v1/generate", body).json()
