@@ -162,7 +162,10 @@ def test_page_streams_a_reply_in_headless_chromium(tmp_path):
     model, tok = npgpt2.load_model(FULL), npgpt2.load_tokenizer(FULL)
     plain = model.forward
 
+    calls = []
+
     def slow_forward(*args, **kwargs):  # ~25 ms per token, so pieces arrive one at a time
+        calls.append(1)
         time.sleep(0.025)
         return plain(*args, **kwargs)
     model.forward = slow_forward
@@ -214,10 +217,28 @@ def test_page_streams_a_reply_in_headless_chromium(tmp_path):
             assert bubbles == [["msg user", m["content"]] if m["role"] == "user" else ["msg bot", m["content"]]
                                for m in messages]
 
+            # a picture of the conversation, to look at
             shot = base64.b64decode(page.call("Page.captureScreenshot", {"format": "png"})["data"])
             assert shot.startswith(b"\x89PNG\r\n\x1a\n")
             (tmp_path / "chat.png").write_bytes(shot)
             if os.environ.get("NPGPT2_SCREENSHOT"):  # to look at it: NPGPT2_SCREENSHOT=/tmp/chat.png
                 Path(os.environ["NPGPT2_SCREENSHOT"]).write_bytes(shot)
+
+            # "New chat", then a long reply stopped half-way with the Stop button: the page keeps
+            # what it had, and the server stops generating for it
+            page.js("document.getElementById('reset').click(); document.getElementById('length').value = 40")
+            assert page.js("document.querySelectorAll('.msg').length") == 0
+            calls.clear()
+            page.type_and_enter("Hi")
+            page.wait_for(f"{LAST_BOT} && {LAST_BOT}.dataset.state === 'streaming'")
+            assert page.js("document.getElementById('send').textContent") == "Stop"
+            page.js("document.getElementById('send').click()")
+            page.wait_for(f"{LAST_BOT} === undefined || {LAST_BOT}.dataset.state === 'stopped'")
+            deadline = time.monotonic() + 10
+            while server.app.worker.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.app.worker.pending == 0
+            assert len(calls) < 30, f"{len(calls)} forward passes: the stopped reply was not cancelled"
+            assert page.js("document.getElementById('send').textContent") == "Send"
         finally:
             browser.close()
