@@ -295,7 +295,10 @@ def cmd_demo(args):
     print(f"Trained a {r['params'] / 1e6:.2f}M-parameter GPT-2 for {r['steps']} steps "
           f"({r['train_seconds']:.0f} s) on {r['corpus']}.")
     print(f"Validation loss {r['val_loss']:.3f} nats/token over {r['eval_tokens']} held-out tokens; "
-          f"a model of token frequencies alone scores {r['unigram_entropy']:.3f} (the corpus' unigram entropy).")
+          f"a model of token frequencies alone scores {r['unigram_entropy']:.3f} (the corpus' unigram entropy), "
+          f"{r['unigram_entropy'] - r['val_loss']:.2f} nats more.")
+    h = r["history"]
+    print("Validation loss by step: " + ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
     for i, text in enumerate(r["samples"]):
         print_header(i + 1)
         print(text)
