@@ -9,8 +9,10 @@
 from .errors import Npgpt2Error
 from .model import GPT2, init_model, load_model, save_model
 from .sampling import generate
+from .chat import ChatSession
+from .server import Server
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["GPT2", "Npgpt2Error", "Tokenizer", "generate", "init_model", "load_model",
+__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "load_model",
            "load_tokenizer", "save_model"]

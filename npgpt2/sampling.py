@@ -24,9 +24,11 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
         ids = np.arange(row.shape[0])
         if 0 < top_k < row.shape[0]:
             ids = np.argpartition(-row, top_k - 1)[:top_k]
-        # most likely first, ties broken by id, so the draw is reproducible
-        ids = ids[np.lexsort((ids, -row[ids]))]
-        probs = np.exp(row[ids] - row[ids[0]])
+        if top_k or top_p < 1.0:
+            # most likely first, ties broken by id, so the draw is reproducible
+            ids = ids[np.lexsort((ids, -row[ids]))]
+        # without a cut the order does not matter: skip sorting all 50257 logits per token
+        probs = np.exp(row[ids] - row[ids].max())
         probs /= probs.sum()
         if top_p < 1.0:
             # keep the smallest head whose mass reaches top_p (always at least one token)
