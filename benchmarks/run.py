@@ -1,0 +1,495 @@
+"""npgpt2 against PyTorch + HF transformers and against the machine's limits, in one run.
+
+    python benchmarks/run.py            # everything (about 10-15 minutes on 2 cores)
+    python benchmarks/run.py --quick    # fewer repetitions, no 1558M model (a few minutes)
+    python benchmarks/run.py --only decode,train_b4t64
+
+Prints a Markdown table with one row per target of issue 4, writes
+benchmarks/results/latest.json and benchmarks/results/latest.png (with matplotlib).
+
+How it measures:
+- GPT-2 124M shapes with random weights, float32, the machine's cores as threads.
+- Each benchmark runs in fresh processes, one per side (benchmarks/workers.py), so each
+  side's peak RSS is its own. The two sides take turns repetition by repetition (the
+  machine is shared and noisy, so noise hits both); after one warm-up each, the median of
+  --reps repetitions is reported.
+- The PyTorch column needs `torch` and `transformers` importable by this Python (it says
+  "not installed" otherwise); e.g. `/opt/fixenv/bin/python benchmarks/run.py`.
+- OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed from the workers' environment (some
+  machines set them to dodge old OpenBLAS bugs; they slow a current one); the JSON records
+  which BLAS kernel then ran.
+- Hardware limits: fp32 GEMM GFLOP/s and memory bandwidth (benchmarks/hardware.py); the
+  decode bound is bandwidth / bytes of weights read per token.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from npgpt2.fsutil import atomic_write  # noqa: E402
+
+RESULTS = HERE / "results"
+BIG_DIR = Path(tempfile.gettempdir()) / "npgpt2-bench-1558M"  # reused between runs: 6.2 GB
+GIB = 1024.0
+
+# GPT-2 124M
+V, CTX, C, NL = 50257, 1024, 768, 12
+N_PARAMS = V * C + CTX * C + NL * (12 * C * C + 13 * C) + 2 * C
+DECODE_BYTES = 4 * (N_PARAMS - CTX * C + C)  # every weight once per token, one wpe row
+
+
+def matmul_flops(T, all_logits=True, train=False):
+    """FLOPs of the GEMMs of one 124M forward over T tokens (causal attention counted as
+    computed: the half below the diagonal); x3 with the backward."""
+    layers = NL * (24 * C * C * T + 2 * C * T * (T + 1))  # 2*12C^2 per token; QK^T and AV
+    head = 2 * C * V * (T if all_logits else 1)
+    return (layers + head) * (3 if train else 1)
+
+
+# ---------------------------------------------------------------- processes
+def worker_env():
+    env = dict(os.environ)
+    removed = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if env.pop(k, None) is not None]
+    env.pop("NPGPT2_PLAIN", None)
+    env["USE_TF"] = "0"  # transformers: do not import TensorFlow when it is installed
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env, removed
+
+
+class Worker:
+    """One side of one benchmark in its own process (benchmarks/workers.py)."""
+
+    def __init__(self, side, bench, args, log):
+        env, _ = worker_env()
+        self.side = side
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "workers.py"), side, bench, json.dumps(args)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                     text=True, env=env, cwd=ROOT)
+        self.ready = self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{self.side} worker exited with code {self.proc.returncode} "
+                               f"(see {RESULTS / 'workers.log'})")
+        return json.loads(line)
+
+    def call(self, cmd):
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def quit(self):
+        out = self.call("quit")
+        self.proc.wait()
+        return out
+
+
+def one_shot(side, bench, args, log):
+    env, _ = worker_env()
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(HERE / "workers.py"), side, bench, json.dumps(args)],
+                         stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"{side} {bench} failed with code {out.returncode} (see {RESULTS / 'workers.log'})")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["process_wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def have_torch():
+    """torch and transformers importable by this Python (checked in a child process)."""
+    env, _ = worker_env()
+    code = "import torch, transformers"
+    return subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
+def summarize(times):
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "reps_s": times}
+
+
+def duel(bench, args, reps, sides, log):
+    """Warm up each side once, then alternate who goes first for `reps` repetitions."""
+    workers = {s: Worker(s, bench, args, log) for s in sides}
+    times = {s: [] for s in sides}
+    last = {}
+    for s in sides:
+        workers[s].call("run")
+    for r in range(reps):
+        order = sides if r % 2 == 0 else sides[::-1]
+        for s in order:
+            out = workers[s].call("run")
+            times[s].append(out["seconds"])
+            last[s] = out
+    res = {}
+    for s in sides:
+        q = workers[s].quit()
+        res[s] = {**summarize(times[s]), "peak_rss_mib": q["peak_rss_mib"], "info": q["info"]}
+        if "result" in last[s]:
+            res[s]["result"] = last[s]["result"]
+    return res
+
+
+# ---------------------------------------------------------------- the benchmarks
+def bench_hardware(reps, log):
+    env, _ = worker_env()
+    out = subprocess.run([sys.executable, str(HERE / "hardware.py"), "--reps", str(reps)],
+                         stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT, check=True)
+    return json.loads(out.stdout)
+
+
+def run_all(args, log):
+    sides = ["npgpt2", "torch"] if have_torch() else ["npgpt2"]
+    reps = args.reps
+    new = 50 if args.quick else 200
+    only = set(args.only.split(",")) if args.only else None
+    want = lambda name: only is None or name in only  # noqa: E731
+    out = {"sides": sides, "reps": reps, "benchmarks": {}}
+    B = out["benchmarks"]
+
+    def step(name, fn):
+        if not want(name):
+            return
+        t0 = time.perf_counter()
+        print(f"  {name} ...", end="", flush=True, file=sys.stderr)
+        try:
+            B[name] = fn()
+        except Exception as e:  # a failed row is reported, the others still run
+            B[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f" {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    step("hardware", lambda: bench_hardware(reps, log))
+    step("forward", lambda: duel("forward", {"T": 1024}, reps, sides, log))
+    step("prefill", lambda: duel("prefill", {"T": 1024}, reps, sides, log))
+    step("decode", lambda: {**duel("decode", {"prompt": 16, "new": new}, reps, sides, log), "new": new})
+    step("train_b4t64", lambda: duel("train", {"B": 4, "T": 64}, reps, sides, log))
+    step("train_b1t1024", lambda: duel("train", {"B": 1, "T": 1024}, reps, sides, log))
+    step("load", lambda: bench_load(reps, sides, log))
+    if args.quick and not (BIG_DIR / "complete.json").exists():
+        B["generate_1558M"] = {"skipped": "--quick (and no 1558M checkpoint prepared yet)"}
+    else:
+        step("generate_1558M", lambda: bench_big(log))
+    step("tokenizer", lambda: bench_tokenizer(args))
+    return out
+
+
+def bench_load(reps, sides, log):
+    """Load 124M with the crc check, and a second process from start to first token."""
+    tmp = Path(tempfile.mkdtemp(prefix="npgpt2-bench-"))
+    try:
+        res = {}
+        for s in sides:
+            d = str(tmp / s)
+            prep = one_shot(s, "prepare", {"size": "124M", "dir": d}, log)
+            runs = [one_shot(s, "startup", {"dir": d}, log) for _ in range(reps + 1)]
+            first, rest = runs[0], runs[1:]  # the first may compile (Numba) or fill the page cache
+            res[s] = {"prepare_s": prep["seconds"], "first_process": first,
+                      "load_s": statistics.median(r["load_s"] for r in rest),
+                      "total_s": statistics.median(r["total_s"] for r in rest),
+                      "process_wall_s": statistics.median(r["process_wall_s"] for r in rest),
+                      "peak_rss_mib": max(r["peak_rss_mib"] for r in rest), "runs": rest}
+            if s == "npgpt2":
+                res[s]["numba_cache_misses_after_first"] = sum(r["numba_cache_misses"] for r in rest)
+                res[s]["numba_cache_hits"] = rest[-1]["numba_cache_hits"]
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_big(log):
+    """1558M shapes, random weights, memory-mapped: load + 20 greedy tokens, peak RSS."""
+    res = {}
+    if not (BIG_DIR / "complete.json").exists():
+        shutil.rmtree(BIG_DIR, ignore_errors=True)
+        res["prepare"] = one_shot("npgpt2", "prepare", {"size": "1558M", "dir": str(BIG_DIR)}, log)
+        with atomic_write(BIG_DIR / "complete.json", "w", encoding="utf-8") as f:
+            json.dump({"size": "1558M"}, f)
+    w = Worker("npgpt2", "generate_big", {"dir": str(BIG_DIR), "new": 20}, log)
+    out = w.call("run")
+    q = w.quit()
+    res.update(out["result"], seconds=out["seconds"], peak_rss_mib=q["peak_rss_mib"],
+               checkpoint_bytes=sum(f.stat().st_size for f in BIG_DIR.glob("model.ckpt.*")))
+    return res
+
+
+def bench_tokenizer(args):
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from tokenizer import bench_tokenizer; "
+            f"print(json.dumps(bench_tokenizer({2 if args.quick else 10}, {args.reps})))")
+    env, _ = worker_env()
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+                         cwd=ROOT, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the table
+def fmt_s(x):
+    return f"{x:.2f} s" if x >= 0.1 else f"{x * 1e3:.0f} ms"
+
+
+def fmt_mib(x):
+    return f"{x / GIB:.2f} GiB" if x >= 1000 else f"{x:.0f} MiB"
+
+
+def rows_of(out):
+    """[(benchmark, npgpt2, PyTorch, ratio, limit, target, met)] and the machine-readable checks."""
+    Bm = out["benchmarks"]
+    torch_on = "torch" in out["sides"]
+    hw = Bm.get("hardware", {})
+    gflops = hw.get("gemm_gflops", {}).get("best")
+    bw = hw.get("bandwidth_gbs", {}).get("gemv")
+    rows, checks = [], {}
+
+    def missing(name):
+        b = Bm.get(name)
+        if b is None:
+            return "not run"
+        return b.get("error") or b.get("skipped")
+
+    def torch_cell(b, key="median_s", f=fmt_s):
+        return f(b["torch"][key]) if torch_on else "not installed"
+
+    def timed(name, label, target, all_logits=True, train_T=None):
+        why = missing(name)
+        if why:
+            rows.append((label, why, "", "", "", f"<= {target}x", "no"))
+            return
+        b = Bm[name]
+        npg = b["npgpt2"]["median_s"]
+        T = 1024 if train_T is None else train_T[1]
+        flops = matmul_flops(T, all_logits, train=train_T is not None)
+        if train_T is not None:
+            flops *= train_T[0]
+        limit = f"{fmt_s(flops / gflops / 1e9)} at {gflops:.0f} GFLOP/s" if gflops else ""
+        ratio = npg / b["torch"]["median_s"] if torch_on else None
+        ok = ratio is not None and ratio <= target
+        extra_rss = ""
+        if train_T is not None:
+            r_np, r_t = b["npgpt2"]["peak_rss_mib"], b["torch"]["peak_rss_mib"] if torch_on else None
+            extra_rss = f"; RSS {fmt_mib(r_np)}" + (f" vs {fmt_mib(r_t)}" if r_t else "")
+            ok = ok and r_t is not None and r_np <= r_t
+            checks[name + "_rss"] = r_t is not None and r_np <= r_t
+        checks[name] = ratio is not None and ratio <= target
+        rows.append((label, fmt_s(npg) + extra_rss, torch_cell(b),
+                     f"{ratio:.2f}x" if ratio else "", limit,
+                     f"<= {target}x" + (", RSS <= PyTorch" if train_T else ""), "yes" if ok else "no"))
+
+    timed("forward", "forward B=1,T=1024, all logits", 1.05)
+    timed("prefill", "prefill T=1024, last logits only", 0.85, all_logits=False)
+
+    why = missing("decode")
+    if why:
+        rows.append(("KV-cache decode, batch 1", why, "", "", "", ">= 1.3x, >= 70% of bound", "no"))
+    else:
+        b = Bm["decode"]
+        n = b["new"]
+        tps = n / b["npgpt2"]["median_s"]
+        bound = bw * 1e9 / DECODE_BYTES if bw else None
+        ratio = tps / (n / b["torch"]["median_s"]) if torch_on else None
+        frac = tps / bound if bound else None
+        checks["decode_vs_torch"] = ratio is not None and ratio >= 1.3
+        checks["decode_vs_bound"] = frac is not None and frac >= 0.7
+        rows.append((f"KV-cache decode, batch 1 (16-token prompt + {n} new)", f"{tps:.1f} tok/s",
+                     f"{n / b['torch']['median_s']:.1f} tok/s" if torch_on else "not installed",
+                     f"{ratio:.2f}x" if ratio else "",
+                     f"{bound:.1f} tok/s ({bw:.1f} GB/s); npgpt2 at {100 * frac:.0f}%" if bound else "",
+                     ">= 1.3x and >= 70% of bound",
+                     "yes" if checks["decode_vs_torch"] and checks["decode_vs_bound"] else "no"))
+
+    timed("train_b4t64", "train step (fwd+bwd+AdamW) B=4,T=64", 1.0, train_T=(4, 64))
+    timed("train_b1t1024", "train step (fwd+bwd+AdamW) B=1,T=1024", 0.7, train_T=(1, 1024))
+
+    why = missing("load")
+    if why:
+        rows.append(("model load 124M (crc) / second process", why, "", "", "", "< 3 s / no JIT recompile", "no"))
+    else:
+        b = Bm["load"]["npgpt2"]
+        misses = b["numba_cache_misses_after_first"]
+        checks["load"] = b["load_s"] < 3 and misses == 0
+        t = Bm["load"].get("torch")
+        rows.append(("model load 124M incl. crc32c / fresh process to first token",
+                     f"{fmt_s(b['load_s'])} / {fmt_s(b['total_s'])}, {misses} JIT recompiles",
+                     f"{fmt_s(t['load_s'])} / {fmt_s(t['total_s'])}" if t else "not installed",
+                     "", "", "< 3 s / no JIT recompile", "yes" if checks["load"] else "no"))
+
+    why = missing("generate_1558M")
+    if why:
+        rows.append(("1558M: load (mmap) + generate 20 tokens", why, "", "", "", "peak RSS < 8 GiB", "no"))
+    else:
+        b = Bm["generate_1558M"]
+        checks["generate_1558M"] = b["peak_rss_mib"] < 8 * GIB
+        rows.append(("1558M: load (mmap) + generate 20 tokens",
+                     f"peak RSS {fmt_mib(b['peak_rss_mib'])} ({b['tok_per_s']:.2f} tok/s, "
+                     f"load {fmt_s(b['load_s'])})", "", "",
+                     f"weights {b['checkpoint_bytes'] / 2**30:.2f} GiB", "peak RSS < 8 GiB",
+                     "yes" if checks["generate_1558M"] else "no"))
+
+    why = missing("tokenizer")
+    if why:
+        rows.append(("tokenizer: encode 10 MB", why, "", "", "", ">= 3x original, same ids", "no"))
+    else:
+        b = Bm["tokenizer"]
+        by = {r["name"]: r for r in b["rows"]}
+        npg = by["npgpt2"]
+        orig = by["OpenAI original (re-implemented)"]
+        tt = by.get("tiktoken", {})
+        checks["tokenizer"] = npg["ratio_vs_original"] >= 3 and npg["ids_identical"]
+        rows.append((f"tokenizer: encode {b['bytes'] / 1e6:.0f} MB of stdlib sources",
+                     f"{npg['mb_per_s']:.2f} MB/s, ids {'identical' if npg['ids_identical'] else 'DIFFER'}",
+                     f"original {orig['mb_per_s']:.2f} MB/s"
+                     + (f"; tiktoken {tt['mb_per_s']:.1f} MB/s" if "mb_per_s" in tt else "; tiktoken not installed"),
+                     f"{npg['ratio_vs_original']:.2f}x", "", ">= 3x original", "yes" if checks["tokenizer"] else "no"))
+    return rows, checks
+
+
+def table(out):
+    rows, _ = rows_of(out)
+    head = ("benchmark", "npgpt2", "PyTorch + HF", "ratio", "hardware limit", "target", "met")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_line(out):
+    m = out["machine"]
+    hw = out["benchmarks"].get("hardware", {})
+    g = hw.get("gemm_gflops", {})
+    bw = hw.get("bandwidth_gbs", {})
+    parts = [f"{m['cpu']}, {m['cores']} cores, {m['mem_gib']:.0f} GiB, {m['python']}"]
+    blas = m.get("npgpt2", {}).get("blas")
+    if isinstance(blas, list) and blas:
+        b = blas[0]
+        parts.append(f"NumPy {m['npgpt2']['numpy']} + {b['internal_api']} {b['version']} "
+                     f"({b['architecture']} kernel, {b['num_threads']} threads), Numba {m['npgpt2']['numba']}")
+    if m.get("torch"):
+        parts.append(f"torch {m['torch']['torch']} ({', '.join(b.lstrip('- ') for b in m['torch']['build'][:2])}), "
+                     f"transformers {m['torch']['transformers']}")
+    if g:
+        parts.append(f"measured limits: fp32 GEMM {g['best']:.0f} GFLOP/s, "
+                     f"memory {bw.get('gemv', 0):.1f} GB/s (gemv) / {bw.get('copy', 0):.1f} GB/s (copy)")
+    parts.append(f"load average {m['loadavg_start']} at start, {m.get('loadavg_end')} at end")
+    return "\n".join("- " + p for p in parts)
+
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    _, removed = worker_env()
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
+            "executable": sys.executable, "openblas_env_removed": removed,
+            "loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+
+
+def chart(out, path):
+    """Two panels: speed relative to PyTorch (with the targets), peak RSS per benchmark."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    Bm = out["benchmarks"]
+    if "torch" not in out["sides"]:
+        return False
+    speed, names, targets, rss = [], [], [], []
+    for name, label, target in (("forward", "forward T=1024", 1 / 1.05), ("prefill", "prefill T=1024", 1 / 0.85),
+                                ("decode", "decode", 1.3), ("train_b4t64", "train B=4,T=64", 1.0),
+                                ("train_b1t1024", "train B=1,T=1024", 1 / 0.7)):
+        b = Bm.get(name)
+        if not b or "npgpt2" not in b:
+            continue
+        names.append(label)
+        speed.append(b["torch"]["median_s"] / b["npgpt2"]["median_s"])
+        targets.append(target)
+        rss.append((b["npgpt2"]["peak_rss_mib"] / GIB, b["torch"]["peak_rss_mib"] / GIB))
+    if not names:
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    y = range(len(names))
+    a1.barh(list(y), speed, color=["tab:green" if s >= t else "tab:red" for s, t in zip(speed, targets)])
+    a1.scatter(targets, list(y), marker="|", s=400, color="black", label="target", zorder=3)
+    a1.axvline(1.0, color="gray", lw=0.8)
+    a1.set_yticks(list(y), names)
+    a1.invert_yaxis()
+    a1.set_xlabel("speed vs PyTorch + HF (PyTorch time / npgpt2 time; higher is better)")
+    a1.legend(loc="lower right")
+    w = 0.4
+    a2.barh([i - w / 2 for i in y], [r[0] for r in rss], w, label="npgpt2")
+    a2.barh([i + w / 2 for i in y], [r[1] for r in rss], w, label="PyTorch + HF")
+    a2.set_yticks(list(y), names)
+    a2.invert_yaxis()
+    a2.set_xlabel("peak RSS (GiB)")
+    a2.legend(loc="lower right")
+    fig.suptitle(f"npgpt2 vs PyTorch, GPT-2 124M fp32, {out['machine']['cores']} cores "
+                 f"({out['date'][:10]}; medians of {out['reps']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 repetitions, 50 decode tokens, 2 MB of "
+                    "tokenizer text, 1558M only if its checkpoint already exists")
+    ap.add_argument("--reps", type=int, help="timed repetitions per side (default 5; 3 with --quick)")
+    ap.add_argument("--only", help="comma-separated: hardware, forward, prefill, decode, train_b4t64, "
+                    "train_b1t1024, load, generate_1558M, tokenizer")
+    ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON output path")
+    args = ap.parse_args(argv)
+    args.reps = args.reps or (3 if args.quick else 5)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    machine = machine_info()
+    print(f"npgpt2 benchmarks ({'quick' if args.quick else 'full'}, {args.reps} reps), "
+          f"worker logs in {RESULTS / 'workers.log'}", file=sys.stderr)
+    with open(RESULTS / "workers.log", "w") as log:
+        out = run_all(args, log)
+    machine["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    for side in out["sides"]:
+        for b in out["benchmarks"].values():
+            if isinstance(b, dict) and isinstance(b.get(side), dict) and "info" in b[side]:
+                machine[side] = b[side]["info"]
+    out.update(machine=machine, date=datetime.datetime.now().isoformat(timespec="seconds"),
+               command=" ".join([Path(sys.executable).name, "benchmarks/run.py"] + (argv or sys.argv[1:])),
+               wall_s=time.perf_counter() - t0, quick=args.quick)
+    rows, checks = rows_of(out)
+    out["checks"] = checks
+    out["table_markdown"] = table(out)
+    with atomic_write(args.out, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1)
+    png = Path(args.out).with_suffix(".png")
+    drew = chart(out, png)
+    print(f"\nGPT-2 124M shapes, random weights, float32; {machine['cores']} threads; "
+          f"medians of {args.reps} alternating repetitions after a warm-up; {out['date']}")
+    print(machine_line(out))
+    print()
+    print(out["table_markdown"])
+    print(f"\nwrote {args.out}" + (f" and {png}" if drew else " (no chart: matplotlib or PyTorch missing)")
+          + f"; {out['wall_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""One side of one benchmark, in its own process (so that its peak RSS is its own).
+
+    python benchmarks/workers.py SIDE BENCH '{"json": "args"}'
+
+SIDE is `npgpt2` or `torch` (PyTorch + HF transformers' GPT2LMHeadModel). The worker builds
+its model, prints `{"ready": ...}` as one JSON line, then answers each line `run` on stdin
+with `{"seconds": ...}` after one repetition, and `quit` with `{"peak_rss_mib": ...}`.
+Two benchmarks are one-shot instead (one JSON line, then exit): `prepare` writes a model
+folder with random weights, `startup` measures a fresh process from start to first token.
+benchmarks/run.py drives two workers in turns, so the two sides see the same machine noise.
+
+Every model here is GPT-2 with random weights, float32. Protocol lines go to the real
+stdout; anything a library prints is sent to stderr.
+"""
+import time
+
+T_START = time.perf_counter()  # before the imports: `startup` counts them
+
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # the released GPT-2 sizes (the same table as npgpt2.model.MODEL_HPARAMS)
+    "124M": dict(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+    "1558M": dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),
+}
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def tokens(rng_seed, shape, n_vocab=50257):
+    import numpy as np
+    return np.random.default_rng(rng_seed).integers(0, n_vocab, shape)
+
+
+# ---------------------------------------------------------------- npgpt2
+def npgpt2_info():
+    import numba
+    import numpy as np
+    info = {"numpy": np.__version__, "numba": numba.__version__}
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "architecture",
+                                                "num_threads", "threading_layer")}
+                        for d in threadpool_info() if d.get("user_api") == "blas"]
+    except ImportError:
+        info["blas"] = "threadpoolctl not installed"
+    try:
+        info["numba_threading_layer"] = numba.threading_layer()
+    except ValueError:
+        info["numba_threading_layer"] = "not started"
+    info["plain"] = os.environ.get("NPGPT2_PLAIN", "") not in ("", "0")
+    return info
+
+
+def npgpt2_setup(bench, args):
+    """-> (a function running one repetition, extra info)."""
+    import numpy as np
+    import npgpt2
+    from npgpt2.model import init_model
+    from npgpt2.sampling import generate_stream
+
+    if bench in ("forward", "prefill", "decode", "train"):
+        model = init_model(SIZES["124M"])
+    if bench == "forward":
+        x = tokens(1, (1, args["T"]))
+        return lambda: model.forward(x), {}
+    if bench == "prefill":
+        x = tokens(1, (1, args["T"]))
+        return lambda: model.forward(x, cache=model.new_cache(1), last_only=True), {}
+    if bench == "decode":
+        prompt = [int(t) for t in tokens(2, args["prompt"])]
+        out = {}
+
+        def run():
+            out["ids"] = [int(t[0]) for t in generate_stream(model, prompt, args["new"], temperature=0)]
+        return run, {"result": out}
+    if bench == "train":
+        from npgpt2.optim import AdamW
+        B, T = args["B"], args["T"]
+        data = tokens(3, (B, T + 1))
+        opt = AdamW(model.params, lr=1e-4, weight_decay=0.01)
+
+        def run():
+            loss, grads = model.loss_and_grads(data[:, :-1], data[:, 1:])
+            opt.step(grads)
+            return loss
+        return run, {}
+    if bench == "generate_big":
+        # load (memory-mapped) is part of what is measured: peak RSS is the point here
+        def run():
+            t0 = time.perf_counter()
+            model = npgpt2.load_model(args["dir"], mmap=True)
+            t1 = time.perf_counter()
+            ids = list(generate_stream(model, [int(t) for t in tokens(4, 8)], args["new"], temperature=0))
+            t2 = time.perf_counter()
+            extra.update(load_s=t1 - t0, generate_s=t2 - t1, tok_per_s=args["new"] / (t2 - t1),
+                         new_tokens=len(ids))
+        extra = {}
+        return run, {"result": extra}
+    raise SystemExit(f"unknown npgpt2 benchmark {bench!r}")
+
+
+# ---------------------------------------------------------------- PyTorch + transformers
+def torch_info():
+    import torch
+    import transformers
+    blas = [line.strip() for line in torch.__config__.show().splitlines()
+            if "BLAS_INFO" in line or "Math Kernel" in line or "CPU capability" in line]
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "build": blas}
+
+
+def torch_setup(bench, args):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.get("threads", os.cpu_count()))
+    hp = SIZES["124M"]
+    # no dropout: npgpt2 has none, and it would only add work to the PyTorch side
+    config = GPT2Config(vocab_size=hp["n_vocab"], n_positions=hp["n_ctx"], n_embd=hp["n_embd"],
+                        n_layer=hp["n_layer"], n_head=hp["n_head"], resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).float()
+    if bench in ("forward", "prefill", "decode"):
+        model.eval()
+    if bench == "forward":
+        x = torch.from_numpy(tokens(1, (1, args["T"])))
+
+        def run():
+            with torch.inference_mode():
+                return model(x, use_cache=False).logits
+        return run, {}
+    if bench == "prefill":
+        x = torch.from_numpy(tokens(1, (1, args["T"])))
+
+        def run():  # what generate() does for the prompt: logits of the last position only
+            with torch.inference_mode():
+                return model(x, use_cache=True, logits_to_keep=1).logits
+        return run, {}
+    if bench == "decode":
+        prompt = torch.from_numpy(tokens(2, (1, args["prompt"])))
+        out = {}
+
+        def run():  # greedy, KV cache, the lean loop (no generate() bookkeeping)
+            ids = []
+            with torch.inference_mode():
+                o = model(prompt, use_cache=True, logits_to_keep=1)
+                for step in range(args["new"]):
+                    nxt = o.logits[:, -1].argmax(-1)
+                    ids.append(int(nxt[0]))
+                    if step + 1 < args["new"]:
+                        o = model(nxt[:, None], past_key_values=o.past_key_values, use_cache=True)
+            out["ids"] = ids
+        return run, {"result": out}
+    if bench == "train":
+        B, T = args["B"], args["T"]
+        data = torch.from_numpy(tokens(3, (B, T + 1)))
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+        def run():
+            logits = model(data[:, :-1], use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     data[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+        return run, {}
+    raise SystemExit(f"unknown torch benchmark {bench!r}")
+
+
+# ---------------------------------------------------------------- one-shot: prepare, startup
+def prepare(side, args):
+    """Write a model folder with random weights: npgpt2's writer (OpenAI layout, TF
+    checkpoint with crc32c) or HF's save_pretrained (safetensors)."""
+    t0 = time.perf_counter()
+    if side == "npgpt2":
+        from npgpt2.model import init_model, save_model
+        save_model(init_model(SIZES[args["size"]]), args["dir"])
+    else:
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        hp = SIZES[args["size"]]
+        GPT2LMHeadModel(GPT2Config(vocab_size=hp["n_vocab"], n_positions=hp["n_ctx"],
+                                   n_embd=hp["n_embd"], n_layer=hp["n_layer"],
+                                   n_head=hp["n_head"])).save_pretrained(args["dir"])
+    return {"seconds": time.perf_counter() - t0}
+
+
+def _numba_cache_stats():
+    """(hits, misses) of Numba's on-disk cache over every jitted function of npgpt2 used."""
+    from numba.core.registry import CPUDispatcher
+    hits = misses = 0
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("npgpt2"):
+            continue
+        for obj in vars(mod).values():
+            if isinstance(obj, CPUDispatcher):
+                hits += sum(obj.stats.cache_hits.values())
+                misses += sum(obj.stats.cache_misses.values())
+    return hits, misses
+
+
+def startup(side, args):
+    """A fresh process: imports, loading the model folder (npgpt2 checks every crc32c),
+    and the first generated token of a 16-token prompt. Seconds since T_START."""
+    prompt = [int(t) for t in tokens(2, 16)]
+    if side == "npgpt2":
+        import npgpt2
+        from npgpt2.sampling import generate_stream
+        t_import = time.perf_counter()
+        model = npgpt2.load_model(args["dir"])
+        t_load = time.perf_counter()
+        next(generate_stream(model, prompt, 1, temperature=0))
+        t_first = time.perf_counter()
+        hits, misses = _numba_cache_stats()
+        extra = {"numba_cache_hits": hits, "numba_cache_misses": misses}
+    else:
+        import torch
+        from transformers import GPT2LMHeadModel
+        torch.set_num_threads(args.get("threads", os.cpu_count()))
+        t_import = time.perf_counter()
+        model = GPT2LMHeadModel.from_pretrained(args["dir"]).eval()
+        t_load = time.perf_counter()
+        with torch.inference_mode():
+            model(torch.tensor([prompt]), logits_to_keep=1).logits[:, -1].argmax(-1)
+        t_first = time.perf_counter()
+        extra = {}
+    return {"import_s": t_import - T_START, "load_s": t_load - t_import,
+            "first_token_s": t_first - t_load, "total_s": t_first - T_START,
+            "peak_rss_mib": peak_rss_mib(), **extra}
+
+
+# ---------------------------------------------------------------- the loop
+def main():
+    side, bench, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout = sys.stderr  # keep the protocol channel clean
+
+    def send(obj):
+        proto.write(json.dumps(obj) + "\n")
+
+    if bench in ("prepare", "startup"):
+        send((prepare if bench == "prepare" else startup)(side, args))
+        return
+
+    if side == "npgpt2":
+        run, extra = npgpt2_setup(bench, args)
+        info = npgpt2_info
+    else:
+        run, extra = torch_setup(bench, args)
+        info = torch_info
+    send({"ready": True, "rss_after_setup_mib": peak_rss_mib()})
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "run":
+            t0 = time.perf_counter()
+            run()
+            send({"seconds": time.perf_counter() - t0, **extra})
+        elif cmd == "quit":
+            send({"peak_rss_mib": peak_rss_mib(), "info": info()})
+            return
+
+
+if __name__ == "__main__":
+    main()
