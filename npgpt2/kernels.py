@@ -299,45 +299,67 @@ def _max(a, n):
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
-# The blockwise softmax works on rows r0..r1-1 of a C-contiguous (B, NH, R, *) array,
-# columns 0..L-1, where row r may see columns 0..first + (r - r0): the full att of
-# training (rows of one query block) or a prompt's scores buffer (keys incl. the cache).
+# The blockwise softmax works on rows r0..r1-1 of a C-contiguous (BH, R, *) array (batch
+# and heads flattened), columns 0..L-1, where row r may see columns 0..first + (r - r0):
+# the full att of training (the rows of one query block) or a prompt's scores buffer
+# (keys including the cache). Each head is one unit of work for the parallel drivers.
+@njit(cache=True, inline="always")
+def _shift_head(s, bh, r0, r1, L, first):
+    """Subtract the max over the visible part; -inf on the masked part (so that np.exp
+    gives exactly 0 there, as in the plain softmax)."""
+    for r in range(r0, r1):
+        row = s[bh, r]
+        lim = min(L, first + (r - r0) + 1)
+        m = _max(row, lim)
+        for j in range(lim):
+            row[j] = row[j] - m
+        for j in range(lim, L):
+            row[j] = -np.inf
+
+
 @njit(cache=True)
 def _causal_shift(s, r0, r1, L, first):
-    """In place: subtract the max over the visible part; -inf on the masked part (so that
-    np.exp gives exactly 0 there, as the plain softmax does)."""
-    B, NH = s.shape[0], s.shape[1]
-    for b in range(B):
-        for h in range(NH):
-            for r in range(r0, r1):
-                row = s[b, h, r]
-                lim = min(L, first + (r - r0) + 1)
-                m = _max(row, lim)
-                for j in range(lim):
-                    row[j] = row[j] - m
-                for j in range(lim, L):
-                    row[j] = -np.inf
+    for bh in range(s.shape[0]):
+        _shift_head(s, bh, r0, r1, L, first)
+
+
+@njit(cache=True, parallel=True)
+def _causal_shift_par(s, r0, r1, L, first):
+    for bh in prange(s.shape[0]):
+        _shift_head(s, bh, r0, r1, L, first)
+
+
+@njit(cache=True, inline="always")
+def _normalize_head(s, bh, r0, r1, L):
+    """Divide each row's exponentials by their sum."""
+    for r in range(r0, r1):
+        row = s[bh, r]
+        inv = s.dtype.type(1.0 / _sum(row[:L]))
+        for j in range(L):
+            row[j] = row[j] * inv
 
 
 @njit(cache=True)
 def _normalize_rows(s, r0, r1, L):
-    """In place: divide each row's exponentials by their sum."""
-    B, NH = s.shape[0], s.shape[1]
-    for b in range(B):
-        for h in range(NH):
-            for r in range(r0, r1):
-                row = s[b, h, r]
-                inv = s.dtype.type(1.0 / _sum(row[:L]))
-                for j in range(L):
-                    row[j] = row[j] * inv
+    for bh in range(s.shape[0]):
+        _normalize_head(s, bh, r0, r1, L)
+
+
+@njit(cache=True, parallel=True)
+def _normalize_rows_par(s, r0, r1, L):
+    for bh in prange(s.shape[0]):
+        _normalize_head(s, bh, r0, r1, L)
 
 
 def _causal_softmax_(s, r0, r1, L, first):
-    """softmax in place on s[:, :, r0:r1, :L], row r seeing columns 0..first + r - r0."""
-    _causal_shift(s, r0, r1, L, first)
+    """softmax in place on s[:, :, r0:r1, :L] (s: (B, NH, R, *) C-contiguous), row r
+    seeing columns 0..first + r - r0."""
+    flat = s.reshape(-1, s.shape[2], s.shape[3])
+    par = flat.shape[0] * (r1 - r0) * L >= PARALLEL_MIN
+    (_causal_shift_par if par else _causal_shift)(flat, r0, r1, L, first)
     block = s[:, :, r0:r1, :L]
     np.exp(block, out=block)
-    _normalize_rows(s, r0, r1, L)
+    (_normalize_rows_par if par else _normalize_rows)(flat, r0, r1, L)
 
 
 def attention_forward(qkv, NH):
@@ -360,20 +382,30 @@ def attention_forward(qkv, NH):
     return merge_heads(y), att
 
 
+@njit(cache=True, inline="always")
+def _softmax_backward_head(datt, att, bh, r0, scale):
+    R, L = datt.shape[1], datt.shape[2]
+    sc = datt.dtype.type(scale)
+    for r in range(R):
+        d = datt[bh, r]
+        a = att[bh, r0 + r]
+        dot = d.dtype.type(_dot(d, a[:L]))
+        for j in range(L):
+            d[j] = a[j] * (d[j] - dot) * sc
+
+
 @njit(cache=True)
 def _softmax_backward_rows(datt, att, r0, scale):
-    """datt: (B, NH, R, L) <- att * (datt - sum(datt * att)) * scale, with att's rows
+    """datt: (BH, R, L) <- att * (datt - sum(datt * att)) * scale, with att's rows
     r0..r0+R-1 (columns 0..L-1) the matching probabilities."""
-    B, NH, R, L = datt.shape
-    for b in range(B):
-        for h in range(NH):
-            for r in range(R):
-                d = datt[b, h, r]
-                a = att[b, h, r0 + r]
-                dot = d.dtype.type(_dot(d, a[:L]))
-                sc = d.dtype.type(scale)
-                for j in range(L):
-                    d[j] = a[j] * (d[j] - dot) * sc
+    for bh in range(datt.shape[0]):
+        _softmax_backward_head(datt, att, bh, r0, scale)
+
+
+@njit(cache=True, parallel=True)
+def _softmax_backward_rows_par(datt, att, r0, scale):
+    for bh in prange(datt.shape[0]):
+        _softmax_backward_head(datt, att, bh, r0, scale)
 
 
 def attention_backward(dout, qkv, att, NH):
@@ -395,7 +427,9 @@ def attention_backward(dout, qkv, att, NH):
         dyb = dy[:, :, i0:i1]
         dv[:, :, :i1] += a.swapaxes(-1, -2) @ dyb
         datt = dyb @ v[:, :, :i1].swapaxes(-1, -2)
-        _softmax_backward_rows(datt, att, i0, scale)
+        flat = datt.reshape(B * NH, i1 - i0, i1)
+        (_softmax_backward_rows_par if flat.size >= PARALLEL_MIN else _softmax_backward_rows)(
+            flat, att.reshape(B * NH, T, T), i0, scale)
         np.matmul(datt, k[:, :, :i1], out=dq[:, :, i0:i1])
         dk[:, :, :i1] += datt.swapaxes(-1, -2) @ q[:, :, i0:i1]
     # (3, B, NH, T, hs) -> (B, T, 3, NH, hs) = (B, T, 3C)
@@ -429,30 +463,29 @@ def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
 
 
 # ================================================================ cross-entropy
-@njit(cache=True)
+# one row of (B*T, V) logits per unit of work; training sizes only, so always parallel
+@njit(cache=True, parallel=True)
 def _ce_shift(logits, targets, shifted, zt):
     """shifted = logits - row max; zt = the target's shifted logit."""
     N, V = logits.shape
-    for i in range(N):
+    for i in prange(N):
         row = logits[i]
-        m = row[0]
-        for j in range(1, V):
-            m = max(m, row[j])
+        m = _max(row, V)
         out = shifted[i]
         for j in range(V):
             out[j] = row[j] - m
         zt[i] = out[targets[i]]
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _ce_finish(e, zt, losses):
     """e: exp(shifted) -> probabilities in place; losses = log(sum e) - zt."""
     N, V = e.shape
-    for i in range(N):
+    for i in prange(N):
         row = e[i]
         total = _sum(row)
         losses[i] = math.log(total) - zt[i]
-        inv = 1.0 / total
+        inv = e.dtype.type(1.0 / total)
         for j in range(V):
             row[j] = row[j] * inv
 
@@ -473,10 +506,10 @@ def crossentropy_forward(logits, targets):
     return losses.reshape(targets.shape), probs.reshape(logits.shape)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _ce_backward(dlosses, probs, targets, dlogits):
     N, V = probs.shape
-    for i in range(N):
+    for i in prange(N):
         d = dlosses[i]
         p = probs[i]
         out = dlogits[i]

@@ -154,6 +154,7 @@ class GPT2:
         if pos0 + T > self.hparams["n_ctx"]:
             raise ValueError(f"{pos0 + T} positions exceed the context n_ctx={self.hparams['n_ctx']}")
         NH, p = self.hparams["n_head"], self.params
+        # x is a fresh array: the residual additions below go into it in place
         x = K.encoder_forward(p["model/wte"], p["model/wpe"], tokens, pos0)
         for i in range(self.hparams["n_layer"]):
             P = self._block(i)
@@ -166,10 +167,10 @@ class GPT2:
                 a = K.attention_forward_cached(qkv, kv[0], kv[1], 0, NH)
             else:
                 a = K.attention_forward_cached(qkv, cache.k[i], cache.v[i], pos0, NH)
-            x = x + K.matmul_forward(a, P["attn/c_proj/w"], P["attn/c_proj/b"])
+            x += K.matmul_forward(a, P["attn/c_proj/w"], P["attn/c_proj/b"])
             m, _, _ = K.layernorm_forward(x, P["ln_2/g"], P["ln_2/b"])
             m = K.gelu_forward(K.matmul_forward(m, P["mlp/c_fc/w"], P["mlp/c_fc/b"]))
-            x = x + K.matmul_forward(m, P["mlp/c_proj/w"], P["mlp/c_proj/b"])
+            x += K.matmul_forward(m, P["mlp/c_proj/w"], P["mlp/c_proj/b"])
         if cache is not None:
             cache.length = pos0 + T
         if last_only:
