@@ -91,21 +91,29 @@ class BadRequest(Exception):
 
 
 # ---------------------------------------------------------------- request validation
+def _shown(v, limit=40):
+    """v as JSON for an error message, cut short: a 400-digit number stays one short line."""
+    text = json.dumps(v)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _integer(body, key, default, lo, hi, nullable=False):
     v = body.get(key, default)
     if v is None and nullable:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise BadRequest(f'"{key}" must be an integer from {lo} to {hi}, got {json.dumps(v)}')
+        raise BadRequest(f'"{key}" must be an integer from {lo} to {hi}, got {_shown(v)}')
     return v
 
 
 def _number(body, key, default, lo, hi, lo_open=False):
     v = body.get(key, default)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or not (lo < v if lo_open else lo <= v) or v > hi:
+    # compared before math.isfinite, which raises OverflowError for an int beyond float range
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and (lo < v if lo_open else lo <= v) and v <= hi and math.isfinite(v))
+    if not ok:
         span = f"{'above' if lo_open else 'from'} {lo} to {hi}"
-        raise BadRequest(f'"{key}" must be a number {span}, got {json.dumps(v)}')
+        raise BadRequest(f'"{key}" must be a number {span}, got {_shown(v)}')
     return float(v)
 
 
@@ -407,6 +415,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise BadRequest(f"the body is not valid JSON: {e}") from None
+        except RecursionError:  # e.g. [[[[...]]]] nested deeper than Python's stack
+            raise BadRequest("the body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body

@@ -380,6 +380,8 @@ BAD_GENERATE = [
     {"prompt": 5},
     {"prompt": ["x"]},
     {"prompt": "x", "lenght": 5},             # a typo is reported, not ignored
+    {"prompt": "x", "temperature": 10**400},  # beyond float range: math.isfinite would raise
+    {"prompt": "x", "top_p": -10**400},
 ]
 BAD_CHAT = [
     {},
@@ -394,7 +396,8 @@ BAD_CHAT = [
     {"messages": [{"role": "user", "content": "a"}], "length": -3},
 ]
 BAD_RAW = [b"", b"{", b"[1, 2]", b'"text"', b"\xff\xfe", b'{"prompt": "x", "temperature": NaN}',
-           b'{"prompt": "x", "top_p": Infinity}']
+           b'{"prompt": "x", "top_p": Infinity}',
+           b"[" * 100_000 + b"]" * 100_000]  # deeper than json's recursion limit
 
 
 @pytest.mark.parametrize("path,body", [("v1/generate", b) for b in BAD_GENERATE] + [("v1/chat", b) for b in BAD_CHAT])
@@ -406,11 +409,17 @@ def test_bad_fields_get_400_with_a_message(server, path, body):
     assert isinstance(msg, str) and msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("raw", BAD_RAW)
+@pytest.mark.parametrize("raw", BAD_RAW, ids=lambda raw: repr(raw[:24]))
 def test_bad_json_gets_400(server, raw):
     r = requests.post(server.url + "v1/generate", data=raw, timeout=T,
                       headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]
+
+
+def test_error_messages_do_not_echo_huge_values(server):
+    for body in ({"prompt": "x", "temperature": 10**400}, {"prompt": "x", "top_k": 10**400}):
+        r = post(server.url + "v1/generate", body)
+        assert r.status_code == 400 and len(r.json()["error"]) < 200, r.text
 
 
 def test_limits_and_the_server_keeps_serving(server):
