@@ -22,16 +22,24 @@ All kernels are compiled with `cache=True`: a second process loads the machine c
 `__pycache__` instead of recompiling.
 """
 import math
+import os
 
-import numpy as np
-from numba import njit, prange
+# Numba's OpenMP workers spin for a while after each parallel loop (libgomp's default);
+# on a 2-core machine that spinning takes the core BLAS's second thread needs next, and
+# on a busy machine it multiplies the time (measured: forward 6.5 s instead of 3.7 s).
+# Only takes effect if libgomp is not loaded yet; a user's own setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 from . import layers
 from .layers import *  # noqa: F401,F403  (the functions without a fast twin)
 from .layers import GELU_SCALE, merge_heads, softmax, split_heads  # noqa: F401
 
-# below this many elements a loop runs on one thread
-PARALLEL_MIN = 1 << 15
+# below this many elements a loop runs on one thread: starting the second thread costs
+# little on an idle machine, but on a busy one it waits for a core (milliseconds)
+PARALLEL_MIN = 1 << 20
 # queries per block in causal attention: the block's scores (NH, QBLOCK, T) stay in cache
 QBLOCK = 128
 
@@ -144,27 +152,37 @@ def layernorm_forward(inp, weight, bias, eps=1e-5):
 LN_CHUNK = 64
 
 
-@njit(cache=True, parallel=True)
-def _ln_bwd(dout, x, w, mean, rstd, dinp, dw_part, db_part):
+@njit(cache=True, inline="always")
+def _ln_bwd_chunk(dout, x, w, mean, rstd, dinp, dw_part, db_part, c):
     N, C = x.shape
-    nchunks = dw_part.shape[0]
-    for c in prange(nchunks):
-        dw = dw_part[c]
-        db = db_part[c]
-        norm = np.empty(C, np.float64)
-        dnorm = np.empty(C, np.float64)
-        for i in range(c * LN_CHUNK, min(N, (c + 1) * LN_CHUNK)):
-            m = np.float64(mean[i])
-            r = np.float64(rstd[i])
-            for j in range(C):
-                norm[j] = (x[i, j] - m) * r
-                dnorm[j] = dout[i, j] * np.float64(w[j])
-                db[j] += dout[i, j]
-                dw[j] += dout[i, j] * norm[j]
-            a = _sum(dnorm) / C
-            bb = _dot(dnorm, norm) / C
-            for j in range(C):
-                dinp[i, j] = (dnorm[j] - a - norm[j] * bb) * r
+    dw = dw_part[c]
+    db = db_part[c]
+    norm = np.empty(C, np.float64)
+    dnorm = np.empty(C, np.float64)
+    for i in range(c * LN_CHUNK, min(N, (c + 1) * LN_CHUNK)):
+        m = np.float64(mean[i])
+        r = np.float64(rstd[i])
+        for j in range(C):
+            norm[j] = (x[i, j] - m) * r
+            dnorm[j] = dout[i, j] * np.float64(w[j])
+            db[j] += dout[i, j]
+            dw[j] += dout[i, j] * norm[j]
+        a = _sum(dnorm) / C
+        bb = _dot(dnorm, norm) / C
+        for j in range(C):
+            dinp[i, j] = (dnorm[j] - a - norm[j] * bb) * r
+
+
+@njit(cache=True)
+def _ln_bwd(dout, x, w, mean, rstd, dinp, dw_part, db_part):
+    for c in range(dw_part.shape[0]):
+        _ln_bwd_chunk(dout, x, w, mean, rstd, dinp, dw_part, db_part, c)
+
+
+@njit(cache=True, parallel=True)
+def _ln_bwd_par(dout, x, w, mean, rstd, dinp, dw_part, db_part):
+    for c in prange(dw_part.shape[0]):
+        _ln_bwd_chunk(dout, x, w, mean, rstd, dinp, dw_part, db_part, c)
 
 
 def layernorm_backward(dout, inp, weight, mean, rstd):
@@ -175,7 +193,8 @@ def layernorm_backward(dout, inp, weight, mean, rstd):
     dw_part = np.zeros((nchunks, C))
     db_part = np.zeros((nchunks, C))
     dinp = np.empty_like(x)
-    _ln_bwd(d, x, weight, mean.reshape(-1), rstd.reshape(-1), dinp, dw_part, db_part)
+    (_ln_bwd_par if x.size >= PARALLEL_MIN else _ln_bwd)(
+        d, x, weight, mean.reshape(-1), rstd.reshape(-1), dinp, dw_part, db_part)
     dt = x.dtype
     return dinp.reshape(inp.shape), dw_part.sum(axis=0).astype(dt), db_part.sum(axis=0).astype(dt)
 
@@ -554,17 +573,26 @@ def encoder_backward(dout, inp, V, maxT):
 
 
 # ================================================================ AdamW
+@njit(cache=True, inline="always")
+def _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt):
+    gi = np.float64(g[i])
+    mi = beta1 * m[i] + (1.0 - beta1) * gi
+    vi = beta2 * v[i] + (1.0 - beta2) * gi * gi
+    m[i] = mi
+    v[i] = vi
+    p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
+
+
+@njit(cache=True)
+def _adamw(p, g, m, v, beta1, beta2, eps, decay, step_size, bc2_sqrt):
+    for i in range(p.shape[0]):
+        _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt)
+
+
 @njit(cache=True, parallel=True)
-def _adamw(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt):
-    decay = 1.0 - lr * weight_decay
-    step_size = lr / bc1
+def _adamw_par(p, g, m, v, beta1, beta2, eps, decay, step_size, bc2_sqrt):
     for i in prange(p.shape[0]):
-        gi = np.float64(g[i])
-        mi = beta1 * m[i] + (1.0 - beta1) * gi
-        vi = beta2 * v[i] + (1.0 - beta2) * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
+        _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt)
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch=None):
@@ -582,7 +610,9 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch=
         raise ValueError("adamw_update needs C-contiguous arrays and writeable p, m, v")
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"adamw_update: shapes differ: {[a.shape for a in arrays]}")
-    bc1 = 1.0 - beta1 ** step
+    decay = 1.0 - float(lr) * float(weight_decay)
+    step_size = float(lr) / (1.0 - beta1 ** step)
     bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    _adamw(*(a.reshape(-1) for a in arrays), float(lr), float(beta1), float(beta2), float(eps),
-           float(weight_decay), bc1, bc2_sqrt)
+    (_adamw_par if p.size >= PARALLEL_MIN else _adamw)(
+        *(a.reshape(-1) for a in arrays), float(beta1), float(beta2), float(eps), decay,
+        step_size, bc2_sqrt)
