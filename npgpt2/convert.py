@@ -39,6 +39,13 @@ TF_PREFIX = "model.ckpt"
 TOKENIZER_FILES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
 # Buffers older transformers versions saved with the weights: the causal mask and -1e4.
 HF_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# What --force may delete when it replaces a model folder: the files of an OpenAI or Hugging
+# Face GPT-2 model. Anything else (a run's train_state-*.npz, samples, notes) is the user's.
+MODEL_FILE = re.compile(
+    r"hparams\.json|checkpoint|encoder\.json|vocab\.bpe"
+    r"|[^/]+\.(index|meta|data-\d{5}-of-\d{5})"
+    r"|config\.json|generation_config\.json|model\.safetensors|vocab\.json|merges\.txt"
+    r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|pytorch_model\.bin")
 
 
 def expected_shapes(hparams):
@@ -335,6 +342,11 @@ def _check_destination(dst, fmt, force):
     except Npgpt2Error:
         raise Npgpt2Error(f"{dst}: is not empty and holds no model; refusing to replace it, "
                           f"even with --force") from None
+    others = sorted(e.name for e in dst.iterdir() if not (e.is_file() and MODEL_FILE.fullmatch(e.name)))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise Npgpt2Error(f"{dst}: also holds {shown}, which are not model files; refusing to "
+                          f"replace it, even with --force (write the conversion to a new folder)")
 
 
 def _write_folder(dst, write):

@@ -229,6 +229,25 @@ def test_force_never_replaces_a_folder_that_is_not_a_model(tmp_path):
     assert os.listdir(dst) == ["cat.jpg"]
 
 
+def test_force_never_deletes_files_beside_the_model(tmp_path, tiny_values):
+    # a training run folder: a model, plus the run's state and the user's notes
+    run = tmp_path / "run1"
+    run.mkdir()
+    params = {k: v for k, v in tiny_values.items() if k.startswith("model/")}
+    write_checkpoint(str(run / "model-70"), params)
+    write_checkpoint_state(run, "model-70", ["model-70"])
+    (run / "hparams.json").write_text(json.dumps(TINY_HP))
+    (run / "train_state-70.npz").write_bytes(b"optimizer moments")
+    (run / "NOTES.txt").write_text("lr 1e-4 was too high")
+    before = {p: (run / p).read_bytes() for p in os.listdir(run)}
+    with pytest.raises(Npgpt2Error) as e:
+        convert(FIX / "hf_tiny", run, fmt="tf", force=True)
+    msg = one_line(e)
+    assert "NOTES.txt" in msg and "train_state-70.npz" in msg and "refusing" in msg
+    assert {p: (run / p).read_bytes() for p in os.listdir(run)} == before
+    assert os.listdir(tmp_path) == ["run1"]
+
+
 def test_empty_existing_folder_is_fine(tmp_path, tiny_values):
     (tmp_path / "out").mkdir()
     convert(FIX / "hf_tiny", tmp_path / "out")
