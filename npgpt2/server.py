@@ -541,7 +541,10 @@ class App:
         deadline = self._deadline()
         options = parse_options(body, self.limits, self.n_vocab, self.n_ctx // 2, ("prompt",))
         prompt = _string(body, "prompt", "", self.limits.max_body)
-        tokens = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_token]
+        try:
+            tokens = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_token]
+        except Npgpt2Error as e:  # e.g. a lone surrogate such as "\ud800" in the JSON string
+            raise BadRequest(f'"prompt": {e}') from None
         self._check_prompt_size(len(tokens))
         # too long for the context: keep its end, as `npgpt2 prompt` does
         tokens = tokens[-(self.n_ctx - options["length"]):]

@@ -178,10 +178,17 @@ class Tokenizer:
     def _encode_ordinary(self, text, stream=False):
         # A stream (encode_iter) is long by nature, worth the fast engine's start-up cost.
         n = len(text)
-        if (n >= FAST_MIN_CHARS and (stream or n >= FAST_START_CHARS or self._fast is not None)
-                and _fast_enabled()):
-            return self._encode_fast(text).tolist()
-        return self._encode_plain(text)
+        try:
+            if (n >= FAST_MIN_CHARS and (stream or n >= FAST_START_CHARS or self._fast is not None)
+                    and _fast_enabled()):
+                return self._encode_fast(text).tolist()
+            return self._encode_plain(text)
+        except UnicodeEncodeError:
+            # A lone surrogate has no UTF-8 bytes: e.g. "\udce9" from bytes that were not UTF-8,
+            # read with errors="surrogateescape" (Python's stdin in a C locale), or JSON's "\ud800".
+            at = _SURROGATE.search(text)
+            raise Npgpt2Error(f"the text is not valid Unicode: lone surrogate {at.group()!r} at "
+                              f"character {at.start()} (bytes that are not UTF-8?)") from None
 
     def _segments(self, text, allowed_special):
         """Yield (text, None) for ordinary stretches and ("", id) for each allowed special token."""
@@ -385,6 +392,9 @@ class Tokenizer:
     def byte_symbols(self, data):
         """bytes -> the initial symbol ids BPE starts from (one per byte)."""
         return [self._byte_sym[b] for b in data]
+
+
+_SURROGATE = regex.compile("[\ud800-\udfff]")
 
 
 def _fast_enabled():

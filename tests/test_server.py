@@ -416,6 +416,14 @@ def test_bad_json_gets_400(server, raw):
     assert r.status_code == 400 and r.json()["error"]
 
 
+@pytest.mark.parametrize("path,body", [
+    ("v1/generate", b'{"prompt": "caf\\udce9", "length": 2}'),
+    ("v1/chat", b'{"messages": [{"role": "user", "content": "\\ud800"}], "length": 2}')])
+def test_lone_surrogate_in_text_gets_400(server, path, body):
+    r = requests.post(server.url + path, data=body, timeout=T)
+    assert r.status_code == 400 and "surrogate" in r.json()["error"], r.text
+
+
 def test_error_messages_do_not_echo_huge_values(server):
     for body in ({"prompt": "x", "temperature": 10**400}, {"prompt": "x", "top_k": 10**400}):
         r = post(server.url + "v1/generate", body)

@@ -94,6 +94,18 @@ def test_encode_rejects_bytes(tok):
         tok.encode(b"abc")
 
 
+@pytest.mark.parametrize("text,at", [("caf\udce9 au lait", 3),   # stdin's surrogateescape
+                                     ("\ud800", 0),                # JSON's "\ud800"
+                                     ("ok " * 2000 + "\udfff", 6000)])
+def test_lone_surrogate_is_a_one_line_error(tok, engine, text, at):
+    with pytest.raises(Npgpt2Error) as e:
+        tok.encode(text)
+    msg = str(e.value)
+    assert "\n" not in msg and "surrogate" in msg and f"character {at}" in msg
+    with pytest.raises(Npgpt2Error):
+        list(tok.encode_iter([text]))
+
+
 # ---------------------------------------------------------------- round trips (hypothesis)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text())
