@@ -77,6 +77,8 @@ def download_model(model_name, models_dir="weights", base_url=None, force=False,
     full disk (the `.part` stays for resuming) or a checkpoint that fails its crc check.
     """
     name = canonical_name(model_name)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise Npgpt2Error(f"--retries must be an integer >= 0, got {retries}")
     base = (base_url or os.environ.get(BASE_URL_ENV) or OPENAI_BASE_URL).rstrip("/")
     if not re.match(r"https?://", base):
         raise Npgpt2Error(f"--base_url: '{base}' is not an http:// or https:// address")

@@ -333,6 +333,14 @@ def test_bad_base_url_is_one_line(tmp_path):
     assert "--base_url" in one_line(e)
 
 
+@pytest.mark.parametrize("retries", [-1, 1.5])
+def test_bad_retries_is_one_line_and_nothing_is_made(tmp_path, retries):
+    with pytest.raises(Npgpt2Error) as e:
+        download_model("124M", models_dir=tmp_path / "w", base_url="http://127.0.0.1:9", retries=retries)
+    assert "--retries" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "w").exists()
+
+
 def test_default_base_url_is_openais():
     assert download.OPENAI_BASE_URL == "https://openaipublic.blob.core.windows.net/gpt-2/models"
 
