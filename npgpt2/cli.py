@@ -39,12 +39,15 @@ def load_for_generation(args):
 def print_samples(model, enc, context, args, counter):
     """Generate args.nsamples samples after `context` in OpenAI's output format."""
     import numpy as np
-    from .sampling import TextStream, generate_stream
+    from .sampling import TextStream, check_sampling_args, fit_prompt, generate_stream
     if args.batch_size < 1:
         raise Npgpt2Error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.nsamples < 0:
         raise Npgpt2Error(f"--nsamples must be >= 0, got {args.nsamples}")
     length = args.length if args.length is not None else model.hparams["n_ctx"] // 2
+    # check every flag (and trim the prompt, warning once) before the first header is printed
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    context = fit_prompt(context, length, model.hparams["n_ctx"])
     rng = np.random.default_rng(args.seed)
     done = 0
     while args.nsamples == 0 or done < args.nsamples:
@@ -74,6 +77,14 @@ def print_samples(model, enc, context, args, counter):
     return counter + done
 
 
+def enable_line_editing():
+    """Arrow keys and history for input() at a terminal (readline is absent on some systems)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+
+
 def print_header(i):
     sys.stdout.write("=" * 40 + " SAMPLE " + str(i) + " " + "=" * 40 + "\n")
 
@@ -89,6 +100,8 @@ def cmd_prompt(args):
     """Conditional samples for prompts read until end of input, as interactive_conditional_samples.py."""
     model, enc = load_for_generation(args)
     interactive = sys.stdin.isatty()
+    if interactive:
+        enable_line_editing()
     while True:
         try:
             raw = input("Model prompt >>> ") if interactive else sys.stdin.readline()
@@ -152,6 +165,8 @@ def cmd_chat(args):
     chat = ChatSession(model, enc, args.length, args.temperature, args.top_k, args.top_p, args.seed,
                        args.truncate, args.user_tag, args.bot_tag)
     interactive = sys.stdin.isatty()
+    if interactive:
+        enable_line_editing()
     if interactive:
         print(f"Chatting with {args.model_name}; /help lists commands, Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -410,16 +425,20 @@ def build_parser():
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
-    p.add_argument("--steps", type=int, default=None, help="updates (default 600; about 3 minutes on 2 cores)")
+    p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
     p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (a smoke test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
     p.add_argument("--out", default=None, help="also write the run (checkpoints, loss.png) to this folder")
     p.set_defaults(func=cmd_demo)
+    for p in sub.choices.values():
+        p.set_defaults(subparser=p)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # report a mistyped flag with the command's own usage line
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="npgpt2: %(message)s", stream=sys.stderr)
     try:

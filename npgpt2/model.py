@@ -291,6 +291,9 @@ def read_hparams(model_dir):
     try:
         hparams = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (Path(model_dir) / "config.json").exists():
+            raise Npgpt2Error(f"{path}: missing; {model_dir} looks like a Hugging Face folder: "
+                              f"convert it with: npgpt2 convert {model_dir} DST") from None
         raise Npgpt2Error(f"{path}: missing (not a GPT-2 model folder?)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Npgpt2Error(f"{path}: not valid JSON ({e})") from None

@@ -94,3 +94,20 @@ def test_errors_are_one_line():
         lines = r.stderr.strip().split("\n")
         assert len(lines) == 1 and lines[0].startswith("npgpt2: error:") and msg in lines[0], r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_flag_errors_come_before_any_output():
+    r = run("generate", "--models_dir", str(FIX), "--model_name", "full", "--top_k", "-1")
+    assert r.returncode == 2 and r.stdout == "" and "--top_k" in r.stderr
+
+
+def test_mistyped_flag_shows_the_commands_usage():
+    r = run("generate", "--lenght", "5")
+    assert r.returncode == 2
+    assert "usage: npgpt2 generate" in r.stderr and "unrecognized arguments: --lenght 5" in r.stderr
+
+
+def test_hugging_face_folder_gets_a_convert_hint():
+    r = run("generate", "--models_dir", str(FIX), "--model_name", "hf_tiny")
+    assert r.returncode == 2
+    assert "looks like a Hugging Face folder" in r.stderr and "npgpt2 convert" in r.stderr
