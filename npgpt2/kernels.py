@@ -203,11 +203,22 @@ def layernorm_backward(dout, inp, weight, mean, rstd):
 def matmul_forward(inp, weight, bias):
     """inp: (..., C), weight: (C, OC), bias: (OC,) -> out (..., OC).
 
-    The bias is added in place: one temporary of the output's size fewer.
+    One GEMM over all rows (NumPy would make one per batch entry) and the bias added in
+    place (one temporary fewer).
     """
-    out = inp @ weight
+    C, OC = weight.shape
+    out = inp.reshape(-1, C) @ weight
     out += bias
-    return out
+    return out.reshape(inp.shape[:-1] + (OC,))
+
+
+def matmul_backward(dout, inp, weight):
+    """-> dinp (..., C), dweight (C, OC), dbias (OC,); every product one GEMM over all rows."""
+    C, OC = weight.shape
+    d = dout.reshape(-1, OC)
+    dinp = (d @ weight.T).reshape(inp.shape)
+    dweight = inp.reshape(-1, C).T @ d
+    return dinp, dweight, d.sum(axis=0)
 
 
 # ================================================================ GELU

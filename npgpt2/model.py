@@ -156,17 +156,26 @@ class GPT2:
         NH, p = self.hparams["n_head"], self.params
         # x is a fresh array: the residual additions below go into it in place
         x = K.encoder_forward(p["model/wte"], p["model/wpe"], tokens, pos0)
-        for i in range(self.hparams["n_layer"]):
+        L = self.hparams["n_layer"]
+        for i in range(L):
             P = self._block(i)
             a, _, _ = K.layernorm_forward(x, P["ln_1/g"], P["ln_1/b"])
             qkv = K.matmul_forward(a, P["attn/c_attn/w"], P["attn/c_attn/b"])
             if cache is None:
                 # a throwaway cache for this layer: the same result as attention_forward
                 # without keeping its (B, NH, T, T) probabilities, which only training needs
-                kv = np.empty((2, B, NH, T, self.hparams["n_embd"] // NH), dtype=qkv.dtype)
-                a = K.attention_forward_cached(qkv, kv[0], kv[1], 0, NH)
+                kv = np.empty((2, B, NH, T, qkv.shape[-1] // 3 // NH), dtype=qkv.dtype)
+                k_cache, v_cache, p0 = kv[0], kv[1], 0
             else:
-                a = K.attention_forward_cached(qkv, cache.k[i], cache.v[i], pos0, NH)
+                k_cache, v_cache, p0 = cache.k[i], cache.v[i], pos0
+            if last_only and i == L - 1 and T > 1:
+                # only the last position's output is read: the others give the last layer
+                # keys and values, but their attention, MLP and residual rows are skipped
+                k, v = (layers.split_heads(t, NH) for t in np.split(qkv[:, :-1], 3, axis=-1)[1:])
+                k_cache[:, :, p0:p0 + T - 1] = k
+                v_cache[:, :, p0:p0 + T - 1] = v
+                qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1
+            a = K.attention_forward_cached(qkv, k_cache, v_cache, p0, NH)
             x += K.matmul_forward(a, P["attn/c_proj/w"], P["attn/c_proj/b"])
             m, _, _ = K.layernorm_forward(x, P["ln_2/g"], P["ln_2/b"])
             m = K.gelu_forward(K.matmul_forward(m, P["mlp/c_fc/w"], P["mlp/c_fc/b"]))

@@ -99,13 +99,17 @@ def test_gelu(dtype, seed, shape, scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matmul_forward(dtype):
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (1, 4)])
+def test_matmul(dtype, lead):
     rng = np.random.default_rng(1)
-    x, w, b = randn(rng, (2, 3, 5), dtype), randn(rng, (5, 4), dtype), randn(rng, (4,), dtype)
+    x, w, b = randn(rng, lead + (5,), dtype), randn(rng, (5, 4), dtype), randn(rng, (4,), dtype)
     w0, b0 = w.copy(), b.copy()
     close(K.matmul_forward(x, w, b), L.matmul_forward(x, w, b), dtype)
     # the in-place bias add touches only the fresh product
     assert np.array_equal(w, w0) and np.array_equal(b, b0)
+    dout = randn(rng, lead + (4,), dtype)
+    for g_, w_ in zip(K.matmul_backward(dout, x, w), L.matmul_backward(dout, x, w)):
+        close(g_, w_, dtype)
 
 
 # ---------------------------------------------------------------- attention
@@ -268,7 +272,8 @@ def test_plain_switch(monkeypatch):
 
 def test_every_twin_exists_in_layers():
     """A kernel is a twin: the plain module has a function of the same name."""
-    for name in ("layernorm_forward", "layernorm_backward", "matmul_forward", "gelu_forward",
+    for name in ("layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward",
+                 "gelu_forward",
                  "gelu_backward", "attention_forward", "attention_backward",
                  "attention_forward_cached", "crossentropy_forward",
                  "crossentropy_softmax_backward", "encoder_backward"):
@@ -295,3 +300,29 @@ def test_second_process_loads_compiled_kernels_from_cache(threads):
                          cwd=Path(__file__).parent.parent, timeout=120, check=True).stdout.split()
     hits, misses = int(out[0]), int(out[1])
     assert hits >= 1 and misses == 0
+
+
+# ---------------------------------------------------------------- the model's shortcuts
+@pytest.mark.parametrize("plain", [False, True])
+def test_prefill_last_only_skips_work_not_results(plain, monkeypatch):
+    """A prompt prefilled with last_only (the last layer runs only the last position past
+    its keys and values) leaves the cache and the logits a full forward gives, and decoding
+    continues from that cache identically; on both paths."""
+    import npgpt2
+    if plain:
+        monkeypatch.setenv("NPGPT2_PLAIN", "1")
+    model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
+    tokens = np.random.default_rng(5).integers(0, 96, (2, 12))
+    full = model.forward(tokens)
+    cache_a, cache_b = model.new_cache(2), model.new_cache(2)
+    model.forward(tokens[:, :3], cache=cache_a)
+    last = model.forward(tokens[:, 3:10], cache=cache_a, last_only=True)  # after a cached start
+    model.forward(tokens[:, :10], cache=cache_b)
+    assert last.shape == (2, 1, 96)
+    close(last[:, 0], full[:, 9], np.float64)
+    close(cache_a.k[:, :, :, :10], cache_b.k[:, :, :, :10], np.float64)
+    close(cache_a.v[:, :, :, :10], cache_b.v[:, :, :, :10], np.float64)
+    step = model.forward(tokens[:, 10:11], cache=cache_a)
+    close(step[:, 0], full[:, 10], np.float64)
+    # without a cache too
+    close(model.forward(tokens[:, :7], last_only=True)[:, 0], full[:, 6], np.float64)
