@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fsutil import atomic_write
 from .model import init_model
 from .train import TrainConfig, evaluate, fit
 
@@ -26,8 +27,8 @@ CORPUS = Path(__file__).parent / "assets" / "jargon.txt.gz"
 CORPUS_NAME = "The Jargon File 4.4.7 (public domain)"
 
 # ~3 minutes on 2 cores; quick: seconds, for tests
-FULL = dict(n_embd=128, n_head=4, n_layer=4, context=64, batch_size=16, steps=600,
-            learning_rate=3e-3, warmup=30, val_every=50, val_batch_count=8, eval_tokens=None)
+FULL = dict(n_embd=96, n_head=3, n_layer=3, context=64, batch_size=16, steps=500,
+            learning_rate=3e-3, warmup=60, val_every=50, val_batch_count=8, eval_tokens=None)
 QUICK = dict(n_embd=32, n_head=2, n_layer=1, context=16, batch_size=8, steps=40,
              learning_rate=1e-2, warmup=5, val_every=10, val_batch_count=2, eval_tokens=2000)
 PROMPTS = ["hacker:", "kludge:", "The"]
@@ -52,8 +53,8 @@ def run_demo(steps=None, quick=False, seed=0, sample_num=len(PROMPTS), sample_le
     """Train and evaluate; returns a dict with the numbers and the samples.
 
     steps overrides the preset's number of updates. out_dir (optional) gets a run folder
-    with checkpoints and the loss curve (its vocabulary is the compact one, so it is for
-    inspection, not for `npgpt2 prompt`).
+    with the checkpoint, loss.png and demo_vocab.npy (compact id -> GPT-2 id); its
+    vocabulary is the compact one, so it is for inspection, not for `npgpt2 prompt`.
     """
     from .sampling import generate
     from .tokenizer import load_tokenizer
@@ -89,6 +90,13 @@ def run_demo(steps=None, quick=False, seed=0, sample_num=len(PROMPTS), sample_le
     result = fit(model, train_tokens, cfg, run_dir=out_dir, val_tokens=val_tokens, on_step=on_step)
     train_secs = time.time() - t_train
 
+    if out_dir is not None:
+        # the run folder's ids are compact; this maps them back to GPT-2's
+        with atomic_write(Path(out_dir) / "demo_vocab.npy") as f:
+            np.save(f, vocab.astype(np.int64))
+        from .plot import plot_losses
+        plot_losses(result["history"], Path(out_dir) / "loss.png", title=f"npgpt2 demo: {CORPUS_NAME}",
+                    reference=("unigram entropy", H))
     held_out = val_tokens if preset["eval_tokens"] is None else val_tokens[:preset["eval_tokens"]]
     val_loss, n_eval = evaluate(model, held_out, preset["context"])
     log.info("validation loss over %d held-out tokens: %.3f nats (perplexity %.1f); "

@@ -19,10 +19,11 @@ def smooth(values, weight=0.99):
     return out
 
 
-def plot_losses(history, out_png, title=""):
+def plot_losses(history, out_png, title="", reference=None):
     """Draw training loss (raw and averaged) and validation loss against step into out_png.
 
-    history: dict of lists step, loss, val_step, val_loss. Returns the path written, or
+    history: dict of lists step, loss, val_step, val_loss; reference: optional
+    (label, value) drawn as a dashed horizontal line. Returns the path written, or
     None when matplotlib is not installed (logged once) or there is nothing to draw.
     """
     global _warned
@@ -44,6 +45,9 @@ def plot_losses(history, out_png, title=""):
     if history.get("val_step"):
         ax.plot(history["val_step"], history["val_loss"], "o-", color="#e6550d", markersize=3,
                 label="validation loss")
+    if reference is not None:
+        ax.axhline(reference[1], color="gray", linestyle="--", linewidth=1,
+                   label=f"{reference[0]} ({reference[1]:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)
