@@ -119,15 +119,17 @@ class GPT2:
                        for k, v in params.items()}
         self.source_dir = None  # the folder it was loaded from (for encoder.json etc.)
 
-    def _block(self, i):
-        """The parameters of layer i, with the (1, C, OC) conv weights as (C, OC) views."""
-        # built once per set of parameter arrays (decoding calls this 12+ times a token);
-        # the views see in-place updates, and replacing an array rebuilds them
+    def _blocks(self):
+        """Per layer, its parameters with the (1, C, OC) conv weights as (C, OC) views.
+
+        Built once per set of parameter arrays (decoding would otherwise rebuild them every
+        token); the views see in-place updates, and replacing an array rebuilds them.
+        """
         key = tuple(map(id, self.params.values()))
         if getattr(self, "_blocks_key", None) != key:
-            self._blocks = [self._block_views(j) for j in range(self.hparams["n_layer"])]
+            self._block_list = [self._block_views(i) for i in range(self.hparams["n_layer"])]
             self._blocks_key = key
-        return self._blocks[i]
+        return self._block_list
 
     def _block_views(self, i):
         h = f"model/h{i}/"
@@ -157,8 +159,7 @@ class GPT2:
         # x is a fresh array: the residual additions below go into it in place
         x = K.encoder_forward(p["model/wte"], p["model/wpe"], tokens, pos0)
         L = self.hparams["n_layer"]
-        for i in range(L):
-            P = self._block(i)
+        for i, P in enumerate(self._blocks()):
             a, _, _ = K.layernorm_forward(x, P["ln_1/g"], P["ln_1/b"])
             qkv = K.matmul_forward(a, P["attn/c_attn/w"], P["attn/c_attn/b"])
             if cache is None:
@@ -202,8 +203,7 @@ class GPT2:
         # forward, keeping what each backward needs
         acts = []
         x = K.encoder_forward(p["model/wte"], p["model/wpe"], inputs)
-        for i in range(L):
-            P = self._block(i)
+        for P in self._blocks():
             a = {"x": x}
             a["ln1"], a["ln1_mean"], a["ln1_rstd"] = K.layernorm_forward(x, P["ln_1/g"], P["ln_1/b"])
             a["qkv"] = K.matmul_forward(a["ln1"], P["attn/c_attn/w"], P["attn/c_attn/b"])
@@ -231,7 +231,7 @@ class GPT2:
         dx, g["model/ln_f/g"], g["model/ln_f/b"] = K.layernorm_backward(
             dlnf, x, p["model/ln_f/g"], lnf_mean, lnf_rstd)
         for i in reversed(range(L)):
-            P, a, h = self._block(i), acts.pop(), f"model/h{i}/"
+            P, a, h = self._blocks()[i], acts.pop(), f"model/h{i}/"
             # the residual stream dx flows into the MLP branch and past it
             dfch_gelu, dw, g[h + "mlp/c_proj/b"] = K.matmul_backward(dx, a["fch_gelu"], P["mlp/c_proj/w"])
             g[h + "mlp/c_proj/w"] = dw[None]
