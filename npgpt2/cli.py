@@ -309,9 +309,12 @@ def cmd_demo(args):
     r = run_demo(steps=args.steps, quick=args.quick, seed=args.seed, out_dir=args.out)
     print(f"Trained a {r['params'] / 1e6:.2f}M-parameter GPT-2 for {r['steps']} steps "
           f"({r['train_seconds']:.0f} s) on {r['corpus']}.")
+    margin = r["unigram_entropy"] - r["val_loss"]
+    verdict = (f"{margin:.2f} nats/token below it: it learnt more than word frequencies" if margin > 0 else
+               f"{-margin:.2f} nats/token above it: train longer (--steps) to get below it")
     print(f"Validation loss {r['val_loss']:.3f} nats/token over {r['eval_tokens']} held-out tokens; "
-          f"a model of token frequencies alone scores {r['unigram_entropy']:.3f} (the corpus' unigram entropy), "
-          f"{r['unigram_entropy'] - r['val_loss']:.2f} nats more.")
+          f"a model of token frequencies alone scores {r['unigram_entropy']:.3f} (the corpus' unigram entropy): "
+          f"{verdict}.")
     h = r["history"]
     print("Validation loss by step: " + ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
     for i, text in enumerate(r["samples"]):
@@ -451,6 +454,11 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        # a file-system failure the library did not foresee: still one line, no traceback
+        where = e.filename2 or e.filename
+        print(f"npgpt2: error: {where + ': ' if where else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

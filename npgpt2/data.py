@@ -201,6 +201,8 @@ def encode_corpus(paths_or_globs, out_npz, tokenizer, combine=50000, encoding="u
         raise Npgpt2Error(f"{out_npz}: the output is also an input")
     if not out_npz.parent.is_dir():
         raise Npgpt2Error(f"{out_npz.parent}: output folder does not exist")
+    if out_npz.is_dir():
+        raise Npgpt2Error(f"{out_npz}: is a folder; give the .npz file to write")
     total = members = 0
     with atomic_write(out_npz) as f:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:

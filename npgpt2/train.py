@@ -95,6 +95,8 @@ def check_config(cfg, n_ctx):
         raise Npgpt2Error(f"--learning_rate must be > 0, got {cfg.learning_rate}")
     if not cfg.weight_decay >= 0:
         raise Npgpt2Error(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    if not cfg.grad_clip >= 0:
+        raise Npgpt2Error(f"--grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     if not 0 < cfg.top_p <= 1:
         raise Npgpt2Error(f"--top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.optimizer not in ("adam", "sgd"):
@@ -114,6 +116,15 @@ def state_path(run_dir, step):
     return Path(run_dir) / f"train_state-{step}.npz"
 
 
+def make_run_dir(run_dir):
+    """Create the run folder, or say in one line why it cannot be (checked before training)."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Npgpt2Error(f"{run_dir}: cannot make the run folder (--checkpoint_dir/--run_name): "
+                          f"{e.strerror or e}") from None
+
+
 def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=None):
     """Write train_state-<step>.npz, then model-<step> and the `checkpoint` file naming it.
 
@@ -121,7 +132,7 @@ def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=
     """
     from .model import save_model
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     arrays = {f"opt/{k}": v for k, v in opt.state_dict().items()}
     arrays.update({
         "format": np.array(STATE_FORMAT), "step": np.array(step, dtype=np.int64),
@@ -391,6 +402,7 @@ def train(cfg, on_step=None):
     if not cfg.dataset:
         raise Npgpt2Error("--dataset is required")
     run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
+    make_run_dir(run_dir)
     check_config(cfg, 1 << 30)  # flag ranges before anything slow; context checked again later
     model, state = restore(cfg, run_dir)
     tokenizer = load_tokenizer(model.source_dir)

@@ -211,6 +211,20 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0
 
 
+def test_cli_output_and_flag_mistakes_are_one_line(tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    (tmp_path / "out").mkdir()
+    r = run_cli("encode", tmp_path / "a.txt", tmp_path / "out", "--models_dir", FIX, "--model_name", "full")
+    assert r.returncode == 2 and "out: is a folder" in r.stderr and "Traceback" not in r.stderr
+    common = ["--dataset", tmp_path / "a.txt", "--models_dir", FIX, "--model_name", "full", "--steps", "1",
+              "--context", "8"]
+    r = run_cli("train", *common, "--checkpoint_dir", FIX / "full" / "hparams.json")
+    assert r.returncode == 2 and "cannot make the run folder" in r.stderr and "Traceback" not in r.stderr
+    assert not STEP_LINE.search(r.stderr)  # refused before any training
+    r = run_cli("train", *common, "--checkpoint_dir", tmp_path / "ck", "--grad_clip", "-1")
+    assert r.returncode == 2 and "--grad_clip must be >= 0" in r.stderr
+
+
 def test_sigint_saves_a_loadable_checkpoint(tmp_path):
     np.savez(tmp_path / "tok.npz", tiny_tokens())
     env = dict(os.environ, PYTHONPATH=str(REPO), NPGPT2_PLAIN="1")
