@@ -59,8 +59,14 @@ def matmul_flops(T, all_logits=True, train=False):
 
 
 # ---------------------------------------------------------------- processes
+THREADS = None  # --threads: both sides limited to this many threads
+
+
 def worker_env():
     env = dict(os.environ)
+    if THREADS:
+        for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[k] = str(THREADS)
     removed = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if env.pop(k, None) is not None]
     env.pop("NPGPT2_PLAIN", None)
     env["USE_TF"] = "0"  # transformers: do not import TensorFlow when it is installed
@@ -186,7 +192,18 @@ def run_all(args, log):
     else:
         step("generate_1558M", lambda: bench_big(log))
     step("tokenizer", lambda: bench_tokenizer(args))
+    step("kernels", lambda: bench_kernels(reps, log))
     return out
+
+
+def bench_kernels(reps, log):
+    """benchmarks/kernels.py: each Numba kernel against its plain NumPy twin."""
+    env, _ = worker_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernels.json"
+        subprocess.run([sys.executable, str(HERE / "kernels.py"), "--reps", str(reps), "--json", str(path)],
+                       stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT, check=True)
+        return {"rows": json.loads(path.read_text())}
 
 
 def bench_load(reps, sides, log):
@@ -456,13 +473,17 @@ def main(argv=None):
                     "tokenizer text, 1558M only if its checkpoint already exists")
     ap.add_argument("--reps", type=int, help="timed repetitions per side (default 5; 3 with --quick)")
     ap.add_argument("--only", help="comma-separated: hardware, forward, prefill, decode, train_b4t64, "
-                    "train_b1t1024, load, generate_1558M, tokenizer")
+                    "train_b1t1024, load, generate_1558M, tokenizer, kernels")
+    ap.add_argument("--threads", type=int, help="threads per side (default: all cores)")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON output path")
     args = ap.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
     args.reps = args.reps or (3 if args.quick else 5)
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     machine = machine_info()
+    machine["threads"] = args.threads or machine["cores"]
     print(f"npgpt2 benchmarks ({'quick' if args.quick else 'full'}, {args.reps} reps), "
           f"worker logs in {RESULTS / 'workers.log'}", file=sys.stderr)
     with open(RESULTS / "workers.log", "w") as log:
@@ -482,11 +503,18 @@ def main(argv=None):
         json.dump(out, f, indent=1)
     png = Path(args.out).with_suffix(".png")
     drew = chart(out, png)
-    print(f"\nGPT-2 124M shapes, random weights, float32; {machine['cores']} threads; "
+    print(f"\nGPT-2 124M shapes, random weights, float32; {machine['threads']} threads; "
           f"medians of {args.reps} alternating repetitions after a warm-up; {out['date']}")
     print(machine_line(out))
     print()
     print(out["table_markdown"])
+    krows = out["benchmarks"].get("kernels", {}).get("rows")
+    if krows:
+        sys.path.insert(0, str(HERE))
+        from kernels import format_table
+        print("\nEach kernel against its plain NumPy twin (npgpt2.layers), float32, median of "
+              f"{args.reps}:\n")
+        print(format_table(krows))
     print(f"\nwrote {args.out}" + (f" and {png}" if drew else " (no chart: matplotlib or PyTorch missing)")
           + f"; {out['wall_s'] / 60:.1f} min")
 

@@ -466,6 +466,38 @@ def attention_backward(dout, qkv, att, NH):
     return np.ascontiguousarray(dqkv.transpose(1, 3, 0, 2, 4)).reshape(B, T, C3)
 
 
+@njit(cache=True)
+def _softmax_rows_small(s):
+    """s: (N, L) float, in place; for decoding, where each row is short and one loop with
+    a scalar exp costs less than three calls around NumPy's."""
+    for i in range(s.shape[0]):
+        row = s[i]
+        m = _max(row, row.shape[0])
+        total = 0.0
+        for j in range(row.shape[0]):
+            e = math.exp(row[j] - m)
+            row[j] = e
+            total += e
+        inv = s.dtype.type(1.0 / total)
+        for j in range(row.shape[0]):
+            row[j] = row[j] * inv
+
+
+def _decode_attention(qkv, k_cache, v_cache, pos, NH):
+    """attention_forward_cached for one new position: views instead of copies, one
+    matrix-vector product per head for the scores and one for the output."""
+    B, _, C3 = qkv.shape
+    hs = C3 // 3 // NH
+    q, k, v = qkv.reshape(B, 3, NH, hs).transpose(1, 0, 2, 3)  # each (B, NH, hs), views
+    k_cache[:, :, pos] = k
+    v_cache[:, :, pos] = v
+    end = pos + 1
+    s = np.matmul(k_cache[:, :, :end], (q * (1.0 / math.sqrt(hs)))[..., None])  # (B, NH, end, 1)
+    _softmax_rows_small(s.reshape(B * NH, end))
+    y = np.matmul(s.reshape(B, NH, 1, end), v_cache[:, :, :end])  # (B, NH, 1, hs)
+    return y.reshape(B, 1, NH * hs)
+
+
 def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
     """Attention for T new positions pos0..pos0+T-1 against a KV cache (inference only).
 
@@ -475,6 +507,8 @@ def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
     attention_forward, with a scores buffer the size of one block (no (T, T) matrix).
     """
     B, T, C3 = qkv.shape
+    if T == 1:
+        return _decode_attention(qkv, k_cache, v_cache, pos0, NH)
     q, k, v = _split_qkv(qkv, NH)
     end = pos0 + T
     k_cache[:, :, pos0:end] = k
