@@ -515,7 +515,7 @@ def main(argv=None):
         print("\nEach kernel against its plain NumPy twin (npgpt2.layers), float32, median of "
               f"{args.reps}:\n")
         print(format_table(krows))
-    print(f"\nwrote {args.out}" + (f" and {png}" if drew else " (no chart: matplotlib or PyTorch missing)")
+    print(f"\nwrote {args.out}" + (f" and {png}" if drew else " (no chart: it needs matplotlib and the timed rows of both sides)")
           + f"; {out['wall_s'] / 60:.1f} min")
 
 
