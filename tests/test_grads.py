@@ -16,14 +16,6 @@ FIX = Path(__file__).parent / "fixtures"
 REF = np.load(FIX / "tiny_reference.npz")
 
 
-@pytest.fixture(params=["fast", "plain"])
-def path(request, monkeypatch):
-    if request.param == "plain":
-        monkeypatch.setenv("NPGPT2_PLAIN", "1")
-    else:
-        monkeypatch.delenv("NPGPT2_PLAIN", raising=False)
-
-
 def rel(ours, ref):
     return float(np.linalg.norm(ours.astype(np.float64) - ref) / np.linalg.norm(ref))
 

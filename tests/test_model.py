@@ -16,15 +16,6 @@ from npgpt2.model import GPT2, init_model, param_shapes, resolve_model_dir
 FIX = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(params=["fast", "plain"])
-def path(request, monkeypatch):
-    if request.param == "plain":
-        monkeypatch.setenv("NPGPT2_PLAIN", "1")
-    else:
-        monkeypatch.delenv("NPGPT2_PLAIN", raising=False)
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def tiny_ref():
     return np.load(FIX / "tiny_reference.npz")
