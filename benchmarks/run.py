@@ -451,14 +451,14 @@ def chart(out, path):
     a1.set_yticks(list(y), names)
     a1.invert_yaxis()
     a1.set_xlabel("speed vs PyTorch + HF (PyTorch time / npgpt2 time; higher is better)")
-    a1.legend(loc="lower right")
+    a1.legend(loc="upper right")
     w = 0.4
     a2.barh([i - w / 2 for i in y], [r[0] for r in rss], w, label="npgpt2")
     a2.barh([i + w / 2 for i in y], [r[1] for r in rss], w, label="PyTorch + HF")
     a2.set_yticks(list(y), names)
     a2.invert_yaxis()
     a2.set_xlabel("peak RSS (GiB)")
-    a2.legend(loc="lower right")
+    a2.legend(loc="upper right")
     fig.suptitle(f"npgpt2 vs PyTorch, GPT-2 124M fp32, {out['machine']['cores']} cores "
                  f"({out['date'][:10]}; medians of {out['reps']})")
     fig.tight_layout()

@@ -62,7 +62,6 @@ def npgpt2_info():
 
 def npgpt2_setup(bench, args):
     """-> (a function running one repetition, extra info)."""
-    import numpy as np
     import npgpt2
     from npgpt2.model import init_model
     from npgpt2.sampling import generate_stream
@@ -123,7 +122,7 @@ def torch_setup(bench, args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.get("threads", os.cpu_count()))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     hp = SIZES["124M"]
     # no dropout: npgpt2 has none, and it would only add work to the PyTorch side
     config = GPT2Config(vocab_size=hp["n_vocab"], n_positions=hp["n_ctx"], n_embd=hp["n_embd"],
@@ -229,7 +228,7 @@ def startup(side, args):
     else:
         import torch
         from transformers import GPT2LMHeadModel
-        torch.set_num_threads(args.get("threads", os.cpu_count()))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
         t_import = time.perf_counter()
         model = GPT2LMHeadModel.from_pretrained(args["dir"]).eval()
         t_load = time.perf_counter()

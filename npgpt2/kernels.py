@@ -33,7 +33,6 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from . import layers
 from .layers import *  # noqa: F401,F403  (the functions without a fast twin)
 from .layers import GELU_SCALE, merge_heads, softmax, split_heads  # noqa: F401
 
