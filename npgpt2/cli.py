@@ -18,14 +18,19 @@ def add_model_flags(p, default_models_dir="weights"):
     p.add_argument("--models_dir", default=default_models_dir, help="folder holding model folders (default %(default)s)")
 
 
+def add_sampling_knobs(p):
+    """The flags that shape each draw; shared by prompt/generate and chat."""
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
+    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+
+
 def add_sampling_flags(p):
     p.add_argument("--seed", type=int, default=None, help="random seed; same seed, same text")
     p.add_argument("--nsamples", type=int, default=1, help="samples to generate (0 = forever)")
     p.add_argument("--batch_size", type=int, default=1, help="samples computed together")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default n_ctx // 2)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
-    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    add_sampling_knobs(p)
     p.add_argument("--truncate", default=None, help='stop a sample as soon as this text appears, e.g. "<|endoftext|>"')
 
 
@@ -36,7 +41,7 @@ def load_for_generation(args):
     return load_model(model_dir), load_tokenizer(model_dir)
 
 
-def print_samples(model, enc, context, args, counter):
+def print_samples(model, enc, context, args):
     """Generate args.nsamples samples after `context` in OpenAI's output format."""
     import numpy as np
     from .sampling import TextStream, check_sampling_args, fit_prompt, generate_stream
@@ -55,7 +60,7 @@ def print_samples(model, enc, context, args, counter):
         streams = [TextStream(enc, [args.truncate] if args.truncate else []) for _ in range(rows)]
         live = rows == 1  # one sample at a time is shown as it is generated
         if live:
-            print_header(counter + done + 1)
+            print_header(done + 1)
         for tokens in generate_stream(model, context, length, args.temperature, args.top_k,
                                       args.top_p, batch_size=rows, rng=rng):
             for s, t in zip(streams, tokens):
@@ -70,11 +75,10 @@ def print_samples(model, enc, context, args, counter):
             if live:
                 sys.stdout.write(tail + "\n")
             else:
-                print_header(counter + done + i + 1)
+                print_header(done + i + 1)
                 sys.stdout.write(s.shown_text + "\n")
         sys.stdout.flush()
         done += rows
-    return counter + done
 
 
 def enable_line_editing():
@@ -93,7 +97,7 @@ def print_header(i):
 def cmd_generate(args):
     """Unconditional samples, as generate_unconditional_samples.py."""
     model, enc = load_for_generation(args)
-    print_samples(model, enc, [enc.eot_token], args, 0)
+    print_samples(model, enc, [enc.eot_token], args)
 
 
 def cmd_prompt(args):
@@ -113,7 +117,7 @@ def cmd_prompt(args):
         if not raw.strip():
             print("Prompt should not be empty!", file=sys.stderr)
             continue
-        print_samples(model, enc, enc.encode(raw), args, 0)
+        print_samples(model, enc, enc.encode(raw), args)
         print("=" * 80)
         sys.stdout.flush()
 
@@ -130,9 +134,7 @@ End of input (Ctrl-D) or Ctrl-C at the prompt quits; Ctrl-C during a reply stops
 def add_chat_flags(p):
     p.add_argument("--seed", type=int, default=None, help="random seed; same seed and messages, same replies")
     p.add_argument("--length", type=int, default=None, help="most tokens per reply (default n_ctx // 4)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
-    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    add_sampling_knobs(p)
     p.add_argument("--truncate", default=None, help="also end a reply where this text appears")
     p.add_argument("--user_tag", default="User:", help="the user's speaker tag (default %(default)s)")
     p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag (default %(default)s)")
