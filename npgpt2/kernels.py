@@ -1,8 +1,12 @@
 """Fast twins of the hot loops in layers.py: same names, same arguments, same results.
 
-Each public function here computes what its namesake in `layers.py` computes (tests keep
-them equal to tight tolerances in float32 and float64); `NPGPT2_PLAIN=1` makes the model
-use `layers.py` instead. Functions without a twin here are the plain ones, re-exported.
+The twins (each computes what its namesake in `layers.py` computes; tests keep them equal
+in float32 and float64) are listed in TWINS; the functions without a twin are the plain
+ones, re-exported by name (PLAIN), so that `kernels.encoder_forward` is visibly
+`layers.encoder_forward` and `kernels.layernorm_forward` visibly is not. `NPGPT2_PLAIN=1`
+makes the model use `layers.py` instead. One contract differs by design: what
+attention_forward saves for attention_backward (the plain twin: the probabilities
+(B, NH, T, T); here: the output and each row's log-sum-exp, see "fused attention").
 
 How the speed is won (each choice was measured against the plain twin, see benchmarks/):
 - Numba loops fuse the elementwise passes NumPy would make one temporary at a time
@@ -10,11 +14,10 @@ How the speed is won (each choice was measured against the plain twin, see bench
 - Transcendentals stay with NumPy: its float32 `exp`/`tanh` are SIMD, a scalar `tanh`
   from a Numba loop is ~10x slower. So a kernel prepares an argument in one Numba pass,
   lets NumPy apply `np.exp`/`np.tanh` in place, and finishes in a second Numba pass.
-- GEMMs stay on BLAS (`np.matmul`). Causal attention runs per block of queries: the
-  scores of a block against the keys it may see (never the masked future), so the
-  (T, T) matrix is half computed, and at inference never materialised at all.
-- `parallel=True` only where two threads measurably beat one; small inputs take the
-  serial twin of each loop (thread start-up would cost more than the loop).
+- GEMMs stay on BLAS (`np.matmul`). Causal attention runs per block of queries and keys,
+  skipping the blocks in the masked future; training keeps no (T, T) matrix.
+- `parallel=True` only where two threads measurably beat one; small inputs, and any
+  input while `threads.py` finds no free core, take the serial twin of each loop.
 - Sums accumulate in float64 with eight partial sums: no loss in float32 and no long
   dependency chain (fastmath stays off, so LLVM may not reorder a single sum itself).
 
@@ -33,8 +36,18 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from .layers import *  # noqa: F401,F403  (the functions without a fast twin)
-from .layers import GELU_SCALE, merge_heads, softmax, split_heads  # noqa: F401
+from . import threads
+# the plain functions, which have no fast twin here (the model calls them through this module)
+from .layers import encoder_forward, merge_heads, softmax, split_heads  # noqa: F401
+from .layers import GELU_SCALE
+
+PLAIN = ("encoder_forward", "merge_heads", "softmax", "split_heads")
+# the fast twins defined below, each with its plain namesake's signature (layers.py; for
+# adamw_update, optim.py)
+TWINS = ("layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward",
+         "gelu_forward", "gelu_backward", "attention_forward", "attention_backward",
+         "attention_forward_cached", "crossentropy_forward", "crossentropy_softmax_backward",
+         "encoder_backward", "adamw_update")
 
 # below this many elements a loop runs on one thread: starting the second thread costs
 # little on an idle machine, but on a busy one it waits for a core (milliseconds)
@@ -42,6 +55,12 @@ PARALLEL_MIN = 1 << 20
 # queries per block in causal attention (256 measured best at 2 threads: 128 makes BLAS calls
 # too small to share between the threads, 512 computes more of the masked triangle)
 QBLOCK = 256
+
+
+def _parallel(n):
+    """Run a loop over n elements on Numba's threads? Only if big enough, and only while
+    the thread policy finds more than one core free for us (threads.py)."""
+    return n >= PARALLEL_MIN and threads.numba_threads(n) > 1
 
 
 # ================================================================ helpers
@@ -142,7 +161,7 @@ def layernorm_forward(inp, weight, bias, eps=1e-5):
     out = np.empty_like(x)
     mean = np.empty(x.shape[0], x.dtype)
     rstd = np.empty(x.shape[0], x.dtype)
-    (_ln_fwd_par if x.size >= PARALLEL_MIN else _ln_fwd)(x, weight, bias, eps, out, mean, rstd)
+    (_ln_fwd_par if _parallel(x.size) else _ln_fwd)(x, weight, bias, eps, out, mean, rstd)
     lead = inp.shape[:-1]
     return out.reshape(inp.shape), mean.reshape(lead), rstd.reshape(lead)
 
@@ -193,7 +212,7 @@ def layernorm_backward(dout, inp, weight, mean, rstd):
     dw_part = np.zeros((nchunks, C))
     db_part = np.zeros((nchunks, C))
     dinp = np.empty_like(x)
-    (_ln_bwd_par if x.size >= PARALLEL_MIN else _ln_bwd)(
+    (_ln_bwd_par if _parallel(x.size) else _ln_bwd)(
         d, x, weight, mean.reshape(-1), rstd.reshape(-1), dinp, dw_part, db_part)
     dt = x.dtype
     return dinp.reshape(inp.shape), dw_part.sum(axis=0).astype(dt), db_part.sum(axis=0).astype(dt)
@@ -207,7 +226,9 @@ def matmul_forward(inp, weight, bias):
     place (one temporary fewer).
     """
     C, OC = weight.shape
-    out = inp.reshape(-1, C) @ weight
+    x = inp.reshape(-1, C)
+    threads.blas_threads(2 * x.shape[0] * C * OC)
+    out = x @ weight
     out += bias
     return out.reshape(inp.shape[:-1] + (OC,))
 
@@ -216,6 +237,7 @@ def matmul_backward(dout, inp, weight):
     """-> dinp (..., C), dweight (C, OC), dbias (OC,); every product one GEMM over all rows."""
     C, OC = weight.shape
     d = dout.reshape(-1, OC)
+    threads.blas_threads(2 * d.shape[0] * C * OC)
     dinp = (d @ weight.T).reshape(inp.shape)
     dweight = inp.reshape(-1, C).T @ d
     return dinp, dweight, d.sum(axis=0)
@@ -275,7 +297,7 @@ def gelu_forward(inp):
     """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); inp: any shape."""
     x = _flat(inp)
     t = np.empty_like(x)
-    par = x.size >= PARALLEL_MIN
+    par = _parallel(x.size)
     (_gelu_arg_par if par else _gelu_arg)(x, t)
     np.tanh(t, out=t)
     (_gelu_fwd_finish_par if par else _gelu_fwd_finish)(x, t)
@@ -286,7 +308,7 @@ def gelu_backward(dout, inp):
     """-> dinp, same shape as inp."""
     x, d = _flat(inp), _flat(dout)
     t = np.empty_like(x)
-    par = x.size >= PARALLEL_MIN
+    par = _parallel(x.size)
     (_gelu_arg_par if par else _gelu_arg)(x, t)
     np.tanh(t, out=t)
     (_gelu_bwd_finish_par if par else _gelu_bwd_finish)(d, x, t)
@@ -329,141 +351,253 @@ def _max(a, n):
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
-# The blockwise softmax works on rows r0..r1-1 of a C-contiguous (BH, R, *) array (batch
-# and heads flattened), columns 0..L-1, where row r may see columns 0..first + (r - r0):
-# the full att of training (the rows of one query block) or a prompt's scores buffer
-# (keys including the cache). Each head is one unit of work for the parallel drivers.
+# ---------------------------------------------------------------- fused (flash) attention
+# Training never keeps the (B, NH, T, T) probabilities: the forward pass walks each block
+# of queries over blocks of keys with an online softmax (a running row max m and row sum l;
+# when m grows, what was accumulated so far is rescaled by exp(m_old - m_new)) and saves
+# only the per-row log-sum-exp lse = m + log(l). The backward pass recomputes each block's
+# probabilities as exp(scores - lse) (FlashAttention-2's scheme). GEMMs stay on BLAS (one
+# call per block over all heads); the row bookkeeping runs in Numba, `exp` in NumPy (SIMD).
+# Arrays below are C-contiguous with batch and heads flattened: q/k/v (BH, T, hs), a block
+# of scores s (BH, R, Kb) for query rows i0..i0+R-1 at positions q0.. against keys c0..
+# Query row r may see keys 0..q0 + r.
+KBLOCK = 256  # keys per block (256 x 256 float32 scores of 12 heads: 3 MB, stays in cache)
+
+
 @njit(cache=True, inline="always")
-def _shift_head(s, bh, r0, r1, L, first):
-    """Subtract the max over the visible part; -inf on the masked part (so that np.exp
-    gives exactly 0 there, as in the plain softmax)."""
-    for r in range(r0, r1):
+def _online_shift_head(s, m, alpha, bh, i0, q0, c0):
+    """Raise the running max m by this block's visible scores; s -= m (-inf where masked);
+    alpha = exp(m_old - m_new), the factor for what was accumulated before."""
+    R, Kb = s.shape[1], s.shape[2]
+    for r in range(R):
         row = s[bh, r]
-        lim = min(L, first + (r - r0) + 1)
-        m = _max(row, lim)
+        lim = min(Kb, q0 + r - c0 + 1)
+        m_old = m[bh, i0 + r]
+        if lim <= 0:  # the whole block is in this row's future
+            alpha[bh, r] = 1.0
+            for j in range(Kb):
+                row[j] = -np.inf
+            continue
+        m_new = max(m_old, np.float64(_max(row, lim)))
+        alpha[bh, r] = math.exp(m_old - m_new)  # 0 for the first block (m_old = -inf)
+        m[bh, i0 + r] = m_new
+        shift = s.dtype.type(m_new)  # exact: m_new is one of the scores
         for j in range(lim):
-            row[j] = row[j] - m
-        for j in range(lim, L):
+            row[j] = row[j] - shift
+        for j in range(lim, Kb):
             row[j] = -np.inf
 
 
 @njit(cache=True)
-def _causal_shift(s, r0, r1, L, first):
+def _online_shift(s, m, alpha, i0, q0, c0):
     for bh in range(s.shape[0]):
-        _shift_head(s, bh, r0, r1, L, first)
+        _online_shift_head(s, m, alpha, bh, i0, q0, c0)
 
 
 @njit(cache=True, parallel=True)
-def _causal_shift_par(s, r0, r1, L, first):
+def _online_shift_par(s, m, alpha, i0, q0, c0):
     for bh in prange(s.shape[0]):
-        _shift_head(s, bh, r0, r1, L, first)
+        _online_shift_head(s, m, alpha, bh, i0, q0, c0)
 
 
 @njit(cache=True, inline="always")
-def _normalize_head(s, bh, r0, r1, L):
-    """Divide each row's exponentials by their sum."""
-    for r in range(r0, r1):
-        row = s[bh, r]
-        inv = s.dtype.type(1.0 / _sum(row[:L]))
-        for j in range(L):
-            row[j] = row[j] * inv
+def _online_accumulate_head(e, pv, l, y, alpha, bh, i0, first):
+    """e = exp(shifted scores), pv = e @ v_block: l = l * alpha + sum(e), y = y * alpha + pv."""
+    R = e.shape[1]
+    hs = y.shape[2]
+    for r in range(R):
+        total = _sum(e[bh, r])
+        yr = y[bh, i0 + r]
+        pr = pv[bh, r]
+        if first:
+            l[bh, i0 + r] = total
+            for d in range(hs):
+                yr[d] = pr[d]
+        else:
+            a = alpha[bh, r]
+            l[bh, i0 + r] = l[bh, i0 + r] * a + total
+            at = y.dtype.type(a)
+            for d in range(hs):
+                yr[d] = yr[d] * at + pr[d]
 
 
 @njit(cache=True)
-def _normalize_rows(s, r0, r1, L):
-    for bh in range(s.shape[0]):
-        _normalize_head(s, bh, r0, r1, L)
+def _online_accumulate(e, pv, l, y, alpha, i0, first):
+    for bh in range(e.shape[0]):
+        _online_accumulate_head(e, pv, l, y, alpha, bh, i0, first)
 
 
 @njit(cache=True, parallel=True)
-def _normalize_rows_par(s, r0, r1, L):
-    for bh in prange(s.shape[0]):
-        _normalize_head(s, bh, r0, r1, L)
+def _online_accumulate_par(e, pv, l, y, alpha, i0, first):
+    for bh in prange(e.shape[0]):
+        _online_accumulate_head(e, pv, l, y, alpha, bh, i0, first)
 
 
-def _causal_softmax_(s, r0, r1, L, first):
-    """softmax in place on s[:, :, r0:r1, :L] (s: (B, NH, R, *) C-contiguous), row r
-    seeing columns 0..first + r - r0."""
-    flat = s.reshape(-1, s.shape[2], s.shape[3])
-    par = flat.shape[0] * (r1 - r0) * L >= PARALLEL_MIN
-    (_causal_shift_par if par else _causal_shift)(flat, r0, r1, L, first)
-    block = s[:, :, r0:r1, :L]
-    np.exp(block, out=block)
-    (_normalize_rows_par if par else _normalize_rows)(flat, r0, r1, L)
+@njit(cache=True, parallel=True)
+def _online_finish(y, l, m, lse):
+    """y /= l; lse = m + log(l)."""
+    for bh in prange(y.shape[0]):
+        for t in range(y.shape[1]):
+            inv = y.dtype.type(1.0 / l[bh, t])
+            yr = y[bh, t]
+            for d in range(y.shape[2]):
+                yr[d] = yr[d] * inv
+            lse[bh, t] = m[bh, t] + math.log(l[bh, t])
+
+
+def _flash_forward(q, k, v, first):
+    """q: (BH, Tq, hs) already scaled, k, v: (BH, L, hs); query row r sees keys 0..first + r.
+    -> y (BH, Tq, hs), lse (BH, Tq) float64. No (Tq, L) matrix: one block of scores at a time."""
+    BH, Tq, hs = q.shape
+    y = np.empty_like(q)
+    m = np.full((BH, Tq), -np.inf)
+    l = np.empty((BH, Tq))
+    lse = np.empty((BH, Tq))
+    bq, bk = min(Tq, QBLOCK), min(first + Tq, KBLOCK)
+    sbuf = np.empty(BH * bq * bk, q.dtype)
+    pvbuf = np.empty(BH * bq * hs, q.dtype)
+    alpha = np.empty((BH, bq))
+    par = _parallel(BH * bq * bk)
+    threads.blas_threads(2 * BH * bq * bk * hs)
+    shift_, accumulate = (_online_shift_par, _online_accumulate_par) if par else (_online_shift, _online_accumulate)
+    for i0 in range(0, Tq, QBLOCK):
+        i1 = min(Tq, i0 + QBLOCK)
+        R = i1 - i0
+        pv = pvbuf[:BH * R * hs].reshape(BH, R, hs)
+        for c0 in range(0, first + i1, KBLOCK):  # the keys the block's last row sees
+            c1 = min(first + i1, c0 + KBLOCK)
+            s = sbuf[:BH * R * (c1 - c0)].reshape(BH, R, c1 - c0)
+            np.matmul(q[:, i0:i1], k[:, c0:c1].swapaxes(1, 2), out=s)  # [BH, R, hs] @ [BH, hs, Kb]
+            shift_(s, m, alpha, i0, first + i0, c0)
+            np.exp(s, out=s)
+            np.matmul(s, v[:, c0:c1], out=pv)  # [BH, R, Kb] @ [BH, Kb, hs]
+            accumulate(s, pv, l, y, alpha, i0, c0 == 0)
+    _parallel(y.size)  # sets Numba's thread count for this loop
+    _online_finish(y, l, m, lse)
+    return y, lse
 
 
 def attention_forward(qkv, NH):
-    """Causal multi-head self-attention.
+    """Causal multi-head self-attention, fused: the same out as layers.attention_forward.
 
-    qkv: (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) the softmax probabilities.
-    Query blocks only meet the keys they may see: scores above the diagonal block are
-    never computed and att stays 0 there.
+    qkv: (B, T, 3C) -> out (B, T, C), saved = (out, lse) with lse (B*NH, T) float64 the
+    log-sum-exp of each row of scores: all that attention_backward needs to recompute the
+    probabilities (the plain twin saves them, (B, NH, T, T)).
     """
     B, T, C3 = qkv.shape
-    q, k, v = _split_qkv(qkv, NH)
-    att = np.zeros((B, NH, T, T), dtype=qkv.dtype)
-    y = np.empty_like(q)
-    for i0 in range(0, T, QBLOCK):
-        i1 = min(T, i0 + QBLOCK)
-        s = att[:, :, i0:i1, :i1]
-        np.matmul(q[:, :, i0:i1], k[:, :, :i1].swapaxes(-1, -2), out=s)
-        _causal_softmax_(att, i0, i1, i1, i0)
-        np.matmul(s, v[:, :, :i1], out=y[:, :, i0:i1])
-    return merge_heads(y), att
-
-
-@njit(cache=True, inline="always")
-def _softmax_backward_head(datt, att, bh, r0, scale):
-    R, L = datt.shape[1], datt.shape[2]
-    sc = datt.dtype.type(scale)
-    for r in range(R):
-        d = datt[bh, r]
-        a = att[bh, r0 + r]
-        dot = d.dtype.type(_dot(d, a[:L]))
-        for j in range(L):
-            d[j] = a[j] * (d[j] - dot) * sc
-
-
-@njit(cache=True)
-def _softmax_backward_rows(datt, att, r0, scale):
-    """datt: (BH, R, L) <- att * (datt - sum(datt * att)) * scale, with att's rows
-    r0..r0+R-1 (columns 0..L-1) the matching probabilities."""
-    for bh in range(datt.shape[0]):
-        _softmax_backward_head(datt, att, bh, r0, scale)
+    q, k, v = _split_qkv(qkv, NH)  # each [B, NH, T, hs]
+    hs = q.shape[-1]
+    y, lse = _flash_forward(*(t.reshape(B * NH, T, hs) for t in (q, k, v)), 0)
+    out = merge_heads(y.reshape(B, NH, T, hs))  # [B, NH, T, hs] -> [B, T, C]
+    return out, (out, lse)
 
 
 @njit(cache=True, parallel=True)
-def _softmax_backward_rows_par(datt, att, r0, scale):
-    for bh in prange(datt.shape[0]):
-        _softmax_backward_head(datt, att, bh, r0, scale)
+def _rowdot_heads(dout, out, D, NH):
+    """D[b * NH + h, t] = dout[b, t, head h] . out[b, t, head h]  (dout, out: (B, T, C))."""
+    B, T, C = out.shape
+    hs = C // NH
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        for t in range(T):
+            D[bh, t] = _dot(dout[b, t, h * hs:(h + 1) * hs], out[b, t, h * hs:(h + 1) * hs])
 
 
-def attention_backward(dout, qkv, att, NH):
-    """dout: (B, T, C) -> dqkv (B, T, 3C). Blockwise like attention_forward."""
+@njit(cache=True, inline="always")
+def _probs_head(s, lse, bh, i0, q0, c0):
+    """s -= lse (-inf where masked), so that exp(s) are the probabilities of the block."""
+    R, Kb = s.shape[1], s.shape[2]
+    for r in range(R):
+        row = s[bh, r]
+        lim = max(0, min(Kb, q0 + r - c0 + 1))
+        z = lse[bh, i0 + r]
+        for j in range(lim):
+            row[j] = row[j] - z
+        for j in range(lim, Kb):
+            row[j] = -np.inf
+
+
+@njit(cache=True)
+def _probs(s, lse, i0, q0, c0):
+    for bh in range(s.shape[0]):
+        _probs_head(s, lse, bh, i0, q0, c0)
+
+
+@njit(cache=True, parallel=True)
+def _probs_par(s, lse, i0, q0, c0):
+    for bh in prange(s.shape[0]):
+        _probs_head(s, lse, bh, i0, q0, c0)
+
+
+@njit(cache=True, inline="always")
+def _dscores_head(dp, p, D, bh, i0):
+    """dp <- p * (dp - D): the softmax backward (masked entries have p = 0)."""
+    R, Kb = dp.shape[1], dp.shape[2]
+    for r in range(R):
+        d = dp.dtype.type(D[bh, i0 + r])
+        dr = dp[bh, r]
+        pr = p[bh, r]
+        for j in range(Kb):
+            dr[j] = pr[j] * (dr[j] - d)
+
+
+@njit(cache=True)
+def _dscores(dp, p, D, i0):
+    for bh in range(dp.shape[0]):
+        _dscores_head(dp, p, D, bh, i0)
+
+
+@njit(cache=True, parallel=True)
+def _dscores_par(dp, p, D, i0):
+    for bh in prange(dp.shape[0]):
+        _dscores_head(dp, p, D, bh, i0)
+
+
+def attention_backward(dout, qkv, saved, NH):
+    """dout: (B, T, C), saved = (out, lse) from attention_forward -> dqkv (B, T, 3C).
+
+    Per pair of blocks: p = exp(q k^T - lse), dv += p^T dy, dp = dy v^T,
+    ds = p (dp - D) with D = rowsum(dy * out), dq += ds k, dk += ds^T q.
+    """
+    out, lse = saved
     B, T, C3 = qkv.shape
-    q, k, v = _split_qkv(qkv, NH)
+    BH = B * NH
+    q, k, v = (t.reshape(BH, T, -1) for t in _split_qkv(qkv, NH))  # q scaled by 1/sqrt(hs)
     hs = q.shape[-1]
-    q *= math.sqrt(hs)  # dk needs q unscaled (the scale is applied to dscores)
-    scale = 1.0 / math.sqrt(hs)
-    att = np.ascontiguousarray(att)
-    dy = np.ascontiguousarray(split_heads(dout, NH))
-    dqkv = np.empty((3, B, NH, T, hs), dtype=qkv.dtype)
+    dy = np.ascontiguousarray(split_heads(dout, NH)).reshape(BH, T, hs)  # [B, T, C] -> [BH, T, hs]
+    D = np.empty((BH, T))
+    _parallel(dout.size)  # sets Numba's thread count for this loop
+    _rowdot_heads(np.ascontiguousarray(dout), np.ascontiguousarray(out), D, NH)
+    dqkv = np.zeros((3, BH, T, hs), dtype=qkv.dtype)
     dq, dk, dv = dqkv[0], dqkv[1], dqkv[2]
-    dk[...] = 0
-    dv[...] = 0
+    bq, bk = min(T, QBLOCK), min(T, KBLOCK)
+    sbuf = np.empty(BH * bq * bk, q.dtype)
+    dpbuf = np.empty(BH * bq * bk, q.dtype)
+    tmp = np.empty(BH * max(bq, bk) * hs, q.dtype)
+    par = _parallel(BH * bq * bk)
+    threads.blas_threads(2 * BH * bq * bk * hs)
+    probs, dscores = (_probs_par, _dscores_par) if par else (_probs, _dscores)
     for i0 in range(0, T, QBLOCK):
         i1 = min(T, i0 + QBLOCK)
-        a = att[:, :, i0:i1, :i1]
-        dyb = dy[:, :, i0:i1]
-        dv[:, :, :i1] += a.swapaxes(-1, -2) @ dyb
-        datt = dyb @ v[:, :, :i1].swapaxes(-1, -2)
-        flat = datt.reshape(B * NH, i1 - i0, i1)
-        (_softmax_backward_rows_par if flat.size >= PARALLEL_MIN else _softmax_backward_rows)(
-            flat, att.reshape(B * NH, T, T), i0, scale)
-        np.matmul(datt, k[:, :, :i1], out=dq[:, :, i0:i1])
-        dk[:, :, :i1] += datt.swapaxes(-1, -2) @ q[:, :, i0:i1]
+        R = i1 - i0
+        for c0 in range(0, i1, KBLOCK):
+            c1 = min(i1, c0 + KBLOCK)
+            Kb = c1 - c0
+            p = sbuf[:BH * R * Kb].reshape(BH, R, Kb)
+            np.matmul(q[:, i0:i1], k[:, c0:c1].swapaxes(1, 2), out=p)  # scores [BH, R, Kb]
+            probs(p, lse, i0, i0, c0)
+            np.exp(p, out=p)
+            t_kv = tmp[:BH * Kb * hs].reshape(BH, Kb, hs)
+            dv[:, c0:c1] += np.matmul(p.swapaxes(1, 2), dy[:, i0:i1], out=t_kv)  # [BH, Kb, hs]
+            dp = dpbuf[:BH * R * Kb].reshape(BH, R, Kb)
+            np.matmul(dy[:, i0:i1], v[:, c0:c1].swapaxes(1, 2), out=dp)  # [BH, R, Kb]
+            dscores(dp, p, D, i0)
+            t_q = tmp[:BH * R * hs].reshape(BH, R, hs)
+            dq[:, i0:i1] += np.matmul(dp, k[:, c0:c1], out=t_q)  # [BH, R, hs]
+            dk[:, c0:c1] += np.matmul(dp.swapaxes(1, 2), q[:, i0:i1], out=t_kv)  # q holds the scale
+    dq *= 1.0 / math.sqrt(hs)  # d(scores)/dq = k / sqrt(hs)
     # (3, B, NH, T, hs) -> (B, T, 3, NH, hs) = (B, T, 3C)
-    return np.ascontiguousarray(dqkv.transpose(1, 3, 0, 2, 4)).reshape(B, T, C3)
+    return np.ascontiguousarray(dqkv.reshape(3, B, NH, T, hs).transpose(1, 3, 0, 2, 4)).reshape(B, T, C3)
 
 
 @njit(cache=True)
@@ -492,6 +626,7 @@ def _decode_attention(qkv, k_cache, v_cache, pos, NH):
     k_cache[:, :, pos] = k
     v_cache[:, :, pos] = v
     end = pos + 1
+    threads.blas_threads(2 * B * NH * end * hs)
     s = np.matmul(k_cache[:, :, :end], (q * (1.0 / math.sqrt(hs)))[..., None])  # (B, NH, end, 1)
     _softmax_rows_small(s.reshape(B * NH, end))
     y = np.matmul(s.reshape(B, NH, 1, end), v_cache[:, :, :end])  # (B, NH, 1, hs)
@@ -509,21 +644,14 @@ def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
     B, T, C3 = qkv.shape
     if T == 1:
         return _decode_attention(qkv, k_cache, v_cache, pos0, NH)
-    q, k, v = _split_qkv(qkv, NH)
+    q, k, v = _split_qkv(qkv, NH)  # each [B, NH, T, hs]
+    hs = q.shape[-1]
     end = pos0 + T
     k_cache[:, :, pos0:end] = k
     v_cache[:, :, pos0:end] = v
-    y = np.empty_like(q)
-    rows = min(T, QBLOCK)
-    buf = np.empty(B * NH * rows * end, dtype=qkv.dtype)
-    for i0 in range(0, T, QBLOCK):
-        i1 = min(T, i0 + QBLOCK)
-        L = pos0 + i1
-        s = buf[:B * NH * (i1 - i0) * L].reshape(B, NH, i1 - i0, L)
-        np.matmul(q[:, :, i0:i1], k_cache[:, :, :L].swapaxes(-1, -2), out=s)
-        _causal_softmax_(s, 0, i1 - i0, L, pos0 + i0)
-        np.matmul(s, v_cache[:, :, :L], out=y[:, :, i0:i1])
-    return merge_heads(y)
+    kc, vc = (np.ascontiguousarray(c[:, :, :end]).reshape(B * NH, end, hs) for c in (k_cache, v_cache))
+    y, _ = _flash_forward(q.reshape(B * NH, T, hs), kc, vc, pos0)
+    return merge_heads(y.reshape(B, NH, T, hs))
 
 
 # ================================================================ cross-entropy
@@ -563,6 +691,7 @@ def crossentropy_forward(logits, targets):
         raise IndexError(f"target id out of range [0, {V})")
     probs = np.empty_like(x)
     zt = np.empty(N, np.float64)
+    _parallel(x.size)  # sets Numba's thread count for the loops below
     _ce_shift(x, t, probs, zt)
     np.exp(probs, out=probs)
     losses = np.empty(N, dtype=x.dtype)
@@ -590,6 +719,7 @@ def crossentropy_softmax_backward(dlosses, probs, targets):
     if t.size and (t.min() < 0 or t.max() >= p.shape[1]):
         raise IndexError(f"target id out of range [0, {p.shape[1]})")
     dlogits = np.empty_like(p)
+    _parallel(p.size)  # sets Numba's thread count for this loop
     _ce_backward(np.ascontiguousarray(dlosses, dtype=p.dtype).reshape(-1), p, t, dlogits)
     return dlogits.reshape(probs.shape)
 
@@ -658,6 +788,6 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch=
     decay = 1.0 - float(lr) * float(weight_decay)
     step_size = float(lr) / (1.0 - beta1 ** step)
     bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    (_adamw_par if p.size >= PARALLEL_MIN else _adamw)(
+    (_adamw_par if _parallel(p.size) else _adamw)(
         *(a.reshape(-1) for a in arrays), float(beta1), float(beta2), float(eps), decay,
         step_size, bc2_sqrt)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from npgpt2 import kernels as K
-from npgpt2 import layers as L
+from npgpt2 import kernels
+from npgpt2 import layers
 from npgpt2 import optim
 from npgpt2.model import ops
 
@@ -47,7 +47,7 @@ def close(got, want, dtype, scale=None):
 def threads(request, monkeypatch):
     """Run each test with the serial loops, and again with every loop taking the parallel one."""
     if request.param == "parallel":
-        monkeypatch.setattr(K, "PARALLEL_MIN", 0)
+        monkeypatch.setattr(kernels, "PARALLEL_MIN", 0)
     return request.param
 
 
@@ -67,14 +67,14 @@ def test_layernorm(dtype, seed, lead, C, offset):
     # float32 NumPy subtracts a float32 mean: its error grows with |x| / std(x)
     cond = min(1e4, float(np.abs(x).max() / max(x.astype(np.float64).std(axis=-1).min(), 1e-30)))
     cond = 1.0 if C == 1 else max(1.0, cond)
-    want = L.layernorm_forward(x, w, b)
-    got = K.layernorm_forward(x, w, b)
+    want = layers.layernorm_forward(x, w, b)
+    got = kernels.layernorm_forward(x, w, b)
     close(got[0], want[0], dtype, scale=max(1.0, float(np.abs(want[0]).max())) * cond)
     close(got[1], want[1], dtype)
     close(got[2], want[2], dtype, scale=max(1.0, float(np.abs(want[2]).max())) * cond)
     dout = randn(rng, x.shape, dtype)
-    want = L.layernorm_backward(dout, x, w, want[1], want[2])
-    got = K.layernorm_backward(dout, x, w, got[1], got[2])
+    want = layers.layernorm_backward(dout, x, w, want[1], want[2])
+    got = kernels.layernorm_backward(dout, x, w, got[1], got[2])
     for g_, w_ in zip(got, want):
         close(g_, w_, dtype, scale=max(1.0, float(np.abs(w_).max())) * cond * 10)
 
@@ -83,7 +83,7 @@ def test_layernorm_noncontiguous_input():
     rng = np.random.default_rng(0)
     x = randn(rng, (6, 4, 10), np.float64).transpose(1, 0, 2)  # (4, 6, 10) strided
     w, b = randn(rng, (10,), np.float64), randn(rng, (10,), np.float64)
-    for g_, w_ in zip(K.layernorm_forward(x, w, b), L.layernorm_forward(x, w, b)):
+    for g_, w_ in zip(kernels.layernorm_forward(x, w, b), layers.layernorm_forward(x, w, b)):
         close(g_, w_, np.float64)
 
 
@@ -94,8 +94,8 @@ def test_layernorm_noncontiguous_input():
 def test_gelu(dtype, seed, shape, scale):
     rng = np.random.default_rng(seed)
     x, dout = randn(rng, shape, dtype, scale), randn(rng, shape, dtype)
-    close(K.gelu_forward(x), L.gelu_forward(x), dtype)
-    close(K.gelu_backward(dout, x), L.gelu_backward(dout, x), dtype)
+    close(kernels.gelu_forward(x), layers.gelu_forward(x), dtype)
+    close(kernels.gelu_backward(dout, x), layers.gelu_backward(dout, x), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -104,11 +104,11 @@ def test_matmul(dtype, lead):
     rng = np.random.default_rng(1)
     x, w, b = randn(rng, lead + (5,), dtype), randn(rng, (5, 4), dtype), randn(rng, (4,), dtype)
     w0, b0 = w.copy(), b.copy()
-    close(K.matmul_forward(x, w, b), L.matmul_forward(x, w, b), dtype)
+    close(kernels.matmul_forward(x, w, b), layers.matmul_forward(x, w, b), dtype)
     # the in-place bias add touches only the fresh product
     assert np.array_equal(w, w0) and np.array_equal(b, b0)
     dout = randn(rng, lead + (4,), dtype)
-    for g_, w_ in zip(K.matmul_backward(dout, x, w), L.matmul_backward(dout, x, w)):
+    for g_, w_ in zip(kernels.matmul_backward(dout, x, w), layers.matmul_backward(dout, x, w)):
         close(g_, w_, dtype)
 
 
@@ -117,29 +117,71 @@ attn_shapes = st.tuples(st.integers(1, 2), st.integers(1, 11), st.integers(1, 3)
                         st.integers(1, 5))  # B, T, NH, hs
 
 
+def causal_lse(qkv, NH):
+    """Each row's log-sum-exp of the masked, scaled scores, straight from the definition
+    (float64, independent of both twins): (B*NH, T)."""
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // NH
+    x = qkv.astype(np.float64).reshape(B, T, 3, NH, hs)
+    q, k = x[:, :, 0].transpose(0, 2, 1, 3), x[:, :, 1].transpose(0, 2, 1, 3)
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
+    s[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] = -np.inf
+    m = s.max(axis=-1, keepdims=True)
+    return (m[..., 0] + np.log(np.exp(s - m).sum(axis=-1))).reshape(B * NH, T)
+
+
 @FAST
-@given(dtype=dtypes, seed=seeds, shape=attn_shapes, qblock=st.sampled_from([1, 3, 4, 128]))
-def test_attention_forward_backward(dtype, seed, shape, qblock, monkeypatch_module):
+@given(dtype=dtypes, seed=seeds, shape=attn_shapes, qblock=st.sampled_from([1, 3, 4, 128]),
+       kblock=st.sampled_from([1, 2, 5, 128]))
+def test_attention_forward_backward(dtype, seed, shape, qblock, kblock, monkeypatch_module):
+    """The fused attention (online softmax over key blocks, backward recomputed from the
+    saved log-sum-exp) gives the plain twin's out and dqkv; what each saves differs."""
     B, T, NH, hs = shape
-    monkeypatch_module.setattr(K, "QBLOCK", qblock)
+    monkeypatch_module.setattr(kernels, "QBLOCK", qblock)
+    monkeypatch_module.setattr(kernels, "KBLOCK", kblock)
     rng = np.random.default_rng(seed)
     qkv = randn(rng, (B, T, 3 * NH * hs), dtype, 2.0)
-    out_w, att_w = L.attention_forward(qkv, NH)
-    out_g, att_g = K.attention_forward(qkv, NH)
+    out_w, att = layers.attention_forward(qkv, NH)
+    out_g, saved = kernels.attention_forward(qkv, NH)
     close(out_g, out_w, dtype)
-    close(att_g, att_w, dtype)
-    assert np.all(att_g[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
+    saved_out, lse = saved
+    assert saved_out is out_g and lse.shape == (B * NH, T)
+    np.testing.assert_allclose(lse, causal_lse(qkv, NH), rtol=0, atol=TOL[dtype] * 8 * max(1.0, np.abs(lse).max()))
     dout = randn(rng, (B, T, NH * hs), dtype)
-    close(K.attention_backward(dout, qkv, att_g, NH), L.attention_backward(dout, qkv, att_w, NH), dtype)
+    close(kernels.attention_backward(dout, qkv, saved, NH), layers.attention_backward(dout, qkv, att, NH), dtype)
+
+
+def test_fused_attention_gradient_by_finite_differences():
+    """Independent of the plain twin: the directional derivative of sum(dout * out) along
+    random directions equals <dqkv, direction> (central differences, float64), with
+    blocks small enough that the online softmax rescales several times."""
+    rng = np.random.default_rng(7)
+    B, T, NH, hs = 2, 9, 2, 3
+    qkv = rng.standard_normal((B, T, 3 * NH * hs)) * 2
+    dout = rng.standard_normal((B, T, NH * hs))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(kernels, "QBLOCK", 4)
+    mp.setattr(kernels, "KBLOCK", 3)
+    try:
+        f = lambda x: float((dout * kernels.attention_forward(x, NH)[0]).sum())  # noqa: E731
+        dqkv = kernels.attention_backward(dout, qkv, kernels.attention_forward(qkv, NH)[1], NH)
+        for _ in range(4):
+            u = rng.standard_normal(qkv.shape)
+            eps = 1e-5
+            numeric = (f(qkv + eps * u) - f(qkv - eps * u)) / (2 * eps)
+            assert numeric == pytest.approx(float((dqkv * u).sum()), rel=1e-7, abs=1e-8)
+    finally:
+        mp.undo()
 
 
 @FAST
 @given(dtype=dtypes, seed=seeds, shape=attn_shapes, pos0=st.integers(0, 6),
-       qblock=st.sampled_from([2, 128]))
-def test_attention_cached_prefill_and_decode(dtype, seed, shape, pos0, qblock, monkeypatch_module):
+       qblock=st.sampled_from([2, 128]), kblock=st.sampled_from([3, 128]))
+def test_attention_cached_prefill_and_decode(dtype, seed, shape, pos0, qblock, kblock, monkeypatch_module):
     """A prompt of T positions after pos0 cached ones, then two single-token steps."""
     B, T, NH, hs = shape
-    monkeypatch_module.setattr(K, "QBLOCK", qblock)
+    monkeypatch_module.setattr(kernels, "QBLOCK", qblock)
+    monkeypatch_module.setattr(kernels, "KBLOCK", kblock)
     rng = np.random.default_rng(seed)
     n_ctx = pos0 + T + 3
     C = NH * hs
@@ -155,8 +197,8 @@ def test_attention_cached_prefill_and_decode(dtype, seed, shape, pos0, qblock, m
              (pos0 + T, randn(rng, (B, 1, 3 * C), dtype, 2.0)),
              (pos0 + T + 1, randn(rng, (B, 1, 3 * C), dtype, 2.0))]
     for p0, qkv in steps:
-        want = L.attention_forward_cached(qkv, *caches["plain"], p0, NH)
-        got = K.attention_forward_cached(qkv, *caches["fast"], p0, NH)
+        want = layers.attention_forward_cached(qkv, *caches["plain"], p0, NH)
+        got = kernels.attention_forward_cached(qkv, *caches["fast"], p0, NH)
         close(got, want, dtype)
         assert np.array_equal(caches["fast"][0], caches["plain"][0])
         assert np.array_equal(caches["fast"][1], caches["plain"][1])
@@ -167,11 +209,11 @@ def test_cached_attention_equals_full_attention_rows():
     rng = np.random.default_rng(3)
     B, T, NH, hs = 2, 9, 3, 4
     qkv = randn(rng, (B, T, 3 * NH * hs), np.float64)
-    full, _ = L.attention_forward(qkv, NH)
+    full, _ = layers.attention_forward(qkv, NH)
     kc = np.zeros((B, NH, 16, hs))
     vc = np.zeros_like(kc)
-    parts = [K.attention_forward_cached(qkv[:, :4], kc, vc, 0, NH)]
-    parts += [K.attention_forward_cached(qkv[:, t:t + 1], kc, vc, t, NH) for t in range(4, T)]
+    parts = [kernels.attention_forward_cached(qkv[:, :4], kc, vc, 0, NH)]
+    parts += [kernels.attention_forward_cached(qkv[:, t:t + 1], kc, vc, t, NH) for t in range(4, T)]
     close(np.concatenate(parts, axis=1), full, np.float64)
 
 
@@ -191,22 +233,22 @@ def test_crossentropy(dtype, seed, B, T, V, scale):
     rng = np.random.default_rng(seed)
     logits = randn(rng, (B, T, V), dtype, scale)
     targets = rng.integers(0, V, (B, T))
-    lw, pw = L.crossentropy_forward(logits, targets)
-    lg, pg = K.crossentropy_forward(logits, targets)
+    lw, pw = layers.crossentropy_forward(logits, targets)
+    lg, pg = kernels.crossentropy_forward(logits, targets)
     close(lg, lw, dtype)
     close(pg, pw, dtype)
     assert np.all(np.isfinite(lg))
     dl = randn(rng, (B, T), dtype)
-    close(K.crossentropy_softmax_backward(dl, pw, targets),
-          L.crossentropy_softmax_backward(dl, pw, targets), dtype)
+    close(kernels.crossentropy_softmax_backward(dl, pw, targets),
+          layers.crossentropy_softmax_backward(dl, pw, targets), dtype)
 
 
 def test_crossentropy_rejects_bad_target():
     logits = np.zeros((1, 2, 5), np.float32)
     with pytest.raises(IndexError):
-        K.crossentropy_forward(logits, np.array([[0, 5]]))
+        kernels.crossentropy_forward(logits, np.array([[0, 5]]))
     with pytest.raises(IndexError):
-        K.crossentropy_softmax_backward(np.ones((1, 2), np.float32), logits, np.array([[-1, 0]]))
+        kernels.crossentropy_softmax_backward(np.ones((1, 2), np.float32), logits, np.array([[-1, 0]]))
 
 
 @FAST
@@ -216,7 +258,7 @@ def test_encoder_backward(dtype, seed, B, T, V, C):
     rng = np.random.default_rng(seed)
     inp = rng.integers(0, V, (B, T))  # a small vocab: tokens repeat and must accumulate
     dout = randn(rng, (B, T, C), dtype)
-    for g_, w_ in zip(K.encoder_backward(dout, inp, V, T + 2), L.encoder_backward(dout, inp, V, T + 2)):
+    for g_, w_ in zip(kernels.encoder_backward(dout, inp, V, T + 2), layers.encoder_backward(dout, inp, V, T + 2)):
         close(g_, w_, dtype)
 
 
@@ -232,7 +274,7 @@ def test_adamw_equals_plain_twin(dtype, seed, shape, wd):
     plain = [p.copy(), m.copy(), v.copy()]
     for step in (1, 2, 3):
         g = randn(rng, shape, dtype)
-        K.adamw_update(fast[0], g, fast[1], fast[2], 1e-2, 0.9, 0.999, 1e-8, wd, step)
+        kernels.adamw_update(fast[0], g, fast[1], fast[2], 1e-2, 0.9, 0.999, 1e-8, wd, step)
         optim.adamw_update(plain[0], g, plain[1], plain[2], 1e-2, 0.9, 0.999, 1e-8, wd, step)
     for f, q in zip(fast, plain):
         close(f, q, dtype)
@@ -244,8 +286,8 @@ def test_adamw_matches_torch_trajectory():
     p, pb = ref["p0"].copy(), ref["p0b"].copy()
     state = [np.zeros_like(p), np.zeros_like(p), np.zeros_like(pb), np.zeros_like(pb)]
     for t in range(1, int(ref["steps"]) + 1):
-        K.adamw_update(p, ref[f"g{t}"], state[0], state[1], *hp, t)
-        K.adamw_update(pb, ref[f"gb{t}"], state[2], state[3], *hp, t)
+        kernels.adamw_update(p, ref[f"g{t}"], state[0], state[1], *hp, t)
+        kernels.adamw_update(pb, ref[f"gb{t}"], state[2], state[3], *hp, t)
         np.testing.assert_allclose(p, ref[f"p{t}"], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(pb, ref[f"pb{t}"], rtol=1e-12, atol=1e-14)
 
@@ -253,33 +295,46 @@ def test_adamw_matches_torch_trajectory():
 def test_adamw_rejects_strided_or_readonly():
     p = np.zeros((4, 4))
     with pytest.raises(ValueError):
-        K.adamw_update(p[:, ::2], p[:, ::2], p[:, ::2], p[:, ::2], 1e-3, 0.9, 0.999, 1e-8, 0, 1)
+        kernels.adamw_update(p[:, ::2], p[:, ::2], p[:, ::2], p[:, ::2], 1e-3, 0.9, 0.999, 1e-8, 0, 1)
     ro = np.zeros(3)
     ro.flags.writeable = False
     with pytest.raises(ValueError):
-        K.adamw_update(ro, np.zeros(3), np.zeros(3), np.zeros(3), 1e-3, 0.9, 0.999, 1e-8, 0, 1)
+        kernels.adamw_update(ro, np.zeros(3), np.zeros(3), np.zeros(3), 1e-3, 0.9, 0.999, 1e-8, 0, 1)
 
 
 # ---------------------------------------------------------------- the switch and the cache
 def test_plain_switch(monkeypatch):
     monkeypatch.setenv("NPGPT2_PLAIN", "1")
-    assert ops() is L
+    assert ops() is layers
     monkeypatch.setenv("NPGPT2_PLAIN", "0")
-    assert ops() is K
+    assert ops() is kernels
     monkeypatch.delenv("NPGPT2_PLAIN")
-    assert ops() is K
+    assert ops() is kernels
 
 
-def test_every_twin_exists_in_layers():
-    """A kernel is a twin: the plain module has a function of the same name."""
-    for name in ("layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward",
-                 "gelu_forward",
-                 "gelu_backward", "attention_forward", "attention_backward",
-                 "attention_forward_cached", "crossentropy_forward",
-                 "crossentropy_softmax_backward", "encoder_backward"):
-        assert getattr(K, name) is not getattr(L, name), name
-        assert callable(getattr(L, name))
-    assert K.adamw_update is not optim.adamw_update
+def test_twins_are_listed_and_keep_their_plain_signature():
+    """kernels.TWINS are the fast twins: each differs from, and takes the same arguments
+    as, its plain namesake (the plain one may add optional ones, e.g. a hook for
+    learners); kernels.PLAIN are the plain functions themselves; together
+    they cover every public function of layers.py (so ops() can swap the modules)."""
+    import inspect
+    plain_of = {name: getattr(layers, name, None) for name in kernels.TWINS}
+    plain_of["adamw_update"] = optim.adamw_update
+    for name, plain in plain_of.items():
+        fast = getattr(kernels, name)
+        assert callable(plain) and fast is not plain, name
+        fast_p = list(inspect.signature(fast).parameters.values())
+        plain_p = list(inspect.signature(plain).parameters.values())
+        # the one by-design difference: attention_backward takes whatever attention_forward
+        # saved (the plain twin names it after what it saves, the probabilities)
+        plain_names = ["saved" if (name, p.name) == ("attention_backward", "att") else p.name
+                       for p in plain_p[:len(fast_p)]]
+        assert [p.name for p in fast_p] == plain_names, name
+        assert all(p.default is not p.empty for p in plain_p[len(fast_p):]), name
+    for name in kernels.PLAIN:
+        assert getattr(kernels, name) is getattr(layers, name), name
+    public = {n for n, f in vars(layers).items() if inspect.isfunction(f) and not n.startswith("_")}
+    assert public <= set(kernels.TWINS) | set(kernels.PLAIN)
 
 
 def test_second_process_loads_compiled_kernels_from_cache(threads):
@@ -288,12 +343,12 @@ def test_second_process_loads_compiled_kernels_from_cache(threads):
         pytest.skip("once is enough")
     rng = np.random.default_rng(0)
     x = randn(rng, (2, 3, 8), np.float32)
-    K.layernorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32))  # compiled + cached here
+    kernels.layernorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32))  # compiled + cached here
     code = ("import numpy as np\n"
-            "from npgpt2 import kernels as K\n"
+            "from npgpt2 import kernels\n"
             "x = np.ones((2, 3, 8), np.float32)\n"
-            "K.layernorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32))\n"
-            "s = K._ln_fwd.stats\n"
+            "kernels.layernorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32))\n"
+            "s = kernels._ln_fwd.stats\n"
             "print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))\n")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
