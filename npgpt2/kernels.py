@@ -324,7 +324,9 @@ def _split_qkv(qkv, NH):
     """
     B, T, C3 = qkv.shape
     hs = C3 // 3 // NH
-    qkv = np.ascontiguousarray(qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4))
+    # a copy even when the transpose is already contiguous (T = 1 or NH = 1): q is scaled
+    # in place below, and the caller's qkv must stay as it was
+    qkv = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4).copy(order="C")
     q = qkv[0]
     q *= 1.0 / math.sqrt(hs)
     return q, qkv[1], qkv[2]

@@ -141,12 +141,16 @@ def test_attention_forward_backward(dtype, seed, shape, qblock, kblock, monkeypa
     monkeypatch_module.setattr(kernels, "KBLOCK", kblock)
     rng = np.random.default_rng(seed)
     qkv = randn(rng, (B, T, 3 * NH * hs), dtype, 2.0)
-    out_w, att = layers.attention_forward(qkv, NH)
+    qkv0 = qkv.copy()
     out_g, saved = kernels.attention_forward(qkv, NH)
+    assert np.array_equal(qkv, qkv0)  # q is scaled in a copy, even when T = 1 or NH = 1
+    out_w, att = layers.attention_forward(qkv, NH)
     close(out_g, out_w, dtype)
     saved_out, lse = saved
     assert saved_out is out_g and lse.shape == (B * NH, T)
-    np.testing.assert_allclose(lse, causal_lse(qkv, NH), rtol=0, atol=TOL[dtype] * 8 * max(1.0, np.abs(lse).max()))
+    # the scores' own rounding (float32 GEMM over hs terms) bounds the agreement
+    score_scale = 1.0 + np.sqrt(hs) * float(np.abs(qkv).max()) ** 2
+    np.testing.assert_allclose(lse, causal_lse(qkv, NH), rtol=0, atol=TOL[dtype] * 4 * score_scale)
     dout = randn(rng, (B, T, NH * hs), dtype)
     close(kernels.attention_backward(dout, qkv, saved, NH), layers.attention_backward(dout, qkv, att, NH), dtype)
 

@@ -1,0 +1,114 @@
+"""The thread policy's decisions (npgpt2.threads), as pure functions of their inputs.
+
+Whether the policy makes a busy machine faster cannot be timed reliably in a test; that
+proof is benchmarks/run.py's "under load" rows. Here: the choice itself, the readers of
+/proc and cgroup files (on written copies), and that a user's environment wins.
+"""
+import pytest
+
+from npgpt2 import threads
+from npgpt2.threads import choose_threads
+
+BIG = 1e12  # a GEMM far above any per-thread minimum
+
+
+@pytest.mark.parametrize("cpus, others, steal, want", [
+    (2, 0.0, 0.0, 2),  # idle 2-core machine: both cores
+    (2, 0.2, 0.0, 2),  # a little background noise still leaves 2
+    (2, 1.0, 0.0, 1),  # one busy neighbour: the second thread would wait for a core
+    (2, 2.0, 0.0, 1),  # two busy loops, or a 2-thread spinning job
+    (2, 6.0, 0.0, 1),  # never fewer than one
+    (8, 3.0, 0.0, 5),
+    (8, 0.0, 0.5, 4),  # half the CPU stolen by the hypervisor
+    (1, 0.0, 0.0, 1),
+    (4, 0.2, 0.0, 4),
+    (4, 0.3, 0.0, 3),  # a core counts as free from 0.75 of it
+])
+def test_threads_follow_free_cores(cpus, others, steal, want):
+    assert choose_threads(BIG, cpus, others, steal) == want
+
+
+def test_small_work_runs_on_fewer_threads():
+    m = threads.MIN_WORK_PER_THREAD["blas"]
+    assert choose_threads(0.5 * m, 8, 0.0, min_work=m) == 1  # below one thread's worth
+    assert choose_threads(2.5 * m, 8, 0.0, min_work=m) == 2
+    assert choose_threads(100 * m, 8, 0.0, min_work=m) == 8
+    assert choose_threads(100 * m, 8, 7.0, min_work=m) == 1  # and the machine still counts
+    # a decode GEMV of GPT-2 124M (768 x 2304) is below two threads' worth
+    assert choose_threads(2 * 768 * 2304, 2, 0.0) == 1
+
+
+def test_cgroup_quota(tmp_path):
+    assert threads.cgroup_cpus(tmp_path) is None  # no files: no quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.cgroup_cpus(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 cores -> 2 threads at most
+    assert threads.cgroup_cpus(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert threads.cgroup_cpus(tmp_path) == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.cgroup_cpus(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert threads.cgroup_cpus(v1) == 3
+
+
+def test_parse_proc_stat():
+    text = ("cpu  100 5 50 800 10 1 2 30 0 0\n"
+            "cpu0 50 2 25 400 5 0 1 15 0 0\n"
+            "intr 12345\nctxt 999\nprocs_running 4\nprocs_blocked 0\n")
+    assert threads.parse_proc_stat(text) == (4, 30, 100 + 5 + 50 + 800 + 10 + 1 + 2 + 30)
+
+
+def test_available_cpus_within_affinity():
+    import os
+    assert 1 <= threads.available_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_own_running_threads_counts_this_one():
+    assert threads.own_running_threads() >= 1  # the calling thread is running
+
+
+@pytest.fixture
+def fresh_policy(monkeypatch):
+    for k in threads.BLAS_ENV + threads.NUMBA_ENV + ("NPGPT2_THREADS",):
+        monkeypatch.delenv(k, raising=False)
+    threads.reset()
+    yield monkeypatch
+    threads.reset()
+
+
+def test_user_environment_wins(fresh_policy):
+    fresh_policy.setenv("OPENBLAS_NUM_THREADS", "2")
+    threads.reset()
+    assert threads.blas_threads(BIG) is None  # left to the user's setting
+    fresh_policy.setenv("NPGPT2_THREADS", "1")
+    threads.reset()
+    assert threads.blas_threads(BIG) == 1
+    assert threads.numba_threads(BIG) == 1
+
+
+def test_policy_sets_blas_only_on_change(fresh_policy):
+    calls = []
+    threads.reset()
+    p = threads._get()
+    p.blas_set = calls.append
+    p.next_sample = float("inf")  # no sampling: a machine with nothing else running
+    p.others = [0.0]
+    p.cpus = 2
+    assert threads.blas_threads(BIG) == 2
+    assert threads.blas_threads(BIG) == 2
+    p.others = [2.0]  # two neighbours appear
+    assert threads.blas_threads(BIG) == 1
+    assert threads.blas_threads(10.0) == 1
+    assert calls == [2, 1]
+
+
+def test_numba_layer_never_spins():
+    """workqueue's workers sleep between loops (unless the user chose a layer)."""
+    import os
+    import numba
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        assert numba.config.THREADING_LAYER == "workqueue"
