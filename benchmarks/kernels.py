@@ -17,8 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from npgpt2 import kernels as K  # noqa: E402
-from npgpt2 import layers as L  # noqa: E402
+from npgpt2 import kernels  # noqa: E402
+from npgpt2 import layers  # noqa: E402
 from npgpt2 import optim  # noqa: E402
 
 C, NH, V = 768, 12, 50257
@@ -36,56 +36,57 @@ def cases():
     g, b = r(C) + 1, r(C)
     for B, T in ((1, 1024), (4, 64), (1, 1)):
         x = r(B, T, C)
-        _, mean, rstd = L.layernorm_forward(x, g, b)
+        _, mean, rstd = layers.layernorm_forward(x, g, b)
         d = r(B, T, C)
-        out.append(("layernorm_forward", f"({B},{T},{C})", lambda x=x: L.layernorm_forward(x, g, b),
-                    lambda x=x: K.layernorm_forward(x, g, b)))
+        out.append(("layernorm_forward", f"({B},{T},{C})", lambda x=x: layers.layernorm_forward(x, g, b),
+                    lambda x=x: kernels.layernorm_forward(x, g, b)))
         if T > 1:
             out.append(("layernorm_backward", f"({B},{T},{C})",
-                        lambda x=x, d=d, m=mean, s=rstd: L.layernorm_backward(d, x, g, m, s),
-                        lambda x=x, d=d, m=mean, s=rstd: K.layernorm_backward(d, x, g, m, s)))
+                        lambda x=x, d=d, m=mean, s=rstd: layers.layernorm_backward(d, x, g, m, s),
+                        lambda x=x, d=d, m=mean, s=rstd: kernels.layernorm_backward(d, x, g, m, s)))
     for B, T in ((1, 1024), (4, 64), (1, 1)):
         h, d = r(B, T, 4 * C), r(B, T, 4 * C)
-        out.append(("gelu_forward", f"({B},{T},{4 * C})", lambda h=h: L.gelu_forward(h), lambda h=h: K.gelu_forward(h)))
+        out.append(("gelu_forward", f"({B},{T},{4 * C})", lambda h=h: layers.gelu_forward(h), lambda h=h: kernels.gelu_forward(h)))
         if T > 1:
-            out.append(("gelu_backward", f"({B},{T},{4 * C})", lambda h=h, d=d: L.gelu_backward(d, h),
-                        lambda h=h, d=d: K.gelu_backward(d, h)))
+            out.append(("gelu_backward", f"({B},{T},{4 * C})", lambda h=h, d=d: layers.gelu_backward(d, h),
+                        lambda h=h, d=d: kernels.gelu_backward(d, h)))
     x, w, bias = r(1, 1024, C), r(C, 4 * C, scale=0.02), r(4 * C)
-    out.append(("matmul_forward", f"(1,1024,{C})@({C},{4 * C})", lambda: L.matmul_forward(x, w, bias),
-                lambda: K.matmul_forward(x, w, bias)))
+    out.append(("matmul_forward", f"(1,1024,{C})@({C},{4 * C})", lambda: layers.matmul_forward(x, w, bias),
+                lambda: kernels.matmul_forward(x, w, bias)))
     for B, T in ((1, 1024), (4, 64)):
         qkv, dy = r(B, T, 3 * C), r(B, T, C)
-        _, att = L.attention_forward(qkv, NH)
-        out.append(("attention_forward", f"({B},{T},{3 * C}), NH={NH}", lambda q=qkv: L.attention_forward(q, NH),
-                    lambda q=qkv: K.attention_forward(q, NH)))
+        _, att = layers.attention_forward(qkv, NH)
+        out.append(("attention_forward", f"({B},{T},{3 * C}), NH={NH}", lambda q=qkv: layers.attention_forward(q, NH),
+                    lambda q=qkv: kernels.attention_forward(q, NH)))
+        _, saved = kernels.attention_forward(qkv, NH)  # the fused twin saves (out, lse), not att
         out.append(("attention_backward", f"({B},{T},{3 * C}), NH={NH}",
-                    lambda q=qkv, a=att, d=dy: L.attention_backward(d, q, a, NH),
-                    lambda q=qkv, a=att, d=dy: K.attention_backward(d, q, a, NH)))
+                    lambda q=qkv, a=att, d=dy: layers.attention_backward(d, q, a, NH),
+                    lambda q=qkv, sv=saved, d=dy: kernels.attention_backward(d, q, sv, NH)))
     kc, vc = np.zeros((1, NH, 1024, C // NH), f32), np.zeros((1, NH, 1024, C // NH), f32)
     kc[:, :, :200], vc[:, :, :200] = r(1, NH, 200, C // NH), r(1, NH, 200, C // NH)
     q1, qT = r(1, 1, 3 * C), r(1, 1024, 3 * C)
-    out.append(("attention_forward_cached", "prefill T=1024", lambda: L.attention_forward_cached(qT, kc, vc, 0, NH),
-                lambda: K.attention_forward_cached(qT, kc, vc, 0, NH)))
+    out.append(("attention_forward_cached", "prefill T=1024", lambda: layers.attention_forward_cached(qT, kc, vc, 0, NH),
+                lambda: kernels.attention_forward_cached(qT, kc, vc, 0, NH)))
     out.append(("attention_forward_cached", "decode T=1 at pos 200",
-                lambda: L.attention_forward_cached(q1, kc, vc, 200, NH),
-                lambda: K.attention_forward_cached(q1, kc, vc, 200, NH)))
+                lambda: layers.attention_forward_cached(q1, kc, vc, 200, NH),
+                lambda: kernels.attention_forward_cached(q1, kc, vc, 200, NH)))
     for B, T in ((4, 64), (1, 1024)):
         logits, targets = r(B, T, V, scale=2.0), rng.integers(0, V, (B, T))
-        _, probs = L.crossentropy_forward(logits, targets)
+        _, probs = layers.crossentropy_forward(logits, targets)
         dl = np.full((B, T), 1.0 / (B * T), f32)
-        out.append(("crossentropy_forward", f"({B},{T},{V})", lambda lg=logits, t=targets: L.crossentropy_forward(lg, t),
-                    lambda lg=logits, t=targets: K.crossentropy_forward(lg, t)))
+        out.append(("crossentropy_forward", f"({B},{T},{V})", lambda lg=logits, t=targets: layers.crossentropy_forward(lg, t),
+                    lambda lg=logits, t=targets: kernels.crossentropy_forward(lg, t)))
         out.append(("crossentropy_softmax_backward", f"({B},{T},{V})",
-                    lambda p=probs, t=targets, d=dl: L.crossentropy_softmax_backward(d, p, t),
-                    lambda p=probs, t=targets, d=dl: K.crossentropy_softmax_backward(d, p, t)))
+                    lambda p=probs, t=targets, d=dl: layers.crossentropy_softmax_backward(d, p, t),
+                    lambda p=probs, t=targets, d=dl: kernels.crossentropy_softmax_backward(d, p, t)))
     inp, d = rng.integers(0, V, (4, 64)), r(4, 64, C)
-    out.append(("encoder_backward", f"(4,64,{C}), V={V}", lambda: L.encoder_backward(d, inp, V, 1024),
-                lambda: K.encoder_backward(d, inp, V, 1024)))
+    out.append(("encoder_backward", f"(4,64,{C}), V={V}", lambda: layers.encoder_backward(d, inp, V, 1024),
+                lambda: kernels.encoder_backward(d, inp, V, 1024)))
     n = V * C  # the largest tensor of GPT-2 124M (wte)
     p, grad, m, v = r(n, scale=0.02), r(n, scale=1e-3), np.zeros(n, f32), np.zeros(n, f32)
     scratch = np.empty(n, f32)
     out.append(("adamw_update", f"({n},) = wte", lambda: optim.adamw_update(p, grad, m, v, 1e-4, 0.9, 0.999, 1e-8, 0.01, 3, scratch),
-                lambda: K.adamw_update(p, grad, m, v, 1e-4, 0.9, 0.999, 1e-8, 0.01, 3)))
+                lambda: kernels.adamw_update(p, grad, m, v, 1e-4, 0.9, 0.999, 1e-8, 0.01, 3)))
     return out
 
 

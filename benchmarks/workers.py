@@ -241,8 +241,40 @@ def startup(side, args):
             "peak_rss_mib": peak_rss_mib(), **extra}
 
 
+# ---------------------------------------------------------------- neighbours (under load)
+def neighbour(kind):
+    """Other work on the machine, until killed. `busy`: one thread in a pure-Python loop.
+    `spin`: a 2-thread Numba prange job whose threads spin-wait at the barrier after each
+    short parallel loop, as OpenMP programs such as a llama.cpp/ggml decode do (run with
+    NUMBA_THREADING_LAYER=omp OMP_WAIT_POLICY=ACTIVE). Says "ready" once running."""
+    if kind == "busy":
+        print("ready", flush=True)
+        while True:
+            pass
+    import math
+
+    import numpy as np
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def step(a):
+        for i in prange(a.shape[0]):  # one short chunk per thread, then the barrier
+            s = 0.0
+            for j in range(2000):
+                s += math.sqrt(j + a[i])
+            a[i] = s * 1e-12
+
+    a = np.ones(2)
+    step(a)
+    print("ready", flush=True)
+    while True:
+        step(a)
+
+
 # ---------------------------------------------------------------- the loop
 def main():
+    if sys.argv[1] == "neighbour":
+        return neighbour(sys.argv[2])
     side, bench, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     sys.stdout = sys.stderr  # keep the protocol channel clean

@@ -16,9 +16,9 @@ call, as
 - `steal`: the fraction of CPU time the hypervisor gave to other guests since the
   previous sample (/proc/stat), which takes cores away just the same.
 - `work`: the size of the call (FLOPs of a GEMM, elements of a loop); below
-  MIN_WORK_PER_THREAD per extra thread, a thread's start-up and wake-up cost more than
-  it saves (a decode GEMV gains little from a second thread, and loses most when that
-  thread cannot run).
+  MIN_WORK_PER_THREAD per extra thread, a thread's wake-up costs more than it saves.
+  A decode GEMV gains little from a second thread and loses most when that thread
+  cannot run: it gets the second thread only while a core is free.
 
 The machine is sampled at most every SAMPLE_S seconds (about 0.1 ms of file reads), so a
 call costs a clock read and a comparison; the BLAS library's own set_num_threads (a
@@ -50,9 +50,11 @@ log = logging.getLogger(__name__)
 
 SAMPLE_S = 0.2  # seconds between two looks at the machine
 HISTORY = 3  # samples averaged for `others`
-# work per thread below which a further thread does not pay: FLOPs for BLAS calls (a
-# 768 x 2304 GEMV is 3.5 MFLOP and runs ~0.2 ms on one core), elements for Numba loops
-MIN_WORK_PER_THREAD = {"blas": 4e6, "numba": 1 << 19}
+# work per thread below which a further thread does not pay: FLOPs for BLAS calls (waking
+# a thread costs ~10 us, what one core does with ~1 MFLOP; GPT-2 124M's decode GEMVs are
+# 3.5-77 MFLOP and, memory-bound, do gain from a second core's bandwidth when it is free),
+# elements for Numba loops
+MIN_WORK_PER_THREAD = {"blas": 1e6, "numba": 1 << 19}
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS",
             "BLIS_NUM_THREADS")
@@ -207,16 +209,26 @@ def _get():
 
 
 def _find_blas_setter():
-    """The set_num_threads of the BLAS NumPy uses (threadpoolctl), or a no-op."""
+    """The set_num_threads of the BLAS NumPy uses (threadpoolctl), or a no-op.
+
+    A process may hold several BLAS libraries (another package's OpenBLAS, torch's MKL):
+    the ones shipped with NumPy are chosen, or all of them if none is recognisably NumPy's.
+    """
     try:
         from threadpoolctl import ThreadpoolController
         libs = ThreadpoolController().select(user_api="blas").lib_controllers
     except Exception as e:  # threadpoolctl missing or a library it cannot drive
         log.warning("threadpoolctl cannot control BLAS threads (%s): BLAS keeps its own count", e)
         libs = []
-    if not libs:
-        return lambda n: None
-    return libs[0].set_num_threads
+    numpys = [lib for lib in libs if "numpy" in os.path.basename(os.path.dirname(lib.filepath))]
+    setters = [lib.set_num_threads for lib in (numpys or libs)]
+    if len(setters) == 1:
+        return setters[0]
+
+    def set_all(n):
+        for f in setters:
+            f(n)
+    return set_all
 
 
 def blas_threads(work):

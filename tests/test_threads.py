@@ -34,8 +34,10 @@ def test_small_work_runs_on_fewer_threads():
     assert choose_threads(2.5 * m, 8, 0.0, min_work=m) == 2
     assert choose_threads(100 * m, 8, 0.0, min_work=m) == 8
     assert choose_threads(100 * m, 8, 7.0, min_work=m) == 1  # and the machine still counts
-    # a decode GEMV of GPT-2 124M (768 x 2304) is below two threads' worth
-    assert choose_threads(2 * 768 * 2304, 2, 0.0) == 1
+    # a decode GEMV of GPT-2 124M (768 x 2304): both cores while they are free, else one
+    assert choose_threads(2 * 768 * 2304, 2, 0.0) == 2
+    assert choose_threads(2 * 768 * 2304, 2, 1.0) == 1
+    assert choose_threads(2 * 64 * 64, 2, 0.0) == 1  # a tiny product stays on one thread
 
 
 def test_cgroup_quota(tmp_path):
