@@ -48,8 +48,13 @@ class CompactTokenizer:
         missing = np.flatnonzero(out < 0)
         if missing.size:
             bad = int(ids[missing[0]])
-            raise Npgpt2Error(f"{self.source}: the text has the token {self.base.decode([bad])!r} (GPT-2 id "
-                              f"{bad}), which is not among this model's {self.n_vocab} tokens")
+            raw = self.base.decode_bytes([bad])
+            try:
+                shown = repr(raw.decode("utf-8"))
+            except UnicodeDecodeError:  # a piece of a multi-byte character
+                shown = repr(raw)
+            raise Npgpt2Error(f"{self.source}: the text has the token {shown} (GPT-2 id {bad}), "
+                              f"which is not among this model's {self.n_vocab} tokens")
         return out
 
     def gpt2_ids(self, ids):
