@@ -99,6 +99,9 @@ def print_header(i):
 def cmd_generate(args):
     """Unconditional samples, as generate_unconditional_samples.py."""
     model, enc = load_for_generation(args)
+    if enc.eot_token is None:  # a compact vocabulary (the demo's) may lack it
+        raise Npgpt2Error(f"{model.source_dir}: the model's vocabulary has no <|endoftext|> token to start "
+                          f"unconditional samples from; give it a prompt with `npgpt2 prompt`")
     print_samples(model, enc, [enc.eot_token], args)
 
 

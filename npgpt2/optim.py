@@ -262,9 +262,9 @@ def learning_rate(step, base_lr, warmup=0, schedule="constant", decay_steps=0, m
     constant, or a cosine from base_lr down to min_lr_ratio*base_lr at update decay_steps
     (and flat after it), as nanoGPT.
     """
+    check_choice("--lr_schedule", schedule, SCHEDULES)
     if warmup > 0 and step < warmup:
         return base_lr * (step + 1) / warmup
-    check_choice("--lr_schedule", schedule, SCHEDULES)
     if schedule == "constant":
         return base_lr
     min_lr = base_lr * min_lr_ratio

@@ -519,3 +519,5 @@ def test_demo_folder_loads_for_prompt_and_its_tokens_round_trip(tmp_path):
     assert "SAMPLE 1" in r.stdout and len(r.stdout.split("SAMPLE 1")[1].strip("= \n")) > 0
     r = run_cli("prompt", "--models_dir", tmp_path / "checkpoint", "--model_name", "demo", stdin="漢字\n")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not among this model's" in r.stderr
+    r = run_cli("generate", "--models_dir", tmp_path / "checkpoint", "--model_name", "demo", "--length", 5)
+    assert r.returncode == 2 and "vocabulary has no <|endoftext|> token" in r.stderr and "Traceback" not in r.stderr
