@@ -314,16 +314,14 @@ def cmd_eval(args):
     """Mean loss and perplexity of a model over every token of a dataset."""
     import math
     from .data import check_tokens, expand_paths, load_dataset
-    from .model import load_model, resolve_model_dir
+    from .model import load_model, read_hparams, resolve_model_dir
     from .tokenizer import load_tokenizer
-    from .train import evaluate
-    expand_paths(args.dataset, "--dataset")  # a missing dataset is reported before the model loads
+    from .train import context_length, evaluate
+    expand_paths(args.dataset, "--dataset")  # bad inputs are reported before the model loads
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
+    T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
     model = load_model(model_dir)
     tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine)
-    T = args.context or model.hparams["n_ctx"]
-    if not 1 <= T <= model.hparams["n_ctx"]:
-        raise Npgpt2Error(f"--context must be between 1 and n_ctx = {model.hparams['n_ctx']}, got {T}")
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
     with terminal_bar(unit="window") as bar:
         tenth = [0]

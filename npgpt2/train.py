@@ -84,7 +84,7 @@ def check_config(cfg, n_ctx):
     """Raise Npgpt2Error naming the flag for a value out of range; returns the context T."""
     positive = ["batch_size", "accumulate_gradients", "val_batch_size", "val_batch_count", "max_to_keep",
                 "combine", "log_every"]
-    non_negative = ["steps", "sample_every", "save_every", "val_every", "warmup", "lr_decay_steps", "context",
+    non_negative = ["steps", "sample_every", "save_every", "val_every", "warmup", "lr_decay_steps",
                     "sample_num"]
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -105,7 +105,14 @@ def check_config(cfg, n_ctx):
         # "." or ".." would put the run's files in --checkpoint_dir itself or its parent
         raise Npgpt2Error(f"--run_name must be a plain folder name (letters, digits, . _ + -; "
                           f"not . or ..), got {cfg.run_name!r}")
-    T = cfg.context or n_ctx
+    return context_length(cfg.context, n_ctx)
+
+
+def context_length(context, n_ctx):
+    """The tokens per sequence that --context asks for (0 = the model's n_ctx), checked."""
+    if context < 0:
+        raise Npgpt2Error(f"--context must be >= 0 (0 = the model's n_ctx), got {context}")
+    T = context or n_ctx
     if T > n_ctx:
         raise Npgpt2Error(f"--context {T} is longer than the model's n_ctx = {n_ctx}")
     return T
