@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 CORPUS = Path(__file__).parent / "assets" / "jargon.txt.gz"
 CORPUS_NAME = "The Jargon File 4.4.7 (public domain)"
-DEFAULT_OUT = "checkpoint/demo"   # a run folder: `--models_dir checkpoint --model_name demo`
 SAMPLES_FILE = "samples.txt"
 
 # about 4 minutes on 2 cores; quick: seconds, for tests
@@ -74,6 +73,9 @@ def run_demo(steps=None, quick=False, seed=0, sample_num=len(PROMPTS), sample_le
     from .train import make_run_dir
     preset_ = preset(quick, steps)
     if out_dir is not None:
+        if (Path(out_dir) / "checkpoint").exists() and not (Path(out_dir) / VOCAB_FILE).exists():
+            # a fine-tune or a released model: the demo would prune its checkpoints
+            raise Npgpt2Error(f"{out_dir}: holds a model that is not a demo run; give another --out")
         make_run_dir(out_dir)  # an unwritable --out fails now, not after training
     gpt2 = load_tokenizer()
     t0 = time.time()

@@ -498,3 +498,12 @@ def test_demo_folder_loads_for_prompt_and_its_tokens_round_trip(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not among this model's" in r.stderr
     r = run_cli("generate", "--models_dir", tmp_path / "checkpoint", "--model_name", "demo", "--length", 5)
     assert r.returncode == 2 and "vocabulary has no <|endoftext|> token" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_refuses_an_out_folder_holding_another_model(tmp_path):
+    from npgpt2.demo import run_demo
+    run_fit(tiny_cfg(tmp_path, steps=1), tiny_tokens())
+    run = tmp_path / "checkpoint" / "r"
+    with pytest.raises(Npgpt2Error, match="holds a model that is not a demo run; give another --out"):
+        run_demo(quick=True, steps=1, out_dir=run)
+    assert (run / "model-1.index").exists()
