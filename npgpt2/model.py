@@ -206,7 +206,12 @@ class GPT2:
         nobody reads (prompt prefill).
         """
         tokens = self._check_tokens(tokens, cache.length if cache is not None else 0)
-        return self._forward_fast(ops(), tokens, cache, last_only)
+        nn = ops()
+        if nn is layers and cache is None:
+            # the readable path (NPGPT2_PLAIN=1): embed -> blocks -> ln_f, the code run_with_cache runs
+            x = self._trunk(tokens, layers)  # [B, T] -> [B, T, C]
+            return self._head(x[:, -1:] if last_only else x)  # [B, T, C] -> [B, T, V]
+        return self._forward_fast(nn, tokens, cache, last_only)
 
     def _check_tokens(self, tokens, pos0=0):
         tokens = np.asarray(tokens)
@@ -217,6 +222,18 @@ class GPT2:
         return tokens
 
     def _forward_fast(self, nn, tokens, cache, last_only):
+        """forward() for the kernels and for decoding with a KV cache: the same result as
+        _trunk + _head (tests hold them equal), computed the way that is fast, not readable.
+
+        It differs from the paper's forward in four ways, each for speed or memory:
+        - attention goes through attention_forward_cached (keys and values written to a cache,
+          a throwaway one without `cache`): the (B, NH, T, T) probabilities, which only
+          training and run_with_cache need, are never kept;
+        - with a cache, tokens are only the new positions; earlier keys and values are reused;
+        - with last_only, the last layer computes attention, MLP and residual for the last
+          position only (the others only give it keys and values);
+        - the residual additions go into x in place (no saved activation needs the old x).
+        """
         B, T = tokens.shape
         pos0 = cache.length if cache is not None else 0
         NH, L = self.hparams["n_head"], self.hparams["n_layer"]

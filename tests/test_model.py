@@ -145,3 +145,23 @@ def test_save_then_load_roundtrip(tmp_path):
 def test_gpt2_rejects_inconsistent_hparams():
     with pytest.raises(Npgpt2Error, match="n_layer"):
         GPT2(dict(n_vocab=5, n_ctx=4, n_embd=4, n_head=2, n_layer=0), {})
+
+
+def test_plain_forward_is_the_papers(monkeypatch, tiny_ref):
+    """NPGPT2_PLAIN=1 without a cache runs layers.attention_forward (not the cached variant),
+    the same code as run_with_cache; with a cache, the cached variant."""
+    from npgpt2 import layers
+    monkeypatch.setenv("NPGPT2_PLAIN", "1")
+    calls = []
+    for name in ("attention_forward", "attention_forward_cached"):
+        real = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
+    tokens = tiny_ref["tokens"]
+    logits = model.forward(tokens)
+    assert calls == ["attention_forward"] * 2
+    assert np.array_equal(logits, model.run_with_cache(tokens)[0])
+    assert np.abs(model.forward(tokens, last_only=True) - logits[:, -1:]).max() <= 1e-12  # BLAS rounding
+    calls.clear()
+    model.forward(tokens, cache=model.new_cache(2))
+    assert calls == ["attention_forward_cached"] * 2
