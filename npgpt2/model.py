@@ -168,24 +168,32 @@ class GPT2:
         return at("ln_f", ln_f)
 
     def _block_forward(self, nn, blk, x, hook=None):
-        """One transformer block: x (B, T, C) -> (x (B, T, C), what its backward needs)."""
+        """One transformer block: x (B, T, C) -> (x (B, T, C), what its backward needs).
+
+        Pre-norm, as GPT-2: x + attn(ln_1(x)), then that + mlp(ln_2(that)).
+        """
         at = hook or _unchanged
         NH = self.hparams["n_head"]
+        # attention: every position mixes in the values of the positions it attends to
         ln_1, ln_1_mean, ln_1_rstd = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
         ln_1 = at("ln_1", ln_1)
         qkv = nn.matmul_forward(ln_1, blk["attn/c_attn/w"], blk["attn/c_attn/b"])  # [B, T, C] -> [B, T, 3C]
         if hook is None:
             z, att = nn.attention_forward(qkv, NH)  # [B, T, 3C] -> [B, T, C], what attention_backward needs
         else:
-            z, att = layers.attention_forward(qkv, NH, hook=_prefixed(hook, "attn."))
-        z = at("attn.z", z)  # the heads side by side, [B, T, NH * hs] = [B, T, C]
-        attn_out = at("attn.out", nn.matmul_forward(z, blk["attn/c_proj/w"], blk["attn/c_proj/b"]))  # [B, T, C]
+            z, att = layers.attention_forward(qkv, NH, hook=_prefixed(hook, "attn."))  # the same, hooked
+        z = at("attn.z", z)  # [B, T, C]: the NH heads' outputs side by side
+        attn_out = nn.matmul_forward(z, blk["attn/c_proj/w"], blk["attn/c_proj/b"])  # [B, T, C] -> [B, T, C]
+        attn_out = at("attn.out", attn_out)
         resid_mid = at("resid_mid", x + attn_out)  # [B, T, C]
+        # MLP: each position on its own, through 4C hidden units
         ln_2, ln_2_mean, ln_2_rstd = nn.layernorm_forward(resid_mid, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
         ln_2 = at("ln_2", ln_2)
-        mlp_pre = at("mlp.pre", nn.matmul_forward(ln_2, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"]))  # [B, T, C] -> [B, T, 4C]
+        mlp_pre = nn.matmul_forward(ln_2, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"])  # [B, T, C] -> [B, T, 4C]
+        mlp_pre = at("mlp.pre", mlp_pre)
         mlp_post = at("mlp.post", nn.gelu_forward(mlp_pre))  # [B, T, 4C]
-        mlp_out = at("mlp.out", nn.matmul_forward(mlp_post, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"]))  # [B, T, 4C] -> [B, T, C]
+        mlp_out = nn.matmul_forward(mlp_post, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"])  # [B, T, 4C] -> [B, T, C]
+        mlp_out = at("mlp.out", mlp_out)
         resid_post = at("resid_post", resid_mid + mlp_out)  # [B, T, C]
         saved = {"resid_pre": x, "ln_1": ln_1, "ln_1.mean": ln_1_mean, "ln_1.rstd": ln_1_rstd,
                  "attn.qkv": qkv, "attn.att": att, "attn.z": z, "resid_mid": resid_mid,
@@ -234,39 +242,41 @@ class GPT2:
           position only (the others only give it keys and values);
         - the residual additions go into x in place (no saved activation needs the old x).
         """
-        B, T = tokens.shape
+        B, T = tokens.shape  # T new positions pos0..pos0+T-1 (all of them without a cache)
         pos0 = cache.length if cache is not None else 0
         NH, L = self.hparams["n_head"], self.hparams["n_layer"]
+        hs = self.hparams["n_embd"] // NH
         # x is a fresh array: the residual additions below go into it in place
-        x = nn.encoder_forward(self._params["model/wte"], self._params["model/wpe"], tokens, pos0)
+        x = nn.encoder_forward(self._params["model/wte"], self._params["model/wpe"], tokens, pos0)  # [B, T, C]
         for i, blk in enumerate(self.blocks):
-            h, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])
-            qkv = nn.matmul_forward(h, blk["attn/c_attn/w"], blk["attn/c_attn/b"])
+            ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
+            qkv = nn.matmul_forward(ln_1, blk["attn/c_attn/w"], blk["attn/c_attn/b"])  # [B, T, C] -> [B, T, 3C]
             if cache is None:
                 # a throwaway cache for this layer: the same result as attention_forward
                 # without keeping its (B, NH, T, T) probabilities, which only training needs
-                kv = np.empty((2, B, NH, T, qkv.shape[-1] // 3 // NH), dtype=qkv.dtype)
-                k_cache, v_cache, p0 = kv[0], kv[1], 0
+                kv = np.empty((2, B, NH, T, hs), dtype=qkv.dtype)
+                k_cache, v_cache, p0 = kv[0], kv[1], 0  # [B, NH, T, hs] each
             else:
-                k_cache, v_cache, p0 = cache.k[i], cache.v[i], pos0
+                k_cache, v_cache, p0 = cache.k[i], cache.v[i], pos0  # [B, NH, n_ctx, hs] each
             if last_only and i == L - 1 and T > 1:
                 # only the last position's output is read: the others give the last layer
                 # keys and values, but their attention, MLP and residual rows are skipped
-                k, v = (layers.split_heads(t, NH) for t in np.split(qkv[:, :-1], 3, axis=-1)[1:])
+                k, v = (layers.split_heads(t, NH) for t in np.split(qkv[:, :-1], 3, axis=-1)[1:])  # [B, NH, T-1, hs]
                 k_cache[:, :, p0:p0 + T - 1] = k
                 v_cache[:, :, p0:p0 + T - 1] = v
-                qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1
-            z = nn.attention_forward_cached(qkv, k_cache, v_cache, p0, NH)
-            x += nn.matmul_forward(z, blk["attn/c_proj/w"], blk["attn/c_proj/b"])
-            h, _, _ = nn.layernorm_forward(x, blk["ln_2/g"], blk["ln_2/b"])
-            h = nn.gelu_forward(nn.matmul_forward(h, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"]))
-            x += nn.matmul_forward(h, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"])
+                qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1  # from here T is 1
+            z = nn.attention_forward_cached(qkv, k_cache, v_cache, p0, NH)  # [B, T, 3C] -> [B, T, C]
+            x += nn.matmul_forward(z, blk["attn/c_proj/w"], blk["attn/c_proj/b"])  # [B, T, C]
+            ln_2, _, _ = nn.layernorm_forward(x, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
+            mlp_h = nn.matmul_forward(ln_2, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"])  # [B, T, C] -> [B, T, 4C]
+            mlp_h = nn.gelu_forward(mlp_h)  # [B, T, 4C]
+            x += nn.matmul_forward(mlp_h, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"])  # [B, T, 4C] -> [B, T, C]
         if cache is not None:
             cache.length = pos0 + T
         if last_only:
-            x = x[:, -1:]
-        x, _, _ = nn.layernorm_forward(x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])
-        return self._head(x)
+            x = x[:, -1:]  # [B, 1, C]
+        x, _, _ = nn.layernorm_forward(x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
+        return self._head(x)  # [B, T, C] -> [B, T, V]
 
     # ------------------------------------------------------------ looking inside (plain layers only)
     def run_with_cache(self, tokens, names=None):
@@ -370,43 +380,54 @@ class GPT2:
         Consumes saved (each block's activations are freed once its backward is done).
         """
         nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
-        V, C, NH = (self.hparams[k] for k in ("n_vocab", "n_embd", "n_head"))
+        V, C = self.hparams["n_vocab"], self.hparams["n_embd"]
         wte = self._params["model/wte"]
         grads = {}
         # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
         dwte = dlogits.reshape(-1, V).T @ saved["ln_f"].reshape(-1, C)  # [V, B*T] @ [B*T, C] -> [V, C]
         dln_f = dlogits @ wte  # [B, T, V] @ [V, C] -> [B, T, C]
         dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = nn.layernorm_backward(
-            dln_f, saved["resid_final"], self._params["model/ln_f/g"], saved["ln_f.mean"], saved["ln_f.rstd"])
+            dln_f, saved["resid_final"], self._params["model/ln_f/g"], saved["ln_f.mean"],
+            saved["ln_f.rstd"])  # [B, T, C]
         for i in reversed(range(len(blocks))):
-            dresid = self._block_backward(nn, i, dresid, blocks.pop(), grads)  # [B, T, C]
-        dembed = dresid
-        dwte_embed, grads["model/wpe"] = nn.encoder_backward(dembed, tokens, V, self.hparams["n_ctx"])
-        dwte += dwte_embed  # in place: a third (V, C) array would cost 154 MB at 124M
+            dresid = self._block_backward(nn, i, dresid, blocks.pop(), grads)  # [B, T, C] -> [B, T, C]
+        dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
+        # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients)
+        dwte_embed, grads["model/wpe"] = nn.encoder_backward(
+            dembed, tokens, V, self.hparams["n_ctx"])  # [B, T, C] -> [V, C], [n_ctx, C]
+        dwte += dwte_embed  # the tied wte's second contribution; in place: a third (V, C) array is 154 MB at 124M
         grads["model/wte"] = dwte
         return {k: grads[k] for k in self._params}, dembed
 
     def _block_backward(self, nn, i, dresid, act, grads):
-        """Block i backward: dresid (B, T, C) at its output -> at its input; fills grads."""
+        """Block i backward: dresid (B, T, C) at its output -> at its input; fills grads.
+
+        act: what _block_forward saved. matmul_backward gives dweight (C, OC) for the (C, OC)
+        view the forward used; `dw[None]` puts back the leading axis of TF's conv1d weight
+        (1, C, OC), so a gradient has its parameter's shape.
+        """
         blk, prefix, NH = self.blocks[i], f"model/h{i}/", self.hparams["n_head"]
-        # the residual stream's gradient flows into the MLP branch and past it
-        dmlp_post, dw, grads[prefix + "mlp/c_proj/b"] = nn.matmul_backward(dresid, act["mlp.post"], blk["mlp/c_proj/w"])
-        grads[prefix + "mlp/c_proj/w"] = dw[None]
-        dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])
-        dln_2, dw, grads[prefix + "mlp/c_fc/b"] = nn.matmul_backward(dmlp_pre, act["ln_2"], blk["mlp/c_fc/w"])
-        grads[prefix + "mlp/c_fc/w"] = dw[None]
-        dbranch, grads[prefix + "ln_2/g"], grads[prefix + "ln_2/b"] = nn.layernorm_backward(
-            dln_2, act["resid_mid"], blk["ln_2/g"], act["ln_2.mean"], act["ln_2.rstd"])
-        dresid = dresid + dbranch
-        # then into the attention branch and past it
-        dz, dw, grads[prefix + "attn/c_proj/b"] = nn.matmul_backward(dresid, act["attn.z"], blk["attn/c_proj/w"])
-        grads[prefix + "attn/c_proj/w"] = dw[None]
-        dqkv = nn.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)
-        dln_1, dw, grads[prefix + "attn/c_attn/b"] = nn.matmul_backward(dqkv, act["ln_1"], blk["attn/c_attn/w"])
-        grads[prefix + "attn/c_attn/w"] = dw[None]
-        dbranch, grads[prefix + "ln_1/g"], grads[prefix + "ln_1/b"] = nn.layernorm_backward(
-            dln_1, act["resid_pre"], blk["ln_1/g"], act["ln_1.mean"], act["ln_1.rstd"])
-        return dresid + dbranch
+        g = {}  # this block's gradients under the short names of blk
+        # resid_post = resid_mid + mlp(resid_mid): dresid flows into the MLP branch and past it
+        dmlp_post, dw, g["mlp/c_proj/b"] = nn.matmul_backward(
+            dresid, act["mlp.post"], blk["mlp/c_proj/w"])  # [B, T, C] -> [B, T, 4C]
+        g["mlp/c_proj/w"] = dw[None]  # [4C, C] -> [1, 4C, C]
+        dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
+        dln_2, dw, g["mlp/c_fc/b"] = nn.matmul_backward(dmlp_pre, act["ln_2"], blk["mlp/c_fc/w"])  # [B, T, C]
+        g["mlp/c_fc/w"] = dw[None]  # [C, 4C] -> [1, C, 4C]
+        dbranch, g["ln_2/g"], g["ln_2/b"] = nn.layernorm_backward(
+            dln_2, act["resid_mid"], blk["ln_2/g"], act["ln_2.mean"], act["ln_2.rstd"])  # [B, T, C]
+        dresid = dresid + dbranch  # [B, T, C] at resid_mid
+        # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
+        dz, dw, g["attn/c_proj/b"] = nn.matmul_backward(dresid, act["attn.z"], blk["attn/c_proj/w"])  # [B, T, C]
+        g["attn/c_proj/w"] = dw[None]  # [C, C] -> [1, C, C]
+        dqkv = nn.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)  # [B, T, C] -> [B, T, 3C]
+        dln_1, dw, g["attn/c_attn/b"] = nn.matmul_backward(dqkv, act["ln_1"], blk["attn/c_attn/w"])  # [B, T, C]
+        g["attn/c_attn/w"] = dw[None]  # [C, 3C] -> [1, C, 3C]
+        dbranch, g["ln_1/g"], g["ln_1/b"] = nn.layernorm_backward(
+            dln_1, act["resid_pre"], blk["ln_1/g"], act["ln_1.mean"], act["ln_1.rstd"])  # [B, T, C]
+        grads.update({prefix + name: grad for name, grad in g.items()})
+        return dresid + dbranch  # [B, T, C] at resid_pre
 
     def loss_and_grads(self, inputs, targets):
         """inputs, targets: int (B, T) -> (mean cross-entropy, grads).
@@ -424,7 +445,7 @@ class GPT2:
         dlosses = np.full((B, T), 1.0 / (B * T), dtype=self.dtype)  # d mean / d each loss
         dlogits = nn.crossentropy_softmax_backward(dlosses, probs, targets)  # [B, T, V]
         del probs
-        grads, _ = self.backward(dlogits, saved)
+        grads, _ = self.backward(dlogits, saved)  # {name: array like params}
         return loss, grads
 
 

@@ -93,7 +93,8 @@ def test_cache_scores_mask_the_future_and_give_hf_pattern(model, ref):
         e = np.exp(scores.astype(np.float64) - scores.max(-1, keepdims=True))
         assert maxdiff(e / e.sum(-1, keepdims=True), ref[f"attn/{i}"]) <= tol
         # the residual stream is the sum of the branches
-        assert maxdiff(acts[f"h{i}.resid_post"], acts[f"h{i}.resid_mid"] + acts[f"h{i}.mlp.out"].astype(np.float64)) <= tol
+        resid_post = acts[f"h{i}.resid_mid"] + acts[f"h{i}.mlp.out"].astype(np.float64)
+        assert maxdiff(acts[f"h{i}.resid_post"], resid_post) <= tol
 
 
 def test_cache_logits_equal_forward_and_hf(path, which, ref):
@@ -184,7 +185,8 @@ def test_bad_hooks_are_one_line_errors(tiny_ref):
     with pytest.raises(Npgpt2Error) as e:
         model.run_with_hooks(tiny_ref["tokens"], {"h1.attn.pattern": lambda x: x[:, :1]})
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("hooks['h1.attn.pattern']: returned shape (2, 1, 16, 16), expected (2, 3, 16, 16)")
+    assert "\n" not in msg
+    assert msg.startswith("hooks['h1.attn.pattern']: returned shape (2, 1, 16, 16), expected (2, 3, 16, 16)")
     with pytest.raises(Npgpt2Error, match=r"hooks\['embed'\]: returned shape float"):
         model.run_with_hooks(tiny_ref["tokens"], {"embed": lambda x: 0.0})
 
