@@ -19,6 +19,7 @@ from . import layers
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
+from .jit import numba, plain_fallback
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,15 @@ ALIASES = {"117M": "124M", "345M": "355M"}
 
 
 def ops():
-    """The layer implementations in use: Numba kernels, or plain NumPy with NPGPT2_PLAIN=1."""
-    if os.environ.get("NPGPT2_PLAIN", "") not in ("", "0"):
+    """The layer implementations in use: Numba kernels, or plain NumPy with NPGPT2_PLAIN=1
+    (or when Numba cannot be imported, after one logged warning)."""
+    if os.environ.get("NPGPT2_PLAIN", "") not in ("", "0") or numba() is None:
         return layers
-    from . import kernels
+    try:
+        from . import kernels
+    except ImportError as e:  # a Numba that imports but cannot build the kernels
+        plain_fallback(e)
+        return layers
     return kernels
 
 
