@@ -227,12 +227,19 @@ class GPT2:
             return self._head(x[:, -1:] if last_only else x)  # [B, T, C] -> [B, T, V]
         return self._forward_fast(nn, tokens, cache, last_only)
 
-    def _check_tokens(self, tokens, pos0=0):
+    def _check_tokens(self, tokens, pos0=0, error=ValueError):
+        """tokens as an int (B, T) array, or `error` saying what is wrong with them."""
         tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise error(f"tokens: expected token ids of shape (B, T), got shape {tokens.shape} dtype {tokens.dtype}")
         if pos0 + tokens.shape[1] > self.hparams["n_ctx"]:
-            raise ValueError(f"{pos0 + tokens.shape[1]} positions exceed the context n_ctx={self.hparams['n_ctx']}")
+            raise error(f"tokens: {pos0 + tokens.shape[1]} positions exceed the context n_ctx={self.hparams['n_ctx']}")
+        if error is Npgpt2Error:  # the learner-facing calls: a negative id would silently wrap around
+            V = self.hparams["n_vocab"]
+            if tokens.size == 0:
+                raise error(f"tokens: empty (shape {tokens.shape})")
+            if tokens.min() < 0 or tokens.max() >= V:
+                raise error(f"tokens: ids must be in [0, {V}), got {int(tokens.min())}..{int(tokens.max())}")
         return tokens
 
     def _forward_fast(self, nn, tokens, cache, last_only):
@@ -301,7 +308,7 @@ class GPT2:
                 acts[name] = x
             return x
 
-        tokens = self._check_tokens(tokens)
+        tokens = self._check_tokens(tokens, error=Npgpt2Error)
         return self._head(self._trunk(tokens, layers, hook=record)), acts
 
     def run_with_hooks(self, tokens, hooks):
@@ -329,7 +336,7 @@ class GPT2:
                                   f"expected {x.shape}")
             return out
 
-        tokens = self._check_tokens(tokens)
+        tokens = self._check_tokens(tokens, error=Npgpt2Error)
         return self._head(self._trunk(tokens, layers, hook=apply))
 
     def _name_filter(self, names):

@@ -247,3 +247,19 @@ def test_input_gradient_bad_arguments(ids, position, target, message):
     with pytest.raises(Npgpt2Error, match=message) as e:
         npgpt2.input_gradient(model, ids, position, target)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tokens,message", [
+    ([1, 2, 3], r"^tokens: expected token ids of shape \(B, T\), got shape \(3,\)"),
+    ([[1.0, 2.0]], r"^tokens: expected token ids .* dtype float64"),
+    (np.zeros((1, 0), np.int64), r"^tokens: empty \(shape \(1, 0\)\)"),
+    ([[1, 96]], r"^tokens: ids must be in \[0, 96\), got 1..96"),
+    ([[-1, 2]], r"^tokens: ids must be in \[0, 96\), got -1..2"),
+    (np.zeros((1, 17), np.int64), r"^tokens: 17 positions exceed the context n_ctx=16"),
+])
+def test_bad_tokens_are_one_line_errors(tokens, message):
+    model = npgpt2.load_model(FIX / "tiny")
+    for call in (lambda: model.run_with_cache(tokens), lambda: model.run_with_hooks(tokens, {})):
+        with pytest.raises(Npgpt2Error, match=message) as e:
+            call()
+        assert "\n" not in str(e.value)
