@@ -342,7 +342,13 @@ def cmd_gradcheck(args):
     else:
         model, what = gradcheck.tiny_model(args.seed), "a tiny random 2-layer model"
     entries = args.entries or gradcheck.default_entries(model)
-    model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed)
+    if sys.stderr.isatty():  # a 124M check takes a while: show it moving
+        from tqdm import tqdm
+        with tqdm(total=len(model.params), unit="tensor", dynamic_ncols=True, leave=False) as bar:
+            model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed,
+                                               progress=lambda done, total: bar.update(1))
+    else:
+        model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed)
     path = "Numba kernels" if os.environ.get("NPGPT2_PLAIN", "") in ("", "0") else "plain layers.py"
     print()
     print("\n".join(gradcheck.format_table(
