@@ -37,15 +37,18 @@ H = 1e-5
 # transpose, a factor of 2) gives errors of 1e-2 or more.
 LAYER_TOL = 1e-6
 
-# A model's loss sums over B*T*V logits through every layer, so its roundoff is larger: at
-# 124M the loss carries ~1e-14 absolute noise, ~1e-9 in a finite difference with h = 1e-5.
+# A model's loss sums over B*T*V logits through every layer, so its roundoff is larger. On
+# random 124M weights (loss ~10.8, float64) the finite-difference error measured: h = 1e-5,
+# ~1e-10 absolute (roundoff); h = 1e-4, ~2e-11; h = 1e-3, ~1e-9 (truncation). So MODEL_H = 1e-4.
 # Entries whose gradient is below GRAD_FLOOR (e.g. the key biases, whose exact gradient is 0:
 # adding a constant to every score of a row leaves softmax unchanged) are compared against
-# GRAD_FLOOR instead of their own size, so that noise is not read as a relative error of 1.
-# MODEL_TOL = 1e-4 is then ~100x the worst noise-driven error (1e-9 / 1e-6 = 1e-3 would be the
-# bound at the floor; measured worst on the fixtures and on random 124M weights: ~1e-6).
+# GRAD_FLOOR instead of their own size, so that noise is not read as a large relative error:
+# 2e-11 / 1e-5 = 2e-6, fifty times under MODEL_TOL = 1e-4, while a wrong backward (a missing
+# term, a wrong scale) is off by 1e-2 or more. Measured worst on the fixtures and on random
+# 124M weights: ~1e-6.
+MODEL_H = 1e-4
 MODEL_TOL = 1e-4
-GRAD_FLOOR = 1e-6
+GRAD_FLOOR = 1e-5
 
 
 @dataclass
@@ -248,19 +251,35 @@ def check_model(model, entries=None, T=4, B=1, seed=0, progress=None):
 
     groups = {}
     names = list(param_shapes(hp))
-    for n, name in enumerate(names):
-        p = m64.params[name]
-        picks = _sample_entries(name, p.shape, entries, rng, inputs)
-        numeric = numeric_grad(loss, p, entries=picks)
-        analytic = np.array([grads[name][e] for e in picks])
-        # per entry: relative to its own size, or to GRAD_FLOOR for entries that are ~0
-        err = max(rel_error(a, b, GRAD_FLOOR) for a, b in zip(numeric, analytic))
-        kind = re.sub(r"/h\d+/", "/h*/", name)
-        if kind not in groups or not err <= groups[kind].error:
-            groups[kind] = Check(kind, err, MODEL_TOL, name)
-        if progress is not None:
-            progress(n + 1, len(names))
+    with _one_blas_thread():
+        for n, name in enumerate(names):
+            p = m64.params[name]
+            picks = _sample_entries(name, p.shape, entries, rng, inputs)
+            numeric = numeric_grad(loss, p, h=MODEL_H, entries=picks)
+            analytic = np.array([grads[name][e] for e in picks])
+            # per entry: relative to its own size, or to GRAD_FLOOR for entries that are ~0
+            err = max(rel_error(a, b, GRAD_FLOOR) for a, b in zip(numeric, analytic))
+            kind = re.sub(r"/h\d+/", "/h*/", name)
+            if kind not in groups or not err <= groups[kind].error:
+                groups[kind] = Check(kind, err, MODEL_TOL, name)
+            if progress is not None:
+                progress(n + 1, len(names))
     return list(groups.values())
+
+
+def _one_blas_thread():
+    """A context in which BLAS uses one thread, when threadpoolctl is installed.
+
+    The forwards here are on a few tokens: matrix-vector work where a second BLAS thread buys
+    little, and on a busy machine costs much (a 124M forward measured 0.5 s on one thread,
+    3-4 s on two, at load average 10 on 2 cores).
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def format_table(rows, title=None):
