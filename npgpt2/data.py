@@ -23,10 +23,10 @@ import numpy as np
 
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
+from .tokenizer import ENDOFTEXT
 
 log = logging.getLogger(__name__)
 
-ENDOFTEXT = "<|endoftext|>"
 READ_BYTES = 1 << 20  # bytes read from a text file at a time
 
 
