@@ -22,7 +22,9 @@ except ImportError:  # numba is a dependency, but the plain engine works without
 
 AVAILABLE = njit is not None
 
-# Words (in bytes) from which the merge runs on a heap; below, the simple loop is faster.
+# Words (in bytes) from which the merge runs on a heap. Ordinary words are far shorter and take
+# the simple loop (the reference); the heap is there for long unbroken runs, where the loop's
+# cost grows with the square of the length.
 HEAP_MIN_SYMBOLS = 64
 
 # What `_encode_kernel` returns: done, or which buffer the caller must make room in before

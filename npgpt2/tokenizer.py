@@ -49,8 +49,8 @@ _SAFE_CUT_LAST = regex.compile(SAFE_CUT, regex.REVERSE)
 # engine (~2.5 MB/s) would spend on ~2 MB of text; once paid, it wins from a few KB on.
 FAST_MIN_CHARS = 4096
 FAST_START_CHARS = 1 << 19
-# Chunks (in bytes) from which the plain engine merges on a heap; shorter ones take the simple
-# loop, which is faster on them and is the reference the heap is tested against.
+# Chunks (in bytes) from which both engines merge on a heap; ordinary words are far shorter and
+# take the simple loop, the reference the heap is tested against.
 HEAP_MIN_SYMBOLS = bpe_fast.HEAP_MIN_SYMBOLS
 _WORD_CACHE_MAX = 200_000  # plain engine: words kept before the oldest half is dropped
 
@@ -227,6 +227,10 @@ class Tokenizer:
 
     encoder: {token string (byte<->unicode alphabet): id}, as in encoder.json.
     merges: [(left, right), ...] in rank order, as in vocab.bpe without its '#version' line.
+
+    BPE works on symbol ids: a token's encoder id, or a fresh id past the vocabulary for a
+    string only an intermediate merge makes. `byte_sym[b]` is byte b's symbol and
+    `self.merges` is {(left id, right id): (rank, merged id)}, what `bpe_merge_plain` takes.
     """
 
     def __init__(self, encoder, merges, source="encoder.json"):
@@ -334,7 +338,8 @@ class Tokenizer:
         return allowed
 
     def _encode_plain(self, text):
-        """The reference engine: regex pre-tokenizer, dict cache per word, Python merge loop."""
+        """The reference engine: regex pre-tokenizer, dict cache per word, Python merge loop
+        (on a heap for words of HEAP_MIN_SYMBOLS bytes or more)."""
         cache = self._cache
         ids = []
         extend = ids.extend
