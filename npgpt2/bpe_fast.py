@@ -15,12 +15,10 @@ False) nothing here is compiled and the tokenizer uses its plain engine for ever
 import numpy as np
 import regex
 
-try:
-    from numba import njit
-except ImportError:  # numba is a dependency, but the plain engine works without it
-    njit = None
+from . import jit
 
-AVAILABLE = njit is not None
+_numba = jit.numba()  # None without Numba (one logged warning): the plain engine runs
+AVAILABLE = _numba is not None
 
 # Words (in bytes) from which the merge runs on a heap. Ordinary words are far shorter and take
 # the simple loop (the reference); the heap is there for long unbroken runs, where the loop's
@@ -149,7 +147,7 @@ class FastEngine:
 
 
 if AVAILABLE:
-    _jit = njit(cache=True, nogil=True)
+    _jit = _numba.njit(cache=True, nogil=True)
 
     @_jit
     def _mix(key):
