@@ -20,8 +20,8 @@ Two engines give the same ids (tests prove it):
 `<|endoftext|>` (ENDOFTEXT, the one definition other modules import) is ordinary text unless
 the caller allows it (`allowed_special`, as in tiktoken).
 """
-import heapq
 import hashlib
+import heapq
 import json
 import logging
 import os
