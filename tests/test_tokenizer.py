@@ -267,6 +267,43 @@ def test_long_chunk_engines_equal_reference(tok, alphabet, monkeypatch):
     assert tok._encode_fast(text).tolist() == want
 
 
+LONG = json.loads((HERE / "fixtures" / "tokenizer_long_chunks.json").read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.mark.parametrize("case", LONG, ids=[c["name"] for c in LONG])
+def test_long_chunks_match_tiktoken(tok, case):
+    """Long unbroken runs, where BPE used to be quadratic: both engines give tiktoken's ids
+    (fixture: their count and sha256 as little-endian uint32)."""
+    import hashlib
+    text = "".join(random.Random(case["seed"]).choices(case["alphabet"], k=case["chars"]))
+    tok.clear_cache()
+    for ids in (tok._encode_plain(text), tok._encode_fast(text).tolist()):
+        assert len(ids) == case["n_ids"]
+        assert hashlib.sha256(np.asarray(ids, dtype="<u4").tobytes()).hexdigest() == case["ids_sha256"]
+
+
+class CountingMerges(dict):
+    """A merge table that counts its lookups (`get`, as every merge loop reads it)."""
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def test_plain_engine_work_grows_linearly_on_one_long_chunk():
+    """Pair lookups, not seconds: 8x the letters in one chunk must cost about 8x the lookups
+    (the old merge loop, one pass over the word per round, made it 19x: 688,065 -> 13,089,438)."""
+    t = tk.read_tokenizer(ASSETS / "encoder.json", ASSETS / "vocab.bpe")
+    counts = []
+    for n in (2000, 16000):
+        t.merges = CountingMerges(t.merges)
+        text = "".join(random.Random(n).choices("abcdefghijklmnopqrstuvwxyz", k=n))
+        t._encode_plain(text)
+        counts.append(t.merges.lookups)
+    assert counts[1] < 12 * counts[0], counts
+
+
 # ---------------------------------------------------------------- showing the work
 def test_show_work_ids_equal_encode_on_every_case(tok):
     for case in CASES:
