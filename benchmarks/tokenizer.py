@@ -260,7 +260,8 @@ def format_long_table(res):
              f"{'algorithm':44s} {'chars':>8s} {'seconds':>8s} {'MB/s':>8s} {'ids identical':>14s}"]
     for row in res["rows"]:
         same = {None: "(reference)", True: "yes", False: "NO"}[row["ids_identical"]]
-        lines.append(f"{row['name']:44s} {row['chars']:8d} {row['seconds']:8.3f} {row['mb_per_s']:8.2f} {same:>14s}")
+        lines.append(f"{row['name']:44s} {row['chars']:8d} {row['seconds']:8.3f} "
+                     f"{row['mb_per_s']:8.2f} {same:>14s}")
     lines.append(f"goal: npgpt2 encode of the long chunk under {res['goal_seconds']:g} s: "
                  f"{'met' if res['goal_met'] else 'NOT met'}")
     return "\n".join(lines)

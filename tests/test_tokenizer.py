@@ -479,7 +479,8 @@ def test_no_cut_in_cjk_or_allowed_special(tok):
 def test_encode_iter_on_file_blocks(tok, tmp_path):
     """Files are read by data.read_text_blocks (the one reader) and streamed to encode_iter."""
     text = _jargon()[:300_000] + "\nend <|endoftext|> tail  caf\u00e9 \U0001f600"
-    for name, raw in (("corpus.txt", text.encode("utf-8")), ("corpus.txt.gz", gzip.compress(text.encode("utf-8")))):
+    raw = text.encode("utf-8")
+    for name, raw in (("corpus.txt", raw), ("corpus.txt.gz", gzip.compress(raw))):
         p = tmp_path / name
         p.write_bytes(raw)
         blocks = list(npdata.read_text_blocks(p, block_bytes=50_001))  # cuts inside characters too
