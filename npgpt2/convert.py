@@ -26,7 +26,7 @@ import numpy as np
 
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, parse_json, read_json
 from .model import ASSETS, check_hparams, param_shapes, read_hparams
 from .safetensors_io import read_safetensors, write_safetensors
 
@@ -126,10 +126,9 @@ def _read_npz(path):
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise Npgpt2Error(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
     raw = arrays.pop(HPARAMS_KEY)
-    try:
-        hparams = json.loads(str(raw[()]))
-    except (ValueError, IndexError):
-        raise Npgpt2Error(f"{path}: '{HPARAMS_KEY}' is not a JSON string") from None
+    if raw.shape != () or raw.dtype.kind != "U":
+        raise Npgpt2Error(f"{path}: '{HPARAMS_KEY}' is not a JSON string")
+    hparams = parse_json(str(raw[()]), f"{path}:{HPARAMS_KEY}")
     check_hparams(hparams, f"{path}:{HPARAMS_KEY}")
     return hparams, _checked(hparams, arrays, str(path)), {}
 
@@ -189,11 +188,9 @@ def hf_name(tf_name):
 def hparams_from_config(path):
     """npgpt2 hparams from a Hugging Face GPT-2 config.json; refuses variants npgpt2 can't run."""
     try:
-        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        cfg = read_json(path)
     except FileNotFoundError:
         raise Npgpt2Error(f"{path}: missing (not a Hugging Face model folder?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise Npgpt2Error(f"{path}: expected a JSON object")
     if cfg.get("model_type", "gpt2") != "gpt2":
@@ -212,8 +209,13 @@ def hparams_from_config(path):
     if cfg.get("n_inner") not in (None, 4 * hparams["n_embd"]):
         raise Npgpt2Error(f"{path}: n_inner is {cfg['n_inner']}; npgpt2 supports only 4 * n_embd")
     eps = cfg.get("layer_norm_epsilon", 1e-5)
-    if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
-        raise Npgpt2Error(f"{path}: layer_norm_epsilon is {eps!r}; npgpt2 supports only 1e-05")
+    try:  # NaN fails the <= test; an int like 10**400 cannot become a float
+        ok = (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+              and abs(float(eps) - 1e-5) <= 1e-12)
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise Npgpt2Error(f"{path}: layer_norm_epsilon is {repr(eps)[:40]}; npgpt2 supports only 1e-05")
     return hparams
 
 

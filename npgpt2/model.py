@@ -17,7 +17,7 @@ import numpy as np
 from . import layers
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +298,12 @@ def resolve_model_dir(models_dir, model_name):
 def read_hparams(model_dir):
     path = Path(model_dir) / "hparams.json"
     try:
-        hparams = json.loads(path.read_text(encoding="utf-8"))
+        hparams = read_json(path)
     except FileNotFoundError:
         if (Path(model_dir) / "config.json").exists():
             raise Npgpt2Error(f"{path}: missing; {model_dir} looks like a Hugging Face folder: "
                               f"convert it with: npgpt2 convert {model_dir} DST") from None
         raise Npgpt2Error(f"{path}: missing (not a GPT-2 model folder?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({e})") from None
     check_hparams(hparams, str(path))
     return hparams
 
