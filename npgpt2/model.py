@@ -295,6 +295,21 @@ def resolve_model_dir(models_dir, model_name):
     raise Npgpt2Error(f"{folder}: model folder not found (--models_dir/--model_name){hint}")
 
 
+def check_download_finished(model_dir):
+    """Raise Npgpt2Error with the download command when `model_dir` is a released model's
+    folder (124M, ...) left empty or half-filled by an interrupted `npgpt2 download`."""
+    d = Path(model_dir)
+    name = ALIASES.get(d.name, d.name)
+    if name not in MODEL_HPARAMS or (d / "config.json").exists():
+        return
+    has = {n: (d / n).is_file() for n in ("hparams.json", "checkpoint")}
+    partial = any(d.glob("*.part")) or not any(d.glob("*.index"))
+    if not has["hparams.json"] or (not has["checkpoint"] and partial):
+        missing = ", ".join(n for n, ok in has.items() if not ok)
+        raise Npgpt2Error(f"{d}: an empty or unfinished download ({missing} missing); finish it with: "
+                          f"npgpt2 download {d.name} --models_dir {d.parent}")
+
+
 def read_hparams(model_dir):
     path = Path(model_dir) / "hparams.json"
     try:
@@ -317,6 +332,7 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise Npgpt2Error(f"{model_dir}: model folder not found")
+    check_download_finished(model_dir)
     hparams = read_hparams(model_dir)
     prefix = latest_checkpoint(model_dir)
     params = read_checkpoint(prefix, verify=verify, mmap=mmap)
