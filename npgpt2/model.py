@@ -302,9 +302,10 @@ def check_download_finished(model_dir):
     name = ALIASES.get(d.name, d.name)
     if name not in MODEL_HPARAMS or (d / "config.json").exists():
         return
-    has = {n: (d / n).is_file() for n in ("hparams.json", "checkpoint")}
-    partial = any(d.glob("*.part")) or not any(d.glob("*.index"))
-    if not has["hparams.json"] or (not has["checkpoint"] and partial):
+    # `npgpt2 download` writes `checkpoint` last; OpenAI's download_model.py writes these too
+    files = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "checkpoint")
+    has = {n: (d / n).is_file() for n in files}
+    if not has["hparams.json"] or (not has["checkpoint"] and (not all(has.values()) or any(d.glob("*.part")))):
         missing = ", ".join(n for n, ok in has.items() if not ok)
         raise Npgpt2Error(f"{d}: an empty or unfinished download ({missing} missing); finish it with: "
                           f"npgpt2 download {d.name} --models_dir {d.parent}")

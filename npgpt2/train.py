@@ -289,6 +289,16 @@ def write_samples(model, tokenizer, cfg, step, run_name):
     return texts
 
 
+def check_train_memory(model, cfg, T):
+    """Refuse, with the figure, a --batch_size or --sample_num whose arrays cannot fit in memory."""
+    from .memory import check_memory, training_bytes
+    from .sampling import check_batch_memory
+    check_memory(training_bytes(model.hparams, cfg.batch_size, T, model.dtype), f"--batch_size {cfg.batch_size}",
+                 "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)")
+    if cfg.sample_every and cfg.sample_num:
+        check_batch_memory(model.hparams, cfg.sample_num, 1, model.dtype, name="--sample_num")
+
+
 # ---------------------------------------------------------------- the loop
 def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state=None, on_step=None):
     """Train `model` in place on the 1-D token array `tokens` as `cfg` says.
@@ -300,6 +310,7 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     """
     T = check_config(cfg, model.hparams["n_ctx"])
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
+    check_train_memory(model, cfg, T)
     names = [k for k in model.params if "/h" in k] if cfg.only_train_transformer_layers else list(model.params)
     decay = {k: (cfg.weight_decay if model.params[k].ndim >= 2 else 0.0) for k in names}
     opt = optim.make_optimizer(cfg.optimizer, {k: model.params[k] for k in names}, cfg.learning_rate, decay)
