@@ -102,31 +102,23 @@ def test_stale_temp_files_are_removed_fresh_ones_kept(tmp_path):
 def test_disk_full_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     target = tmp_path / "hparams.json"
     target.write_text("old")
-    real_fdopen = os.fdopen
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(fsutil.os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
-    with pytest.raises(Npgpt2Error) as e:
-        with fsutil.atomic_write(target, "w", encoding="utf-8") as f:
-            f.write("new")
-    one_line(e, str(target), "disk full")
-    assert target.read_text() == "old"
-    assert os.listdir(tmp_path) == ["hparams.json"]
+    # a full disk shows up in a write, or (delayed allocation) only when the data is flushed
+    for patch in ("write", "fsync"):
+        with monkeypatch.context() as m:
+            if patch == "fsync":
+                m.setattr(fsutil.os, "fsync", full)
+            with pytest.raises(Npgpt2Error) as e:
+                with fsutil.atomic_write(target, "w", encoding="utf-8") as f:
+                    f.write("new")
+                    if patch == "write":
+                        full()
+        one_line(e, str(target), "disk full")
+        assert target.read_text() == "old"
+        assert os.listdir(tmp_path) == ["hparams.json"]
 
 
 # ---------------------------------------------------------------- hostile files
