@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +124,11 @@ def _read_npz(path):
             if HPARAMS_KEY not in z.files:
                 raise Npgpt2Error(f"{path}: no '{HPARAMS_KEY}' entry (not an npgpt2 .npz model)")
             arrays = {n: z[n] for n in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error, NotImplementedError) as e:
         raise Npgpt2Error(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    for name, arr in arrays.items():
+        if not isinstance(arr, np.ndarray):  # np.load hands back the raw bytes of such members
+            raise Npgpt2Error(f"{path}: member '{name}' is not a .npy array")
     raw = arrays.pop(HPARAMS_KEY)
     if raw.shape != () or raw.dtype.kind != "U":
         raise Npgpt2Error(f"{path}: '{HPARAMS_KEY}' is not a JSON string")

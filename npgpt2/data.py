@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -333,11 +333,16 @@ class Sampler:
         return json.dumps(self.rng.bit_generator.state)
 
     def set_state(self, state):
-        st = json.loads(state) if isinstance(state, str) else state
+        st = parse_json(state, "sampler state") if isinstance(state, str) else state
+        if not isinstance(st, dict):
+            raise Npgpt2Error("sampler state: expected a JSON object")
         if st.get("bit_generator") != type(self.rng.bit_generator).__name__:
             raise Npgpt2Error(f"sampler state is for {st.get('bit_generator')}, not "
                               f"{type(self.rng.bit_generator).__name__}")
-        self.rng.bit_generator.state = st
+        try:
+            self.rng.bit_generator.state = st
+        except (ValueError, TypeError, KeyError) as e:
+            raise Npgpt2Error(f"sampler state: damaged ({type(e).__name__}: {e})") from None
 
 
 def eval_windows(n_tokens, context):

@@ -244,6 +244,22 @@ def test_text_named_npz_says_what_it_is_not(tmp_path):
     assert "pickle" not in msg
 
 
+def test_npz_model_or_sampler_state_made_elsewhere(tmp_path):
+    from npgpt2.convert import read_model
+    from npgpt2.data import Sampler
+    with zipfile.ZipFile(tmp_path / "m.npz", "w") as z:
+        z.writestr("__hparams__", "{}")
+    with pytest.raises(Npgpt2Error) as e:
+        read_model(tmp_path / "m.npz")
+    one_line(e, "m.npz", "not a .npy array")
+    s = Sampler(np.arange(100, dtype=np.uint16), 5, seed=1)
+    for bad, words in ((DEEP, "nested too deeply"), ("5", "JSON object"),
+                       ('{"bit_generator": "PCG64", "state": 3}', "damaged")):
+        with pytest.raises(Npgpt2Error) as e:
+            s.set_state(bad)
+        one_line(e, "sampler state", words)
+
+
 # ---------------------------------------------------------------- --encoding
 @pytest.mark.parametrize("codec", ["base64", "hex", "rot13", "zlib", "uu"])
 def test_non_text_codecs_are_refused(tmp_path, capsys, codec):
