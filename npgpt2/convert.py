@@ -308,6 +308,7 @@ def convert(src, dst, fmt=None, src_fmt=None, force=False):
         fmt = "npz" if dst.suffix == ".npz" else "hf" if src_fmt == "tf" else "tf"
     if fmt not in FORMATS:
         raise Npgpt2Error(f"--to: unknown format '{fmt}' (choose one of {', '.join(FORMATS)})")
+    _recover_killed_writes(dst)  # first: a model a killed run moved aside is the user's again
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise Npgpt2Error(f"{dst}: is the source itself; write the conversion somewhere else")
     _check_destination(dst, fmt, force)
@@ -355,12 +356,44 @@ def _check_destination(dst, fmt, force):
                           f"replace it, even with --force (write the conversion to a new folder)")
 
 
+def _recover_killed_writes(dst):
+    """Clean up after a conversion to `dst` that was killed: its `.NAME.PID.tmp` folder is
+    removed; its `.NAME.PID.old` folder (the previous model, moved aside) is put back when
+    `dst` is missing (killed between the two renames), else removed. Folders of a process that
+    is still running are left alone."""
+    pattern = re.compile(re.escape(f".{dst.name}.") + r"(\d+)\.(tmp|old)")
+    try:
+        entries = list(dst.parent.iterdir())
+    except OSError:
+        return
+    for p in sorted(entries):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir() or p.is_symlink() or _pid_alive(int(m.group(1))):
+            continue
+        if m.group(2) == "old" and not dst.exists():
+            os.replace(p, dst)
+            log.warning("%s: restored the model a killed conversion had moved aside to %s", dst, p.name)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("%s: removed %s, left by a killed conversion", dst.parent, p.name)
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return False  # ours from an earlier call in this process that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or a number we cannot judge): leave it
+    return True
+
+
 def _write_folder(dst, write):
     """Run write(tmp) in a fresh hidden folder beside dst, then put it in dst's place."""
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     old = dst.parent / f".{dst.name}.{os.getpid()}.old"
-    for stale in (tmp, old):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)

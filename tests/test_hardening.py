@@ -121,6 +121,22 @@ def test_disk_full_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
         assert os.listdir(tmp_path) == ["hparams.json"]
 
 
+def test_convert_cleans_up_after_a_killed_conversion(tmp_path):
+    """A conversion killed between moving the old model aside and renaming the new one in
+    left the user's model only in `.NAME.PID.old`: it is put back, and `.tmp` folders go."""
+    from npgpt2.convert import convert
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    shutil.copytree(FIX / "hf_tiny", tmp_path / f".hf.{dead.pid}.old")
+    (tmp_path / f".hf.{dead.pid}.tmp").mkdir()
+    (tmp_path / f".hf.{dead.pid}.tmp" / "config.json").write_text("{")
+    with pytest.raises(Npgpt2Error, match="already|not empty"):  # the restored model needs --force
+        convert(FIX / "tiny", tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    for name in os.listdir(FIX / "hf_tiny"):
+        assert (tmp_path / "hf" / name).read_bytes() == (FIX / "hf_tiny" / name).read_bytes()
+
+
 # ---------------------------------------------------------------- hostile files
 def _write_index(prefix, shape):
     from npgpt2.checkpoint import proto, table
