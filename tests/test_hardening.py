@@ -301,6 +301,18 @@ def test_negative_seed(tmp_path, capsys, command):
     assert_cli_error(code, err, "--seed", "-1")
 
 
+def test_negative_seed_in_the_library():
+    import npgpt2
+    from npgpt2.chat import ChatSession
+    model = npgpt2.load_model(FIX / "full")
+    with pytest.raises(Npgpt2Error) as e:
+        ChatSession(model, npgpt2.load_tokenizer(FIX / "full"), seed=-1)
+    one_line(e, "seed", "-1")
+    with pytest.raises(Npgpt2Error) as e:
+        npgpt2.generate(model, [50256], 3, seed=-1)
+    one_line(e, "seed", "-1")
+
+
 def test_check_seed_and_temperature_rules():
     from npgpt2.sampling import check_seed, check_temperature
     for ok in (None, 0, 2**70, np.int64(3)):
