@@ -67,7 +67,7 @@ def print_samples(model, enc, context, args):
     context = fit_prompt(context, length, model.hparams["n_ctx"])
     # the rows of one batch (all of them with --nsamples 0) are held at once
     check_batch_memory(model.hparams, args.batch_size if args.nsamples == 0 else min(args.batch_size, args.nsamples),
-                       len(context), model.dtype)
+                       len(context), length, model.dtype)
     rng = np.random.default_rng(args.seed)
     done = 0
     while args.nsamples == 0 or done < args.nsamples:

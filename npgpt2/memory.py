@@ -35,15 +35,16 @@ def human(n):
         n /= 1024
 
 
-def generation_bytes(hparams, batch_size, prompt_len=1, dtype=np.float32):
-    """About the memory generating `batch_size` rows at once takes: the key/value cache
-    (allocated for n_ctx positions), the prompt's prefill activations and the float64
-    logits and probabilities sampling works on."""
+def generation_bytes(hparams, batch_size, prompt_len=1, length=None, dtype=np.float32):
+    """About the memory generating `batch_size` rows at once takes: the key/value cache rows
+    that prompt + `length` new tokens fill (np.zeros leaves the rest of n_ctx untouched), the
+    prompt's prefill activations and the float64 logits and probabilities sampling works on."""
     L, C, T, V = (int(hparams[k]) for k in ("n_layer", "n_embd", "n_ctx", "n_vocab"))
     item = np.dtype(dtype).itemsize
-    per_row = 2 * L * T * C * item          # k and v: (n_layer, B, NH, n_ctx, hs) each
+    positions = min(T, int(prompt_len) + (T if length is None else int(length)))
+    per_row = 2 * L * positions * C * item     # k and v: (n_layer, B, NH, n_ctx, hs) each
     per_row += int(prompt_len) * 8 * C * item  # prefill: residual, qkv, MLP hidden
-    per_row += 4 * V * 8                     # logits (model dtype and float64), probs, cdf
+    per_row += 4 * V * 8                       # logits (model dtype and float64), probs, cdf
     return int(batch_size) * per_row
 
 

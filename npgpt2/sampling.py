@@ -71,9 +71,9 @@ def check_seed(seed, name="--seed"):
         raise Npgpt2Error(f"{name} must be an integer >= 0, got {seed!r}")
 
 
-def check_batch_memory(hparams, batch_size, prompt_len=1, dtype=np.float32, name="--batch_size"):
+def check_batch_memory(hparams, batch_size, prompt_len=1, length=None, dtype=np.float32, name="--batch_size"):
     """Refuse (Npgpt2Error with the figure) a batch of generated rows that cannot fit in memory."""
-    check_memory(generation_bytes(hparams, batch_size, prompt_len, dtype),
+    check_memory(generation_bytes(hparams, batch_size, prompt_len, length, dtype),
                  f"{name} {batch_size} (generating that many samples at once)",
                  f"use a smaller {name}")
 
@@ -118,7 +118,7 @@ def generate_stream(model, prompt_tokens, length, temperature=1.0, top_k=0, top_
     if bad:
         raise Npgpt2Error(f"prompt token id {bad[0]} is outside the model's vocabulary "
                           f"(n_vocab={model.hparams['n_vocab']})")
-    check_batch_memory(model.hparams, batch_size, len(prompt_tokens), model.dtype)
+    check_batch_memory(model.hparams, batch_size, len(prompt_tokens), length, model.dtype)
     rng = rng if rng is not None else np.random.default_rng(seed)
     cache = model.new_cache(batch_size)
     context = np.tile(np.asarray(prompt_tokens, dtype=np.int64), (batch_size, 1))

@@ -296,7 +296,7 @@ def check_train_memory(model, cfg, T):
     check_memory(training_bytes(model.hparams, cfg.batch_size, T, model.dtype), f"--batch_size {cfg.batch_size}",
                  "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)")
     if cfg.sample_every and cfg.sample_num:
-        check_batch_memory(model.hparams, cfg.sample_num, 1, model.dtype, name="--sample_num")
+        check_batch_memory(model.hparams, cfg.sample_num, 1, cfg.sample_length, model.dtype, name="--sample_num")
 
 
 # ---------------------------------------------------------------- the loop

@@ -356,6 +356,17 @@ def test_huge_batch_is_refused_with_the_figure(capsys):
         assert out == ""  # refused before the first sample header
 
 
+def test_generation_estimate_covers_the_cache_it_allocates():
+    import npgpt2
+    from npgpt2.memory import generation_bytes
+    model = npgpt2.load_model(FIX / "full")
+    h = model.hparams
+    cache = model.new_cache(3)
+    need = generation_bytes(h, 3, 1, h["n_ctx"] - 1, model.dtype)
+    logits = 3 * h["n_vocab"] * 8
+    assert cache.k.nbytes + cache.v.nbytes + logits <= need <= 2 * (cache.k.nbytes + cache.v.nbytes) + 5 * logits
+
+
 def test_huge_train_batch_or_sample_num_is_refused(tmp_path):
     from npgpt2.train import TrainConfig, fit, restore
     tokens = np.arange(500, dtype=np.uint16) % 90
