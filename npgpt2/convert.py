@@ -28,7 +28,7 @@ import numpy as np
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .errors import Npgpt2Error
 from .fsutil import atomic_write, parse_json, read_json
-from .model import ASSETS, check_hparams, param_shapes, read_hparams
+from .model import ASSETS, check_download_finished, check_hparams, param_shapes, read_hparams
 from .safetensors_io import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def read_model(src, fmt=None):
 def _read_tf(folder):
     if not folder.is_dir():
         raise Npgpt2Error(f"{folder}: an OpenAI model is a folder, not a file")
+    check_download_finished(folder)
     hparams = read_hparams(folder)
     prefix = latest_checkpoint(folder)
     tensors = read_checkpoint(prefix, verify=True, mmap=True)

@@ -442,3 +442,7 @@ def test_partial_folder_gives_the_download_hint(server, tmp_path, session):
     with pytest.raises(Npgpt2Error) as e:
         npgpt2.load_model(tmp_path / "124M")
     assert "npgpt2 download 124M" in one_line(e) and "unfinished" in str(e.value)
+    from npgpt2.convert import convert
+    with pytest.raises(Npgpt2Error) as e:
+        convert(tmp_path / "124M", tmp_path / "hf", src_fmt="tf")
+    assert "npgpt2 download 124M" in one_line(e)
