@@ -22,7 +22,6 @@ the caller allows it (`allowed_special`, as in tiktoken).
 """
 import hashlib
 import heapq
-import json
 import logging
 import os
 import threading
@@ -34,6 +33,7 @@ import regex
 
 from . import bpe_fast
 from .errors import Npgpt2Error
+from .fsutil import read_json
 
 log = logging.getLogger(__name__)
 
@@ -519,12 +519,9 @@ def _fast_enabled():
 # ---------------------------------------------------------------------- loading
 def _read_encoder(path):
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            encoder = json.load(f)
+        encoder = read_json(path)
     except OSError as e:
         raise Npgpt2Error(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(encoder, dict) or not encoder:
         raise Npgpt2Error(f"{path}: expected a JSON object mapping token strings to ids")
     for s, i in encoder.items():
@@ -574,7 +571,8 @@ _loaded_lock = threading.Lock()
 
 def load_tokenizer(model_dir=None):
     """The tokenizer of `model_dir` (its encoder.json + vocab.bpe) when both files are there,
-    else the GPT-2 files packaged with npgpt2. Loaded once per process per file content (so a
+    else the GPT-2 files packaged with npgpt2; wrapped in a CompactTokenizer when the folder
+    has a compact_vocab.npy (see compact_vocab.py). Loaded once per process per file content (so a
     model folder holding OpenAI's files shares the packaged tokenizer and its caches)."""
     folder = ASSETS
     if model_dir is not None:
@@ -595,4 +593,5 @@ def load_tokenizer(model_dir=None):
         tok = _loaded.get(tuple(key))
         if tok is None:
             tok = _loaded[tuple(key)] = read_tokenizer(enc, bpe)
-    return tok
+    from .compact_vocab import wrap_if_compact  # a model of a subset of GPT-2's tokens (the demo's)
+    return wrap_if_compact(tok, model_dir)
