@@ -405,13 +405,13 @@ def cmd_gradcheck(args):
     if args.entries is not None and args.entries < 1:
         raise Npgpt2Error(f"--entries must be >= 1, got {args.entries}")
     t0 = time.perf_counter()
-    rows = gradcheck.check_layers(seed=args.seed)
-    print("\n".join(gradcheck.format_table(rows, "layers.py, float64, each backward vs central differences:")))
-    if args.model_name:
+    if args.model_name:  # a bad folder fails before any check runs
         model = load_model(resolve_model_dir(args.models_dir, args.model_name), dtype=np.float64)
         what = f"{args.models_dir}/{args.model_name}"
     else:
         model, what = gradcheck.tiny_model(args.seed), "a tiny random 2-layer model"
+    rows = gradcheck.check_layers(seed=args.seed)
+    print("\n".join(gradcheck.format_table(rows, "layers.py, float64, each backward vs central differences:")))
     entries = args.entries or gradcheck.default_entries(model)
     if sys.stderr.isatty():  # a 124M check takes a while: show it moving
         from tqdm import tqdm
