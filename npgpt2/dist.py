@@ -19,6 +19,7 @@ back, so the extra memory is one bucket, whatever the model size.
 """
 import logging
 import os
+import signal
 
 import numpy as np
 
@@ -36,46 +37,66 @@ def launched_by_mpi(environ=os.environ):
     return any(v in environ for v in _LAUNCHER_VARS)
 
 
-class LocalComm:
-    """One process: every collective is the identity. What `npgpt2 train` uses without MPI."""
-    rank, size = 0, 1
+class SingleProcess:
+    """The communicator of a run in one process: every collective is the identity.
 
-    def allreduce_grads(self, grads, names):
-        """Sum grads[k] over the ranks in place, for k in names (nothing to do for one rank)."""
+    fit() calls a communicator where the processes of a data-parallel run (each drawing its
+    own batches) must agree: allreduce_mean between loss_and_grads and the clip + optimizer
+    step (so every process applies the same update), any() to stop together, gather() to
+    save every rank's sampler state, and is_main for what only one of them does (logs,
+    samples, validation, checkpoints). MPIComm is the multi-process one.
+    """
+    rank, world_size = 0, 1
 
-    def sum(self, value):
-        """The sum of a float over the ranks."""
-        return float(value)
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def allreduce_mean(self, grads, loss):
+        """Average grads (in place) and the loss over every process; returns the loss."""
+        return loss
 
     def any(self, flag):
         """True on every rank when flag is true on any rank."""
         return bool(flag)
 
+    def bcast(self, obj):
+        """Rank 0's obj, on every rank (a small picklable object)."""
+        return obj
+
     def gather(self, obj):
         """[obj of rank 0, obj of rank 1, ...] on rank 0; None elsewhere."""
         return [obj]
 
-    def scatter(self, objs):
-        """Rank r gets objs[r] (objs given on rank 0)."""
-        return objs[0]
+    def bcast_arrays(self, arrays):
+        """Rank 0's {name: ndarray} on every rank (others pass None); large arrays go as buffers."""
+        return arrays
 
     def abort(self, code):
         """End every rank now (after an error on this one)."""
         raise SystemExit(code)
 
 
-class MPIComm(LocalComm):
-    """COMM_WORLD through mpi4py; gradients float32/float64 summed in place, bucketed."""
+class MPIComm(SingleProcess):
+    """COMM_WORLD through mpi4py; gradients summed in place, bucketed (see the module doc)."""
 
     def __init__(self, comm=None, bucket_bytes=BUCKET_BYTES):
         from mpi4py import MPI
         self._mpi = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
-        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
         self.bucket_bytes = bucket_bytes
         self._bucket = None  # reused between steps
 
-    def allreduce_grads(self, grads, names):
+    def allreduce_mean(self, grads, loss):
+        self.allreduce_sum(grads, list(grads))
+        scale = 1.0 / self.world_size
+        for g in grads.values():
+            g *= scale
+        return self.comm.allreduce(float(loss), op=self._mpi.SUM) / self.world_size
+
+    def allreduce_sum(self, grads, names):
+        """Sum grads[k] over the ranks in place, for k in names."""
         small = []
         for k in names:
             g = grads[k]
@@ -105,17 +126,27 @@ class MPIComm(LocalComm):
         for g, a, b in zip(group, offsets[:-1], offsets[1:]):
             g.reshape(-1)[:] = buf[a:b]
 
-    def sum(self, value):
-        return float(self.comm.allreduce(float(value), op=self._mpi.SUM))
-
     def any(self, flag):
         return bool(self.comm.allreduce(bool(flag), op=self._mpi.LOR))
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0)
 
     def gather(self, obj):
         return self.comm.gather(obj, root=0)
 
-    def scatter(self, objs):
-        return self.comm.scatter(objs, root=0)
+    def bcast_arrays(self, arrays):
+        layout = self.bcast(None if arrays is None else
+                            {k: (v.shape, v.dtype.str) for k, v in arrays.items()})
+        out = {}
+        for name, (shape, dtype) in layout.items():
+            buf = np.require(arrays[name], requirements="C") if self.is_main else np.empty(shape, dtype)
+            flat = buf.reshape(-1).view(np.uint8)
+            step = self.bucket_bytes
+            for i in range(0, flat.size, step):  # pieces: MPI counts are 32-bit ints
+                self.comm.Bcast(flat[i:i + step], root=0)
+            out[name] = buf
+        return out
 
     def abort(self, code):
         self.comm.Abort(code)
@@ -136,20 +167,20 @@ def _packs(tensors, bucket_bytes):
 
 
 def get_comm(environ=os.environ):
-    """MPIComm when an MPI launcher started this process with more than one rank, else LocalComm.
+    """MPIComm when an MPI launcher started this process with more than one rank, else SingleProcess.
 
     A launch by mpirun without mpi4py installed is a one-line error: N independent
     single-process runs writing the same run folder would be wrong and silent.
     """
     if not launched_by_mpi(environ):
-        return LocalComm()
+        return SingleProcess()
     try:
         import mpi4py  # noqa: F401
     except ImportError:
         raise Npgpt2Error("started by an MPI launcher, but mpi4py is not installed: "
                           "pip install \"npgpt2[mpi]\" (or run without mpirun)") from None
     comm = MPIComm()
-    return comm if comm.size > 1 else LocalComm()
+    return comm if comm.world_size > 1 else SingleProcess()
 
 
 def rank_seed(seed, rank):
@@ -161,3 +192,34 @@ def rank_seed(seed, rank):
     if rank == 0:
         return seed
     return int(np.random.SeedSequence([seed, rank]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class RankSlice:
+    """A sampler wrapper for the equivalence test of data parallelism: every rank draws what
+    all world_size ranks would draw from ONE shared stream and keeps micro-batch `rank`, so
+    N ranks see exactly the batches a single process with N x --accumulate_gradients sees."""
+
+    def __init__(self, sampler, rank, world_size):
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def sample(self, batch_size):
+        batches = [self.sampler.sample(batch_size) for _ in range(self.world_size)]
+        return batches[self.rank]
+
+    def get_state(self):
+        return self.sampler.get_state()
+
+    def set_state(self, state):
+        self.sampler.set_state(state)
+
+
+def stop_signals(comm):
+    """The signals that ask a run to save and stop after the current step.
+
+    SIGINT (Ctrl-C) and SIGTERM (kill, schedulers); in a multi-process run also SIGUSR1,
+    because Open MPI's mpirun answers Ctrl-C by sending SIGTERM and, one second later
+    (odls_base_sigkill_timeout), SIGKILL, which is too soon to finish a step and save,
+    while it forwards SIGUSR1 to every rank and waits: `kill -USR1 <mpirun pid>`.
+    """
+    base = (signal.SIGINT, signal.SIGTERM)
+    return base + (signal.SIGUSR1,) if comm.world_size > 1 else base
