@@ -19,7 +19,6 @@ Two engines give the same ids (tests prove it):
 """
 import gzip
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -29,6 +28,7 @@ import numpy as np
 import regex
 
 from .errors import Npgpt2Error
+from .fsutil import read_json
 
 try:
     from numba import njit
@@ -404,12 +404,9 @@ def _fast_enabled():
 # ---------------------------------------------------------------------- loading
 def _read_encoder(path):
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            encoder = json.load(f)
+        encoder = read_json(path)
     except OSError as e:
         raise Npgpt2Error(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(encoder, dict) or not encoder:
         raise Npgpt2Error(f"{path}: expected a JSON object mapping token strings to ids")
     for s, i in encoder.items():
