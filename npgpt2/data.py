@@ -26,10 +26,10 @@ import numpy as np
 
 from .errors import Npgpt2Error
 from .fsutil import atomic_write, parse_json
+from .tokenizer import ENDOFTEXT
 
 log = logging.getLogger(__name__)
 
-ENDOFTEXT = "<|endoftext|>"
 MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger (encoder.json ids are checked below 2**31)
 READ_BYTES = 1 << 20  # bytes read from a text file at a time
 
