@@ -74,7 +74,7 @@ def _wrong_attention_backward(dout, qkv, att, NH):
 
 
 def _wrong_encoder_backward(dout, inp, V, maxT):
-    B, T, C = dout.shape
+    _, T, C = dout.shape
     dwte = np.zeros((V, C), dtype=dout.dtype)
     dwte[inp.reshape(-1)] += dout.reshape(-1, C)  # repeated tokens overwrite instead of accumulating
     dwpe = np.zeros((maxT, C), dtype=dout.dtype)

@@ -15,7 +15,7 @@ DOC = ROOT / "WALKTHROUGH.md"
 def python_blocks(text):
     """The bodies of the ```python fences, in order, with the line each starts on."""
     blocks = []
-    for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M):
+    for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
         blocks.append((text.count("\n", 0, m.start()) + 2, m.group(1)))
     return blocks
 
