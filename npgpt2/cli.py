@@ -524,6 +524,7 @@ def build_parser():
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch (default %(default)s)")
     p.add_argument("--learning_rate", type=float, default=2e-5, help="peak learning rate (default %(default)s)")
     p.add_argument("--accumulate_gradients", type=int, default=1, help="micro-batches per update (default %(default)s)")

@@ -47,6 +47,7 @@ class TrainConfig:
     models_dir: str = "weights"
     combine: int = 50000
     encoding: str = "utf-8"
+    keep_crlf: bool = False        # text inputs: keep \r\n and \r (default: read them as \n)
     batch_size: int = 1
     learning_rate: float = 2e-5
     accumulate_gradients: int = 1
@@ -568,8 +569,8 @@ def train(cfg, on_step=None, comm=None):
         run_dir = check_inputs(cfg)
         model, state = restore(cfg, run_dir)
         tokenizer = load_tokenizer(model.source_dir)
-        tokens = load_dataset(cfg.dataset, tokenizer, cfg.encoding, cfg.combine, "--dataset")
-        val = load_dataset(cfg.val_dataset, tokenizer, cfg.encoding, cfg.combine, "--val_dataset") \
+        tokens = load_dataset(cfg.dataset, tokenizer, cfg.encoding, cfg.combine, "--dataset", cfg.keep_crlf)
+        val = load_dataset(cfg.val_dataset, tokenizer, cfg.encoding, cfg.combine, "--val_dataset", cfg.keep_crlf) \
             if cfg.val_dataset else None
         if tokenizer.n_vocab != model.hparams["n_vocab"]:
             log.warning("the tokenizer has %d ids but the model %d; samples are off", tokenizer.n_vocab,

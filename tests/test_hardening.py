@@ -9,6 +9,7 @@ was not replaced, the ids equal those of the text with "\\n"), never npgpt2's ow
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -426,3 +427,22 @@ def test_encode_help_mentions_keep_crlf():
     r = subprocess.run([sys.executable, "-m", "npgpt2.cli", "encode", "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert "--keep_crlf" in r.stdout and "\\r\\n" in r.stdout
+
+
+def test_train_reads_text_like_encode_and_takes_keep_crlf(tmp_path, capsys, caplog):
+    """`train` on a text file normalises CRLF as `encode` does, and, like `encode` and `eval`,
+    takes --keep_crlf (the README: train and eval read text inputs the same way)."""
+    body = "The hacker\r\nwrote code.\r\n" * 20
+    (tmp_path / "win.txt").write_bytes(body.encode())
+    (tmp_path / "unix.txt").write_bytes(body.replace("\r\n", "\n").encode())
+    counts = {}
+    for name, data, extra in (("unix", "unix.txt", []), ("win", "win.txt", []), ("kept", "win.txt", ["--keep_crlf"])):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            code, _, err = run_main(capsys, "train", "--dataset", tmp_path / data, "--models_dir", FIX, "--model_name",
+                                    "full", "--checkpoint_dir", tmp_path / "ck", "--run_name", name, "--steps",
+                                    "1", "--context", "8", "--sample_every", "0", "--seed", "1", *extra)
+        assert code == 0, err
+        counts[name] = int(re.search(r"dataset: (\d+) tokens", caplog.text).group(1))
+    assert counts["win"] == counts["unix"]
+    assert counts["kept"] > counts["unix"]  # the "\r" survive as tokens of their own
