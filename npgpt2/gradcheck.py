@@ -231,8 +231,8 @@ def check_model(model, entries=None, T=4, B=1, seed=0, progress=None):
 
     Random inputs/targets of (B, T) tokens; `entries` sampled entries of every parameter
     tensor (default 2, or 1 above BIG_MODEL parameters), two forward passes each; the rows
-    of model/wte always include a token that is input (its row gets the embedding's and the
-    head's gradient). Rows group a tensor kind over layers
+    of model/wte always include a token that is input twice (its row gets the head's gradient
+    and the embedding's from both positions). Rows group a tensor kind over layers
     (`model/h*/attn/c_attn/w`); `worst` names the tensor with the largest error.
     progress: optional callable(done, total) after each tensor.
     """
@@ -244,6 +244,8 @@ def check_model(model, entries=None, T=4, B=1, seed=0, progress=None):
     T = min(T, hp["n_ctx"])
     inputs = rng.integers(0, hp["n_vocab"], (B, T))
     targets = rng.integers(0, hp["n_vocab"], (B, T))
+    if T > 1:  # a token that occurs twice: its wte row must sum both positions' gradients
+        inputs[:, -1] = inputs[:, 0]
     _, grads = m64.loss_and_grads(inputs, targets)
 
     def loss():

@@ -98,7 +98,7 @@ BACKWARDS = {k: getattr(layers, k) for k in ("layernorm_backward", "attention_ba
     ("gelu_backward", _wrong_gelu_backward, "gelu", "model/h*/mlp/c_fc/w"),
     ("layernorm_backward", _wrong_layernorm_backward, "layernorm", "model/wpe"),
     ("attention_backward", _wrong_attention_backward, "attention", "model/h*/attn/c_attn/w"),
-    ("encoder_backward", _wrong_encoder_backward, "encoder", None),
+    ("encoder_backward", _wrong_encoder_backward, "encoder", "model/wte"),
     ("matmul_backward", _wrong_matmul_backward, "matmul", "model/h*/mlp/c_proj/b"),
     ("crossentropy_softmax_backward", _wrong_crossentropy_backward, "crossentropy_softmax", "model/ln_f/b"),
 ])
