@@ -566,7 +566,7 @@ def build_parser():
 
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
-    p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (a smoke test)")
+    p.add_argument("--quick", action="store_true", help="a tiny model, 40 steps: a smoke test (about 15 s once Numba's kernels are compiled)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
     p.add_argument("--out", default="checkpoint/demo",
                    help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "
