@@ -49,3 +49,14 @@ def test_every_block_runs(monkeypatch, capsys):
                          f"{params['attn'] / n:.1%}", f"{params['mlp'] / n:.1%}", f"{fwd / 1e9:.3f}",
                          f"{flops['attn'] / fwd:.1%}", f"{flops['mlp'] / fwd:.1%}", f"{flops['head'] / fwd:.1%}",
                          f"{3 * fwd / 1e9:.3f}"], name
+
+
+def test_every_pointer_names_a_real_function():
+    """`layers.py: layernorm_forward`, `model.py: GPT2._head`, ...: each `file.py: name` the text
+    or a block's output points to is defined in that file (a rename cannot leave a stale pointer)."""
+    refs = set(re.findall(r"([a-z_0-9]+\.py): ([A-Za-z_][A-Za-z_0-9.]*)", DOC.read_text(encoding="utf-8")))
+    assert len(refs) >= 20
+    for file, name in sorted(refs):
+        source = (ROOT / "npgpt2" / file).read_text(encoding="utf-8")
+        last = re.escape(name.split(".")[-1])
+        assert re.search(rf"^\s*(def|class) {last}\b|^{last}\s*=", source, re.M), f"{file}: {name}"
