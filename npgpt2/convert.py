@@ -104,6 +104,10 @@ def _read_tf(folder):
     if not folder.is_dir():
         raise Npgpt2Error(f"{folder}: an OpenAI model is a folder, not a file")
     check_download_finished(folder)
+    from .compact_vocab import VOCAB_FILE
+    if (folder / VOCAB_FILE).is_file():  # no other format can carry its token numbering
+        raise Npgpt2Error(f"{folder / VOCAB_FILE}: this model numbers its tokens 0..K-1, not as GPT-2 does; "
+                          "converted, it would load with GPT-2's ids and give other text: use the folder as it is")
     hparams = read_hparams(folder)
     prefix = latest_checkpoint(folder)
     tensors = read_checkpoint(prefix, verify=True, mmap=True)
