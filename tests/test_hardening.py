@@ -446,3 +446,17 @@ def test_train_reads_text_like_encode_and_takes_keep_crlf(tmp_path, capsys, capl
         counts[name] = int(re.search(r"dataset: (\d+) tokens", caplog.text).group(1))
     assert counts["win"] == counts["unix"]
     assert counts["kept"] > counts["unix"]  # the "\r" survive as tokens of their own
+
+
+def test_generation_warns_when_the_tokenizer_does_not_fit_the_model():
+    """The tiny fixture has 96 token ids and GPT-2's 50257-id vocabulary files: its samples
+    decode through the wrong table. `train` said so; `prompt` / `generate` / `chat` said nothing."""
+    r = subprocess.run([sys.executable, "-m", "npgpt2.cli", "prompt", "--models_dir", str(FIX), "--model_name",
+                        "tiny", "--length", "3", "--seed", "1"], input="a\n", capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "the tokenizer has 50257 ids but the model 96" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "npgpt2.cli", "prompt", "--models_dir", str(FIX), "--model_name",
+                        "full", "--length", "3", "--seed", "1"], input="a\n", capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert r.returncode == 0 and "tokenizer has" not in r.stderr, r.stderr
