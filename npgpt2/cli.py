@@ -409,7 +409,8 @@ def cmd_demo(args):
         print_header(i + 1)
         print(text)
     saved = ", ".join(Path(f).name for f in r["files"].values() if f is not None)
-    where = f"--models_dir {shlex.quote(str(out.parent))} --model_name {shlex.quote(out.name)}"
+    named = out.resolve() if out.name in ("", "..") else out  # `--out .` has no folder name to give
+    where = f"--models_dir {shlex.quote(str(named.parent))} --model_name {shlex.quote(named.name)}"
     print(f"Saved in {out}/: {saved}" + ("" if r["files"].get("loss.png") else
                                          " (no loss.png: pip install 'npgpt2[plot]')") + ".")
     print(f"Look inside it:  npgpt2 explain {where} \"hacker: a person who\"")

@@ -460,3 +460,20 @@ def test_generation_warns_when_the_tokenizer_does_not_fit_the_model():
                         "full", "--length", "3", "--seed", "1"], input="a\n", capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert r.returncode == 0 and "tokenizer has" not in r.stderr, r.stderr
+
+
+def test_demo_closing_commands_name_a_real_folder_for_out_dot(tmp_path, monkeypatch, capsys):
+    """`demo --out .` printed `--models_dir . --model_name ''`: the commands name the folder instead."""
+    import npgpt2.demo as demo
+    fake = {"params": 1e6, "steps": 1, "train_seconds": 1.0, "corpus": "c", "unigram_entropy": 7.0, "val_loss": 8.0,
+            "eval_tokens": 10, "history": {"val_step": [], "val_loss": []}, "samples": [],
+            "files": {"checkpoint": str(tmp_path / "model-1")}}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: fake)
+    monkeypatch.chdir(tmp_path / ".")
+    (tmp_path / "sub").mkdir()
+    for out, models_dir, name in ((".", tmp_path.parent, tmp_path.name), ("sub/..", tmp_path.parent, tmp_path.name),
+                                  ("sub", ".", "sub")):
+        code, stdout, err = run_main(capsys, "demo", "--quick", "--out", out)
+        assert code == 0, err
+        line = next(x for x in stdout.splitlines() if x.startswith("Prompt it:"))
+        assert line.endswith(f"npgpt2 prompt --models_dir {models_dir} --model_name {name}"), line
