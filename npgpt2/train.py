@@ -86,7 +86,7 @@ class TrainConfig:
 def check_config(cfg, n_ctx):
     """Raise Npgpt2Error naming the flag for a value out of range; returns the context T."""
     positive = ["batch_size", "accumulate_gradients", "val_batch_size", "val_batch_count", "max_to_keep",
-                "combine", "log_every"]
+                "combine", "log_every", "sample_length"]
     non_negative = ["steps", "sample_every", "save_every", "val_every", "warmup", "lr_decay_steps",
                     "sample_num"]
     for name in positive:

@@ -477,3 +477,17 @@ def test_demo_closing_commands_name_a_real_folder_for_out_dot(tmp_path, monkeypa
         assert code == 0, err
         line = next(x for x in stdout.splitlines() if x.startswith("Prompt it:"))
         assert line.endswith(f"npgpt2 prompt --models_dir {models_dir} --model_name {name}"), line
+
+
+def test_sample_length_is_checked_before_training(tmp_path):
+    """--sample_length 0 trained until the first sample step, then stopped, blaming --length
+    and --sample_dir; it is a flag error, found before anything runs."""
+    from npgpt2.train import TrainConfig, train
+    np.savez(tmp_path / "tok.npz", np.arange(500, dtype=np.uint16) % 90)
+    cfg = TrainConfig(dataset=str(tmp_path / "tok.npz"), models_dir=str(FIX), model_name="tiny",
+                      checkpoint_dir=str(tmp_path / "c"), run_name="r", context=8, seed=1, steps=3, sample_every=2,
+                      sample_length=0, plot=False)
+    with pytest.raises(Npgpt2Error) as e:
+        train(cfg)
+    one_line(e, "--sample_length must be >= 1, got 0")
+    assert not (tmp_path / "c").exists()
