@@ -60,3 +60,21 @@ def test_every_pointer_names_a_real_function():
         source = (ROOT / "npgpt2" / file).read_text(encoding="utf-8")
         last = re.escape(name.split(".")[-1])
         assert re.search(rf"^\s*(def|class) {last}\b|^{last}\s*=", source, re.M), f"{file}: {name}"
+
+
+def test_blocks_can_be_pasted_into_the_python_prompt(monkeypatch, capsys):
+    """The text says: paste the blocks into `python3`. The interactive prompt (before Python
+    3.13) ends an indented block only at a blank line, so a loop followed directly by more code
+    is a SyntaxError there, though it runs as a file. Fed line by line to code.InteractiveConsole
+    (what the prompt runs), no block may fail."""
+    import code
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("NPGPT2_PLAIN", os.environ.get("NPGPT2_PLAIN", "1"))
+    console = code.InteractiveConsole({"__name__": "__console__"})
+    failures = []
+    console.write = failures.append  # tracebacks and syntax errors go here
+    for line, block in python_blocks(DOC.read_text(encoding="utf-8")):
+        for text in block.split("\n") + [""]:
+            console.push(text)
+        assert not failures, f"WALKTHROUGH.md: the block at line {line} fails at the prompt: {''.join(failures)}"
+    capsys.readouterr()
