@@ -351,18 +351,20 @@ def train_step(model, opt, sampler, names, cfg, lr, step, comm):
     Raises Npgpt2Error, before anything is saved, when the loss, the gradients or the updated
     weights are not finite. Returns (loss, gradient norm before clipping).
     """
-    loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients)
-    loss = comm.allreduce_mean(grads, loss)
-    hint = f"lower --learning_rate (now {cfg.learning_rate}) or raise --warmup"
-    if not math.isfinite(loss):
-        raise Npgpt2Error(f"loss became {loss} at step {step + 1}; {hint}")
-    grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-    if not math.isfinite(grad_norm):
-        raise Npgpt2Error(f"the gradients' norm became {grad_norm} at step {step + 1}; {hint}")
-    opt.step(grads, lr)
-    if not optim.all_finite(opt.params):
-        raise Npgpt2Error(f"the update at step {step + 1} (learning rate {lr}) made the weights non-finite; "
-                          f"nothing was saved from it; {hint}")
+    # an overflow or NaN is reported below in one line: NumPy's warnings would only repeat it
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients)
+        loss = comm.allreduce_mean(grads, loss)
+        hint = f"lower --learning_rate (now {cfg.learning_rate}) or raise --warmup"
+        if not math.isfinite(loss):
+            raise Npgpt2Error(f"loss became {loss} at step {step + 1}; {hint}")
+        grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise Npgpt2Error(f"the gradients' norm became {grad_norm} at step {step + 1}; {hint}")
+        opt.step(grads, lr)
+        if not optim.all_finite(opt.params):
+            raise Npgpt2Error(f"the update at step {step + 1} (learning rate {lr}) made the weights non-finite; "
+                              f"nothing was saved from it; {hint}")
     return loss, grad_norm
 
 

@@ -491,3 +491,17 @@ def test_sample_length_is_checked_before_training(tmp_path):
         train(cfg)
     one_line(e, "--sample_length must be >= 1, got 0")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_non_finite_update_is_one_line_without_numpy_warnings(tmp_path):
+    """The run stopped with its one line, after six lines of NumPy RuntimeWarnings (overflow in
+    the update, invalid values in the finite check) quoting npgpt2's source."""
+    np.savez(tmp_path / "tok.npz", np.arange(500, dtype=np.uint16) % 90)
+    r = subprocess.run([sys.executable, "-m", "npgpt2.cli", "train", "--dataset", str(tmp_path / "tok.npz"),
+                        "--models_dir", str(FIX), "--model_name", "tiny", "--checkpoint_dir", str(tmp_path / "c"),
+                        "--context", "8", "--steps", "3", "--optimizer", "sgd", "--learning_rate", "1e300",
+                        "--grad_clip", "0", "--seed", "1"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert r.returncode == 2
+    assert "Warning" not in r.stderr, r.stderr
+    assert_cli_error(r.returncode, r.stderr, "made the weights non-finite")
