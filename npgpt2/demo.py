@@ -76,6 +76,13 @@ def run_demo(steps=None, quick=False, seed=0, sample_num=len(PROMPTS), sample_le
         if (Path(out_dir) / "checkpoint").exists() and not (Path(out_dir) / VOCAB_FILE).exists():
             # a fine-tune or a released model: the demo would prune its checkpoints
             raise Npgpt2Error(f"{out_dir}: holds a model that is not a demo run; give another --out")
+        if (Path(out_dir) / "checkpoint").exists():
+            from .checkpoint import latest_checkpoint
+            try:
+                name = Path(latest_checkpoint(str(out_dir))).name
+            except Npgpt2Error:  # a damaged run is replaced all the same
+                name = "unreadable"
+            log.warning("%s: replacing the demo run there (%s); give another --out to keep it", out_dir, name)
         make_run_dir(out_dir)  # an unwritable --out fails now, not after training
     gpt2 = load_tokenizer()
     t0 = time.time()
