@@ -404,7 +404,8 @@ def cmd_demo(args):
           f"a model of token frequencies alone scores {r['unigram_entropy']:.3f} (the corpus' unigram entropy): "
           f"{verdict}.")
     h = r["history"]
-    print("Validation loss by step: " + ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
+    if h["val_step"]:  # none when Ctrl-C came before the first validation
+        print("Validation loss by step: " + ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
     for i, text in enumerate(r["samples"]):
         print_header(i + 1)
         print(text)

@@ -477,6 +477,8 @@ def test_demo_closing_commands_name_a_real_folder_for_out_dot(tmp_path, monkeypa
         assert code == 0, err
         line = next(x for x in stdout.splitlines() if x.startswith("Prompt it:"))
         assert line.endswith(f"npgpt2 prompt --models_dir {models_dir} --model_name {name}"), line
+        # stopped (Ctrl-C) before its first validation: no empty "Validation loss by step: " line
+        assert "Validation loss by step" not in stdout
 
 
 def test_sample_length_is_checked_before_training(tmp_path):
