@@ -36,11 +36,24 @@ def add_sampling_flags(p):
     p.add_argument("--truncate", default=None, help='stop a sample as soon as this text appears, e.g. "<|endoftext|>"')
 
 
+def add_dtype_flag(p):
+    p.add_argument("--dtype", default="float32", type=dtype_choice,
+                   help="weights: float32 (default) or int8 (8-bit, about 2x faster generation; quantised at load)")
+
+
+def dtype_choice(text):
+    from .quant import check_dtype
+    try:
+        return check_dtype(text)
+    except Npgpt2Error as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
 def load_for_generation(args):
     from .model import load_model, resolve_model_dir
     from .tokenizer import load_tokenizer
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
-    return load_model(model_dir), load_tokenizer(model_dir)
+    return load_model(model_dir, dtype=args.dtype), load_tokenizer(model_dir)
 
 
 def print_samples(model, enc, context, args):
@@ -248,7 +261,7 @@ def cmd_download(args):
 def cmd_convert(args):
     """Convert weights between an OpenAI TF folder, a .npz and a Hugging Face folder."""
     from .convert import convert
-    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force))
+    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force, dtype=args.dtype))
 
 
 # ---------------------------------------------------------------- encode, train, eval, demo
@@ -320,7 +333,7 @@ def cmd_eval(args):
     expand_paths(args.dataset, "--dataset")  # bad inputs are reported before the model loads
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
     T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=args.dtype)
     tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine)
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
     with terminal_bar(unit="window") as bar:
@@ -394,25 +407,31 @@ def build_parser():
     p.add_argument("--from", dest="src_fmt", choices=["tf", "npz", "hf"], default=None,
                    help="input format when the folder holds two")
     p.add_argument("--force", action="store_true", help="replace a model already at DST")
+    p.add_argument("--dtype", default="float32", type=dtype_choice,
+                   help="float32 (default: the same bits) or int8 (8-bit weights, an OpenAI-layout folder; see HACKING.md)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="unconditional samples (generate_unconditional_samples.py)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("prompt", help="samples for prompts read from stdin (interactive_conditional_samples.py)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_prompt)
 
     p = sub.add_parser("chat", help="a conversation with the model, with history (/help inside)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_chat_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, streaming) and a chat page")
     add_model_flags(p)
+    add_dtype_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 = any free port)")
     p.add_argument("--user_tag", default="User:", help="the user's speaker tag in /v1/chat (default %(default)s)")
@@ -431,7 +450,9 @@ def build_parser():
     add_dataset_flags(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name")
+    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
+                       description="Fine-tune a model. Training stays float32 (no --dtype: int8 weights are for "
+                                   "generate/prompt/chat/serve/eval only).")
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
@@ -471,6 +492,7 @@ def build_parser():
     add_model_flags(p)
     add_dataset_flags(p)
     p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
