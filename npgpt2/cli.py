@@ -14,6 +14,16 @@ from .errors import Npgpt2Error
 log = logging.getLogger("npgpt2")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with npgpt2's error format: the usage, then `npgpt2: error: <message>`
+    (argparse would print `npgpt2 <command>: error:`), exit status 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"npgpt2: error: {command}{message}\n")
+
+
 # ---------------------------------------------------------------- shared flags
 def add_model_flags(p, default_models_dir="weights"):
     p.add_argument("--model_name", default="124M", help="model folder name (default 124M; 117M/345M are aliases)")
@@ -59,7 +69,8 @@ def load_for_generation(args):
 def print_samples(model, enc, context, args):
     """Generate args.nsamples samples after `context` in OpenAI's output format."""
     import numpy as np
-    from .sampling import TextStream, check_sampling_args, fit_prompt, generate_stream
+    from .sampling import (TextStream, check_batch_memory, check_sampling_args, check_seed, fit_prompt,
+                           generate_stream)
     if args.batch_size < 1:
         raise Npgpt2Error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.nsamples < 0:
@@ -67,7 +78,11 @@ def print_samples(model, enc, context, args):
     length = args.length if args.length is not None else model.hparams["n_ctx"] // 2
     # check every flag (and trim the prompt, warning once) before the first header is printed
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_seed(args.seed)
     context = fit_prompt(context, length, model.hparams["n_ctx"])
+    # the rows of one batch (all of them with --nsamples 0) are held at once
+    check_batch_memory(model.hparams, args.batch_size if args.nsamples == 0 else min(args.batch_size, args.nsamples),
+                       len(context), length, model.dtype)
     rng = np.random.default_rng(args.seed)
     done = 0
     while args.nsamples == 0 or done < args.nsamples:
@@ -181,6 +196,8 @@ def chat_command(chat, line):
 def cmd_chat(args):
     """A conversation on the terminal (or over a pipe): one message per line."""
     from .chat import ChatSession
+    from .sampling import check_seed
+    check_seed(args.seed)
     model, enc = load_for_generation(args)
     chat = ChatSession(model, enc, args.length, args.temperature, args.top_k, args.top_p, args.seed,
                        args.truncate, args.user_tag, args.bot_tag)
@@ -277,7 +294,8 @@ def cmd_encode(args):
             raise
         model_dir = None  # every released size has the same vocabulary, which npgpt2 ships
         log.info("%s/%s not found: using the GPT-2 vocabulary packaged with npgpt2", args.models_dir, args.model_name)
-    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding)
+    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding,
+                          keep_crlf=args.keep_crlf)
     print(f"Wrote {stats['tokens']} tokens from {stats['files']} file(s) to {args.out_npz}")
 
 
@@ -310,14 +328,39 @@ def step_reporter(bar):
     return on_step
 
 
+def add_keep_crlf_flag(p):
+    p.add_argument("--keep_crlf", action="store_true",
+                   help="keep \\r\\n and \\r line endings as they are (default: read them as \\n, "
+                        "as Python's text mode and OpenAI's encode.py do)")
+
+
 def cmd_train(args):
-    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder."""
+    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder.
+
+    Under mpirun/mpiexec every process runs this; rank 0 prints, the others only report errors.
+    """
     import dataclasses
+    from .dist import get_comm
+    from .sampling import check_seed
     from .train import TrainConfig, train
+    check_seed(args.seed)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
-    with terminal_bar(args.steps or None) as bar:
-        result = train(cfg, on_step=step_reporter(bar))
+    comm = get_comm()
+    if comm.world_size > 1:
+        if not comm.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        try:
+            result = train(cfg, on_step=None, comm=comm)
+        except Npgpt2Error as e:  # one rank's error must end every rank, not leave them waiting
+            rank = f" (rank {comm.rank})" if comm.rank else ""
+            print(f"npgpt2: error{rank}: {e}", file=sys.stderr, flush=True)
+            comm.abort(2)
+        if not comm.is_main:
+            return 0
+    else:
+        with terminal_bar(args.steps or None) as bar:
+            result = train(cfg, on_step=step_reporter(bar))
     where = result["checkpoint"] or "(nothing saved)"
     print(f"{'Interrupted' if result['interrupted'] else 'Done'} at step {result['step']}: "
           f"avg loss {result['avg']:.4f}; checkpoint {where}")
@@ -334,7 +377,8 @@ def cmd_eval(args):
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
     T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
     model = load_model(model_dir, dtype=args.dtype)
-    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine)
+    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine,
+                          keep_crlf=args.keep_crlf)
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
     with terminal_bar(unit="window") as bar:
         tenth = [0]
@@ -381,9 +425,48 @@ def cmd_demo(args):
     print(f"Prompt it:       echo \"kludge:\" | npgpt2 prompt {where}")
 
 
+def cmd_gradcheck(args):
+    """Every backward in layers.py, then a model's gradients, against central finite differences."""
+    import os
+    import time
+    import numpy as np
+    from . import gradcheck
+    from .model import load_model, resolve_model_dir
+    if args.entries is not None and args.entries < 1:
+        raise Npgpt2Error(f"--entries must be >= 1, got {args.entries}")
+    t0 = time.perf_counter()
+    if args.model_name:  # a bad folder fails before any check runs
+        model = load_model(resolve_model_dir(args.models_dir, args.model_name), dtype=np.float64)
+        what = f"{args.models_dir}/{args.model_name}"
+    else:
+        model, what = gradcheck.tiny_model(args.seed), "a tiny random 2-layer model"
+    rows = gradcheck.check_layers(seed=args.seed)
+    print("\n".join(gradcheck.format_table(rows, "layers.py, float64, each backward vs central differences:")))
+    entries = args.entries or gradcheck.default_entries(model)
+    if sys.stderr.isatty():  # a 124M check takes a while: show it moving
+        from tqdm import tqdm
+        with tqdm(total=len(model.params), unit="tensor", dynamic_ncols=True, leave=False) as bar:
+            model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed,
+                                               progress=lambda done, total: bar.update(1))
+    else:
+        model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed)
+    path = "Numba kernels" if os.environ.get("NPGPT2_PLAIN", "") in ("", "0") else "plain layers.py"
+    print()
+    print("\n".join(gradcheck.format_table(
+        model_rows, f"{what} ({path}), loss_and_grads vs central differences on "
+                    f"{entries} sampled entries per tensor:")))
+    rows += model_rows
+    bad = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} checks passed in {time.perf_counter() - t0:.1f} s")
+    if bad:
+        print("FAILED: " + ", ".join(f"{r.name} ({r.worst}, error {r.error:.1e} > {r.tol:.0e})" for r in bad))
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser():
-    parser = argparse.ArgumentParser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
+    parser = Parser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
@@ -448,11 +531,17 @@ def build_parser():
     p.add_argument("out_npz", help="the .npz to write")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
                        description="Fine-tune a model. Training stays float32 (no --dtype: int8 weights are for "
-                                   "generate/prompt/chat/serve/eval only).")
+                                   "generate/prompt/chat/serve/eval only).",
+                       epilog="Training runs in float32. Data-parallel over MPI (pip install \"npgpt2[mpi]\"): "
+                              "mpirun -n N npgpt2 train ... (add --hostfile FILE for several machines); the "
+                              "effective batch is N x --batch_size x --accumulate_gradients; rank 0 reads the files "
+                              "and writes checkpoints; kill -USR1 <mpirun pid> saves and stops every rank.")
+    p.add_argument("--shared_stream", action="store_true", help=argparse.SUPPRESS)  # tests: see dist.RankSlice
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
@@ -491,6 +580,7 @@ def build_parser():
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
     add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
@@ -503,6 +593,13 @@ def build_parser():
                    help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "
                         "(default %(default)s: --models_dir checkpoint --model_name demo)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (float64)")
+    p.add_argument("--model_name", default=None, help="also check this model folder (default: a tiny random model)")
+    p.add_argument("--models_dir", default="weights", help="folder holding model folders (default %(default)s)")
+    p.add_argument("--entries", type=int, default=None,
+                   help="sampled entries per parameter tensor (default 2; 1 above 10M parameters)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes' values, tokens and samples (default 0)")
+    p.set_defaults(func=cmd_gradcheck)
     for p in sub.choices.values():
         p.set_defaults(subparser=p)
     return parser

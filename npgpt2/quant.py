@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
@@ -215,12 +215,10 @@ def write_quant_info(folder, params):
 def read_quant_info(folder):
     """quant.json of a converted int8 folder, or None for a float32 folder."""
     path = Path(folder) / QUANT_FILE
-    if not path.exists():
-        return None
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({e})") from None
+        info = read_json(path)
+    except FileNotFoundError:
+        return None
     if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != 1:
         raise Npgpt2Error(f"{path}: not an {FORMAT} version 1 description")
     return info
