@@ -34,12 +34,13 @@ import workers  # noqa: E402  (the PyTorch decode loop, tokens, peak RSS: reused
 
 RESULTS = HERE / "results"
 BIG_DIR = Path("/tmp/npgpt2-int8-1558M")
-GIB = 1024
+GIB = 1024  # MiB per GiB (peak RSS is in MiB)
 
 
 # ---------------------------------------------------------------- the worker side
 def npgpt2_decode_setup(dtype, args):
     import numpy as np
+
     from npgpt2 import quant
     from npgpt2.model import GPT2, init_model
     from npgpt2.sampling import generate_stream
@@ -161,6 +162,7 @@ def bench_big(log):
 
 def quality(demo_dir, context=64):
     import numpy as np
+
     from npgpt2 import quant
     from npgpt2.demo import load_corpus
     from npgpt2.model import GPT2, load_model
@@ -174,7 +176,7 @@ def quality(demo_dir, context=64):
                 "int8, wte float32": quant.quantize_params(f32.params, embedding=False),
                 "int8, groups of 32": quant.quantize_params(f32.params, group_size=32)}
     out = {"held_out_tokens": int(held.size - 1)}
-    loss32, n = evaluate(f32, held, context)
+    loss32, _ = evaluate(f32, held, context)
     out["float32"] = {"loss": loss32}
     # greedy next token at every position of non-overlapping windows of `context`
     W = (held.size - 1) // context

@@ -33,9 +33,9 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
+from . import quant_kernels  # noqa: E402
 from .layers import *  # noqa: F401,F403  (the functions without a fast twin)
 from .layers import GELU_SCALE, merge_heads, softmax, split_heads  # noqa: F401
-from . import quant_kernels  # noqa: E402
 from .quant import QuantizedWeight  # noqa: E402
 
 # below this many elements a loop runs on one thread: starting the second thread costs

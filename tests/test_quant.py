@@ -170,7 +170,7 @@ def test_training_and_saving_an_int8_model_are_refused(tmp_path):
 
 def run(*args, stdin=""):
     return subprocess.run([sys.executable, "-m", "npgpt2.cli", *args], input=stdin, text=True,
-                          capture_output=True, timeout=300, env=ENV, encoding="utf-8")
+                          capture_output=True, timeout=300, env=ENV, encoding="utf-8", check=False)
 
 
 def test_cli_dtype_int8_end_to_end(tmp_path):
