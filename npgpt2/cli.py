@@ -214,7 +214,8 @@ def cmd_serve(args):
     import signal
     from .server import Limits, Server
     limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
-                    timeout=args.timeout, max_queue=args.max_queue)
+                    timeout=args.timeout, max_queue=args.max_queue, max_connections=args.max_connections,
+                    read_timeout=args.read_timeout)
     limits.check()
     model, enc = load_for_generation(args)
     server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
@@ -367,7 +368,7 @@ def build_parser():
     add_chat_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, streaming) and a chat page")
+    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, /v1/explain, streaming), chat and explain pages")
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 = any free port)")
@@ -378,6 +379,10 @@ def build_parser():
     p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt in tokens (default 8 * n_ctx)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included (default %(default)s)")
     p.add_argument("--max_queue", type=int, default=64, help="requests queued or running before new ones get 503 (default %(default)s)")
+    p.add_argument("--max_connections", type=int, default=64,
+                   help="requests read or answered at once before new ones get 503 (default %(default)s)")
+    p.add_argument("--read_timeout", type=float, default=10.0,
+                   help="seconds a client may take to send a request's headers, and again its body (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")

@@ -101,12 +101,17 @@ def test_health_page_and_unknown_paths(server):
     # self-contained: nothing loaded from another host
     assert "http://" not in page and "https://" not in page and "<link" not in page
 
-    for method, path in [("get", "nope"), ("post", "v1/nope"), ("get", "v1/generate")]:
+    for method, path in [("get", "nope"), ("post", "v1/nope"), ("delete", "nope")]:
         r = getattr(requests, method)(server.url + path, timeout=T)
         assert r.status_code == 404, path
         assert "error" in r.json()
-    r = requests.delete(server.url + "v1/generate", timeout=T)
-    assert r.status_code == 405 and "error" in r.json()
+    # a path that exists, with the wrong method: 405 and the methods it takes
+    for method, path, allow in [("get", "v1/generate", "POST"), ("get", "v1/chat", "POST"),
+                                ("delete", "v1/generate", "POST"), ("post", "health", "GET, HEAD"),
+                                ("put", "", "GET, HEAD")]:
+        r = getattr(requests, method)(server.url + path, timeout=T)
+        assert r.status_code == 405 and "error" in r.json(), (method, path)
+        assert r.headers["Allow"] == allow
 
 
 def test_binds_loopback_by_default():
