@@ -29,6 +29,7 @@ access_log = logging.getLogger("npgpt2.server.access")
 
 MAX_HEAD = 64 * 1024   # bytes of request line + headers
 HEAD_END = re.compile(rb"\r?\n\r?\n")
+METHOD = re.compile(r"[A-Z]{1,20}")
 
 
 def canned(status, message, close=True):
@@ -331,6 +332,19 @@ class Handler(BaseHTTPRequestHandler):
                       headers={"Allow": ", ".join(allowed)})
 
     # ------------------------------------------------------------ errors from the base class
+    def parse_request(self):
+        """The base class's parse, refusing what it lets through: HTTP/0.9 ("GET /", answered
+        without a status line) and a method that is not an HTTP token."""
+        if not super().parse_request():
+            return False
+        if not self.request_version.startswith("HTTP/1."):
+            self.send_error(HTTPStatus.BAD_REQUEST, f"not an HTTP/1.x request line: {self.requestline[:80]!r}")
+            return False
+        if not METHOD.fullmatch(self.command):
+            self.send_error(HTTPStatus.BAD_REQUEST, f"not an HTTP method: {self.command[:20]!r}")
+            return False
+        return True
+
     def send_error(self, code, message=None, explain=None):
         """The base class answers HTML; here everything is JSON. A request line that is not
         HTTP/1.x still gets an HTTP/1.1 status line (the base class would send a bare body

@@ -6,6 +6,7 @@ server with itself across modes (streaming vs not, alone vs among 20 concurrent 
 and check the protocol (status codes, JSON error bodies, SSE framing, limits).
 """
 import json
+import logging
 import socket
 import threading
 import time
@@ -490,6 +491,215 @@ def test_cli_serve_starts_answers_and_stops_on_sigterm():
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0 and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- hostile HTTP (issue 11)
+def raw_exchange(port, data, timeout=T):
+    """Send raw bytes, read until the server closes -> the bytes it answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+        c.sendall(data)
+        answer = b""
+        while chunk := c.recv(4096):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("role", [["user"], {"user": 1}, 5, None, True])
+def test_chat_role_that_is_not_a_string_gets_400(server, role):
+    r = post(server.url + "v1/chat", {"messages": [{"role": role, "content": "hi"}], "length": 2})
+    assert r.status_code == 400 and '"role"' in r.json()["error"], r.text
+
+
+def test_deeply_nested_list_in_a_number_field_gets_400(server, caplog):
+    # json.loads accepts nesting up to Python's recursion limit minus the stack in use;
+    # printing the value back in the error message needs a few frames more
+    with requests.Session() as http, caplog.at_level(logging.INFO, logger="npgpt2"):
+        for field in ("length", "temperature", "top_p"):
+            for depth in range(950, 1000):
+                raw = b'{"prompt": "x", "%s": %s%s}' % (field.encode(), b"[" * depth, b"]" * depth)
+                r = http.post(server.url + "v1/generate", data=raw, timeout=T)
+                assert r.status_code == 400, (field, depth, r.text)
+                assert len(r.json()["error"]) < 200
+    assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
+
+
+def test_conflicting_content_lengths_get_400(server):
+    body = b'{"prompt": "x", "length": 2}'
+    for lengths in [(len(body), 2), (2, len(body)), (len(body), len(body) + 1)]:
+        head = b"".join(b"Content-Length: %d\r\n" % n for n in lengths)
+        answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n%s\r\n%s" % (head, body))
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length headers" in answer, answer[:300]
+    for value in [b"+28", b"2_8", b"-1", b"0x1c", b"28 28"]:  # int() would take the first two
+        answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n%s"
+                              % (value, body))
+        assert answer.startswith(b"HTTP/1.1 400 "), (value, answer[:300])
+    # the same value twice is one length: served
+    answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                          b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s" % (len(body), len(body), body))
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
+@pytest.mark.parametrize("line", [b"NOT HTTP", b"GET / HTTP/2.0", b"PRI * HTTP/2.0", b"GET /", b"\x16\x03\x01\x02\x00",
+                                  b"GET / HTTP/1.1 extra", b"GET / HTTQ/1.1", b"G\xffT / HTTP/1.1"])
+def test_bad_request_line_gets_an_http_400_status_line(server, line):
+    answer = raw_exchange(server.port, line + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Type: application/json" in head and json.loads(body)["error"]
+
+
+def test_access_log_line_per_request_and_stopped_line(caplog):
+    model, tok = load()
+    with caplog.at_level(logging.INFO, logger="npgpt2"):
+        with Server(model, tok, port=0) as s:
+            s.start()
+            assert post(s.url + "v1/generate", {"prompt": "x", "length": 2, "seed": 1}).status_code == 200
+            assert requests.get(s.url + "nope", timeout=T).status_code == 404
+            raw_exchange(s.port, b"NOT HTTP\r\n\r\n")
+    access = [r.getMessage() for r in caplog.records if r.name == "npgpt2.server.access"]
+    assert len(access) == 3, access
+    assert access[0].startswith('127.0.0.1 "POST /v1/generate HTTP/1.1" 200 ')
+    assert access[1].startswith('127.0.0.1 "GET /nope HTTP/1.1" 404 ')
+    assert access[2].startswith('127.0.0.1 "NOT HTTP" 400 ')
+    assert caplog.records[-1].getMessage() == "stopped"
+
+
+def test_prompt_limit_stops_tokenizing_early(server, monkeypatch):
+    tok = server.app.tokenizer
+    encoded = []  # characters given to the BPE engine
+    plain = tok._encode
+
+    def counting(text, *args):
+        encoded.append(len(text))
+        return plain(text, *args)
+    monkeypatch.setattr(tok, "_encode", counting)
+    prompt = " hello" * 40_000  # 240 KB, within --max_body; 40,000 tokens against a limit of 512
+    r = post(server.url + "v1/generate", {"prompt": prompt, "length": 4})
+    assert r.status_code == 400 and "512 tokens" in r.json()["error"]
+    assert 0 < sum(encoded) < 20_000, f"{sum(encoded)} characters tokenized"
+    # below the limit the tokens are exactly encode()'s: same answer as the encoded prompt
+    encoded.clear()
+    text = "Once upon a time, " * 20
+    a = post(server.url + "v1/generate", {"prompt": text, "length": 3, "seed": 4}).json()
+    assert sum(encoded) == len(text)
+
+
+def test_tiny_temperature_is_refused_or_greedy(server):
+    body = {"prompt": "The", "length": 6, "seed": 2}
+    greedy = post(server.url + "v1/generate", {**body, "temperature": 0}).json()
+    for t in (1e-320, 5e-324, 1e-300):
+        r = post(server.url + "v1/generate", {**body, "temperature": t})
+        if r.status_code == 400:
+            assert '"temperature"' in r.json()["error"]
+        else:
+            assert r.status_code == 200 and r.json()["tokens"] == greedy["tokens"], t
+
+
+def test_extra_connections_get_503():
+    model, tok = load()
+    slowed(model, 0.05)
+    with Server(model, tok, port=0, limits=Limits(max_connections=1)) as s:
+        s.start()
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(post, s.url + "v1/generate", {"prompt": "x", "length": 20, "seed": 1})
+            deadline = time.monotonic() + 10
+            while s.app.worker.pending == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            r = requests.get(s.url + "health", timeout=T)
+            assert r.status_code == 503 and "connections" in r.json()["error"]
+            assert busy.result().status_code == 200
+        assert requests.get(s.url + "health", timeout=T).status_code == 200
+
+
+def test_slowloris_holds_no_threads_and_others_stay_fast():
+    """A bounded slowloris on 127.0.0.1: 60 connections that each send a header line a byte
+    at a time, for at most 4 s; the server's cap is 4 connections and headers get 1.5 s."""
+    model, tok = load()
+    cap, slow_count = 4, 60
+    with Server(model, tok, port=0, limits=Limits(max_connections=cap, read_timeout=1.5)) as s:
+        s.start()
+        assert requests.get(s.url + "health", timeout=T).status_code == 200
+        threads_before = threading.active_count()
+        slow = []
+        try:
+            for _ in range(slow_count):
+                c = socket.create_connection(("127.0.0.1", s.port), timeout=T)
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                slow.append(c)
+            peak, fast = 0, []
+            stop = time.monotonic() + 4
+            while time.monotonic() < stop:
+                for c in slow:
+                    try:
+                        c.send(b"X")  # one more byte of a header that never ends
+                    except OSError:
+                        pass
+                peak = max(peak, threading.active_count())
+                t0 = time.monotonic()
+                assert requests.get(s.url + "health", timeout=T).status_code == 200
+                r = post(s.url + "v1/generate", {"prompt": "ok", "length": 2, "seed": 1})
+                assert r.status_code == 200
+                fast.append(time.monotonic() - t0)
+                time.sleep(0.2)
+            # the slow connections were answered 408 after read_timeout and closed
+            for c in slow:
+                c.settimeout(5)
+                answer = b""
+                try:
+                    while chunk := c.recv(4096):
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+                assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        finally:
+            for c in slow:
+                c.close()
+        assert peak <= threads_before + cap + 2, (peak, threads_before)
+        assert max(fast) < 2.0, fast
+
+
+def test_sigterm_ends_open_streams_and_answers_queued_clients():
+    """`npgpt2 serve` in a child process whose model takes 50 ms per token: SIGTERM while one
+    client streams and two more wait in the queue."""
+    import signal
+    import subprocess
+    import sys
+    script = ("import sys, time, npgpt2.model, npgpt2.cli as cli\n"
+              "plain = npgpt2.model.GPT2.forward\n"
+              "def slow(self, *a, **k):\n"
+              "    time.sleep(0.05)\n"
+              "    return plain(self, *a, **k)\n"
+              "npgpt2.model.GPT2.forward = slow\n"
+              "sys.exit(cli.main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "serve", "--models_dir", str(FULL.parent),
+                             "--model_name", "full", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split(" on ")[1].split()[0]
+        with ThreadPoolExecutor(3) as pool:
+            first = requests.post(url + "v1/generate", json={"prompt": "x", "length": 60, "seed": 1, "stream": True},
+                                  stream=True, timeout=T)
+            assert first.status_code == 200
+            pieces = first.iter_content(chunk_size=None)
+            assert b"data: " in next(pieces)  # generating now
+            queued = [pool.submit(post, url + "v1/generate", {"prompt": "y", "length": 5, "stream": stream})
+                      for stream in (False, True)]
+            time.sleep(0.5)  # both are in the queue behind the stream
+            proc.send_signal(signal.SIGTERM)
+            rest = b"".join(pieces)  # requests raises if the chunked body is not ended properly
+            for q in queued:
+                r = q.result()
+                assert r.status_code == 503 and "shutting down" in r.json()["error"]
+        tail = rest.decode().rstrip("\n").split("\n\n")[-1]
+        assert tail.startswith("event: error\ndata: ") and "shutting down" in tail
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        assert err.rstrip().endswith("npgpt2: stopped"), err
+        assert err.count('"POST /v1/generate HTTP/1.1"') == 3, err
     finally:
         if proc.poll() is None:
             proc.kill()
