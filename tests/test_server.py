@@ -704,3 +704,46 @@ def test_sigterm_ends_open_streams_and_answers_queued_clients():
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- /explain (issue 9)
+BAD_EXPLAIN = [
+    {},
+    {"text": ""},
+    {"text": 5},
+    {"text": ["a"]},
+    {"text": None},
+    {"text": "a", "layer": -1},
+    {"text": "a", "layer": 2},       # the full fixture has 2 layers: 0 and 1
+    {"text": "a", "layer": "1"},
+    {"text": "a", "layer": 1.0},
+    {"text": "a", "layer": True},
+    {"text": "a", "layer": [[[1]]]},
+    {"text": "a", "top_k": 0},
+    {"text": "a", "top_k": 101},
+    {"text": "a", "top_k": "5"},
+    {"text": "a", "stream": True},   # explain does not stream: an unknown field, as elsewhere
+    {"text": "a", "lyer": 1},
+    {"text": " hello" * 600},        # more than max_prompt_tokens (512)
+]
+
+
+@pytest.mark.parametrize("body", BAD_EXPLAIN, ids=lambda b: json.dumps(b)[:40])
+def test_explain_bad_fields_get_400(server, body):
+    r = post(server.url + "v1/explain", body)
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]
+    assert "\n" not in msg and len(msg) < 300
+    name = [k for k in ("text", "layer", "top_k", "lyer", "stream") if k in body] or ["text"]
+    assert name[-1] in msg or "tokens" in msg, msg
+
+
+def test_explain_routes_and_methods(server):
+    r = requests.get(server.url + "explain", timeout=T)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    r = requests.get(server.url + "v1/explain", timeout=T)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    r = requests.post(server.url + "explain", json={"text": "a"}, timeout=T)
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
+    r = requests.post(server.url + "v1/explain", data=b"[" * 100_000, timeout=T)
+    assert r.status_code == 400
