@@ -168,7 +168,7 @@ class App:
         args = parse_explain(body, self.limits.max_body, self.model.hparams["n_layer"], self.n_vocab)
         # the report looks at the last n_ctx tokens; a text far longer is refused before any work
         encode_limited(self.tokenizer, args["text"], self.limits.max_prompt_tokens, '"text"')
-        return Job(explain_task, deadline, **args)
+        return Job(explain_task, deadline, stops_at_deadline=False, **args)
 
 
 def explain_page():

@@ -477,7 +477,9 @@ class Results:
     def next(self):
         """The next result; None once the client has gone (the job is then cancelled)."""
         job = self.job
-        backstop = job.deadline + 30  # the worker enforces the deadline; this is for a stuck one
+        # generation ends itself at the deadline (the grace is for a stuck worker); other work
+        # is given up on at the deadline
+        backstop = job.deadline + (30 if job.stops_at_deadline else 0)
         while True:
             now = time.monotonic()
             if now - self.checked >= 0.2:  # results may flow without pause: look every 0.2 s
@@ -487,7 +489,7 @@ class Results:
                     return self.give_up()
             if now > backstop:
                 job.cancelled.set()
-                return ("error", HTTPStatus.GATEWAY_TIMEOUT, "timed out")
+                return ("error", HTTPStatus.GATEWAY_TIMEOUT, "timed out (--timeout)")
             try:
                 return job.out.get(timeout=0.2)
             except queue.Empty:

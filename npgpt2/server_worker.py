@@ -26,8 +26,10 @@ class Job:
     results on .out as ("start",), ("text", piece), ("done", answer dict) or
     ("error", status, message)."""
 
-    def __init__(self, task, deadline, stream=False, **fields):
+    def __init__(self, task, deadline, stream=False, stops_at_deadline=True, **fields):
         self.task, self.deadline, self.stream = task, deadline, stream
+        # generation stops itself at the deadline; a task that cannot is given up on there
+        self.stops_at_deadline = stops_at_deadline
         self.fields = fields
         self.out = queue.Queue()
         self.cancelled = threading.Event()
@@ -147,7 +149,8 @@ def generate_task(worker, job):
 
 
 def explain_task(worker, job):
-    """One `explain.build_report`: not interruptible, so its size is bounded up front."""
+    """One `explain.build_report`. It cannot stop half-way: the client is answered 504 at the
+    deadline, and the text's size is bounded up front (at most --max_prompt_tokens)."""
     from . import explain
     from .errors import Npgpt2Error
     try:

@@ -350,19 +350,24 @@ def test_per_request_timeout():
         assert r.status_code == 503 and "queue" in r.json()["error"]
 
 
-def test_queue_limit_answers_503():
+@pytest.mark.parametrize("limit,then,expected", [
+    ("max_queue", lambda url: post(url + "v1/generate", {"prompt": "y", "length": 2}), "busy"),
+    # one request in progress takes the only connection: even /health waits for none
+    ("max_connections", lambda url: requests.get(url + "health", timeout=T), "connections")])
+def test_busy_server_answers_503(limit, then, expected):
     model, tok = load()
     slowed(model, 0.05)
-    with Server(model, tok, port=0, limits=Limits(max_queue=1)) as s:
+    with Server(model, tok, port=0, limits=Limits(**{limit: 1})) as s:
         s.start()
         with ThreadPoolExecutor(1) as pool:
             busy = pool.submit(post, s.url + "v1/generate", {"prompt": "x", "length": 20, "seed": 1})
             deadline = time.monotonic() + 10
             while s.app.worker.pending == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            r = post(s.url + "v1/generate", {"prompt": "y", "length": 2})
-            assert r.status_code == 503 and "busy" in r.json()["error"]
+            r = then(s.url)
+            assert r.status_code == 503 and expected in r.json()["error"]
             assert busy.result().status_code == 200
+        assert requests.get(s.url + "health", timeout=T).status_code == 200
 
 
 # ---------------------------------------------------------------- bad input
@@ -599,22 +604,6 @@ def test_tiny_temperature_is_refused_or_greedy(server):
             assert r.status_code == 200 and r.json()["tokens"] == greedy["tokens"], t
 
 
-def test_extra_connections_get_503():
-    model, tok = load()
-    slowed(model, 0.05)
-    with Server(model, tok, port=0, limits=Limits(max_connections=1)) as s:
-        s.start()
-        with ThreadPoolExecutor(1) as pool:
-            busy = pool.submit(post, s.url + "v1/generate", {"prompt": "x", "length": 20, "seed": 1})
-            deadline = time.monotonic() + 10
-            while s.app.worker.pending == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            r = requests.get(s.url + "health", timeout=T)
-            assert r.status_code == 503 and "connections" in r.json()["error"]
-            assert busy.result().status_code == 200
-        assert requests.get(s.url + "health", timeout=T).status_code == 200
-
-
 def test_slowloris_holds_no_threads_and_others_stay_fast():
     """A bounded slowloris on 127.0.0.1: 60 connections that each send a header line a byte
     at a time, for at most 4 s; the server's cap is 4 connections and headers get 1.5 s."""
@@ -747,3 +736,22 @@ def test_explain_routes_and_methods(server):
     assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
     r = requests.post(server.url + "v1/explain", data=b"[" * 100_000, timeout=T)
     assert r.status_code == 400
+
+
+def test_explain_runs_on_the_worker_and_honours_the_timeout(monkeypatch):
+    import npgpt2.server as server_module
+    ran = []
+
+    def slow_report(worker, job):  # stands in for explain.build_report: 2 s of model work
+        ran.append((threading.current_thread().name, job.fields["text"], job.fields["layer"]))
+        time.sleep(2)
+        job.out.put(("done", {"ok": True}))
+    monkeypatch.setattr(server_module, "explain_task", slow_report)
+    model, tok = load()
+    with Server(model, tok, port=0, limits=Limits(timeout=0.5)) as s:
+        s.start()
+        t0 = time.monotonic()
+        r = post(s.url + "v1/explain", {"text": "hello", "layer": 1})
+        assert r.status_code == 504 and "timeout" in r.json()["error"]
+        assert time.monotonic() - t0 < 1.5
+        assert ran == [("npgpt2-model", "hello", 1)]  # on the one model thread
