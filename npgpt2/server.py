@@ -218,8 +218,15 @@ class HTTPServer(socketserver.TCPServer):
             send_and_close(sock, canned(HTTPStatus.SERVICE_UNAVAILABLE,
                                         "too many connections; try again later"))
             return
-        threading.Thread(target=self._serve, args=(sock, addr, head), name="npgpt2-request",
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self._serve, args=(sock, addr, head), name="npgpt2-request",
+                             daemon=True).start()
+        except RuntimeError:  # "can't start new thread": the system's limit is below ours
+            log.warning("%s: no thread for the request; answered 503", addr[0])
+            send_and_close(sock, canned(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again later"))
+            with self.idle:
+                self.active -= 1
+                self.idle.notify_all()
 
     def _serve(self, sock, addr, head):
         keep = False

@@ -99,7 +99,7 @@ class SocketReader:
             if end >= 0:
                 n = end + 1
                 break
-            if not self._fill():
+            if 0 <= limit <= len(self.buf) or not self._fill():
                 n = len(self.buf)
                 break
         if limit >= 0:
@@ -162,15 +162,10 @@ class HeaderGate:
     def _run(self):
         try:
             while not self.stopping:
-                self._take_incoming()
-                now = time.monotonic()
-                wait = min((d for _, _, d in self.waiting.values()), default=now + 1) - now
-                for key, _ in self.selector.select(timeout=max(0.0, min(wait, 1.0))):
-                    if key.fileobj is self.wake_r:
-                        self._drain_wake()
-                    else:
-                        self._receive(key.fileobj)
-                self._expire(time.monotonic())
+                try:
+                    self._step()
+                except Exception:  # a bug must not stop the server from taking requests
+                    log.exception("header gate")
         finally:
             for sock in list(self.waiting):
                 self._forget(sock)
@@ -178,6 +173,17 @@ class HeaderGate:
             self.selector.close()
             self.wake_r.close()
             self.wake_w.close()
+
+    def _step(self):
+        self._take_incoming()
+        now = time.monotonic()
+        wait = min((d for _, _, d in self.waiting.values()), default=now + 1) - now
+        for key, _ in self.selector.select(timeout=max(0.0, min(wait, 1.0))):
+            if key.fileobj is self.wake_r:
+                self._drain_wake()
+            elif key.fileobj in self.waiting:
+                self._receive(key.fileobj)
+        self._expire(time.monotonic())
 
     def _drain_wake(self):
         try:
@@ -215,12 +221,14 @@ class HeaderGate:
             self._forget(sock)
             close_socket(sock)
             return
-        self.waiting[sock][1] += chunk
-        self._check_head(sock)
+        buf = self.waiting[sock][1]
+        buf += chunk
+        # look only where a new end can be: a client sending a byte at a time costs linear time
+        self._check_head(sock, max(0, len(buf) - len(chunk) - 3))
 
-    def _check_head(self, sock):
+    def _check_head(self, sock, start=0):
         addr, buf, _ = self.waiting[sock]
-        if HEAD_END.search(buf):
+        if HEAD_END.search(buf, start):
             self._forget(sock)
             sock.setblocking(True)
             self.dispatch(sock, addr, bytes(buf))
@@ -287,6 +295,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ routing
     def do_GET(self):
+        discard_body(self)  # a GET may have one; left unread it would be taken for the next request
         path = self.path_only()
         page = self.app.pages.get(path)
         if page is not None:

@@ -755,3 +755,13 @@ def test_explain_runs_on_the_worker_and_honours_the_timeout(monkeypatch):
         assert r.status_code == 504 and "timeout" in r.json()["error"]
         assert time.monotonic() - t0 < 1.5
         assert ran == [("npgpt2-model", "hello", 1)]  # on the one model thread
+
+
+def test_pipelined_requests_on_one_connection_are_all_answered(server):
+    body = b'{"prompt": "x", "length": 2, "seed": 1}'
+    data = (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"  # a GET with a body
+            b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (len(body), body))
+    answer = raw_exchange(server.port, data)
+    assert [line.split(b" ")[1] for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")] == \
+        [b"200", b"200", b"404"], answer
