@@ -765,3 +765,14 @@ def test_pipelined_requests_on_one_connection_are_all_answered(server):
             b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (len(body), body))
     answer = raw_exchange(server.port, data)
     assert re.findall(rb"HTTP/1.1 (\d+) ", answer) == [b"200", b"200", b"404"], answer
+
+
+def test_import_npgpt2_does_not_load_the_server():
+    import subprocess
+    import sys
+    code = ("import sys, npgpt2\n"
+            "assert 'npgpt2.server' not in sys.modules and 'http.server' not in sys.modules\n"
+            "from npgpt2 import Server\n"
+            "assert Server is npgpt2.Server and Server.__module__ == 'npgpt2.server'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
