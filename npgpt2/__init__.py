@@ -8,6 +8,7 @@
 """
 from .errors import Npgpt2Error
 from .model import GPT2, init_model, load_model, save_model
+from .interp import input_gradient, logit_lens
 from .sampling import generate
 from .chat import ChatSession
 from .tokenizer import Tokenizer, load_tokenizer
@@ -23,5 +24,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
 
 
-__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "load_model",
-           "load_tokenizer", "save_model"]
+__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "input_gradient",
+           "load_model", "load_tokenizer", "logit_lens", "save_model"]
