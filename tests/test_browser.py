@@ -325,7 +325,11 @@ def test_explain_page_in_headless_chromium(tmp_path):
                 assert p == pytest.approx(softmax(0.5)[i], rel=1e-9)
             assert after[0][1] > before[0][1]  # cooler: the top token more likely
 
-            shot = base64.b64decode(page.call("Page.captureScreenshot", {"format": "png"})["data"])
+            # the whole page, heatmaps included, in one picture
+            size = page.call("Page.getLayoutMetrics")["cssContentSize"]
+            clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 4000), "scale": 1}
+            shot = base64.b64decode(page.call("Page.captureScreenshot", {
+                "format": "png", "clip": clip, "captureBeyondViewport": True})["data"])
             assert shot.startswith(b"\x89PNG\r\n\x1a\n")
             (tmp_path / "explain.png").write_bytes(shot)
             if os.environ.get("NPGPT2_SCREENSHOT"):
