@@ -715,6 +715,7 @@ BAD_EXPLAIN = [
     {"text": "a", "stream": True},   # explain does not stream: an unknown field, as elsewhere
     {"text": "a", "lyer": 1},
     {"text": " hello" * 600},        # more than max_prompt_tokens (512)
+    {"text": "caf\udce9"},           # a lone surrogate: no UTF-8 bytes to tokenize
 ]
 
 
@@ -737,6 +738,24 @@ def test_explain_routes_and_methods(server):
     assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
     r = requests.post(server.url + "v1/explain", data=b"[" * 100_000, timeout=T)
     assert r.status_code == 400
+
+
+def test_explain_answers_the_report(server):
+    pytest.importorskip("npgpt2.explain")
+    text = "The quick brown fox"
+    ids = npgpt2.load_tokenizer(FULL).encode(text)
+    one = post(server.url + "v1/explain", {"text": text, "layer": 1, "top_k": 3})
+    assert one.status_code == 200, one.text
+    one = one.json()
+    assert [t["id"] for t in one["tokens"]] == ids
+    assert len(one["next"]) == 3
+    # the patterns of the layer asked for only: 2 heads, query t sees t + 1 keys summing to 1
+    assert one["attention"]["layers"] == [1] and one["attention"]["patterns"][0] is None
+    heads = one["attention"]["patterns"][1]
+    assert len(heads) == 2 and [len(row) for row in heads[0]] == list(range(1, len(ids) + 1))
+    assert all(abs(sum(row) - 1) < 0.01 for head in heads for row in head)
+    every = post(server.url + "v1/explain", {"text": text, "layer": None}).json()
+    assert every["attention"]["layers"] == [0, 1] and len(every["next"]) == 10
 
 
 def test_explain_runs_on_the_worker_and_honours_the_timeout(monkeypatch):
