@@ -30,6 +30,7 @@ access_log = logging.getLogger("npgpt2.server.access")
 MAX_HEAD = 64 * 1024   # bytes of request line + headers
 HEAD_END = re.compile(rb"\r?\n\r?\n")
 METHOD = re.compile(r"[A-Z]{1,20}")
+UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 def canned(status, message, close=True):
@@ -288,9 +289,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_access(self):
         """One line per request, like other servers' access logs."""
-        if self.status is None and not self.requestline:
+        line = getattr(self, "requestline", "")
+        if self.status is None and not line:
             return  # the client connected and went away without a request
-        access_log.info('%s "%s" %s %d %.3fs', self.client_address[0], self.requestline[:200],
+        # the request line is the client's: escaped, so it cannot forge a line of the log
+        line = UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), line[:200])
+        access_log.info('%s "%s" %s %d %.3fs', self.client_address[0], line,
                         self.status or "-", self.sent, time.monotonic() - self.started)
 
     # ------------------------------------------------------------ routing

@@ -566,8 +566,10 @@ def test_access_log_line_per_request_and_stopped_line(caplog):
             assert post(s.url + "v1/generate", {"prompt": "x", "length": 2, "seed": 1}).status_code == 200
             assert requests.get(s.url + "nope", timeout=T).status_code == 404
             raw_exchange(s.port, b"NOT HTTP\r\n\r\n")
+            raw_exchange(s.port, b"GET /\x1b[2J\rfake HTTP/1.1\r\n\r\n")  # no terminal escapes into the log
     access = [r.getMessage() for r in caplog.records if r.name == "npgpt2.server.access"]
-    assert len(access) == 3, access
+    assert len(access) == 4, access
+    assert access[3].startswith('127.0.0.1 "GET /\\x1b[2J\\rfake HTTP/1.1" 400 '), access[3]
     assert access[0].startswith('127.0.0.1 "POST /v1/generate HTTP/1.1" 200 ')
     assert access[1].startswith('127.0.0.1 "GET /nope HTTP/1.1" 404 ')
     assert access[2].startswith('127.0.0.1 "NOT HTTP" 400 ')
