@@ -78,8 +78,8 @@ class Limits:
                 raise Npgpt2Error(f"{flag} must be an integer >= 1, got {v}")
         for flag, v in (("--timeout", self.timeout), ("--io_timeout", self.io_timeout),
                         ("--read_timeout", self.read_timeout)):
-            if not 0 < v < float("inf"):
-                raise Npgpt2Error(f"{flag} must be a number of seconds > 0, got {v}")
+            if not v > 0:  # inf is allowed: no limit
+                raise Npgpt2Error(f"{flag} must be > 0 seconds, got {v}")
 
     def resolved(self, n_ctx):
         return dataclasses.replace(

@@ -471,6 +471,10 @@ def test_bad_settings_are_refused():
         Server(model, tok, port=0, limits=Limits(timeout=0))
     with pytest.raises(Npgpt2Error, match="--max_queue"):
         Server(model, tok, port=0, limits=Limits(max_queue=0))
+    with pytest.raises(Npgpt2Error, match="--max_connections"):
+        Server(model, tok, port=0, limits=Limits(max_connections=0))
+    with pytest.raises(Npgpt2Error, match="--read_timeout"):
+        Server(model, tok, port=0, limits=Limits(read_timeout=float("nan")))
     with pytest.raises(Npgpt2Error, match="--user_tag"):
         Server(model, tok, port=0, user_tag="")
     with pytest.raises(Npgpt2Error, match="--port"):
