@@ -499,7 +499,8 @@ class Results:
                 self.checked = now
                 if client_gone(self.handler.connection):
                     log.info("%s went away; cancelling its request", self.handler.client_address[0])
-                    return self.give_up()
+                    self.give_up()
+                    return None
             if now > backstop:
                 job.cancelled.set()
                 return ("error", HTTPStatus.GATEWAY_TIMEOUT, "timed out (--timeout)")
@@ -511,7 +512,6 @@ class Results:
     def give_up(self):
         self.job.cancelled.set()
         self.handler.close_connection = True
-        return None
 
 
 def answer_json(handler, job):
