@@ -697,7 +697,9 @@ def test_sigterm_ends_open_streams_and_answers_queued_clients():
             assert b"data: " in next(pieces)  # generating now
             queued = [pool.submit(post, url + "v1/generate", {"prompt": "y", "length": 5, "stream": stream})
                       for stream in (False, True)]
-            time.sleep(0.5)  # both are in the queue behind the stream
+            deadline = time.monotonic() + T  # until both wait in the queue behind the stream
+            while requests.get(url + "health", timeout=T).json()["queued"] < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             rest = b"".join(pieces)  # requests raises if the chunked body is not ended properly
             for q in queued:
@@ -708,7 +710,7 @@ def test_sigterm_ends_open_streams_and_answers_queued_clients():
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0 and "Traceback" not in err, err
         assert err.rstrip().endswith("npgpt2: stopped"), err
-        assert err.count('"POST /v1/generate HTTP/1.1"') == 3, err
+        assert err.count('"POST /v1/generate HTTP/1.1"') == 3 and '"GET /health HTTP/1.1" 200' in err, err
     finally:
         if proc.poll() is None:
             proc.kill()
