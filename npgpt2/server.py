@@ -55,6 +55,7 @@ log = logging.getLogger("npgpt2.server")
 
 PAGE = Path(__file__).parent / "assets" / "chat.html"
 MIN_TEMPERATURE = 1e-6  # below it (and above 0) the scaled logits overflow: a 400
+MAX_PATTERN_WEIGHTS = 2_000_000  # attention weights in one /v1/explain answer (about 12 MB of JSON)
 
 
 @dataclasses.dataclass
@@ -165,9 +166,17 @@ class App:
 
     def explain_job(self, body):
         deadline = self._deadline()
-        args = parse_explain(body, self.limits.max_body, self.model.hparams["n_layer"], self.n_vocab)
+        hp = self.model.hparams
+        args = parse_explain(body, self.limits.max_body, hp["n_layer"], self.n_vocab)
         # the report looks at the last n_ctx tokens; a text far longer is refused before any work
-        encode_limited(self.tokenizer, args["text"], self.limits.max_prompt_tokens, '"text"')
+        n = len(encode_limited(self.tokenizer, args["text"], self.limits.max_prompt_tokens, '"text"'))
+        T = min(n, self.n_ctx)
+        layers = 1 if args["layer"] is not None else hp["n_layer"]
+        weights = layers * hp["n_head"] * T * (T + 1) // 2  # the causal attention patterns sent back
+        if weights > MAX_PATTERN_WEIGHTS:
+            which = 'one "layer"' if args["layer"] is not None else f'all {layers} layers (ask for one "layer")'
+            raise BadRequest(f'"text" is {T} tokens: the attention patterns of {which} would be {weights:,} '
+                             f"numbers, more than the {MAX_PATTERN_WEIGHTS:,} one answer may hold; send a shorter text")
         return Job(explain_task, deadline, stops_at_deadline=False, **args)
 
 

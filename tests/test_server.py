@@ -779,6 +779,18 @@ def test_explain_answers_the_report(server):
     assert every["attention"]["layers"] == [0, 1] and len(every["next"]) == 10
 
 
+def test_explain_answer_size_is_bounded(server, monkeypatch):
+    import npgpt2.server as server_module
+    # the fixture: 2 layers x 2 heads; 40 tokens give 820 weights per head
+    monkeypatch.setattr(server_module, "MAX_PATTERN_WEIGHTS", 2 * 820)
+    text = " hello" * 40
+    r = post(server.url + "v1/explain", {"text": text, "layer": None})
+    assert r.status_code == 400 and '"layer"' in r.json()["error"] and "3,280" in r.json()["error"]
+    monkeypatch.setattr(server_module, "MAX_PATTERN_WEIGHTS", 2 * 820 - 1)
+    r = post(server.url + "v1/explain", {"text": text, "layer": 1})
+    assert r.status_code == 400 and "shorter" in r.json()["error"]
+
+
 def test_explain_runs_on_the_worker_and_honours_the_timeout(monkeypatch):
     import npgpt2.server as server_module
     ran = []
