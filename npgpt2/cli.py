@@ -4,7 +4,9 @@ Flag names follow OpenAI's gpt-2 scripts (generate_unconditional_samples.py,
 interactive_conditional_samples.py, encode.py, train.py) where they overlap.
 """
 import argparse
+import contextlib
 import logging
+import shlex
 import sys
 
 from .errors import Npgpt2Error
@@ -97,6 +99,9 @@ def print_header(i):
 def cmd_generate(args):
     """Unconditional samples, as generate_unconditional_samples.py."""
     model, enc = load_for_generation(args)
+    if enc.eot_token is None:  # a compact vocabulary (the demo's) may lack it
+        raise Npgpt2Error(f"{model.source_dir}: the model's vocabulary has no <|endoftext|> token to start "
+                          f"unconditional samples from; give it a prompt with `npgpt2 prompt`")
     print_samples(model, enc, [enc.eot_token], args)
 
 
@@ -269,19 +274,38 @@ def add_dataset_flags(p):
     p.add_argument("--encoding", default="utf-8", help="text encoding of .txt inputs (default %(default)s)")
 
 
+@contextlib.contextmanager
+def terminal_bar(total=None, unit="step"):
+    """A tqdm bar on stderr (count, rate, ETA; log lines printed above it) when stderr is a
+    terminal; None otherwise, where the library's plain log lines tell the progress."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with tqdm(total=total, unit=unit, dynamic_ncols=True) as bar, logging_redirect_tqdm():
+        yield bar
+
+
+def step_reporter(bar):
+    """fit()'s on_step for the bar: one tick per update, the running loss and tokens/s."""
+    if bar is None:
+        return None
+
+    def on_step(info):
+        bar.set_postfix_str(f"loss={info['avg']:.3f} tok/s={info['tok_s']:.0f}", refresh=False)
+        bar.update(1)
+    return on_step
+
+
 def cmd_train(args):
     """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder."""
     import dataclasses
     from .train import TrainConfig, train
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        with tqdm(total=args.steps or None, unit="step", dynamic_ncols=True) as bar, logging_redirect_tqdm():
-            result = train(cfg, on_step=lambda i: (bar.update(1), bar.set_postfix(loss=f"{i['avg']:.3f}")))
-    else:
-        result = train(cfg)
+    with terminal_bar(args.steps or None) as bar:
+        result = train(cfg, on_step=step_reporter(bar))
     where = result["checkpoint"] or "(nothing saved)"
     print(f"{'Interrupted' if result['interrupted'] else 'Done'} at step {result['step']}: "
           f"avg loss {result['avg']:.4f}; checkpoint {where}")
@@ -290,26 +314,40 @@ def cmd_train(args):
 def cmd_eval(args):
     """Mean loss and perplexity of a model over every token of a dataset."""
     import math
-    from .data import check_tokens, load_dataset
-    from .model import load_model, resolve_model_dir
+    from .data import check_tokens, expand_paths, load_dataset
+    from .model import load_model, read_hparams, resolve_model_dir
     from .tokenizer import load_tokenizer
-    from .train import evaluate
+    from .train import context_length, evaluate
+    expand_paths(args.dataset, "--dataset")  # bad inputs are reported before the model loads
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
+    T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
     model = load_model(model_dir)
     tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine)
-    T = args.context or model.hparams["n_ctx"]
-    if not 1 <= T <= model.hparams["n_ctx"]:
-        raise Npgpt2Error(f"--context must be between 1 and n_ctx = {model.hparams['n_ctx']}, got {T}")
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
-    loss, n = evaluate(model, tokens, T)
+    with terminal_bar(unit="window") as bar:
+        tenth = [0]
+
+        def progress(done, total):
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+            elif done * 10 // total > tenth[0] and done < total:  # a plain line every 10%
+                tenth[0] = done * 10 // total
+                log.info("eval: %d of %d windows", done, total)
+        loss, n = evaluate(model, tokens, T, progress=progress)
     print(f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} over {n} tokens "
           f"(windows of {T} tokens) of {args.dataset}")
 
 
 def cmd_demo(args):
     """Train a small GPT-2 from scratch on the bundled Jargon File and show it learning."""
-    from .demo import run_demo
-    r = run_demo(steps=args.steps, quick=args.quick, seed=args.seed, out_dir=args.out)
+    from pathlib import Path
+    from .demo import preset, run_demo
+    out = Path(args.out)
+    print(f"Training a small GPT-2 on the bundled Jargon File; the run goes to {out}/ "
+          f"(checkpoint, loss.png, samples.txt).", flush=True)
+    with terminal_bar(preset(args.quick, args.steps)["steps"]) as bar:
+        r = run_demo(steps=args.steps, quick=args.quick, seed=args.seed, out_dir=out, on_step=step_reporter(bar))
     print(f"Trained a {r['params'] / 1e6:.2f}M-parameter GPT-2 for {r['steps']} steps "
           f"({r['train_seconds']:.0f} s) on {r['corpus']}.")
     margin = r["unigram_entropy"] - r["val_loss"]
@@ -323,6 +361,12 @@ def cmd_demo(args):
     for i, text in enumerate(r["samples"]):
         print_header(i + 1)
         print(text)
+    saved = ", ".join(Path(f).name for f in r["files"].values() if f is not None)
+    where = f"--models_dir {shlex.quote(str(out.parent))} --model_name {shlex.quote(out.name)}"
+    print(f"Saved in {out}/: {saved}" + ("" if r["files"].get("loss.png") else
+                                         " (no loss.png: pip install 'npgpt2[plot]')") + ".")
+    print(f"Look inside it:  npgpt2 explain {where} \"hacker: a person who\"")
+    print(f"Prompt it:       echo \"kludge:\" | npgpt2 prompt {where}")
 
 
 # ---------------------------------------------------------------- parser
@@ -399,7 +443,7 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch (default %(default)s)")
     p.add_argument("--learning_rate", type=float, default=2e-5, help="peak learning rate (default %(default)s)")
     p.add_argument("--accumulate_gradients", type=int, default=1, help="micro-batches per update (default %(default)s)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam = AdamW (default), sgd")
+    p.add_argument("--optimizer", default="adam", help="adam = AdamW (default), sgd")
     p.add_argument("--only_train_transformer_layers", action="store_true", help="keep wte, wpe and ln_f fixed")
     p.add_argument("--run_name", default="run1", help="run folder name under --checkpoint_dir (default %(default)s)")
     p.add_argument("--restore_from", default="latest",
@@ -422,7 +466,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None, help="seed of the batch order (default: random, saved for resume)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices (default 0)")
     p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps (default 0)")
-    p.add_argument("--lr_schedule", choices=["constant", "cosine"], default="constant", help="after warmup (default constant)")
+    p.add_argument("--lr_schedule", default="constant", help="constant or cosine, after warmup (default constant)")
     p.add_argument("--lr_decay_steps", type=int, default=0, help="cosine reaches its minimum at this step (default: the last)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradients' global norm to this; 0 = off (default %(default)s)")
     p.set_defaults(func=cmd_train)
@@ -438,7 +482,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
     p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (a smoke test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
-    p.add_argument("--out", default=None, help="also write the run (checkpoints, loss.png) to this folder")
+    p.add_argument("--out", default="checkpoint/demo",
+                   help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "
+                        "(default %(default)s: --models_dir checkpoint --model_name demo)")
     p.set_defaults(func=cmd_demo)
     for p in sub.choices.values():
         p.set_defaults(subparser=p)

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import layers
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
+from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
 from .jit import numba, plain_fallback
@@ -552,17 +553,25 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
 def save_model(model, model_dir, step=None, keep=None):
     """Write model as an OpenAI-layout folder that load_model (and TF tools) can read.
 
-    Writes hparams.json, encoder.json, vocab.bpe, the checkpoint `model-<step>` (or
+    Writes hparams.json, encoder.json, vocab.bpe (and a compact vocabulary map, see
+    compact_vocab.py, when the model came with one), the checkpoint `model-<step>` (or
     `model.ckpt` without a step) in float32, then the `checkpoint` file naming it. With
     keep=K, only the newest K `model-*` checkpoints stay. Returns the prefix path.
+
+    The order makes a crash at any instant harmless: the new checkpoint is complete before
+    the `checkpoint` file names it, and old ones are pruned only after that, so the
+    `checkpoint` file always names a complete checkpoint.
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(model_dir / "hparams.json", "w", encoding="utf-8") as f:
         json.dump(model.hparams, f, indent=2)
-    for name in ("encoder.json", "vocab.bpe"):
-        src = Path(model.source_dir or ASSETS) / name
+    source = Path(model.source_dir or ASSETS)
+    for name in ("encoder.json", "vocab.bpe", COMPACT_VOCAB_FILE):
+        src = source / name
         if not src.exists():
+            if name == COMPACT_VOCAB_FILE:
+                continue
             src = ASSETS / name
         dst = model_dir / name
         if not dst.exists() or not os.path.samefile(src, dst):
@@ -571,11 +580,15 @@ def save_model(model, model_dir, step=None, keep=None):
     name = "model.ckpt" if step is None else f"model-{step}"
     write_checkpoint(str(model_dir / name), {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()})
     steps = sorted(int(p.name[6:-6]) for p in model_dir.glob("model-*.index") if p.name[6:-6].isdigit())
+    pruned = []
     if keep is not None and step is not None:
-        for old in steps[:-keep]:
-            for f in model_dir.glob(f"model-{old}.*"):
-                f.unlink()
-        steps = steps[-keep:]
+        older = [s for s in steps if s != step]
+        cut = max(len(older) - (keep - 1), 0)
+        pruned, steps = older[:cut], older[cut:] + [step]
     names = [f"model-{s}" for s in steps] if step is not None else [name]
-    write_checkpoint_state(model_dir, name, names)
+    write_checkpoint_state(model_dir, name, names)  # names the new, complete checkpoint
+    for old in pruned:
+        # the index first: a half-pruned step is then no longer a complete checkpoint
+        for f in sorted(model_dir.glob(f"model-{old}.*"), key=lambda p: not p.name.endswith(".index")):
+            f.unlink()
     return str(model_dir / name)

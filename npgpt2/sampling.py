@@ -49,10 +49,15 @@ def check_sampling_args(temperature=1.0, top_k=0, top_p=1.0):
         raise Npgpt2Error(f"--top_p must be in (0, 1], got {top_p}")
 
 
-def fit_prompt(prompt_tokens, length, n_ctx):
-    """Left-trim the prompt so prompt + length fits the context; returns the tokens kept."""
+def check_length(length, n_ctx):
+    """Raise the one-line error unless 1 <= --length < n_ctx (room for at least one prompt token)."""
     if not 1 <= length < n_ctx:
         raise Npgpt2Error(f"--length must be between 1 and n_ctx - 1 = {n_ctx - 1}, got {length}")
+
+
+def fit_prompt(prompt_tokens, length, n_ctx):
+    """Left-trim the prompt so prompt + length fits the context; returns the tokens kept."""
+    check_length(length, n_ctx)
     prompt_tokens = list(prompt_tokens)
     if not prompt_tokens:
         raise Npgpt2Error("the prompt is empty (give at least one token)")

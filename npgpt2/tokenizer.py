@@ -459,7 +459,8 @@ _loaded_lock = threading.Lock()
 
 def load_tokenizer(model_dir=None):
     """The tokenizer of `model_dir` (its encoder.json + vocab.bpe) when both files are there,
-    else the GPT-2 files packaged with npgpt2. Loaded once per process per file content (so a
+    else the GPT-2 files packaged with npgpt2; wrapped in a CompactTokenizer when the folder
+    has a compact_vocab.npy (see compact_vocab.py). Loaded once per process per file content (so a
     model folder holding OpenAI's files shares the packaged tokenizer and its caches)."""
     folder = ASSETS
     if model_dir is not None:
@@ -480,7 +481,8 @@ def load_tokenizer(model_dir=None):
         tok = _loaded.get(tuple(key))
         if tok is None:
             tok = _loaded[tuple(key)] = read_tokenizer(enc, bpe)
-    return tok
+    from .compact_vocab import wrap_if_compact  # a model of a subset of GPT-2's tokens (the demo's)
+    return wrap_if_compact(tok, model_dir)
 
 
 # ---------------------------------------------------------------------- Numba engine

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from . import optim
-from .data import Sampler, check_tokens, eval_windows, load_dataset
+from .data import Sampler, check_tokens, eval_windows, expand_paths, load_dataset
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
+from .sampling import check_sampling_args
 
 log = logging.getLogger(__name__)
 
@@ -83,29 +84,35 @@ def check_config(cfg, n_ctx):
     """Raise Npgpt2Error naming the flag for a value out of range; returns the context T."""
     positive = ["batch_size", "accumulate_gradients", "val_batch_size", "val_batch_count", "max_to_keep",
                 "combine", "log_every"]
-    non_negative = ["steps", "sample_every", "save_every", "val_every", "warmup", "lr_decay_steps", "context",
-                    "top_k", "sample_num"]
+    non_negative = ["steps", "sample_every", "save_every", "val_every", "warmup", "lr_decay_steps",
+                    "sample_num"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise Npgpt2Error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise Npgpt2Error(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.learning_rate > 0:
-        raise Npgpt2Error(f"--learning_rate must be > 0, got {cfg.learning_rate}")
+    if not 0 < cfg.learning_rate < math.inf:
+        raise Npgpt2Error(f"--learning_rate must be a finite number > 0, got {cfg.learning_rate}")
     if not cfg.weight_decay >= 0:
         raise Npgpt2Error(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
     if not cfg.grad_clip >= 0:
         raise Npgpt2Error(f"--grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
-    if not 0 < cfg.top_p <= 1:
-        raise Npgpt2Error(f"--top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.optimizer not in ("adam", "sgd"):
-        raise Npgpt2Error(f"--optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise Npgpt2Error(f"--lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
-    if not re.fullmatch(r"[\w.+-]+", cfg.run_name or ""):
-        raise Npgpt2Error(f"--run_name must be a plain folder name (letters, digits, . _ + -), got {cfg.run_name!r}")
-    T = cfg.context or n_ctx
+    check_sampling_args(top_k=cfg.top_k, top_p=cfg.top_p)
+    optim.check_choice("--optimizer", cfg.optimizer, list(optim.OPTIMIZERS))
+    optim.check_choice("--lr_schedule", cfg.lr_schedule, optim.SCHEDULES)
+    if not re.fullmatch(r"[\w.+-]+", cfg.run_name or "") or cfg.run_name in (".", ".."):
+        # "." or ".." would put the run's files in --checkpoint_dir itself or its parent
+        raise Npgpt2Error(f"--run_name must be a plain folder name (letters, digits, . _ + -; "
+                          f"not . or ..), got {cfg.run_name!r}")
+    return context_length(cfg.context, n_ctx)
+
+
+def context_length(context, n_ctx):
+    """The tokens per sequence that --context asks for (0 = the model's n_ctx), checked."""
+    if context < 0:
+        raise Npgpt2Error(f"--context must be >= 0 (0 = the model's n_ctx), got {context}")
+    T = context or n_ctx
     if T > n_ctx:
         raise Npgpt2Error(f"--context {T} is longer than the model's n_ctx = {n_ctx}")
     return T
@@ -240,29 +247,32 @@ def evaluate(model, tokens, context=None, batch_size=16, progress=None):
     return total / max(count, 1), count
 
 
-# ---------------------------------------------------------------- Ctrl-C
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill, systemd, batch schedulers
+
+
 class StopFlag:
-    """The first SIGINT asks the loop to save and stop after the current step; a second one
-    interrupts at once (KeyboardInterrupt). Only installed in the main thread."""
+    """The first SIGINT or SIGTERM asks the loop to save and stop after the current step; a
+    second one interrupts at once (KeyboardInterrupt). Only installed in the main thread."""
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("interrupted: saving after this step (Ctrl-C again to quit without saving)")
+        log.warning("%s: saving after this step (again to quit without saving)", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------- samples
@@ -289,121 +299,241 @@ def write_samples(model, tokenizer, cfg, step, run_name):
     return texts
 
 
-# ---------------------------------------------------------------- the loop
-def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state=None, on_step=None):
+# ---------------------------------------------------------------- one step
+class SingleProcess:
+    """The communicator of a run in one process, where its hooks do nothing.
+
+    fit() calls a communicator where the processes of a data-parallel run (each drawing its
+    own batches) must agree: allreduce_mean between loss_and_grads and the clip + optimizer
+    step (so every process applies the same update), and is_main for what only one of them
+    should do (logs, samples, validation, checkpoints). A multi-process run passes its own.
+    """
+    rank = 0
+    world_size = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def allreduce_mean(self, grads, loss):
+        """Average grads (in place) and the loss over every process; returns the loss."""
+        return loss
+
+
+def trained_names(model, cfg):
+    """The parameters the optimizer updates (--only_train_transformer_layers keeps wte, wpe, ln_f)."""
+    return [k for k in model.params if "/h" in k] if cfg.only_train_transformer_layers else list(model.params)
+
+
+def make_run_optimizer(model, names, cfg):
+    """cfg.optimizer over `names`; weight decay on matrices only (not biases and gains)."""
+    decay = {k: (cfg.weight_decay if model.params[k].ndim >= 2 else 0.0) for k in names}
+    return optim.make_optimizer(cfg.optimizer, {k: model.params[k] for k in names}, cfg.learning_rate, decay)
+
+
+def batch_gradients(model, sampler, names, batch_size, micro_batches):
+    """(mean loss, {name: mean gradient}) over `micro_batches` batches drawn from sampler."""
+    total, loss = None, 0.0
+    for _ in range(micro_batches):
+        batch = sampler.sample(batch_size)                                  # [B, T+1]
+        micro_loss, grads = model.loss_and_grads(batch[:, :-1], batch[:, 1:])
+        loss += micro_loss / micro_batches
+        if total is None:
+            # copied when more micro-batches follow: loss_and_grads may reuse its buffers
+            total = {k: grads[k] if micro_batches == 1 else grads[k].copy() for k in names}
+        else:
+            optim.accumulate(total, grads, names)
+        del grads
+    return loss, optim.scale_(total, 1.0 / micro_batches)
+
+
+def train_step(model, opt, sampler, names, cfg, lr, step, comm):
+    """One update (number step + 1): gradients, all-reduce, clip, optimizer step.
+
+    Raises Npgpt2Error, before anything is saved, when the loss, the gradients or the updated
+    weights are not finite. Returns (loss, gradient norm before clipping).
+    """
+    loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients)
+    loss = comm.allreduce_mean(grads, loss)
+    hint = f"lower --learning_rate (now {cfg.learning_rate}) or raise --warmup"
+    if not math.isfinite(loss):
+        raise Npgpt2Error(f"loss became {loss} at step {step + 1}; {hint}")
+    grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+    if not math.isfinite(grad_norm):
+        raise Npgpt2Error(f"the gradients' norm became {grad_norm} at step {step + 1}; {hint}")
+    opt.step(grads, lr)
+    if not optim.all_finite(opt.params):
+        raise Npgpt2Error(f"the update at step {step + 1} (learning rate {lr}) made the weights non-finite; "
+                          f"nothing was saved from it; {hint}")
+    return loss, grad_norm
+
+
+# ---------------------------------------------------------------- the run
+class Progress:
+    """What a run carries from step to step and saves in its train state: the step count,
+    OpenAI's decaying loss average (numerator, denominator) and the loss history."""
+
+    def __init__(self, step=0, avg=(0.0, 0.0), history=None):
+        self.step, self.avg = step, avg
+        self.history = history or {"step": [], "loss": [], "val_step": [], "val_loss": []}
+
+    @classmethod
+    def resume(cls, state, opt, sampler):
+        """Progress from a train state (restore()), loading opt and sampler; fresh for None."""
+        if state is None:
+            return cls()
+        if "sampler" not in state:  # weights without a train state: keep counting from their step
+            return cls(int(state["step"]))
+        opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")}, state["_path"])
+        sampler.set_state(str(state["sampler"]))
+        history = {k: state[f"history/{k}"].tolist() for k in ("step", "loss", "val_step", "val_loss")}
+        return cls(int(state["step"]), tuple(float(x) for x in state["avg"]), history)
+
+    def record(self, loss):
+        self.step += 1
+        self.avg = (self.avg[0] * 0.99 + loss, self.avg[1] * 0.99 + 1)
+        self.history["step"].append(self.step)
+        self.history["loss"].append(loss)
+
+    def record_val(self, val):
+        self.history["val_step"].append(self.step)
+        self.history["val_loss"].append(val)
+
+    @property
+    def mean(self):
+        return self.avg[0] / self.avg[1] if self.avg[1] else float("nan")
+
+
+class Checkpointer:
+    """Saves the run into run_dir (nowhere when None) and remembers the last step saved."""
+
+    def __init__(self, model, run_dir, opt, sampler, cfg, extra, step):
+        self.model, self.run_dir, self.opt, self.sampler, self.cfg, self.extra = model, run_dir, opt, sampler, cfg, extra
+        self.saved_step, self.prefix = step, None
+
+    def save(self, progress):
+        if self.run_dir is not None:
+            self.prefix = save_run(self.model, self.run_dir, progress.step, self.opt, self.sampler, progress.avg,
+                                   progress.history, self.cfg.max_to_keep, self.extra)
+            log.info("saved %s", self.prefix)
+            if self.cfg.plot:
+                from .plot import plot_losses
+                plot_losses(progress.history, Path(self.run_dir) / "loss.png", title=Path(self.run_dir).name)
+        self.saved_step = progress.step
+
+
+def validation_batches(cfg, tokens, val_tokens, T, n_vocab):
+    """The fixed validation batches (OpenAI's train.py draws them once, with seed 1)."""
+    if not cfg.val_every:
+        return []
+    vt = val_tokens if val_tokens is not None else tokens
+    check_tokens(vt, n_vocab, T, cfg.val_dataset or cfg.dataset or "dataset", "--val_dataset")
+    vs = Sampler(vt, T + 1, seed=1)
+    return [vs.sample(cfg.val_batch_size) for _ in range(cfg.val_batch_count)]
+
+
+def validate(model, batches):
+    """Mean loss over the validation batches."""
+    return float(np.mean([forward_losses(model, b[:, :-1], b[:, 1:]).mean() for b in batches]))
+
+
+def samples_or_save(model, tokenizer, cfg, progress, run_name, checkpointer):
+    """write_samples; when that fails, save the run first, then stop with a one-line error."""
+    try:
+        write_samples(model, tokenizer, cfg, progress.step, run_name)
+    except (OSError, Npgpt2Error) as e:
+        checkpointer.save(progress)
+        what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        raise Npgpt2Error(f"cannot write samples at step {progress.step} ({what}); the run was saved "
+                          f"at that step (check --sample_dir, or --sample_every 0)") from None
+
+
+def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state=None, on_step=None,
+        comm=None):
     """Train `model` in place on the 1-D token array `tokens` as `cfg` says.
 
     run_dir: where checkpoints go (None = nowhere). state: a train state from restore()
     to continue from. on_step(info) is called after every update with a dict: step,
-    loss, avg, secs, tok_s, lr, grad_norm (and val_loss when validated).
+    loss, avg, secs, tok_s, lr, grad_norm (and val_loss when validated). comm: the
+    communicator of a data-parallel run (default SingleProcess()).
     Returns a dict: step, loss, avg, history, interrupted, checkpoint (last prefix saved).
     """
+    comm = comm or SingleProcess()
     T = check_config(cfg, model.hparams["n_ctx"])
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
-    names = [k for k in model.params if "/h" in k] if cfg.only_train_transformer_layers else list(model.params)
-    decay = {k: (cfg.weight_decay if model.params[k].ndim >= 2 else 0.0) for k in names}
-    opt = optim.make_optimizer(cfg.optimizer, {k: model.params[k] for k in names}, cfg.learning_rate, decay)
+    names = trained_names(model, cfg)
+    opt = make_run_optimizer(model, names, cfg)
     seed = cfg.seed if cfg.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
     sampler = Sampler(tokens, T + 1, seed)
-    history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
-    step, avg = 0, (0.0, 0.0)
-    if state is not None and "sampler" in state:
-        opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")}, state["_path"])
-        sampler.set_state(str(state["sampler"]))
-        step, avg = int(state["step"]), tuple(float(x) for x in state["avg"])
-        history = {k: state[f"history/{k}"].tolist() for k in history}
-    elif state is not None:  # weights without a train state: keep counting from their step
-        step = int(state["step"])
+    progress = Progress.resume(state, opt, sampler)
+    if state is None or "sampler" not in state:
         log.info("batch order seed %d", seed)
-    else:
-        log.info("batch order seed %d", seed)
-
-    val_batches = []
-    if cfg.val_every:
-        vt = val_tokens if val_tokens is not None else tokens
-        check_tokens(vt, model.hparams["n_vocab"], T, cfg.val_dataset or cfg.dataset or "dataset", "--val_dataset")
-        vs = Sampler(vt, T + 1, seed=1)  # fixed batches, as OpenAI's train.py
-        val_batches = [vs.sample(cfg.val_batch_size) for _ in range(cfg.val_batch_count)]
-    end = step + cfg.steps if cfg.steps else None
+    val_batches = validation_batches(cfg, tokens, val_tokens, T, model.hparams["n_vocab"])
+    end = progress.step + cfg.steps if cfg.steps else None
     decay_steps = cfg.lr_decay_steps or (end or 0)
     run_name = Path(run_dir).name if run_dir is not None else cfg.run_name
-    tokens_per_step = cfg.batch_size * T * cfg.accumulate_gradients
-    extra = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()}, "seed": seed}
-    saved_step, prefix, loss = step, None, float("nan")
-    start_time = time.time()
-
-    def save():
-        nonlocal saved_step, prefix
-        if run_dir is not None:
-            prefix = save_run(model, run_dir, step, opt, sampler, avg, history, cfg.max_to_keep, extra)
-            log.info("saved %s", prefix)
-            if cfg.plot:
-                from .plot import plot_losses
-                plot_losses(history, Path(run_dir) / "loss.png", title=run_name)
-        saved_step = step
+    tokens_per_step = cfg.batch_size * T * cfg.accumulate_gradients * comm.world_size
+    extra = {"config": dataclasses.asdict(cfg), "seed": seed}
+    checkpointer = Checkpointer(model, run_dir if comm.is_main else None, opt, sampler, cfg, extra, progress.step)
+    loss, start_time = float("nan"), time.time()
 
     with StopFlag() as stop:
-        while end is None or step < end:
-            lr = optim.learning_rate(step, cfg.learning_rate, cfg.warmup, cfg.lr_schedule,
+        while end is None or progress.step < end:
+            lr = optim.learning_rate(progress.step, cfg.learning_rate, cfg.warmup, cfg.lr_schedule,
                                      decay_steps, cfg.min_lr_ratio)
             t0 = time.time()
-            total, loss = None, 0.0
-            for _ in range(cfg.accumulate_gradients):
-                batch = sampler.sample(cfg.batch_size)
-                micro_loss, grads = model.loss_and_grads(batch[:, :-1], batch[:, 1:])
-                loss += micro_loss / cfg.accumulate_gradients
-                if total is None:
-                    # copied when more micro-batches follow: loss_and_grads may reuse its buffers
-                    total = {k: grads[k] if cfg.accumulate_gradients == 1 else grads[k].copy() for k in names}
-                else:
-                    optim.accumulate(total, grads, names)
-                del grads
-            optim.scale_(total, 1.0 / cfg.accumulate_gradients)
-            if not math.isfinite(loss):
-                raise Npgpt2Error(f"loss became {loss} at step {step + 1}; lower --learning_rate "
-                                  f"(now {cfg.learning_rate}) or raise --warmup")
-            grad_norm = optim.clip_grad_norm(total, cfg.grad_clip)
-            opt.step(total, lr)
-            del total
-            step += 1
+            loss, grad_norm = train_step(model, opt, sampler, names, cfg, lr, progress.step, comm)
+            progress.record(loss)
             secs = time.time() - t0
-            avg = (avg[0] * 0.99 + loss, avg[1] * 0.99 + 1)  # OpenAI's decaying average
-            history["step"].append(step)
-            history["loss"].append(loss)
-            info = dict(step=step, loss=loss, avg=avg[0] / avg[1], secs=secs, lr=lr,
+            info = dict(step=progress.step, loss=loss, avg=progress.mean, secs=secs, lr=lr,
                         tok_s=tokens_per_step / max(secs, 1e-9), grad_norm=grad_norm)
-            if step % cfg.log_every == 0:
+            step = progress.step
+            if step % cfg.log_every == 0 and comm.is_main:
                 log.info("[%d | %.2f] loss=%.4f avg=%.4f tok/s=%.0f", step, time.time() - start_time,
                          loss, info["avg"], info["tok_s"])
             if val_batches and step % cfg.val_every == 0:
-                val = float(np.mean([forward_losses(model, b[:, :-1], b[:, 1:]).mean() for b in val_batches]))
-                history["val_step"].append(step)
-                history["val_loss"].append(val)
-                info["val_loss"] = val
-                log.info("[%d | %.2f] validation loss = %.4f", step, time.time() - start_time, val)
+                info["val_loss"] = validate(model, val_batches)
+                progress.record_val(info["val_loss"])
+                log.info("[%d | %.2f] validation loss = %.4f", step, time.time() - start_time, info["val_loss"])
             if on_step is not None:
                 on_step(info)
-            if cfg.sample_every and step % cfg.sample_every == 0 and tokenizer is not None:
-                write_samples(model, tokenizer, cfg, step, run_name)
+            if cfg.sample_every and step % cfg.sample_every == 0 and tokenizer is not None and comm.is_main:
+                samples_or_save(model, tokenizer, cfg, progress, run_name, checkpointer)
             if cfg.save_every and step % cfg.save_every == 0:
-                save()
+                checkpointer.save(progress)
             if stop.requested:
                 break
-        if step != saved_step:
-            save()
-    return dict(step=step, loss=loss, avg=avg[0] / avg[1] if avg[1] else float("nan"),
-                history=history, interrupted=stop.requested, checkpoint=prefix)
+        if progress.step != checkpointer.saved_step:
+            checkpointer.save(progress)
+    return dict(step=progress.step, loss=loss, avg=progress.mean, history=progress.history,
+                interrupted=stop.requested, checkpoint=checkpointer.prefix)
+
+
+def check_inputs(cfg):
+    """Everything about the run that can be checked before the (slow) model load: flag ranges,
+    that the datasets exist, that the run and sample folders can be made. Returns the run folder."""
+    if not cfg.dataset:
+        raise Npgpt2Error("--dataset is required")
+    check_config(cfg, 1 << 30)  # the context is checked against n_ctx once the model is known
+    expand_paths(cfg.dataset, "--dataset")
+    if cfg.val_dataset:
+        expand_paths(cfg.val_dataset, "--val_dataset")
+    run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
+    make_run_dir(run_dir)
+    if cfg.sample_every:
+        try:
+            (Path(cfg.sample_dir) / run_dir.name).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Npgpt2Error(f"{cfg.sample_dir}: cannot make the samples folder (--sample_dir): "
+                              f"{e.strerror or e}") from None
+    return run_dir
 
 
 def train(cfg, on_step=None):
     """Everything `npgpt2 train` does: restore the model (see restore()), load the tokenizer
     and datasets, and run fit() into <checkpoint_dir>/<run_name>. Returns fit()'s dict."""
     from .tokenizer import load_tokenizer
-    if not cfg.dataset:
-        raise Npgpt2Error("--dataset is required")
-    run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
-    make_run_dir(run_dir)
-    check_config(cfg, 1 << 30)  # flag ranges before anything slow; context checked again later
+    run_dir = check_inputs(cfg)
     model, state = restore(cfg, run_dir)
     tokenizer = load_tokenizer(model.source_dir)
     tokens = load_dataset(cfg.dataset, tokenizer, cfg.encoding, cfg.combine, "--dataset")

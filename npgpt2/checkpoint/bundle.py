@@ -336,7 +336,8 @@ def latest_checkpoint(model_dir):
 
     Follows the `checkpoint` text file's model_checkpoint_path (relative to model_dir, or
     absolute; an absolute path that no longer exists is looked up by its basename in
-    model_dir). Without a `checkpoint` file, a folder holding exactly one `*.index` uses it.
+    model_dir). When the named checkpoint is gone, the newest complete `model-<step>` is used,
+    with a warning. Without a `checkpoint` file, a folder holding exactly one `*.index` uses it.
     """
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
@@ -348,6 +349,11 @@ def latest_checkpoint(model_dir):
             raise Npgpt2Error(f"{state_path}: no model_checkpoint_path line")
         prefix = _resolve(model_dir, name)
         if prefix is None:
+            prefix = _newest_complete_step(model_dir)
+            if prefix is not None:
+                log.warning("%s: names checkpoint '%s', which is missing; using the newest complete "
+                            "one, %s", state_path, name, os.path.basename(prefix))
+                return prefix
             raise Npgpt2Error(f"{state_path}: names checkpoint '{name}' but {index_path(name)} "
                               f"does not exist in {model_dir}")
         return prefix
@@ -358,6 +364,17 @@ def latest_checkpoint(model_dir):
         raise Npgpt2Error(f"{model_dir}: no checkpoint here (no `checkpoint` file and no *.index file)")
     raise Npgpt2Error(f"{state_path}: missing, and {model_dir} holds {len(found)} *.index files; "
                       "cannot tell which checkpoint is newest")
+
+
+def _newest_complete_step(model_dir):
+    """The prefix of the highest-numbered `model-<step>` with its index and data files, or None
+    (what a crash between pruning and naming, or a hand-deleted checkpoint, leaves usable)."""
+    steps = []
+    for path in glob.glob(os.path.join(glob.escape(model_dir), "model-*.index")):
+        digits = os.path.basename(path)[len("model-"):-len(".index")]
+        if digits.isdigit() and os.path.isfile(data_path(path[:-len(".index")])):
+            steps.append(int(digits))
+    return os.path.join(model_dir, f"model-{max(steps)}") if steps else None
 
 
 def write_checkpoint_state(model_dir, prefix_name, all_prefix_names=None):
