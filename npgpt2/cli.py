@@ -14,6 +14,16 @@ from .errors import Npgpt2Error
 log = logging.getLogger("npgpt2")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with npgpt2's error format: the usage, then `npgpt2: error: <message>`
+    (argparse would print `npgpt2 <command>: error:`), exit status 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"npgpt2: error: {command}{message}\n")
+
+
 # ---------------------------------------------------------------- shared flags
 def add_model_flags(p, default_models_dir="weights"):
     p.add_argument("--model_name", default="124M", help="model folder name (default 124M; 117M/345M are aliases)")
@@ -46,7 +56,8 @@ def load_for_generation(args):
 def print_samples(model, enc, context, args):
     """Generate args.nsamples samples after `context` in OpenAI's output format."""
     import numpy as np
-    from .sampling import TextStream, check_sampling_args, fit_prompt, generate_stream
+    from .sampling import (TextStream, check_batch_memory, check_sampling_args, check_seed, fit_prompt,
+                           generate_stream)
     if args.batch_size < 1:
         raise Npgpt2Error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.nsamples < 0:
@@ -54,7 +65,11 @@ def print_samples(model, enc, context, args):
     length = args.length if args.length is not None else model.hparams["n_ctx"] // 2
     # check every flag (and trim the prompt, warning once) before the first header is printed
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_seed(args.seed)
     context = fit_prompt(context, length, model.hparams["n_ctx"])
+    # the rows of one batch (all of them with --nsamples 0) are held at once
+    check_batch_memory(model.hparams, args.batch_size if args.nsamples == 0 else min(args.batch_size, args.nsamples),
+                       len(context), length, model.dtype)
     rng = np.random.default_rng(args.seed)
     done = 0
     while args.nsamples == 0 or done < args.nsamples:
@@ -168,6 +183,8 @@ def chat_command(chat, line):
 def cmd_chat(args):
     """A conversation on the terminal (or over a pipe): one message per line."""
     from .chat import ChatSession
+    from .sampling import check_seed
+    check_seed(args.seed)
     model, enc = load_for_generation(args)
     chat = ChatSession(model, enc, args.length, args.temperature, args.top_k, args.top_p, args.seed,
                        args.truncate, args.user_tag, args.bot_tag)
@@ -265,7 +282,8 @@ def cmd_encode(args):
             raise
         model_dir = None  # every released size has the same vocabulary, which npgpt2 ships
         log.info("%s/%s not found: using the GPT-2 vocabulary packaged with npgpt2", args.models_dir, args.model_name)
-    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding)
+    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding,
+                          keep_crlf=args.keep_crlf)
     print(f"Wrote {stats['tokens']} tokens from {stats['files']} file(s) to {args.out_npz}")
 
 
@@ -298,10 +316,18 @@ def step_reporter(bar):
     return on_step
 
 
+def add_keep_crlf_flag(p):
+    p.add_argument("--keep_crlf", action="store_true",
+                   help="keep \\r\\n and \\r line endings as they are (default: read them as \\n, "
+                        "as Python's text mode and OpenAI's encode.py do)")
+
+
 def cmd_train(args):
     """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder."""
     import dataclasses
+    from .sampling import check_seed
     from .train import TrainConfig, train
+    check_seed(args.seed)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
     with terminal_bar(args.steps or None) as bar:
@@ -322,7 +348,8 @@ def cmd_eval(args):
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
     T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
     model = load_model(model_dir)
-    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine)
+    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine,
+                          keep_crlf=args.keep_crlf)
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
     with terminal_bar(unit="window") as bar:
         tenth = [0]
@@ -371,7 +398,7 @@ def cmd_demo(args):
 
 # ---------------------------------------------------------------- parser
 def build_parser():
-    parser = argparse.ArgumentParser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
+    parser = Parser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
@@ -434,6 +461,7 @@ def build_parser():
     p.add_argument("out_npz", help="the .npz to write")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name")
@@ -475,6 +503,7 @@ def build_parser():
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
     p.set_defaults(func=cmd_eval)
 

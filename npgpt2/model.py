@@ -19,7 +19,7 @@ from . import layers
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, read_json
 from .jit import numba, plain_fallback
 
 log = logging.getLogger(__name__)
@@ -516,17 +516,31 @@ def resolve_model_dir(models_dir, model_name):
     raise Npgpt2Error(f"{folder}: model folder not found (--models_dir/--model_name){hint}")
 
 
+def check_download_finished(model_dir):
+    """Raise Npgpt2Error with the download command when `model_dir` is a released model's
+    folder (124M, ...) left empty or half-filled by an interrupted `npgpt2 download`."""
+    d = Path(model_dir)
+    name = ALIASES.get(d.name, d.name)
+    if name not in MODEL_HPARAMS or (d / "config.json").exists():
+        return
+    # `npgpt2 download` writes `checkpoint` last; OpenAI's download_model.py writes these too
+    files = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "checkpoint")
+    has = {n: (d / n).is_file() for n in files}
+    if not has["hparams.json"] or (not has["checkpoint"] and (not all(has.values()) or any(d.glob("*.part")))):
+        missing = ", ".join(n for n, ok in has.items() if not ok)
+        raise Npgpt2Error(f"{d}: an empty or unfinished download ({missing} missing); finish it with: "
+                          f"npgpt2 download {d.name} --models_dir {d.parent}")
+
+
 def read_hparams(model_dir):
     path = Path(model_dir) / "hparams.json"
     try:
-        hparams = json.loads(path.read_text(encoding="utf-8"))
+        hparams = read_json(path)
     except FileNotFoundError:
         if (Path(model_dir) / "config.json").exists():
             raise Npgpt2Error(f"{path}: missing; {model_dir} looks like a Hugging Face folder: "
                               f"convert it with: npgpt2 convert {model_dir} DST") from None
         raise Npgpt2Error(f"{path}: missing (not a GPT-2 model folder?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({e})") from None
     check_hparams(hparams, str(path))
     return hparams
 
@@ -540,6 +554,7 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise Npgpt2Error(f"{model_dir}: model folder not found")
+    check_download_finished(model_dir)
     hparams = read_hparams(model_dir)
     prefix = latest_checkpoint(model_dir)
     params = read_checkpoint(prefix, verify=verify, mmap=mmap)

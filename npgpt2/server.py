@@ -54,7 +54,6 @@ from .server_worker import Job, Worker, explain_task, generate_task
 log = logging.getLogger("npgpt2.server")
 
 PAGE = Path(__file__).parent / "assets" / "chat.html"
-MIN_TEMPERATURE = 1e-6  # below it (and above 0) the scaled logits overflow: a 400
 MAX_PATTERN_WEIGHTS = 2_000_000  # attention weights in one /v1/explain answer (about 12 MB of JSON)
 
 
@@ -141,7 +140,7 @@ class App:
 
     def generate_job(self, body):
         deadline = self._deadline()
-        options = parse_options(body, self.limits, self.n_vocab, self.n_ctx // 2, ("prompt",), MIN_TEMPERATURE)
+        options = parse_options(body, self.limits, self.n_vocab, self.n_ctx // 2, ("prompt",))
         prompt = string(body, "prompt", "", self.limits.max_body)
         tokens = (encode_limited(self.tokenizer, prompt, self.limits.max_prompt_tokens, '"prompt"')
                   if prompt else [self.tokenizer.eot_token])
@@ -153,7 +152,7 @@ class App:
 
     def chat_job(self, body):
         deadline = self._deadline()
-        options = parse_options(body, self.limits, self.n_vocab, self.n_ctx // 4, ("messages",), MIN_TEMPERATURE)
+        options = parse_options(body, self.limits, self.n_vocab, self.n_ctx // 4, ("messages",))
         turns = parse_messages(body)
         try:  # encodes only the newest messages that can fit, so its cost is bounded
             tokens, dropped = build_prompt(self.tokenizer, turns, self.n_ctx, options["length"],

@@ -5,6 +5,8 @@ import math
 from http import HTTPStatus
 
 from .chat import BOT, USER
+from .errors import Npgpt2Error
+from .sampling import check_temperature
 
 ROLES = {"user": USER, "assistant": BOT, "bot": BOT}
 SAMPLING_FIELDS = ("length", "temperature", "top_k", "top_p", "seed", "truncate", "stream")
@@ -67,15 +69,18 @@ def check_known(body, allowed):
         raise BadRequest(f'unknown field "{shown(unknown[0])[1:-1]}" (allowed: {", ".join(allowed)})')
 
 
-def temperature(body, minimum):
-    """0 is greedy; between 0 and `minimum` the scaled logits would overflow float64."""
+def temperature(body):
+    """0 is greedy; at most 100. The rule is --temperature's (`sampling.check_temperature`):
+    one so small that logit / temperature overflows also samples greedily."""
     t = number(body, "temperature", 1.0, 0, 100)
-    if 0 < t < minimum:
-        raise BadRequest(f'"temperature" must be 0 (greedy) or from {minimum:g} to 100, got {shown(t)}')
+    try:
+        check_temperature(t, '"temperature"')
+    except Npgpt2Error as e:
+        raise BadRequest(str(e)) from None
     return t
 
 
-def parse_options(body, limits, n_vocab, default_length, allowed, min_temperature):
+def parse_options(body, limits, n_vocab, default_length, allowed):
     """The sampling options of a request body (a dict), checked. Raises BadRequest."""
     check_known(body, tuple(allowed) + SAMPLING_FIELDS)
     stream = body.get("stream", False)
@@ -83,7 +88,7 @@ def parse_options(body, limits, n_vocab, default_length, allowed, min_temperatur
         raise BadRequest(f'"stream" must be true or false, got {shown(stream)}')
     return dict(
         length=integer(body, "length", min(default_length, limits.max_length), 1, limits.max_length),
-        temperature=temperature(body, min_temperature),
+        temperature=temperature(body),
         top_k=integer(body, "top_k", 0, 0, n_vocab),
         top_p=number(body, "top_p", 1.0, 0, 1, lo_open=True),
         seed=integer(body, "seed", None, 0, 2**63 - 1, nullable=True),

@@ -299,6 +299,16 @@ def write_samples(model, tokenizer, cfg, step, run_name):
     return texts
 
 
+def check_train_memory(model, cfg, T):
+    """Refuse, with the figure, a --batch_size or --sample_num whose arrays cannot fit in memory."""
+    from .memory import check_memory, training_bytes
+    from .sampling import check_batch_memory
+    check_memory(training_bytes(model.hparams, cfg.batch_size, T, model.dtype), f"--batch_size {cfg.batch_size}",
+                 "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)")
+    if cfg.sample_every and cfg.sample_num:
+        check_batch_memory(model.hparams, cfg.sample_num, 1, cfg.sample_length, model.dtype, name="--sample_num")
+
+
 # ---------------------------------------------------------------- one step
 class SingleProcess:
     """The communicator of a run in one process, where its hooks do nothing.
@@ -461,6 +471,7 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     comm = comm or SingleProcess()
     T = check_config(cfg, model.hparams["n_ctx"])
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
+    check_train_memory(model, cfg, T)
     names = trained_names(model, cfg)
     opt = make_run_optimizer(model, names, cfg)
     seed = cfg.seed if cfg.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
