@@ -323,15 +323,32 @@ def add_keep_crlf_flag(p):
 
 
 def cmd_train(args):
-    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder."""
+    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder.
+
+    Under mpirun/mpiexec every process runs this; rank 0 prints, the others only report errors.
+    """
     import dataclasses
+    from .dist import get_comm
     from .sampling import check_seed
     from .train import TrainConfig, train
     check_seed(args.seed)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
-    with terminal_bar(args.steps or None) as bar:
-        result = train(cfg, on_step=step_reporter(bar))
+    comm = get_comm()
+    if comm.world_size > 1:
+        if not comm.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        try:
+            result = train(cfg, on_step=None, comm=comm)
+        except Npgpt2Error as e:  # one rank's error must end every rank, not leave them waiting
+            rank = f" (rank {comm.rank})" if comm.rank else ""
+            print(f"npgpt2: error{rank}: {e}", file=sys.stderr, flush=True)
+            comm.abort(2)
+        if not comm.is_main:
+            return 0
+    else:
+        with terminal_bar(args.steps or None) as bar:
+            result = train(cfg, on_step=step_reporter(bar))
     where = result["checkpoint"] or "(nothing saved)"
     print(f"{'Interrupted' if result['interrupted'] else 'Done'} at step {result['step']}: "
           f"avg loss {result['avg']:.4f}; checkpoint {where}")
@@ -464,7 +481,12 @@ def build_parser():
     add_keep_crlf_flag(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name")
+    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
+                       epilog="Training runs in float32. Data-parallel over MPI (pip install \"npgpt2[mpi]\"): "
+                              "mpirun -n N npgpt2 train ... (add --hostfile FILE for several machines); the "
+                              "effective batch is N x --batch_size x --accumulate_gradients; rank 0 reads the files "
+                              "and writes checkpoints; kill -USR1 <mpirun pid> saves and stops every rank.")
+    p.add_argument("--shared_stream", action="store_true", help=argparse.SUPPRESS)  # tests: see dist.RankSlice
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
