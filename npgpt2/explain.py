@@ -17,6 +17,7 @@ residual stream is summarised by a hook as the forward pass produces it and then
 """
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -282,7 +283,9 @@ def format_report(report, width=100):
     for p, label in zip(order, labels):
         out.append(f"  {label:<{lab}} {scores[p]:10.4g} {_bar(scores[p] / smax, max(5, width - lab - 15))}"
                    [:width].rstrip())
-    return "\n".join(out)
+    # headings and notes longer than the terminal wrap; table rows were cut to fit above
+    return "\n".join(part for line in out
+                     for part in (textwrap.wrap(line, width, subsequent_indent="    ") or [""]))
 
 
 # ---------------------------------------------------------------- the web page
