@@ -14,6 +14,10 @@ Outputs (see tests/fixtures/README.md for the formats):
   full_reference.npz          HF logits for the full-vocab model
   adamw_reference.npz         torch.optim.AdamW / SGD trajectories on a fixed problem
   hf_tiny/, hf_tiny_logits.npz  the tiny model saved by transformers itself (safetensors) + its logits
+  introspect_tiny.npz, introspect_full.npz  HF attentions, hidden states, logit lens, a head ablation
+                              and an input-embedding gradient (for run_with_cache & co.)
+
+Pass part names (tiny, full, optim, introspect) to regenerate only those parts.
 
 The generator also checks, without committing anything: the checkpoint reads back bit-exactly through
 TensorFlow, HF float64 logits agree with an independent NumPy forward written below (guards against a
@@ -411,6 +415,89 @@ def make_optim(report):
     save_npz(FIX / "adamw_reference.npz", out)
 
 
+# ---------------------------------------------------------------- introspection (issue: see inside)
+
+def hf_introspect(model, hp, tokens, ablate, grad):
+    """What HF/torch say about the inside of the model, for run_with_cache, run_with_hooks,
+    logit_lens and input_gradient.
+
+    ablate = (layer, head): logits with a forward pre-hook on h[layer].attn.c_proj that zeroes
+    that head's slice of its input (the merged heads, before the output projection).
+    grad = (ids (T,), position, target): d log_softmax(logits)[position, target] / d inputs_embeds.
+    """
+    L, NH, C = hp["n_layer"], hp["n_head"], hp["n_embd"]
+    hs = C // NH
+    with torch.no_grad():
+        out = model(torch.from_numpy(tokens), output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == L and len(out.hidden_states) == L + 1
+    res = {"tokens": tokens, "logits": out.logits.numpy()}
+    for i, a in enumerate(out.attentions):
+        res[f"attn/{i}"] = a.numpy()
+    for i, h in enumerate(out.hidden_states):
+        res[f"hidden/{i}"] = h.numpy()
+    # logit lens: every residual stream through ln_f and the tied head; HF's last hidden
+    # state already has ln_f applied, so the last row is the logits themselves
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        rows = [model.transformer.ln_f(h) @ wte.T for h in out.hidden_states[:L]]
+        rows.append(out.logits)
+        res["lens"] = torch.stack(rows).numpy()
+    layer, head = ablate
+
+    def zero_head(module, args):
+        x = args[0].clone()
+        x[..., head * hs:(head + 1) * hs] = 0.0
+        return (x,)
+
+    handle = model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(zero_head)
+    try:
+        with torch.no_grad():
+            res["ablate_logits"] = model(torch.from_numpy(tokens)).logits.numpy()
+    finally:
+        handle.remove()
+    res["ablate_layer"], res["ablate_head"] = np.int64(layer), np.int64(head)
+    ids, position, target = grad
+    embeds = model.transformer.wte.weight[torch.from_numpy(ids)].detach().clone().requires_grad_(True)
+    logits = model(inputs_embeds=embeds[None]).logits[0]
+    torch.log_softmax(logits, dim=-1)[position, target].backward()
+    res["grad_ids"], res["grad_position"], res["grad_target"] = ids, np.int64(position), np.int64(target)
+    res["grad_embeds"] = embeds.grad.numpy().copy()
+    return res
+
+
+def make_introspect(report):
+    """introspect_tiny.npz / introspect_full.npz from the committed fixture values (float64 HF)."""
+    values = dict(np.load(FIX / "tiny_values.npz"))
+    hp = TINY_HPARAMS
+    rng = np.random.default_rng(SEED_TINY_TOKENS)
+    tokens = rng.integers(0, hp["n_vocab"], size=(2, hp["n_ctx"]), dtype=np.int64)  # = tiny_reference's
+    m64 = build_hf(hp, values, torch.float64)
+    res = hf_introspect(m64, hp, tokens, ablate=(1, 2), grad=(tokens[1], 11, 5))
+    ref = np.load(FIX / "tiny_reference.npz")
+    assert np.array_equal(ref["tokens"], tokens)
+    assert np.abs(res["logits"] - ref["logits_f64"]).max() < 1e-12
+    report["introspect tiny ablation max |dlogits|"] = float(np.abs(res["ablate_logits"] - res["logits"]).max())
+    report["introspect tiny |grad_embeds| past position"] = float(np.abs(res["grad_embeds"][12:]).max())
+    save_npz(FIX / "introspect_tiny.npz", res)
+
+    hp = FULL_HPARAMS
+    values = make_values(hp, SEED_FULL_VALUES)
+    sha = json.loads((FIX / "full_sha256.json").read_text())
+    assert all(hashlib.sha256(np.ascontiguousarray(v, dtype=np.float32).tobytes()).hexdigest() == sha[k]
+               for k, v in values.items())  # the values tests/fixtures/full holds
+    rng = np.random.default_rng(SEED_FULL_TOKENS)
+    tokens = rng.integers(0, hp["n_vocab"], size=(1, 8), dtype=np.int64)  # = full_reference's
+    tokens[0, 3] = hp["n_vocab"] - 1
+    m64 = build_hf(hp, values, torch.float64)
+    res = hf_introspect(m64, hp, tokens, ablate=(0, 1), grad=(tokens[0], 6, 464))
+    # the (T, V) arrays of a 50257 vocabulary are too big to commit: keep the last position
+    res["lens_last"] = res.pop("lens")[:, :, -1]
+    res["ablate_logits_last"] = res.pop("ablate_logits")[:, -1]
+    full_logits = res.pop("logits")
+    assert np.abs(full_logits[:, -2:] - np.load(FIX / "full_reference.npz")["logits_f64_last2"]).max() < 1e-12
+    save_npz(FIX / "introspect_full.npz", res)
+
+
 def main():
     torch.set_num_threads(1)  # shared 2-core machine; also keeps reductions in one order
     tf.compat.v1.disable_eager_execution()
@@ -418,9 +505,11 @@ def main():
     report = {"python": sys.version.split()[0], "numpy": np.__version__,
               "tensorflow": tf.__version__, "torch": torch.__version__,
               "transformers": transformers.__version__}
-    make_tiny(report)
-    make_full(report)
-    make_optim(report)
+    only = sys.argv[1:]  # e.g. `make_fixtures.py introspect` regenerates just that part
+    for name, make in (("tiny", make_tiny), ("full", make_full), ("optim", make_optim),
+                       ("introspect", make_introspect)):
+        if not only or name in only:
+            make(report)
     for k, v in report.items():
         print(f"{k}: {v}")
 
