@@ -8,11 +8,12 @@
 """
 from .errors import Npgpt2Error
 from .model import GPT2, init_model, load_model, save_model
+from .interp import input_gradient, logit_lens
 from .sampling import generate
 from .chat import ChatSession
 from .server import Server
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "load_model",
-           "load_tokenizer", "save_model"]
+__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "input_gradient",
+           "load_model", "load_tokenizer", "logit_lens", "save_model"]

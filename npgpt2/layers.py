@@ -90,20 +90,30 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention_forward(qkv, NH):
+def attention_forward(qkv, NH, hook=None):
     """Causal multi-head self-attention.
 
     qkv: (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) the softmax probabilities.
+    att is what attention_backward needs (a fast twin may return something else there).
+    hook(name, x) -> x, if given, sees (and may replace) the named intermediates:
+    'q', 'k', 'v' (B, NH, T, hs), 'scores' (B, NH, T, T) with the future at -inf, and
+    'pattern' (B, NH, T, T) the probabilities; the model names them `h{i}.attn.<name>`.
     """
+    hook = hook or _unchanged
     C = qkv.shape[-1] // 3
-    q, k, v = (split_heads(x, NH) for x in np.split(qkv, 3, axis=-1))
+    q, k, v = (split_heads(x, NH) for x in np.split(qkv, 3, axis=-1))  # [B, T, 3C] -> 3 x [B, NH, T, hs]
+    q, k, v = hook("q", q), hook("k", k), hook("v", v)
     T = q.shape[2]
     scale = 1.0 / math.sqrt(C // NH)
-    scores = (q @ k.transpose(0, 1, 3, 2)) * scale
+    scores = (q @ k.transpose(0, 1, 3, 2)) * scale  # [B, NH, T, hs] @ [B, NH, hs, T] -> [B, NH, T, T]
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    scores = np.where(future, -np.inf, scores)  # position t sees only 0..t
-    att = softmax(scores)
-    return merge_heads(att @ v), att
+    scores = hook("scores", np.where(future, -np.inf, scores))  # position t sees only 0..t
+    att = hook("pattern", softmax(scores))  # [B, NH, T, T], each row sums to 1
+    return merge_heads(att @ v), att  # [B, NH, T, T] @ [B, NH, T, hs] -> [B, NH, T, hs] -> [B, T, C]
+
+
+def _unchanged(name, x):
+    return x
 
 
 def attention_backward(dout, qkv, att, NH):

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from . import layers
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
+from .jit import numba, plain_fallback
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,15 @@ ALIASES = {"117M": "124M", "345M": "355M"}
 
 
 def ops():
-    """The layer implementations in use: Numba kernels, or plain NumPy with NPGPT2_PLAIN=1."""
-    if os.environ.get("NPGPT2_PLAIN", "") not in ("", "0"):
+    """The layer implementations in use: Numba kernels, or plain NumPy with NPGPT2_PLAIN=1
+    (or when Numba cannot be imported, after one logged warning)."""
+    if os.environ.get("NPGPT2_PLAIN", "") not in ("", "0") or numba() is None:
         return layers
-    from . import kernels
+    try:
+        from . import kernels
+    except ImportError as e:  # a Numba that imports but cannot build the kernels
+        plain_fallback(e)
+        return layers
     return kernels
 
 
@@ -108,36 +115,101 @@ class GPT2:
     """GPT-2 with its parameters in OpenAI's layout.
 
     hparams: dict n_vocab, n_ctx, n_embd, n_head, n_layer.
-    params: {TF variable name: ndarray}; see param_shapes().
+    params: {TF variable name: ndarray}; see param_shapes(). Read-only mapping: the
+    arrays are updated in place (the optimizer does); to replace them, call set_params.
     """
 
     def __init__(self, hparams, params, dtype=np.float32):
         check_hparams(hparams)
         self.hparams = dict(hparams)
         self.dtype = np.dtype(dtype)
-        self.params = {k: np.asarray(v) if v.dtype == self.dtype else v.astype(self.dtype)
-                       for k, v in params.items()}
+        self.set_params(params)
         self.source_dir = None  # the folder it was loaded from (for encoder.json etc.)
 
-    def _blocks(self):
-        """Per layer, its parameters with the (1, C, OC) conv weights as (C, OC) views.
+    def set_params(self, params):
+        """Use these parameter arrays (cast to self.dtype) and make each block's views of them.
 
-        Built once per set of parameter arrays (decoding would otherwise rebuild them every
-        token); the views see in-place updates, and replacing an array rebuilds them.
+        blocks[i] holds layer i's parameters under short names ("ln_1/g", "attn/c_attn/w"),
+        the (1, C, OC) conv weights as (C, OC) views: views see the in-place updates of
+        training, so they are made once here, not on every forward.
         """
-        key = tuple(map(id, self.params.values()))
-        if getattr(self, "_blocks_key", None) != key:
-            self._block_list = [self._block_views(i) for i in range(self.hparams["n_layer"])]
-            self._blocks_key = key
-        return self._block_list
-
-    def _block_views(self, i):
-        h = f"model/h{i}/"
-        return {k[len(h):]: (v[0] if v.ndim == 3 else v)
-                for k, v in self.params.items() if k.startswith(h)}
+        self._params = {k: np.asarray(v) if v.dtype == self.dtype else v.astype(self.dtype)
+                        for k, v in params.items()}
+        self.params = MappingProxyType(self._params)
+        self.blocks = []
+        for i in range(self.hparams["n_layer"]):
+            prefix = f"model/h{i}/"
+            self.blocks.append({name[len(prefix):]: (w[0] if w.ndim == 3 else w)
+                                for name, w in self._params.items() if name.startswith(prefix)})
 
     def new_cache(self, batch_size=1):
         return KVCache(self.hparams, batch_size, self.dtype)
+
+    def activation_names(self):
+        """The names run_with_cache and run_with_hooks know, in the order the forward makes them."""
+        return ["embed"] + [f"h{i}.{name}" for i in range(self.hparams["n_layer"]) for name in BLOCK_ACTS] + ["ln_f"]
+
+    # ------------------------------------------------------------ the forward pass, as the paper writes it
+    def _trunk(self, tokens, nn, hook=None, saved=None):
+        """tokens: int (B, T) -> the residual stream after ln_f (B, T, C).
+
+        The one forward of the model (inference without a cache, interpretability, training):
+        embed -> n_layer blocks -> ln_f. nn is the layer module (`layers`, or `kernels` for
+        speed). hook(name, x) -> x is called at every named activation (activation_names())
+        and its result used instead; hooks need nn=layers (the fast twins have no hook points).
+        saved, a dict, receives what backward() needs (see forward_with_saves).
+        """
+        at = hook or _unchanged
+        wte, wpe = self._params["model/wte"], self._params["model/wpe"]
+        x = at("embed", nn.encoder_forward(wte, wpe, tokens))  # [B, T] -> [B, T, C]
+        for i, blk in enumerate(self.blocks):
+            block_hook = None if hook is None else _prefixed(hook, f"h{i}.")
+            x, block_saved = self._block_forward(nn, blk, x, block_hook)  # [B, T, C] -> [B, T, C]
+            if saved is not None:
+                saved["blocks"].append(block_saved)
+        ln_f, ln_f_mean, ln_f_rstd = nn.layernorm_forward(
+            x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
+        if saved is not None:
+            saved.update({"resid_final": x, "ln_f": ln_f, "ln_f.mean": ln_f_mean, "ln_f.rstd": ln_f_rstd})
+        return at("ln_f", ln_f)
+
+    def _block_forward(self, nn, blk, x, hook=None):
+        """One transformer block: x (B, T, C) -> (x (B, T, C), what its backward needs).
+
+        Pre-norm, as GPT-2: x + attn(ln_1(x)), then that + mlp(ln_2(that)).
+        """
+        at = hook or _unchanged
+        NH = self.hparams["n_head"]
+        # attention: every position mixes in the values of the positions it attends to
+        ln_1, ln_1_mean, ln_1_rstd = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
+        ln_1 = at("ln_1", ln_1)
+        qkv = nn.matmul_forward(ln_1, blk["attn/c_attn/w"], blk["attn/c_attn/b"])  # [B, T, C] -> [B, T, 3C]
+        if hook is None:
+            z, att = nn.attention_forward(qkv, NH)  # [B, T, 3C] -> [B, T, C], what attention_backward needs
+        else:
+            z, att = layers.attention_forward(qkv, NH, hook=_prefixed(hook, "attn."))  # the same, hooked
+        z = at("attn.z", z)  # [B, T, C]: the NH heads' outputs side by side
+        attn_out = nn.matmul_forward(z, blk["attn/c_proj/w"], blk["attn/c_proj/b"])  # [B, T, C] -> [B, T, C]
+        attn_out = at("attn.out", attn_out)
+        resid_mid = at("resid_mid", x + attn_out)  # [B, T, C]
+        # MLP: each position on its own, through 4C hidden units
+        ln_2, ln_2_mean, ln_2_rstd = nn.layernorm_forward(resid_mid, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
+        ln_2 = at("ln_2", ln_2)
+        mlp_pre = nn.matmul_forward(ln_2, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"])  # [B, T, C] -> [B, T, 4C]
+        mlp_pre = at("mlp.pre", mlp_pre)
+        mlp_post = at("mlp.post", nn.gelu_forward(mlp_pre))  # [B, T, 4C]
+        mlp_out = nn.matmul_forward(mlp_post, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"])  # [B, T, 4C] -> [B, T, C]
+        mlp_out = at("mlp.out", mlp_out)
+        resid_post = at("resid_post", resid_mid + mlp_out)  # [B, T, C]
+        saved = {"resid_pre": x, "ln_1": ln_1, "ln_1.mean": ln_1_mean, "ln_1.rstd": ln_1_rstd,
+                 "attn.qkv": qkv, "attn.att": att, "attn.z": z, "resid_mid": resid_mid,
+                 "ln_2": ln_2, "ln_2.mean": ln_2_mean, "ln_2.rstd": ln_2_rstd,
+                 "mlp.pre": mlp_pre, "mlp.post": mlp_post}
+        return resid_post, saved
+
+    def _head(self, x):
+        """x: (B, T, C) after ln_f -> logits (B, T, V); the output head is the token embedding."""
+        return x @ self._params["model/wte"].T  # [B, T, C] @ [C, V] -> [B, T, V]
 
     # ------------------------------------------------------------ inference
     def forward(self, tokens, cache=None, last_only=False):
@@ -147,113 +219,261 @@ class GPT2:
         is extended by them. last_only skips the output head for positions whose logits
         nobody reads (prompt prefill).
         """
-        K = ops()
+        tokens = self._check_tokens(tokens, cache.length if cache is not None else 0)
+        nn = ops()
+        if nn is layers and cache is None:
+            # the readable path (NPGPT2_PLAIN=1): embed -> blocks -> ln_f, the code run_with_cache runs
+            x = self._trunk(tokens, layers)  # [B, T] -> [B, T, C]
+            return self._head(x[:, -1:] if last_only else x)  # [B, T, C] -> [B, T, V]
+        return self._forward_fast(nn, tokens, cache, last_only)
+
+    def _check_tokens(self, tokens, pos0=0, error=ValueError):
+        """tokens as an int (B, T) array, or `error` saying what is wrong with them."""
         tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
-        B, T = tokens.shape
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise error(f"tokens: expected token ids of shape (B, T), got shape {tokens.shape} dtype {tokens.dtype}")
+        if pos0 + tokens.shape[1] > self.hparams["n_ctx"]:
+            raise error(f"tokens: {pos0 + tokens.shape[1]} positions exceed the context n_ctx={self.hparams['n_ctx']}")
+        if error is Npgpt2Error:  # the learner-facing calls: a negative id would silently wrap around
+            V = self.hparams["n_vocab"]
+            if tokens.size == 0:
+                raise error(f"tokens: empty (shape {tokens.shape})")
+            if tokens.min() < 0 or tokens.max() >= V:
+                raise error(f"tokens: ids must be in [0, {V}), got {int(tokens.min())}..{int(tokens.max())}")
+        return tokens
+
+    def _forward_fast(self, nn, tokens, cache, last_only):
+        """forward() for the kernels and for decoding with a KV cache: the same result as
+        _trunk + _head (tests hold them equal), computed the way that is fast, not readable.
+
+        It differs from the paper's forward in four ways, each for speed or memory:
+        - attention goes through attention_forward_cached (keys and values written to a cache,
+          a throwaway one without `cache`): the (B, NH, T, T) probabilities, which only
+          training and run_with_cache need, are never kept;
+        - with a cache, tokens are only the new positions; earlier keys and values are reused;
+        - with last_only, the last layer computes attention, MLP and residual for the last
+          position only (the others only give it keys and values);
+        - the residual additions go into x in place (no saved activation needs the old x).
+        """
+        B, T = tokens.shape  # T new positions pos0..pos0+T-1 (all of them without a cache)
         pos0 = cache.length if cache is not None else 0
-        if pos0 + T > self.hparams["n_ctx"]:
-            raise ValueError(f"{pos0 + T} positions exceed the context n_ctx={self.hparams['n_ctx']}")
-        NH, p = self.hparams["n_head"], self.params
+        NH, L = self.hparams["n_head"], self.hparams["n_layer"]
+        hs = self.hparams["n_embd"] // NH
         # x is a fresh array: the residual additions below go into it in place
-        x = K.encoder_forward(p["model/wte"], p["model/wpe"], tokens, pos0)
-        L = self.hparams["n_layer"]
-        for i, P in enumerate(self._blocks()):
-            a, _, _ = K.layernorm_forward(x, P["ln_1/g"], P["ln_1/b"])
-            qkv = K.matmul_forward(a, P["attn/c_attn/w"], P["attn/c_attn/b"])
+        x = nn.encoder_forward(self._params["model/wte"], self._params["model/wpe"], tokens, pos0)  # [B, T, C]
+        for i, blk in enumerate(self.blocks):
+            ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
+            qkv = nn.matmul_forward(ln_1, blk["attn/c_attn/w"], blk["attn/c_attn/b"])  # [B, T, C] -> [B, T, 3C]
             if cache is None:
                 # a throwaway cache for this layer: the same result as attention_forward
                 # without keeping its (B, NH, T, T) probabilities, which only training needs
-                kv = np.empty((2, B, NH, T, qkv.shape[-1] // 3 // NH), dtype=qkv.dtype)
-                k_cache, v_cache, p0 = kv[0], kv[1], 0
+                kv = np.empty((2, B, NH, T, hs), dtype=qkv.dtype)
+                k_cache, v_cache, p0 = kv[0], kv[1], 0  # [B, NH, T, hs] each
             else:
-                k_cache, v_cache, p0 = cache.k[i], cache.v[i], pos0
+                k_cache, v_cache, p0 = cache.k[i], cache.v[i], pos0  # [B, NH, n_ctx, hs] each
             if last_only and i == L - 1 and T > 1:
                 # only the last position's output is read: the others give the last layer
                 # keys and values, but their attention, MLP and residual rows are skipped
-                k, v = (layers.split_heads(t, NH) for t in np.split(qkv[:, :-1], 3, axis=-1)[1:])
+                k, v = (layers.split_heads(t, NH) for t in np.split(qkv[:, :-1], 3, axis=-1)[1:])  # [B, NH, T-1, hs]
                 k_cache[:, :, p0:p0 + T - 1] = k
                 v_cache[:, :, p0:p0 + T - 1] = v
-                qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1
-            a = K.attention_forward_cached(qkv, k_cache, v_cache, p0, NH)
-            x += K.matmul_forward(a, P["attn/c_proj/w"], P["attn/c_proj/b"])
-            m, _, _ = K.layernorm_forward(x, P["ln_2/g"], P["ln_2/b"])
-            m = K.gelu_forward(K.matmul_forward(m, P["mlp/c_fc/w"], P["mlp/c_fc/b"]))
-            x += K.matmul_forward(m, P["mlp/c_proj/w"], P["mlp/c_proj/b"])
+                qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1  # from here T is 1
+            z = nn.attention_forward_cached(qkv, k_cache, v_cache, p0, NH)  # [B, T, 3C] -> [B, T, C]
+            x += nn.matmul_forward(z, blk["attn/c_proj/w"], blk["attn/c_proj/b"])  # [B, T, C]
+            ln_2, _, _ = nn.layernorm_forward(x, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
+            mlp_h = nn.matmul_forward(ln_2, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"])  # [B, T, C] -> [B, T, 4C]
+            mlp_h = nn.gelu_forward(mlp_h)  # [B, T, 4C]
+            x += nn.matmul_forward(mlp_h, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"])  # [B, T, 4C] -> [B, T, C]
         if cache is not None:
             cache.length = pos0 + T
         if last_only:
-            x = x[:, -1:]
-        x, _, _ = K.layernorm_forward(x, p["model/ln_f/g"], p["model/ln_f/b"])
-        return x @ p["model/wte"].T  # the output head shares the token embedding
+            x = x[:, -1:]  # [B, 1, C]
+        x, _, _ = nn.layernorm_forward(x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
+        return self._head(x)  # [B, T, C] -> [B, T, V]
+
+    # ------------------------------------------------------------ looking inside (plain layers only)
+    def run_with_cache(self, tokens, names=None):
+        """tokens: int (B, T) -> (logits (B, T, V), acts {name: array}).
+
+        Runs the plain layers of layers.py (never the fast kernels) and keeps every named
+        activation (activation_names(); shapes in HACKING.md), or only those in `names`:
+        a list of names or a predicate name -> bool (keep only what you need at long T:
+        each layer's pattern is B * NH * T * T floats).
+        """
+        keep = self._name_filter(names)
+        acts = {}
+
+        def record(name, x):
+            if keep(name):
+                acts[name] = x
+            return x
+
+        tokens = self._check_tokens(tokens, error=Npgpt2Error)
+        return self._head(self._trunk(tokens, layers, hook=record)), acts
+
+    def run_with_hooks(self, tokens, hooks):
+        """tokens: int (B, T), hooks {name: fn} -> logits (B, T, V) with the hooks applied.
+
+        fn(x) gets the activation `name` and returns the array to use instead, of the same
+        shape (or None to keep x, possibly changed in place). Zeroing
+        `h{l}.attn.pattern[:, h]` ablates head h of layer l. Runs the plain layers.
+        """
+        hooks = dict(hooks)
+        valid = set(self.activation_names())
+        for name in hooks:
+            if name not in valid:
+                raise Npgpt2Error(f"hooks: unknown activation name {name!r}; valid: {self._name_forms()}")
+
+        def apply(name, x):
+            fn = hooks.get(name)
+            if fn is None:
+                return x
+            out = fn(x)
+            if out is None:
+                return x
+            if getattr(out, "shape", None) != x.shape:
+                raise Npgpt2Error(f"hooks[{name!r}]: returned shape {getattr(out, 'shape', type(out).__name__)}, "
+                                  f"expected {x.shape}")
+            return out
+
+        tokens = self._check_tokens(tokens, error=Npgpt2Error)
+        return self._head(self._trunk(tokens, layers, hook=apply))
+
+    def _name_filter(self, names):
+        if names is None:
+            return lambda name: True
+        if callable(names):
+            return names
+        names = [names] if isinstance(names, str) else list(names)
+        valid = set(self.activation_names())
+        for name in names:
+            if name not in valid:
+                raise Npgpt2Error(f"names: unknown activation name {name!r}; valid: {self._name_forms()}")
+        names = set(names)
+        return names.__contains__
+
+    def _name_forms(self):
+        parts = ", ".join(f"h{{i}}.{name}" for name in BLOCK_ACTS)
+        return f"embed, {parts}, ln_f (i = 0..{self.hparams['n_layer'] - 1})"
 
     # ------------------------------------------------------------ training
+    def forward_with_saves(self, tokens, nn=None):
+        """tokens: int (B, T) -> (logits (B, T, V), saved): the forward that backward() continues.
+
+        nn: the layer module (default ops(): the kernels unless NPGPT2_PLAIN=1); backward
+        uses the same one. saved holds (llm.c's ActivationTensors; B, T, C, NH as usual):
+
+            per block, saved["blocks"][i]:
+              resid_pre (B, T, C)      the block's input, the residual stream
+              ln_1 (B, T, C)           ln_1's output; ln_1.mean, ln_1.rstd (B, T)
+              attn.qkv (B, T, 3C)      c_attn's output: queries, keys, values side by side
+              attn.att                 attention_forward's second return: what attention_backward
+                                       needs ((B, NH, T, T) probabilities in layers.py)
+              attn.z (B, T, C)         the heads' outputs merged, c_proj's input
+              resid_mid (B, T, C)      the residual stream after the attention branch
+              ln_2 (B, T, C)           ln_2's output; ln_2.mean, ln_2.rstd (B, T)
+              mlp.pre (B, T, 4C)       c_fc's output, GELU's input
+              mlp.post (B, T, 4C)      GELU's output, mlp c_proj's input
+            resid_final (B, T, C)      the last block's output
+            ln_f (B, T, C)             ln_f's output; ln_f.mean, ln_f.rstd (B, T)
+            tokens (B, T), nn          the input ids and the layer module
+        """
+        nn = nn or ops()
+        tokens = self._check_tokens(tokens)
+        saved = {"tokens": tokens, "nn": nn, "blocks": []}
+        logits = self._head(self._trunk(tokens, nn, saved=saved))  # [B, T] -> [B, T, V]
+        return logits, saved
+
+    def backward(self, dlogits, saved):
+        """dlogits: (B, T, V), any gradient of the logits; saved: from forward_with_saves.
+
+        Returns (grads, dembed): grads has the keys and shapes of params (the tied model/wte
+        gets the output head's and the embedding's contributions), dembed (B, T, C) is the
+        gradient with respect to the embedding output wte[tokens] + wpe[positions].
+        Consumes saved (each block's activations are freed once its backward is done).
+        """
+        nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
+        V, C = self.hparams["n_vocab"], self.hparams["n_embd"]
+        wte = self._params["model/wte"]
+        grads = {}
+        # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
+        dwte = dlogits.reshape(-1, V).T @ saved["ln_f"].reshape(-1, C)  # [V, B*T] @ [B*T, C] -> [V, C]
+        dln_f = dlogits @ wte  # [B, T, V] @ [V, C] -> [B, T, C]
+        dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = nn.layernorm_backward(
+            dln_f, saved["resid_final"], self._params["model/ln_f/g"], saved["ln_f.mean"],
+            saved["ln_f.rstd"])  # [B, T, C]
+        for i in reversed(range(len(blocks))):
+            dresid = self._block_backward(nn, i, dresid, blocks.pop(), grads)  # [B, T, C] -> [B, T, C]
+        dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
+        # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients)
+        dwte_embed, grads["model/wpe"] = nn.encoder_backward(
+            dembed, tokens, V, self.hparams["n_ctx"])  # [B, T, C] -> [V, C], [n_ctx, C]
+        dwte += dwte_embed  # the tied wte's second contribution; in place: a third (V, C) array is 154 MB at 124M
+        grads["model/wte"] = dwte
+        return {k: grads[k] for k in self._params}, dembed
+
+    def _block_backward(self, nn, i, dresid, act, grads):
+        """Block i backward: dresid (B, T, C) at its output -> at its input; fills grads.
+
+        act: what _block_forward saved. matmul_backward gives dweight (C, OC) for the (C, OC)
+        view the forward used; `dw[None]` puts back the leading axis of TF's conv1d weight
+        (1, C, OC), so a gradient has its parameter's shape.
+        """
+        blk, prefix, NH = self.blocks[i], f"model/h{i}/", self.hparams["n_head"]
+        g = {}  # this block's gradients under the short names of blk
+        # resid_post = resid_mid + mlp(resid_mid): dresid flows into the MLP branch and past it
+        dmlp_post, dw, g["mlp/c_proj/b"] = nn.matmul_backward(
+            dresid, act["mlp.post"], blk["mlp/c_proj/w"])  # [B, T, C] -> [B, T, 4C]
+        g["mlp/c_proj/w"] = dw[None]  # [4C, C] -> [1, 4C, C]
+        dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
+        dln_2, dw, g["mlp/c_fc/b"] = nn.matmul_backward(dmlp_pre, act["ln_2"], blk["mlp/c_fc/w"])  # [B, T, C]
+        g["mlp/c_fc/w"] = dw[None]  # [C, 4C] -> [1, C, 4C]
+        dbranch, g["ln_2/g"], g["ln_2/b"] = nn.layernorm_backward(
+            dln_2, act["resid_mid"], blk["ln_2/g"], act["ln_2.mean"], act["ln_2.rstd"])  # [B, T, C]
+        dresid = dresid + dbranch  # [B, T, C] at resid_mid
+        # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
+        dz, dw, g["attn/c_proj/b"] = nn.matmul_backward(dresid, act["attn.z"], blk["attn/c_proj/w"])  # [B, T, C]
+        g["attn/c_proj/w"] = dw[None]  # [C, C] -> [1, C, C]
+        dqkv = nn.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)  # [B, T, C] -> [B, T, 3C]
+        dln_1, dw, g["attn/c_attn/b"] = nn.matmul_backward(dqkv, act["ln_1"], blk["attn/c_attn/w"])  # [B, T, C]
+        g["attn/c_attn/w"] = dw[None]  # [C, 3C] -> [1, C, 3C]
+        dbranch, g["ln_1/g"], g["ln_1/b"] = nn.layernorm_backward(
+            dln_1, act["resid_pre"], blk["ln_1/g"], act["ln_1.mean"], act["ln_1.rstd"])  # [B, T, C]
+        grads.update({prefix + name: grad for name, grad in g.items()})
+        return dresid + dbranch  # [B, T, C] at resid_pre
+
     def loss_and_grads(self, inputs, targets):
         """inputs, targets: int (B, T) -> (mean cross-entropy, grads).
 
         grads has the same keys and shapes as params; the tied model/wte gets both the
         embedding's and the output head's contribution.
         """
-        K = ops()
-        inputs, targets = np.asarray(inputs), np.asarray(targets)
-        B, T = inputs.shape
-        V, C, NH, L = (self.hparams[k] for k in ("n_vocab", "n_embd", "n_head", "n_layer"))
-        p = self.params
-        # forward, keeping what each backward needs
-        acts = []
-        x = K.encoder_forward(p["model/wte"], p["model/wpe"], inputs)
-        for P in self._blocks():
-            a = {"x": x}
-            a["ln1"], a["ln1_mean"], a["ln1_rstd"] = K.layernorm_forward(x, P["ln_1/g"], P["ln_1/b"])
-            a["qkv"] = K.matmul_forward(a["ln1"], P["attn/c_attn/w"], P["attn/c_attn/b"])
-            a["atty"], a["att"] = K.attention_forward(a["qkv"], NH)
-            a["x2"] = x + K.matmul_forward(a["atty"], P["attn/c_proj/w"], P["attn/c_proj/b"])
-            a["ln2"], a["ln2_mean"], a["ln2_rstd"] = K.layernorm_forward(a["x2"], P["ln_2/g"], P["ln_2/b"])
-            a["fch"] = K.matmul_forward(a["ln2"], P["mlp/c_fc/w"], P["mlp/c_fc/b"])
-            a["fch_gelu"] = K.gelu_forward(a["fch"])
-            x = a["x2"] + K.matmul_forward(a["fch_gelu"], P["mlp/c_proj/w"], P["mlp/c_proj/b"])
-            acts.append(a)
-        lnf, lnf_mean, lnf_rstd = K.layernorm_forward(x, p["model/ln_f/g"], p["model/ln_f/b"])
-        logits = lnf @ p["model/wte"].T
-        losses, probs = K.crossentropy_forward(logits, targets)
+        nn = ops()
+        targets = np.asarray(targets)
+        logits, saved = self.forward_with_saves(inputs, nn)  # [B, T] -> [B, T, V]
+        B, T = targets.shape
+        losses, probs = nn.crossentropy_forward(logits, targets)  # [B, T, V] -> [B, T], [B, T, V]
         del logits
         loss = float(losses.mean())
-
-        # backward
-        g = {}
-        dlosses = np.full((B, T), 1.0 / (B * T), dtype=self.dtype)
-        dlogits = K.crossentropy_softmax_backward(dlosses, probs, targets)
+        dlosses = np.full((B, T), 1.0 / (B * T), dtype=self.dtype)  # d mean / d each loss
+        dlogits = nn.crossentropy_softmax_backward(dlosses, probs, targets)  # [B, T, V]
         del probs
-        dwte_head = dlogits.reshape(-1, V).T @ lnf.reshape(-1, C)
-        dlnf = dlogits @ p["model/wte"]
-        del dlogits
-        dx, g["model/ln_f/g"], g["model/ln_f/b"] = K.layernorm_backward(
-            dlnf, x, p["model/ln_f/g"], lnf_mean, lnf_rstd)
-        for i in reversed(range(L)):
-            P, a, h = self._blocks()[i], acts.pop(), f"model/h{i}/"
-            # the residual stream dx flows into the MLP branch and past it
-            dfch_gelu, dw, g[h + "mlp/c_proj/b"] = K.matmul_backward(dx, a["fch_gelu"], P["mlp/c_proj/w"])
-            g[h + "mlp/c_proj/w"] = dw[None]
-            dfch = K.gelu_backward(dfch_gelu, a["fch"])
-            dln2, dw, g[h + "mlp/c_fc/b"] = K.matmul_backward(dfch, a["ln2"], P["mlp/c_fc/w"])
-            g[h + "mlp/c_fc/w"] = dw[None]
-            dx2, g[h + "ln_2/g"], g[h + "ln_2/b"] = K.layernorm_backward(
-                dln2, a["x2"], P["ln_2/g"], a["ln2_mean"], a["ln2_rstd"])
-            dx = dx + dx2
-            # then into the attention branch and past it
-            datty, dw, g[h + "attn/c_proj/b"] = K.matmul_backward(dx, a["atty"], P["attn/c_proj/w"])
-            g[h + "attn/c_proj/w"] = dw[None]
-            dqkv = K.attention_backward(datty, a["qkv"], a["att"], NH)
-            dln1, dw, g[h + "attn/c_attn/b"] = K.matmul_backward(dqkv, a["ln1"], P["attn/c_attn/w"])
-            g[h + "attn/c_attn/w"] = dw[None]
-            dx1, g[h + "ln_1/g"], g[h + "ln_1/b"] = K.layernorm_backward(
-                dln1, a["x"], P["ln_1/g"], a["ln1_mean"], a["ln1_rstd"])
-            dx = dx + dx1
-        dwte, g["model/wpe"] = K.encoder_backward(dx, inputs, V, self.hparams["n_ctx"])
-        dwte += dwte_head  # in place: a third (V, C) array would cost 154 MB at 124M
-        g["model/wte"] = dwte
-        return loss, {k: g[k] for k in p}
+        grads, _ = self.backward(dlogits, saved)  # {name: array like params}
+        return loss, grads
+
+
+# the activations of block i are named h{i}.<one of these>, in the order the forward makes them
+BLOCK_ACTS = ("ln_1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn.out",
+              "resid_mid", "ln_2", "mlp.pre", "mlp.post", "mlp.out", "resid_post")
+
+
+def _unchanged(name, x):
+    return x
+
+
+def _prefixed(hook, prefix):
+    """hook(name, x) called as hook(prefix + name, x)."""
+    return lambda name, x: hook(prefix + name, x)
 
 
 # ---------------------------------------------------------------- init, load, save

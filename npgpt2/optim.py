@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from .errors import Npgpt2Error
+from .jit import numba, plain_fallback
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; so do we, so that
 # clipped trajectories match torch's to the last bit that matters
@@ -62,11 +63,12 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch=
 
 def _adamw_impl():
     """kernels.adamw_update if the speed work provides one (and NPGPT2_PLAIN is unset)."""
-    if os.environ.get("NPGPT2_PLAIN", "") not in ("", "0"):
+    if os.environ.get("NPGPT2_PLAIN", "") not in ("", "0") or numba() is None:
         return adamw_update
     try:
         from . import kernels
-    except ImportError:  # a kernel module that fails to import must not stop training
+    except ImportError as e:  # a kernel module that fails to import must not stop training
+        plain_fallback(e)
         return adamw_update
     fast = getattr(kernels, "adamw_update", None)
     return fast if fast is not None and fast is not adamw_update else adamw_update

@@ -145,3 +145,78 @@ def test_save_then_load_roundtrip(tmp_path):
 def test_gpt2_rejects_inconsistent_hparams():
     with pytest.raises(Npgpt2Error, match="n_layer"):
         GPT2(dict(n_vocab=5, n_ctx=4, n_embd=4, n_head=2, n_layer=0), {})
+
+
+def test_plain_forward_is_the_papers(monkeypatch, tiny_ref):
+    """NPGPT2_PLAIN=1 without a cache runs layers.attention_forward (not the cached variant),
+    the same code as run_with_cache; with a cache, the cached variant."""
+    from npgpt2 import layers
+    monkeypatch.setenv("NPGPT2_PLAIN", "1")
+    calls = []
+    for name in ("attention_forward", "attention_forward_cached"):
+        real = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
+    tokens = tiny_ref["tokens"]
+    logits = model.forward(tokens)
+    assert calls == ["attention_forward"] * 2
+    assert np.array_equal(logits, model.run_with_cache(tokens)[0])
+    assert np.abs(model.forward(tokens, last_only=True) - logits[:, -1:]).max() <= 1e-12  # BLAS rounding
+    calls.clear()
+    model.forward(tokens, cache=model.new_cache(2))
+    assert calls == ["attention_forward_cached"] * 2
+
+
+def test_params_are_read_only_views_follow_in_place_updates(tiny_ref):
+    model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
+    tokens = tiny_ref["tokens"]
+    with pytest.raises(TypeError):
+        model.params["model/wte"] = np.zeros((96, 24))
+    # an optimizer updates the arrays in place: the block views see it
+    w = model.params["model/h1/mlp/c_fc/w"]
+    w *= 0.5
+    fresh = GPT2(model.hparams, {k: v.copy() for k, v in model.params.items()}, np.float64)
+    assert np.array_equal(model.forward(tokens), fresh.forward(tokens))
+    assert np.shares_memory(model.blocks[1]["mlp/c_fc/w"], w)
+    # set_params replaces every array and rebuilds the views
+    model.set_params(npgpt2.load_model(FIX / "tiny", dtype=np.float64).params)
+    assert np.abs(model.forward(tokens) - tiny_ref["logits_f64"]).max() <= 1e-9
+
+
+def test_forward_with_saves_keeps_the_documented_tensors(path, tiny_ref):
+    model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
+    B, T, C, NH = 2, 16, 24, 3
+    logits, saved = model.forward_with_saves(tiny_ref["tokens"])
+    assert np.abs(logits - tiny_ref["logits_f64"]).max() <= 1e-9
+    block = {"resid_pre": (B, T, C), "ln_1": (B, T, C), "ln_1.mean": (B, T), "ln_1.rstd": (B, T),
+             "attn.qkv": (B, T, 3 * C), "attn.z": (B, T, C), "resid_mid": (B, T, C), "ln_2": (B, T, C),
+             "ln_2.mean": (B, T), "ln_2.rstd": (B, T), "mlp.pre": (B, T, 4 * C), "mlp.post": (B, T, 4 * C)}
+    assert len(saved["blocks"]) == 2
+    for act in saved["blocks"]:
+        assert {k: v.shape for k, v in act.items() if k != "attn.att"} == block
+        assert "attn.att" in act
+    assert {k: np.shape(saved[k]) for k in ("resid_final", "ln_f", "ln_f.mean", "ln_f.rstd", "tokens")} == {
+        "resid_final": (B, T, C), "ln_f": (B, T, C), "ln_f.mean": (B, T), "ln_f.rstd": (B, T), "tokens": (B, T)}
+
+
+def test_backward_from_any_dlogits_matches_finite_differences(path, tiny_ref):
+    """dembed from backward() against central differences of sum(R * logits), the embedding
+    perturbed through a run_with_hooks hook (float64)."""
+    model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
+    tokens = tiny_ref["tokens"]
+    R = np.random.default_rng(0).standard_normal((2, 16, 96))
+    logits, saved = model.forward_with_saves(tokens)
+    grads, dembed = model.backward(R, saved)
+    assert dembed.shape == (2, 16, 24) and set(grads) == set(model.params)
+    assert saved["blocks"] == []  # consumed
+
+    def f(idx, h):
+        def bump(x):
+            x = x.copy()
+            x[idx] += h
+            return x
+        return float((R * model.run_with_hooks(tokens, {"embed": bump})).sum())
+
+    for idx in [(0, 0, 0), (0, 7, 13), (1, 15, 23), (1, 3, 5)]:
+        numeric = (f(idx, 1e-5) - f(idx, -1e-5)) / 2e-5
+        assert abs(numeric - dembed[idx]) <= 1e-6 * max(1.0, abs(numeric)), idx

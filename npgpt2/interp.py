@@ -1,0 +1,73 @@
+"""Looking inside the model: the logit lens and the gradient of a prediction w.r.t. the input.
+
+Both run the plain layers of layers.py, like GPT2.run_with_cache, so what a learner steps
+through is what produced the numbers.
+"""
+import operator
+
+import numpy as np
+
+from . import layers
+from .errors import Npgpt2Error
+
+
+def logit_lens(model, acts, positions=None):
+    """What each layer "thinks" the next token is: (L + 1, B, T, V) logits.
+
+    acts: from model.run_with_cache (needs `embed` and every `h{i}.resid_post`). Row 0 reads
+    the embedding, row i the residual stream after block i-1, each through ln_f and the
+    tied output head, so the last row equals the logits. positions (an index, slice or list
+    for the T axis) keeps only those positions: at 124M each row is B * T * 50257 floats.
+    """
+    L = model.hparams["n_layer"]
+    names = ["embed"] + [f"h{i}.resid_post" for i in range(L)]
+    missing = [n for n in names if n not in acts]
+    if missing:
+        raise Npgpt2Error(f"acts: missing {', '.join(missing)} (run_with_cache without a names filter keeps them)")
+    p = model.params
+    rows = []
+    for name in names:
+        resid = acts[name] if positions is None else acts[name][:, positions]  # [B, T, C]
+        normed, _, _ = layers.layernorm_forward(resid, p["model/ln_f/g"], p["model/ln_f/b"])  # [B, T, C]
+        rows.append(normed @ p["model/wte"].T)  # [B, T, C] @ [C, V] -> [B, T, V]
+    return np.stack(rows)  # [L + 1, B, T, V]
+
+
+def input_gradient(model, ids, position, target):
+    """d log p(target | ids[:position + 1]) / d embedding of each input position: (T, C).
+
+    ids: int (T,); position in [0, T); target a token id. The embedding of position t is
+    wte[ids[t]] + wpe[t]; positions after `position` get zeros (the model is causal).
+    Computed by the model's hand-written backward on the plain layers.
+    """
+    V, n_ctx = model.hparams["n_vocab"], model.hparams["n_ctx"]
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise Npgpt2Error(f"ids: expected a non-empty 1-D array of token ids, got shape {ids.shape} "
+                          f"dtype {ids.dtype}")
+    if ids.size > n_ctx:
+        raise Npgpt2Error(f"ids: {ids.size} tokens exceed the context n_ctx={n_ctx}")
+    if ids.min() < 0 or ids.max() >= V:
+        raise Npgpt2Error(f"ids: token ids must be in [0, {V}), got {int(ids.min())}..{int(ids.max())}")
+    T = ids.size
+    position, target = _index(position, T, "position"), _index(target, V, "target")
+    logits, saved = model.forward_with_saves(ids[None], nn=layers)  # [1, T] -> [1, T, V]
+    # d log_softmax(z)[target] / dz = onehot(target) - softmax(z), at this one position
+    dlogits = np.zeros_like(logits)
+    dlogits[0, position] = -layers.softmax(logits[0, position])
+    dlogits[0, position, target] += 1.0
+    _, dembed = model.backward(dlogits, saved)  # [1, T, C]
+    return dembed[0]
+
+
+def _index(value, size, name):
+    """value as an int in [0, size), or a one-line Npgpt2Error naming the argument."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        index = operator.index(value)  # ints, NumPy integers and 0-d integer arrays
+    except TypeError:
+        raise Npgpt2Error(f"{name}: expected an integer, got {value!r}") from None
+    if not 0 <= index < size:
+        raise Npgpt2Error(f"{name}: {index} is out of range [0, {size})")
+    return index
