@@ -339,6 +339,8 @@ def cmd_explain(args):
         raise Npgpt2Error("--layer chooses the attention patterns written with --out; give --out too")
     model, enc = load_for_generation(args)
     ids, note = explain.encode_text(enc, text, model.hparams["n_ctx"])
+    if args.out:
+        explain.check_page_size(model.hparams, len(ids), args.layer)
     # the terminal needs the logit lens at the last position only and no attention patterns
     full = bool(args.out)
     report = explain.report_for_ids(model, enc, ids, args.top_k, args.lens_k, args.layer, note=note, text=text,

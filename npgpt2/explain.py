@@ -30,6 +30,7 @@ REPORT_SLOT = "/*REPORT*/null"  # where page_html puts the report's JSON in the 
 N_ATTRIBUTIONS = 5              # input tokens the terminal lists
 N_SAMPLING_TEXTS = 50           # tokens, by logit, whose text the page's sampling view can show
 LENS_CHUNK = 64                 # positions per ln_f + head product: (64, V) floats at a time
+MAX_PAGE_WEIGHTS = 10_000_000   # attention weights a report file may hold (~6 bytes each as JSON)
 
 
 # ---------------------------------------------------------------- arguments
@@ -52,6 +53,16 @@ def encode_text(tokenizer, text, n_ctx):
                 f"kept its last {n_ctx}")
         ids = ids[-n_ctx:]
     return ids, note
+
+
+def check_page_size(hparams, n_tokens, layer=None):
+    """Raise Npgpt2Error (naming --layer) when the patterns would make a page too big to open."""
+    L, NH = hparams["n_layer"], hparams["n_head"]
+    n = (1 if layer is not None else L) * NH * n_tokens * (n_tokens + 1) // 2
+    if n > MAX_PAGE_WEIGHTS:
+        raise Npgpt2Error(f"--layer: the attention of {'layer ' + str(layer) if layer is not None else 'all ' + str(L) + ' layers'}"
+                          f" for {n_tokens} tokens is {n / 1e6:.0f}M weights (~{mb(6 * n)} of HTML); "
+                          f"choose one layer with --layer N or a shorter text")
 
 
 # ---------------------------------------------------------------- the numbers

@@ -271,3 +271,13 @@ def test_out_writes_one_self_contained_file(capsys, tmp_path):
     assert data["attention"]["layers"] == [0, 1]
     assert explain.page_html().count("/*REPORT*/null") == 1  # the server's page: no report in it
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # written atomically, no temp left
+
+
+def test_page_size_guard_names_the_flag():
+    """A 1024-token page of every 124M head would be ~450 MB: --out asks for one layer instead."""
+    from npgpt2.model import MODEL_HPARAMS
+    hp = MODEL_HPARAMS["124M"]
+    with pytest.raises(npgpt2.Npgpt2Error, match=r"^--layer: the attention of all 12 layers for 1024 tokens is 76M"):
+        explain.check_page_size(hp, 1024)
+    explain.check_page_size(hp, 1024, layer=5)  # 6.3M weights: fine
+    explain.check_page_size(hp, 256)            # every layer of a 256-token text: fine
