@@ -7,9 +7,11 @@ which input tokens the prediction depends on most (attribution = ‖gradient × 
 position's embedding, from the hand-written backward pass). The web report adds the
 attention patterns of every head and the logit lens at every position.
 
-Everything runs on the plain layers (`model.run_with_hooks`, `interp.input_gradient`), and
-nothing of size (L, NH, T, T) or (L+1, T, V) is ever held: each layer's attention pattern and
-residual stream is summarised by a hook as the forward pass produces it and then dropped.
+Everything runs on the plain layers of layers.py: one `model.forward_with_saves(nn=layers)`,
+whose saved activations (kept for the backward pass anyway) hold every layer's residual
+stream and attention probabilities, then `model.backward` from d log p(next token) / d logits
+for the attributions: what `interp.input_gradient` computes, without a second forward pass.
+The logit lens goes a layer and LENS_CHUNK positions at a time, never as an (L+1, T, V) array.
 
     report = build_report(model, tokenizer, "The quick brown fox")   # a JSON-able dict
     print(format_report(report, width=100))                           # the terminal layout
@@ -155,40 +157,33 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
             texts[i] = tokenizer.decode([i])
         return texts[i]
 
-    # one forward pass on the plain layers; hooks summarise each layer as it goes by
-    keep = {}
-    lens = [None] * (L + 1)
-    pats = [None] * L
-    away = [None] * L
+    # One forward pass on the plain layers, keeping what the backward pass needs: that
+    # includes every layer's residual stream and attention probabilities, so they are read
+    # from it (shapes in GPT2.forward_with_saves) rather than from a second forward.
+    logits, saved = model.forward_with_saves(ids[None], nn=layers)  # [1, T] -> [1, T, V]
+    blocks = saved["blocks"]
+    # the residual stream entering each block, then after the last: row 0 is the embedding
+    streams = [b["resid_pre"][0] for b in blocks] + [saved["resid_final"][0]]  # L + 1 of (T, C)
+    embed = np.array(streams[0], dtype=np.float64)                 # (T, C) wte[ids] + wpe[:T]
     rows = slice(None) if lens_positions == "all" else slice(T - 1, T)
+    lens = [lens_rows(model, x[rows], lens_k) for x in streams]     # L + 1 of (P, k) ids, probs
+    away = [head_most_away(b["attn.att"][0]) for b in blocks]       # per layer, from (NH, T, T)
+    pats = [_ragged(b["attn.att"][0]) if patterns and layer in (None, i) else None
+            for i, b in enumerate(blocks)]
+    del streams
 
-    def on_resid(row):
-        def hook(x):                                               # x: (1, T, C)
-            if row == 0:
-                keep["embed"] = np.array(x[0], dtype=np.float64)   # (T, C) the input of attribution
-            lens[row] = lens_rows(model, x[0, rows], lens_k)
-        return hook
-
-    def on_pattern(i):
-        def hook(att):                                             # att: (1, NH, T, T)
-            away[i] = head_most_away(att[0])
-            if patterns and (layer is None or layer == i):
-                pats[i] = _ragged(att[0])
-        return hook
-
-    hooks = {"embed": on_resid(0)}
-    for i in range(L):
-        hooks[f"h{i}.attn.pattern"] = on_pattern(i)
-        hooks[f"h{i}.resid_post"] = on_resid(i + 1)
-    logits = model.run_with_hooks(ids[None], hooks)[0, -1].astype(np.float64)  # (V,) last position
-
-    next_ids, next_probs = top_tokens(logits[None], top_k)
+    last = logits[0, -1].astype(np.float64)                         # (V,) the next-token logits
+    next_ids, next_probs = top_tokens(last[None], top_k)
     target = int(next_ids[0, 0]) if target is None else _check_int("target", target, 0, V - 1)
 
-    # attribution: how much each input embedding moves log p(target) (hand-written backward)
-    from .interp import input_gradient
-    grad = np.asarray(input_gradient(model, ids, T - 1, target), dtype=np.float64)  # (T, C)
-    scores = np.linalg.norm(grad * keep["embed"], axis=-1)         # (T,) ‖gradient × input‖
+    # attribution: the gradient of log p(target) at the last position with respect to each
+    # input embedding, by the hand-written backward pass (as interp.input_gradient does)
+    dlogits = np.zeros_like(logits)                                 # [1, T, V]
+    dlogits[0, -1] = -layers.softmax(logits[0, -1])                 # d log_softmax(z)[target] / dz
+    dlogits[0, -1, target] += 1.0
+    _, dembed = model.backward(dlogits, saved)                      # [1, T, C]; consumes saved
+    scores = np.linalg.norm(dembed[0] * embed, axis=-1)             # (T,) ‖gradient × input‖
+    logits = last
 
     head_order = np.argsort(-logits, kind="stable")[:N_SAMPLING_TEXTS]
     return {
