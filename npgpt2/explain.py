@@ -148,6 +148,10 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     ids = np.asarray(ids, dtype=np.int64)
     if ids.ndim != 1 or not 1 <= len(ids) <= hp["n_ctx"]:
         raise Npgpt2Error(f"ids must be 1-D with 1 to n_ctx={hp['n_ctx']} tokens, got shape {ids.shape}")
+    if ids.min() < 0 or ids.max() >= V:  # a tokenizer that does not belong to this model
+        bad = int(ids[(ids < 0) | (ids >= V)][0])
+        raise Npgpt2Error(f"text: token id {bad} is outside the model's vocabulary (n_vocab={V}); "
+                          f"is the tokenizer the model folder's own?")
     T = len(ids)
     texts = {}
 
@@ -183,9 +187,8 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     dlogits[0, -1, target] += 1.0
     _, dembed = model.backward(dlogits, saved)                      # [1, T, C]; consumes saved
     scores = np.linalg.norm(dembed[0] * embed, axis=-1)             # (T,) ‖gradient × input‖
-    logits = last
 
-    head_order = np.argsort(-logits, kind="stable")[:N_SAMPLING_TEXTS]
+    head_order = np.argsort(-last, kind="stable")[:N_SAMPLING_TEXTS]
     return {
         "model": {k: int(hp[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")},
         "text": text if text is not None else tokenizer.decode(ids.tolist()),
@@ -207,7 +210,7 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
                        for i, (h, a, s, w) in enumerate(away)],
         "attribution": {"position": T - 1, "target": {"id": target, "text": tok(target)},
                         "scores": [float(s) for s in scores]},
-        "last_logits": [round(float(v), 5) for v in logits],
+        "last_logits": [round(float(v), 5) for v in last],
         "logit_texts": [[int(i), tok(i)] for i in head_order],
     }
 

@@ -231,6 +231,12 @@ def test_bad_arguments_are_one_line_errors(full, kwargs, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_ids_outside_the_vocabulary(full):
+    model, tok = full
+    with pytest.raises(npgpt2.Npgpt2Error, match=r"^text: token id 50257 is outside the model's vocabulary"):
+        explain.report_for_ids(model, tok, [5, 50257])
+
+
 @pytest.mark.parametrize("argv, words", [
     ([""], "text is empty"),
     (["--top_k", "0", "hi"], "top_k must be"),
