@@ -81,19 +81,23 @@ def top_tokens(logits, k):
     return ids, np.take_along_axis(probs, ids, axis=-1)            # (N, k), (N, k)
 
 
-def lens_rows(model, resid, k):
-    """The logit lens of one residual stream. resid: (T, C) -> ids (T, k), probs (T, k).
+def logit_lens_top(model, streams, k):
+    """The logit lens: each residual stream through ln_f and the tied head, top k per position.
 
-    ln_f then the tied head, LENS_CHUNK positions at a time so no (T, V) array is kept.
+    streams: (R, P, C), R residual streams at the same P positions -> ids (R, P, k), probs (R, P, k).
+    Works on LENS_CHUNK rows of all R * P at a time, so no (R, P, V) array is held, and the
+    last position's R rows of the terminal share one pass over wte.
     """
     p = model.params
+    R, P, C = streams.shape
+    flat = streams.reshape(R * P, C)                               # (R*P, C)
     ids, probs = [], []
-    for t0 in range(0, resid.shape[0], LENS_CHUNK):
-        x, _, _ = layers.layernorm_forward(resid[t0:t0 + LENS_CHUNK], p["model/ln_f/g"], p["model/ln_f/b"])
-        i, pr = top_tokens(x @ p["model/wte"].T, k)                 # (t, C) @ (C, V) -> (t, V) -> (t, k)
+    for r0 in range(0, R * P, LENS_CHUNK):
+        x, _, _ = layers.layernorm_forward(flat[r0:r0 + LENS_CHUNK], p["model/ln_f/g"], p["model/ln_f/b"])
+        i, pr = top_tokens(x @ p["model/wte"].T, k)                 # (n, C) @ (C, V) -> (n, V) -> (n, k)
         ids.append(i)
         probs.append(pr)
-    return np.concatenate(ids), np.concatenate(probs)
+    return np.concatenate(ids).reshape(R, P, k), np.concatenate(probs).reshape(R, P, k)
 
 
 def head_most_away(pattern):
@@ -167,10 +171,10 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     logits, saved = model.forward_with_saves(ids[None], nn=layers)  # [1, T] -> [1, T, V]
     blocks = saved["blocks"]
     # the residual stream entering each block, then after the last: row 0 is the embedding
-    streams = [b["resid_pre"][0] for b in blocks] + [saved["resid_final"][0]]  # L + 1 of (T, C)
-    embed = np.array(streams[0], dtype=np.float64)                 # (T, C) wte[ids] + wpe[:T]
     rows = slice(None) if lens_positions == "all" else slice(T - 1, T)
-    lens = [lens_rows(model, x[rows], lens_k) for x in streams]     # L + 1 of (P, k) ids, probs
+    streams = np.stack([b["resid_pre"][0, rows] for b in blocks] + [saved["resid_final"][0, rows]])  # (L+1, P, C)
+    lens_ids, lens_probs = logit_lens_top(model, streams, lens_k)   # (L+1, P, k) each
+    embed = np.array(blocks[0]["resid_pre"][0], dtype=np.float64)   # (T, C) wte[ids] + wpe[:T]
     away = [head_most_away(b["attn.att"][0]) for b in blocks]       # per layer, from (NH, T, T)
     pats = [_ragged(b["attn.att"][0]) if patterns and layer in (None, i) else None
             for i, b in enumerate(blocks)]
@@ -201,7 +205,7 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
             "positions": list(range(T))[rows],
             # [row][position][rank] = {id, text, prob}; row 0 is the embedding, row i is after block i-1
             "top": [[[{"id": int(i), "text": tok(i), "prob": float(p)} for i, p in zip(ri, rp)]
-                     for ri, rp in zip(*lens[r])] for r in range(L + 1)],
+                     for ri, rp in zip(lens_ids[r], lens_probs[r])] for r in range(L + 1)],
         },
         "attention": {"n_head": NH, "layers": [i for i in range(L) if pats[i] is not None], "patterns": pats},
         "heads_away": [{"layer": i, "head": h, "away": a, "to_pos": s,
