@@ -21,13 +21,13 @@ import numpy as np
 
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
-from .sampling import TextStream, check_sampling_args, sample_logits
+from .sampling import TextStream, check_length, check_sampling_args, check_seed, sample_logits
+from .tokenizer import ENDOFTEXT
 
 log = logging.getLogger(__name__)
 
 USER, BOT = "user", "bot"
 DEFAULT_USER_TAG, DEFAULT_BOT_TAG = "User:", "Bot:"
-EOT_TEXT = "<|endoftext|>"
 
 
 def check_tags(user_tag, bot_tag):
@@ -52,8 +52,7 @@ def build_prompt(tokenizer, turns, n_ctx, length, user_tag=DEFAULT_USER_TAG, bot
     encoded on its own, so a turn's tokens stay the same as the transcript grows (GPT-2's
     pre-tokenizer splits at the newline between turns anyway).
     """
-    if not 1 <= length < n_ctx:
-        raise Npgpt2Error(f"--length must be between 1 and n_ctx - 1 = {n_ctx - 1}, got {length}")
+    check_length(length, n_ctx)
     if not turns:
         raise Npgpt2Error("the conversation is empty (give at least one message)")
     tags = {USER: user_tag, BOT: bot_tag}
@@ -84,7 +83,7 @@ def transcript_text(turns, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
 
 def stop_strings(user_tag, bot_tag, truncate=None):
     """Where a reply ends: a line that starts with a speaker tag, <|endoftext|>, truncate."""
-    stops = ["\n" + user_tag.strip(), "\n" + bot_tag.strip(), EOT_TEXT]
+    stops = ["\n" + user_tag.strip(), "\n" + bot_tag.strip(), ENDOFTEXT]
     return stops + ([truncate] if truncate else [])
 
 
@@ -184,12 +183,12 @@ class ChatSession:
     def __init__(self, model, tokenizer, length=None, temperature=1.0, top_k=0, top_p=1.0,
                  seed=None, truncate=None, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
         check_sampling_args(temperature, top_k, top_p)
+        check_seed(seed)
         check_tags(user_tag, bot_tag)
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx = model.hparams["n_ctx"]
         self.length = length if length is not None else max(1, self.n_ctx // 4)
-        if not 1 <= self.length < self.n_ctx:
-            raise Npgpt2Error(f"--length must be between 1 and n_ctx - 1 = {self.n_ctx - 1}, got {self.length}")
+        check_length(self.length, self.n_ctx)
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.rng = np.random.default_rng(seed)
         self.user_tag, self.bot_tag = user_tag, bot_tag

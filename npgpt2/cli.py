@@ -4,12 +4,24 @@ Flag names follow OpenAI's gpt-2 scripts (generate_unconditional_samples.py,
 interactive_conditional_samples.py, encode.py, train.py) where they overlap.
 """
 import argparse
+import contextlib
 import logging
+import shlex
 import sys
 
 from .errors import Npgpt2Error
 
 log = logging.getLogger("npgpt2")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with npgpt2's error format: the usage, then `npgpt2: error: <message>`
+    (argparse would print `npgpt2 <command>: error:`), exit status 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"npgpt2: error: {command}{message}\n")
 
 
 # ---------------------------------------------------------------- shared flags
@@ -44,7 +56,8 @@ def load_for_generation(args):
 def print_samples(model, enc, context, args):
     """Generate args.nsamples samples after `context` in OpenAI's output format."""
     import numpy as np
-    from .sampling import TextStream, check_sampling_args, fit_prompt, generate_stream
+    from .sampling import (TextStream, check_batch_memory, check_sampling_args, check_seed, fit_prompt,
+                           generate_stream)
     if args.batch_size < 1:
         raise Npgpt2Error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.nsamples < 0:
@@ -52,7 +65,11 @@ def print_samples(model, enc, context, args):
     length = args.length if args.length is not None else model.hparams["n_ctx"] // 2
     # check every flag (and trim the prompt, warning once) before the first header is printed
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_seed(args.seed)
     context = fit_prompt(context, length, model.hparams["n_ctx"])
+    # the rows of one batch (all of them with --nsamples 0) are held at once
+    check_batch_memory(model.hparams, args.batch_size if args.nsamples == 0 else min(args.batch_size, args.nsamples),
+                       len(context), length, model.dtype)
     rng = np.random.default_rng(args.seed)
     done = 0
     while args.nsamples == 0 or done < args.nsamples:
@@ -97,6 +114,9 @@ def print_header(i):
 def cmd_generate(args):
     """Unconditional samples, as generate_unconditional_samples.py."""
     model, enc = load_for_generation(args)
+    if enc.eot_token is None:  # a compact vocabulary (the demo's) may lack it
+        raise Npgpt2Error(f"{model.source_dir}: the model's vocabulary has no <|endoftext|> token to start "
+                          f"unconditional samples from; give it a prompt with `npgpt2 prompt`")
     print_samples(model, enc, [enc.eot_token], args)
 
 
@@ -163,6 +183,8 @@ def chat_command(chat, line):
 def cmd_chat(args):
     """A conversation on the terminal (or over a pipe): one message per line."""
     from .chat import ChatSession
+    from .sampling import check_seed
+    check_seed(args.seed)
     model, enc = load_for_generation(args)
     chat = ChatSession(model, enc, args.length, args.temperature, args.top_k, args.top_p, args.seed,
                        args.truncate, args.user_tag, args.bot_tag)
@@ -259,7 +281,8 @@ def cmd_encode(args):
             raise
         model_dir = None  # every released size has the same vocabulary, which npgpt2 ships
         log.info("%s/%s not found: using the GPT-2 vocabulary packaged with npgpt2", args.models_dir, args.model_name)
-    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding)
+    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding,
+                          keep_crlf=args.keep_crlf)
     print(f"Wrote {stats['tokens']} tokens from {stats['files']} file(s) to {args.out_npz}")
 
 
@@ -268,19 +291,63 @@ def add_dataset_flags(p):
     p.add_argument("--encoding", default="utf-8", help="text encoding of .txt inputs (default %(default)s)")
 
 
+@contextlib.contextmanager
+def terminal_bar(total=None, unit="step"):
+    """A tqdm bar on stderr (count, rate, ETA; log lines printed above it) when stderr is a
+    terminal; None otherwise, where the library's plain log lines tell the progress."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with tqdm(total=total, unit=unit, dynamic_ncols=True) as bar, logging_redirect_tqdm():
+        yield bar
+
+
+def step_reporter(bar):
+    """fit()'s on_step for the bar: one tick per update, the running loss and tokens/s."""
+    if bar is None:
+        return None
+
+    def on_step(info):
+        bar.set_postfix_str(f"loss={info['avg']:.3f} tok/s={info['tok_s']:.0f}", refresh=False)
+        bar.update(1)
+    return on_step
+
+
+def add_keep_crlf_flag(p):
+    p.add_argument("--keep_crlf", action="store_true",
+                   help="keep \\r\\n and \\r line endings as they are (default: read them as \\n, "
+                        "as Python's text mode and OpenAI's encode.py do)")
+
+
 def cmd_train(args):
-    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder."""
+    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder.
+
+    Under mpirun/mpiexec every process runs this; rank 0 prints, the others only report errors.
+    """
     import dataclasses
+    from .dist import get_comm
+    from .sampling import check_seed
     from .train import TrainConfig, train
+    check_seed(args.seed)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        with tqdm(total=args.steps or None, unit="step", dynamic_ncols=True) as bar, logging_redirect_tqdm():
-            result = train(cfg, on_step=lambda i: (bar.update(1), bar.set_postfix(loss=f"{i['avg']:.3f}")))
+    comm = get_comm()
+    if comm.world_size > 1:
+        if not comm.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        try:
+            result = train(cfg, on_step=None, comm=comm)
+        except Npgpt2Error as e:  # one rank's error must end every rank, not leave them waiting
+            rank = f" (rank {comm.rank})" if comm.rank else ""
+            print(f"npgpt2: error{rank}: {e}", file=sys.stderr, flush=True)
+            comm.abort(2)
+        if not comm.is_main:
+            return 0
     else:
-        result = train(cfg)
+        with terminal_bar(args.steps or None) as bar:
+            result = train(cfg, on_step=step_reporter(bar))
     where = result["checkpoint"] or "(nothing saved)"
     print(f"{'Interrupted' if result['interrupted'] else 'Done'} at step {result['step']}: "
           f"avg loss {result['avg']:.4f}; checkpoint {where}")
@@ -289,26 +356,41 @@ def cmd_train(args):
 def cmd_eval(args):
     """Mean loss and perplexity of a model over every token of a dataset."""
     import math
-    from .data import check_tokens, load_dataset
-    from .model import load_model, resolve_model_dir
+    from .data import check_tokens, expand_paths, load_dataset
+    from .model import load_model, read_hparams, resolve_model_dir
     from .tokenizer import load_tokenizer
-    from .train import evaluate
+    from .train import context_length, evaluate
+    expand_paths(args.dataset, "--dataset")  # bad inputs are reported before the model loads
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
+    T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
     model = load_model(model_dir)
-    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine)
-    T = args.context or model.hparams["n_ctx"]
-    if not 1 <= T <= model.hparams["n_ctx"]:
-        raise Npgpt2Error(f"--context must be between 1 and n_ctx = {model.hparams['n_ctx']}, got {T}")
+    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine,
+                          keep_crlf=args.keep_crlf)
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
-    loss, n = evaluate(model, tokens, T)
+    with terminal_bar(unit="window") as bar:
+        tenth = [0]
+
+        def progress(done, total):
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+            elif done * 10 // total > tenth[0] and done < total:  # a plain line every 10%
+                tenth[0] = done * 10 // total
+                log.info("eval: %d of %d windows", done, total)
+        loss, n = evaluate(model, tokens, T, progress=progress)
     print(f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} over {n} tokens "
           f"(windows of {T} tokens) of {args.dataset}")
 
 
 def cmd_demo(args):
     """Train a small GPT-2 from scratch on the bundled Jargon File and show it learning."""
-    from .demo import run_demo
-    r = run_demo(steps=args.steps, quick=args.quick, seed=args.seed, out_dir=args.out)
+    from pathlib import Path
+    from .demo import preset, run_demo
+    out = Path(args.out)
+    print(f"Training a small GPT-2 on the bundled Jargon File; the run goes to {out}/ "
+          f"(checkpoint, loss.png, samples.txt).", flush=True)
+    with terminal_bar(preset(args.quick, args.steps)["steps"]) as bar:
+        r = run_demo(steps=args.steps, quick=args.quick, seed=args.seed, out_dir=out, on_step=step_reporter(bar))
     print(f"Trained a {r['params'] / 1e6:.2f}M-parameter GPT-2 for {r['steps']} steps "
           f"({r['train_seconds']:.0f} s) on {r['corpus']}.")
     margin = r["unigram_entropy"] - r["val_loss"]
@@ -322,6 +404,12 @@ def cmd_demo(args):
     for i, text in enumerate(r["samples"]):
         print_header(i + 1)
         print(text)
+    saved = ", ".join(Path(f).name for f in r["files"].values() if f is not None)
+    where = f"--models_dir {shlex.quote(str(out.parent))} --model_name {shlex.quote(out.name)}"
+    print(f"Saved in {out}/: {saved}" + ("" if r["files"].get("loss.png") else
+                                         " (no loss.png: pip install 'npgpt2[plot]')") + ".")
+    print(f"Look inside it:  npgpt2 explain {where} \"hacker: a person who\"")
+    print(f"Prompt it:       echo \"kludge:\" | npgpt2 prompt {where}")
 
 
 def cmd_explain(args):
@@ -355,7 +443,7 @@ def cmd_explain(args):
 
 # ---------------------------------------------------------------- parser
 def build_parser():
-    parser = argparse.ArgumentParser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
+    parser = Parser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
@@ -414,16 +502,22 @@ def build_parser():
     p.add_argument("out_npz", help="the .npz to write")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name")
+    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
+                       epilog="Training runs in float32. Data-parallel over MPI (pip install \"npgpt2[mpi]\"): "
+                              "mpirun -n N npgpt2 train ... (add --hostfile FILE for several machines); the "
+                              "effective batch is N x --batch_size x --accumulate_gradients; rank 0 reads the files "
+                              "and writes checkpoints; kill -USR1 <mpirun pid> saves and stops every rank.")
+    p.add_argument("--shared_stream", action="store_true", help=argparse.SUPPRESS)  # tests: see dist.RankSlice
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
     p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch (default %(default)s)")
     p.add_argument("--learning_rate", type=float, default=2e-5, help="peak learning rate (default %(default)s)")
     p.add_argument("--accumulate_gradients", type=int, default=1, help="micro-batches per update (default %(default)s)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam = AdamW (default), sgd")
+    p.add_argument("--optimizer", default="adam", help="adam = AdamW (default), sgd")
     p.add_argument("--only_train_transformer_layers", action="store_true", help="keep wte, wpe and ln_f fixed")
     p.add_argument("--run_name", default="run1", help="run folder name under --checkpoint_dir (default %(default)s)")
     p.add_argument("--restore_from", default="latest",
@@ -446,7 +540,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None, help="seed of the batch order (default: random, saved for resume)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices (default 0)")
     p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps (default 0)")
-    p.add_argument("--lr_schedule", choices=["constant", "cosine"], default="constant", help="after warmup (default constant)")
+    p.add_argument("--lr_schedule", default="constant", help="constant or cosine, after warmup (default constant)")
     p.add_argument("--lr_decay_steps", type=int, default=0, help="cosine reaches its minimum at this step (default: the last)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradients' global norm to this; 0 = off (default %(default)s)")
     p.set_defaults(func=cmd_train)
@@ -455,6 +549,7 @@ def build_parser():
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
     p.set_defaults(func=cmd_eval)
 
@@ -471,7 +566,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
     p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (a smoke test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
-    p.add_argument("--out", default=None, help="also write the run (checkpoints, loss.png) to this folder")
+    p.add_argument("--out", default="checkpoint/demo",
+                   help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "
+                        "(default %(default)s: --models_dir checkpoint --model_name demo)")
     p.set_defaults(func=cmd_demo)
     for p in sub.choices.values():
         p.set_defaults(subparser=p)

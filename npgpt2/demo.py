@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import Npgpt2Error
 from .fsutil import atomic_write
 from .model import init_model
 from .train import TrainConfig, evaluate, fit
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 CORPUS = Path(__file__).parent / "assets" / "jargon.txt.gz"
 CORPUS_NAME = "The Jargon File 4.4.7 (public domain)"
+SAMPLES_FILE = "samples.txt"
 
-# ~3 minutes on 2 cores; quick: seconds, for tests
+# about 4 minutes on 2 cores; quick: seconds, for tests
 FULL = dict(n_embd=96, n_head=3, n_layer=3, context=64, batch_size=16, steps=500,
             learning_rate=3e-3, warmup=60, val_every=50, val_batch_count=8, eval_tokens=None)
 QUICK = dict(n_embd=32, n_head=2, n_layer=1, context=16, batch_size=8, steps=40,
@@ -48,24 +50,39 @@ def load_corpus(tokenizer):
     return np.asarray(tokenizer.encode(text), dtype=np.uint16), len(text)
 
 
+def preset(quick=False, steps=None):
+    """The model and training settings of a demo run (steps overrides the preset's updates)."""
+    out = dict(QUICK if quick else FULL)
+    if steps is not None:
+        out["steps"] = steps
+    return out
+
+
 def run_demo(steps=None, quick=False, seed=0, sample_num=len(PROMPTS), sample_length=48,
              out_dir=None, on_step=None):
     """Train and evaluate; returns a dict with the numbers and the samples.
 
     steps overrides the preset's number of updates. out_dir (optional) gets a run folder
-    with the checkpoint, loss.png and demo_vocab.npy (compact id -> GPT-2 id); its
-    vocabulary is the compact one, so it is for inspection, not for `npgpt2 prompt`.
+    that loads like any model folder (`npgpt2 prompt --models_dir <parent> --model_name
+    <name>`): the checkpoint, compact_vocab.npy (compact id -> GPT-2 id, read by
+    load_tokenizer; see compact_vocab.py), loss.png (with matplotlib) and samples.txt.
     """
+    from .compact_vocab import VOCAB_FILE, CompactTokenizer
     from .sampling import generate
     from .tokenizer import load_tokenizer
-    preset = dict(QUICK if quick else FULL)
-    if steps is not None:
-        preset["steps"] = steps
-    tok = load_tokenizer()
+    from .train import make_run_dir
+    preset_ = preset(quick, steps)
+    if out_dir is not None:
+        if (Path(out_dir) / "checkpoint").exists() and not (Path(out_dir) / VOCAB_FILE).exists():
+            # a fine-tune or a released model: the demo would prune its checkpoints
+            raise Npgpt2Error(f"{out_dir}: holds a model that is not a demo run; give another --out")
+        make_run_dir(out_dir)  # an unwritable --out fails now, not after training
+    gpt2 = load_tokenizer()
     t0 = time.time()
-    ids, n_chars = load_corpus(tok)
+    ids, n_chars = load_corpus(gpt2)
     vocab = np.unique(ids)                    # compact id -> GPT-2 id
-    compact = np.searchsorted(vocab, ids).astype(np.uint16)
+    tok = CompactTokenizer(gpt2, vocab, "the demo's vocabulary")
+    compact = tok.compact_ids(ids).astype(np.uint16)
     split = int(compact.size * 0.9)
     train_tokens, val_tokens = compact[:split], compact[split:]
     H = unigram_entropy(compact)
@@ -74,43 +91,50 @@ def run_demo(steps=None, quick=False, seed=0, sample_num=len(PROMPTS), sample_le
     log.info("unigram entropy of the corpus: %.3f nats/token (uniform over its vocabulary: %.3f)",
              H, math.log(vocab.size))
 
-    hparams = dict(n_vocab=int(vocab.size), n_ctx=preset["context"], n_embd=preset["n_embd"],
-                   n_head=preset["n_head"], n_layer=preset["n_layer"])
+    hparams = dict(n_vocab=int(vocab.size), n_ctx=preset_["context"], n_embd=preset_["n_embd"],
+                   n_head=preset_["n_head"], n_layer=preset_["n_layer"])
     model = init_model(hparams, seed=seed)
     n_params = sum(p.size for p in model.params.values())
     log.info("model: %s, %.2fM parameters, trained from scratch (GPT-2 init)", hparams, n_params / 1e6)
-    cfg = TrainConfig(dataset=str(CORPUS), run_name="demo", steps=preset["steps"],
-                      context=preset["context"], batch_size=preset["batch_size"],
-                      learning_rate=preset["learning_rate"], warmup=preset["warmup"],
+    cfg = TrainConfig(dataset=str(CORPUS), run_name="demo", steps=preset_["steps"],
+                      context=preset_["context"], batch_size=preset_["batch_size"],
+                      learning_rate=preset_["learning_rate"], warmup=preset_["warmup"],
                       lr_schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=seed,
-                      val_every=preset["val_every"], val_batch_size=8,
-                      val_batch_count=preset["val_batch_count"], sample_every=0,
-                      save_every=0, plot=out_dir is not None, log_every=25 if not quick else 10)
+                      val_every=preset_["val_every"], val_batch_size=8,
+                      val_batch_count=preset_["val_batch_count"], sample_every=0,
+                      save_every=0, max_to_keep=1, plot=False, log_every=25 if not quick else 10)
+    if out_dir is not None:
+        # written first: the run folder's ids are compact, and this maps them back to GPT-2's
+        with atomic_write(Path(out_dir) / VOCAB_FILE) as f:
+            np.save(f, vocab.astype(np.int64))
     t_train = time.time()
     result = fit(model, train_tokens, cfg, run_dir=out_dir, val_tokens=val_tokens, on_step=on_step)
     train_secs = time.time() - t_train
 
+    files = {}
     if out_dir is not None:
-        # the run folder's ids are compact; this maps them back to GPT-2's
-        with atomic_write(Path(out_dir) / "demo_vocab.npy") as f:
-            np.save(f, vocab.astype(np.int64))
+        files["checkpoint"] = result["checkpoint"]
         from .plot import plot_losses
-        plot_losses(result["history"], Path(out_dir) / "loss.png", title=f"npgpt2 demo: {CORPUS_NAME}",
-                    reference=("unigram entropy", H))
-    held_out = val_tokens if preset["eval_tokens"] is None else val_tokens[:preset["eval_tokens"]]
-    val_loss, n_eval = evaluate(model, held_out, preset["context"])
+        files["loss.png"] = plot_losses(result["history"], Path(out_dir) / "loss.png",
+                                        title=f"npgpt2 demo: {CORPUS_NAME}", reference=("unigram entropy", H))
+    held_out = val_tokens if preset_["eval_tokens"] is None else val_tokens[:preset_["eval_tokens"]]
+    val_loss, n_eval = evaluate(model, held_out, preset_["context"])
     log.info("validation loss over %d held-out tokens: %.3f nats (perplexity %.1f); "
              "unigram entropy %.3f", n_eval, val_loss, math.exp(val_loss), H)
 
     samples = []
-    lookup = {int(g): c for c, g in enumerate(vocab)}
     for i, prompt in enumerate(PROMPTS[:sample_num]):
-        p_ids = tok.encode(prompt)
-        if not all(t in lookup for t in p_ids):
+        try:
+            p_ids = tok.encode(prompt)
+        except Npgpt2Error:  # a prompt token the corpus never uses
             continue
-        out = generate(model, [lookup[t] for t in p_ids], min(sample_length, hparams["n_ctx"] - len(p_ids)),
+        out = generate(model, p_ids, min(sample_length, hparams["n_ctx"] - len(p_ids)),
                        temperature=0.8, top_k=40, seed=seed + i)
-        samples.append(prompt + tok.decode([int(vocab[c]) for c in out]))
+        samples.append(prompt + tok.decode(out))
+    if out_dir is not None:
+        files[SAMPLES_FILE] = Path(out_dir) / SAMPLES_FILE
+        with atomic_write(files[SAMPLES_FILE], "w", encoding="utf-8") as f:
+            f.write("".join(f"======== SAMPLE {i + 1} ========\n{t}\n" for i, t in enumerate(samples)))
     return dict(unigram_entropy=H, val_loss=val_loss, eval_tokens=n_eval, history=result["history"],
                 steps=result["step"], train_seconds=train_secs, samples=samples, hparams=hparams,
-                params=n_params, corpus=CORPUS_NAME, interrupted=result["interrupted"])
+                params=n_params, corpus=CORPUS_NAME, interrupted=result["interrupted"], files=files)

@@ -17,8 +17,9 @@ import numpy as np
 
 from . import layers
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
+from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, read_json
 from .jit import numba, plain_fallback
 
 log = logging.getLogger(__name__)
@@ -515,17 +516,31 @@ def resolve_model_dir(models_dir, model_name):
     raise Npgpt2Error(f"{folder}: model folder not found (--models_dir/--model_name){hint}")
 
 
+def check_download_finished(model_dir):
+    """Raise Npgpt2Error with the download command when `model_dir` is a released model's
+    folder (124M, ...) left empty or half-filled by an interrupted `npgpt2 download`."""
+    d = Path(model_dir)
+    name = ALIASES.get(d.name, d.name)
+    if name not in MODEL_HPARAMS or (d / "config.json").exists():
+        return
+    # `npgpt2 download` writes `checkpoint` last; OpenAI's download_model.py writes these too
+    files = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "checkpoint")
+    has = {n: (d / n).is_file() for n in files}
+    if not has["hparams.json"] or (not has["checkpoint"] and (not all(has.values()) or any(d.glob("*.part")))):
+        missing = ", ".join(n for n, ok in has.items() if not ok)
+        raise Npgpt2Error(f"{d}: an empty or unfinished download ({missing} missing); finish it with: "
+                          f"npgpt2 download {d.name} --models_dir {d.parent}")
+
+
 def read_hparams(model_dir):
     path = Path(model_dir) / "hparams.json"
     try:
-        hparams = json.loads(path.read_text(encoding="utf-8"))
+        hparams = read_json(path)
     except FileNotFoundError:
         if (Path(model_dir) / "config.json").exists():
             raise Npgpt2Error(f"{path}: missing; {model_dir} looks like a Hugging Face folder: "
                               f"convert it with: npgpt2 convert {model_dir} DST") from None
         raise Npgpt2Error(f"{path}: missing (not a GPT-2 model folder?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({e})") from None
     check_hparams(hparams, str(path))
     return hparams
 
@@ -539,6 +554,7 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise Npgpt2Error(f"{model_dir}: model folder not found")
+    check_download_finished(model_dir)
     hparams = read_hparams(model_dir)
     prefix = latest_checkpoint(model_dir)
     params = read_checkpoint(prefix, verify=verify, mmap=mmap)
@@ -552,17 +568,25 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
 def save_model(model, model_dir, step=None, keep=None):
     """Write model as an OpenAI-layout folder that load_model (and TF tools) can read.
 
-    Writes hparams.json, encoder.json, vocab.bpe, the checkpoint `model-<step>` (or
+    Writes hparams.json, encoder.json, vocab.bpe (and a compact vocabulary map, see
+    compact_vocab.py, when the model came with one), the checkpoint `model-<step>` (or
     `model.ckpt` without a step) in float32, then the `checkpoint` file naming it. With
     keep=K, only the newest K `model-*` checkpoints stay. Returns the prefix path.
+
+    The order makes a crash at any instant harmless: the new checkpoint is complete before
+    the `checkpoint` file names it, and old ones are pruned only after that, so the
+    `checkpoint` file always names a complete checkpoint.
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(model_dir / "hparams.json", "w", encoding="utf-8") as f:
         json.dump(model.hparams, f, indent=2)
-    for name in ("encoder.json", "vocab.bpe"):
-        src = Path(model.source_dir or ASSETS) / name
+    source = Path(model.source_dir or ASSETS)
+    for name in ("encoder.json", "vocab.bpe", COMPACT_VOCAB_FILE):
+        src = source / name
         if not src.exists():
+            if name == COMPACT_VOCAB_FILE:
+                continue
             src = ASSETS / name
         dst = model_dir / name
         if not dst.exists() or not os.path.samefile(src, dst):
@@ -571,11 +595,15 @@ def save_model(model, model_dir, step=None, keep=None):
     name = "model.ckpt" if step is None else f"model-{step}"
     write_checkpoint(str(model_dir / name), {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()})
     steps = sorted(int(p.name[6:-6]) for p in model_dir.glob("model-*.index") if p.name[6:-6].isdigit())
+    pruned = []
     if keep is not None and step is not None:
-        for old in steps[:-keep]:
-            for f in model_dir.glob(f"model-{old}.*"):
-                f.unlink()
-        steps = steps[-keep:]
+        older = [s for s in steps if s != step]
+        cut = max(len(older) - (keep - 1), 0)
+        pruned, steps = older[:cut], older[cut:] + [step]
     names = [f"model-{s}" for s in steps] if step is not None else [name]
-    write_checkpoint_state(model_dir, name, names)
+    write_checkpoint_state(model_dir, name, names)  # names the new, complete checkpoint
+    for old in pruned:
+        # the index first: a half-pruned step is then no longer a complete checkpoint
+        for f in sorted(model_dir.glob(f"model-{old}.*"), key=lambda p: not p.name.endswith(".index")):
+            f.unlink()
     return str(model_dir / name)

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import optim
-from .data import Sampler, check_tokens, eval_windows, load_dataset
+from . import dist, optim
+from .data import Sampler, check_tokens, eval_windows, expand_paths, load_dataset
+from .dist import SingleProcess  # noqa: F401  (re-exported: fit's default communicator)
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
+from .sampling import check_sampling_args
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class TrainConfig:
     grad_clip: float = 1.0         # global-norm clipping; 0 = off
     plot: bool = True              # loss-curve PNG in the run folder (needs matplotlib)
     log_every: int = 1             # a log line every N steps
+    shared_stream: bool = False    # data-parallel test hook: rank r takes micro-batch r of one stream
 
 
 # ---------------------------------------------------------------- checking the config
@@ -83,29 +86,35 @@ def check_config(cfg, n_ctx):
     """Raise Npgpt2Error naming the flag for a value out of range; returns the context T."""
     positive = ["batch_size", "accumulate_gradients", "val_batch_size", "val_batch_count", "max_to_keep",
                 "combine", "log_every"]
-    non_negative = ["steps", "sample_every", "save_every", "val_every", "warmup", "lr_decay_steps", "context",
-                    "top_k", "sample_num"]
+    non_negative = ["steps", "sample_every", "save_every", "val_every", "warmup", "lr_decay_steps",
+                    "sample_num"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise Npgpt2Error(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise Npgpt2Error(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.learning_rate > 0:
-        raise Npgpt2Error(f"--learning_rate must be > 0, got {cfg.learning_rate}")
+    if not 0 < cfg.learning_rate < math.inf:
+        raise Npgpt2Error(f"--learning_rate must be a finite number > 0, got {cfg.learning_rate}")
     if not cfg.weight_decay >= 0:
         raise Npgpt2Error(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
     if not cfg.grad_clip >= 0:
         raise Npgpt2Error(f"--grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
-    if not 0 < cfg.top_p <= 1:
-        raise Npgpt2Error(f"--top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.optimizer not in ("adam", "sgd"):
-        raise Npgpt2Error(f"--optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise Npgpt2Error(f"--lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
-    if not re.fullmatch(r"[\w.+-]+", cfg.run_name or ""):
-        raise Npgpt2Error(f"--run_name must be a plain folder name (letters, digits, . _ + -), got {cfg.run_name!r}")
-    T = cfg.context or n_ctx
+    check_sampling_args(top_k=cfg.top_k, top_p=cfg.top_p)
+    optim.check_choice("--optimizer", cfg.optimizer, list(optim.OPTIMIZERS))
+    optim.check_choice("--lr_schedule", cfg.lr_schedule, optim.SCHEDULES)
+    if not re.fullmatch(r"[\w.+-]+", cfg.run_name or "") or cfg.run_name in (".", ".."):
+        # "." or ".." would put the run's files in --checkpoint_dir itself or its parent
+        raise Npgpt2Error(f"--run_name must be a plain folder name (letters, digits, . _ + -; "
+                          f"not . or ..), got {cfg.run_name!r}")
+    return context_length(cfg.context, n_ctx)
+
+
+def context_length(context, n_ctx):
+    """The tokens per sequence that --context asks for (0 = the model's n_ctx), checked."""
+    if context < 0:
+        raise Npgpt2Error(f"--context must be >= 0 (0 = the model's n_ctx), got {context}")
+    T = context or n_ctx
     if T > n_ctx:
         raise Npgpt2Error(f"--context {T} is longer than the model's n_ctx = {n_ctx}")
     return T
@@ -125,8 +134,10 @@ def make_run_dir(run_dir):
                           f"{e.strerror or e}") from None
 
 
-def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=None):
+def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=None, rank_samplers=None):
     """Write train_state-<step>.npz, then model-<step> and the `checkpoint` file naming it.
+
+    rank_samplers: in a data-parallel run, every rank's sampler state (rank 0's is `sampler`'s).
 
     Removes train states whose model-<step> save_model pruned. Returns the model prefix.
     """
@@ -139,6 +150,8 @@ def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=
         "sampler": np.array(sampler.get_state()), "avg": np.array(avg, dtype=np.float64),
         "extra": np.array(json.dumps(extra or {})),
     })
+    if rank_samplers is not None:
+        arrays["rank_samplers"] = np.array(json.dumps(rank_samplers))
     for k, v in history.items():
         arrays[f"history/{k}"] = np.asarray(v, dtype=np.float64)
     with atomic_write(state_path(run_dir, step)) as f:
@@ -240,29 +253,33 @@ def evaluate(model, tokens, context=None, batch_size=16, progress=None):
     return total / max(count, 1), count
 
 
-# ---------------------------------------------------------------- Ctrl-C
-class StopFlag:
-    """The first SIGINT asks the loop to save and stop after the current step; a second one
-    interrupts at once (KeyboardInterrupt). Only installed in the main thread."""
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill, systemd, batch schedulers
 
-    def __init__(self):
+
+class StopFlag:
+    """The first SIGINT or SIGTERM asks the loop to save and stop after the current step; a
+    second one interrupts at once (KeyboardInterrupt). Only installed in the main thread."""
+
+    def __init__(self, signals=STOP_SIGNALS):
         self.requested = False
-        self._old = None
+        self.signals = signals
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("interrupted: saving after this step (Ctrl-C again to quit without saving)")
+        log.warning("%s: saving after this step (again to quit without saving)", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------- samples
@@ -289,129 +306,294 @@ def write_samples(model, tokenizer, cfg, step, run_name):
     return texts
 
 
-# ---------------------------------------------------------------- the loop
-def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state=None, on_step=None):
+def check_train_memory(model, cfg, T):
+    """Refuse, with the figure, a --batch_size or --sample_num whose arrays cannot fit in memory."""
+    from .memory import check_memory, training_bytes
+    from .sampling import check_batch_memory
+    check_memory(training_bytes(model.hparams, cfg.batch_size, T, model.dtype), f"--batch_size {cfg.batch_size}",
+                 "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)")
+    if cfg.sample_every and cfg.sample_num:
+        check_batch_memory(model.hparams, cfg.sample_num, 1, cfg.sample_length, model.dtype, name="--sample_num")
+
+
+# ---------------------------------------------------------------- one step
+def trained_names(model, cfg):
+    """The parameters the optimizer updates (--only_train_transformer_layers keeps wte, wpe, ln_f)."""
+    return [k for k in model.params if "/h" in k] if cfg.only_train_transformer_layers else list(model.params)
+
+
+def make_run_optimizer(model, names, cfg):
+    """cfg.optimizer over `names`; weight decay on matrices only (not biases and gains)."""
+    decay = {k: (cfg.weight_decay if model.params[k].ndim >= 2 else 0.0) for k in names}
+    return optim.make_optimizer(cfg.optimizer, {k: model.params[k] for k in names}, cfg.learning_rate, decay)
+
+
+def batch_gradients(model, sampler, names, batch_size, micro_batches):
+    """(mean loss, {name: mean gradient}) over `micro_batches` batches drawn from sampler."""
+    total, loss = None, 0.0
+    for _ in range(micro_batches):
+        batch = sampler.sample(batch_size)                                  # [B, T+1]
+        micro_loss, grads = model.loss_and_grads(batch[:, :-1], batch[:, 1:])
+        loss += micro_loss / micro_batches
+        if total is None:
+            # copied when more micro-batches follow: loss_and_grads may reuse its buffers
+            total = {k: grads[k] if micro_batches == 1 else grads[k].copy() for k in names}
+        else:
+            optim.accumulate(total, grads, names)
+        del grads
+    return loss, optim.scale_(total, 1.0 / micro_batches)
+
+
+def train_step(model, opt, sampler, names, cfg, lr, step, comm):
+    """One update (number step + 1): gradients, all-reduce, clip, optimizer step.
+
+    Raises Npgpt2Error, before anything is saved, when the loss, the gradients or the updated
+    weights are not finite. Returns (loss, gradient norm before clipping).
+    """
+    loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients)
+    loss = comm.allreduce_mean(grads, loss)
+    hint = f"lower --learning_rate (now {cfg.learning_rate}) or raise --warmup"
+    if not math.isfinite(loss):
+        raise Npgpt2Error(f"loss became {loss} at step {step + 1}; {hint}")
+    grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+    if not math.isfinite(grad_norm):
+        raise Npgpt2Error(f"the gradients' norm became {grad_norm} at step {step + 1}; {hint}")
+    opt.step(grads, lr)
+    if not optim.all_finite(opt.params):
+        raise Npgpt2Error(f"the update at step {step + 1} (learning rate {lr}) made the weights non-finite; "
+                          f"nothing was saved from it; {hint}")
+    return loss, grad_norm
+
+
+# ---------------------------------------------------------------- the run
+class Progress:
+    """What a run carries from step to step and saves in its train state: the step count,
+    OpenAI's decaying loss average (numerator, denominator) and the loss history."""
+
+    def __init__(self, step=0, avg=(0.0, 0.0), history=None):
+        self.step, self.avg = step, avg
+        self.history = history or {"step": [], "loss": [], "val_step": [], "val_loss": []}
+
+    @classmethod
+    def resume(cls, state, opt, sampler, comm=None, seed=0):
+        """Progress from a train state (restore()), loading opt and sampler; fresh for None.
+
+        In a data-parallel run each rank takes its own saved sampler state; a run saved by a
+        different number of processes resumes weights and optimizer, with new batch streams.
+        """
+        if state is None:
+            return cls()
+        if "sampler" not in state:  # weights without a train state: keep counting from their step
+            return cls(int(state["step"]))
+        comm = comm or SingleProcess()
+        opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")}, state["_path"])
+        saved = (json.loads(str(state["rank_samplers"])) if "rank_samplers" in state
+                 else [str(state["sampler"])])
+        if len(saved) == comm.world_size:
+            sampler.set_state(saved[comm.rank])
+        else:
+            if comm.is_main:
+                log.warning("the run was saved by %d process(es) and continues with %d: weights and optimizer "
+                            "state resume, but the order of the batches changes", len(saved), comm.world_size)
+            fresh = np.random.default_rng([seed, int(state["step"]), comm.rank])
+            sampler.set_state(json.dumps(fresh.bit_generator.state))
+        history = {k: state[f"history/{k}"].tolist() for k in ("step", "loss", "val_step", "val_loss")}
+        return cls(int(state["step"]), tuple(float(x) for x in state["avg"]), history)
+
+    def record(self, loss):
+        self.step += 1
+        self.avg = (self.avg[0] * 0.99 + loss, self.avg[1] * 0.99 + 1)
+        self.history["step"].append(self.step)
+        self.history["loss"].append(loss)
+
+    def record_val(self, val):
+        self.history["val_step"].append(self.step)
+        self.history["val_loss"].append(val)
+
+    @property
+    def mean(self):
+        return self.avg[0] / self.avg[1] if self.avg[1] else float("nan")
+
+
+class Checkpointer:
+    """Saves the run into run_dir (nowhere when None) and remembers the last step saved."""
+
+    def __init__(self, model, run_dir, opt, sampler, cfg, extra, step, comm=None):
+        self.model, self.run_dir, self.opt, self.sampler, self.cfg, self.extra = model, run_dir, opt, sampler, cfg, extra
+        self.comm = comm or SingleProcess()
+        self.saved_step, self.prefix = step, None
+
+    def save(self, progress):
+        """Every rank calls it (it gathers their sampler states); only a rank with a run_dir writes."""
+        states = self.comm.gather(self.sampler.get_state())
+        if self.run_dir is not None:
+            self.prefix = save_run(self.model, self.run_dir, progress.step, self.opt, self.sampler, progress.avg,
+                                   progress.history, self.cfg.max_to_keep, self.extra,
+                                   rank_samplers=states if self.comm.world_size > 1 else None)
+            log.info("saved %s", self.prefix)
+            if self.cfg.plot:
+                from .plot import plot_losses
+                plot_losses(progress.history, Path(self.run_dir) / "loss.png", title=Path(self.run_dir).name)
+        self.saved_step = progress.step
+
+
+def validation_batches(cfg, tokens, val_tokens, T, n_vocab):
+    """The fixed validation batches (OpenAI's train.py draws them once, with seed 1)."""
+    if not cfg.val_every:
+        return []
+    vt = val_tokens if val_tokens is not None else tokens
+    check_tokens(vt, n_vocab, T, cfg.val_dataset or cfg.dataset or "dataset", "--val_dataset")
+    vs = Sampler(vt, T + 1, seed=1)
+    return [vs.sample(cfg.val_batch_size) for _ in range(cfg.val_batch_count)]
+
+
+def validate(model, batches):
+    """Mean loss over the validation batches."""
+    return float(np.mean([forward_losses(model, b[:, :-1], b[:, 1:]).mean() for b in batches]))
+
+
+def samples_or_save(model, tokenizer, cfg, progress, run_name, checkpointer):
+    """write_samples; when that fails, save the run first, then stop with a one-line error."""
+    try:
+        write_samples(model, tokenizer, cfg, progress.step, run_name)
+    except (OSError, Npgpt2Error) as e:
+        checkpointer.save(progress)
+        what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        raise Npgpt2Error(f"cannot write samples at step {progress.step} ({what}); the run was saved "
+                          f"at that step (check --sample_dir, or --sample_every 0)") from None
+
+
+def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state=None, on_step=None,
+        comm=None):
     """Train `model` in place on the 1-D token array `tokens` as `cfg` says.
 
     run_dir: where checkpoints go (None = nowhere). state: a train state from restore()
     to continue from. on_step(info) is called after every update with a dict: step,
-    loss, avg, secs, tok_s, lr, grad_norm (and val_loss when validated).
+    loss, avg, secs, tok_s, lr, grad_norm (and val_loss when validated). comm: the
+    communicator of a data-parallel run (default SingleProcess()).
     Returns a dict: step, loss, avg, history, interrupted, checkpoint (last prefix saved).
     """
+    comm = comm or SingleProcess()
     T = check_config(cfg, model.hparams["n_ctx"])
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
-    names = [k for k in model.params if "/h" in k] if cfg.only_train_transformer_layers else list(model.params)
-    decay = {k: (cfg.weight_decay if model.params[k].ndim >= 2 else 0.0) for k in names}
-    opt = optim.make_optimizer(cfg.optimizer, {k: model.params[k] for k in names}, cfg.learning_rate, decay)
+    check_train_memory(model, cfg, T)
+    names = trained_names(model, cfg)
+    opt = make_run_optimizer(model, names, cfg)
     seed = cfg.seed if cfg.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
-    sampler = Sampler(tokens, T + 1, seed)
-    history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
-    step, avg = 0, (0.0, 0.0)
-    if state is not None and "sampler" in state:
-        opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")}, state["_path"])
-        sampler.set_state(str(state["sampler"]))
-        step, avg = int(state["step"]), tuple(float(x) for x in state["avg"])
-        history = {k: state[f"history/{k}"].tolist() for k in history}
-    elif state is not None:  # weights without a train state: keep counting from their step
-        step = int(state["step"])
-        log.info("batch order seed %d", seed)
+    seed = comm.bcast(seed)  # one --seed for the run; each rank's stream is derived from it
+    if cfg.shared_stream:
+        sampler = dist.RankSlice(Sampler(tokens, T + 1, seed), comm.rank, comm.world_size)
     else:
+        sampler = Sampler(tokens, T + 1, dist.rank_seed(seed, comm.rank))
+    progress = Progress.resume(state, opt, sampler, comm, seed)
+    if (state is None or "sampler" not in state) and comm.is_main:
         log.info("batch order seed %d", seed)
-
-    val_batches = []
-    if cfg.val_every:
-        vt = val_tokens if val_tokens is not None else tokens
-        check_tokens(vt, model.hparams["n_vocab"], T, cfg.val_dataset or cfg.dataset or "dataset", "--val_dataset")
-        vs = Sampler(vt, T + 1, seed=1)  # fixed batches, as OpenAI's train.py
-        val_batches = [vs.sample(cfg.val_batch_size) for _ in range(cfg.val_batch_count)]
-    end = step + cfg.steps if cfg.steps else None
+    val_batches = (validation_batches(cfg, tokens, val_tokens, T, model.hparams["n_vocab"])
+                   if comm.is_main else [])
+    end = progress.step + cfg.steps if cfg.steps else None
     decay_steps = cfg.lr_decay_steps or (end or 0)
     run_name = Path(run_dir).name if run_dir is not None else cfg.run_name
-    tokens_per_step = cfg.batch_size * T * cfg.accumulate_gradients
-    extra = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()}, "seed": seed}
-    saved_step, prefix, loss = step, None, float("nan")
-    start_time = time.time()
+    tokens_per_step = cfg.batch_size * T * cfg.accumulate_gradients * comm.world_size
+    extra = {"config": dataclasses.asdict(cfg), "seed": seed}
+    checkpointer = Checkpointer(model, run_dir if comm.is_main else None, opt, sampler, cfg, extra, progress.step,
+                                comm)
+    ranks = f" ranks={comm.world_size}" if comm.world_size > 1 else ""
+    loss, start_time, stopped = float("nan"), time.time(), False
 
-    def save():
-        nonlocal saved_step, prefix
-        if run_dir is not None:
-            prefix = save_run(model, run_dir, step, opt, sampler, avg, history, cfg.max_to_keep, extra)
-            log.info("saved %s", prefix)
-            if cfg.plot:
-                from .plot import plot_losses
-                plot_losses(history, Path(run_dir) / "loss.png", title=run_name)
-        saved_step = step
-
-    with StopFlag() as stop:
-        while end is None or step < end:
-            lr = optim.learning_rate(step, cfg.learning_rate, cfg.warmup, cfg.lr_schedule,
+    with StopFlag(dist.stop_signals(comm)) as stop:
+        while end is None or progress.step < end:
+            lr = optim.learning_rate(progress.step, cfg.learning_rate, cfg.warmup, cfg.lr_schedule,
                                      decay_steps, cfg.min_lr_ratio)
             t0 = time.time()
-            total, loss = None, 0.0
-            for _ in range(cfg.accumulate_gradients):
-                batch = sampler.sample(cfg.batch_size)
-                micro_loss, grads = model.loss_and_grads(batch[:, :-1], batch[:, 1:])
-                loss += micro_loss / cfg.accumulate_gradients
-                if total is None:
-                    # copied when more micro-batches follow: loss_and_grads may reuse its buffers
-                    total = {k: grads[k] if cfg.accumulate_gradients == 1 else grads[k].copy() for k in names}
-                else:
-                    optim.accumulate(total, grads, names)
-                del grads
-            optim.scale_(total, 1.0 / cfg.accumulate_gradients)
-            if not math.isfinite(loss):
-                raise Npgpt2Error(f"loss became {loss} at step {step + 1}; lower --learning_rate "
-                                  f"(now {cfg.learning_rate}) or raise --warmup")
-            grad_norm = optim.clip_grad_norm(total, cfg.grad_clip)
-            opt.step(total, lr)
-            del total
-            step += 1
+            loss, grad_norm = train_step(model, opt, sampler, names, cfg, lr, progress.step, comm)
+            progress.record(loss)
             secs = time.time() - t0
-            avg = (avg[0] * 0.99 + loss, avg[1] * 0.99 + 1)  # OpenAI's decaying average
-            history["step"].append(step)
-            history["loss"].append(loss)
-            info = dict(step=step, loss=loss, avg=avg[0] / avg[1], secs=secs, lr=lr,
+            info = dict(step=progress.step, loss=loss, avg=progress.mean, secs=secs, lr=lr,
                         tok_s=tokens_per_step / max(secs, 1e-9), grad_norm=grad_norm)
-            if step % cfg.log_every == 0:
-                log.info("[%d | %.2f] loss=%.4f avg=%.4f tok/s=%.0f", step, time.time() - start_time,
-                         loss, info["avg"], info["tok_s"])
+            step = progress.step
+            if step % cfg.log_every == 0 and comm.is_main:
+                log.info("[%d | %.2f] loss=%.4f avg=%.4f tok/s=%.0f%s", step, time.time() - start_time,
+                         loss, info["avg"], info["tok_s"], ranks)
             if val_batches and step % cfg.val_every == 0:
-                val = float(np.mean([forward_losses(model, b[:, :-1], b[:, 1:]).mean() for b in val_batches]))
-                history["val_step"].append(step)
-                history["val_loss"].append(val)
-                info["val_loss"] = val
-                log.info("[%d | %.2f] validation loss = %.4f", step, time.time() - start_time, val)
+                info["val_loss"] = validate(model, val_batches)
+                progress.record_val(info["val_loss"])
+                log.info("[%d | %.2f] validation loss = %.4f", step, time.time() - start_time, info["val_loss"])
             if on_step is not None:
                 on_step(info)
-            if cfg.sample_every and step % cfg.sample_every == 0 and tokenizer is not None:
-                write_samples(model, tokenizer, cfg, step, run_name)
+            if cfg.sample_every and step % cfg.sample_every == 0 and tokenizer is not None and comm.is_main:
+                samples_or_save(model, tokenizer, cfg, progress, run_name, checkpointer)
             if cfg.save_every and step % cfg.save_every == 0:
-                save()
-            if stop.requested:
+                checkpointer.save(progress)
+            if comm.any(stop.requested):  # every rank stops after the same step
+                stopped = True
                 break
-        if step != saved_step:
-            save()
-    return dict(step=step, loss=loss, avg=avg[0] / avg[1] if avg[1] else float("nan"),
-                history=history, interrupted=stop.requested, checkpoint=prefix)
+        if progress.step != checkpointer.saved_step:
+            checkpointer.save(progress)
+    return dict(step=progress.step, loss=loss, avg=progress.mean, history=progress.history,
+                interrupted=stopped, checkpoint=checkpointer.prefix)
 
 
-def train(cfg, on_step=None):
-    """Everything `npgpt2 train` does: restore the model (see restore()), load the tokenizer
-    and datasets, and run fit() into <checkpoint_dir>/<run_name>. Returns fit()'s dict."""
-    from .tokenizer import load_tokenizer
+def check_inputs(cfg):
+    """Everything about the run that can be checked before the (slow) model load: flag ranges,
+    that the datasets exist, that the run and sample folders can be made. Returns the run folder."""
     if not cfg.dataset:
         raise Npgpt2Error("--dataset is required")
+    check_config(cfg, 1 << 30)  # the context is checked against n_ctx once the model is known
+    expand_paths(cfg.dataset, "--dataset")
+    if cfg.val_dataset:
+        expand_paths(cfg.val_dataset, "--val_dataset")
     run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
     make_run_dir(run_dir)
-    check_config(cfg, 1 << 30)  # flag ranges before anything slow; context checked again later
-    model, state = restore(cfg, run_dir)
-    tokenizer = load_tokenizer(model.source_dir)
-    tokens = load_dataset(cfg.dataset, tokenizer, cfg.encoding, cfg.combine, "--dataset")
-    val = load_dataset(cfg.val_dataset, tokenizer, cfg.encoding, cfg.combine, "--val_dataset") \
-        if cfg.val_dataset else None
-    if tokenizer.n_vocab != model.hparams["n_vocab"]:
-        log.warning("the tokenizer has %d ids but the model %d; samples are off", tokenizer.n_vocab,
-                    model.hparams["n_vocab"])
-        tokenizer = None
-    log.info("dataset: %d tokens%s", tokens.size, f", validation: {val.size} tokens" if val is not None else "")
-    return fit(model, tokens, cfg, run_dir, tokenizer, val, state, on_step)
+    if cfg.sample_every:
+        try:
+            (Path(cfg.sample_dir) / run_dir.name).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Npgpt2Error(f"{cfg.sample_dir}: cannot make the samples folder (--sample_dir): "
+                              f"{e.strerror or e}") from None
+    return run_dir
+
+
+def train(cfg, on_step=None, comm=None):
+    """Everything `npgpt2 train` does: restore the model (see restore()), load the tokenizer
+    and datasets, and run fit() into <checkpoint_dir>/<run_name>. Returns fit()'s dict.
+
+    comm: a data-parallel run's communicator (dist.get_comm()). Only rank 0 reads files:
+    the others receive the model, the train state and the tokens from it (share_run), so
+    the other machines of a run need npgpt2 but neither the model nor the dataset.
+    """
+    from .tokenizer import load_tokenizer
+    comm = comm or SingleProcess()
+    model = state = tokens = val = tokenizer = run_dir = None
+    if comm.is_main:
+        run_dir = check_inputs(cfg)
+        model, state = restore(cfg, run_dir)
+        tokenizer = load_tokenizer(model.source_dir)
+        tokens = load_dataset(cfg.dataset, tokenizer, cfg.encoding, cfg.combine, "--dataset")
+        val = load_dataset(cfg.val_dataset, tokenizer, cfg.encoding, cfg.combine, "--val_dataset") \
+            if cfg.val_dataset else None
+        if tokenizer.n_vocab != model.hparams["n_vocab"]:
+            log.warning("the tokenizer has %d ids but the model %d; samples are off", tokenizer.n_vocab,
+                        model.hparams["n_vocab"])
+            tokenizer = None
+        log.info("dataset: %d tokens%s", tokens.size,
+                 f", validation: {val.size} tokens" if val is not None else "")
+    if comm.world_size > 1:
+        model, state, tokens = share_run(comm, model, state, tokens)
+    return fit(model, tokens, cfg, run_dir, tokenizer, val, state, on_step, comm)
+
+
+def share_run(comm, model, state, tokens):
+    """Rank 0's model, train state (or None) and training tokens, on every rank."""
+    from .model import GPT2
+    meta = comm.bcast(None if not comm.is_main else {
+        "hparams": model.hparams,
+        "state": None if state is None else {k: v for k, v in state.items() if not isinstance(v, np.ndarray)},
+        "state_arrays": state is not None})
+    params = comm.bcast_arrays(dict(model.params) if comm.is_main else None)
+    arrays = comm.bcast_arrays(None if not comm.is_main else {
+        "tokens": tokens, **({k: v for k, v in state.items() if isinstance(v, np.ndarray)} if state else {})})
+    if comm.is_main:
+        return model, state, tokens
+    tokens = arrays.pop("tokens")
+    state = None if meta["state"] is None else {**meta["state"], **arrays}
+    return GPT2(meta["hparams"], params), state, tokens

@@ -124,3 +124,22 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(cos, cos[1:]))
     with pytest.raises(Npgpt2Error, match="--lr_schedule"):
         optim.learning_rate(0, lr, schedule="linear")
+
+
+def test_flag_choices_have_one_definition():
+    """--optimizer and --lr_schedule are checked by optim's one rule, wherever they come from."""
+    optim.check_choice("--optimizer", "sgd", list(optim.OPTIMIZERS))
+    with pytest.raises(Npgpt2Error, match=r"^--optimizer must be 'adam' or 'sgd', got 'adagrad'$"):
+        optim.make_optimizer("adagrad", {"p": np.zeros(2)}, 0.1)
+    # the schedule is refused even during warmup, where it is not used yet
+    with pytest.raises(Npgpt2Error, match=r"^--lr_schedule must be 'constant' or 'cosine', got 'linear'$"):
+        optim.learning_rate(0, 0.1, warmup=5, schedule="linear")
+
+
+def test_all_finite():
+    ok = {"a": np.ones((3, 4), np.float32), "b": np.full(5, 3e37, np.float32)}
+    assert optim.all_finite(ok)
+    for bad in (np.nan, np.inf, -np.inf):
+        t = {"a": np.ones((3, 4), np.float32), "b": np.zeros(5)}
+        t["b"][2] = bad
+        assert not optim.all_finite(t)

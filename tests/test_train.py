@@ -225,7 +225,9 @@ def test_cli_output_and_flag_mistakes_are_one_line(tmp_path):
     assert r.returncode == 2 and "--grad_clip must be >= 0" in r.stderr
 
 
-def test_sigint_saves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_saves_a_loadable_checkpoint(tmp_path, sig):
+    """Ctrl-C, and SIGTERM (kill, systemd, schedulers), save after the current step and exit 0."""
     np.savez(tmp_path / "tok.npz", tiny_tokens())
     env = dict(os.environ, PYTHONPATH=str(REPO), NPGPT2_PLAIN="1")
     proc = subprocess.Popen([sys.executable, "-m", "npgpt2.cli", "train", "--dataset", str(tmp_path / "tok.npz"),
@@ -241,12 +243,13 @@ def test_sigint_saves_a_loadable_checkpoint(tmp_path):
             if seen >= 3 or time.time() > deadline:
                 break
         assert seen >= 3
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
+    assert f"{sig.name}: saving after this step" in err
     step = int(re.search(r"Interrupted at step (\d+)", out).group(1))
     assert step >= 3
     run = tmp_path / "ck" / "r"
@@ -255,3 +258,252 @@ def test_sigint_saves_a_loadable_checkpoint(tmp_path):
     assert (run / f"train_state-{step}.npz").exists() and (run / f"model-{step}.index").exists()
     _, state = restore(tiny_cfg(tmp_path, checkpoint_dir=str(tmp_path / "ck")), run)
     assert int(state["step"]) == step
+
+
+# ---------------------------------------------------------------- crash safety and stopping (issue 11)
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, not even atomic_write's cleanup."""
+
+
+def kill_at(monkeypatch, k):
+    """Make the k-th os.replace / os.unlink call (and every file operation after it) die."""
+    calls = [0]
+    real = {"replace": os.replace, "unlink": os.unlink}
+
+    def wrap(name):
+        def op(*a, **kw):
+            calls[0] += 1
+            if calls[0] >= k:
+                raise Killed(f"killed at file operation {calls[0]} ({name})")
+            return real[name](*a, **kw)
+        return op
+    for name in real:
+        monkeypatch.setattr(os, name, wrap(name))
+    return calls
+
+
+def named_checkpoint_is_complete(run):
+    """The `checkpoint` file names a model-<step> whose index and data exist (no fallback)."""
+    text = (run / "checkpoint").read_text()
+    name = re.search(r'model_checkpoint_path: "([^"]+)"', text).group(1)
+    return (run / f"{name}.index").is_file() and (run / f"{name}.data-00000-of-00001").is_file()
+
+
+def test_a_kill_at_any_file_operation_of_a_save_leaves_an_exactly_resumable_run(tmp_path, monkeypatch):
+    """--save_every 1 --max_to_keep 1: kill the save of step 3 at each of its file operations;
+    the `checkpoint` file still names a complete checkpoint, and resuming to step 4 gives the
+    weights of an uninterrupted run, bit for bit."""
+    tokens = tiny_tokens()
+    kw = dict(save_every=1, max_to_keep=1)
+    run_fit(tiny_cfg(tmp_path, run_name="straight", steps=4, **kw), tokens)
+    want = npgpt2.load_model(tmp_path / "checkpoint" / "straight").params
+    k = 1
+    while True:
+        name = f"k{k}"
+        run = tmp_path / "checkpoint" / name
+        run_fit(tiny_cfg(tmp_path, run_name=name, steps=2, **kw), tokens)
+        with monkeypatch.context() as m:
+            kill_at(m, k)
+            try:
+                run_fit(tiny_cfg(tmp_path, run_name=name, steps=1, **kw), tokens)
+                finished = True
+            except Killed:
+                finished = False
+        assert named_checkpoint_is_complete(run), f"killed at operation {k}"
+        cfg = tiny_cfg(tmp_path, run_name=name, **kw)
+        model, state = restore(cfg, run)
+        done = int(state["step"])
+        assert done in (2, 3)
+        cfg.steps = 4 - done
+        fit(model, tokens, cfg, run, state=state)
+        got = npgpt2.load_model(run).params
+        assert all(np.array_equal(got[p], want[p]) for p in want), f"killed at operation {k}"
+        if finished:
+            break
+        k += 1
+    assert k >= 6  # the save really went through its writes, pointing and pruning
+
+
+def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
+    from npgpt2.checkpoint import latest_checkpoint
+    run_fit(tiny_cfg(tmp_path, steps=3, save_every=1, max_to_keep=3), tiny_tokens())
+    run = tmp_path / "checkpoint" / "r"
+    for f in run.glob("model-3.*"):
+        f.unlink()
+    (run / "model-2.data-00000-of-00001").unlink()  # model-2 is incomplete too
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(run) == str(run / "model-1")
+    assert "names checkpoint 'model-3', which is missing" in caplog.text
+    model, state = restore(tiny_cfg(tmp_path), run)
+    assert int(state["step"]) == 1
+
+
+def test_run_name_dot_and_dotdot_are_refused(tmp_path):
+    for bad in (".", "..", "a/b", ""):
+        with pytest.raises(Npgpt2Error, match="--run_name must be a plain folder name"):
+            train(tiny_cfg(tmp_path, dataset="x.npz", run_name=bad, steps=1))
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_non_finite_training_stops_before_saving(tmp_path, monkeypatch):
+    np.savez(tmp_path / "tok.npz", tiny_tokens())
+    with pytest.raises(Npgpt2Error, match="--learning_rate must be a finite number > 0, got inf"):
+        train(tiny_cfg(tmp_path, dataset=str(tmp_path / "tok.npz"), learning_rate=float("inf")))
+    # a finite learning rate whose SGD update overflows float32
+    cfg = tiny_cfg(tmp_path, steps=3, save_every=1, optimizer="sgd", learning_rate=1e300, grad_clip=0)
+    with pytest.raises(Npgpt2Error, match=r"the update at step 1 .* made the weights non-finite"):
+        run_fit(cfg, tiny_tokens())
+    assert not (tmp_path / "checkpoint" / "r" / "checkpoint").exists()
+    # gradients that are NaN while the loss is finite (after a good step 1 is saved)
+    run_fit(tiny_cfg(tmp_path, run_name="g", steps=1, save_every=1), tiny_tokens())
+    from npgpt2.model import GPT2
+    real = GPT2.loss_and_grads
+
+    def nan_grads(self, inputs, targets):
+        loss, grads = real(self, inputs, targets)
+        grads["model/wte"][0, 0] = np.nan
+        return loss, grads
+    monkeypatch.setattr(GPT2, "loss_and_grads", nan_grads)
+    with pytest.raises(Npgpt2Error, match="the gradients' norm became nan at step 2"):
+        run_fit(tiny_cfg(tmp_path, run_name="g", steps=2, save_every=1), tiny_tokens())
+    run = tmp_path / "checkpoint" / "g"
+    assert sorted(p.name for p in run.glob("model-*.index")) == ["model-1.index"]
+    assert all(np.isfinite(v).all() for v in npgpt2.load_model(run).params.values())
+
+
+def test_a_failure_writing_samples_saves_first(tmp_path, monkeypatch):
+    import npgpt2.train as train_mod
+
+    def broken(model, tokenizer, cfg, step, run_name):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "samples" / "r" / f"samples-{step}"))
+    monkeypatch.setattr(train_mod, "write_samples", broken)
+    cfg = tiny_cfg(tmp_path, steps=5, sample_every=2)
+    run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
+    model, state = restore(cfg, run_dir)
+    with pytest.raises(Npgpt2Error, match=r"cannot write samples at step 2 \(.*samples-2: Permission denied\); "
+                                          r"the run was saved at that step"):
+        fit(model, tiny_tokens(), cfg, run_dir, tokenizer=npgpt2.load_tokenizer(), state=state)
+    _, state = restore(cfg, run_dir)
+    assert int(state["step"]) == 2 and "sampler" in state
+
+
+def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch):
+    import npgpt2.train as train_mod
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the inputs were checked")
+    monkeypatch.setattr(train_mod, "restore", no_load)
+    with pytest.raises(Npgpt2Error, match=r"missing\.npz: no such file.*\(--dataset\)"):
+        train(tiny_cfg(tmp_path, dataset=str(tmp_path / "missing.npz"), steps=1))
+    np.savez(tmp_path / "tok.npz", tiny_tokens())
+    with pytest.raises(Npgpt2Error, match=r"gone\.txt: no such file.*\(--val_dataset\)"):
+        train(tiny_cfg(tmp_path, dataset=str(tmp_path / "tok.npz"), val_dataset=str(tmp_path / "gone.txt")))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Npgpt2Error, match=r"cannot make the samples folder \(--sample_dir\)"):
+        train(tiny_cfg(tmp_path, dataset=str(tmp_path / "tok.npz"), sample_every=1, sample_dir=str(tmp_path / "file")))
+
+
+# ---------------------------------------------------------------- progress on a terminal, the demo's folder
+def run_cli_tty(*args, cwd=None, timeout=300):
+    """Run the CLI with stderr on a pseudo-terminal; returns (returncode, stdout, terminal text)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
+    env = dict(os.environ, PYTHONPATH=str(REPO), NPGPT2_PLAIN="1", COLUMNS="120")
+    proc = subprocess.Popen([sys.executable, "-m", "npgpt2.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=slave, stdin=subprocess.DEVNULL, cwd=cwd, env=env, text=True)
+    os.close(slave)
+    chunks = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the other end closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+        os.close(master)
+    return proc.returncode, out, b"".join(chunks).decode("utf-8", "replace")
+
+
+BAR = re.compile(r"\d+%\|.*\| *(\d+)/(\d+) \[[\d:]+<[\d:?]+, ")  # tqdm: percent, count/total, elapsed<ETA
+
+
+def test_train_and_eval_show_a_progress_bar_on_a_terminal(tmp_path):
+    np.savez(tmp_path / "tok.npz", tiny_tokens(600))
+    rc, out, tty = run_cli_tty("train", "--dataset", tmp_path / "tok.npz", "--models_dir", FIX, "--model_name",
+                               "tiny", "--checkpoint_dir", tmp_path / "ck", "--steps", 6, "--context", 8,
+                               "--sample_every", 0, "--seed", 1)
+    assert rc == 0, tty
+    counts = [(int(a), int(b)) for a, b in BAR.findall(tty)]
+    assert (6, 6) in counts and "tok/s=" in tty and ("step/s" in tty or "s/step" in tty)
+    assert STEP_LINE.search(tty)  # the log lines still print, above the bar
+    rc, out, tty = run_cli_tty("eval", "--dataset", tmp_path / "tok.npz", "--models_dir", tmp_path / "ck",
+                               "--model_name", "run1", "--context", 8)
+    assert rc == 0, tty
+    assert (75, 75) in [(int(a), int(b)) for a, b in BAR.findall(tty)] and "window" in tty  # 599 / 8 windows
+    assert "loss " in out
+
+
+def test_eval_logs_plain_progress_without_a_terminal(tmp_path):
+    np.savez(tmp_path / "tok.npz", tiny_tokens(600))
+    r = run_cli("eval", "--dataset", tmp_path / "tok.npz", "--models_dir", FIX, "--model_name", "tiny",
+                "--context", 8)
+    assert r.returncode == 0, r.stderr
+    assert "eval: 16 of 75 windows" in r.stderr and "\r" not in r.stderr
+
+
+def test_demo_folder_loads_for_prompt_and_its_tokens_round_trip(tmp_path):
+    """demo --quick writes its default folder (announced at the start and the end), which
+    loads as a model folder: its tokenizer speaks the compact ids, and `prompt` generates."""
+    from npgpt2.compact_vocab import CompactTokenizer
+    rc, out, tty = run_cli_tty("demo", "--quick", "--steps", 6, cwd=tmp_path)
+    assert rc == 0, tty
+    run = tmp_path / "checkpoint" / "demo"
+    assert out.startswith("Training a small GPT-2 on the bundled Jargon File; the run goes to checkpoint/demo/")
+    assert (6, 6) in [(int(a), int(b)) for a, b in BAR.findall(tty)]
+    assert "npgpt2 explain --models_dir checkpoint --model_name demo" in out
+    assert {"checkpoint", "model-6.index", "compact_vocab.npy", "samples.txt"} <= set(os.listdir(run))
+    assert "======== SAMPLE 1 ========\nhacker:" in (run / "samples.txt").read_text(encoding="utf-8")
+    model, tok = npgpt2.load_model(run), npgpt2.load_tokenizer(run)
+    assert isinstance(tok, CompactTokenizer) and tok.n_vocab == model.hparams["n_vocab"]
+    gpt2 = npgpt2.load_tokenizer()
+    text = "hacker: a person who enjoys exploring the details of programmable systems"
+    ids = tok.encode(text)
+    assert max(ids) < tok.n_vocab and tok.decode(ids) == text
+    # the compact ids name the same tokens as GPT-2's ids (tiktoken-checked elsewhere)
+    assert [int(tok.vocab[i]) for i in ids] == gpt2.encode(text)
+    with pytest.raises(Npgpt2Error, match=r"compact_vocab\.npy: the text has the token .* \(GPT-2 id \d+\), "
+                                          r"which is not among this model's \d+ tokens"):
+        tok.encode("Ωμέγα 漢字")
+    r = run_cli("prompt", "--models_dir", tmp_path / "checkpoint", "--model_name", "demo", "--length", 5,
+                "--seed", 1, stdin="kludge:\n")
+    assert r.returncode == 0, r.stderr
+    assert "SAMPLE 1" in r.stdout and len(r.stdout.split("SAMPLE 1")[1].strip("= \n")) > 0
+    r = run_cli("prompt", "--models_dir", tmp_path / "checkpoint", "--model_name", "demo", stdin="漢字\n")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not among this model's" in r.stderr
+    r = run_cli("generate", "--models_dir", tmp_path / "checkpoint", "--model_name", "demo", "--length", 5)
+    assert r.returncode == 2 and "vocabulary has no <|endoftext|> token" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_refuses_an_out_folder_holding_another_model(tmp_path):
+    from npgpt2.demo import run_demo
+    run_fit(tiny_cfg(tmp_path, steps=1), tiny_tokens())
+    run = tmp_path / "checkpoint" / "r"
+    with pytest.raises(Npgpt2Error, match="holds a model that is not a demo run; give another --out"):
+        run_demo(quick=True, steps=1, out_dir=run)
+    assert (run / "model-1.index").exists()

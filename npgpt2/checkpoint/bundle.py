@@ -31,6 +31,8 @@ DTYPE_NAMES = {1: "DT_FLOAT", 2: "DT_DOUBLE", 3: "DT_INT32", 4: "DT_UINT8", 5: "
 _ENUM_OF = {np.dtype(t): e for e, t in DTYPES.items()}
 BUNDLE_VERSION = 1  # kTensorBundleVersion: the format version we implement
 _CHUNK = 16 << 20  # bytes per read when checksumming a memory-mapped tensor
+MAX_DIMS = 64  # NumPy's (and TensorFlow's TensorShape's) limit on a tensor's rank
+MAX_BYTES = 2**63 - 1  # byte offsets and sizes are int64 in the format
 
 
 def index_path(prefix):
@@ -90,10 +92,20 @@ def _check_entry(path, name, entry, num_shards):
                           "supported: float32, float16, float64, int32, int64, bool")
     if entry.unknown_rank or any(d < 0 for d in entry.shape):
         raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' has an unknown shape {entry.shape}")
+    if len(entry.shape) > MAX_DIMS:
+        raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' has {len(entry.shape)} dimensions "
+                          f"(at most {MAX_DIMS})")
+    count = bound = 1
+    for d in entry.shape:  # Python ints: the products cannot wrap around
+        count *= d
+        bound *= max(d, 1)  # NumPy refuses a shape like (0, 2**62, 2**62) too
+    if bound * np.dtype(DTYPES[entry.dtype]).itemsize > MAX_BYTES:
+        raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' of shape {entry.shape} would need "
+                          f"more than 2**63 bytes")
     if not 0 <= entry.shard_id < num_shards:
         raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' is in shard {entry.shard_id} "
                           f"but the bundle has {num_shards}")
-    nbytes = int(np.prod(entry.shape, dtype=np.int64)) * np.dtype(DTYPES[entry.dtype]).itemsize
+    nbytes = count * np.dtype(DTYPES[entry.dtype]).itemsize
     if entry.size != nbytes or entry.offset < 0:
         raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' of shape {entry.shape} "
                           f"should have {nbytes} bytes but its entry says {entry.size}")
@@ -273,6 +285,8 @@ def _unescape(text):
             j = i + 1
             while j < len(text) and j < i + 3 and text[j] in "0123456789abcdefABCDEF":
                 j += 1
+            if j == i + 1:
+                raise ValueError(f"'\\{c}' without hex digits")
             out.append(int(text[i + 1:j], 16))
             i = j
         else:
@@ -312,7 +326,10 @@ def _parse_state(path):
         m = _FIELD_RE.match(line)
         if not m:
             continue  # other fields (timestamps) and blank lines
-        value = _unescape(m.group(2) if m.group(2) is not None else m.group(3))
+        try:
+            value = _unescape(m.group(2) if m.group(2) is not None else m.group(3))
+        except ValueError as e:
+            raise Npgpt2Error(f"{path}: bad escape in the {m.group(1)} line ({e})") from None
         if m.group(1) == "model_checkpoint_path":
             state["model_checkpoint_path"] = value
         elif m.group(1) == "all_model_checkpoint_paths":
@@ -336,7 +353,8 @@ def latest_checkpoint(model_dir):
 
     Follows the `checkpoint` text file's model_checkpoint_path (relative to model_dir, or
     absolute; an absolute path that no longer exists is looked up by its basename in
-    model_dir). Without a `checkpoint` file, a folder holding exactly one `*.index` uses it.
+    model_dir). When the named checkpoint is gone, the newest complete `model-<step>` is used,
+    with a warning. Without a `checkpoint` file, a folder holding exactly one `*.index` uses it.
     """
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
@@ -348,6 +366,11 @@ def latest_checkpoint(model_dir):
             raise Npgpt2Error(f"{state_path}: no model_checkpoint_path line")
         prefix = _resolve(model_dir, name)
         if prefix is None:
+            prefix = _newest_complete_step(model_dir)
+            if prefix is not None:
+                log.warning("%s: names checkpoint '%s', which is missing; using the newest complete "
+                            "one, %s", state_path, name, os.path.basename(prefix))
+                return prefix
             raise Npgpt2Error(f"{state_path}: names checkpoint '{name}' but {index_path(name)} "
                               f"does not exist in {model_dir}")
         return prefix
@@ -358,6 +381,17 @@ def latest_checkpoint(model_dir):
         raise Npgpt2Error(f"{model_dir}: no checkpoint here (no `checkpoint` file and no *.index file)")
     raise Npgpt2Error(f"{state_path}: missing, and {model_dir} holds {len(found)} *.index files; "
                       "cannot tell which checkpoint is newest")
+
+
+def _newest_complete_step(model_dir):
+    """The prefix of the highest-numbered `model-<step>` with its index and data files, or None
+    (what a crash between pruning and naming, or a hand-deleted checkpoint, leaves usable)."""
+    steps = []
+    for path in glob.glob(os.path.join(glob.escape(model_dir), "model-*.index")):
+        digits = os.path.basename(path)[len("model-"):-len(".index")]
+        if digits.isdigit() and os.path.isfile(data_path(path[:-len(".index")])):
+            steps.append(int(digits))
+    return os.path.join(model_dir, f"model-{max(steps)}") if steps else None
 
 
 def write_checkpoint_state(model_dir, prefix_name, all_prefix_names=None):
