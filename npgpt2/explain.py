@@ -62,8 +62,9 @@ def check_page_size(hparams, n_tokens, layer=None):
     L, NH = hparams["n_layer"], hparams["n_head"]
     n = (1 if layer is not None else L) * NH * n_tokens * (n_tokens + 1) // 2
     if n > MAX_PAGE_WEIGHTS:
-        raise Npgpt2Error(f"--layer: the attention of {'layer ' + str(layer) if layer is not None else 'all ' + str(L) + ' layers'}"
-                          f" for {n_tokens} tokens is {n / 1e6:.0f}M weights (~{mb(6 * n)} of HTML); "
+        which = f"layer {layer}" if layer is not None else f"all {L} layers"
+        raise Npgpt2Error(f"--layer: the attention of {which} for {n_tokens} tokens is {n / 1e6:.0f}M weights "
+                          f"(~{mb(6 * n)} of HTML); "
                           f"choose one layer with --layer N or a shorter text")
 
 

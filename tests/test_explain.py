@@ -271,7 +271,8 @@ def test_out_writes_one_self_contained_file(capsys, tmp_path):
     assert f"Wrote {out}" in capsys.readouterr().out
     assert "http://" not in page and "https://" not in page and " src=" not in page
     # the report is in the page and reads back intact, "</script>" in a token included
-    start = page.index('<script id="report-data" type="application/json">') + len('<script id="report-data" type="application/json">')
+    tag = '<script id="report-data" type="application/json">'
+    start = page.index(tag) + len(tag)
     data = json.loads(page[start:page.index("</script>", start)])
     assert data["text"] == "Hello </script><b>there"
     assert data["attention"]["layers"] == [0, 1]
@@ -283,7 +284,8 @@ def test_page_size_guard_names_the_flag():
     """A 1024-token page of every 124M head would be ~450 MB: --out asks for one layer instead."""
     from npgpt2.model import MODEL_HPARAMS
     hp = MODEL_HPARAMS["124M"]
-    with pytest.raises(npgpt2.Npgpt2Error, match=r"^--layer: the attention of all 12 layers for 1024 tokens is 76M"):
+    with pytest.raises(npgpt2.Npgpt2Error,
+                       match=r"^--layer: the attention of all 12 layers for 1024 tokens is 76M"):
         explain.check_page_size(hp, 1024)
     explain.check_page_size(hp, 1024, layer=5)  # 6.3M weights: fine
     explain.check_page_size(hp, 256)            # every layer of a 256-token text: fine
