@@ -441,6 +441,45 @@ def cmd_explain(args):
         print(f"\nWrote {args.out} ({explain.mb(len(page))}): open it in a browser")
 
 
+def cmd_gradcheck(args):
+    """Every backward in layers.py, then a model's gradients, against central finite differences."""
+    import os
+    import time
+    import numpy as np
+    from . import gradcheck
+    from .model import load_model, resolve_model_dir
+    if args.entries is not None and args.entries < 1:
+        raise Npgpt2Error(f"--entries must be >= 1, got {args.entries}")
+    t0 = time.perf_counter()
+    if args.model_name:  # a bad folder fails before any check runs
+        model = load_model(resolve_model_dir(args.models_dir, args.model_name), dtype=np.float64)
+        what = f"{args.models_dir}/{args.model_name}"
+    else:
+        model, what = gradcheck.tiny_model(args.seed), "a tiny random 2-layer model"
+    rows = gradcheck.check_layers(seed=args.seed)
+    print("\n".join(gradcheck.format_table(rows, "layers.py, float64, each backward vs central differences:")))
+    entries = args.entries or gradcheck.default_entries(model)
+    if sys.stderr.isatty():  # a 124M check takes a while: show it moving
+        from tqdm import tqdm
+        with tqdm(total=len(model.params), unit="tensor", dynamic_ncols=True, leave=False) as bar:
+            model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed,
+                                               progress=lambda done, total: bar.update(1))
+    else:
+        model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed)
+    path = "Numba kernels" if os.environ.get("NPGPT2_PLAIN", "") in ("", "0") else "plain layers.py"
+    print()
+    print("\n".join(gradcheck.format_table(
+        model_rows, f"{what} ({path}), loss_and_grads vs central differences on "
+                    f"{entries} sampled entries per tensor:")))
+    rows += model_rows
+    bad = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} checks passed in {time.perf_counter() - t0:.1f} s")
+    if bad:
+        print("FAILED: " + ", ".join(f"{r.name} ({r.worst}, error {r.error:.1e} > {r.tol:.0e})" for r in bad))
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser():
     parser = Parser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
@@ -570,6 +609,13 @@ def build_parser():
                    help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "
                         "(default %(default)s: --models_dir checkpoint --model_name demo)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (float64)")
+    p.add_argument("--model_name", default=None, help="also check this model folder (default: a tiny random model)")
+    p.add_argument("--models_dir", default="weights", help="folder holding model folders (default %(default)s)")
+    p.add_argument("--entries", type=int, default=None,
+                   help="sampled entries per parameter tensor (default 2; 1 above 10M parameters)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes' values, tokens and samples (default 0)")
+    p.set_defaults(func=cmd_gradcheck)
     for p in sub.choices.values():
         p.set_defaults(subparser=p)
     return parser
