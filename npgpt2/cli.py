@@ -413,6 +413,35 @@ def cmd_demo(args):
     print(f"Prompt it:       echo \"kludge:\" | npgpt2 prompt {where}")
 
 
+def cmd_explain(args):
+    """What the model computes for a text: next tokens, logit lens, attention, attributions."""
+    import shutil
+    from . import explain
+    from .fsutil import atomic_write
+    text = args.text
+    if text is None:  # from stdin; a piped line's newline is not part of the text
+        text = sys.stdin.read()
+        text = text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise Npgpt2Error("text is empty (give it as an argument or on stdin)")
+    if args.layer is not None and not args.out:
+        raise Npgpt2Error("--layer chooses the attention patterns written with --out; give --out too")
+    model, enc = load_for_generation(args)
+    ids, note = explain.encode_text(enc, text, model.hparams["n_ctx"])
+    if args.out:
+        explain.check_page_size(model.hparams, len(ids), args.layer)
+    # the terminal needs the logit lens at the last position only and no attention patterns
+    full = bool(args.out)
+    report = explain.report_for_ids(model, enc, ids, args.top_k, args.lens_k, args.layer, note=note, text=text,
+                                    lens_positions="all" if full else "last", patterns=full)
+    print(explain.format_report(report, shutil.get_terminal_size((100, 24)).columns))
+    if args.out:
+        page = explain.page_html(report).encode("utf-8")
+        with atomic_write(args.out) as f:
+            f.write(page)
+        print(f"\nWrote {args.out} ({explain.mb(len(page))}): open it in a browser")
+
+
 def cmd_gradcheck(args):
     """Every backward in layers.py, then a model's gradients, against central finite differences."""
     import os
@@ -567,6 +596,15 @@ def build_parser():
     add_keep_crlf_flag(p)
     p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="look inside the model: next tokens, logit lens, attention heads, attributions")
+    p.add_argument("text", nargs="?", default=None, help="the text (default: read from stdin)")
+    add_model_flags(p)
+    p.add_argument("--top_k", type=int, default=10, help="next tokens to list (default %(default)s)")
+    p.add_argument("--lens_k", type=int, default=3, help="logit-lens tokens per layer (default %(default)s)")
+    p.add_argument("--out", default=None, help="also write a self-contained HTML report to this file")
+    p.add_argument("--layer", type=int, default=None, help="with --out: only this layer's attention patterns (default all)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
