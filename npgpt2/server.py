@@ -45,6 +45,7 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 
+from . import explain
 from .chat import DEFAULT_BOT_TAG, DEFAULT_USER_TAG, build_prompt, check_tags, stop_strings
 from .errors import Npgpt2Error
 from .server_fields import BadRequest, parse_explain, parse_messages, parse_options, string
@@ -116,7 +117,7 @@ class App:
         self.limits = limits.resolved(self.n_ctx)
         self.user_tag, self.bot_tag = user_tag, bot_tag
         self.model_name = model_name or (model.source_dir.name if model.source_dir else "model")
-        self.pages = {"/": PAGE.read_bytes(), "/explain": explain_page()}
+        self.pages = {"/": PAGE.read_bytes(), "/explain": explain.page_html().encode("utf-8")}
         self.jobs = {"/v1/generate": self.generate_job, "/v1/chat": self.chat_job,
                      "/v1/explain": self.explain_job}
         self.worker = Worker(model, tokenizer, self.limits.max_queue)
@@ -177,15 +178,6 @@ class App:
             raise BadRequest(f'"text" is {T} tokens: the attention patterns of {which} would be {weights:,} '
                              f"numbers, more than the {MAX_PATTERN_WEIGHTS:,} one answer may hold; send a shorter text")
         return Job(explain_task, deadline, stops_at_deadline=False, **args)
-
-
-def explain_page():
-    """The explain page's HTML as bytes; a placeholder until explain.py exists."""
-    try:
-        from . import explain
-    except ImportError:
-        return b"<!doctype html><title>explain</title><p>npgpt2.explain is not installed.</p>"
-    return explain.page_html().encode("utf-8")
 
 
 def waiting_cap(max_connections):

@@ -12,7 +12,9 @@ from http import HTTPStatus
 
 import numpy as np
 
+from . import explain
 from .chat import CachedContext, ReplyText
+from .errors import Npgpt2Error
 from .sampling import TextStream, generate_stream
 from .server_fields import BadRequest
 
@@ -151,8 +153,6 @@ def generate_task(worker, job):
 def explain_task(worker, job):
     """One `explain.build_report`. It cannot stop half-way: the client is answered 504 at the
     deadline, and the text's size is bounded up front (at most --max_prompt_tokens)."""
-    from . import explain
-    from .errors import Npgpt2Error
     try:
         report = explain.build_report(worker.model, worker.tokenizer, **job.fields)
     except Npgpt2Error as e:

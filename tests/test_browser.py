@@ -1,5 +1,7 @@
-"""The chat page in a real browser: Debian's headless Chromium, driven with the Chrome
-DevTools Protocol, types a message, presses Enter and watches the reply stream into the page.
+"""The server's pages in a real browser: Debian's headless Chromium, driven with the Chrome
+DevTools Protocol. On the chat page it types a message, presses Enter and watches the reply
+stream into the page; on /explain it submits a text, reads the heatmap's pixels and moves
+the temperature slider.
 
 CDP runs over --remote-debugging-pipe (JSON messages separated by NUL bytes on fds 3 and 4)
 rather than a websocket: the same protocol with no listening port, no websocket framing code
@@ -264,7 +266,6 @@ SHOWN_PROBS = "[...document.querySelectorAll('#dist tr.surv')].map(r => [Number(
 def test_explain_page_in_headless_chromium(tmp_path):
     """/explain: type a text, submit, see the attention heatmap drawn from the API's
     weights, move the temperature slider and read the changed probabilities."""
-    pytest.importorskip("npgpt2.explain")
     import numpy as np
     model, tok = npgpt2.load_model(FULL), npgpt2.load_tokenizer(FULL)
     text = "The quick brown fox jumps over the lazy"

@@ -761,7 +761,6 @@ def test_explain_routes_and_methods(server):
 
 
 def test_explain_answers_the_report(server):
-    pytest.importorskip("npgpt2.explain")
     text = "The quick brown fox"
     ids = npgpt2.load_tokenizer(FULL).encode(text)
     one = post(server.url + "v1/explain", {"text": text, "layer": 1, "top_k": 3})
