@@ -249,7 +249,8 @@ def cmd_serve(args):
     import signal
     from .server import Limits, Server
     limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
-                    timeout=args.timeout, max_queue=args.max_queue)
+                    timeout=args.timeout, max_queue=args.max_queue, max_connections=args.max_connections,
+                    read_timeout=args.read_timeout)
     limits.check()
     model, enc = load_for_generation(args)
     server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
@@ -425,6 +426,35 @@ def cmd_demo(args):
     print(f"Prompt it:       echo \"kludge:\" | npgpt2 prompt {where}")
 
 
+def cmd_explain(args):
+    """What the model computes for a text: next tokens, logit lens, attention, attributions."""
+    import shutil
+    from . import explain
+    from .fsutil import atomic_write
+    text = args.text
+    if text is None:  # from stdin; a piped line's newline is not part of the text
+        text = sys.stdin.read()
+        text = text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise Npgpt2Error("text is empty (give it as an argument or on stdin)")
+    if args.layer is not None and not args.out:
+        raise Npgpt2Error("--layer chooses the attention patterns written with --out; give --out too")
+    model, enc = load_for_generation(args)
+    ids, note = explain.encode_text(enc, text, model.hparams["n_ctx"])
+    if args.out:
+        explain.check_page_size(model.hparams, len(ids), args.layer)
+    # the terminal needs the logit lens at the last position only and no attention patterns
+    full = bool(args.out)
+    report = explain.report_for_ids(model, enc, ids, args.top_k, args.lens_k, args.layer, note=note, text=text,
+                                    lens_positions="all" if full else "last", patterns=full)
+    print(explain.format_report(report, shutil.get_terminal_size((100, 24)).columns))
+    if args.out:
+        page = explain.page_html(report).encode("utf-8")
+        with atomic_write(args.out) as f:
+            f.write(page)
+        print(f"\nWrote {args.out} ({explain.mb(len(page))}): open it in a browser")
+
+
 def cmd_gradcheck(args):
     """Every backward in layers.py, then a model's gradients, against central finite differences."""
     import os
@@ -512,7 +542,7 @@ def build_parser():
     add_chat_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, streaming) and a chat page")
+    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, /v1/explain, streaming), chat and explain pages")
     add_model_flags(p)
     add_dtype_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
@@ -521,9 +551,13 @@ def build_parser():
     p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag in /v1/chat (default %(default)s)")
     p.add_argument("--max_body", type=int, default=256 * 1024, help="largest request body in bytes (default %(default)s)")
     p.add_argument("--max_length", type=int, default=None, help="most tokens one request may ask for (default n_ctx - 1)")
-    p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt in tokens (default 8 * n_ctx)")
+    p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt or /v1/explain text in tokens (default 8 * n_ctx)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included (default %(default)s)")
     p.add_argument("--max_queue", type=int, default=64, help="requests queued or running before new ones get 503 (default %(default)s)")
+    p.add_argument("--max_connections", type=int, default=64,
+                   help="requests read or answered at once before new ones get 503 (default %(default)s)")
+    p.add_argument("--read_timeout", type=float, default=10.0,
+                   help="seconds a client may take to send a request's headers, and again its body (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")
@@ -584,6 +618,15 @@ def build_parser():
     p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
     add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="look inside the model: next tokens, logit lens, attention heads, attributions")
+    p.add_argument("text", nargs="?", default=None, help="the text (default: read from stdin)")
+    add_model_flags(p)
+    p.add_argument("--top_k", type=int, default=10, help="next tokens to list (default %(default)s)")
+    p.add_argument("--lens_k", type=int, default=3, help="logit-lens tokens per layer (default %(default)s)")
+    p.add_argument("--out", default=None, help="also write a self-contained HTML report to this file")
+    p.add_argument("--layer", type=int, default=None, help="with --out: only this layer's attention patterns (default all)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
