@@ -46,11 +46,24 @@ def add_sampling_flags(p):
     p.add_argument("--truncate", default=None, help='stop a sample as soon as this text appears, e.g. "<|endoftext|>"')
 
 
+def add_dtype_flag(p):
+    p.add_argument("--dtype", default="float32", type=dtype_choice,
+                   help="weights: float32 (default) or int8 (8-bit, about 2x faster generation; quantised at load)")
+
+
+def dtype_choice(text):
+    from .quant import check_dtype
+    try:
+        return check_dtype(text)
+    except Npgpt2Error as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
 def load_for_generation(args):
     from .model import load_model, resolve_model_dir
     from .tokenizer import load_tokenizer
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    model, tokenizer = load_model(model_dir, dtype=args.dtype), load_tokenizer(model_dir)
     if tokenizer.n_vocab != model.hparams["n_vocab"]:
         log.warning("%s: the tokenizer has %d ids but the model %d; the text will not be the model's", model_dir,
                     tokenizer.n_vocab, model.hparams["n_vocab"])
@@ -240,7 +253,8 @@ def cmd_serve(args):
     import signal
     from .server import Limits, Server
     limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
-                    timeout=args.timeout, max_queue=args.max_queue)
+                    timeout=args.timeout, max_queue=args.max_queue, max_connections=args.max_connections,
+                    read_timeout=args.read_timeout)
     limits.check()
     model, enc = load_for_generation(args)
     server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
@@ -269,7 +283,7 @@ def cmd_download(args):
 def cmd_convert(args):
     """Convert weights between an OpenAI TF folder, a .npz and a Hugging Face folder."""
     from .convert import convert
-    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force))
+    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force, dtype=args.dtype))
 
 
 # ---------------------------------------------------------------- encode, train, eval, demo
@@ -367,7 +381,7 @@ def cmd_eval(args):
     expand_paths(args.dataset, "--dataset")  # bad inputs are reported before the model loads
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
     T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=args.dtype)
     tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine,
                           keep_crlf=args.keep_crlf)
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
@@ -416,6 +430,35 @@ def cmd_demo(args):
                                          " (no loss.png: pip install 'npgpt2[plot]')") + ".")
     print(f"Look inside it:  npgpt2 explain {where} \"hacker: a person who\"")
     print(f"Prompt it:       echo \"kludge:\" | npgpt2 prompt {where}")
+
+
+def cmd_explain(args):
+    """What the model computes for a text: next tokens, logit lens, attention, attributions."""
+    import shutil
+    from . import explain
+    from .fsutil import atomic_write
+    text = args.text
+    if text is None:  # from stdin; a piped line's newline is not part of the text
+        text = sys.stdin.read()
+        text = text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise Npgpt2Error("text is empty (give it as an argument or on stdin)")
+    if args.layer is not None and not args.out:
+        raise Npgpt2Error("--layer chooses the attention patterns written with --out; give --out too")
+    model, enc = load_for_generation(args)
+    ids, note = explain.encode_text(enc, text, model.hparams["n_ctx"])
+    if args.out:
+        explain.check_page_size(model.hparams, len(ids), args.layer)
+    # the terminal needs the logit lens at the last position only and no attention patterns
+    full = bool(args.out)
+    report = explain.report_for_ids(model, enc, ids, args.top_k, args.lens_k, args.layer, note=note, text=text,
+                                    lens_positions="all" if full else "last", patterns=full)
+    print(explain.format_report(report, shutil.get_terminal_size((100, 24)).columns))
+    if args.out:
+        page = explain.page_html(report).encode("utf-8")
+        with atomic_write(args.out) as f:
+            f.write(page)
+        print(f"\nWrote {args.out} ({explain.mb(len(page))}): open it in a browser")
 
 
 def cmd_gradcheck(args):
@@ -483,34 +526,44 @@ def build_parser():
     p.add_argument("--from", dest="src_fmt", choices=["tf", "npz", "hf"], default=None,
                    help="input format when the folder holds two")
     p.add_argument("--force", action="store_true", help="replace a model already at DST")
+    p.add_argument("--dtype", default="float32", type=dtype_choice,
+                   help="float32 (default: the same bits) or int8 (8-bit weights, an OpenAI-layout folder; see HACKING.md)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="unconditional samples (generate_unconditional_samples.py)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("prompt", help="samples for prompts read from stdin (interactive_conditional_samples.py)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_prompt)
 
     p = sub.add_parser("chat", help="a conversation with the model, with history (/help inside)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_chat_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, streaming) and a chat page")
+    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, /v1/explain, streaming), chat and explain pages")
     add_model_flags(p)
+    add_dtype_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 = any free port)")
     p.add_argument("--user_tag", default="User:", help="the user's speaker tag in /v1/chat (default %(default)s)")
     p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag in /v1/chat (default %(default)s)")
     p.add_argument("--max_body", type=int, default=256 * 1024, help="largest request body in bytes (default %(default)s)")
     p.add_argument("--max_length", type=int, default=None, help="most tokens one request may ask for (default n_ctx - 1)")
-    p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt in tokens (default 8 * n_ctx)")
+    p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt or /v1/explain text in tokens (default 8 * n_ctx)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included (default %(default)s)")
     p.add_argument("--max_queue", type=int, default=64, help="requests queued or running before new ones get 503 (default %(default)s)")
+    p.add_argument("--max_connections", type=int, default=64,
+                   help="requests read or answered at once before new ones get 503 (default %(default)s)")
+    p.add_argument("--read_timeout", type=float, default=10.0,
+                   help="seconds a client may take to send a request's headers, and again its body (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")
@@ -522,6 +575,8 @@ def build_parser():
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
+                       description="Fine-tune a model. Training stays float32 (no --dtype: int8 weights are for "
+                                   "generate/prompt/chat/serve/eval only).",
                        epilog="Training runs in float32. Data-parallel over MPI (pip install \"npgpt2[mpi]\"): "
                               "mpirun -n N npgpt2 train ... (add --hostfile FILE for several machines); the "
                               "effective batch is N x --batch_size x --accumulate_gradients; rank 0 reads the files "
@@ -568,7 +623,17 @@ def build_parser():
     add_dataset_flags(p)
     add_keep_crlf_flag(p)
     p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="look inside the model: next tokens, logit lens, attention heads, attributions")
+    p.add_argument("text", nargs="?", default=None, help="the text (default: read from stdin)")
+    add_model_flags(p)
+    p.add_argument("--top_k", type=int, default=10, help="next tokens to list (default %(default)s)")
+    p.add_argument("--lens_k", type=int, default=3, help="logit-lens tokens per layer (default %(default)s)")
+    p.add_argument("--out", default=None, help="also write a self-contained HTML report to this file")
+    p.add_argument("--layer", type=int, default=None, help="with --out: only this layer's attention patterns (default all)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")

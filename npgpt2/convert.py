@@ -11,6 +11,9 @@
        leading 1; layernorm g/b are weight/bias; lm_head is tied to wte and not stored), plus
        vocab.json + merges.txt (the same files as encoder.json + vocab.bpe).
 
+`--dtype int8` writes the tf layout with 8-bit weights (quant.py; the format is in HACKING.md):
+each matmul weight NAME is stored as NAME/q8 (int8) + NAME/scale (float32), plus quant.json.
+
 Formats are told apart by content. A folder is written under a temporary name beside the
 destination and renamed into place at the end, so a half-written folder never looks complete.
 """
@@ -29,6 +32,7 @@ from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, wr
 from .errors import Npgpt2Error
 from .fsutil import atomic_write, parse_json, read_json
 from .model import ASSETS, check_download_finished, check_hparams, param_shapes, read_hparams
+from . import quant
 from .safetensors_io import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,8 @@ MODEL_FILE = re.compile(
     r"hparams\.json|checkpoint|encoder\.json|vocab\.bpe"
     r"|[^/]+\.(index|meta|data-\d{5}-of-\d{5})"
     r"|config\.json|generation_config\.json|model\.safetensors|vocab\.json|merges\.txt"
-    r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|pytorch_model\.bin")
+    r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|pytorch_model\.bin"
+    r"|quant\.json")
 
 
 def expected_shapes(hparams):
@@ -293,22 +298,36 @@ def write_hf(folder, hparams, params, tok=None):
         shutil.copyfile(src, folder / TOKENIZER_FILES[name])
 
 
+def write_int8(folder, hparams, params, tok=None):
+    """Write an OpenAI-layout folder with int8 weights (quantised here, tensor by tensor)."""
+    params = quant.quantize_params(params)
+    write_tf(folder, hparams, quant.checkpoint_tensors(params), tok)
+    quant.write_quant_info(folder, params)
+
+
 def write_npz(path, hparams, params):
     """Write the single-file .npz layout atomically."""
     with atomic_write(path, "wb") as f:
         np.savez(f, **{HPARAMS_KEY: np.array(json.dumps(hparams))}, **params)
 
 
-def convert(src, dst, fmt=None, src_fmt=None, force=False):
+def convert(src, dst, fmt=None, src_fmt=None, force=False, dtype="float32"):
     """Convert the model at `src` into format `fmt` at `dst`; returns Path(dst).
 
     fmt: 'tf', 'npz' or 'hf'; by default 'npz' when dst ends in .npz, else 'hf' from an
       OpenAI folder and 'tf' from anything else. src_fmt: the source's format when its
       content is ambiguous (detected otherwise).
     force: replace a model already at `dst` (never a folder that holds anything else).
+    dtype: 'int8' writes 8-bit weights in the tf layout (see write_int8).
     """
     src, dst = Path(src), Path(dst)
     src_fmt = src_fmt or detect_format(src)
+    int8 = quant.check_dtype(dtype) == "int8"
+    if int8 and fmt not in (None, "tf"):
+        raise Npgpt2Error(f"--dtype int8: written as an OpenAI-layout folder only (--to tf), not --to {fmt}")
+    if src_fmt == "tf" and Path(src).is_dir() and quant.read_quant_info(src) is not None:
+        raise Npgpt2Error(f"{src}: holds int8 weights (quant.json); convert from the float32 model")
+    fmt = "tf" if int8 else fmt
     if fmt is None:
         fmt = "npz" if dst.suffix == ".npz" else "hf" if src_fmt == "tf" else "tf"
     if fmt not in FORMATS:
@@ -325,8 +344,8 @@ def convert(src, dst, fmt=None, src_fmt=None, force=False):
         if fmt == "npz":
             write_npz(dst, hparams, params)
         else:
-            _write_folder(dst, lambda tmp: (write_tf if fmt == "tf" else write_hf)(
-                tmp, hparams, params, tok))
+            write = write_int8 if int8 else write_tf if fmt == "tf" else write_hf
+            _write_folder(dst, lambda tmp: write(tmp, hparams, params, tok))
     except OSError as e:
         raise Npgpt2Error(f"{dst}: cannot write ({e.strerror or e})") from None
     return dst

@@ -33,8 +33,10 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
+from . import quant_kernels  # noqa: E402
 from .layers import *  # noqa: F401,F403  (the functions without a fast twin)
 from .layers import GELU_SCALE, merge_heads, softmax, split_heads  # noqa: F401
+from .quant import QuantizedWeight  # noqa: E402
 
 # below this many elements a loop runs on one thread: starting the second thread costs
 # little on an idle machine, but on a busy one it waits for a core (milliseconds)
@@ -204,8 +206,11 @@ def matmul_forward(inp, weight, bias):
     """inp: (..., C), weight: (C, OC), bias: (OC,) -> out (..., OC).
 
     One GEMM over all rows (NumPy would make one per batch entry) and the bias added in
-    place (one temporary fewer).
+    place (one temporary fewer). An int8 weight (quant.QuantizedWeight) goes to its
+    dequantising twin in quant_kernels.py.
     """
+    if isinstance(weight, QuantizedWeight):
+        return quant_kernels.matmul_forward(inp, weight, bias)
     C, OC = weight.shape
     out = inp.reshape(-1, C) @ weight
     out += bias

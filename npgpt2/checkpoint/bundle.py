@@ -23,7 +23,7 @@ from .table import build_table, read_table
 log = logging.getLogger(__name__)
 
 # TensorFlow DataType enum values we read and write.
-DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 9: np.int64, 10: np.bool_, 19: np.float16}
+DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 6: np.int8, 9: np.int64, 10: np.bool_, 19: np.float16}
 DTYPE_NAMES = {1: "DT_FLOAT", 2: "DT_DOUBLE", 3: "DT_INT32", 4: "DT_UINT8", 5: "DT_INT16",
                6: "DT_INT8", 7: "DT_STRING", 8: "DT_COMPLEX64", 9: "DT_INT64", 10: "DT_BOOL",
                14: "DT_BFLOAT16", 17: "DT_UINT16", 18: "DT_COMPLEX128", 19: "DT_HALF",
