@@ -63,7 +63,8 @@ def load_for_generation(args):
     from .model import load_model, resolve_model_dir
     from .tokenizer import load_tokenizer
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
-    model, tokenizer = load_model(model_dir, dtype=args.dtype), load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=getattr(args, "dtype", "float32"))  # explain has no --dtype
+    tokenizer = load_tokenizer(model_dir)
     if tokenizer.n_vocab != model.hparams["n_vocab"]:
         log.warning("%s: the tokenizer has %d ids but the model %d; the text will not be the model's", model_dir,
                     tokenizer.n_vocab, model.hparams["n_vocab"])

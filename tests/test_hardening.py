@@ -507,3 +507,11 @@ def test_a_non_finite_update_is_one_line_without_numpy_warnings(tmp_path):
     assert r.returncode == 2
     assert "Warning" not in r.stderr, r.stderr
     assert_cli_error(r.returncode, r.stderr, "made the weights non-finite")
+
+
+def test_explain_runs_after_the_int8_merge(capsys):
+    """`npgpt2 explain` crashed with AttributeError: load_for_generation read --dtype, a flag
+    explain does not have (it runs the plain float32 layers)."""
+    code, out, err = run_main(capsys, "explain", "--models_dir", FIX, "--model_name", "full", "The hacker")
+    assert code == 0, err
+    assert "Traceback" not in err and out
