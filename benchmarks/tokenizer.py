@@ -1,6 +1,6 @@
 """Tokenizer speed: npgpt2 vs OpenAI's original algorithm (re-implemented below) vs tiktoken.
 
-    python benchmarks/tokenizer.py [--mb 10] [--reps 5]
+    python benchmarks/tokenizer.py [--mb 10] [--reps 5] [--long_kb 256] [--old_sizes 16000 30000]
 
 Text: the Python standard library's .py sources (sorted walk of os.path.dirname(os.__file__)),
 concatenated until `mb` MB of UTF-8. Every run of every tokenizer starts with an empty word cache
@@ -11,13 +11,23 @@ The baseline `OriginalEncoder` follows OpenAI's encoder.py step by step (its own
 copy). Checked once against transformers' GPT2Tokenizer, itself a port of encoder.py, driven the
 same way on 3 MB: equal ids and equal speed (0.35-0.46 vs 0.35-0.38 MB/s on a loaded machine).
 
-`bench_tokenizer(mb, reps)` returns the results as a dict (for benchmarks/run.py).
+A second table times one long pre-token chunk (seeded random letters a-z, no spaces: one
+chunk, as in base64 blobs or minified files), where BPE used to be quadratic: npgpt2's encode
+(engine warm) and its plain engine (NPGPT2_PLAIN=1) on `long_kb` KB, both merging on a heap, and
+for contrast the old algorithm, the simple merge loop (`tokenizer.bpe_merge_plain`, still the
+reference) that both engines ran on every chunk before, on the smaller `old_sizes`. Goal:
+256 KB in under 1 s. Each time is the best of `reps` (1 for the old loop), caches cleared.
+
+`bench_tokenizer(mb, reps)` and `bench_long_chunk(kb, old_sizes, reps)` return their results as
+dicts (bench_tokenizer is called by benchmarks/run.py).
 """
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
+import string
 import sys
 import time
 from pathlib import Path
@@ -198,14 +208,79 @@ def format_table(res):
     return "\n".join(lines)
 
 
+def random_letters(n, seed=0):
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
+
+def bench_long_chunk(kb=256, old_sizes=(16000, 30000), reps=3):
+    """Encode one chunk of `kb` KB of random letters; the old merge loop on `old_sizes` letters.
+
+    Returns {"rows": [{"name", "chars", "seconds", "mb_per_s", "ids_identical"}], "goal_seconds",
+    "goal_met"}; ids_identical compares each row with the old loop (same size) or with tiktoken
+    (the long size) when it is installed, else with the plain engine.
+    """
+    tok = tk.read_tokenizer(ASSETS / "encoder.json", ASSETS / "vocab.bpe")
+    tok.encode(stdlib_text(1))  # warm up: the fast engine's JIT load and class table
+    tt = _tiktoken()
+    rows, n_long = [], int(kb * 1024)
+
+    def timed(name, text, encode, n_reps, want=None):
+        best, out = float("inf"), None
+        for _ in range(n_reps):
+            tok.clear_cache()
+            t0 = time.perf_counter()
+            out = list(encode(text))
+            best = min(best, time.perf_counter() - t0)
+        rows.append({"name": name, "chars": len(text), "seconds": best,
+                     "mb_per_s": len(text.encode("utf-8")) / 1e6 / best,
+                     "ids_identical": None if want is None else out == want})
+        return out
+
+    def old_loop(text):
+        return tk.bpe_merge_plain([tok.byte_sym[b] for b in text.encode("utf-8")], tok.merges)
+
+    for n in old_sizes:
+        text = random_letters(n)
+        want = timed("old: simple merge loop (bpe_merge_plain)", text, old_loop, 1)
+        timed("npgpt2 plain engine, heap (NPGPT2_PLAIN=1)", text, tok._encode_plain, reps, want)
+        timed("npgpt2 encode", text, tok.encode, reps, want)
+    text = random_letters(n_long)
+    want = tt.encode_ordinary(text) if tt is not None else None
+    if tt is not None:
+        timed("tiktoken", text, tt.encode_ordinary, reps)
+    plain = timed("npgpt2 plain engine, heap (NPGPT2_PLAIN=1)", text, tok._encode_plain, reps, want)
+    fast = timed("npgpt2 encode", text, tok.encode, reps, want if want is not None else plain)
+    sec = rows[-1]["seconds"]
+    return {"rows": rows, "goal_seconds": 1.0, "goal_met": sec < 1.0 and fast == (want or plain)}
+
+
+def format_long_table(res):
+    lines = ["One long chunk (random letters a-z, no spaces), best of several runs, caches cleared",
+             f"{'algorithm':44s} {'chars':>8s} {'seconds':>8s} {'MB/s':>8s} {'ids identical':>14s}"]
+    for row in res["rows"]:
+        same = {None: "(reference)", True: "yes", False: "NO"}[row["ids_identical"]]
+        lines.append(f"{row['name']:44s} {row['chars']:8d} {row['seconds']:8.3f} "
+                     f"{row['mb_per_s']:8.2f} {same:>14s}")
+    lines.append(f"goal: npgpt2 encode of the long chunk under {res['goal_seconds']:g} s: "
+                 f"{'met' if res['goal_met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=10, help="MB of text to encode (default 10)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (default 5)")
+    ap.add_argument("--long_kb", type=float, default=256, help="KB of the long single chunk (default 256)")
+    ap.add_argument("--old_sizes", type=int, nargs="*", default=[16000, 30000],
+                    help="letters for the old merge loop's rows (default 16000 30000)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     res = bench_tokenizer(args.mb, args.reps)
     print(format_table(res))
+    res["long_chunk"] = bench_long_chunk(args.long_kb, args.old_sizes, max(1, min(args.reps, 3)))
+    print()
+    print(format_long_table(res["long_chunk"]))
     if args.json:
         from npgpt2.fsutil import atomic_write
         with atomic_write(args.json, "w", encoding="utf-8") as f:

@@ -11,9 +11,18 @@ from .model import GPT2, init_model, load_model, save_model
 from .interp import input_gradient, logit_lens
 from .sampling import generate
 from .chat import ChatSession
-from .server import Server
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # the server (and its http/selectors imports) loads only when asked for
+    if name == "Server":
+        from .server import Server
+        return Server
+    raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
+
+
 __all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "input_gradient",
            "load_model", "load_tokenizer", "logit_lens", "save_model"]

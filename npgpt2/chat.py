@@ -21,13 +21,13 @@ import numpy as np
 
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
-from .sampling import TextStream, check_length, check_sampling_args, sample_logits
+from .sampling import TextStream, check_length, check_sampling_args, check_seed, sample_logits
+from .tokenizer import ENDOFTEXT
 
 log = logging.getLogger(__name__)
 
 USER, BOT = "user", "bot"
 DEFAULT_USER_TAG, DEFAULT_BOT_TAG = "User:", "Bot:"
-EOT_TEXT = "<|endoftext|>"
 
 
 def check_tags(user_tag, bot_tag):
@@ -83,7 +83,7 @@ def transcript_text(turns, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
 
 def stop_strings(user_tag, bot_tag, truncate=None):
     """Where a reply ends: a line that starts with a speaker tag, <|endoftext|>, truncate."""
-    stops = ["\n" + user_tag.strip(), "\n" + bot_tag.strip(), EOT_TEXT]
+    stops = ["\n" + user_tag.strip(), "\n" + bot_tag.strip(), ENDOFTEXT]
     return stops + ([truncate] if truncate else [])
 
 
@@ -183,6 +183,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, length=None, temperature=1.0, top_k=0, top_p=1.0,
                  seed=None, truncate=None, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
         check_sampling_args(temperature, top_k, top_p)
+        check_seed(seed)
         check_tags(user_tag, bot_tag)
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx = model.hparams["n_ctx"]

@@ -14,6 +14,16 @@ from .errors import Npgpt2Error
 log = logging.getLogger("npgpt2")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with npgpt2's error format: the usage, then `npgpt2: error: <message>`
+    (argparse would print `npgpt2 <command>: error:`), exit status 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"npgpt2: error: {command}{message}\n")
+
+
 # ---------------------------------------------------------------- shared flags
 def add_model_flags(p, default_models_dir="weights"):
     p.add_argument("--model_name", default="124M", help="model folder name (default 124M; 117M/345M are aliases)")
@@ -36,17 +46,36 @@ def add_sampling_flags(p):
     p.add_argument("--truncate", default=None, help='stop a sample as soon as this text appears, e.g. "<|endoftext|>"')
 
 
+def add_dtype_flag(p):
+    p.add_argument("--dtype", default="float32", type=dtype_choice,
+                   help="weights: float32 (default) or int8 (8-bit, about 2x faster generation; quantised at load)")
+
+
+def dtype_choice(text):
+    from .quant import check_dtype
+    try:
+        return check_dtype(text)
+    except Npgpt2Error as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
 def load_for_generation(args):
     from .model import load_model, resolve_model_dir
     from .tokenizer import load_tokenizer
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
-    return load_model(model_dir), load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=getattr(args, "dtype", "float32"))  # explain has no --dtype
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.n_vocab != model.hparams["n_vocab"]:
+        log.warning("%s: the tokenizer has %d ids but the model %d; the text will not be the model's", model_dir,
+                    tokenizer.n_vocab, model.hparams["n_vocab"])
+    return model, tokenizer
 
 
 def print_samples(model, enc, context, args):
     """Generate args.nsamples samples after `context` in OpenAI's output format."""
     import numpy as np
-    from .sampling import TextStream, check_sampling_args, fit_prompt, generate_stream
+    from .sampling import (TextStream, check_batch_memory, check_sampling_args, check_seed, fit_prompt,
+                           generate_stream)
     if args.batch_size < 1:
         raise Npgpt2Error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.nsamples < 0:
@@ -54,7 +83,11 @@ def print_samples(model, enc, context, args):
     length = args.length if args.length is not None else model.hparams["n_ctx"] // 2
     # check every flag (and trim the prompt, warning once) before the first header is printed
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_seed(args.seed)
     context = fit_prompt(context, length, model.hparams["n_ctx"])
+    # the rows of one batch (all of them with --nsamples 0) are held at once
+    check_batch_memory(model.hparams, args.batch_size if args.nsamples == 0 else min(args.batch_size, args.nsamples),
+                       len(context), length, model.dtype)
     rng = np.random.default_rng(args.seed)
     done = 0
     while args.nsamples == 0 or done < args.nsamples:
@@ -168,6 +201,8 @@ def chat_command(chat, line):
 def cmd_chat(args):
     """A conversation on the terminal (or over a pipe): one message per line."""
     from .chat import ChatSession
+    from .sampling import check_seed
+    check_seed(args.seed)
     model, enc = load_for_generation(args)
     chat = ChatSession(model, enc, args.length, args.temperature, args.top_k, args.top_p, args.seed,
                        args.truncate, args.user_tag, args.bot_tag)
@@ -219,7 +254,8 @@ def cmd_serve(args):
     import signal
     from .server import Limits, Server
     limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
-                    timeout=args.timeout, max_queue=args.max_queue)
+                    timeout=args.timeout, max_queue=args.max_queue, max_connections=args.max_connections,
+                    read_timeout=args.read_timeout)
     limits.check()
     model, enc = load_for_generation(args)
     server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
@@ -248,7 +284,7 @@ def cmd_download(args):
 def cmd_convert(args):
     """Convert weights between an OpenAI TF folder, a .npz and a Hugging Face folder."""
     from .convert import convert
-    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force))
+    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force, dtype=args.dtype))
 
 
 # ---------------------------------------------------------------- encode, train, eval, demo
@@ -264,7 +300,8 @@ def cmd_encode(args):
             raise
         model_dir = None  # every released size has the same vocabulary, which npgpt2 ships
         log.info("%s/%s not found: using the GPT-2 vocabulary packaged with npgpt2", args.models_dir, args.model_name)
-    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding)
+    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding,
+                          keep_crlf=args.keep_crlf)
     print(f"Wrote {stats['tokens']} tokens from {stats['files']} file(s) to {args.out_npz}")
 
 
@@ -297,14 +334,39 @@ def step_reporter(bar):
     return on_step
 
 
+def add_keep_crlf_flag(p):
+    p.add_argument("--keep_crlf", action="store_true",
+                   help="keep \\r\\n and \\r line endings as they are (default: read them as \\n, "
+                        "as Python's text mode and OpenAI's encode.py do)")
+
+
 def cmd_train(args):
-    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder."""
+    """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder.
+
+    Under mpirun/mpiexec every process runs this; rank 0 prints, the others only report errors.
+    """
     import dataclasses
+    from .dist import get_comm
+    from .sampling import check_seed
     from .train import TrainConfig, train
+    check_seed(args.seed)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
-    with terminal_bar(args.steps or None) as bar:
-        result = train(cfg, on_step=step_reporter(bar))
+    comm = get_comm()
+    if comm.world_size > 1:
+        if not comm.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        try:
+            result = train(cfg, on_step=None, comm=comm)
+        except Npgpt2Error as e:  # one rank's error must end every rank, not leave them waiting
+            rank = f" (rank {comm.rank})" if comm.rank else ""
+            print(f"npgpt2: error{rank}: {e}", file=sys.stderr, flush=True)
+            comm.abort(2)
+        if not comm.is_main:
+            return 0
+    else:
+        with terminal_bar(args.steps or None) as bar:
+            result = train(cfg, on_step=step_reporter(bar))
     where = result["checkpoint"] or "(nothing saved)"
     print(f"{'Interrupted' if result['interrupted'] else 'Done'} at step {result['step']}: "
           f"avg loss {result['avg']:.4f}; checkpoint {where}")
@@ -320,8 +382,9 @@ def cmd_eval(args):
     expand_paths(args.dataset, "--dataset")  # bad inputs are reported before the model loads
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
     T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
-    model = load_model(model_dir)
-    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine)
+    model = load_model(model_dir, dtype=args.dtype)
+    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine,
+                          keep_crlf=args.keep_crlf)
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
     with terminal_bar(unit="window") as bar:
         tenth = [0]
@@ -356,21 +419,91 @@ def cmd_demo(args):
           f"a model of token frequencies alone scores {r['unigram_entropy']:.3f} (the corpus' unigram entropy): "
           f"{verdict}.")
     h = r["history"]
-    print("Validation loss by step: " + ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
+    if h["val_step"]:  # none when Ctrl-C came before the first validation
+        print("Validation loss by step: " + ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
     for i, text in enumerate(r["samples"]):
         print_header(i + 1)
         print(text)
     saved = ", ".join(Path(f).name for f in r["files"].values() if f is not None)
-    where = f"--models_dir {shlex.quote(str(out.parent))} --model_name {shlex.quote(out.name)}"
+    named = out.resolve() if out.name in ("", "..") else out  # `--out .` has no folder name to give
+    where = f"--models_dir {shlex.quote(str(named.parent))} --model_name {shlex.quote(named.name)}"
     print(f"Saved in {out}/: {saved}" + ("" if r["files"].get("loss.png") else
                                          " (no loss.png: pip install 'npgpt2[plot]')") + ".")
     print(f"Look inside it:  npgpt2 explain {where} \"hacker: a person who\"")
     print(f"Prompt it:       echo \"kludge:\" | npgpt2 prompt {where}")
 
 
+def cmd_explain(args):
+    """What the model computes for a text: next tokens, logit lens, attention, attributions."""
+    import shutil
+    from . import explain
+    from .fsutil import atomic_write
+    text = args.text
+    if text is None:  # from stdin; a piped line's newline is not part of the text
+        text = sys.stdin.read()
+        text = text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise Npgpt2Error("text is empty (give it as an argument or on stdin)")
+    if args.layer is not None and not args.out:
+        raise Npgpt2Error("--layer chooses the attention patterns written with --out; give --out too")
+    model, enc = load_for_generation(args)
+    ids, note = explain.encode_text(enc, text, model.hparams["n_ctx"])
+    if args.out:
+        explain.check_page_size(model.hparams, len(ids), args.layer)
+    # the terminal needs the logit lens at the last position only and no attention patterns
+    full = bool(args.out)
+    report = explain.report_for_ids(model, enc, ids, args.top_k, args.lens_k, args.layer, note=note, text=text,
+                                    lens_positions="all" if full else "last", patterns=full)
+    print(explain.format_report(report, shutil.get_terminal_size((100, 24)).columns))
+    if args.out:
+        page = explain.page_html(report).encode("utf-8")
+        with atomic_write(args.out) as f:
+            f.write(page)
+        print(f"\nWrote {args.out} ({explain.mb(len(page))}): open it in a browser")
+
+
+def cmd_gradcheck(args):
+    """Every backward in layers.py, then a model's gradients, against central finite differences."""
+    import os
+    import time
+    import numpy as np
+    from . import gradcheck
+    from .model import load_model, resolve_model_dir
+    if args.entries is not None and args.entries < 1:
+        raise Npgpt2Error(f"--entries must be >= 1, got {args.entries}")
+    t0 = time.perf_counter()
+    if args.model_name:  # a bad folder fails before any check runs
+        model = load_model(resolve_model_dir(args.models_dir, args.model_name), dtype=np.float64)
+        what = f"{args.models_dir}/{args.model_name}"
+    else:
+        model, what = gradcheck.tiny_model(args.seed), "a tiny random 2-layer model"
+    rows = gradcheck.check_layers(seed=args.seed)
+    print("\n".join(gradcheck.format_table(rows, "layers.py, float64, each backward vs central differences:")))
+    entries = args.entries or gradcheck.default_entries(model)
+    if sys.stderr.isatty():  # a 124M check takes a while: show it moving
+        from tqdm import tqdm
+        with tqdm(total=len(model.params), unit="tensor", dynamic_ncols=True, leave=False) as bar:
+            model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed,
+                                               progress=lambda done, total: bar.update(1))
+    else:
+        model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed)
+    path = "Numba kernels" if os.environ.get("NPGPT2_PLAIN", "") in ("", "0") else "plain layers.py"
+    print()
+    print("\n".join(gradcheck.format_table(
+        model_rows, f"{what} ({path}), loss_and_grads vs central differences on "
+                    f"{entries} sampled entries per tensor:")))
+    rows += model_rows
+    bad = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} checks passed in {time.perf_counter() - t0:.1f} s")
+    if bad:
+        print("FAILED: " + ", ".join(f"{r.name} ({r.worst}, error {r.error:.1e} > {r.tol:.0e})" for r in bad))
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser():
-    parser = argparse.ArgumentParser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
+    parser = Parser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
@@ -394,34 +527,44 @@ def build_parser():
     p.add_argument("--from", dest="src_fmt", choices=["tf", "npz", "hf"], default=None,
                    help="input format when the folder holds two")
     p.add_argument("--force", action="store_true", help="replace a model already at DST")
+    p.add_argument("--dtype", default="float32", type=dtype_choice,
+                   help="float32 (default: the same bits) or int8 (8-bit weights, an OpenAI-layout folder; see HACKING.md)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="unconditional samples (generate_unconditional_samples.py)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("prompt", help="samples for prompts read from stdin (interactive_conditional_samples.py)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_prompt)
 
     p = sub.add_parser("chat", help="a conversation with the model, with history (/help inside)")
     add_model_flags(p)
+    add_dtype_flag(p)
     add_chat_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, streaming) and a chat page")
+    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, /v1/explain, streaming), chat and explain pages")
     add_model_flags(p)
+    add_dtype_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 = any free port)")
     p.add_argument("--user_tag", default="User:", help="the user's speaker tag in /v1/chat (default %(default)s)")
     p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag in /v1/chat (default %(default)s)")
     p.add_argument("--max_body", type=int, default=256 * 1024, help="largest request body in bytes (default %(default)s)")
     p.add_argument("--max_length", type=int, default=None, help="most tokens one request may ask for (default n_ctx - 1)")
-    p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt in tokens (default 8 * n_ctx)")
+    p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt or /v1/explain text in tokens (default 8 * n_ctx)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included (default %(default)s)")
     p.add_argument("--max_queue", type=int, default=64, help="requests queued or running before new ones get 503 (default %(default)s)")
+    p.add_argument("--max_connections", type=int, default=64,
+                   help="requests read or answered at once before new ones get 503 (default %(default)s)")
+    p.add_argument("--read_timeout", type=float, default=10.0,
+                   help="seconds a client may take to send a request's headers, and again its body (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")
@@ -429,12 +572,21 @@ def build_parser():
     p.add_argument("out_npz", help="the .npz to write")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name")
+    p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
+                       description="Fine-tune a model. Training stays float32 (no --dtype: int8 weights are for "
+                                   "generate/prompt/chat/serve/eval only).",
+                       epilog="Training runs in float32. Data-parallel over MPI (pip install \"npgpt2[mpi]\"): "
+                              "mpirun -n N npgpt2 train ... (add --hostfile FILE for several machines); the "
+                              "effective batch is N x --batch_size x --accumulate_gradients; rank 0 reads the files "
+                              "and writes checkpoints; kill -USR1 <mpirun pid> saves and stops every rank.")
+    p.add_argument("--shared_stream", action="store_true", help=argparse.SUPPRESS)  # tests: see dist.RankSlice
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch (default %(default)s)")
     p.add_argument("--learning_rate", type=float, default=2e-5, help="peak learning rate (default %(default)s)")
     p.add_argument("--accumulate_gradients", type=int, default=1, help="micro-batches per update (default %(default)s)")
@@ -470,17 +622,35 @@ def build_parser():
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
     add_dataset_flags(p)
+    add_keep_crlf_flag(p)
     p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="look inside the model: next tokens, logit lens, attention heads, attributions")
+    p.add_argument("text", nargs="?", default=None, help="the text (default: read from stdin)")
+    add_model_flags(p)
+    p.add_argument("--top_k", type=int, default=10, help="next tokens to list (default %(default)s)")
+    p.add_argument("--lens_k", type=int, default=3, help="logit-lens tokens per layer (default %(default)s)")
+    p.add_argument("--out", default=None, help="also write a self-contained HTML report to this file")
+    p.add_argument("--layer", type=int, default=None, help="with --out: only this layer's attention patterns (default all)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
-    p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (a smoke test)")
+    p.add_argument("--quick", action="store_true", help="a tiny model, 40 steps: a smoke test (about 15 s once Numba's kernels are compiled)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
     p.add_argument("--out", default="checkpoint/demo",
                    help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "
                         "(default %(default)s: --models_dir checkpoint --model_name demo)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (float64)")
+    p.add_argument("--model_name", default=None, help="also check this model folder (default: a tiny random model)")
+    p.add_argument("--models_dir", default="weights", help="folder holding model folders (default %(default)s)")
+    p.add_argument("--entries", type=int, default=None,
+                   help="sampled entries per parameter tensor (default 2; 1 above 10M parameters)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes' values, tokens and samples (default 0)")
+    p.set_defaults(func=cmd_gradcheck)
     for p in sub.choices.values():
         p.set_defaults(subparser=p)
     return parser

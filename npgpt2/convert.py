@@ -11,6 +11,9 @@
        leading 1; layernorm g/b are weight/bias; lm_head is tied to wte and not stored), plus
        vocab.json + merges.txt (the same files as encoder.json + vocab.bpe).
 
+`--dtype int8` writes the tf layout with 8-bit weights (quant.py; the format is in HACKING.md):
+each matmul weight NAME is stored as NAME/q8 (int8) + NAME/scale (float32), plus quant.json.
+
 Formats are told apart by content. A folder is written under a temporary name beside the
 destination and renamed into place at the end, so a half-written folder never looks complete.
 """
@@ -20,14 +23,16 @@ import os
 import re
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
-from .model import ASSETS, check_hparams, param_shapes, read_hparams
+from .fsutil import atomic_write, parse_json, read_json
+from .model import ASSETS, check_download_finished, check_hparams, param_shapes, read_hparams
+from . import quant
 from .safetensors_io import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -45,7 +50,8 @@ MODEL_FILE = re.compile(
     r"hparams\.json|checkpoint|encoder\.json|vocab\.bpe"
     r"|[^/]+\.(index|meta|data-\d{5}-of-\d{5})"
     r"|config\.json|generation_config\.json|model\.safetensors|vocab\.json|merges\.txt"
-    r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|pytorch_model\.bin")
+    r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|pytorch_model\.bin"
+    r"|quant\.json")
 
 
 def expected_shapes(hparams):
@@ -102,6 +108,11 @@ def read_model(src, fmt=None):
 def _read_tf(folder):
     if not folder.is_dir():
         raise Npgpt2Error(f"{folder}: an OpenAI model is a folder, not a file")
+    check_download_finished(folder)
+    from .compact_vocab import VOCAB_FILE
+    if (folder / VOCAB_FILE).is_file():  # no other format can carry its token numbering
+        raise Npgpt2Error(f"{folder / VOCAB_FILE}: this model numbers its tokens 0..K-1, not as GPT-2 does; "
+                          "converted, it would load with GPT-2's ids and give other text: use the folder as it is")
     hparams = read_hparams(folder)
     prefix = latest_checkpoint(folder)
     tensors = read_checkpoint(prefix, verify=True, mmap=True)
@@ -123,13 +134,15 @@ def _read_npz(path):
             if HPARAMS_KEY not in z.files:
                 raise Npgpt2Error(f"{path}: no '{HPARAMS_KEY}' entry (not an npgpt2 .npz model)")
             arrays = {n: z[n] for n in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error, NotImplementedError) as e:
         raise Npgpt2Error(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    for name, arr in arrays.items():
+        if not isinstance(arr, np.ndarray):  # np.load hands back the raw bytes of such members
+            raise Npgpt2Error(f"{path}: member '{name}' is not a .npy array")
     raw = arrays.pop(HPARAMS_KEY)
-    try:
-        hparams = json.loads(str(raw[()]))
-    except (ValueError, IndexError):
-        raise Npgpt2Error(f"{path}: '{HPARAMS_KEY}' is not a JSON string") from None
+    if raw.shape != () or raw.dtype.kind != "U":
+        raise Npgpt2Error(f"{path}: '{HPARAMS_KEY}' is not a JSON string")
+    hparams = parse_json(str(raw[()]), f"{path}:{HPARAMS_KEY}")
     check_hparams(hparams, f"{path}:{HPARAMS_KEY}")
     return hparams, _checked(hparams, arrays, str(path)), {}
 
@@ -189,11 +202,9 @@ def hf_name(tf_name):
 def hparams_from_config(path):
     """npgpt2 hparams from a Hugging Face GPT-2 config.json; refuses variants npgpt2 can't run."""
     try:
-        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        cfg = read_json(path)
     except FileNotFoundError:
         raise Npgpt2Error(f"{path}: missing (not a Hugging Face model folder?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise Npgpt2Error(f"{path}: expected a JSON object")
     if cfg.get("model_type", "gpt2") != "gpt2":
@@ -212,8 +223,13 @@ def hparams_from_config(path):
     if cfg.get("n_inner") not in (None, 4 * hparams["n_embd"]):
         raise Npgpt2Error(f"{path}: n_inner is {cfg['n_inner']}; npgpt2 supports only 4 * n_embd")
     eps = cfg.get("layer_norm_epsilon", 1e-5)
-    if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
-        raise Npgpt2Error(f"{path}: layer_norm_epsilon is {eps!r}; npgpt2 supports only 1e-05")
+    try:  # NaN fails the <= test; an int like 10**400 cannot become a float
+        ok = (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+              and abs(float(eps) - 1e-5) <= 1e-12)
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise Npgpt2Error(f"{path}: layer_norm_epsilon is {repr(eps)[:40]}; npgpt2 supports only 1e-05")
     return hparams
 
 
@@ -282,26 +298,41 @@ def write_hf(folder, hparams, params, tok=None):
         shutil.copyfile(src, folder / TOKENIZER_FILES[name])
 
 
+def write_int8(folder, hparams, params, tok=None):
+    """Write an OpenAI-layout folder with int8 weights (quantised here, tensor by tensor)."""
+    params = quant.quantize_params(params)
+    write_tf(folder, hparams, quant.checkpoint_tensors(params), tok)
+    quant.write_quant_info(folder, params)
+
+
 def write_npz(path, hparams, params):
     """Write the single-file .npz layout atomically."""
     with atomic_write(path, "wb") as f:
         np.savez(f, **{HPARAMS_KEY: np.array(json.dumps(hparams))}, **params)
 
 
-def convert(src, dst, fmt=None, src_fmt=None, force=False):
+def convert(src, dst, fmt=None, src_fmt=None, force=False, dtype="float32"):
     """Convert the model at `src` into format `fmt` at `dst`; returns Path(dst).
 
     fmt: 'tf', 'npz' or 'hf'; by default 'npz' when dst ends in .npz, else 'hf' from an
       OpenAI folder and 'tf' from anything else. src_fmt: the source's format when its
       content is ambiguous (detected otherwise).
     force: replace a model already at `dst` (never a folder that holds anything else).
+    dtype: 'int8' writes 8-bit weights in the tf layout (see write_int8).
     """
     src, dst = Path(src), Path(dst)
     src_fmt = src_fmt or detect_format(src)
+    int8 = quant.check_dtype(dtype) == "int8"
+    if int8 and fmt not in (None, "tf"):
+        raise Npgpt2Error(f"--dtype int8: written as an OpenAI-layout folder only (--to tf), not --to {fmt}")
+    if src_fmt == "tf" and Path(src).is_dir() and quant.read_quant_info(src) is not None:
+        raise Npgpt2Error(f"{src}: holds int8 weights (quant.json); convert from the float32 model")
+    fmt = "tf" if int8 else fmt
     if fmt is None:
         fmt = "npz" if dst.suffix == ".npz" else "hf" if src_fmt == "tf" else "tf"
     if fmt not in FORMATS:
         raise Npgpt2Error(f"--to: unknown format '{fmt}' (choose one of {', '.join(FORMATS)})")
+    _recover_killed_writes(dst)  # first: a model a killed run moved aside is the user's again
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise Npgpt2Error(f"{dst}: is the source itself; write the conversion somewhere else")
     _check_destination(dst, fmt, force)
@@ -313,8 +344,8 @@ def convert(src, dst, fmt=None, src_fmt=None, force=False):
         if fmt == "npz":
             write_npz(dst, hparams, params)
         else:
-            _write_folder(dst, lambda tmp: (write_tf if fmt == "tf" else write_hf)(
-                tmp, hparams, params, tok))
+            write = write_int8 if int8 else write_tf if fmt == "tf" else write_hf
+            _write_folder(dst, lambda tmp: write(tmp, hparams, params, tok))
     except OSError as e:
         raise Npgpt2Error(f"{dst}: cannot write ({e.strerror or e})") from None
     return dst
@@ -349,12 +380,44 @@ def _check_destination(dst, fmt, force):
                           f"replace it, even with --force (write the conversion to a new folder)")
 
 
+def _recover_killed_writes(dst):
+    """Clean up after a conversion to `dst` that was killed: its `.NAME.PID.tmp` folder is
+    removed; its `.NAME.PID.old` folder (the previous model, moved aside) is put back when
+    `dst` is missing (killed between the two renames), else removed. Folders of a process that
+    is still running are left alone."""
+    pattern = re.compile(re.escape(f".{dst.name}.") + r"(\d+)\.(tmp|old)")
+    try:
+        entries = list(dst.parent.iterdir())
+    except OSError:
+        return
+    for p in sorted(entries):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir() or p.is_symlink() or _pid_alive(int(m.group(1))):
+            continue
+        if m.group(2) == "old" and not dst.exists():
+            os.replace(p, dst)
+            log.warning("%s: restored the model a killed conversion had moved aside to %s", dst, p.name)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("%s: removed %s, left by a killed conversion", dst.parent, p.name)
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return False  # ours from an earlier call in this process that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or a number we cannot judge): leave it
+    return True
+
+
 def _write_folder(dst, write):
     """Run write(tmp) in a fresh hidden folder beside dst, then put it in dst's place."""
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     old = dst.parent / f".{dst.name}.{os.getpid()}.old"
-    for stale in (tmp, old):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)

@@ -4,7 +4,8 @@
 token stream, documents (files) joined by `<|endoftext|>`, stored as uint16 in an .npz with
 members `arr_0`, `arr_1`, ... (np.savez's names; their concatenation is the stream). Text is
 read in blocks and encoded block by block, so memory stays bounded however big the corpus.
-`<|endoftext|>` written in the text is the single token 50256.
+`<|endoftext|>` written in the text is the single token 50256. Line endings are read as
+Python's text mode reads them ("\r\n" and "\r" become "\n"), as encode.py did.
 
 `Sampler` draws windows of `length` consecutive tokens at random start positions from a
 seeded NumPy Generator whose state can be saved and restored, so a resumed run sees exactly
@@ -13,20 +14,23 @@ the batches an uninterrupted one would.
 import codecs
 import glob
 import gzip
+import io
 import json
 import logging
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, parse_json
+from .tokenizer import ENDOFTEXT
 
 log = logging.getLogger(__name__)
 
-ENDOFTEXT = "<|endoftext|>"
+MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger (encoder.json ids are checked below 2**31)
 READ_BYTES = 1 << 20  # bytes read from a text file at a time
 
 
@@ -62,18 +66,32 @@ def expand_paths(spec, what="--dataset"):
 
 
 # ---------------------------------------------------------------- reading text
-def read_text_blocks(path, encoding="utf-8", block_bytes=None):
+def check_encoding(encoding, what="--encoding"):
+    """Raise Npgpt2Error unless `encoding` names a codec that turns bytes into text."""
+    try:
+        info = codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise Npgpt2Error(f"{what}: unknown text encoding {encoding!r}") from None
+    # base64, hex, zlib, uu ... map bytes to bytes and rot13 maps str to str: not text encodings
+    if not getattr(info, "_is_text_encoding", True):
+        raise Npgpt2Error(f"{what}: {encoding!r} is not a text encoding (it is a bytes-to-bytes or "
+                          f"str-to-str codec); give the files' character encoding, e.g. utf-8 or latin-1")
+
+
+def read_text_blocks(path, encoding="utf-8", block_bytes=None, keep_crlf=False):
     """Yield the text of `path` as str blocks (a .gz file is decompressed).
 
+    Line endings are normalised as Python's text mode (universal newlines) and OpenAI's
+    encode.py do: "\r\n" and a lone "\r" become "\n"; keep_crlf=True keeps them as stored.
     A byte sequence that is not valid in `encoding` raises Npgpt2Error naming the file and
     the byte offset (counted in the file as stored, or in the decompressed stream for .gz).
     """
     path = Path(path)
     block_bytes = block_bytes or READ_BYTES
-    try:
-        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-    except LookupError:
-        raise Npgpt2Error(f"--encoding: unknown text encoding {encoding!r}") from None
+    check_encoding(encoding)
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    # the newline decoder holds back a final "\r" until it sees whether "\n" follows
+    text_decoder = decoder if keep_crlf else io.IncrementalNewlineDecoder(decoder, translate=True)
     offset = 0  # bytes handed to the decoder so far
     try:
         opener = gzip.open if path.suffix == ".gz" else open
@@ -83,21 +101,24 @@ def read_text_blocks(path, encoding="utf-8", block_bytes=None):
                 state = decoder.getstate()
                 pending = len(state[0]) if isinstance(state[0], bytes) else 0
                 try:
-                    text = decoder.decode(data, final=not data)
+                    text = text_decoder.decode(data, final=not data)
                 except UnicodeDecodeError as e:
                     at = offset - pending + e.start
                     raise Npgpt2Error(f"{path}: not valid {encoding} text at byte {at} ({e.reason}); "
                                       f"pass the file's --encoding (e.g. latin-1, cp1252)") from None
+                except ValueError as e:  # UnicodeError without a position (UTF-16 without a BOM)
+                    hint = " (name the byte order, e.g. utf-16-le)" if "BOM" in str(e) else ""
+                    raise Npgpt2Error(f"{path}: cannot decode as {encoding}: {e}{hint}") from None
                 offset += len(data)
                 if text:
                     yield text
                 if not data:
                     return
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise Npgpt2Error(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
-def corpus_text(paths, encoding="utf-8"):
+def corpus_text(paths, encoding="utf-8", keep_crlf=False):
     """Yield the text of every file as blocks, documents separated by "<|endoftext|>".
 
     Empty files are skipped (no separator for them).
@@ -105,14 +126,14 @@ def corpus_text(paths, encoding="utf-8"):
     started = False
     for path in paths:
         first = True
-        for block in read_text_blocks(path, encoding):
+        for block in read_text_blocks(path, encoding, keep_crlf=keep_crlf):
             if first and started:
                 yield ENDOFTEXT
             first, started = False, True
             yield block
 
 
-def iter_tokens(paths, tokenizer, combine=50000, encoding="utf-8"):
+def iter_tokens(paths, tokenizer, combine=50000, encoding="utf-8", keep_crlf=False):
     """Yield the corpus' tokens as arrays of about `combine` characters' worth each.
 
     paths: text files (.npz files are read as already-encoded tokens and passed through).
@@ -125,7 +146,7 @@ def iter_tokens(paths, tokenizer, combine=50000, encoding="utf-8"):
     def flush():
         nonlocal first
         if text_run:
-            blocks = corpus_text(text_run, encoding)
+            blocks = corpus_text(text_run, encoding, keep_crlf)
             if not first:
                 blocks = _prepend(ENDOFTEXT, blocks)
             for arr in tokenizer.encode_iter(blocks, allowed_special=allowed, block_chars=combine):
@@ -157,19 +178,53 @@ def _prepend(item, it):
 # ---------------------------------------------------------------- .npz token files
 def read_npz_tokens(path):
     """The token arrays of an .npz (ours, or OpenAI/nshepperd encode.py's), in member order."""
+    path = Path(path)
+    _check_npz_magic(path)
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             names = sorted(npz.files, key=_member_order)
             for name in names:
                 arr = npz[name]
+                if not isinstance(arr, np.ndarray):  # NpzFile hands back raw bytes for those
+                    raise Npgpt2Error(f"{path}: member '{name}' is not a .npy array (not a token file "
+                                      f"made by np.savez or npgpt2 encode)")
                 if arr.ndim != 1 or arr.dtype.kind not in "iu":
                     raise Npgpt2Error(f"{path}: member '{name}' is not a 1-D integer token array "
                                       f"(shape {arr.shape}, {arr.dtype})")
                 if arr.size and int(arr.min()) < 0:
                     raise Npgpt2Error(f"{path}: member '{name}' holds negative token ids")
+                if arr.size and int(arr.max()) > MAX_TOKEN_ID:
+                    raise Npgpt2Error(f"{path}: member '{name}' holds token id {int(arr.max())}, "
+                                      f"too large for any vocabulary (ids are below 2**31)")
                 yield arr
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as e:
         raise Npgpt2Error(f"{path}: not a readable .npz token file ({e})") from None
+
+
+def _check_npz_magic(path):
+    """Name what the file is when it is not a zip archive (np.load would advise allow_pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise Npgpt2Error(f"{path}: cannot read ({e.strerror or e})") from None
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return
+    if head.startswith(b"\x93NUMPY"):
+        raise Npgpt2Error(f"{path}: is a single NumPy array (.npy), not an .npz archive of token "
+                          f"arrays; save tokens with np.savez, or encode the text with npgpt2 encode")
+    what = "it looks like text" if head and _looks_like_text(head) else "it is not a zip archive"
+    raise Npgpt2Error(f"{path}: not an .npz token file ({what}); give text files another suffix "
+                      f"(e.g. .txt) to have them encoded")
+
+
+def _looks_like_text(head):
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return False
+    return b"\0" not in head
 
 
 def _member_order(name):
@@ -184,13 +239,14 @@ def _add_member(zf, index, arr):
         np.lib.format.write_array(m, np.ascontiguousarray(arr), allow_pickle=False)
 
 
-def encode_corpus(paths_or_globs, out_npz, tokenizer, combine=50000, encoding="utf-8"):
+def encode_corpus(paths_or_globs, out_npz, tokenizer, combine=50000, encoding="utf-8", keep_crlf=False):
     """Encode text files (file, folder, glob, or a list of them) into `out_npz`.
 
     Documents are joined by <|endoftext|>; tokens are stored uint16 (uint32 past 65536
-    ids), one member per ~`combine` characters of text. Written atomically. Returns
-    {"tokens": n, "files": n, "members": n}.
+    ids), one member per ~`combine` characters of text. Line endings become "\n" unless
+    keep_crlf. Written atomically. Returns {"tokens": n, "files": n, "members": n}.
     """
+    check_encoding(encoding)
     if combine < 1:
         raise Npgpt2Error(f"--combine must be >= 1, got {combine}")
     paths = expand_paths(paths_or_globs, "input")
@@ -206,7 +262,7 @@ def encode_corpus(paths_or_globs, out_npz, tokenizer, combine=50000, encoding="u
     total = members = 0
     with atomic_write(out_npz) as f:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-            for arr in iter_tokens(paths, tokenizer, combine, encoding):
+            for arr in iter_tokens(paths, tokenizer, combine, encoding, keep_crlf):
                 _add_member(zf, members, arr)
                 members += 1
                 total += arr.size
@@ -216,14 +272,15 @@ def encode_corpus(paths_or_globs, out_npz, tokenizer, combine=50000, encoding="u
     return {"tokens": total, "files": len(paths), "members": members}
 
 
-def load_dataset(path_or_glob, tokenizer=None, encoding="utf-8", combine=50000, what="--dataset"):
+def load_dataset(path_or_glob, tokenizer=None, encoding="utf-8", combine=50000, what="--dataset",
+                 keep_crlf=False):
     """A 1-D token array (uint16, or int64 if an id does not fit) from an .npz made by
     encode_corpus / encode.py, or from text files, folders or globs encoded on the fly
     (tokenizer needed then). Raises Npgpt2Error for a missing or empty dataset."""
     paths = expand_paths(path_or_glob, what)
     if tokenizer is None and any(p.suffix != ".npz" for p in paths):
         raise Npgpt2Error(f"{path_or_glob}: text input needs a tokenizer ({what})")
-    parts = list(iter_tokens(paths, tokenizer, combine, encoding))
+    parts = list(iter_tokens(paths, tokenizer, combine, encoding, keep_crlf))
     n = sum(p.size for p in parts)
     if n == 0:
         raise Npgpt2Error(f"{path_or_glob}: dataset is empty (0 tokens) ({what})")
@@ -276,11 +333,16 @@ class Sampler:
         return json.dumps(self.rng.bit_generator.state)
 
     def set_state(self, state):
-        st = json.loads(state) if isinstance(state, str) else state
+        st = parse_json(state, "sampler state") if isinstance(state, str) else state
+        if not isinstance(st, dict):
+            raise Npgpt2Error("sampler state: expected a JSON object")
         if st.get("bit_generator") != type(self.rng.bit_generator).__name__:
             raise Npgpt2Error(f"sampler state is for {st.get('bit_generator')}, not "
                               f"{type(self.rng.bit_generator).__name__}")
-        self.rng.bit_generator.state = st
+        try:
+            self.rng.bit_generator.state = st
+        except (ValueError, TypeError, KeyError) as e:
+            raise Npgpt2Error(f"sampler state: damaged ({type(e).__name__}: {e})") from None
 
 
 def eval_windows(n_tokens, context):

@@ -28,7 +28,7 @@ CORPUS = Path(__file__).parent / "assets" / "jargon.txt.gz"
 CORPUS_NAME = "The Jargon File 4.4.7 (public domain)"
 SAMPLES_FILE = "samples.txt"
 
-# about 4 minutes on 2 cores; quick: seconds, for tests
+# about 4 minutes on 2 cores; quick: about 15 s (plus Numba's compile on a first run), for tests
 FULL = dict(n_embd=96, n_head=3, n_layer=3, context=64, batch_size=16, steps=500,
             learning_rate=3e-3, warmup=60, val_every=50, val_batch_count=8, eval_tokens=None)
 QUICK = dict(n_embd=32, n_head=2, n_layer=1, context=16, batch_size=8, steps=40,
@@ -76,6 +76,13 @@ def run_demo(steps=None, quick=False, seed=0, sample_num=len(PROMPTS), sample_le
         if (Path(out_dir) / "checkpoint").exists() and not (Path(out_dir) / VOCAB_FILE).exists():
             # a fine-tune or a released model: the demo would prune its checkpoints
             raise Npgpt2Error(f"{out_dir}: holds a model that is not a demo run; give another --out")
+        if (Path(out_dir) / "checkpoint").exists():
+            from .checkpoint import latest_checkpoint
+            try:
+                name = Path(latest_checkpoint(str(out_dir))).name
+            except Npgpt2Error:  # a damaged run is replaced all the same
+                name = "unreadable"
+            log.warning("%s: replacing the demo run there (%s); give another --out to keep it", out_dir, name)
         make_run_dir(out_dir)  # an unwritable --out fails now, not after training
     gpt2 = load_tokenizer()
     t0 = time.time()

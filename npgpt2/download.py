@@ -15,6 +15,7 @@ model to `latest_checkpoint`) is fetched, last of all.
 import contextlib
 import errno
 import logging
+import math
 import os
 import re
 import sys
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, read_checkpoint
 from .errors import Npgpt2Error
-from .model import ALIASES, MODEL_HPARAMS, read_hparams, validate_params
+from .model import ALIASES, MODEL_HPARAMS, param_shapes, read_hparams, validate_params
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ PREFIX = "model.ckpt"
 # `checkpoint` comes last: its presence is what marks a finished folder.
 FILES = ("hparams.json", "encoder.json", "vocab.bpe", PREFIX + ".index", PREFIX + ".meta",
          PREFIX + ".data-00000-of-00001", "checkpoint")
+# The most bytes any of OpenAI's files can hold (the data file's bound comes from the model's
+# size): a server announcing or sending more is refused, so a hostile or broken server cannot
+# fill the disk (hparams.json is never 129 MB).
+MAX_FILE_BYTES = {"hparams.json": 64 << 10, "checkpoint": 64 << 10, "encoder.json": 16 << 20,
+                  "vocab.bpe": 16 << 20, PREFIX + ".index": 16 << 20, PREFIX + ".meta": 64 << 20}
 # Small enough that little is lost when a connection drops (urllib3 discards the partly
 # filled chunk it was reading), large enough that the Python loop costs nothing.
 CHUNK_BYTES = 1 << 16
@@ -54,6 +60,14 @@ def canonical_name(model_name):
         raise Npgpt2Error(f"model name '{model_name}' is unknown: choose one of {known} "
                           f"(117M and 345M are accepted as the old names of 124M and 355M)")
     return name
+
+
+def max_file_bytes(model_name, fname):
+    """The largest size `fname` of released model `model_name` can have."""
+    if fname in MAX_FILE_BYTES:
+        return MAX_FILE_BYTES[fname]
+    n_params = sum(math.prod(shape) for shape in param_shapes(MODEL_HPARAMS[model_name]).values())
+    return 4 * n_params + (1 << 20)  # float32 tensors, back to back
 
 
 def is_complete(folder):
@@ -86,10 +100,27 @@ def download_model(model_name, models_dir="weights", base_url=None, force=False,
     if is_complete(folder) and not force:
         log.info("%s is already downloaded (use --force to download it again)", folder)
         return folder
+    made = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Npgpt2Error(f"{folder}: cannot create folder ({e.strerror or e})") from None
+    try:
+        _download_into(folder, name, base, force, progress, session, retries, backoff, timeout)
+    except BaseException:
+        # A failure before any byte arrived leaves no empty folder behind (which would look
+        # like a model folder); a .part file keeps its folder, for resuming.
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    log.info("downloaded %s", folder)
+    return folder
+
+
+def _download_into(folder, name, base, force, progress, session, retries, backoff, timeout):
     if force:
         # Until the new files are in and checked, the folder must not look finished.
         with contextlib.suppress(FileNotFoundError):
@@ -102,16 +133,16 @@ def download_model(model_name, models_dir="weights", base_url=None, force=False,
                      progress=progress, restart=force)
         for fname in FILES[:-1]:
             if force or not (folder / fname).is_file():
-                fetch_file(f"{base}/{name}/{fname}", folder / fname, **fetch)
+                fetch_file(f"{base}/{name}/{fname}", folder / fname,
+                           max_bytes=max_file_bytes(name, fname), **fetch)
         verify_folder(folder)
-        fetch_file(f"{base}/{name}/checkpoint", folder / "checkpoint", **fetch)
+        fetch_file(f"{base}/{name}/checkpoint", folder / "checkpoint",
+                   max_bytes=max_file_bytes(name, "checkpoint"), **fetch)
     finally:
         if own_session:
             session.close()
     if os.path.abspath(latest_checkpoint(folder)) != os.path.abspath(folder / PREFIX):
         raise Npgpt2Error(f"{folder / 'checkpoint'}: names a checkpoint other than {PREFIX}")
-    log.info("downloaded %s", folder)
-    return folder
 
 
 def verify_folder(folder):
@@ -126,8 +157,11 @@ def verify_folder(folder):
 
 
 def fetch_file(url, dest, session, retries=5, backoff=1.0, timeout=(10, 60), progress=True,
-               restart=False):
-    """Download `url` to `dest` through `dest.part`, resuming and retrying; see module doc."""
+               restart=False, max_bytes=None):
+    """Download `url` to `dest` through `dest.part`, resuming and retrying; see module doc.
+
+    max_bytes: refuse a file the server announces (or sends) larger than this.
+    """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     if restart:
@@ -137,7 +171,7 @@ def fetch_file(url, dest, session, retries=5, backoff=1.0, timeout=(10, 60), pro
     best = _size(part)
     while True:
         try:
-            _fetch_once(url, part, session, timeout, progress, dest.name)
+            _fetch_once(url, part, session, timeout, progress, dest.name, max_bytes)
             break
         except _Retry as e:
             have = _size(part)
@@ -165,7 +199,7 @@ def _open_part(path, mode):
     return open(path, mode)
 
 
-def _fetch_once(url, part, session, timeout, progress, label):
+def _fetch_once(url, part, session, timeout, progress, label, max_bytes=None):
     """One HTTP request appending to `part`; returns when `part` is complete, else raises."""
     have = _size(part)
     # identity: byte counts must match Content-Length, which a gzip-encoded body would not.
@@ -196,7 +230,12 @@ def _fetch_once(url, part, session, timeout, progress, label):
                 total = int(length) if length and length.isdigit() else None
             else:
                 raise Npgpt2Error(f"{url}: HTTP {r.status_code} {r.reason}")
-            have = _stream(r, part, mode, have, total, progress, label)
+            if max_bytes is not None and total is not None and total > max_bytes:
+                part.unlink(missing_ok=True)
+                raise Npgpt2Error(f"{url}: server announces {total} bytes; {label} is never more "
+                                  f"than {max_bytes} bytes (wrong --base_url?)")
+            limit = min(x for x in (total, max_bytes, math.inf) if x is not None)
+            have = _stream(r, part, mode, have, total, progress, label, limit, url)
     except (requests.ConnectionError, requests.Timeout,
             requests.exceptions.ChunkedEncodingError) as e:
         raise _Retry(f"connection failed ({type(e).__name__})") from None
@@ -209,13 +248,21 @@ def _fetch_once(url, part, session, timeout, progress, label):
         raise Npgpt2Error(f"{url}: server sent {have} bytes but announced {total}")
 
 
-def _stream(r, part, mode, have, total, progress, label):
-    """Write r's body to `part`; returns the bytes now in `part`. A full disk is one line."""
+def _stream(r, part, mode, have, total, progress, label, limit=math.inf, url=None):
+    """Write r's body to `part`; returns the bytes now in `part`. A full disk is one line.
+
+    More than `limit` bytes in all (what the server announced, or the file's maximum) is
+    refused as soon as the body passes it: the part file is deleted.
+    """
     bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                desc=label, disable=not (progress and sys.stderr.isatty()))
+    too_long = False
     try:
         with bar, _open_part(part, mode) as f:
             for chunk in r.iter_content(CHUNK_BYTES):
+                if have + len(chunk) > limit:
+                    too_long = True
+                    break
                 f.write(chunk)
                 have += len(chunk)
                 bar.update(len(chunk))
@@ -228,6 +275,10 @@ def _stream(r, part, mode, have, total, progress, label):
             raise Npgpt2Error(f"{part}: disk full after {_size(part)} bytes; free some space "
                               f"and run the same command again to resume") from None
         raise Npgpt2Error(f"{part}: cannot write ({e.strerror or e})") from None
+    if too_long:
+        part.unlink(missing_ok=True)
+        what = f"announced {total}" if total is not None else f"the most {label} can hold, {limit}"
+        raise Npgpt2Error(f"{url or label}: server sent more bytes than {what}; refusing the rest")
     return have
 
 

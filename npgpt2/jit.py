@@ -5,7 +5,7 @@ still `import npgpt2`, load a model and run the plain NumPy path, only slower.
 """
 import logging
 
-log = logging.getLogger("npgpt2")
+log = logging.getLogger(__name__)
 _warned = False
 
 

@@ -36,10 +36,11 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from . import threads
+from . import quant_kernels, threads  # noqa: E402
 # the plain functions, which have no fast twin here (the model calls them through this module)
-from .layers import encoder_forward, merge_heads, softmax, split_heads  # noqa: F401
-from .layers import GELU_SCALE
+from .layers import encoder_forward, merge_heads, softmax, split_heads  # noqa: F401,E402
+from .layers import GELU_SCALE  # noqa: E402
+from .quant import QuantizedWeight  # noqa: E402
 
 PLAIN = ("encoder_forward", "merge_heads", "softmax", "split_heads")
 # the fast twins defined below, each with its plain namesake's signature (layers.py; for
@@ -223,8 +224,11 @@ def matmul_forward(inp, weight, bias):
     """inp: (..., C), weight: (C, OC), bias: (OC,) -> out (..., OC).
 
     One GEMM over all rows (NumPy would make one per batch entry) and the bias added in
-    place (one temporary fewer).
+    place (one temporary fewer). An int8 weight (quant.QuantizedWeight) goes to its
+    dequantising twin in quant_kernels.py.
     """
+    if isinstance(weight, QuantizedWeight):
+        return quant_kernels.matmul_forward(inp, weight, bias)
     C, OC = weight.shape
     x = inp.reshape(-1, C)
     threads.blas_threads(2 * x.shape[0] * C * OC)

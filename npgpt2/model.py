@@ -15,12 +15,13 @@ from types import MappingProxyType
 
 import numpy as np
 
-from . import layers
+from . import layers, quant
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, read_json
 from .jit import numba, plain_fallback
+from .quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class GPT2:
         the (1, C, OC) conv weights as (C, OC) views: views see the in-place updates of
         training, so they are made once here, not on every forward.
         """
-        self._params = {k: np.asarray(v) if v.dtype == self.dtype else v.astype(self.dtype)
+        self._params = {k: v if isinstance(v, QuantizedWeight)  # int8 (quant.py): kept as it is
+                        else np.asarray(v) if v.dtype == self.dtype else v.astype(self.dtype)
                         for k, v in params.items()}
         self.params = MappingProxyType(self._params)
         self.blocks = []
@@ -142,6 +144,11 @@ class GPT2:
             prefix = f"model/h{i}/"
             self.blocks.append({name[len(prefix):]: (w[0] if w.ndim == 3 else w)
                                 for name, w in self._params.items() if name.startswith(prefix)})
+
+    @property
+    def weight_dtype(self):
+        """'int8' when the weights are quant.QuantizedWeight (load_model(dtype="int8")), else the float dtype's name."""
+        return "int8" if isinstance(self._params["model/wte"], QuantizedWeight) else self.dtype.name
 
     def new_cache(self, batch_size=1):
         return KVCache(self.hparams, batch_size, self.dtype)
@@ -210,7 +217,11 @@ class GPT2:
 
     def _head(self, x):
         """x: (B, T, C) after ln_f -> logits (B, T, V); the output head is the token embedding."""
-        return x @ self._params["model/wte"].T  # [B, T, C] @ [C, V] -> [B, T, V]
+        wte = self._params["model/wte"]
+        if isinstance(wte, QuantizedWeight) and ops() is not layers:  # int8: the dequantising GEMV
+            from .quant_kernels import matmul_forward
+            return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
+        return x @ wte.T  # [B, T, C] @ [C, V] -> [B, T, V]
 
     # ------------------------------------------------------------ inference
     def forward(self, tokens, cache=None, last_only=False):
@@ -379,6 +390,9 @@ class GPT2:
             ln_f (B, T, C)             ln_f's output; ln_f.mean, ln_f.rstd (B, T)
             tokens (B, T), nn          the input ids and the layer module
         """
+        if self.weight_dtype == "int8":
+            raise Npgpt2Error("training an int8 model: int8 weights are for generation only; "
+                              "load it with dtype float32 (the default) to train")
         nn = nn or ops()
         tokens = self._check_tokens(tokens)
         saved = {"tokens": tokens, "nn": nn, "blocks": []}
@@ -516,17 +530,31 @@ def resolve_model_dir(models_dir, model_name):
     raise Npgpt2Error(f"{folder}: model folder not found (--models_dir/--model_name){hint}")
 
 
+def check_download_finished(model_dir):
+    """Raise Npgpt2Error with the download command when `model_dir` is a released model's
+    folder (124M, ...) left empty or half-filled by an interrupted `npgpt2 download`."""
+    d = Path(model_dir)
+    name = ALIASES.get(d.name, d.name)
+    if name not in MODEL_HPARAMS or (d / "config.json").exists():
+        return
+    # `npgpt2 download` writes `checkpoint` last; OpenAI's download_model.py writes these too
+    files = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "checkpoint")
+    has = {n: (d / n).is_file() for n in files}
+    if not has["hparams.json"] or (not has["checkpoint"] and (not all(has.values()) or any(d.glob("*.part")))):
+        missing = ", ".join(n for n, ok in has.items() if not ok)
+        raise Npgpt2Error(f"{d}: an empty or unfinished download ({missing} missing); finish it with: "
+                          f"npgpt2 download {d.name} --models_dir {d.parent}")
+
+
 def read_hparams(model_dir):
     path = Path(model_dir) / "hparams.json"
     try:
-        hparams = json.loads(path.read_text(encoding="utf-8"))
+        hparams = read_json(path)
     except FileNotFoundError:
         if (Path(model_dir) / "config.json").exists():
             raise Npgpt2Error(f"{path}: missing; {model_dir} looks like a Hugging Face folder: "
                               f"convert it with: npgpt2 convert {model_dir} DST") from None
         raise Npgpt2Error(f"{path}: missing (not a GPT-2 model folder?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({e})") from None
     check_hparams(hparams, str(path))
     return hparams
 
@@ -536,16 +564,27 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
 
     verify checks every tensor's crc32c. mmap maps the checkpoint's data file instead of
     reading it (float32 only), so a 1558M model is paged in on demand, not copied.
+    dtype="int8": 8-bit weights for generation (quant.py), quantised tensor by tensor from
+    the memory-mapped float32 checkpoint, or read as they are from a folder written by
+    `npgpt2 convert --dtype int8` (which loads dequantised with a float dtype).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise Npgpt2Error(f"{model_dir}: model folder not found")
+    int8 = np.dtype(dtype) == np.int8
+    check_download_finished(model_dir)
     hparams = read_hparams(model_dir)
     prefix = latest_checkpoint(model_dir)
-    params = read_checkpoint(prefix, verify=verify, mmap=mmap)
-    validate_params(hparams, params, f"{prefix}.index")
-    params = {k: params[k] for k in param_shapes(hparams)}  # drop optimizer slots etc.
-    model = GPT2(hparams, params, dtype)
+    if quant.read_quant_info(model_dir) is not None:  # an int8 folder
+        params = quant.params_from_checkpoint(read_checkpoint(prefix, verify=verify, mmap=mmap),
+                                              param_shapes(hparams), f"{prefix}.index")
+        params = params if int8 else quant.dequantize_params(params)
+    else:
+        params = read_checkpoint(prefix, verify=verify, mmap=mmap or int8)
+        validate_params(hparams, params, f"{prefix}.index")
+        params = {k: params[k] for k in param_shapes(hparams)}  # drop optimizer slots etc.
+        params = quant.quantize_params(params) if int8 else params
+    model = GPT2(hparams, params, np.float32 if int8 else dtype)
     model.source_dir = model_dir
     return model
 
@@ -562,6 +601,9 @@ def save_model(model, model_dir, step=None, keep=None):
     the `checkpoint` file names it, and old ones are pruned only after that, so the
     `checkpoint` file always names a complete checkpoint.
     """
+    if model.weight_dtype == "int8":
+        raise Npgpt2Error(f"{model_dir}: cannot save an int8 model as a float32 checkpoint; "
+                          f"write an int8 folder with: npgpt2 convert SRC DST --dtype int8")
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(model_dir / "hparams.json", "w", encoding="utf-8") as f:

@@ -21,7 +21,7 @@ import struct
 import numpy as np
 
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, parse_json
 
 # safetensors dtype name -> NumPy dtype (little-endian). BF16 has no NumPy dtype: it is read
 # as raw uint16 and widened to float32 exactly (bf16 is the top half of a float32).
@@ -59,10 +59,7 @@ def read_safetensors_header(path):
             raw = f.read(n)
     except OSError as e:
         raise Npgpt2Error(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise Npgpt2Error(f"{path}: safetensors header is not valid UTF-8 JSON") from None
+    header = parse_json(raw, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise Npgpt2Error(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

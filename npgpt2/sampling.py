@@ -2,10 +2,12 @@
 turning a token stream into text that stops at a given string."""
 import codecs
 import logging
+import math
 
 import numpy as np
 
 from .errors import Npgpt2Error
+from .memory import check_memory, generation_bytes
 
 log = logging.getLogger(__name__)
 
@@ -13,14 +15,21 @@ log = logging.getLogger(__name__)
 def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     """Draw one token id per row. logits: (B, V) -> int64 (B,).
 
-    temperature 0 is greedy; top_k 0 and top_p 1.0 mean no restriction (OpenAI's
+    temperature 0 is greedy, and so is any temperature so small that logit / temperature
+    overflows float64 (its limit); top_k 0 and top_p 1.0 mean no restriction (OpenAI's
     conventions). Work in float64 so the draw does not depend on the model's dtype.
     """
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return logits.argmax(axis=-1)
+    with np.errstate(over="ignore"):
+        scaled = logits / temperature
     out = np.empty(logits.shape[0], dtype=np.int64)
-    for b, row in enumerate(logits / temperature):
+    for b, row in enumerate(scaled):
+        if not np.isfinite(row).all():
+            # a temperature so small that logit / temperature overflows: the limit is greedy
+            out[b] = logits[b].argmax()
+            continue
         ids = np.arange(row.shape[0])
         if 0 < top_k < row.shape[0]:
             ids = np.argpartition(-row, top_k - 1)[:top_k]
@@ -39,10 +48,39 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     return out
 
 
+def check_temperature(temperature, name="--temperature"):
+    """Raise Npgpt2Error naming `name` unless temperature is a finite number >= 0.
+
+    0 is greedy. Any positive temperature is accepted: one so small that logit / temperature
+    overflows samples greedily (see sample_logits), never NaN probabilities.
+    """
+    try:
+        ok = 0 <= temperature < math.inf
+    except TypeError:
+        ok = False
+    if not ok or isinstance(temperature, bool):
+        raise Npgpt2Error(f"{name} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+
+
+def check_seed(seed, name="--seed"):
+    """Raise Npgpt2Error naming `name` unless seed is None or an integer >= 0 (what
+    np.random.default_rng accepts)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise Npgpt2Error(f"{name} must be an integer >= 0, got {seed!r}")
+
+
+def check_batch_memory(hparams, batch_size, prompt_len=1, length=None, dtype=np.float32, name="--batch_size"):
+    """Refuse (Npgpt2Error with the figure) a batch of generated rows that cannot fit in memory."""
+    check_memory(generation_bytes(hparams, batch_size, prompt_len, length, dtype),
+                 f"{name} {batch_size} (generating that many samples at once)",
+                 f"use a smaller {name}")
+
+
 def check_sampling_args(temperature=1.0, top_k=0, top_p=1.0):
     """Raise Npgpt2Error naming the flag when a sampling setting is out of range."""
-    if not temperature >= 0:
-        raise Npgpt2Error(f"--temperature must be >= 0, got {temperature}")
+    check_temperature(temperature)
     if int(top_k) != top_k or top_k < 0:
         raise Npgpt2Error(f"--top_k must be an integer >= 0, got {top_k}")
     if not 0 < top_p <= 1:
@@ -78,11 +116,14 @@ def generate_stream(model, prompt_tokens, length, temperature=1.0, top_k=0, top_
     through the KV cache. Pass rng to continue a random stream; else seed makes one.
     """
     check_sampling_args(temperature, top_k, top_p)
+    if rng is None:
+        check_seed(seed)
     prompt_tokens = fit_prompt(prompt_tokens, length, model.hparams["n_ctx"])
     bad = [t for t in prompt_tokens if not 0 <= t < model.hparams["n_vocab"]]
     if bad:
         raise Npgpt2Error(f"prompt token id {bad[0]} is outside the model's vocabulary "
                           f"(n_vocab={model.hparams['n_vocab']})")
+    check_batch_memory(model.hparams, batch_size, len(prompt_tokens), length, model.dtype)
     rng = rng if rng is not None else np.random.default_rng(seed)
     cache = model.new_cache(batch_size)
     context = np.tile(np.asarray(prompt_tokens, dtype=np.int64), (batch_size, 1))

@@ -1,39 +1,39 @@
 """GPT-2's byte-level BPE tokenizer, giving exactly the ids OpenAI's encoder.py gives.
 
 Text becomes ids in three steps:
-1. Pre-tokenize: split the text into words with `PATTERN` (contractions, letter runs, digit runs,
-   runs of other symbols, each optionally led by one space; whitespace runs).
-2. Each word's UTF-8 bytes become one symbol per byte (OpenAI's byte<->unicode map names them).
+1. Pre-tokenize: split the text into chunks with `PATTERN` (contractions, letter runs, digit
+   runs, runs of other symbols, each optionally led by one space; whitespace runs).
+2. Each chunk's UTF-8 bytes become one symbol per byte (OpenAI's byte<->unicode map names them:
+   a space is 'Ġ', so " the" starts as 'Ġ' 't' 'h' 'e').
 3. BPE: repeatedly take the adjacent symbol pair with the lowest rank in vocab.bpe and merge all
    its non-overlapping occurrences, left to right, until no adjacent pair has a rank. The final
    symbols' ids come from encoder.json.
+`enc.encode_and_show_work(text)` returns every one of these steps for a learner to print.
 
 Two engines give the same ids (tests prove it):
-- plain (the readable reference): `regex.findall(PATTERN)`, a Python merge loop, a dict cache per
-  word. Used for short texts and for everything when `NPGPT2_PLAIN=1` is set.
-- fast (Numba, for long texts; see FAST_MIN_CHARS): a scanner that follows PATTERN
-  on the text's code points, with letter/number/space classes taken from `regex` itself; a hash
-  table of already-seen words held in NumPy arrays; the same merge loop compiled.
+- plain (the readable reference): `regex.findall(PATTERN)`, the merge loop `bpe_merge_plain`
+  (or, for chunks of HEAP_MIN_SYMBOLS bytes or more, `bpe_merge_heap`: the same rounds in
+  O(n log n), so one long unbroken chunk cannot take quadratic time), a dict cache per chunk.
+  Used for short texts, when Numba is missing, and for everything when `NPGPT2_PLAIN=1` is set.
+- fast (Numba, `bpe_fast.py`, for long texts; see FAST_MIN_CHARS): the same steps compiled.
 
-`<|endoftext|>` is ordinary text unless the caller allows it (`allowed_special`, as in tiktoken).
+`<|endoftext|>` (ENDOFTEXT, the one definition other modules import) is ordinary text unless
+the caller allows it (`allowed_special`, as in tiktoken).
 """
-import gzip
 import hashlib
-import json
+import heapq
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import regex
 
+from . import bpe_fast
 from .errors import Npgpt2Error
-
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - numba is a dependency; the plain engine still works
-    njit = None
+from .fsutil import read_json
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,10 @@ _SAFE_CUT_LAST = regex.compile(SAFE_CUT, regex.REVERSE)
 # engine (~2.5 MB/s) would spend on ~2 MB of text; once paid, it wins from a few KB on.
 FAST_MIN_CHARS = 4096
 FAST_START_CHARS = 1 << 19
+# Chunks (in bytes) from which both engines merge on a heap; ordinary words are far shorter and
+# take the simple loop, the reference the heap is tested against.
+HEAP_MIN_SYMBOLS = bpe_fast.HEAP_MIN_SYMBOLS
 _WORD_CACHE_MAX = 200_000  # plain engine: words kept before the oldest half is dropped
-_FAST_MAX_ENTRIES = 1 << 20  # fast engine: the word table is emptied past this many words
-_FAST_MAX_CODEPOINTS = 1 << 25
 
 
 def bytes_to_unicode():
@@ -71,12 +72,15 @@ def bytes_to_unicode():
     return table
 
 
-def bpe_merge_plain(symbols, merges):
-    """The merge loop in plain Python: the reference that the Numba loop must equal.
+def bpe_merge_rounds(symbols, merges):
+    """The BPE merge loop, one round at a time: the reference every other merge must equal.
 
     symbols: list of symbol ids (one per byte at first). merges: {(a, b): (rank, merged)}.
-    Returns the merged list. While some adjacent pair has a rank, the lowest-ranked pair is merged
-    at every non-overlapping occurrence, scanning left to right (as OpenAI's `Encoder.bpe` does).
+    While some adjacent pair has a rank, the lowest-ranked pair is merged at every
+    non-overlapping occurrence, scanning left to right (as OpenAI's `Encoder.bpe` does).
+    Yields (rank, (a, b), merged, at, word) per round: `at` = the indices in the previous word
+    where the pair was merged, `word` = the new list of symbols. Each round costs O(len(word)),
+    so a chunk of n bytes can cost O(n^2): see `bpe_merge_heap` for long chunks.
     """
     word = list(symbols)
     while len(word) > 1:
@@ -86,19 +90,136 @@ def bpe_merge_plain(symbols, merges):
             if m is not None and (best_rank is None or m[0] < best_rank):
                 best, best_rank = pair, m[0]
         if best is None:
-            break
+            return
         a, b = best
         merged = merges[best][1]
-        out, i, n = [], 0, len(word)
+        out, at, i, n = [], [], 0, len(word)
         while i < n:
             if i + 1 < n and word[i] == a and word[i + 1] == b:
                 out.append(merged)
+                at.append(i)
                 i += 2
             else:
                 out.append(word[i])
                 i += 1
         word = out
+        yield best_rank, best, merged, at, word
+
+
+def bpe_merge_plain(symbols, merges):
+    """The merged symbols of `bpe_merge_rounds` (its last round's word): list -> list."""
+    word = list(symbols)
+    for *_, word in bpe_merge_rounds(symbols, merges):
+        pass
     return word
+
+
+def bpe_merge_heap(symbols, merges):
+    """`bpe_merge_plain`'s result in O(n log n) time for n symbols (tested equal to it).
+
+    The symbols form a doubly linked list (nxt/prv over their first positions, which keep
+    their order), and every adjacent pair that has a rank waits in a heap keyed
+    (rank, position). A round pops every entry of the lowest rank, which come out left to
+    right, and merges each one still valid. This is the reference's round exactly: a merge
+    never creates a pair of the round's own rank (its result differs from both of its parts),
+    and the entries of later ranks, new ones included, wait until the round is over. An entry is
+    stale when its left symbol was merged away or its pair changed since it was queued.
+    """
+    sym = list(symbols)
+    n = len(sym)
+    nxt = list(range(1, n + 1))  # n: no next symbol
+    prv = list(range(-1, n - 1))
+    get, push, pop = merges.get, heapq.heappush, heapq.heappop
+    heap = []  # keys rank * n + position, so integer order = (rank, position) order
+    for i in range(n - 1):
+        m = get((sym[i], sym[i + 1]))
+        if m is not None:
+            heap.append(m[0] * n + i)
+    heapq.heapify(heap)
+    while heap:
+        rank = heap[0] // n
+        first, end = rank * n, rank * n + n
+        batch = []  # this round's positions, left to right
+        while heap and heap[0] < end:
+            batch.append(pop(heap) - first)
+        for i in batch:
+            left, j = sym[i], nxt[i]
+            if left is None or j == n:
+                continue
+            m = get((left, sym[j]))
+            if m is None or m[0] != rank:
+                continue
+            new = sym[i] = m[1]
+            sym[j] = None  # merged into its left neighbour
+            k = nxt[i] = nxt[j]
+            if k < n:
+                prv[k] = i
+                m = get((new, sym[k]))
+                if m is not None:
+                    push(heap, m[0] * n + i)
+            p = prv[i]
+            if p >= 0:
+                m = get((sym[p], new))
+                if m is not None:
+                    push(heap, m[0] * n + p)
+    return [s for s in sym if s is not None]
+
+
+# ---------------------------------------------------------------------- showing the work
+@dataclass(frozen=True)
+class MergeStep:
+    """One BPE round of a chunk: `left` + `right` -> `merged` everywhere it occurs.
+
+    rank: the merge's line in vocab.bpe counted from 0 after the '#version' line (lower merges
+    first). at: where it merged, as indices into the symbols before this round. symbols: the
+    chunk's symbols after it. Symbols are shown in the byte-level alphabet ('Ġ' is a space).
+    """
+    rank: int
+    left: str
+    right: str
+    merged: str
+    at: tuple
+    symbols: tuple
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """How one pre-token chunk became ids.
+
+    text: the chunk as it is in the text. symbols: its UTF-8 bytes, one symbol per byte.
+    merges: the rounds in order (empty for a special token). tokens: the final symbols, one
+    per id. ids: their encoder.json ids (what `encode` gives for this chunk).
+    """
+    text: str
+    symbols: tuple
+    merges: tuple
+    tokens: tuple
+    ids: tuple
+
+    def __str__(self):
+        lines = [f"{self.text!r}  bytes: {' '.join(self.symbols)}"]
+        for step in self.merges:
+            lines.append(f"  rank {step.rank:5d}  {step.left} + {step.right} -> {step.merged}"
+                         f"{f' (x{len(step.at)})' if len(step.at) > 1 else ''}"
+                         f"   {_shorten(' '.join(step.symbols))}")
+        lines.append(f"  ids {list(self.ids)}")
+        return "\n".join(lines)
+
+
+class EncodeWork(list):
+    """A list of ChunkWork, one per chunk in text order, as `encode_and_show_work` returns it;
+    `ids` is their concatenation (= `encode(text)`), `str()` the whole account for printing."""
+
+    @property
+    def ids(self):
+        return [i for chunk in self for i in chunk.ids]
+
+    def __str__(self):
+        return "\n".join(map(str, self)) + f"\nids: {self.ids}"
+
+
+def _shorten(s, width=100):
+    return s if len(s) <= width else s[:width - 3] + "..."
 
 
 class Tokenizer:
@@ -106,6 +227,10 @@ class Tokenizer:
 
     encoder: {token string (byte<->unicode alphabet): id}, as in encoder.json.
     merges: [(left, right), ...] in rank order, as in vocab.bpe without its '#version' line.
+
+    BPE works on symbol ids: a token's encoder id, or a fresh id past the vocabulary for a
+    string only an intermediate merge makes. `byte_sym[b]` is byte b's symbol and
+    `self.merges` is {(left id, right id): (rank, merged id)}, what `bpe_merge_plain` takes.
     """
 
     def __init__(self, encoder, merges, source="encoder.json"):
@@ -136,7 +261,7 @@ class Tokenizer:
                 self._sym_str[i] = s
             return i
 
-        self._byte_sym = [sym(byte_char[b]) for b in range(256)]
+        self.byte_sym = [sym(byte_char[b]) for b in range(256)]
         self.merges = {}
         for rank, (a, b) in enumerate(merges):
             # A repeated pair keeps its last rank, like OpenAI's dict(zip(merges, range(...))).
@@ -184,11 +309,7 @@ class Tokenizer:
                 return self._encode_fast(text).tolist()
             return self._encode_plain(text)
         except UnicodeEncodeError:
-            # A lone surrogate has no UTF-8 bytes: e.g. "\udce9" from bytes that were not UTF-8,
-            # read with errors="surrogateescape" (Python's stdin in a C locale), or JSON's "\ud800".
-            at = _SURROGATE.search(text)
-            raise Npgpt2Error(f"the text is not valid Unicode: lone surrogate {at.group()!r} at "
-                              f"character {at.start()} (bytes that are not UTF-8?)") from None
+            raise _lone_surrogate(text) from None
 
     def _segments(self, text, allowed_special):
         """Yield (text, None) for ordinary stretches and ("", id) for each allowed special token."""
@@ -217,7 +338,8 @@ class Tokenizer:
         return allowed
 
     def _encode_plain(self, text):
-        """The reference engine: regex pre-tokenizer, dict cache per word, Python merge loop."""
+        """The reference engine: regex pre-tokenizer, dict cache per word, Python merge loop
+        (on a heap for words of HEAP_MIN_SYMBOLS bytes or more)."""
         cache = self._cache
         ids = []
         extend = ids.extend
@@ -233,8 +355,9 @@ class Tokenizer:
         return ids
 
     def _bpe_word_plain(self, word):
-        byte_sym = self._byte_sym
-        return self._final(tuple(bpe_merge_plain([byte_sym[b] for b in word.encode("utf-8")], self.merges)))
+        syms = [self.byte_sym[b] for b in word.encode("utf-8")]
+        merge = bpe_merge_heap if len(syms) >= HEAP_MIN_SYMBOLS else bpe_merge_plain
+        return self._final(tuple(merge(syms, self.merges)))
 
     def _final(self, syms):
         for s in syms:
@@ -242,6 +365,38 @@ class Tokenizer:
                 raise Npgpt2Error(f"{self._source}: BPE produced token {self._sym_str[s]!r}, "
                                   f"which encoder.json does not contain")
         return syms
+
+    # ------------------------------------------------------------------ showing the work
+    def encode_and_show_work(self, text, allowed_special=()):
+        """`encode`, step by step: an EncodeWork (a list of ChunkWork, one per pre-token chunk
+        or allowed special token), each with the chunk's byte symbols and every merge round in
+        order with its rank. `print(enc.encode_and_show_work("Hello world"))` shows it all;
+        `.ids` equals `encode(text, allowed_special)`.
+
+        It runs the reference loop (`bpe_merge_rounds`) and keeps every round's symbols, so a
+        chunk of n bytes costs O(n^2) time and memory: it is for reading, not for long input.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode_and_show_work expects str, got {type(text).__name__}")
+        if _SURROGATE.search(text):
+            raise _lone_surrogate(text)
+        name = self._sym_str.get
+        work = EncodeWork()
+        for seg, special in self._segments(text, allowed_special):
+            if special is not None:
+                s = self.decoder[special]
+                work.append(ChunkWork(s, (s,), (), (s,), (special,)))
+                continue
+            for chunk in self._pat.findall(seg):
+                syms = [self.byte_sym[b] for b in chunk.encode("utf-8")]
+                word, steps = syms, []
+                for rank, (a, b), merged, at, word in bpe_merge_rounds(syms, self.merges):
+                    steps.append(MergeStep(rank, name(a), name(b), name(merged), tuple(at),
+                                           tuple(map(name, word))))
+                ids = self._final(tuple(word))
+                work.append(ChunkWork(chunk, tuple(map(name, syms)), tuple(steps),
+                                      tuple(map(name, word)), ids))
+        return work
 
     # ------------------------------------------------------------------ streaming
     def encode_iter(self, text_chunks, allowed_special=(), block_chars=1 << 20):
@@ -297,30 +452,6 @@ class Tokenizer:
         if text:
             yield np.asarray(self._encode(text, allowed_special, True), dtype=dtype)
 
-    def encode_file(self, path, encoding="utf-8", allowed_special=(), block_chars=1 << 20):
-        """Yield id arrays (see `encode_iter`) for a text file read in blocks, as
-        `encode(open(path, encoding=encoding).read())` would give, without holding it all."""
-        path = os.fspath(path)
-
-        def blocks():
-            try:
-                opener = gzip.open if path.endswith(".gz") else open
-                with opener(path, "rt", encoding=encoding) as f:
-                    while True:
-                        block = f.read(block_chars)
-                        if not block:
-                            return
-                        yield block
-            except UnicodeDecodeError as e:
-                raise Npgpt2Error(f"{path}: not valid {encoding} text ({e.reason} at byte {e.start} "
-                                  f"of a read block); pass the right encoding") from None
-            except LookupError:
-                raise Npgpt2Error(f"{path}: unknown text encoding {encoding!r}") from None
-            except OSError as e:
-                raise Npgpt2Error(f"{path}: cannot read ({e.strerror or e})") from None
-
-        return self.encode_iter(blocks(), allowed_special, block_chars)
-
     # ------------------------------------------------------------------ decoding
     def decode_bytes(self, ids):
         """ids -> the raw bytes they stand for (may end inside a UTF-8 character)."""
@@ -342,74 +473,55 @@ class Tokenizer:
         """ids -> str; bytes that do not form whole UTF-8 characters become U+FFFD, never an error."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def token_bytes(self, i):
-        """The bytes of one token id."""
-        return self.decode_bytes([i])
-
     def clear_cache(self):
         """Forget every cached word (both engines); the next encode starts cold."""
         with self._fast_lock:
             self._cache = {}
             if self._fast is not None:
-                self._fast._alloc(*self._fast.initial[:3])
+                self._fast.clear()
 
     # ------------------------------------------------------------------ fast engine
     def _encode_fast(self, text):
         """Numba engine: text -> int32 array of ids (same ids as `_encode_plain`)."""
         if not text:
             return np.zeros(0, np.int32)
-        cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        cp = bpe_fast.code_points(text)
         with self._fast_lock:
-            if self._fast is None:
-                self._fast = _FastState(self)
-            ids = self._fast.encode(cp)
+            ids = self._fast_engine().encode(cp)
         bad = ids[ids >= self.n_vocab]
         if bad.size:
             self._final(bad.tolist())
         return ids
 
-    def merge_fast(self, symbols):
-        """The Numba merge loop on one word's symbol ids (for tests): list[int] -> list[int]."""
-        with self._fast_lock:
-            if self._fast is None:
-                self._fast = _FastState(self)
-            f = self._fast
-            w = np.array(symbols, dtype=np.int32)
-            n = _bpe_merge_nb(w, len(w), f.mkeys, f.mrank, f.mnew)
-            return w[:n].tolist()
-
-    @staticmethod
-    def split_fast(text):
-        """The Numba scanner's words for `text` (for tests; must equal `regex.findall(PATTERN)`)."""
-        cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ends = _word_ends(cp, _class_table()).tolist()
-        return [text[a:b] for a, b in zip([0] + ends, ends)]
-
-    def merge_plain(self, symbols):
-        """The plain merge loop on one word's symbol ids: list[int] -> list[int]."""
-        return bpe_merge_plain(symbols, self.merges)
-
-    def byte_symbols(self, data):
-        """bytes -> the initial symbol ids BPE starts from (one per byte)."""
-        return [self._byte_sym[b] for b in data]
+    def _fast_engine(self):
+        """This tokenizer's bpe_fast.FastEngine, made on first use (call under _fast_lock)."""
+        if self._fast is None:
+            self._fast = bpe_fast.FastEngine(self.merges, self.byte_sym)
+        return self._fast
 
 
 _SURROGATE = regex.compile("[\ud800-\udfff]")
 
 
+def _lone_surrogate(text):
+    """The error for text holding a lone surrogate, which has no UTF-8 bytes: e.g. "\\udce9"
+    from bytes that were not UTF-8 read with errors="surrogateescape" (Python's stdin in a C
+    locale), or JSON's "\\ud800"."""
+    at = _SURROGATE.search(text)
+    return Npgpt2Error(f"the text is not valid Unicode: lone surrogate {at.group()!r} at "
+                       f"character {at.start()} (bytes that are not UTF-8?)")
+
+
 def _fast_enabled():
-    return njit is not None and os.environ.get("NPGPT2_PLAIN", "") in ("", "0")
+    return bpe_fast.AVAILABLE and os.environ.get("NPGPT2_PLAIN", "") in ("", "0")
 
 
 # ---------------------------------------------------------------------- loading
 def _read_encoder(path):
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            encoder = json.load(f)
+        encoder = read_json(path)
     except OSError as e:
         raise Npgpt2Error(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Npgpt2Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(encoder, dict) or not encoder:
         raise Npgpt2Error(f"{path}: expected a JSON object mapping token strings to ids")
     for s, i in encoder.items():
@@ -483,288 +595,3 @@ def load_tokenizer(model_dir=None):
             tok = _loaded[tuple(key)] = read_tokenizer(enc, bpe)
     from .compact_vocab import wrap_if_compact  # a model of a subset of GPT-2's tokens (the demo's)
     return wrap_if_compact(tok, model_dir)
-
-
-# ---------------------------------------------------------------------- Numba engine
-# Code point classes for the scanner; every character is in exactly one.
-_OTHER, _LETTER, _NUMBER, _SPACE = 0, 1, 2, 3
-_classes = None
-
-
-def _class_table():
-    """uint8[0x110000]: the class of every code point as `regex` sees \\p{L}, \\p{N} and \\s."""
-    global _classes
-    if _classes is None:
-        every = "".join(map(chr, range(0x110000)))
-        table = np.zeros(0x110000, dtype=np.uint8)
-        for cls, prop in ((_SPACE, r"\s+"), (_NUMBER, r"\p{N}+"), (_LETTER, r"\p{L}+")):
-            for m in regex.finditer(prop, every):
-                table[m.start():m.end()] = cls
-        _classes = table
-    return _classes
-
-
-class _FastState:
-    """The Numba engine's tables for one Tokenizer: pair ranks, and the table of seen words."""
-
-    initial = (1 << 16, 1 << 20, 1 << 19, 1024)  # words, code points, tokens, work buffer
-
-    def __init__(self, tok):
-        pairs = list(tok.merges.items())
-        size = 1 << max(4, (4 * len(pairs)).bit_length())
-        self.mkeys = np.full(size, -1, dtype=np.int64)
-        self.mrank = np.zeros(size, dtype=np.int32)
-        self.mnew = np.zeros(size, dtype=np.int32)
-        if pairs:
-            ab = np.array([p for p, _ in pairs], dtype=np.int64)
-            rn = np.array([v for _, v in pairs], dtype=np.int64)
-            _build_pairs(self.mkeys, self.mrank, self.mnew, ab[:, 0], ab[:, 1], rn[:, 0], rn[:, 1])
-        self.byte_sym = np.array(tok._byte_sym, dtype=np.int32)
-        self.classes = _class_table()
-        self.work = np.zeros(self.initial[3], dtype=np.int32)
-        self._alloc(*self.initial[:3])
-
-    def _alloc(self, n_entries, n_cp, n_tok):
-        self.slots = np.full(2 * n_entries, -1, dtype=np.int64)
-        self.ehash = np.zeros(n_entries, dtype=np.uint64)
-        self.einfo = np.zeros((n_entries, 4), dtype=np.int64)  # kstart, klen, tstart, tlen
-        self.kstore = np.zeros(n_cp, dtype=np.uint32)
-        self.tstore = np.zeros(n_tok, dtype=np.int32)
-        self.used = np.zeros(3, dtype=np.int64)  # entries, code points, tokens in use
-
-    def _grow(self, need):
-        """Make room for one more word of `need` code points: grow the arrays, or empty them
-        when the table is at its size limit (the cache is only a cache)."""
-        n, k, t = (int(x) for x in self.used)
-        if n + 1 > _FAST_MAX_ENTRIES or k + need > _FAST_MAX_CODEPOINTS:
-            self._alloc(len(self.ehash), max(len(self.kstore), need), max(len(self.tstore), 4 * need))
-            return
-        if n + 1 > len(self.ehash):
-            m = 2 * len(self.ehash)
-            self.ehash = np.concatenate([self.ehash, np.zeros(m - len(self.ehash), np.uint64)])
-            self.einfo = np.concatenate([self.einfo, np.zeros((m - len(self.einfo), 4), np.int64)])
-            self.slots = np.full(2 * m, -1, dtype=np.int64)
-            _rehash(self.slots, self.ehash, n)
-        if k + need > len(self.kstore):
-            self.kstore = np.concatenate([self.kstore, np.zeros(max(len(self.kstore), need), np.uint32)])
-        if t + 4 * need > len(self.tstore):
-            self.tstore = np.concatenate([self.tstore, np.zeros(max(len(self.tstore), 4 * need), np.int32)])
-
-    def encode(self, cp, out_size=None):
-        out = np.zeros(len(cp) + 64 if out_size is None else out_size, dtype=np.int32)
-        pos = n_out = 0
-        while True:
-            status, pos, n_out, need = _encode_kernel(
-                cp, self.classes, pos, out, n_out, self.slots, self.ehash, self.einfo, self.kstore,
-                self.tstore, self.used, self.byte_sym, self.mkeys, self.mrank, self.mnew, self.work)
-            if status == 0:
-                return out[:n_out]
-            if status == 1:
-                out = np.concatenate([out, np.zeros(max(len(out), 4 * need), np.int32)])
-            elif status == 2:
-                self._grow(need)
-            else:
-                self.work = np.zeros(4 * need + 16, dtype=np.int32)
-
-
-if njit is not None:
-    _jit = njit(cache=True, nogil=True)
-
-    @_jit
-    def _mix(key):
-        """A 64-bit hash of a uint64 (multiply-xorshift)."""
-        key = (key ^ (key >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
-        return key ^ (key >> np.uint64(29))
-
-    @_jit
-    def _build_pairs(mkeys, mrank, mnew, a, b, rank, new):
-        mask = np.uint64(mkeys.shape[0] - 1)
-        for i in range(a.shape[0]):
-            key = (a[i] << 32) | b[i]
-            s = np.int64(_mix(np.uint64(key)) & mask)
-            while mkeys[s] != -1 and mkeys[s] != key:
-                s = np.int64((np.uint64(s) + np.uint64(1)) & mask)
-            mkeys[s] = key
-            mrank[s] = rank[i]
-            mnew[s] = new[i]
-
-    @_jit
-    def _pair_slot(mkeys, a, b):
-        """Slot of the merge (a, b) in the pair table, or -1."""
-        key = (np.int64(a) << 32) | np.int64(b)
-        mask = np.uint64(mkeys.shape[0] - 1)
-        s = np.int64(_mix(np.uint64(key)) & mask)
-        while True:
-            k = mkeys[s]
-            if k == key:
-                return s
-            if k == -1:
-                return -1
-            s = np.int64((np.uint64(s) + np.uint64(1)) & mask)
-
-    @_jit
-    def _bpe_merge_nb(w, n, mkeys, mrank, mnew):
-        """`bpe_merge_plain` on w[:n] in place; returns the new length."""
-        while n > 1:
-            best = -1
-            best_rank = 0
-            for i in range(n - 1):
-                s = _pair_slot(mkeys, w[i], w[i + 1])
-                if s >= 0 and (best < 0 or mrank[s] < best_rank):
-                    best = s
-                    best_rank = mrank[s]
-            if best < 0:
-                break
-            a = mkeys[best] >> 32
-            b = mkeys[best] & 0xFFFFFFFF
-            merged = mnew[best]
-            i = 0
-            j = 0
-            while i < n:
-                if i + 1 < n and w[i] == a and w[i + 1] == b:
-                    w[j] = merged
-                    i += 2
-                else:
-                    w[j] = w[i]
-                    i += 1
-                j += 1
-            n = j
-        return n
-
-    @_jit
-    def _word_end(cp, classes, i, n):
-        """End of the PATTERN match that starts at cp[i] (the text has n code points)."""
-        c = cp[i]
-        if c == 39 and i + 1 < n:  # ' : 's 't 'm 'd, then 're 've 'll
-            d = cp[i + 1]
-            if d == 115 or d == 116 or d == 109 or d == 100:
-                return i + 2
-            if i + 2 < n:
-                e = cp[i + 2]
-                if (d == 114 and e == 101) or (d == 118 and e == 101) or (d == 108 and e == 108):
-                    return i + 3
-        k = classes[c]
-        if c == 32 and i + 1 < n and classes[cp[i + 1]] != 3:
-            i += 1  # ' ?\p{L}+' etc.: one leading space joins the run after it
-            k = classes[cp[i]]
-        j = i + 1
-        while j < n and classes[cp[j]] == k:
-            j += 1
-        if k != 3 or j == n:
-            return j
-        # A whitespace run followed by a non-space: '\s+(?!\S)' leaves its last character,
-        # which '\s+' then takes alone when the run was a single character.
-        if j - i >= 2:
-            return j - 1
-        return j
-
-    @_jit
-    def _word_ends(cp, classes):
-        """End index of every PATTERN match in cp, in order (for tests of the scanner)."""
-        n = cp.shape[0]
-        ends = np.zeros(n, dtype=np.int64)
-        i = 0
-        k = 0
-        while i < n:
-            i = _word_end(cp, classes, i, n)
-            ends[k] = i
-            k += 1
-        return ends[:k]
-
-    @_jit
-    def _encode_kernel(cp, classes, pos, out, n_out, slots, ehash, einfo, kstore, tstore, used,
-                       byte_sym, mkeys, mrank, mnew, work):
-        """Encode cp[pos:] into out[n_out:]. Returns (status, pos, n_out, need): status 0 done;
-        1 out is full, 2 the word table is full, 3 the work buffer is too small; `need` is the
-        current word's length in code points; the caller makes room and calls again from pos."""
-        n = cp.shape[0]
-        mask = np.uint64(slots.shape[0] - 1)
-        i = pos
-        while i < n:
-            j = _word_end(cp, classes, i, n)
-            h = np.uint64(14695981039346656037)  # FNV-1a over the code points
-            for q in range(i, j):
-                h = (h ^ np.uint64(cp[q])) * np.uint64(1099511628211)
-            s = np.int64(_mix(h) & mask)
-            found = -1
-            while True:
-                e = slots[s]
-                if e == -1:
-                    break
-                if ehash[e] == h and einfo[e, 1] == j - i:
-                    ks = einfo[e, 0]
-                    same = True
-                    for q in range(j - i):
-                        if kstore[ks + q] != cp[i + q]:
-                            same = False
-                            break
-                    if same:
-                        found = e
-                        break
-                s = np.int64((np.uint64(s) + np.uint64(1)) & mask)
-            if found >= 0:
-                ts = einfo[found, 2]
-                tl = einfo[found, 3]
-                if n_out + tl > out.shape[0]:
-                    return 1, i, n_out, j - i
-                for q in range(tl):
-                    out[n_out + q] = tstore[ts + q]
-                n_out += tl
-                i = j
-                continue
-            if work.shape[0] < 4 * (j - i):
-                return 3, i, n_out, j - i
-            nb = 0  # UTF-8 encode the word straight into byte symbols
-            for q in range(i, j):
-                c = cp[q]
-                if c < 0x80:
-                    work[nb] = byte_sym[c]
-                    nb += 1
-                elif c < 0x800:
-                    work[nb] = byte_sym[0xC0 | (c >> 6)]
-                    work[nb + 1] = byte_sym[0x80 | (c & 0x3F)]
-                    nb += 2
-                elif c < 0x10000:
-                    work[nb] = byte_sym[0xE0 | (c >> 12)]
-                    work[nb + 1] = byte_sym[0x80 | ((c >> 6) & 0x3F)]
-                    work[nb + 2] = byte_sym[0x80 | (c & 0x3F)]
-                    nb += 3
-                else:
-                    work[nb] = byte_sym[0xF0 | (c >> 18)]
-                    work[nb + 1] = byte_sym[0x80 | ((c >> 12) & 0x3F)]
-                    work[nb + 2] = byte_sym[0x80 | ((c >> 6) & 0x3F)]
-                    work[nb + 3] = byte_sym[0x80 | (c & 0x3F)]
-                    nb += 4
-            m = _bpe_merge_nb(work, nb, mkeys, mrank, mnew)
-            if n_out + m > out.shape[0]:
-                return 1, i, n_out, j - i
-            ne = used[0]
-            if (ne + 1 > ehash.shape[0] or 2 * (ne + 1) > slots.shape[0]
-                    or used[1] + (j - i) > kstore.shape[0] or used[2] + m > tstore.shape[0]):
-                return 2, i, n_out, j - i
-            slots[s] = ne
-            ehash[ne] = h
-            einfo[ne, 0] = used[1]
-            einfo[ne, 1] = j - i
-            einfo[ne, 2] = used[2]
-            einfo[ne, 3] = m
-            for q in range(j - i):
-                kstore[used[1] + q] = cp[i + q]
-            for q in range(m):
-                tstore[used[2] + q] = work[q]
-                out[n_out + q] = work[q]
-            used[0] = ne + 1
-            used[1] += j - i
-            used[2] += m
-            n_out += m
-            i = j
-        return 0, i, n_out, 0
-
-    @_jit
-    def _rehash(slots, ehash, n):
-        mask = np.uint64(slots.shape[0] - 1)
-        for e in range(n):
-            s = np.int64(_mix(ehash[e]) & mask)
-            while slots[s] != -1:
-                s = np.int64((np.uint64(s) + np.uint64(1)) & mask)
-            slots[s] = e

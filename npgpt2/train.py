@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import optim
+from . import dist, optim
 from .data import Sampler, check_tokens, eval_windows, expand_paths, load_dataset
+from .dist import SingleProcess  # noqa: F401  (re-exported: fit's default communicator)
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
 from .sampling import check_sampling_args
@@ -46,6 +47,7 @@ class TrainConfig:
     models_dir: str = "weights"
     combine: int = 50000
     encoding: str = "utf-8"
+    keep_crlf: bool = False        # text inputs: keep \r\n and \r (default: read them as \n)
     batch_size: int = 1
     learning_rate: float = 2e-5
     accumulate_gradients: int = 1
@@ -77,13 +79,14 @@ class TrainConfig:
     grad_clip: float = 1.0         # global-norm clipping; 0 = off
     plot: bool = True              # loss-curve PNG in the run folder (needs matplotlib)
     log_every: int = 1             # a log line every N steps
+    shared_stream: bool = False    # data-parallel test hook: rank r takes micro-batch r of one stream
 
 
 # ---------------------------------------------------------------- checking the config
 def check_config(cfg, n_ctx):
     """Raise Npgpt2Error naming the flag for a value out of range; returns the context T."""
     positive = ["batch_size", "accumulate_gradients", "val_batch_size", "val_batch_count", "max_to_keep",
-                "combine", "log_every"]
+                "combine", "log_every", "sample_length"]
     non_negative = ["steps", "sample_every", "save_every", "val_every", "warmup", "lr_decay_steps",
                     "sample_num"]
     for name in positive:
@@ -132,8 +135,10 @@ def make_run_dir(run_dir):
                           f"{e.strerror or e}") from None
 
 
-def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=None):
+def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=None, rank_samplers=None):
     """Write train_state-<step>.npz, then model-<step> and the `checkpoint` file naming it.
+
+    rank_samplers: in a data-parallel run, every rank's sampler state (rank 0's is `sampler`'s).
 
     Removes train states whose model-<step> save_model pruned. Returns the model prefix.
     """
@@ -146,6 +151,8 @@ def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=
         "sampler": np.array(sampler.get_state()), "avg": np.array(avg, dtype=np.float64),
         "extra": np.array(json.dumps(extra or {})),
     })
+    if rank_samplers is not None:
+        arrays["rank_samplers"] = np.array(json.dumps(rank_samplers))
     for k, v in history.items():
         arrays[f"history/{k}"] = np.asarray(v, dtype=np.float64)
     with atomic_write(state_path(run_dir, step)) as f:
@@ -255,13 +262,14 @@ class StopFlag:
     """The first SIGINT or SIGTERM asks the loop to save and stop after the current step; a
     second one interrupts at once (KeyboardInterrupt). Only installed in the main thread."""
 
-    def __init__(self):
+    def __init__(self, signals=STOP_SIGNALS):
         self.requested = False
+        self.signals = signals
         self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         return self
 
     def _handle(self, signum, frame):
@@ -299,27 +307,17 @@ def write_samples(model, tokenizer, cfg, step, run_name):
     return texts
 
 
+def check_train_memory(model, cfg, T):
+    """Refuse, with the figure, a --batch_size or --sample_num whose arrays cannot fit in memory."""
+    from .memory import check_memory, training_bytes
+    from .sampling import check_batch_memory
+    check_memory(training_bytes(model.hparams, cfg.batch_size, T, model.dtype), f"--batch_size {cfg.batch_size}",
+                 "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)")
+    if cfg.sample_every and cfg.sample_num:
+        check_batch_memory(model.hparams, cfg.sample_num, 1, cfg.sample_length, model.dtype, name="--sample_num")
+
+
 # ---------------------------------------------------------------- one step
-class SingleProcess:
-    """The communicator of a run in one process, where its hooks do nothing.
-
-    fit() calls a communicator where the processes of a data-parallel run (each drawing its
-    own batches) must agree: allreduce_mean between loss_and_grads and the clip + optimizer
-    step (so every process applies the same update), and is_main for what only one of them
-    should do (logs, samples, validation, checkpoints). A multi-process run passes its own.
-    """
-    rank = 0
-    world_size = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def allreduce_mean(self, grads, loss):
-        """Average grads (in place) and the loss over every process; returns the loss."""
-        return loss
-
-
 def trained_names(model, cfg):
     """The parameters the optimizer updates (--only_train_transformer_layers keeps wte, wpe, ln_f)."""
     return [k for k in model.params if "/h" in k] if cfg.only_train_transformer_layers else list(model.params)
@@ -353,18 +351,20 @@ def train_step(model, opt, sampler, names, cfg, lr, step, comm):
     Raises Npgpt2Error, before anything is saved, when the loss, the gradients or the updated
     weights are not finite. Returns (loss, gradient norm before clipping).
     """
-    loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients)
-    loss = comm.allreduce_mean(grads, loss)
-    hint = f"lower --learning_rate (now {cfg.learning_rate}) or raise --warmup"
-    if not math.isfinite(loss):
-        raise Npgpt2Error(f"loss became {loss} at step {step + 1}; {hint}")
-    grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-    if not math.isfinite(grad_norm):
-        raise Npgpt2Error(f"the gradients' norm became {grad_norm} at step {step + 1}; {hint}")
-    opt.step(grads, lr)
-    if not optim.all_finite(opt.params):
-        raise Npgpt2Error(f"the update at step {step + 1} (learning rate {lr}) made the weights non-finite; "
-                          f"nothing was saved from it; {hint}")
+    # an overflow or NaN is reported below in one line: NumPy's warnings would only repeat it
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients)
+        loss = comm.allreduce_mean(grads, loss)
+        hint = f"lower --learning_rate (now {cfg.learning_rate}) or raise --warmup"
+        if not math.isfinite(loss):
+            raise Npgpt2Error(f"loss became {loss} at step {step + 1}; {hint}")
+        grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise Npgpt2Error(f"the gradients' norm became {grad_norm} at step {step + 1}; {hint}")
+        opt.step(grads, lr)
+        if not optim.all_finite(opt.params):
+            raise Npgpt2Error(f"the update at step {step + 1} (learning rate {lr}) made the weights non-finite; "
+                              f"nothing was saved from it; {hint}")
     return loss, grad_norm
 
 
@@ -378,14 +378,28 @@ class Progress:
         self.history = history or {"step": [], "loss": [], "val_step": [], "val_loss": []}
 
     @classmethod
-    def resume(cls, state, opt, sampler):
-        """Progress from a train state (restore()), loading opt and sampler; fresh for None."""
+    def resume(cls, state, opt, sampler, comm=None, seed=0):
+        """Progress from a train state (restore()), loading opt and sampler; fresh for None.
+
+        In a data-parallel run each rank takes its own saved sampler state; a run saved by a
+        different number of processes resumes weights and optimizer, with new batch streams.
+        """
         if state is None:
             return cls()
         if "sampler" not in state:  # weights without a train state: keep counting from their step
             return cls(int(state["step"]))
+        comm = comm or SingleProcess()
         opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")}, state["_path"])
-        sampler.set_state(str(state["sampler"]))
+        saved = (json.loads(str(state["rank_samplers"])) if "rank_samplers" in state
+                 else [str(state["sampler"])])
+        if len(saved) == comm.world_size:
+            sampler.set_state(saved[comm.rank])
+        else:
+            if comm.is_main:
+                log.warning("the run was saved by %d process(es) and continues with %d: weights and optimizer "
+                            "state resume, but the order of the batches changes", len(saved), comm.world_size)
+            fresh = np.random.default_rng([seed, int(state["step"]), comm.rank])
+            sampler.set_state(json.dumps(fresh.bit_generator.state))
         history = {k: state[f"history/{k}"].tolist() for k in ("step", "loss", "val_step", "val_loss")}
         return cls(int(state["step"]), tuple(float(x) for x in state["avg"]), history)
 
@@ -407,14 +421,18 @@ class Progress:
 class Checkpointer:
     """Saves the run into run_dir (nowhere when None) and remembers the last step saved."""
 
-    def __init__(self, model, run_dir, opt, sampler, cfg, extra, step):
+    def __init__(self, model, run_dir, opt, sampler, cfg, extra, step, comm=None):
         self.model, self.run_dir, self.opt, self.sampler, self.cfg, self.extra = model, run_dir, opt, sampler, cfg, extra
+        self.comm = comm or SingleProcess()
         self.saved_step, self.prefix = step, None
 
     def save(self, progress):
+        """Every rank calls it (it gathers their sampler states); only a rank with a run_dir writes."""
+        states = self.comm.gather(self.sampler.get_state())
         if self.run_dir is not None:
             self.prefix = save_run(self.model, self.run_dir, progress.step, self.opt, self.sampler, progress.avg,
-                                   progress.history, self.cfg.max_to_keep, self.extra)
+                                   progress.history, self.cfg.max_to_keep, self.extra,
+                                   rank_samplers=states if self.comm.world_size > 1 else None)
             log.info("saved %s", self.prefix)
             if self.cfg.plot:
                 from .plot import plot_losses
@@ -461,23 +479,31 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     comm = comm or SingleProcess()
     T = check_config(cfg, model.hparams["n_ctx"])
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
+    check_train_memory(model, cfg, T)
     names = trained_names(model, cfg)
     opt = make_run_optimizer(model, names, cfg)
     seed = cfg.seed if cfg.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
-    sampler = Sampler(tokens, T + 1, seed)
-    progress = Progress.resume(state, opt, sampler)
-    if state is None or "sampler" not in state:
+    seed = comm.bcast(seed)  # one --seed for the run; each rank's stream is derived from it
+    if cfg.shared_stream:
+        sampler = dist.RankSlice(Sampler(tokens, T + 1, seed), comm.rank, comm.world_size)
+    else:
+        sampler = Sampler(tokens, T + 1, dist.rank_seed(seed, comm.rank))
+    progress = Progress.resume(state, opt, sampler, comm, seed)
+    if (state is None or "sampler" not in state) and comm.is_main:
         log.info("batch order seed %d", seed)
-    val_batches = validation_batches(cfg, tokens, val_tokens, T, model.hparams["n_vocab"])
+    val_batches = (validation_batches(cfg, tokens, val_tokens, T, model.hparams["n_vocab"])
+                   if comm.is_main else [])
     end = progress.step + cfg.steps if cfg.steps else None
     decay_steps = cfg.lr_decay_steps or (end or 0)
     run_name = Path(run_dir).name if run_dir is not None else cfg.run_name
     tokens_per_step = cfg.batch_size * T * cfg.accumulate_gradients * comm.world_size
     extra = {"config": dataclasses.asdict(cfg), "seed": seed}
-    checkpointer = Checkpointer(model, run_dir if comm.is_main else None, opt, sampler, cfg, extra, progress.step)
-    loss, start_time = float("nan"), time.time()
+    checkpointer = Checkpointer(model, run_dir if comm.is_main else None, opt, sampler, cfg, extra, progress.step,
+                                comm)
+    ranks = f" ranks={comm.world_size}" if comm.world_size > 1 else ""
+    loss, start_time, stopped = float("nan"), time.time(), False
 
-    with StopFlag() as stop:
+    with StopFlag(dist.stop_signals(comm)) as stop:
         while end is None or progress.step < end:
             lr = optim.learning_rate(progress.step, cfg.learning_rate, cfg.warmup, cfg.lr_schedule,
                                      decay_steps, cfg.min_lr_ratio)
@@ -489,8 +515,8 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
                         tok_s=tokens_per_step / max(secs, 1e-9), grad_norm=grad_norm)
             step = progress.step
             if step % cfg.log_every == 0 and comm.is_main:
-                log.info("[%d | %.2f] loss=%.4f avg=%.4f tok/s=%.0f", step, time.time() - start_time,
-                         loss, info["avg"], info["tok_s"])
+                log.info("[%d | %.2f] loss=%.4f avg=%.4f tok/s=%.0f%s", step, time.time() - start_time,
+                         loss, info["avg"], info["tok_s"], ranks)
             if val_batches and step % cfg.val_every == 0:
                 info["val_loss"] = validate(model, val_batches)
                 progress.record_val(info["val_loss"])
@@ -501,12 +527,13 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
                 samples_or_save(model, tokenizer, cfg, progress, run_name, checkpointer)
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpointer.save(progress)
-            if stop.requested:
+            if comm.any(stop.requested):  # every rank stops after the same step
+                stopped = True
                 break
         if progress.step != checkpointer.saved_step:
             checkpointer.save(progress)
     return dict(step=progress.step, loss=loss, avg=progress.mean, history=progress.history,
-                interrupted=stop.requested, checkpoint=checkpointer.prefix)
+                interrupted=stopped, checkpoint=checkpointer.prefix)
 
 
 def check_inputs(cfg):
@@ -529,19 +556,47 @@ def check_inputs(cfg):
     return run_dir
 
 
-def train(cfg, on_step=None):
+def train(cfg, on_step=None, comm=None):
     """Everything `npgpt2 train` does: restore the model (see restore()), load the tokenizer
-    and datasets, and run fit() into <checkpoint_dir>/<run_name>. Returns fit()'s dict."""
+    and datasets, and run fit() into <checkpoint_dir>/<run_name>. Returns fit()'s dict.
+
+    comm: a data-parallel run's communicator (dist.get_comm()). Only rank 0 reads files:
+    the others receive the model, the train state and the tokens from it (share_run), so
+    the other machines of a run need npgpt2 but neither the model nor the dataset.
+    """
     from .tokenizer import load_tokenizer
-    run_dir = check_inputs(cfg)
-    model, state = restore(cfg, run_dir)
-    tokenizer = load_tokenizer(model.source_dir)
-    tokens = load_dataset(cfg.dataset, tokenizer, cfg.encoding, cfg.combine, "--dataset")
-    val = load_dataset(cfg.val_dataset, tokenizer, cfg.encoding, cfg.combine, "--val_dataset") \
-        if cfg.val_dataset else None
-    if tokenizer.n_vocab != model.hparams["n_vocab"]:
-        log.warning("the tokenizer has %d ids but the model %d; samples are off", tokenizer.n_vocab,
-                    model.hparams["n_vocab"])
-        tokenizer = None
-    log.info("dataset: %d tokens%s", tokens.size, f", validation: {val.size} tokens" if val is not None else "")
-    return fit(model, tokens, cfg, run_dir, tokenizer, val, state, on_step)
+    comm = comm or SingleProcess()
+    model = state = tokens = val = tokenizer = run_dir = None
+    if comm.is_main:
+        run_dir = check_inputs(cfg)
+        model, state = restore(cfg, run_dir)
+        tokenizer = load_tokenizer(model.source_dir)
+        tokens = load_dataset(cfg.dataset, tokenizer, cfg.encoding, cfg.combine, "--dataset", cfg.keep_crlf)
+        val = load_dataset(cfg.val_dataset, tokenizer, cfg.encoding, cfg.combine, "--val_dataset", cfg.keep_crlf) \
+            if cfg.val_dataset else None
+        if tokenizer.n_vocab != model.hparams["n_vocab"]:
+            log.warning("the tokenizer has %d ids but the model %d; samples are off", tokenizer.n_vocab,
+                        model.hparams["n_vocab"])
+            tokenizer = None
+        log.info("dataset: %d tokens%s", tokens.size,
+                 f", validation: {val.size} tokens" if val is not None else "")
+    if comm.world_size > 1:
+        model, state, tokens = share_run(comm, model, state, tokens)
+    return fit(model, tokens, cfg, run_dir, tokenizer, val, state, on_step, comm)
+
+
+def share_run(comm, model, state, tokens):
+    """Rank 0's model, train state (or None) and training tokens, on every rank."""
+    from .model import GPT2
+    meta = comm.bcast(None if not comm.is_main else {
+        "hparams": model.hparams,
+        "state": None if state is None else {k: v for k, v in state.items() if not isinstance(v, np.ndarray)},
+        "state_arrays": state is not None})
+    params = comm.bcast_arrays(dict(model.params) if comm.is_main else None)
+    arrays = comm.bcast_arrays(None if not comm.is_main else {
+        "tokens": tokens, **({k: v for k, v in state.items() if isinstance(v, np.ndarray)} if state else {})})
+    if comm.is_main:
+        return model, state, tokens
+    tokens = arrays.pop("tokens")
+    state = None if meta["state"] is None else {**meta["state"], **arrays}
+    return GPT2(meta["hparams"], params), state, tokens

@@ -1,5 +1,7 @@
-"""The chat page in a real browser: Debian's headless Chromium, driven with the Chrome
-DevTools Protocol, types a message, presses Enter and watches the reply stream into the page.
+"""The server's pages in a real browser: Debian's headless Chromium, driven with the Chrome
+DevTools Protocol. On the chat page it types a message, presses Enter and watches the reply
+stream into the page; on /explain it submits a text, reads the heatmap's pixels and moves
+the temperature slider.
 
 CDP runs over --remote-debugging-pipe (JSON messages separated by NUL bytes on fds 3 and 4)
 rather than a websocket: the same protocol with no listening port, no websocket framing code
@@ -240,5 +242,98 @@ def test_page_streams_a_reply_in_headless_chromium(tmp_path):
             assert server.app.worker.pending == 0
             assert len(calls) < 30, f"{len(calls)} forward passes: the stopped reply was not cancelled"
             assert page.js("document.getElementById('send').textContent") == "Send"
+        finally:
+            browser.close()
+
+
+CELLS = """(() => {
+  const c = document.getElementById('heatmap'), n = Number(c.dataset.cell), T = c.width / n;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const out = [];
+  for (let t = 0; t < T; t++) {
+    const row = [];
+    for (let s = 0; s < T; s++) {
+      const o = 4 * ((t * n + (n >> 1)) * c.width + s * n + (n >> 1));  // the cell's centre
+      row.push([d[o], d[o + 1], d[o + 2]]);
+    }
+    out.push(row);
+  }
+  return [Number(c.dataset.layer), Number(c.dataset.head), out];
+})()"""
+SHOWN_PROBS = "[...document.querySelectorAll('#dist tr.surv')].map(r => [Number(r.dataset.id), Number(r.dataset.p)])"
+
+
+def test_explain_page_in_headless_chromium(tmp_path):
+    """/explain: type a text, submit, see the attention heatmap drawn from the API's
+    weights, move the temperature slider and read the changed probabilities."""
+    import numpy as np
+    model, tok = npgpt2.load_model(FULL), npgpt2.load_tokenizer(FULL)
+    text = "The quick brown fox jumps over the lazy"
+    with Server(model, tok, port=0) as server:
+        server.start()
+        browser = Chromium(tmp_path / "profile", tmp_path / "chromium.log")
+        try:
+            page = Page(browser)
+            page.call("Page.navigate", {"url": server.url + "explain"})
+            page.wait_for("document.readyState === 'complete' && "
+                          "!document.getElementById('ask').classList.contains('hidden')")
+            page.js("document.getElementById('text').focus()")
+            page.call("Input.insertText", {"text": text})
+            page.js("document.getElementById('go').click()")
+            page.wait_for("!document.getElementById('report').classList.contains('hidden') && "
+                          "document.querySelectorAll('#dist tr.surv').length > 0")
+
+            # the API's answer for what the page asked: the text, layer 0
+            r = requests.post(server.url + "v1/explain", json={"text": text, "layer": 0}, timeout=60)
+            assert r.status_code == 200
+            report = r.json()
+            T = len(report["tokens"])
+            assert T == len(tok.encode(text))
+            assert page.js("document.getElementById('tokens').children.length") == T
+
+            # the heatmap: T x T cells; future positions grey, the others shaded by the weight
+            # (red channel 255 - 225 * sqrt(w), the page's colour scale)
+            layer, head, cells = page.js(CELLS)
+            weights = report["attention"]["patterns"][layer][head]
+            assert len(cells) == T and all(len(row) == T for row in cells)
+            for t in range(T):
+                for s in range(T):
+                    if s > t:
+                        assert cells[t][s] == [236, 238, 242]
+                    else:
+                        expected = 255 - 225 * weights[t][s] ** 0.5
+                        assert abs(cells[t][s][0] - expected) <= 1.5, (t, s, cells[t][s], weights[t][s])
+            assert len({tuple(c) for row in cells for c in row}) > 3  # not one flat colour
+            heads = report["model"]["n_head"]
+            assert page.js("document.querySelectorAll('#grid canvas').length") == heads
+
+            # the next-token distribution: softmax(logits / temperature), computed here in NumPy
+            logits = np.array(report["last_logits"], dtype=np.float64)
+
+            def softmax(t):
+                z = np.exp((logits - logits.max()) / t)
+                return z / z.sum()
+            before = page.js(SHOWN_PROBS)
+            assert len(before) == 20
+            for i, p in before:
+                assert p == pytest.approx(softmax(1.0)[i], rel=1e-9)
+            page.js("const r = document.getElementById('temperature_r'); r.value = '0.5'; "
+                    "r.dispatchEvent(new Event('input', {bubbles: true}))")
+            assert page.js("document.getElementById('temperature').value") == "0.5"
+            after = page.js(SHOWN_PROBS)
+            assert after != before
+            for i, p in after:
+                assert p == pytest.approx(softmax(0.5)[i], rel=1e-9)
+            assert after[0][1] > before[0][1]  # cooler: the top token more likely
+
+            # the whole page, heatmaps included, in one picture
+            size = page.call("Page.getLayoutMetrics")["cssContentSize"]
+            clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 4000), "scale": 1}
+            shot = base64.b64decode(page.call("Page.captureScreenshot", {
+                "format": "png", "clip": clip, "captureBeyondViewport": True})["data"])
+            assert shot.startswith(b"\x89PNG\r\n\x1a\n")
+            (tmp_path / "explain.png").write_bytes(shot)
+            if os.environ.get("NPGPT2_SCREENSHOT"):
+                Path(os.environ["NPGPT2_SCREENSHOT"]).with_name("explain.png").write_bytes(shot)
         finally:
             browser.close()

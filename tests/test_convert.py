@@ -516,3 +516,18 @@ def test_lying_header_in_a_model_folder(tmp_path):
         convert(src, tmp_path / "out")
     assert "model.safetensors" in one_line(e)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compact_vocabulary_model_is_not_converted_without_its_ids(tmp_path):
+    """A folder with compact_vocab.npy (the demo's) numbers its tokens 0..K-1, not as GPT-2 does;
+    converting it wrote GPT-2's vocabulary files beside its weights and dropped the mapping, so
+    the copy loaded with the wrong tokenizer and produced other text, silently."""
+    import shutil
+    src = tmp_path / "demo"
+    shutil.copytree(FIX / "tiny", src)
+    np.save(src / "compact_vocab.npy", np.arange(96, dtype=np.int64) * 7)
+    for dst in ("demo-hf", "demo.npz", "demo-tf"):
+        with pytest.raises(Npgpt2Error, match=r"compact_vocab\.npy") as e:
+            convert(src, tmp_path / dst, fmt="tf" if dst == "demo-tf" else None)
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / dst).exists()

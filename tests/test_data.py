@@ -106,7 +106,7 @@ def test_clear_errors(tmp_path, tok):
     with pytest.raises(Npgpt2Error, match="token id 9 is outside the model's vocabulary"):
         data.check_tokens(short, 9, 4, "short.npz")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(Npgpt2Error, match="bad.npz: not a readable .npz"):
+    with pytest.raises(Npgpt2Error, match="bad.npz: not an .npz token file"):
         data.load_dataset(tmp_path / "bad.npz")
 
 

@@ -389,3 +389,60 @@ def test_resume_at_the_wrong_offset_starts_over(tmp_path):
     download.fetch_file("http://x/124M/f", tmp_path / "f", session=s, backoff=0, progress=False)
     assert (tmp_path / "f").read_bytes() == data
     assert s.ranges == ["bytes=40-", None]
+
+
+def test_file_larger_than_announced_or_its_maximum_is_refused(tmp_path):
+    """A server may not fill the disk: hparams.json is never 129 MB, and no body may run past
+    its Content-Length."""
+    big = 129 << 20
+    s = FakeSession([FakeResponse(200, b"", {"Content-Length": str(big)})])
+    with pytest.raises(Npgpt2Error) as e:
+        download.fetch_file("http://x/124M/hparams.json", tmp_path / "hparams.json", session=s,
+                            backoff=0, progress=False, max_bytes=download.max_file_bytes("124M", "hparams.json"))
+    assert str(big) in one_line(e) and "hparams.json" in str(e.value)
+    # no Content-Length: the per-file maximum stops the body as it arrives
+    limit = download.max_file_bytes("124M", "hparams.json")
+    s = FakeSession([FakeResponse(200, b"{" * (limit + 1), {})])
+    with pytest.raises(Npgpt2Error) as e:
+        download.fetch_file("http://x/124M/hparams.json", tmp_path / "hparams.json", session=s,
+                            backoff=0, progress=False, max_bytes=limit)
+    assert str(limit) in one_line(e)
+    # a body longer than its announced length is cut off at that length
+    s = FakeSession([FakeResponse(200, b"x" * 5000, {"Content-Length": "100"})])
+    with pytest.raises(Npgpt2Error) as e:
+        download.fetch_file("http://x/124M/vocab.bpe", tmp_path / "vocab.bpe", session=s, backoff=0,
+                            progress=False, max_bytes=1 << 20)
+    assert "announced 100" in one_line(e)
+    assert os.listdir(tmp_path) == []  # neither the file nor its .part
+
+
+def test_data_file_maximum_follows_the_model_size():
+    # 124M has 124,439,808 float32 parameters (OpenAI's data file is 497,759,232 bytes)
+    assert 497_759_232 <= download.max_file_bytes("124M", DATA) < 498_000_000 + (1 << 20)
+    assert download.max_file_bytes("1558M", DATA) > download.max_file_bytes("774M", DATA)
+
+
+def test_failed_download_leaves_no_empty_folder(server, tmp_path, session):
+    server.storage.plans["hparams.json"] = ["404"]
+    with pytest.raises(Npgpt2Error):
+        get(server, tmp_path / "weights", session)
+    assert not (tmp_path / "weights").exists()
+
+
+def test_partial_folder_gives_the_download_hint(server, tmp_path, session):
+    import npgpt2
+    (tmp_path / "124M").mkdir()
+    with pytest.raises(Npgpt2Error) as e:
+        npgpt2.load_model(tmp_path / "124M")
+    assert "npgpt2 download 124M" in one_line(e)
+    server.storage.plans[DATA] = ["500"] * 10
+    with pytest.raises(Npgpt2Error):
+        get(server, tmp_path, session)
+    assert (tmp_path / "124M" / "hparams.json").is_file()  # a partial folder stays for resuming
+    with pytest.raises(Npgpt2Error) as e:
+        npgpt2.load_model(tmp_path / "124M")
+    assert "npgpt2 download 124M" in one_line(e) and "unfinished" in str(e.value)
+    from npgpt2.convert import convert
+    with pytest.raises(Npgpt2Error) as e:
+        convert(tmp_path / "124M", tmp_path / "hf", src_fmt="tf")
+    assert "npgpt2 download 124M" in one_line(e)

@@ -103,6 +103,8 @@ def test_cache_logits_equal_forward_and_hf(path, which, ref):
     assert maxdiff(logits, m64.forward(ref["tokens"])) <= 1e-12
     if which == "tiny":
         assert maxdiff(logits, ref["logits"]) <= 1e-10
+    else:  # HF's ln_f + wte^T on its last hidden state, at the last position: HF's logits there
+        assert maxdiff(logits[:, -1], ref["lens_last"][-1]) <= 1e-10
 
 
 def test_cache_runs_the_plain_layers_even_when_kernels_are_on(monkeypatch, which, ref):
@@ -115,9 +117,11 @@ def test_cache_runs_the_plain_layers_even_when_kernels_are_on(monkeypatch, which
                  "attention_forward_cached"):
         monkeypatch.setattr(kernels, name, refuse)
     model = npgpt2.load_model(FIX / which, dtype=np.float64)
+    with pytest.raises(AssertionError, match="a Numba kernel ran"):  # the trap is live: forward uses them
+        model.forward(ref["tokens"])
     logits, acts = model.run_with_cache(ref["tokens"])
     assert maxdiff(acts["h0.attn.pattern"], ref["attn/0"]) <= 1e-10
-    model.run_with_hooks(ref["tokens"], {})
+    assert np.array_equal(model.run_with_hooks(ref["tokens"], {}), logits)
 
 
 def test_names_filter_keeps_only_what_is_asked(model, ref):

@@ -2,39 +2,20 @@
 float64, over small shapes chosen by hypothesis; then the whole model's loss_and_grads.
 
 For a layer y = f(x) and a random upstream gradient dy, the scalar L = sum(dy * f(x)) has
-dL/dx = backward(dy, ...); each entry of x is nudged by +-h and (L+ - L-)/2h compared.
-The error measure is ||numeric - analytic|| / ||numeric||, required <= 1e-6.
+dL/dx = backward(dy, ...); each entry of x is nudged by +-h and (L+ - L-)/2h compared
+(npgpt2.gradcheck.numeric_grad, the one implementation `npgpt2 gradcheck` also uses).
+The error measure is ||numeric - analytic|| / max(||numeric||, ||analytic||), required <= 1e-6.
 """
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from npgpt2 import layers as L
+from npgpt2.gradcheck import numeric_grad, rel_error as rel_err
 from npgpt2.model import GPT2, param_shapes
 
-H = 1e-5
-TOL = 1e-6
+TOL = 1e-6  # as gradcheck.LAYER_TOL: finite-difference error in float64 is ~1e-10 here
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
-
-
-def numeric_grad(f, x, h=H):
-    """d f() / d x by central differences, nudging x in place (f reads x)."""
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        plus = f()
-        flat[i] = old - h
-        minus = f()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * h)
-    return g
-
-
-def rel_err(numeric, analytic):
-    denom = max(np.linalg.norm(numeric), np.linalg.norm(analytic), 1e-300)
-    return np.linalg.norm(numeric - analytic) / denom
 
 
 def check(f, pairs):
@@ -164,16 +145,6 @@ def test_model_loss_and_grads_vs_finite_differences(plain, monkeypatch):
              "model/h0/ln_1/g": [(3,)], "model/h1/attn/c_proj/b": [(0,)], "model/ln_f/b": [(5,)],
              "model/h1/mlp/c_fc/b": [(7,)], "model/h0/ln_2/b": [(2,)]}
     for name, idxs in picks.items():
-        p = model.params[name]
-        numeric, analytic = [], []
-        for idx in idxs:
-            old = p[idx]
-            p[idx] = old + H
-            plus = f()
-            p[idx] = old - H
-            minus = f()
-            p[idx] = old
-            numeric.append((plus - minus) / (2 * H))
-            analytic.append(grads[name][idx])
-        err = rel_err(np.array(numeric), np.array(analytic))
+        numeric = numeric_grad(f, model.params[name], entries=idxs)
+        err = rel_err(numeric, np.array([grads[name][idx] for idx in idxs]))
         assert err <= TOL, f"{name}: relative error {err:.2e}"

@@ -6,6 +6,8 @@ server with itself across modes (streaming vs not, alone vs among 20 concurrent 
 and check the protocol (status codes, JSON error bodies, SSE framing, limits).
 """
 import json
+import logging
+import re
 import socket
 import threading
 import time
@@ -101,12 +103,17 @@ def test_health_page_and_unknown_paths(server):
     # self-contained: nothing loaded from another host
     assert "http://" not in page and "https://" not in page and "<link" not in page
 
-    for method, path in [("get", "nope"), ("post", "v1/nope"), ("get", "v1/generate")]:
+    for method, path in [("get", "nope"), ("post", "v1/nope"), ("delete", "nope")]:
         r = getattr(requests, method)(server.url + path, timeout=T)
         assert r.status_code == 404, path
         assert "error" in r.json()
-    r = requests.delete(server.url + "v1/generate", timeout=T)
-    assert r.status_code == 405 and "error" in r.json()
+    # a path that exists, with the wrong method: 405 and the methods it takes
+    for method, path, allow in [("get", "v1/generate", "POST"), ("get", "v1/chat", "POST"),
+                                ("delete", "v1/generate", "POST"), ("post", "health", "GET, HEAD"),
+                                ("put", "", "GET, HEAD")]:
+        r = getattr(requests, method)(server.url + path, timeout=T)
+        assert r.status_code == 405 and "error" in r.json(), (method, path)
+        assert r.headers["Allow"] == allow
 
 
 def test_binds_loopback_by_default():
@@ -344,19 +351,24 @@ def test_per_request_timeout():
         assert r.status_code == 503 and "queue" in r.json()["error"]
 
 
-def test_queue_limit_answers_503():
+@pytest.mark.parametrize("limit,then,expected", [
+    ("max_queue", lambda url: post(url + "v1/generate", {"prompt": "y", "length": 2}), "busy"),
+    # one request in progress takes the only connection: even /health waits for none
+    ("max_connections", lambda url: requests.get(url + "health", timeout=T), "connections")])
+def test_busy_server_answers_503(limit, then, expected):
     model, tok = load()
     slowed(model, 0.05)
-    with Server(model, tok, port=0, limits=Limits(max_queue=1)) as s:
+    with Server(model, tok, port=0, limits=Limits(**{limit: 1})) as s:
         s.start()
         with ThreadPoolExecutor(1) as pool:
             busy = pool.submit(post, s.url + "v1/generate", {"prompt": "x", "length": 20, "seed": 1})
             deadline = time.monotonic() + 10
             while s.app.worker.pending == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            r = post(s.url + "v1/generate", {"prompt": "y", "length": 2})
-            assert r.status_code == 503 and "busy" in r.json()["error"]
+            r = then(s.url)
+            assert r.status_code == 503 and expected in r.json()["error"]
             assert busy.result().status_code == 200
+        assert requests.get(s.url + "health", timeout=T).status_code == 200
 
 
 # ---------------------------------------------------------------- bad input
@@ -459,6 +471,10 @@ def test_bad_settings_are_refused():
         Server(model, tok, port=0, limits=Limits(timeout=0))
     with pytest.raises(Npgpt2Error, match="--max_queue"):
         Server(model, tok, port=0, limits=Limits(max_queue=0))
+    with pytest.raises(Npgpt2Error, match="--max_connections"):
+        Server(model, tok, port=0, limits=Limits(max_connections=0))
+    with pytest.raises(Npgpt2Error, match="--read_timeout"):
+        Server(model, tok, port=0, limits=Limits(read_timeout=float("nan")))
     with pytest.raises(Npgpt2Error, match="--user_tag"):
         Server(model, tok, port=0, user_tag="")
     with pytest.raises(Npgpt2Error, match="--port"):
@@ -489,3 +505,324 @@ def test_cli_serve_starts_answers_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- hostile HTTP (issue 11)
+def raw_exchange(port, data, timeout=T):
+    """Send raw bytes, read until the server closes -> the bytes it answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+        c.sendall(data)
+        answer = b""
+        while chunk := c.recv(4096):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("role", [["user"], {"user": 1}, 5, None, True])
+def test_chat_role_that_is_not_a_string_gets_400(server, role):
+    r = post(server.url + "v1/chat", {"messages": [{"role": role, "content": "hi"}], "length": 2})
+    assert r.status_code == 400 and '"role"' in r.json()["error"], r.text
+
+
+def test_deeply_nested_list_in_a_number_field_gets_400(server, caplog):
+    # json.loads accepts nesting up to Python's recursion limit minus the stack in use;
+    # printing the value back in the error message needs a few frames more
+    with requests.Session() as http, caplog.at_level(logging.INFO, logger="npgpt2"):
+        for field in ("length", "temperature", "top_p"):
+            for depth in range(950, 1000):
+                raw = b'{"prompt": "x", "%s": %s%s}' % (field.encode(), b"[" * depth, b"]" * depth)
+                r = http.post(server.url + "v1/generate", data=raw, timeout=T)
+                assert r.status_code == 400, (field, depth, r.text)
+                assert len(r.json()["error"]) < 200
+    assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
+
+
+def test_conflicting_content_lengths_get_400(server):
+    body = b'{"prompt": "x", "length": 2}'
+    for lengths in [(len(body), 2), (2, len(body)), (len(body), len(body) + 1)]:
+        head = b"".join(b"Content-Length: %d\r\n" % n for n in lengths)
+        answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n%s\r\n%s" % (head, body))
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length headers" in answer, answer[:300]
+    for value in [b"+28", b"2_8", b"-1", b"0x1c", b"28 28"]:  # int() would take the first two
+        answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n%s"
+                              % (value, body))
+        assert answer.startswith(b"HTTP/1.1 400 "), (value, answer[:300])
+    # the same value twice is one length: served
+    answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                          b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s" % (len(body), len(body), body))
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
+@pytest.mark.parametrize("line", [b"NOT HTTP", b"GET / HTTP/2.0", b"PRI * HTTP/2.0", b"GET /", b"\x16\x03\x01\x02\x00",
+                                  b"GET / HTTP/1.1 extra", b"GET / HTTQ/1.1", b"G\xffT / HTTP/1.1"])
+def test_bad_request_line_gets_an_http_400_status_line(server, line):
+    answer = raw_exchange(server.port, line + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Type: application/json" in head and json.loads(body)["error"]
+
+
+def test_access_log_line_per_request_and_stopped_line(caplog):
+    model, tok = load()
+    with caplog.at_level(logging.INFO, logger="npgpt2"):
+        with Server(model, tok, port=0) as s:
+            s.start()
+            assert post(s.url + "v1/generate", {"prompt": "x", "length": 2, "seed": 1}).status_code == 200
+            assert requests.get(s.url + "nope", timeout=T).status_code == 404
+            raw_exchange(s.port, b"NOT HTTP\r\n\r\n")
+            raw_exchange(s.port, b"GET /\x1b[2J\rfake HTTP/1.1\r\n\r\n")  # no terminal escapes into the log
+    access = [r.getMessage() for r in caplog.records if r.name == "npgpt2.server.access"]
+    assert len(access) == 4, access
+    assert access[3].startswith('127.0.0.1 "GET /\\x1b[2J\\rfake HTTP/1.1" 400 '), access[3]
+    assert access[0].startswith('127.0.0.1 "POST /v1/generate HTTP/1.1" 200 ')
+    assert access[1].startswith('127.0.0.1 "GET /nope HTTP/1.1" 404 ')
+    assert access[2].startswith('127.0.0.1 "NOT HTTP" 400 ')
+    assert caplog.records[-1].getMessage() == "stopped"
+
+
+def test_prompt_limit_stops_tokenizing_early(server, monkeypatch):
+    tok = server.app.tokenizer
+    encoded = []  # characters given to the BPE engine
+    plain = tok._encode
+
+    def counting(text, *args):
+        encoded.append(len(text))
+        return plain(text, *args)
+    monkeypatch.setattr(tok, "_encode", counting)
+    prompt = " hello" * 40_000  # 240 KB, within --max_body; 40,000 tokens against a limit of 512
+    r = post(server.url + "v1/generate", {"prompt": prompt, "length": 4})
+    assert r.status_code == 400 and "512 tokens" in r.json()["error"]
+    assert 0 < sum(encoded) < 20_000, f"{sum(encoded)} characters tokenized"
+    # below the limit every character is tokenized once
+    encoded.clear()
+    text = "Once upon a time, " * 20
+    assert post(server.url + "v1/generate", {"prompt": text, "length": 3, "seed": 4}).status_code == 200
+    assert sum(encoded) == len(text)
+
+
+@pytest.mark.parametrize("text", ["", "a", "Hello, world!\n\n  It's   42 o'clock.\r\n" * 300,
+                                  "x" * 5000 + " y" * 3000, "caf\u00e9 \U0001F600 " * 800, "<|endoftext|>" * 400])
+def test_encode_limited_gives_encodes_ids(text):
+    from npgpt2.server import encode_limited
+    from npgpt2.server_fields import BadRequest
+    tok = npgpt2.load_tokenizer(FULL)
+    expected = tok.encode(text)
+    assert encode_limited(tok, text, len(expected), "text") == expected
+    if expected:
+        with pytest.raises(BadRequest, match="more than"):
+            encode_limited(tok, text, len(expected) - 1, "text")
+
+
+def test_tiny_temperature_is_greedy(server):
+    # as --temperature (sampling.check_temperature): logits / t overflows float64, which is greedy
+    for path, body in (("v1/generate", {"prompt": "The", "length": 6, "seed": 2}),
+                       ("v1/chat", {"messages": [{"role": "user", "content": "The"}], "length": 6, "seed": 2})):
+        greedy = post(server.url + path, {**body, "temperature": 0}).json()
+        for t in (1e-320, 5e-324, 1e-300):
+            r = post(server.url + path, {**body, "temperature": t})
+            assert r.status_code == 200 and r.json() == greedy, (path, t, r.text)
+
+
+def test_slowloris_holds_no_threads_and_others_stay_fast():
+    """A bounded slowloris on 127.0.0.1: 60 connections that each send a header line a byte
+    at a time, for at most 4 s; the server's cap is 4 connections and headers get 1.5 s."""
+    model, tok = load()
+    cap, slow_count = 4, 60
+    with Server(model, tok, port=0, limits=Limits(max_connections=cap, read_timeout=1.5)) as s:
+        s.start()
+        assert requests.get(s.url + "health", timeout=T).status_code == 200
+        threads_before = threading.active_count()
+        slow = []
+        try:
+            for _ in range(slow_count):
+                c = socket.create_connection(("127.0.0.1", s.port), timeout=T)
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                slow.append(c)
+            peak, fast = 0, []
+            stop = time.monotonic() + 4
+            while time.monotonic() < stop:
+                for c in slow:
+                    try:
+                        c.send(b"X")  # one more byte of a header that never ends
+                    except OSError:
+                        pass
+                peak = max(peak, threading.active_count())
+                t0 = time.monotonic()
+                assert requests.get(s.url + "health", timeout=T).status_code == 200
+                r = post(s.url + "v1/generate", {"prompt": "ok", "length": 2, "seed": 1})
+                assert r.status_code == 200
+                fast.append(time.monotonic() - t0)
+                time.sleep(0.2)
+            # the slow connections were answered 408 after read_timeout and closed
+            for c in slow:
+                c.settimeout(5)
+                answer = b""
+                try:
+                    while chunk := c.recv(4096):
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+                assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        finally:
+            for c in slow:
+                c.close()
+        assert peak <= threads_before + cap + 2, (peak, threads_before)
+        assert max(fast) < 3.0, fast
+
+
+def test_sigterm_ends_open_streams_and_answers_queued_clients():
+    """`npgpt2 serve` in a child process whose model takes 50 ms per token: SIGTERM while one
+    client streams and two more wait in the queue."""
+    import signal
+    import subprocess
+    import sys
+    script = ("import sys, time, npgpt2.model, npgpt2.cli as cli\n"
+              "plain = npgpt2.model.GPT2.forward\n"
+              "def slow(self, *a, **k):\n"
+              "    time.sleep(0.05)\n"
+              "    return plain(self, *a, **k)\n"
+              "npgpt2.model.GPT2.forward = slow\n"
+              "sys.exit(cli.main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "serve", "--models_dir", str(FULL.parent),
+                             "--model_name", "full", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split(" on ")[1].split()[0]
+        with ThreadPoolExecutor(3) as pool:
+            first = requests.post(url + "v1/generate", json={"prompt": "x", "length": 60, "seed": 1, "stream": True},
+                                  stream=True, timeout=T)
+            assert first.status_code == 200
+            pieces = first.iter_content(chunk_size=None)
+            assert b"data: " in next(pieces)  # generating now
+            queued = [pool.submit(post, url + "v1/generate", {"prompt": "y", "length": 5, "stream": stream})
+                      for stream in (False, True)]
+            deadline = time.monotonic() + T  # until both wait in the queue behind the stream
+            while requests.get(url + "health", timeout=T).json()["queued"] < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            rest = b"".join(pieces)  # requests raises if the chunked body is not ended properly
+            for q in queued:
+                r = q.result()
+                assert r.status_code == 503 and "shutting down" in r.json()["error"]
+        tail = rest.decode().rstrip("\n").split("\n\n")[-1]
+        assert tail.startswith("event: error\ndata: ") and "shutting down" in tail
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        assert err.rstrip().endswith("npgpt2: stopped"), err
+        assert err.count('"POST /v1/generate HTTP/1.1"') == 3 and '"GET /health HTTP/1.1" 200' in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- /explain (issue 9)
+BAD_EXPLAIN = [
+    {},
+    {"text": ""},
+    {"text": 5},
+    {"text": ["a"]},
+    {"text": None},
+    {"text": "a", "layer": -1},
+    {"text": "a", "layer": 2},       # the full fixture has 2 layers: 0 and 1
+    {"text": "a", "layer": "1"},
+    {"text": "a", "layer": 1.0},
+    {"text": "a", "layer": True},
+    {"text": "a", "layer": [[[1]]]},
+    {"text": "a", "top_k": 0},
+    {"text": "a", "top_k": 101},
+    {"text": "a", "top_k": "5"},
+    {"text": "a", "stream": True},   # explain does not stream: an unknown field, as elsewhere
+    {"text": "a", "lyer": 1},
+    {"text": " hello" * 600},        # more than max_prompt_tokens (512)
+    {"text": "caf\udce9"},           # a lone surrogate: no UTF-8 bytes to tokenize
+]
+
+
+@pytest.mark.parametrize("body", BAD_EXPLAIN, ids=lambda b: json.dumps(b)[:40])
+def test_explain_bad_fields_get_400(server, body):
+    r = post(server.url + "v1/explain", body)
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]
+    assert "\n" not in msg and len(msg) < 300
+    name = [k for k in ("text", "layer", "top_k", "lyer", "stream") if k in body] or ["text"]
+    assert name[-1] in msg or "tokens" in msg, msg
+
+
+def test_explain_routes_and_methods(server):
+    r = requests.get(server.url + "explain", timeout=T)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    r = requests.get(server.url + "v1/explain", timeout=T)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    r = requests.post(server.url + "explain", json={"text": "a"}, timeout=T)
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
+    r = requests.post(server.url + "v1/explain", data=b"[" * 100_000, timeout=T)
+    assert r.status_code == 400
+
+
+def test_explain_answers_the_report(server):
+    text = "The quick brown fox"
+    ids = npgpt2.load_tokenizer(FULL).encode(text)
+    one = post(server.url + "v1/explain", {"text": text, "layer": 1, "top_k": 3})
+    assert one.status_code == 200, one.text
+    one = one.json()
+    assert [t["id"] for t in one["tokens"]] == ids
+    assert len(one["next"]) == 3
+    # the patterns of the layer asked for only: 2 heads, query t sees t + 1 keys summing to 1
+    assert one["attention"]["layers"] == [1] and one["attention"]["patterns"][0] is None
+    heads = one["attention"]["patterns"][1]
+    assert len(heads) == 2 and [len(row) for row in heads[0]] == list(range(1, len(ids) + 1))
+    assert all(abs(sum(row) - 1) < 0.01 for head in heads for row in head)
+    every = post(server.url + "v1/explain", {"text": text, "layer": None}).json()
+    assert every["attention"]["layers"] == [0, 1] and len(every["next"]) == 10
+
+
+def test_explain_answer_size_is_bounded(server, monkeypatch):
+    import npgpt2.server as server_module
+    # the fixture: 2 layers x 2 heads; 40 tokens give 820 weights per head
+    monkeypatch.setattr(server_module, "MAX_PATTERN_WEIGHTS", 2 * 820)
+    text = " hello" * 40
+    r = post(server.url + "v1/explain", {"text": text, "layer": None})
+    assert r.status_code == 400 and '"layer"' in r.json()["error"] and "3,280" in r.json()["error"]
+    monkeypatch.setattr(server_module, "MAX_PATTERN_WEIGHTS", 2 * 820 - 1)
+    r = post(server.url + "v1/explain", {"text": text, "layer": 1})
+    assert r.status_code == 400 and "shorter" in r.json()["error"]
+
+
+def test_explain_runs_on_the_worker_and_honours_the_timeout(monkeypatch):
+    import npgpt2.server as server_module
+    ran = []
+
+    def slow_report(worker, job):  # stands in for explain.build_report: 2 s of model work
+        ran.append((threading.current_thread().name, job.fields["text"], job.fields["layer"]))
+        time.sleep(2)
+        job.out.put(("done", {"ok": True}))
+    monkeypatch.setattr(server_module, "explain_task", slow_report)
+    model, tok = load()
+    with Server(model, tok, port=0, limits=Limits(timeout=0.5)) as s:
+        s.start()
+        t0 = time.monotonic()
+        r = post(s.url + "v1/explain", {"text": "hello", "layer": 1})
+        assert r.status_code == 504 and "timeout" in r.json()["error"]
+        assert time.monotonic() - t0 < 1.5
+        assert ran == [("npgpt2-model", "hello", 1)]  # on the one model thread
+
+
+def test_pipelined_requests_on_one_connection_are_all_answered(server):
+    body = b'{"prompt": "x", "length": 2, "seed": 1}'
+    data = (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"  # a GET with a body
+            b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (len(body), body))
+    answer = raw_exchange(server.port, data)
+    assert re.findall(rb"HTTP/1.1 (\d+) ", answer) == [b"200", b"200", b"404"], answer
+
+
+def test_import_npgpt2_does_not_load_the_server():
+    import subprocess
+    import sys
+    code = ("import sys, npgpt2\n"
+            "assert 'npgpt2.server' not in sys.modules and 'http.server' not in sys.modules\n"
+            "from npgpt2 import Server\n"
+            "assert Server is npgpt2.Server and Server.__module__ == 'npgpt2.server'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr

@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import npgpt2
+from npgpt2 import bpe_fast
+from npgpt2 import data as npdata
 from npgpt2 import tokenizer as tk
 from npgpt2.errors import Npgpt2Error
 
@@ -24,11 +26,22 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer_cases.json.gz"
 ASSETS = Path(tk.__file__).parent / "assets"
 CASES = json.loads(gzip.decompress(FIXTURE.read_bytes()))["cases"]
 EOT = "<|endoftext|>"
+HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def tok():
     return npgpt2.load_tokenizer()
+
+
+def fast_merge(t, symbols, heap_min=None):
+    """The compiled merge on t's tables (heap_min=0: always the heap)."""
+    with t._fast_lock:
+        return t._fast_engine().merge(symbols, heap_min)
+
+
+def byte_symbols(t, data):
+    return [t.byte_sym[b] for b in data]
 
 
 @pytest.fixture(params=["plain", "fast"])
@@ -130,7 +143,7 @@ pieces_text = st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\xa0"
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(tricky_text, st.text()))
 def test_scanner_equals_regex(s):
-    assert tk.Tokenizer.split_fast(s) == regex.findall(tk.PATTERN, s)
+    assert bpe_fast.split_words(s) == regex.findall(tk.PATTERN, s)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -147,8 +160,11 @@ def test_merge_loops_agree_on_random_words(tok):
     words += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))) for _ in range(500)]
     words += [bytes(rng.choice(b"etaoin shrdlu") for _ in range(rng.randrange(1, 60))) for _ in range(500)]
     for w in words:
-        syms = tok.byte_symbols(w)
-        assert tok.merge_fast(syms) == tok.merge_plain(syms), w
+        syms = byte_symbols(tok, w)
+        want = tk.bpe_merge_plain(syms, tok.merges)
+        assert tk.bpe_merge_heap(syms, tok.merges) == want, w
+        assert fast_merge(tok, syms) == want, w
+        assert fast_merge(tok, syms, heap_min=0) == want, w
 
 
 def test_merge_rules_by_hand():
@@ -167,8 +183,12 @@ def test_merge_rules_by_hand():
         "cba": [c, b, a],
     }
     for word, want in cases.items():
+        syms = byte_symbols(t, word.encode())
         assert t._bpe_word_plain(word) == tuple(want), word
-        assert t.merge_fast(t.byte_symbols(word.encode())) == want, word
+        assert tk.bpe_merge_plain(syms, t.merges) == want, word
+        assert tk.bpe_merge_heap(syms, t.merges) == want, word
+        assert fast_merge(t, syms) == want, word
+        assert fast_merge(t, syms, heap_min=0) == want, word
         assert t._encode_fast(word).tolist() == want, word
 
 
@@ -182,11 +202,167 @@ def test_merge_result_missing_from_encoder_is_an_error():
             encode("axy")
 
 
+def toy_tokenizer(merges):
+    byte_char = tk.bytes_to_unicode()
+    return tk.Tokenizer({byte_char[b]: b for b in range(256)}, merges)
+
+
+def test_round_is_finished_before_a_lower_rank_made_inside_it():
+    """'a b' (rank 1) merges at both places in "abab" before 'ab a' (rank 0), which its first
+    merge creates, is considered: a heap that merged 'ab a' at once would give ['aba', 'b']."""
+    t = toy_tokenizer([("ab", "a"), ("a", "b")])
+    syms = byte_symbols(t, b"abab")
+    ab = t._sym["ab"]
+    assert tk.bpe_merge_plain(syms, t.merges) == [ab, ab]
+    assert tk.bpe_merge_heap(syms, t.merges) == [ab, ab]
+    assert fast_merge(t, syms, heap_min=0) == [ab, ab]
+
+
+@st.composite
+def toy_case(draw):
+    """A merge table whose parts are letters or earlier results, ranked in any order (so a merge
+    can create a pair ranked below the round in progress, unlike trained tables), and a word
+    made of its symbols. About 1 case in 10 tells a heap that skips the round rule apart."""
+    pool, merges = ["a", "b", "c"], []
+    for _ in range(draw(st.integers(0, 24))):
+        a, b = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
+        merges.append((a, b))
+        pool.append(a + b)
+    merges = draw(st.permutations(merges))
+    return merges, "".join(draw(st.lists(st.sampled_from(pool), max_size=40)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(toy_case())
+def test_heap_merge_equals_plain_on_toy_tables(case):
+    merges, word = case
+    t = toy_tokenizer(merges)
+    syms = byte_symbols(t, word.encode())
+    want = tk.bpe_merge_plain(syms, t.merges)
+    assert tk.bpe_merge_heap(syms, t.merges) == want
+    assert fast_merge(t, syms, heap_min=0) == want
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=200), st.text(alphabet="etaoin shrdlu", max_size=200).map(str.encode),
+                 st.text(max_size=80).map(lambda s: s.encode("utf-8", "replace"))))
+def test_heap_merge_equals_plain_on_gpt2(tok, data):
+    syms = byte_symbols(tok, data)
+    want = tk.bpe_merge_plain(syms, tok.merges)
+    assert tk.bpe_merge_heap(syms, tok.merges) == want
+    assert fast_merge(tok, syms, heap_min=0) == want
+
+
+@pytest.mark.parametrize("alphabet", ["abcdefghijklmnopqrstuvwxyz", "aaaab", "éàßœ日本", "+-*/=!?"])
+def test_long_chunk_engines_equal_reference(tok, alphabet, monkeypatch):
+    """One unbroken run of 3000 characters: the heap merges of both engines (used for it by
+    encode) equal the simple reference loop."""
+    rng = random.Random(len(alphabet))
+    text = "".join(rng.choice(alphabet) for _ in range(3000))
+    chunks = regex.findall(tk.PATTERN, text)
+    want = [i for c in chunks for i in tk.bpe_merge_plain(byte_symbols(tok, c.encode()), tok.merges)]
+    assert max(map(len, chunks)) >= tk.HEAP_MIN_SYMBOLS
+    monkeypatch.setenv("NPGPT2_PLAIN", "1")
+    assert tok.encode(text) == tok._encode_plain(text) == want
+    assert tok._encode_fast(text).tolist() == want
+
+
+LONG = json.loads((HERE / "fixtures" / "tokenizer_long_chunks.json").read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.mark.parametrize("case", LONG, ids=[c["name"] for c in LONG])
+def test_long_chunks_match_tiktoken(tok, case):
+    """Long unbroken runs, where BPE used to be quadratic: both engines give tiktoken's ids
+    (fixture: their count and sha256 as little-endian uint32)."""
+    import hashlib
+    text = "".join(random.Random(case["seed"]).choices(case["alphabet"], k=case["chars"]))
+    tok.clear_cache()
+    for ids in (tok._encode_plain(text), tok._encode_fast(text).tolist()):
+        assert len(ids) == case["n_ids"]
+        assert hashlib.sha256(np.asarray(ids, dtype="<u4").tobytes()).hexdigest() == case["ids_sha256"]
+
+
+class CountingMerges(dict):
+    """A merge table that counts its lookups (`get`, as every merge loop reads it)."""
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def test_plain_engine_work_grows_linearly_on_one_long_chunk():
+    """Pair lookups, not seconds: 8x the letters in one chunk must cost about 8x the lookups
+    (the old merge loop, one pass over the word per round, made it 19x: 688,065 -> 13,089,438)."""
+    t = tk.read_tokenizer(ASSETS / "encoder.json", ASSETS / "vocab.bpe")
+    counts = []
+    for n in (2000, 16000):
+        t.merges = CountingMerges(t.merges)
+        text = "".join(random.Random(n).choices("abcdefghijklmnopqrstuvwxyz", k=n))
+        t._encode_plain(text)
+        counts.append(t.merges.lookups)
+    assert counts[1] < 12 * counts[0], counts
+
+
+# ---------------------------------------------------------------- showing the work
+def test_show_work_ids_equal_encode_on_every_case(tok):
+    for case in CASES:
+        allowed = {EOT} if case["allowed_special"] else ()
+        work = tok.encode_and_show_work(case["text"], allowed_special=allowed)
+        assert work.ids == case["ids"], case["name"]
+        assert "".join(c.text for c in work) == case["text"], case["name"]
+        for c in work:
+            assert list(c.ids) == [tok.encoder[s] for s in c.tokens]
+
+
+def test_show_work_by_hand(tok):
+    """Ranks read from npgpt2/assets/vocab.bpe by hand (rank = line number - 2, after the
+    '#version' line), ids from encoder.json."""
+    work = tok.encode_and_show_work("aaaaa\nHello world")
+    assert [c.text for c in work] == ["aaaaa", "\n", "Hello", " world"]
+    aaaaa, newline, hello, world = work
+    # 'a a' (line 6998) merges twice in one round, left to right, leaving the last 'a'; then
+    # 'aa aa' (line 24540) beats 'aa a' (line 45817); 'aaaa a' is no merge.
+    assert aaaaa.symbols == ("a",) * 5
+    assert [(m.rank, m.left, m.right, m.at) for m in aaaaa.merges] == [
+        (6996, "a", "a", (0, 2)), (24538, "aa", "aa", (0,))]
+    assert [m.symbols for m in aaaaa.merges] == [("aa", "aa", "a"), ("aaaa", "a")]
+    assert aaaaa.tokens == ("aaaa", "a") and aaaaa.ids == (24794, 64)
+    assert newline.symbols == ("Ċ",) and newline.merges == () and newline.ids == (198,)
+    assert hello.symbols == ("H", "e", "l", "l", "o")
+    assert [(m.rank, m.left, m.right, m.merged) for m in hello.merges] == [
+        (41, "l", "l", "ll"), (439, "e", "ll", "ell"), (10853, "ell", "o", "ello"),
+        (15240, "H", "ello", "Hello")]
+    assert hello.merges[0].symbols == ("H", "e", "ll", "o") and hello.merges[0].at == (2,)
+    assert hello.tokens == ("Hello",) and hello.ids == (15496,)
+    assert world.symbols == ("Ġ", "w", "o", "r", "l", "d")
+    assert [(m.rank, m.merged) for m in world.merges] == [
+        (10, "Ġw"), (17, "or"), (79, "ld"), (220, "Ġwor"), (739, "Ġworld")]
+    assert world.ids == (995,)
+    assert work.ids == [24794, 64, 198, 15496, 995]
+    shown = str(work)
+    assert "rank  6996  a + a -> aa (x2)   aa aa a" in shown
+    assert "rank    41  l + l -> ll   H e ll o" in shown
+    assert shown.endswith("ids: [24794, 64, 198, 15496, 995]")
+
+
+def test_show_work_special_tokens_and_errors(tok):
+    work = tok.encode_and_show_work("a<|endoftext|>b", allowed_special="all")
+    assert [c.text for c in work] == ["a", EOT, "b"]
+    assert work[1].ids == (50256,) and work[1].merges == ()
+    assert tok.encode_and_show_work(EOT).ids == tok.encode(EOT) != [50256]
+    assert tok.encode_and_show_work("") == [] and tok.encode_and_show_work("").ids == []
+    with pytest.raises(Npgpt2Error, match="surrogate.*character 3"):
+        tok.encode_and_show_work("abc\udce9")
+    with pytest.raises(TypeError):
+        tok.encode_and_show_work(b"abc")
+
+
 # ---------------------------------------------------------------- fast engine internals
 def test_fast_engine_grows_and_clears(monkeypatch):
     """Tiny tables force every grow path and the clear-when-full path; ids must not change."""
-    monkeypatch.setattr(tk._FastState, "initial", (2, 4, 4, 4))
-    monkeypatch.setattr(tk, "_FAST_MAX_ENTRIES", 300)
+    monkeypatch.setattr(bpe_fast.FastEngine, "initial", (2, 4, 4, 4))
+    monkeypatch.setattr(bpe_fast, "_FAST_MAX_ENTRIES", 300)
     t = tk.read_tokenizer(ASSETS / "encoder.json", ASSETS / "vocab.bpe")
     for case in CASES:
         if not case["allowed_special"]:
@@ -300,27 +476,17 @@ def test_no_cut_in_cjk_or_allowed_special(tok):
     assert np.concatenate(arrays).tolist().count(50256) == 20
 
 
-def test_encode_file(tok, tmp_path):
-    text = _jargon()[:300_000].replace("\n\n", "\r\n\r\n") + "\nend <|endoftext|> tail  "
-    p = tmp_path / "corpus.txt"
-    p.write_bytes(text.encode("utf-8"))
-    with open(p, encoding="utf-8") as f:  # universal newlines, as encode_file reads
-        want = tok.encode(f.read())
-    got = np.concatenate(list(tok.encode_file(p, block_chars=50_000)))
-    assert got.tolist() == want
-    gz = tmp_path / "corpus.txt.gz"
-    gz.write_bytes(gzip.compress(text.encode("utf-8")))
-    assert np.concatenate(list(tok.encode_file(gz, block_chars=50_000))).tolist() == want
-
-
-def test_encode_file_errors(tok, tmp_path):
-    with pytest.raises(Npgpt2Error, match="missing.txt"):
-        list(tok.encode_file(tmp_path / "missing.txt"))
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes("café".encode("latin-1"))
-    with pytest.raises(Npgpt2Error, match="latin1.txt.*utf-8"):
-        list(tok.encode_file(bad))
-    assert np.concatenate(list(tok.encode_file(bad, encoding="latin-1"))).tolist() == tok.encode("café")
+def test_encode_iter_on_file_blocks(tok, tmp_path):
+    """Files are read by data.read_text_blocks (the one reader) and streamed to encode_iter."""
+    text = _jargon()[:300_000] + "\nend <|endoftext|> tail  caf\u00e9 \U0001f600"
+    raw = text.encode("utf-8")
+    for name, raw in (("corpus.txt", raw), ("corpus.txt.gz", gzip.compress(raw))):
+        p = tmp_path / name
+        p.write_bytes(raw)
+        blocks = list(npdata.read_text_blocks(p, block_bytes=50_001))  # cuts inside characters too
+        assert len(blocks) > 5
+        got = np.concatenate(list(tok.encode_iter(blocks, block_chars=50_000)))
+        assert got.tolist() == tok.encode("".join(blocks))
 
 
 # ---------------------------------------------------------------- loading
@@ -393,3 +559,32 @@ def test_only_one_file_falls_back_to_packaged(tmp_path, caplog):
         t = npgpt2.load_tokenizer(tmp_path)
     assert t is npgpt2.load_tokenizer()
     assert "only one" in caplog.text
+
+
+# ---------------------------------------------------------------- without numba
+def test_plain_engine_takes_over_without_numba():
+    """With numba unimportable, the tokenizer (imported on its own: the rest of the package is
+    another matter) still encodes long texts, through the plain engine."""
+    import subprocess
+    import sys
+    code = f"""
+import gzip, json, sys, types
+sys.modules["numba"] = None  # import numba -> ImportError
+pkg = types.ModuleType("npgpt2")
+pkg.__path__ = [{str(Path(tk.__file__).parent)!r}]
+sys.modules["npgpt2"] = pkg
+from npgpt2 import bpe_fast, tokenizer as tk
+assert not bpe_fast.AVAILABLE and not tk._fast_enabled()
+tok = tk.load_tokenizer()
+cases = json.loads(gzip.decompress(open({str(FIXTURE)!r}, "rb").read()))["cases"]
+for c in cases:
+    assert tok.encode(c["text"], allowed_special="all" if c["allowed_special"] else ()) == c["ids"], c["name"]
+text = "".join(c["text"] for c in cases if not c["allowed_special"])
+text *= tk.FAST_START_CHARS // len(text) + 1
+ids = [i for a in tok.encode_iter([text]) for i in a.tolist()]
+assert ids == tok.encode(text) and tok._fast is None
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -507,3 +507,15 @@ def test_demo_refuses_an_out_folder_holding_another_model(tmp_path):
     with pytest.raises(Npgpt2Error, match="holds a model that is not a demo run; give another --out"):
         run_demo(quick=True, steps=1, out_dir=run)
     assert (run / "model-1.index").exists()
+
+
+def test_demo_says_it_replaces_an_earlier_demo_run(tmp_path, caplog):
+    """A second `demo` into the same folder replaced the first run's model (say, a 4-minute
+    full run by a 40-step --quick one) without a word; it says so before training."""
+    from npgpt2.demo import run_demo
+    out = tmp_path / "demo"
+    run_demo(quick=True, steps=2, out_dir=out, sample_num=1, sample_length=2)
+    assert (out / "model-2.index").exists()
+    with caplog.at_level("WARNING"):
+        run_demo(quick=True, steps=1, out_dir=out, sample_num=1, sample_length=2)
+    assert f"{out}: replacing the demo run there (model-2)" in caplog.text

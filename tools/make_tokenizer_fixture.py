@@ -17,12 +17,19 @@ Every case must get the same ids from every reference, or this script fails with
 Output (gzip JSON): {"tiktoken": version, "vocab_sha256": {...}, "cases": [{"name", "text",
 "allowed_special": bool, "ids": [int]}]}. With allowed_special, "<|endoftext|>" is token 50256;
 without it, it is ordinary text.
+
+Also tests/fixtures/tokenizer_long_chunks.json: long unbroken runs (where BPE used to be
+quadratic), each a seeded random string `long_text(alphabet, chars, seed)` that the test
+rebuilds, with the number of ids and the sha256 of the ids as little-endian uint32 (tiktoken's,
+checked against HF `tokenizers`; transformers' Python GPT2Tokenizer is too slow on them).
+`--long_only` writes only this file.
 """
 import gzip
 import hashlib
 import json
 import os
 import random
+import struct
 import sys
 from pathlib import Path
 
@@ -34,6 +41,12 @@ import tiktoken.load  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "npgpt2" / "assets"
 OUT = ROOT / "tests" / "fixtures" / "tokenizer_cases.json.gz"
+LONG_OUT = ROOT / "tests" / "fixtures" / "tokenizer_long_chunks.json"
+# name, alphabet, characters, seed
+LONG_CASES = [("letters 256k", "abcdefghijklmnopqrstuvwxyz", 262_144, 1),
+              ("aaaab 64k", "aaaab", 65_536, 2),
+              ("base64 64k", "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", 65_536, 3),
+              ("accents and cjk 32k", "éàßœ日本語", 32_768, 4)]
 ENCODER, VOCAB = ASSETS / "encoder.json", ASSETS / "vocab.bpe"
 SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
           "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
@@ -199,10 +212,39 @@ def jargon_cases():
             ("jargon 64k", text[200_000:200_000 + 65_536])]
 
 
+def long_text(alphabet, chars, seed):
+    return "".join(random.Random(seed).choices(alphabet, k=chars))
+
+
+def write_long_chunks(enc, refs):
+    refs = [(name, ref) for name, ref in refs if name != "transformers.GPT2Tokenizer"]
+    out = []
+    for name, alphabet, chars, seed in LONG_CASES:
+        text = long_text(alphabet, chars, seed)
+        ids = enc.encode_ordinary(text)
+        for ref_name, ref in refs:
+            if list(ref(text, False)) != ids:
+                sys.exit(f"DISAGREE {ref_name} on {name!r}; nothing written")
+        if enc.decode_bytes(ids) != text.encode("utf-8"):
+            sys.exit(f"tiktoken does not round-trip {name!r}")
+        digest = hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).hexdigest()
+        out.append({"name": name, "alphabet": alphabet, "chars": chars, "seed": seed,
+                    "n_ids": len(ids), "ids_sha256": digest})
+    data = {"tiktoken": tiktoken.__version__, "references": ["tiktoken"] + [r for r, _ in refs],
+            "text": "random.Random(seed).choices(alphabet, k=chars), joined", "cases": out}
+    tmp = LONG_OUT.with_name(LONG_OUT.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, LONG_OUT)
+    print(f"wrote {LONG_OUT} ({len(out)} cases); references agree: {', '.join(data['references'])}")
+
+
 def main():
     check_files()
     enc = tiktoken_encoding()
     refs = hf_references()
+    write_long_chunks(enc, refs)
+    if "--long_only" in sys.argv[1:]:
+        return
     cases = fixed_cases() + jargon_cases() + random_cases()
     out, disagreements = [], 0
     for name, text in cases:

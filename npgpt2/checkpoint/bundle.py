@@ -23,7 +23,7 @@ from .table import build_table, read_table
 log = logging.getLogger(__name__)
 
 # TensorFlow DataType enum values we read and write.
-DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 9: np.int64, 10: np.bool_, 19: np.float16}
+DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 6: np.int8, 9: np.int64, 10: np.bool_, 19: np.float16}
 DTYPE_NAMES = {1: "DT_FLOAT", 2: "DT_DOUBLE", 3: "DT_INT32", 4: "DT_UINT8", 5: "DT_INT16",
                6: "DT_INT8", 7: "DT_STRING", 8: "DT_COMPLEX64", 9: "DT_INT64", 10: "DT_BOOL",
                14: "DT_BFLOAT16", 17: "DT_UINT16", 18: "DT_COMPLEX128", 19: "DT_HALF",
@@ -31,6 +31,8 @@ DTYPE_NAMES = {1: "DT_FLOAT", 2: "DT_DOUBLE", 3: "DT_INT32", 4: "DT_UINT8", 5: "
 _ENUM_OF = {np.dtype(t): e for e, t in DTYPES.items()}
 BUNDLE_VERSION = 1  # kTensorBundleVersion: the format version we implement
 _CHUNK = 16 << 20  # bytes per read when checksumming a memory-mapped tensor
+MAX_DIMS = 64  # NumPy's (and TensorFlow's TensorShape's) limit on a tensor's rank
+MAX_BYTES = 2**63 - 1  # byte offsets and sizes are int64 in the format
 
 
 def index_path(prefix):
@@ -90,10 +92,20 @@ def _check_entry(path, name, entry, num_shards):
                           "supported: float32, float16, float64, int32, int64, bool")
     if entry.unknown_rank or any(d < 0 for d in entry.shape):
         raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' has an unknown shape {entry.shape}")
+    if len(entry.shape) > MAX_DIMS:
+        raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' has {len(entry.shape)} dimensions "
+                          f"(at most {MAX_DIMS})")
+    count = bound = 1
+    for d in entry.shape:  # Python ints: the products cannot wrap around
+        count *= d
+        bound *= max(d, 1)  # NumPy refuses a shape like (0, 2**62, 2**62) too
+    if bound * np.dtype(DTYPES[entry.dtype]).itemsize > MAX_BYTES:
+        raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' of shape {entry.shape} would need "
+                          f"more than 2**63 bytes")
     if not 0 <= entry.shard_id < num_shards:
         raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' is in shard {entry.shard_id} "
                           f"but the bundle has {num_shards}")
-    nbytes = int(np.prod(entry.shape, dtype=np.int64)) * np.dtype(DTYPES[entry.dtype]).itemsize
+    nbytes = count * np.dtype(DTYPES[entry.dtype]).itemsize
     if entry.size != nbytes or entry.offset < 0:
         raise Npgpt2Error(f"{path}: corrupt: tensor '{name}' of shape {entry.shape} "
                           f"should have {nbytes} bytes but its entry says {entry.size}")
@@ -273,6 +285,8 @@ def _unescape(text):
             j = i + 1
             while j < len(text) and j < i + 3 and text[j] in "0123456789abcdefABCDEF":
                 j += 1
+            if j == i + 1:
+                raise ValueError(f"'\\{c}' without hex digits")
             out.append(int(text[i + 1:j], 16))
             i = j
         else:
@@ -312,7 +326,10 @@ def _parse_state(path):
         m = _FIELD_RE.match(line)
         if not m:
             continue  # other fields (timestamps) and blank lines
-        value = _unescape(m.group(2) if m.group(2) is not None else m.group(3))
+        try:
+            value = _unescape(m.group(2) if m.group(2) is not None else m.group(3))
+        except ValueError as e:
+            raise Npgpt2Error(f"{path}: bad escape in the {m.group(1)} line ({e})") from None
         if m.group(1) == "model_checkpoint_path":
             state["model_checkpoint_path"] = value
         elif m.group(1) == "all_model_checkpoint_paths":

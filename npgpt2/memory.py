@@ -1,0 +1,66 @@
+"""Memory estimates checked before a big allocation, so a flag like `--batch_size 10**12`
+is refused with the figure instead of dying of MemoryError (or the OOM killer) later.
+
+The estimates are of the arrays whose size grows with the batch; they are "about" figures
+(within a small factor), good for refusing what cannot fit, not for fine tuning.
+"""
+import os
+
+import numpy as np
+
+from .errors import Npgpt2Error
+
+
+def available_bytes():
+    """Memory the system can still give this process (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def human(n):
+    """1536 -> '1.5 KiB'."""
+    n = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def generation_bytes(hparams, batch_size, prompt_len=1, length=None, dtype=np.float32):
+    """About the memory generating `batch_size` rows at once takes: the key/value cache rows
+    that prompt + `length` new tokens fill (np.zeros leaves the rest of n_ctx untouched), the
+    prompt's prefill activations and the float64 logits and probabilities sampling works on."""
+    L, C, T, V = (int(hparams[k]) for k in ("n_layer", "n_embd", "n_ctx", "n_vocab"))
+    item = np.dtype(dtype).itemsize
+    positions = min(T, int(prompt_len) + (T if length is None else int(length)))
+    per_row = 2 * L * positions * C * item     # k and v: (n_layer, B, NH, n_ctx, hs) each
+    per_row += int(prompt_len) * 8 * C * item  # prefill: residual, qkv, MLP hidden
+    per_row += 4 * V * 8                       # logits (model dtype and float64), probs, cdf
+    return int(batch_size) * per_row
+
+
+def training_bytes(hparams, batch_size, context, dtype=np.float32):
+    """About the memory one training micro-batch takes beyond the parameters: the
+    activations saved for the backward pass and the logits, probabilities and their grads."""
+    L, C, NH, V = (int(hparams[k]) for k in ("n_layer", "n_embd", "n_head", "n_vocab"))
+    item = np.dtype(dtype).itemsize
+    T = int(context)
+    per_token = L * (16 * C + 2 * NH * T) + 3 * V  # per layer: ln, qkv, attn, MLP; then the head
+    return int(batch_size) * T * per_token * item
+
+
+def check_memory(need, what, advice):
+    """Raise Npgpt2Error naming `what` when `need` bytes exceed the memory available."""
+    have = available_bytes()
+    if have is not None and need > have:
+        raise Npgpt2Error(f"{what} needs about {human(need)} of memory, more than the "
+                          f"{human(have)} available; {advice}")
