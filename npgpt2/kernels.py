@@ -490,7 +490,7 @@ def attention_forward(qkv, NH):
     log-sum-exp of each row of scores: all that attention_backward needs to recompute the
     probabilities (the plain twin saves them, (B, NH, T, T)).
     """
-    B, T, C3 = qkv.shape
+    B, T, _ = qkv.shape
     q, k, v = _split_qkv(qkv, NH)  # each [B, NH, T, hs]
     hs = q.shape[-1]
     y, lse = _flash_forward(*(t.reshape(B * NH, T, hs) for t in (q, k, v)), 0)

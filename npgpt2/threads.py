@@ -77,7 +77,7 @@ def choose_threads(work, cpus, others, steal=0.0, min_work=MIN_WORK_PER_THREAD["
     """
     cpus = max(1, int(cpus))
     free = cpus * (1.0 - min(max(steal, 0.0), 1.0)) - max(others, 0.0)
-    n = min(cpus, int(math.floor(free + 0.25)))  # 0.75 of a core free counts as free
+    n = min(cpus, math.floor(free + 0.25))  # 0.75 of a core free counts as free
     n = min(n, int(work // min_work) if min_work > 0 else cpus)
     return max(1, n)
 

@@ -111,6 +111,7 @@ def test_policy_sets_blas_only_on_change(fresh_policy):
 def test_numba_layer_never_spins():
     """workqueue's workers sleep between loops (unless the user chose a layer)."""
     import os
+
     import numba
     if "NUMBA_THREADING_LAYER" not in os.environ:
         assert numba.config.THREADING_LAYER == "workqueue"
