@@ -35,7 +35,7 @@ def gemm_gflops(reps=5):
         a = rng.standard_normal((M, K), dtype=np.float32)
         b = rng.standard_normal((K, N), dtype=np.float32)
         c = np.empty((M, N), np.float32)
-        t = _median_time(lambda: np.matmul(a, b, out=c), reps)
+        t = _median_time(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), reps)
         out[f"{M}x{K}x{N}"] = 2 * M * K * N / t / 1e9
     out["best"] = max(out.values())
     return out

@@ -17,9 +17,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from npgpt2 import kernels  # noqa: E402
-from npgpt2 import layers  # noqa: E402
-from npgpt2 import optim  # noqa: E402
+from npgpt2 import (
+    kernels,  # noqa: E402
+    layers,  # noqa: E402
+    optim,  # noqa: E402
+)
 
 C, NH, V = 768, 12, 50257
 
@@ -96,7 +98,7 @@ def bench(reps=5):
         plain(), fast()  # warm-up (and JIT load)
         tp, tf = [], []
         for i in range(reps):
-            for which, fn, acc in (((0, plain, tp), (1, fast, tf)) if i % 2 == 0 else ((1, fast, tf), (0, plain, tp))):
+            for fn, acc in (((plain, tp), (fast, tf)) if i % 2 == 0 else ((fast, tf), (plain, tp))):
                 t0 = time.perf_counter()
                 fn()
                 acc.append(time.perf_counter() - t0)

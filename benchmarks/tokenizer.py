@@ -37,7 +37,6 @@ import regex
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import npgpt2  # noqa: E402
 from npgpt2 import tokenizer as tk  # noqa: E402
 
 ASSETS = ROOT / "npgpt2" / "assets"

@@ -6,11 +6,11 @@
     ids = npgpt2.generate(model, enc.encode("Hello"), length=20, top_k=40, seed=1)
     print(enc.decode(ids))
 """
-from .errors import Npgpt2Error
-from .model import GPT2, init_model, load_model, save_model
-from .interp import input_gradient, logit_lens
-from .sampling import generate
 from .chat import ChatSession
+from .errors import Npgpt2Error
+from .interp import input_gradient, logit_lens
+from .model import GPT2, init_model, load_model, save_model
+from .sampling import generate
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"

@@ -27,7 +27,8 @@ class Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- shared flags
 def add_model_flags(p, default_models_dir="weights"):
     p.add_argument("--model_name", default="124M", help="model folder name (default 124M; 117M/345M are aliases)")
-    p.add_argument("--models_dir", default=default_models_dir, help="folder holding model folders (default %(default)s)")
+    p.add_argument("--models_dir", default=default_models_dir,
+                   help="folder holding model folders (default %(default)s)")
 
 
 def add_sampling_knobs(p):
@@ -74,8 +75,8 @@ def load_for_generation(args):
 def print_samples(model, enc, context, args):
     """Generate args.nsamples samples after `context` in OpenAI's output format."""
     import numpy as np
-    from .sampling import (TextStream, check_batch_memory, check_sampling_args, check_seed, fit_prompt,
-                           generate_stream)
+
+    from .sampling import TextStream, check_batch_memory, check_sampling_args, check_seed, fit_prompt, generate_stream
     if args.batch_size < 1:
         raise Npgpt2Error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.nsamples < 0:
@@ -252,6 +253,7 @@ def cmd_chat(args):
 def cmd_serve(args):
     """The HTTP API and chat page until Ctrl-C."""
     import signal
+
     from .server import Limits, Server
     limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
                     timeout=args.timeout, max_queue=args.max_queue, max_connections=args.max_connections,
@@ -306,7 +308,8 @@ def cmd_encode(args):
 
 
 def add_dataset_flags(p):
-    p.add_argument("--combine", type=int, default=50000, help="encode text in pieces of this many characters (default %(default)s)")
+    p.add_argument("--combine", type=int, default=50000,
+                   help="encode text in pieces of this many characters (default %(default)s)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of .txt inputs (default %(default)s)")
 
 
@@ -346,6 +349,7 @@ def cmd_train(args):
     Under mpirun/mpiexec every process runs this; rank 0 prints, the others only report errors.
     """
     import dataclasses
+
     from .dist import get_comm
     from .sampling import check_seed
     from .train import TrainConfig, train
@@ -375,6 +379,7 @@ def cmd_train(args):
 def cmd_eval(args):
     """Mean loss and perplexity of a model over every token of a dataset."""
     import math
+
     from .data import check_tokens, expand_paths, load_dataset
     from .model import load_model, read_hparams, resolve_model_dir
     from .tokenizer import load_tokenizer
@@ -404,6 +409,7 @@ def cmd_eval(args):
 def cmd_demo(args):
     """Train a small GPT-2 from scratch on the bundled Jargon File and show it learning."""
     from pathlib import Path
+
     from .demo import preset, run_demo
     out = Path(args.out)
     print(f"Training a small GPT-2 on the bundled Jargon File; the run goes to {out}/ "
@@ -436,6 +442,7 @@ def cmd_demo(args):
 def cmd_explain(args):
     """What the model computes for a text: next tokens, logit lens, attention, attributions."""
     import shutil
+
     from . import explain
     from .fsutil import atomic_write
     text = args.text
@@ -466,7 +473,9 @@ def cmd_gradcheck(args):
     """Every backward in layers.py, then a model's gradients, against central finite differences."""
     import os
     import time
+
     import numpy as np
+
     from . import gradcheck
     from .model import load_model, resolve_model_dir
     if args.entries is not None and args.entries < 1:
@@ -528,7 +537,8 @@ def build_parser():
                    help="input format when the folder holds two")
     p.add_argument("--force", action="store_true", help="replace a model already at DST")
     p.add_argument("--dtype", default="float32", type=dtype_choice,
-                   help="float32 (default: the same bits) or int8 (8-bit weights, an OpenAI-layout folder; see HACKING.md)")
+                   help="float32 (default: the same bits) or int8 (8-bit weights, an OpenAI-layout folder; "
+                        "see HACKING.md)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="unconditional samples (generate_unconditional_samples.py)")
@@ -549,22 +559,29 @@ def build_parser():
     add_chat_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="HTTP API (/v1/generate, /v1/chat, /v1/explain, streaming), chat and explain pages")
+    p = sub.add_parser("serve",
+                       help="HTTP API (/v1/generate, /v1/chat, /v1/explain, streaming), chat and explain pages")
     add_model_flags(p)
     add_dtype_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 = any free port)")
     p.add_argument("--user_tag", default="User:", help="the user's speaker tag in /v1/chat (default %(default)s)")
     p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag in /v1/chat (default %(default)s)")
-    p.add_argument("--max_body", type=int, default=256 * 1024, help="largest request body in bytes (default %(default)s)")
-    p.add_argument("--max_length", type=int, default=None, help="most tokens one request may ask for (default n_ctx - 1)")
-    p.add_argument("--max_prompt_tokens", type=int, default=None, help="longest /v1/generate prompt or /v1/explain text in tokens (default 8 * n_ctx)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included (default %(default)s)")
-    p.add_argument("--max_queue", type=int, default=64, help="requests queued or running before new ones get 503 (default %(default)s)")
+    p.add_argument("--max_body", type=int, default=256 * 1024,
+                   help="largest request body in bytes (default %(default)s)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="most tokens one request may ask for (default n_ctx - 1)")
+    p.add_argument("--max_prompt_tokens", type=int, default=None,
+                   help="longest /v1/generate prompt or /v1/explain text in tokens (default 8 * n_ctx)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds per request, queueing included (default %(default)s)")
+    p.add_argument("--max_queue", type=int, default=64,
+                   help="requests queued or running before new ones get 503 (default %(default)s)")
     p.add_argument("--max_connections", type=int, default=64,
                    help="requests read or answered at once before new ones get 503 (default %(default)s)")
     p.add_argument("--read_timeout", type=float, default=10.0,
-                   help="seconds a client may take to send a request's headers, and again its body (default %(default)s)")
+                   help="seconds a client may take to send a request's headers, and again its body "
+                        "(default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")
@@ -594,13 +611,16 @@ def build_parser():
     p.add_argument("--only_train_transformer_layers", action="store_true", help="keep wte, wpe and ln_f fixed")
     p.add_argument("--run_name", default="run1", help="run folder name under --checkpoint_dir (default %(default)s)")
     p.add_argument("--restore_from", default="latest",
-                   help="latest (the run's newest checkpoint, else the base model), fresh (the base model) or a model folder")
+                   help="latest (the run's newest checkpoint, else the base model), fresh (the base model) "
+                        "or a model folder")
     p.add_argument("--checkpoint_dir", default="checkpoint", help="folder of run folders (default %(default)s)")
     p.add_argument("--sample_dir", default="samples", help="samples go to SAMPLE_DIR/RUN_NAME (default %(default)s)")
-    p.add_argument("--sample_every", type=int, default=100, help="write samples every N steps; 0 = never (default %(default)s)")
+    p.add_argument("--sample_every", type=int, default=100,
+                   help="write samples every N steps; 0 = never (default %(default)s)")
     p.add_argument("--sample_length", type=int, default=128, help="tokens per sample (default %(default)s)")
     p.add_argument("--sample_num", type=int, default=1, help="samples each time (default %(default)s)")
-    p.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps; 0 = only at the end (default %(default)s)")
+    p.add_argument("--save_every", type=int, default=1000,
+                   help="checkpoint every N steps; 0 = only at the end (default %(default)s)")
     p.add_argument("--max_to_keep", type=int, default=5, help="newest checkpoints kept (default %(default)s)")
     p.add_argument("--val_dataset", default=None, help="validation data (default: the training data)")
     p.add_argument("--val_every", type=int, default=0, help="validation loss every N steps; 0 = never (default)")
@@ -611,11 +631,14 @@ def build_parser():
     p.add_argument("--steps", type=int, default=0, help="stop after N updates; 0 = until Ctrl-C (default)")
     p.add_argument("--context", type=int, default=0, help="tokens per sequence (default n_ctx; shorter is much faster)")
     p.add_argument("--seed", type=int, default=None, help="seed of the batch order (default: random, saved for resume)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices (default 0)")
+    p.add_argument("--weight_decay", type=float, default=0.0,
+                   help="AdamW decoupled weight decay on matrices (default 0)")
     p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps (default 0)")
     p.add_argument("--lr_schedule", default="constant", help="constant or cosine, after warmup (default constant)")
-    p.add_argument("--lr_decay_steps", type=int, default=0, help="cosine reaches its minimum at this step (default: the last)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradients' global norm to this; 0 = off (default %(default)s)")
+    p.add_argument("--lr_decay_steps", type=int, default=0,
+                   help="cosine reaches its minimum at this step (default: the last)")
+    p.add_argument("--grad_clip", type=float, default=1.0,
+                   help="clip the gradients' global norm to this; 0 = off (default %(default)s)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="mean loss and perplexity over a dataset (all windows, deterministic)")
@@ -633,12 +656,14 @@ def build_parser():
     p.add_argument("--top_k", type=int, default=10, help="next tokens to list (default %(default)s)")
     p.add_argument("--lens_k", type=int, default=3, help="logit-lens tokens per layer (default %(default)s)")
     p.add_argument("--out", default=None, help="also write a self-contained HTML report to this file")
-    p.add_argument("--layer", type=int, default=None, help="with --out: only this layer's attention patterns (default all)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="with --out: only this layer's attention patterns (default all)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
-    p.add_argument("--quick", action="store_true", help="a tiny model, 40 steps: a smoke test (about 15 s once Numba's kernels are compiled)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny model, 40 steps: a smoke test (about 15 s once Numba's kernels are compiled)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
     p.add_argument("--out", default="checkpoint/demo",
                    help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import quant
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .errors import Npgpt2Error
 from .fsutil import atomic_write, parse_json, read_json
 from .model import ASSETS, check_download_finished, check_hparams, param_shapes, read_hparams
-from . import quant
 from .safetensors_io import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,7 @@ def preset(quick=False, steps=None):
     return out
 
 
-def run_demo(steps=None, quick=False, seed=0, sample_num=len(PROMPTS), sample_length=48,
+def run_demo(steps=None, quick=False, seed=0, sample_num=None, sample_length=48,
              out_dir=None, on_step=None):
     """Train and evaluate; returns a dict with the numbers and the samples.
 

@@ -37,9 +37,15 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from . import quant_kernels, threads  # noqa: E402
+
 # the plain functions, which have no fast twin here (the model calls them through this module)
-from .layers import encoder_forward, merge_heads, softmax, split_heads  # noqa: F401,E402
-from .layers import GELU_SCALE  # noqa: E402
+from .layers import (  # noqa: F401,E402
+    GELU_SCALE,  # noqa: E402
+    encoder_forward,
+    merge_heads,
+    softmax,
+    split_heads,
+)
 from .quant import QuantizedWeight  # noqa: E402
 
 PLAIN = ("encoder_forward", "merge_heads", "softmax", "split_heads")
@@ -359,9 +365,9 @@ def _max(a, n):
 
 # ---------------------------------------------------------------- fused (flash) attention
 # Training never keeps the (B, NH, T, T) probabilities: the forward pass walks each block
-# of queries over blocks of keys with an online softmax (a running row max m and row sum l;
+# of queries over blocks of keys with an online softmax (a running row max `m` and row sum `rowsum`;
 # when m grows, what was accumulated so far is rescaled by exp(m_old - m_new)) and saves
-# only the per-row log-sum-exp lse = m + log(l). The backward pass recomputes each block's
+# only the per-row log-sum-exp lse = m + log(rowsum). The backward pass recomputes each block's
 # probabilities as exp(scores - lse) (FlashAttention-2's scheme). GEMMs stay on BLAS (one
 # call per block over all heads); the row bookkeeping runs in Numba, `exp` in NumPy (SIMD).
 # Arrays below are C-contiguous with batch and heads flattened: q/k/v (BH, T, hs), a block
@@ -407,8 +413,8 @@ def _online_shift_par(s, m, alpha, i0, q0, c0):
 
 
 @njit(cache=True, inline="always")
-def _online_accumulate_head(e, pv, l, y, alpha, bh, i0, first):
-    """e = exp(shifted scores), pv = e @ v_block: l = l * alpha + sum(e), y = y * alpha + pv."""
+def _online_accumulate_head(e, pv, rowsum, y, alpha, bh, i0, first):
+    """e = exp(shifted scores), pv = e @ v_block: rowsum = rowsum * alpha + sum(e), y = y * alpha + pv."""
     R = e.shape[1]
     hs = y.shape[2]
     for r in range(R):
@@ -416,39 +422,39 @@ def _online_accumulate_head(e, pv, l, y, alpha, bh, i0, first):
         yr = y[bh, i0 + r]
         pr = pv[bh, r]
         if first:
-            l[bh, i0 + r] = total
+            rowsum[bh, i0 + r] = total
             for d in range(hs):
                 yr[d] = pr[d]
         else:
             a = alpha[bh, r]
-            l[bh, i0 + r] = l[bh, i0 + r] * a + total
+            rowsum[bh, i0 + r] = rowsum[bh, i0 + r] * a + total
             at = y.dtype.type(a)
             for d in range(hs):
                 yr[d] = yr[d] * at + pr[d]
 
 
 @njit(cache=True)
-def _online_accumulate(e, pv, l, y, alpha, i0, first):
+def _online_accumulate(e, pv, rowsum, y, alpha, i0, first):
     for bh in range(e.shape[0]):
-        _online_accumulate_head(e, pv, l, y, alpha, bh, i0, first)
+        _online_accumulate_head(e, pv, rowsum, y, alpha, bh, i0, first)
 
 
 @njit(cache=True, parallel=True)
-def _online_accumulate_par(e, pv, l, y, alpha, i0, first):
+def _online_accumulate_par(e, pv, rowsum, y, alpha, i0, first):
     for bh in prange(e.shape[0]):
-        _online_accumulate_head(e, pv, l, y, alpha, bh, i0, first)
+        _online_accumulate_head(e, pv, rowsum, y, alpha, bh, i0, first)
 
 
 @njit(cache=True, parallel=True)
-def _online_finish(y, l, m, lse):
-    """y /= l; lse = m + log(l)."""
+def _online_finish(y, rowsum, m, lse):
+    """y /= rowsum; lse = m + log(rowsum)."""
     for bh in prange(y.shape[0]):
         for t in range(y.shape[1]):
-            inv = y.dtype.type(1.0 / l[bh, t])
+            inv = y.dtype.type(1.0 / rowsum[bh, t])
             yr = y[bh, t]
             for d in range(y.shape[2]):
                 yr[d] = yr[d] * inv
-            lse[bh, t] = m[bh, t] + math.log(l[bh, t])
+            lse[bh, t] = m[bh, t] + math.log(rowsum[bh, t])
 
 
 def _flash_forward(q, k, v, first):
@@ -457,7 +463,7 @@ def _flash_forward(q, k, v, first):
     BH, Tq, hs = q.shape
     y = np.empty_like(q)
     m = np.full((BH, Tq), -np.inf)
-    l = np.empty((BH, Tq))
+    rowsum = np.empty((BH, Tq))
     lse = np.empty((BH, Tq))
     bq, bk = min(Tq, QBLOCK), min(first + Tq, KBLOCK)
     sbuf = np.empty(BH * bq * bk, q.dtype)
@@ -477,9 +483,9 @@ def _flash_forward(q, k, v, first):
             shift_(s, m, alpha, i0, first + i0, c0)
             np.exp(s, out=s)
             np.matmul(s, v[:, c0:c1], out=pv)  # [BH, R, Kb] @ [BH, Kb, hs]
-            accumulate(s, pv, l, y, alpha, i0, c0 == 0)
+            accumulate(s, pv, rowsum, y, alpha, i0, c0 == 0)
     _parallel(y.size)  # sets Numba's thread count for this loop
-    _online_finish(y, l, m, lse)
+    _online_finish(y, rowsum, m, lse)
     return y, lse
 
 

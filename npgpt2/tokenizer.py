@@ -109,7 +109,7 @@ def bpe_merge_rounds(symbols, merges):
 def bpe_merge_plain(symbols, merges):
     """The merged symbols of `bpe_merge_rounds` (its last round's word): list -> list."""
     word = list(symbols)
-    for *_, word in bpe_merge_rounds(symbols, merges):
+    for *_, word in bpe_merge_rounds(symbols, merges):  # noqa: B007  (keeps the last round's word)
         pass
     return word
 

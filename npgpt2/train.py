@@ -180,7 +180,8 @@ def load_train_state(run_dir, prefix):
         with np.load(path) as z:
             state = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
-        raise Npgpt2Error(f"{path}: unreadable train state ({e}); use --restore_from fresh or an older checkpoint") from None
+        raise Npgpt2Error(f"{path}: unreadable train state ({e}); "
+                          f"use --restore_from fresh or an older checkpoint") from None
     if int(state.get("format", -1)) != STATE_FORMAT or int(state["step"]) != int(m.group(1)):
         raise Npgpt2Error(f"{path}: not a train state of format {STATE_FORMAT} for step {m.group(1)}")
     state["_path"] = str(path)
@@ -422,7 +423,8 @@ class Checkpointer:
     """Saves the run into run_dir (nowhere when None) and remembers the last step saved."""
 
     def __init__(self, model, run_dir, opt, sampler, cfg, extra, step, comm=None):
-        self.model, self.run_dir, self.opt, self.sampler, self.cfg, self.extra = model, run_dir, opt, sampler, cfg, extra
+        self.model, self.run_dir, self.opt, self.sampler = model, run_dir, opt, sampler
+        self.cfg, self.extra = cfg, extra
         self.comm = comm or SingleProcess()
         self.saved_step, self.prefix = step, None
 

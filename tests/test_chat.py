@@ -115,7 +115,7 @@ def test_trimming_keeps_the_newest_turns(monkeypatch, model, tok):
     chat = ChatSession(model, tok, length=length, seed=2)
     msgs = [f"this is message number {i}" for i in range(8)]
     first_kept = []
-    for i, m in enumerate(msgs):
+    for m in msgs:
         chat.reply(m)
         ctx = rec.prefills[-1][0]
         assert len(ctx) + length <= N_CTX

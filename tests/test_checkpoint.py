@@ -12,10 +12,16 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from npgpt2.checkpoint import (latest_checkpoint, list_variables, read_checkpoint, write_checkpoint,
-                               write_checkpoint_state)
+from npgpt2.checkpoint import (
+    latest_checkpoint,
+    list_variables,
+    read_checkpoint,
+    write_checkpoint,
+    write_checkpoint_state,
+)
 from npgpt2.checkpoint.crc32c import masked_crc32c
 from npgpt2.errors import Npgpt2Error
 

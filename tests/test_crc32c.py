@@ -3,7 +3,8 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from npgpt2.checkpoint.crc32c import crc32c, crc32c_reference, mask, masked_crc32c, unmask
 

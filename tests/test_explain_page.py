@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_browser import CHROMIUM, Chromium, Page
 
 import npgpt2
 from npgpt2 import explain
 from npgpt2.cli import main
 from npgpt2.sampling import sample_logits
-
-from test_browser import CHROMIUM, Chromium, Page
 
 FIX = Path(__file__).parent / "fixtures"
 TEXT = "The quick brown fox jumps over the lazy dog, and then"

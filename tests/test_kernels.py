@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from npgpt2 import kernels
-from npgpt2 import layers
-from npgpt2 import optim
+from npgpt2 import kernels, layers, optim
 from npgpt2.model import ops
 
 FIX = Path(__file__).parent / "fixtures"

@@ -8,10 +8,12 @@ The error measure is ||numeric - analytic|| / max(||numeric||, ||analytic||), re
 """
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from npgpt2 import layers as L
-from npgpt2.gradcheck import numeric_grad, rel_error as rel_err
+from npgpt2.gradcheck import numeric_grad
+from npgpt2.gradcheck import rel_error as rel_err
 from npgpt2.model import GPT2, param_shapes
 
 TOL = 1e-6  # as gradcheck.LAYER_TOL: finite-difference error in float64 is ~1e-10 here

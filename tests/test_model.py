@@ -185,7 +185,7 @@ def test_params_are_read_only_views_follow_in_place_updates(tiny_ref):
 
 def test_forward_with_saves_keeps_the_documented_tensors(path, tiny_ref):
     model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
-    B, T, C, NH = 2, 16, 24, 3
+    B, T, C = 2, 16, 24
     logits, saved = model.forward_with_saves(tiny_ref["tokens"])
     assert np.abs(logits - tiny_ref["logits_f64"]).max() <= 1e-9
     block = {"resid_pre": (B, T, C), "ln_1": (B, T, C), "ln_1.mean": (B, T), "ln_1.rstd": (B, T),

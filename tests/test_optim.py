@@ -1,13 +1,13 @@
 """AdamW, clipping and SGD against torch.optim trajectories (tests/fixtures/adamw_reference.npz,
 made by tools/make_fixtures.py with torch 2.13; never by npgpt2)."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from npgpt2 import optim
 from npgpt2.errors import Npgpt2Error
-from pathlib import Path
 
 REF = np.load(Path(__file__).parent / "fixtures" / "adamw_reference.npz")
 STEPS = int(REF["steps"])

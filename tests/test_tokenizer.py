@@ -136,8 +136,8 @@ def test_roundtrip_fast(tok, s):
 TRICKY = (" '\t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2009\u2028\u3000\u200b\ufeff"
           "stredvlmSTREDVLMab09²½٣!?.,-_'\"日本éß\u0301\u200d😀🇺🇸\U000f0000<|>endoftx")
 tricky_text = st.text(alphabet=st.sampled_from(TRICKY), max_size=60)
-pieces_text = st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\xa0", EOT, "<|", "日本", "'s", "'", "12", ".", "!?"]),
-                       max_size=30).map("".join)
+PIECES = ["a", "bc", " ", "  ", "\n", "\t", "\xa0", EOT, "<|", "日本", "'s", "'", "12", ".", "!?"]
+pieces_text = st.lists(st.sampled_from(PIECES), max_size=30).map("".join)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -479,8 +479,8 @@ def test_no_cut_in_cjk_or_allowed_special(tok):
 def test_encode_iter_on_file_blocks(tok, tmp_path):
     """Files are read by data.read_text_blocks (the one reader) and streamed to encode_iter."""
     text = _jargon()[:300_000] + "\nend <|endoftext|> tail  caf\u00e9 \U0001f600"
-    raw = text.encode("utf-8")
-    for name, raw in (("corpus.txt", raw), ("corpus.txt.gz", gzip.compress(raw))):
+    data = text.encode("utf-8")
+    for name, raw in (("corpus.txt", data), ("corpus.txt.gz", gzip.compress(data))):
         p = tmp_path / name
         p.write_bytes(raw)
         blocks = list(npdata.read_text_blocks(p, block_bytes=50_001))  # cuts inside characters too

@@ -8,8 +8,8 @@ digits. Each entry becomes one paragraph "term: definition" with whitespace fold
 paragraphs separated by a blank line. The Jargon File 4.4.7 is in the public domain.
 """
 import gzip
-import sys
 import re
+import sys
 from pathlib import Path
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -34,7 +34,7 @@ def main(folder):
         lines = body.split("\n")
         # first line repeats the headword, second is pronunciation/part of speech
         term = lines[0].strip()
-        text = " ".join(l.strip() for l in lines[1:] if l.strip())
+        text = " ".join(line.strip() for line in lines[1:] if line.strip())
         text = re.sub(r"^//\s*", "", text)
         text = re.sub(r"\s+", " ", text).strip()
         if text:
