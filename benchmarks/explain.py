@@ -10,7 +10,7 @@ position, the input gradient by the hand-written backward, printing), the same w
 `--out report.html` (the logit lens at every position, every attention pattern, the HTML), and
 in-process timings of the parts. The reference measured in the same run is `model.forward` of
 the same tokens (the default fast path, every position's logits). Medians of `reps` runs; the
-machine is shared, so the load average is printed too. Target (issue 9): the command < 5 s.
+machine is shared, so the load average is printed too. Target: the command < 5 s.
 """
 import argparse
 import os

@@ -1,4 +1,4 @@
-"""8-bit weights (`--dtype int8`, issue 12 §2): decode speed, 1558M memory, quality.
+"""8-bit weights (`--dtype int8`): decode speed, 1558M memory, quality.
 
     /opt/fixenv/bin/python benchmarks/int8.py [--reps 5] [--new 100] [--skip-big] [--demo DIR]
 

@@ -1,4 +1,4 @@
-"""Regression tests for issue 11's hardening items that belong to no single module: atomic
+"""Regression tests for hardening items that belong to no single module: atomic
 writes (non-regular destinations, stale temp files, a full disk), hostile files (deep JSON,
 impossible tensor shapes, token files made elsewhere), flags (seed, temperature, memory),
 argparse's error line and line-ending normalisation.

@@ -507,7 +507,7 @@ def test_cli_serve_starts_answers_and_stops_on_sigterm():
             proc.wait(timeout=10)
 
 
-# ---------------------------------------------------------------- hostile HTTP (issue 11)
+# ---------------------------------------------------------------- hostile HTTP
 def raw_exchange(port, data, timeout=T):
     """Send raw bytes, read until the server closes -> the bytes it answered."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
@@ -716,7 +716,7 @@ def test_sigterm_ends_open_streams_and_answers_queued_clients():
             proc.wait(timeout=10)
 
 
-# ---------------------------------------------------------------- /explain (issue 9)
+# ---------------------------------------------------------------- /explain
 BAD_EXPLAIN = [
     {},
     {"text": ""},

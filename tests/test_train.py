@@ -260,7 +260,7 @@ def test_sigint_saves_a_loadable_checkpoint(tmp_path, sig):
     assert int(state["step"]) == step
 
 
-# ---------------------------------------------------------------- crash safety and stopping (issue 11)
+# ---------------------------------------------------------------- crash safety and stopping
 class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs, not even atomic_write's cleanup."""
 
