@@ -1,5 +1,6 @@
 """Data-parallel pieces (npgpt2/dist.py): the launcher check, seeds, and the bucketed in-place
 Allreduce run for real under `mpirun -n 2` (skipped with a reason where MPI is not installed)."""
+import contextlib
 import json
 import os
 import shutil
@@ -240,33 +241,32 @@ def _rank_pids(marker):
     return out
 
 
-def _start(tmp_path, run, *extra):
+@contextlib.contextmanager
+def training(tmp_path, run):
+    """`mpirun -n 2 npgpt2 train --steps 0` (until stopped) in run folder `run`: yields the
+    mpirun process once rank 0 has logged its first step, and kills it on the way out."""
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(["mpirun", "-n", "2", sys.executable, *train_args(tmp_path, run, "--steps", 0, *extra)],
+    proc = subprocess.Popen(["mpirun", "-n", "2", sys.executable, *train_args(tmp_path, run, "--steps", 0)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
-
-
-def _wait_for_step(proc, tmp_path, timeout=120):
-    """Read stderr lines until the first step is logged."""
-    t0 = time.time()
-    seen = []
-    while time.time() - t0 < timeout:
-        line = proc.stderr.readline()
-        seen.append(line)
-        if "loss=" in line:
-            return seen
-    proc.kill()
-    raise AssertionError("no training step logged:\n" + "".join(seen))
+    try:
+        seen, t0 = [], time.time()
+        while not any("loss=" in line for line in seen):
+            if time.time() - t0 > 120 or proc.poll() is not None:
+                raise AssertionError("no training step logged:\n" + "".join(seen))
+            seen.append(proc.stderr.readline())
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @needs_mpi
 def test_a_dead_rank_ends_the_run_within_30s(tmp_path):
     marker = f"dead-{os.getpid()}"
-    proc = _start(tmp_path, marker)
-    try:
-        _wait_for_step(proc, tmp_path)
+    with training(tmp_path, marker) as proc:
         victims = [pid for pid, rank in _rank_pids(marker).items() if rank == 1]
         assert victims, "rank 1 not found"
         t0 = time.time()
@@ -274,25 +274,15 @@ def test_a_dead_rank_ends_the_run_within_30s(tmp_path):
         proc.wait(timeout=30)
         assert time.time() - t0 < 30
         assert proc.returncode != 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert not _rank_pids(marker), "a rank outlived the run"
 
 
 @needs_mpi
 def test_sigusr1_saves_once_and_stops_every_rank(tmp_path):
     marker = f"usr1-{os.getpid()}"
-    proc = _start(tmp_path, marker)
-    try:
-        _wait_for_step(proc, tmp_path)
+    with training(tmp_path, marker) as proc:
         proc.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     saved = list((tmp_path / "ck" / marker).glob("model-*.index"))
     assert len(saved) == 1, saved
