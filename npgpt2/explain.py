@@ -26,6 +26,7 @@ import numpy as np
 
 from . import layers
 from .errors import Npgpt2Error
+from .interp import logprob_backward
 
 PAGE = Path(__file__).parent / "assets" / "explain.html"
 REPORT_SLOT = "/*REPORT*/null"  # where page_html puts the report's JSON in the template
@@ -186,12 +187,9 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     target = int(next_ids[0, 0]) if target is None else _check_int("target", target, 0, V - 1)
 
     # attribution: the gradient of log p(target) at the last position with respect to each
-    # input embedding, by the hand-written backward pass (as interp.input_gradient does)
-    dlogits = np.zeros_like(logits)                                 # [1, T, V]
-    dlogits[0, -1] = -layers.softmax(logits[0, -1])                 # d log_softmax(z)[target] / dz
-    dlogits[0, -1, target] += 1.0
-    _, dembed = model.backward(dlogits, saved)                      # [1, T, C]; consumes saved
-    scores = np.linalg.norm(dembed[0] * embed, axis=-1)             # (T,) ‖gradient × input‖
+    # input embedding, by the hand-written backward pass (input_gradient without its forward)
+    dembed = logprob_backward(model, logits, saved, T - 1, target)  # (T, C); consumes saved
+    scores = np.linalg.norm(dembed * embed, axis=-1)                # (T,) ‖gradient × input‖
 
     head_order = np.argsort(-last, kind="stable")[:N_SAMPLING_TEXTS]
     return {

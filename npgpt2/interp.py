@@ -52,11 +52,20 @@ def input_gradient(model, ids, position, target):
     T = ids.size
     position, target = _index(position, T, "position"), _index(target, V, "target")
     logits, saved = model.forward_with_saves(ids[None], nn=layers)  # [1, T] -> [1, T, V]
+    return logprob_backward(model, logits, saved, position, target)
+
+
+def logprob_backward(model, logits, saved, position, target):
+    """The backward half of input_gradient, for a caller that already ran the forward.
+
+    logits (1, T, V), saved: from model.forward_with_saves of one sequence (consumed).
+    Returns (T, C): d log p(target) at `position` / d each input position's embedding.
+    """
     # d log_softmax(z)[target] / dz = onehot(target) - softmax(z), at this one position
-    dlogits = np.zeros_like(logits)
+    dlogits = np.zeros_like(logits)                               # [1, T, V]
     dlogits[0, position] = -layers.softmax(logits[0, position])
     dlogits[0, position, target] += 1.0
-    _, dembed = model.backward(dlogits, saved)  # [1, T, C]
+    _, dembed = model.backward(dlogits, saved)                    # [1, T, C]
     return dembed[0]
 
 

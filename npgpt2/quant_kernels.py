@@ -17,14 +17,16 @@ from numba import njit, prange
 
 from .quant import QuantizedWeight
 
-# below this many weights a loop runs on one thread (thread start-up would cost more)
+# below this many weights dequantising runs on one thread (thread start-up would cost more).
+# The GEMV always runs on one thread: a parallel launch costs ~0.2 ms under Numba's
+# workqueue layer (threads.py's choice), more than a layer's whole GEMV (~0.12 ms for
+# 768 x 3072 int8 from memory). Measured at 124M, 16-token prompt + 40 new, idle 2 cores:
+# 40-55 tok/s with a prange GEMV above 2**18 weights, 83-87 tok/s serial (float32: ~40).
 PARALLEL_MIN = 1 << 18
 # up to this many input rows the GEMV kernel; above, dequantise + BLAS GEMM
 GEMV_MAX_ROWS = 8
 # the dot products may be summed in any order (SIMD lanes), so LLVM can vectorise them
 FAST = {"reassoc", "contract", "nsz"}
-# output rows per parallel task
-ROW_BLOCK = 256
 
 
 @njit(cache=True, fastmath=FAST)
@@ -47,13 +49,6 @@ def _gemv_rows(x, q, scale, out, r0, r1):
                     s += x[n, g * G + k] * np.float32(q[r, g * G + k])
                 acc += s * scale[r, g]
             out[n, r] = acc
-
-
-@njit(cache=True, parallel=True)
-def _gemv_par(x, q, scale, out):
-    R = q.shape[0]
-    for b in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
-        _gemv_rows(x, q, scale, out, b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK))
 
 
 @njit(cache=True)
@@ -100,7 +95,7 @@ def matmul_forward(inp, weight, bias):
     x = np.ascontiguousarray(inp.reshape(-1, K), dtype=np.float32)  # [N, K]
     if x.shape[0] <= GEMV_MAX_ROWS:
         out = np.empty((x.shape[0], R), dtype=np.float32)  # [N, R]
-        (_gemv_par if weight.q.size >= PARALLEL_MIN else _gemv)(x, weight.q, weight.scale, out)
+        _gemv(x, weight.q, weight.scale, out)  # one thread: see PARALLEL_MIN
     else:
         out = x @ dequantize(weight).T  # [N, K] @ [K, R] -> [N, R], BLAS
     if bias is not None:
