@@ -39,12 +39,15 @@ def test_mpi_is_installed_where_required():
         assert mpi_available() is None, f"NPGPT2_REQUIRE_MPI=1 but {mpi_available()}"
 
 
+# mpirun as root on a 2-core machine: allow root, allow more ranks than cores, this checkout first
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT)}
+
+
 def mpirun(n, args, timeout=120, env=None):
     """Run `python args...` as n ranks on this machine; returns the CompletedProcess."""
-    e = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-         "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(["mpirun", "-n", str(n), sys.executable, *args], env=e, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(["mpirun", "-n", str(n), sys.executable, *args], env={**os.environ, **MPI_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def test_not_launched_means_local_and_no_mpi4py():
@@ -245,10 +248,8 @@ def _rank_pids(marker):
 def training(tmp_path, run):
     """`mpirun -n 2 npgpt2 train --steps 0` (until stopped) in run folder `run`: yields the
     mpirun process once rank 0 has logged its first step, and kills it on the way out."""
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(["mpirun", "-n", "2", sys.executable, *train_args(tmp_path, run, "--steps", 0)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **MPI_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
     try:
         seen, t0 = [], time.time()
