@@ -791,13 +791,16 @@ def _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt):
     p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
 
 
-@njit(cache=True)
+# error_model="numpy": a float division by zero gives inf instead of raising, so LLVM can
+# vectorise the loop (the check for ZeroDivisionError kept it scalar: 5.7 -> 1.3 ns an element,
+# 124M parameters 0.70 -> 0.16 s a step on one thread). The denominator is >= eps > 0 anyway.
+@njit(cache=True, error_model="numpy")
 def _adamw(p, g, m, v, beta1, beta2, eps, decay, step_size, bc2_sqrt):
     for i in range(p.shape[0]):
         _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _adamw_par(p, g, m, v, beta1, beta2, eps, decay, step_size, bc2_sqrt):
     for i in prange(p.shape[0]):
         _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt)
