@@ -711,7 +711,7 @@ def main(argv=None):
         json.dump(out, f, indent=1)
     png = Path(args.out).with_suffix(".png")
     drew = chart(out, png)
-    print(f"\nGPT-2 124M shapes, random weights, float32; {machine['threads']} threads; "
+    print(f"\nGPT-2 124M shapes, random weights, float32 unless the row says otherwise; {machine['threads']} threads; "
           f"medians of {args.reps} alternating repetitions after a warm-up; {out['date']}")
     print(machine_line(out))
     print()
