@@ -257,8 +257,8 @@ def bench_hardware(reps, log):
 
 
 STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "train_b4t64", "train_b1t1024",
-         "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality", "tokenizer",
-         "kernels")  # --only names, in the order they run
+         "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
+         "int8_quality_124M", "tokenizer", "kernels")  # --only names, in the order they run
 
 
 def run_all(args, log):
@@ -300,10 +300,12 @@ def run_all(args, log):
             step(name, lambda side=side: bench_big(side, log))
         elif want(name):
             B[name] = {"skipped": "--quick (and no 1558M checkpoint prepared yet)"}
-    if args.demo:
-        step("int8_quality", lambda: one_shot("npgpt2", "quality", {"dir": str(args.demo)}, log))
-    elif want("int8_quality"):
-        B["int8_quality"] = {"skipped": "not run: needs --demo DIR (npgpt2 demo --out DIR)"}
+    for name, folder, how in (("int8_quality", args.demo, "--demo DIR (npgpt2 demo --out DIR)"),
+                               ("int8_quality_124M", args.trained124, "--trained124 DIR (benchmarks/train_124m.py DIR)")):
+        if folder:
+            step(name, lambda folder=folder: one_shot("npgpt2", "quality", {"dir": str(folder)}, log))
+        elif want(name):
+            B[name] = {"skipped": f"not run: needs {how}"}
     step("tokenizer", lambda: bench_tokenizer(args))
     step("kernels", lambda: bench_kernels(reps, log))
     return out
@@ -538,21 +540,21 @@ def rows_of(out):
                      f"int8 weights {weight_bytes(**HP_1558M, int8=True) / 2**30:.2f} GiB",
                      "peak RSS < 2.5 GiB", "yes" if checks["int8_1558M"] else "no"))
 
-    why = missing("int8_quality")
-    if why:
-        rows.append(("int8 quality: the demo model's held-out text", why, "", "", "",
-                     "loss <= float32 + 0.02 nats, >= 98% greedy agreement", "no"))
-    else:
-        b = Bm["int8_quality"]
+    for name, model in (("int8_quality", "the demo model"), ("int8_quality_124M", "124M trained 250 steps")):
+        target = "loss <= float32 + 0.02 nats, >= 98% greedy agreement"
+        why = missing(name)
+        if why:
+            rows.append((f"int8 quality: {model}'s held-out text", why, "", "", "", target, "no"))
+            continue
+        b = Bm[name]
         q = b["int8"]
-        checks["int8_quality_loss"] = q["delta_loss"] <= 0.02
-        checks["int8_quality_agreement"] = q["greedy_agreement"] >= 0.98
-        rows.append((f"int8 quality: the demo model, {b['held_out_tokens']:,} held-out tokens",
+        checks[name + "_loss"] = q["delta_loss"] <= 0.02
+        checks[name + "_agreement"] = q["greedy_agreement"] >= 0.98
+        rows.append((f"int8 quality: {model}, {b['held_out_tokens']:,} held-out tokens",
                      f"loss {q['loss']:.4f} (float32 {b['float32']['loss']:.4f}), "
                      f"greedy agreement {100 * q['greedy_agreement']:.2f}%", "",
-                     f"{q['delta_loss']:+.4f} nats", "",
-                     "loss <= float32 + 0.02 nats, >= 98% greedy agreement",
-                     "yes" if checks["int8_quality_loss"] and checks["int8_quality_agreement"] else "no"))
+                     f"{q['delta_loss']:+.4f} nats", "", target,
+                     "yes" if checks[name + "_loss"] and checks[name + "_agreement"] else "no"))
 
     why = missing("tokenizer")
     if why:
@@ -676,15 +678,18 @@ def main(argv=None):
     ap.add_argument("--only", help="comma-separated: " + ", ".join(STEPS))
     ap.add_argument("--demo", type=Path, help="the folder `npgpt2 demo --out DIR` wrote: the int8_quality row "
                     "measures int8 against float32 on its learned weights")
+    ap.add_argument("--trained124", type=Path, help="the folder benchmarks/train_124m.py wrote (GPT-2 124M "
+                    "trained on the demo's split): the int8_quality_124M row, the same measure at 124M")
     ap.add_argument("--threads", type=int, help="threads per side (default: all cores)")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON output path")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.only.split(",")) - set(STEPS)) if args.only else []
     if unknown:
         ap.error(f"--only: unknown {', '.join(unknown)} (choose from {', '.join(STEPS)})")
-    if args.demo and not (args.demo / "hparams.json").is_file():
-        ap.error(f"--demo: {args.demo} is not a model folder (no hparams.json); make one with: "
-                 f"npgpt2 demo --out {args.demo}")
+    for flag, folder, make in (("--demo", args.demo, "npgpt2 demo --out"),
+                               ("--trained124", args.trained124, "python benchmarks/train_124m.py")):
+        if folder and not (folder / "hparams.json").is_file():
+            ap.error(f"{flag}: {folder} is not a model folder (no hparams.json); make one with: {make} {folder}")
     global THREADS
     THREADS = args.threads
     args.reps = args.reps or (3 if args.quick else 5)

@@ -255,10 +255,10 @@ def startup(side, args):
 
 
 def quality(args):
-    """int8 against float32 on a trained model (the folder `npgpt2 demo --out DIR` wrote):
-    mean loss over the demo's held-out text (the last 10 % of its corpus, as the demo splits
-    it) and greedy next-token agreement at every position of non-overlapping n_ctx windows
-    of it. "int8" is load_model(dtype="int8"); two variants show what per-group scales or a
+    """int8 against float32 on a trained model (the folder `npgpt2 demo --out DIR` wrote, or
+    benchmarks/train_124m.py's 124M-shaped one; both trained on the first 90 % of the bundled
+    corpus): mean loss over the held-out text (the last 10 %, as the demo splits it) and greedy
+    next-token agreement at every position of non-overlapping n_ctx windows of it. "int8" is load_model(dtype="int8"); two variants show what per-group scales or a
     float32 embedding would change."""
     import numpy as np
 
@@ -271,17 +271,20 @@ def quality(args):
     f32 = npgpt2.load_model(args["dir"])
     context = f32.hparams["n_ctx"]
     ids, _ = load_corpus(load_tokenizer())  # the demo's corpus, in GPT-2 ids
-    tokens = load_tokenizer(args["dir"]).compact_ids(ids)  # -> the model's compact ids, as the demo does
-    held = tokens[int(tokens.size * 0.9):]  # the demo's split: the last 10 %
+    tok = load_tokenizer(args["dir"])
+    if hasattr(tok, "compact_ids"):  # the demo's model: its compact ids, as the demo does
+        ids = tok.compact_ids(ids)
+    held = ids[int(ids.size * 0.9):].astype(np.int64)  # the demo's split: the last 10 %
     W = (held.size - 1) // context
-    windows = held[:W * context].reshape(W, context).astype(np.int64)  # [W, n_ctx]
+    windows = held[:W * context].reshape(W, context)  # [W, n_ctx]
+    per = max(1, 4096 // context)  # windows per forward: (per, n_ctx, n_vocab) logits stay small
 
     def greedy(model):  # [W * n_ctx] argmax next token at every position
-        return np.concatenate([model.forward(windows[i:i + 64]).argmax(-1).ravel() for i in range(0, W, 64)])
+        return np.concatenate([model.forward(windows[i:i + per]).argmax(-1).ravel() for i in range(0, W, per)])
 
     def weight_mib(model):
         return sum(p.nbytes for p in model.params.values()) / 2**20
-    loss32, count = evaluate(f32, held, context)
+    loss32, count = evaluate(f32, held, context, batch_size=per)
     g32 = greedy(f32)
     out = {"dir": args["dir"], "held_out_tokens": count, "context": context,
            "float32": {"loss": loss32, "weight_mib": weight_mib(f32)}}
@@ -289,7 +292,7 @@ def quality(args):
                 "int8, wte float32": GPT2(f32.hparams, quant.quantize_params(f32.params, embedding=False)),
                 "int8, groups of 32": GPT2(f32.hparams, quant.quantize_params(f32.params, group_size=32))}
     for name, m in variants.items():
-        loss, _ = evaluate(m, held, context)
+        loss, _ = evaluate(m, held, context, batch_size=per)
         out[name] = {"loss": loss, "delta_loss": loss - loss32, "weight_mib": weight_mib(m),
                      "greedy_agreement": float((greedy(m) == g32).mean())}
     out["peak_rss_mib"] = peak_rss_mib()
