@@ -301,9 +301,10 @@ def run_all(args, log):
         elif want(name):
             B[name] = {"skipped": "--quick (and no 1558M checkpoint prepared yet)"}
     for name, folder, how in (("int8_quality", args.demo, "--demo DIR (npgpt2 demo --out DIR)"),
-                               ("int8_quality_124M", args.trained124, "--trained124 DIR (benchmarks/train_124m.py DIR)")):
-        if folder:
-            step(name, lambda folder=folder: one_shot("npgpt2", "quality", {"dir": str(folder)}, log))
+                              ("int8_quality_124M", args.trained124, "--trained124 DIR (benchmarks/train_124m.py DIR)")):
+        if folder:  # the two variants only on the small demo model (at 124M each costs minutes)
+            step(name, lambda folder=folder, v=name == "int8_quality": one_shot(
+                "npgpt2", "quality", {"dir": str(folder), "variants": v}, log))
         elif want(name):
             B[name] = {"skipped": f"not run: needs {how}"}
     step("tokenizer", lambda: bench_tokenizer(args))

@@ -288,9 +288,11 @@ def quality(args):
     g32 = greedy(f32)
     out = {"dir": args["dir"], "held_out_tokens": count, "context": context,
            "float32": {"loss": loss32, "weight_mib": weight_mib(f32)}}
-    variants = {"int8": npgpt2.load_model(args["dir"], dtype="int8"),
-                "int8, wte float32": GPT2(f32.hparams, quant.quantize_params(f32.params, embedding=False)),
-                "int8, groups of 32": GPT2(f32.hparams, quant.quantize_params(f32.params, group_size=32))}
+    variants = {"int8": npgpt2.load_model(args["dir"], dtype="int8")}
+    if args.get("variants", True):  # what per-group scales or a float32 embedding would change
+        variants.update({
+            "int8, wte float32": GPT2(f32.hparams, quant.quantize_params(f32.params, embedding=False)),
+            "int8, groups of 32": GPT2(f32.hparams, quant.quantize_params(f32.params, group_size=32))})
     for name, m in variants.items():
         loss, _ = evaluate(m, held, context, batch_size=per)
         out[name] = {"loss": loss, "delta_loss": loss - loss32, "weight_mib": weight_mib(m),
