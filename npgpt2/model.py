@@ -391,14 +391,18 @@ class GPT2:
         ln_2 (outputs, mean, rstd: layernorm_forward of resid_pre, resid_mid) and mlp.post
         (gelu_forward of mlp.pre). The recomputed values are the forward's, bit for bit.
         """
+        ln_f, saved = self._trunk_with_saves(tokens, nn)  # [B, T] -> [B, T, C]
+        return self._head(ln_f), saved  # [B, T, C] -> [B, T, V]
+
+    def _trunk_with_saves(self, tokens, nn=None):
+        """forward_with_saves without the output head: -> (ln_f (B, T, C), saved)."""
         if self.weight_dtype == "int8":
             raise Npgpt2Error("training an int8 model: int8 weights are for generation only; "
                               "load it with dtype float32 (the default) to train")
         nn = nn or ops()
         tokens = self._check_tokens(tokens)
         saved = {"tokens": tokens, "nn": nn, "blocks": []}
-        logits = self._head(self._trunk(tokens, nn, saved=saved))  # [B, T] -> [B, T, V]
-        return logits, saved
+        return self._trunk(tokens, nn, saved=saved), saved
 
     def backward(self, dlogits, saved):
         """dlogits: (B, T, V), any gradient of the logits; saved: from forward_with_saves.
@@ -408,16 +412,11 @@ class GPT2:
         gradient with respect to the embedding output wte[tokens] + wpe[positions].
         Consumes saved (each block's activations are freed once its backward is done).
         """
-        dwte, dln_f = self._head_backward(dlogits, saved)  # [B, T, V] -> [V, C], [B, T, C]
-        return self._trunk_backward(dln_f, dwte, saved)
-
-    def _head_backward(self, dlogits, saved):
-        """The output head: logits = ln_f @ wte.T. dlogits (B, T, V) -> (dwte (V, C), the head's
-        contribution to the tied wte's gradient; dln_f (B, T, C))."""
         V, C = self.hparams["n_vocab"], self.hparams["n_embd"]
+        # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
         dwte = dlogits.reshape(-1, V).T @ saved["ln_f"].reshape(-1, C)  # [V, B*T] @ [B*T, C] -> [V, C]
         dln_f = dlogits @ self._params["model/wte"]  # [B, T, V] @ [V, C] -> [B, T, C]
-        return dwte, dln_f
+        return self._trunk_backward(dln_f, dwte, saved)
 
     def _trunk_backward(self, dln_f, dwte, saved):
         """backward() after the head: dln_f (B, T, C) at ln_f's output, dwte (V, C) the head's
@@ -484,21 +483,52 @@ class GPT2:
         """
         nn = ops()
         targets = np.asarray(targets)
-        logits, saved = self.forward_with_saves(inputs, nn)  # [B, T] -> [B, T, V]
-        B, T = targets.shape
-        # one (B, T, V) buffer, the largest array of a step: the probabilities are written over
-        # the logits, then the gradient of the logits over the probabilities
-        losses, probs = nn.crossentropy_forward(logits, targets, out=logits)  # [B, T], [B, T, V]
-        del logits
-        loss = float(losses.mean())
-        dlosses = np.full((B, T), 1.0 / (B * T), dtype=self.dtype)  # d mean / d each loss
-        dlogits = nn.crossentropy_softmax_backward(dlosses, probs, targets, out=probs)  # [B, T, V]
-        del probs
-        dwte, dln_f = self._head_backward(dlogits, saved)  # backward(), split to free dlogits early
-        del dlogits
+        ln_f, saved = self._trunk_with_saves(inputs, nn)  # [B, T] -> [B, T, C]
+        losses, dln_f, dwte = self._head_loss_backward(nn, ln_f, targets)  # [B, T], [B, T, C], [V, C]
         grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
-        return loss, grads
+        return float(losses.mean()), grads
 
+    def _head_loss_backward(self, nn, ln_f, targets):
+        """The output head, the cross-entropy and their backward, HEAD_ROWS positions at a time.
+
+        ln_f (B, T, C), targets (B, T) -> (losses (B, T), dln_f (B, T, C), dwte (V, C) the head's
+        part of wte's gradient): what _head, crossentropy_forward, crossentropy_softmax_backward
+        (for the mean loss) and backward's head give for the whole batch, up to float rounding.
+        The logits are the largest array of a step (B*T*V floats: 206 MB at B=1, T=1024), so
+        they never exist whole: each chunk's logits buffer holds its probabilities, then their
+        gradient (the `out=` of the cross-entropy), and is gone before the next chunk's.
+        """
+        B, T, C = ln_f.shape
+        V, N = self.hparams["n_vocab"], B * T
+        wte = self._params["model/wte"]
+        x, tgt = ln_f.reshape(1, N, C), targets.reshape(1, N)  # the B*T positions as one row
+        losses = np.empty((1, N), dtype=self.dtype)
+        dln_f = np.empty((1, N, C), dtype=self.dtype)
+        dwte = np.empty((V, C), dtype=self.dtype)
+        dlosses = np.full((1, min(N, HEAD_ROWS)), 1.0 / N, dtype=self.dtype)  # d mean / d each loss
+        part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=self.dtype)
+        for n0 in range(0, N, HEAD_ROWS):
+            n1 = min(N, n0 + HEAD_ROWS)
+            logits = self._head(x[:, n0:n1])  # [1, R, C] -> [1, R, V]
+            losses[:, n0:n1], probs = nn.crossentropy_forward(logits, tgt[:, n0:n1], out=logits)
+            dlogits = nn.crossentropy_softmax_backward(
+                dlosses[:, :n1 - n0], probs, tgt[:, n0:n1], out=probs)  # [1, R, V], over probs
+            np.matmul(dlogits, wte, out=dln_f[:, n0:n1])  # [1, R, V] @ [V, C] -> [1, R, C]
+            d, xr = dlogits.reshape(-1, V), x[0, n0:n1]  # [R, V], [R, C]
+            if n0 == 0:
+                np.matmul(d.T, xr, out=dwte)  # [V, R] @ [R, C] -> [V, C]
+                continue
+            # a later chunk adds to dwte a block of rows at a time: no second (V, C) array
+            for v0 in range(0, V, HEAD_VOCAB_BLOCK):
+                v1 = min(V, v0 + HEAD_VOCAB_BLOCK)
+                dwte[v0:v1] += np.matmul(d[:, v0:v1].T, xr, out=part[:v1 - v0])  # [v, R] @ [R, C]
+        return losses.reshape(B, T), dln_f.reshape(B, T, C), dwte
+
+
+# training computes the logits this many positions at a time (256 x 50257 floats: 51 MB) ...
+HEAD_ROWS = 256
+# ... and adds each chunk's part of the output head's (V, C) gradient this many rows at a time
+HEAD_VOCAB_BLOCK = 4096
 
 # the activations of block i are named h{i}.<one of these>, in the order the forward makes them
 BLOCK_ACTS = ("ln_1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn.out",
