@@ -517,11 +517,11 @@ class GPT2:
             d, xr = dlogits.reshape(-1, V), x[0, n0:n1]  # [R, V], [R, C]
             if n0 == 0:
                 np.matmul(d.T, xr, out=dwte)  # [V, R] @ [R, C] -> [V, C]
-                continue
-            # a later chunk adds to dwte a block of rows at a time: no second (V, C) array
-            for v0 in range(0, V, HEAD_VOCAB_BLOCK):
-                v1 = min(V, v0 + HEAD_VOCAB_BLOCK)
-                dwte[v0:v1] += np.matmul(d[:, v0:v1].T, xr, out=part[:v1 - v0])  # [v, R] @ [R, C]
+            else:  # a later chunk adds to dwte a block of rows at a time: no second (V, C) array
+                for v0 in range(0, V, HEAD_VOCAB_BLOCK):
+                    v1 = min(V, v0 + HEAD_VOCAB_BLOCK)
+                    dwte[v0:v1] += np.matmul(d[:, v0:v1].T, xr, out=part[:v1 - v0])  # [v, R] @ [R, C]
+            del logits, probs, dlogits, d  # this chunk's buffer goes before the next one is made
         return losses.reshape(B, T), dln_f.reshape(B, T, C), dwte
 
 

@@ -220,3 +220,26 @@ def test_backward_from_any_dlogits_matches_finite_differences(path, tiny_ref):
     for idx in [(0, 0, 0), (0, 7, 13), (1, 15, 23), (1, 3, 5)]:
         numeric = (f(idx, 1e-5) - f(idx, -1e-5)) / 2e-5
         assert abs(numeric - dembed[idx]) <= 1e-6 * max(1.0, abs(numeric)), idx
+
+
+def test_loss_and_grads_never_holds_the_whole_logits(path):
+    """Training's largest arrays are the logits: loss_and_grads makes them HEAD_ROWS positions
+    at a time, one buffer for logits, probabilities and their gradient (NumPy reports its
+    arrays to tracemalloc). Here the whole (B*T, V) logits are 10.5 MB, a chunk 2.6 MB."""
+    import tracemalloc
+
+    from npgpt2.model import HEAD_ROWS
+    hp = dict(n_vocab=5000, n_ctx=512, n_embd=8, n_head=2, n_layer=1)
+    model = npgpt2.init_model(hp, seed=0)
+    tokens = np.random.default_rng(0).integers(0, hp["n_vocab"], (2, 257))
+    model.loss_and_grads(tokens[:, :-1], tokens[:, 1:])  # compile / warm up outside the trace
+    whole = 2 * 256 * hp["n_vocab"] * 4
+    chunk = HEAD_ROWS * hp["n_vocab"] * 4
+    tracemalloc.start()
+    try:
+        model.loss_and_grads(tokens[:, :-1], tokens[:, 1:])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    params = sum(p.nbytes for p in model.params.values())  # the gradients
+    assert peak < params + 1.5 * chunk < whole, (peak, params, chunk, whole)
