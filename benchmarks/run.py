@@ -3,6 +3,7 @@
     python benchmarks/run.py            # everything (about 10-15 minutes on 2 cores)
     python benchmarks/run.py --quick    # fewer repetitions, no 1558M model (a few minutes)
     python benchmarks/run.py --only decode,train_b4t64
+    python benchmarks/run.py --only hardware,decode_int8,int8_1558M,int8_quality --demo DIR   # 8-bit
 
 Prints a Markdown table with one row per target (speed against PyTorch, memory,
 slowdown next to other work on the machine), writes
@@ -23,6 +24,11 @@ How it measures:
   loops; or one 2-thread Numba prange job spin-waiting at its barriers under
   NUMBA_THREADING_LAYER=omp OMP_WAIT_POLICY=ACTIVE), started before and killed after;
   each side's slowdown is its loaded / idle median, npgpt2's compared with PyTorch's.
+- 8-bit weights (`--dtype int8`): decode with npgpt2 int8, npgpt2 float32 and PyTorch
+  float32 taking turns in one duel; 1558M loaded with load_model(dtype="int8") from the
+  same float32 folder as the 1558M row + 20 greedy tokens (peak RSS); quality on the model
+  `npgpt2 demo --out DIR` trained (--demo DIR): held-out loss and greedy agreement of int8
+  against float32 (workers.quality).
 - Hardware limits: fp32 GEMM GFLOP/s and memory bandwidth (benchmarks/hardware.py); the
   decode bound is bandwidth / bytes of weights read per token.
 """
@@ -51,8 +57,21 @@ GIB = 1024.0
 
 # GPT-2 124M
 V, CTX, C, NL = 50257, 1024, 768, 12
-N_PARAMS = V * C + CTX * C + NL * (12 * C * C + 13 * C) + 2 * C
-DECODE_BYTES = 4 * (N_PARAMS - CTX * C + C)  # every weight once per token, one wpe row
+HP_1558M = dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_layer=48)
+
+
+def weight_bytes(n_vocab=V, n_ctx=CTX, n_embd=C, n_layer=NL, int8=False, wpe_rows=None):
+    """Bytes of GPT-2's weights; wpe_rows=1 gives what one decode step reads (every weight
+    once, one position's wpe row). int8 (quant.py): wte and each block's four matmul weights
+    take a byte per weight plus a float32 scale per output channel; the rest stays float32."""
+    matrices = n_vocab * n_embd + n_layer * 12 * n_embd ** 2  # wte (the tied head); 3C^2 + C^2 + 4C^2 + 4C^2
+    channels = n_vocab + n_layer * 9 * n_embd  # output channels: V; 3C + C + 4C + C
+    rest = n_layer * 13 * n_embd + 2 * n_embd + (n_ctx if wpe_rows is None else wpe_rows) * n_embd
+    return (matrices + 4 * channels if int8 else 4 * matrices) + 4 * rest
+
+
+DECODE_BYTES = weight_bytes(wpe_rows=1)  # float32
+DECODE_BYTES_INT8 = weight_bytes(wpe_rows=1, int8=True)
 
 
 def matmul_flops(T, all_logits=True, train=False):
@@ -136,14 +155,15 @@ def summarize(times):
 
 
 def duel(bench, args, reps, sides, log):
-    """Warm up each side once, then alternate who goes first for `reps` repetitions."""
+    """Warm up each side once, then rotate who goes first for `reps` repetitions (two
+    sides: alternate)."""
     workers = {s: Worker(s, bench, args, log) for s in sides}
     times = {s: [] for s in sides}
     last = {}
     for s in sides:
         workers[s].call("run")
     for r in range(reps):
-        order = sides if r % 2 == 0 else sides[::-1]
+        order = sides[r % len(sides):] + sides[:r % len(sides)]
         for s in order:
             out = workers[s].call("run")
             times[s].append(out["seconds"])
@@ -236,6 +256,11 @@ def bench_hardware(reps, log):
     return json.loads(out.stdout)
 
 
+STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "train_b4t64", "train_b1t1024",
+         "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
+         "int8_quality_124M", "tokenizer", "kernels")  # --only names, in the order they run
+
+
 def run_all(args, log):
     sides = ["npgpt2", "torch"] if have_torch() else ["npgpt2"]
     reps = args.reps
@@ -260,16 +285,27 @@ def run_all(args, log):
     step("forward", lambda: duel("forward", {"T": 1024}, reps, sides, log))
     step("prefill", lambda: duel("prefill", {"T": 1024}, reps, sides, log))
     step("decode", lambda: {**duel("decode", {"prompt": 16, "new": new}, reps, sides, log), "new": new})
+    # 8-bit weights: the same decode protocol, int8 and float32 npgpt2 and PyTorch in turns
+    step("decode_int8", lambda: decode_int8(reps, new, sides, log))
     step("train_b4t64", lambda: duel("train", {"B": 4, "T": 64}, reps, sides, log))
     step("train_b1t1024", lambda: duel("train", {"B": 1, "T": 1024}, reps, sides, log))
     step("load_train_b4t64", lambda: bench_under_load("train", {"B": 4, "T": 64}, reps, sides, log))
     step("load_decode", lambda: {**bench_under_load("decode", {"prompt": 16, "new": 50}, reps, sides, log),
                                  "new": 50})
     step("load", lambda: bench_load(reps, sides, log))
-    if args.quick and not (BIG_DIR / "complete.json").exists():
-        B["generate_1558M"] = {"skipped": "--quick (and no 1558M checkpoint prepared yet)"}
-    else:
-        step("generate_1558M", lambda: bench_big(log))
+    # writing the 1558M folder (6.2 GB) takes minutes: --quick only when asked for by name
+    big = not args.quick or (BIG_DIR / "complete.json").exists()
+    for name, side in (("generate_1558M", "npgpt2"), ("int8_1558M", "npgpt2-int8")):
+        if big or (only and name in only):
+            step(name, lambda side=side: bench_big(side, log))
+        elif want(name):
+            B[name] = {"skipped": "--quick (and no 1558M checkpoint prepared yet)"}
+    for name, folder, how in (("int8_quality", args.demo, "--demo DIR (npgpt2 demo --out DIR)"),
+                               ("int8_quality_124M", args.trained124, "--trained124 DIR (benchmarks/train_124m.py DIR)")):
+        if folder:
+            step(name, lambda folder=folder: one_shot("npgpt2", "quality", {"dir": str(folder)}, log))
+        elif want(name):
+            B[name] = {"skipped": f"not run: needs {how}"}
     step("tokenizer", lambda: bench_tokenizer(args))
     step("kernels", lambda: bench_kernels(reps, log))
     return out
@@ -308,15 +344,26 @@ def bench_load(reps, sides, log):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_big(log):
-    """1558M shapes, random weights, memory-mapped: load + 20 greedy tokens, peak RSS."""
+def decode_int8(reps, new, sides, log):
+    """Decode (16-token prompt + `new`) with 8-bit weights, against npgpt2 float32 and
+    PyTorch float32 (when installed), all three in one rotation."""
+    res = duel("decode", {"prompt": 16, "new": new}, reps, ["npgpt2-int8"] + sides, log)
+    # random weights: nearly flat logits, so equal ids are likely but not promised
+    res.update(new=new, greedy_ids_equal_int8_float32=res["npgpt2-int8"]["result"] == res["npgpt2"]["result"])
+    return res
+
+
+def bench_big(side, log):
+    """1558M shapes, random weights: load + 20 greedy tokens, peak RSS. side "npgpt2" maps
+    the float32 checkpoint; "npgpt2-int8" quantises it at load (load_model(dtype="int8")).
+    The float32 folder is written once (BIG_DIR) and reused by both and by later runs."""
     res = {}
     if not (BIG_DIR / "complete.json").exists():
         shutil.rmtree(BIG_DIR, ignore_errors=True)
         res["prepare"] = one_shot("npgpt2", "prepare", {"size": "1558M", "dir": str(BIG_DIR)}, log)
         with atomic_write(BIG_DIR / "complete.json", "w", encoding="utf-8") as f:
             json.dump({"size": "1558M"}, f)
-    w = Worker("npgpt2", "generate_big", {"dir": str(BIG_DIR), "new": 20}, log)
+    w = Worker(side, "generate_big", {"dir": str(BIG_DIR), "new": 20}, log)
     out = w.call("run")
     q = w.quit()
     res.update(out["result"], seconds=out["seconds"], peak_rss_mib=q["peak_rss_mib"],
@@ -409,6 +456,27 @@ def rows_of(out):
                      ">= 1.3x and >= 70% of bound",
                      "yes" if checks["decode_vs_torch"] and checks["decode_vs_bound"] else "no"))
 
+    why = missing("decode_int8")
+    if why:
+        rows.append(("int8 decode, batch 1, vs npgpt2 float32", why, "", "", "", ">= 2.0x npgpt2 float32", "no"))
+        rows.append(("int8 decode, batch 1, vs PyTorch float32", why, "", "", "", ">= 2.3x PyTorch float32", "no"))
+    else:
+        b = Bm["decode_int8"]
+        n = b["new"]
+        i8, f32 = n / b["npgpt2-int8"]["median_s"], n / b["npgpt2"]["median_s"]
+        pt = n / b["torch"]["median_s"] if torch_on else None
+        bound8 = bw * 1e9 / DECODE_BYTES_INT8 if bw else None
+        checks["decode_int8_vs_float32"] = i8 / f32 >= 2.0
+        checks["decode_int8_vs_torch"] = pt is not None and i8 / pt >= 2.3
+        label = f"int8 decode, batch 1 (16-token prompt + {n} new)"
+        rows.append((f"{label} vs npgpt2 float32", f"{i8:.1f} tok/s (float32 {f32:.1f} tok/s)", "",
+                     f"{i8 / f32:.2f}x",
+                     f"int8 {bound8:.1f} tok/s ({bw:.1f} GB/s); int8 at {100 * i8 / bound8:.0f}%" if bound8 else "",
+                     ">= 2.0x npgpt2 float32", "yes" if checks["decode_int8_vs_float32"] else "no"))
+        rows.append((f"{label} vs PyTorch float32", f"{i8:.1f} tok/s",
+                     f"{pt:.1f} tok/s" if pt else "not installed", f"{i8 / pt:.2f}x" if pt else "", "",
+                     ">= 2.3x PyTorch float32", "yes" if checks["decode_int8_vs_torch"] else "no"))
+
     timed("train_b4t64", "train step (fwd+bwd+AdamW) B=4,T=64", 1.0, train_T=(4, 64))
     # fused attention: 25 % below the 3.15 GiB measured before it (2026-11-26)
     timed("train_b1t1024", "train step (fwd+bwd+AdamW) B=1,T=1024 (fused attention)", 1.0,
@@ -459,6 +527,34 @@ def rows_of(out):
                      f"load {fmt_s(b['load_s'])})", "", "",
                      f"weights {b['checkpoint_bytes'] / 2**30:.2f} GiB", "peak RSS < 8 GiB",
                      "yes" if checks["generate_1558M"] else "no"))
+
+    label = "1558M int8: load (quantised from the float32 mmap) + generate 20 tokens"
+    why = missing("int8_1558M")
+    if why:
+        rows.append((label, why, "", "", "", "peak RSS < 2.5 GiB", "no"))
+    else:
+        b = Bm["int8_1558M"]
+        checks["int8_1558M"] = b["peak_rss_mib"] < 2.5 * GIB
+        rows.append((label, f"peak RSS {fmt_mib(b['peak_rss_mib'])} ({b['tok_per_s']:.2f} tok/s, "
+                     f"load {fmt_s(b['load_s'])})", "", "",
+                     f"int8 weights {weight_bytes(**HP_1558M, int8=True) / 2**30:.2f} GiB",
+                     "peak RSS < 2.5 GiB", "yes" if checks["int8_1558M"] else "no"))
+
+    for name, model in (("int8_quality", "the demo model"), ("int8_quality_124M", "124M trained 250 steps")):
+        target = "loss <= float32 + 0.02 nats, >= 98% greedy agreement"
+        why = missing(name)
+        if why:
+            rows.append((f"int8 quality: {model}'s held-out text", why, "", "", "", target, "no"))
+            continue
+        b = Bm[name]
+        q = b["int8"]
+        checks[name + "_loss"] = q["delta_loss"] <= 0.02
+        checks[name + "_agreement"] = q["greedy_agreement"] >= 0.98
+        rows.append((f"int8 quality: {model}, {b['held_out_tokens']:,} held-out tokens",
+                     f"loss {q['loss']:.4f} (float32 {b['float32']['loss']:.4f}), "
+                     f"greedy agreement {100 * q['greedy_agreement']:.2f}%", "",
+                     f"{q['delta_loss']:+.4f} nats", "", target,
+                     "yes" if checks[name + "_loss"] and checks[name + "_agreement"] else "no"))
 
     why = missing("tokenizer")
     if why:
@@ -535,16 +631,19 @@ def chart(out, path):
     if "torch" not in out["sides"]:
         return False
     speed, names, targets, rss = [], [], [], []
-    for name, label, target in (("forward", "forward T=1024", 1.0), ("prefill", "prefill T=1024", 1 / 0.85),
-                                ("decode", "decode", 1.3), ("train_b4t64", "train B=4,T=64", 1.0),
-                                ("train_b1t1024", "train B=1,T=1024", 1.0)):
+    for name, label, target, side in (("forward", "forward T=1024", 1.0, "npgpt2"),
+                                      ("prefill", "prefill T=1024", 1 / 0.85, "npgpt2"),
+                                      ("decode", "decode", 1.3, "npgpt2"),
+                                      ("decode_int8", "decode int8", 2.3, "npgpt2-int8"),
+                                      ("train_b4t64", "train B=4,T=64", 1.0, "npgpt2"),
+                                      ("train_b1t1024", "train B=1,T=1024", 1.0, "npgpt2")):
         b = Bm.get(name)
-        if not b or "npgpt2" not in b:
+        if not b or side not in b:
             continue
         names.append(label)
-        speed.append(b["torch"]["median_s"] / b["npgpt2"]["median_s"])
+        speed.append(b["torch"]["median_s"] / b[side]["median_s"])
         targets.append(target)
-        rss.append((b["npgpt2"]["peak_rss_mib"] / GIB, b["torch"]["peak_rss_mib"] / GIB))
+        rss.append((b[side]["peak_rss_mib"] / GIB, b["torch"]["peak_rss_mib"] / GIB))
     if not names:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -574,13 +673,23 @@ def chart(out, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 repetitions, 50 decode tokens, 2 MB of "
-                    "tokenizer text, 1558M only if its checkpoint already exists")
+                    "tokenizer text, the 1558M rows only if their checkpoint already exists or --only names them")
     ap.add_argument("--reps", type=int, help="timed repetitions per side (default 5; 3 with --quick)")
-    ap.add_argument("--only", help="comma-separated: hardware, forward, prefill, decode, train_b4t64, "
-                    "train_b1t1024, load_train_b4t64, load_decode, load, generate_1558M, tokenizer, kernels")
+    ap.add_argument("--only", help="comma-separated: " + ", ".join(STEPS))
+    ap.add_argument("--demo", type=Path, help="the folder `npgpt2 demo --out DIR` wrote: the int8_quality row "
+                    "measures int8 against float32 on its learned weights")
+    ap.add_argument("--trained124", type=Path, help="the folder benchmarks/train_124m.py wrote (GPT-2 124M "
+                    "trained on the demo's split): the int8_quality_124M row, the same measure at 124M")
     ap.add_argument("--threads", type=int, help="threads per side (default: all cores)")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON output path")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(STEPS)) if args.only else []
+    if unknown:
+        ap.error(f"--only: unknown {', '.join(unknown)} (choose from {', '.join(STEPS)})")
+    for flag, folder, make in (("--demo", args.demo, "npgpt2 demo --out"),
+                               ("--trained124", args.trained124, "python benchmarks/train_124m.py")):
+        if folder and not (folder / "hparams.json").is_file():
+            ap.error(f"{flag}: {folder} is not a model folder (no hparams.json); make one with: {make} {folder}")
     global THREADS
     THREADS = args.threads
     args.reps = args.reps or (3 if args.quick else 5)
@@ -607,7 +716,7 @@ def main(argv=None):
         json.dump(out, f, indent=1)
     png = Path(args.out).with_suffix(".png")
     drew = chart(out, png)
-    print(f"\nGPT-2 124M shapes, random weights, float32; {machine['threads']} threads; "
+    print(f"\nGPT-2 124M shapes, random weights, float32 unless the row says otherwise; {machine['threads']} threads; "
           f"medians of {args.reps} alternating repetitions after a warm-up; {out['date']}")
     print(machine_line(out))
     print()

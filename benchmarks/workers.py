@@ -2,15 +2,17 @@
 
     python benchmarks/workers.py SIDE BENCH '{"json": "args"}'
 
-SIDE is `npgpt2` or `torch` (PyTorch + HF transformers' GPT2LMHeadModel). The worker builds
-its model, prints `{"ready": ...}` as one JSON line, then answers each line `run` on stdin
-with `{"seconds": ...}` after one repetition, and `quit` with `{"peak_rss_mib": ...}`.
-Two benchmarks are one-shot instead (one JSON line, then exit): `prepare` writes a model
-folder with random weights, `startup` measures a fresh process from start to first token.
-benchmarks/run.py drives two workers in turns, so the two sides see the same machine noise.
+SIDE is `npgpt2`, `npgpt2-int8` (the same model with 8-bit weights, npgpt2/quant.py) or
+`torch` (PyTorch + HF transformers' GPT2LMHeadModel). The worker builds its model, prints
+`{"ready": ...}` as one JSON line, then answers each line `run` on stdin with
+`{"seconds": ...}` after one repetition, and `quit` with `{"peak_rss_mib": ...}`.
+Three benchmarks are one-shot instead (one JSON line, then exit): `prepare` writes a model
+folder with random weights, `startup` measures a fresh process from start to first token,
+`quality` compares int8 with float32 on a trained model folder.
+benchmarks/run.py drives the workers in turns, so every side sees the same machine noise.
 
-Every model here is GPT-2 with random weights, float32. Protocol lines go to the real
-stdout; anything a library prints is sent to stderr.
+Every model here is GPT-2 with random weights, float32 (int8 quantised from them), except
+`quality`'s. Protocol lines go to the real stdout; anything a library prints is sent to stderr.
 """
 import time
 
@@ -29,6 +31,9 @@ SIZES = {  # the released GPT-2 sizes (the same table as npgpt2.model.MODEL_HPAR
     "124M": dict(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
     "1558M": dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),
 }
+
+
+NPGPT2_SIDES = {"npgpt2": "float32", "npgpt2-int8": "int8"}  # side -> weight dtype
 
 
 def peak_rss_mib():
@@ -60,14 +65,20 @@ def npgpt2_info():
     return info
 
 
-def npgpt2_setup(bench, args):
-    """-> (a function running one repetition, extra info)."""
+def npgpt2_setup(bench, args, dtype="float32"):
+    """-> (a function running one repetition, extra info). dtype "int8": the same random
+    weights quantised as load_model(dtype="int8") does (generation only)."""
+    import numpy as np
+
     import npgpt2
-    from npgpt2.model import init_model
+    from npgpt2 import quant
+    from npgpt2.model import GPT2, init_model
     from npgpt2.sampling import generate_stream
 
     if bench in ("forward", "prefill", "decode", "train"):
         model = init_model(SIZES["124M"])
+        if dtype == "int8":
+            model = GPT2(model.hparams, quant.quantize_params(model.params), np.float32)
     if bench == "forward":
         x = tokens(1, (1, args["T"]))
         return lambda: model.forward(x), {}
@@ -93,10 +104,12 @@ def npgpt2_setup(bench, args):
             return loss
         return run, {}
     if bench == "generate_big":
-        # load (memory-mapped) is part of what is measured: peak RSS is the point here
+        # load (memory-mapped; int8: quantised tensor by tensor from the mapped float32
+        # file) is part of what is measured: peak RSS is the point here
         def run():
             t0 = time.perf_counter()
-            model = npgpt2.load_model(args["dir"], mmap=True)
+            model = (npgpt2.load_model(args["dir"], dtype="int8") if dtype == "int8"
+                     else npgpt2.load_model(args["dir"], mmap=True))
             t1 = time.perf_counter()
             ids = list(generate_stream(model, [int(t) for t in tokens(4, 8)], args["new"], temperature=0))
             t2 = time.perf_counter()
@@ -241,6 +254,51 @@ def startup(side, args):
             "peak_rss_mib": peak_rss_mib(), **extra}
 
 
+def quality(args):
+    """int8 against float32 on a trained model (the folder `npgpt2 demo --out DIR` wrote, or
+    benchmarks/train_124m.py's 124M-shaped one; both trained on the first 90 % of the bundled
+    corpus): mean loss over the held-out text (the last 10 %, as the demo splits it) and greedy
+    next-token agreement at every position of non-overlapping n_ctx windows of it. "int8" is load_model(dtype="int8"); two variants show what per-group scales or a
+    float32 embedding would change."""
+    import numpy as np
+
+    import npgpt2
+    from npgpt2 import quant
+    from npgpt2.demo import load_corpus
+    from npgpt2.model import GPT2
+    from npgpt2.tokenizer import load_tokenizer
+    from npgpt2.train import evaluate
+    f32 = npgpt2.load_model(args["dir"])
+    context = f32.hparams["n_ctx"]
+    ids, _ = load_corpus(load_tokenizer())  # the demo's corpus, in GPT-2 ids
+    tok = load_tokenizer(args["dir"])
+    if hasattr(tok, "compact_ids"):  # the demo's model: its compact ids, as the demo does
+        ids = tok.compact_ids(ids)
+    held = ids[int(ids.size * 0.9):].astype(np.int64)  # the demo's split: the last 10 %
+    W = (held.size - 1) // context
+    windows = held[:W * context].reshape(W, context)  # [W, n_ctx]
+    per = max(1, 4096 // context)  # windows per forward: (per, n_ctx, n_vocab) logits stay small
+
+    def greedy(model):  # [W * n_ctx] argmax next token at every position
+        return np.concatenate([model.forward(windows[i:i + per]).argmax(-1).ravel() for i in range(0, W, per)])
+
+    def weight_mib(model):
+        return sum(p.nbytes for p in model.params.values()) / 2**20
+    loss32, count = evaluate(f32, held, context, batch_size=per)
+    g32 = greedy(f32)
+    out = {"dir": args["dir"], "held_out_tokens": count, "context": context,
+           "float32": {"loss": loss32, "weight_mib": weight_mib(f32)}}
+    variants = {"int8": npgpt2.load_model(args["dir"], dtype="int8"),
+                "int8, wte float32": GPT2(f32.hparams, quant.quantize_params(f32.params, embedding=False)),
+                "int8, groups of 32": GPT2(f32.hparams, quant.quantize_params(f32.params, group_size=32))}
+    for name, m in variants.items():
+        loss, _ = evaluate(m, held, context, batch_size=per)
+        out[name] = {"loss": loss, "delta_loss": loss - loss32, "weight_mib": weight_mib(m),
+                     "greedy_agreement": float((greedy(m) == g32).mean())}
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
 # ---------------------------------------------------------------- neighbours (under load)
 def neighbour(kind):
     """Other work on the machine, until killed. `busy`: one thread in a pure-Python loop.
@@ -285,9 +343,12 @@ def main():
     if bench in ("prepare", "startup"):
         send((prepare if bench == "prepare" else startup)(side, args))
         return
+    if bench == "quality":
+        send(quality(args))
+        return
 
-    if side == "npgpt2":
-        run, extra = npgpt2_setup(bench, args)
+    if side in NPGPT2_SIDES:
+        run, extra = npgpt2_setup(bench, args, NPGPT2_SIDES[side])
         info = npgpt2_info
     else:
         run, extra = torch_setup(bench, args)

@@ -629,7 +629,8 @@ def build_parser():
     p.add_argument("--top_k", type=int, default=40, help="top-k for samples (default %(default)s; 0 = off)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus mass for samples (default 1.0 = off)")
     p.add_argument("--steps", type=int, default=0, help="stop after N updates; 0 = until Ctrl-C (default)")
-    p.add_argument("--context", type=int, default=0, help="tokens per sequence (default n_ctx; shorter is much faster)")
+    p.add_argument("--context", type=int, default=0,
+                   help="tokens per sequence; 0 (the default) means the model's n_ctx. Shorter is much faster")
     p.add_argument("--seed", type=int, default=None, help="seed of the batch order (default: random, saved for resume)")
     p.add_argument("--weight_decay", type=float, default=0.0,
                    help="AdamW decoupled weight decay on matrices (default 0)")
@@ -646,7 +647,7 @@ def build_parser():
     add_model_flags(p)
     add_dataset_flags(p)
     add_keep_crlf_flag(p)
-    p.add_argument("--context", type=int, default=0, help="tokens per window (default n_ctx)")
+    p.add_argument("--context", type=int, default=0, help="tokens per window; 0 (the default) means the model's n_ctx")
     add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
 

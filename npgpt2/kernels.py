@@ -612,37 +612,58 @@ def attention_backward(dout, qkv, saved, NH):
     return np.ascontiguousarray(dqkv.reshape(3, B, NH, T, hs).transpose(1, 3, 0, 2, 4)).reshape(B, T, C3)
 
 
-@njit(cache=True)
-def _softmax_rows_small(s):
-    """s: (N, L) float, in place; for decoding, where each row is short and one loop with
-    a scalar exp costs less than three calls around NumPy's."""
-    for i in range(s.shape[0]):
-        row = s[i]
-        m = _max(row, row.shape[0])
-        total = 0.0
-        for j in range(row.shape[0]):
-            e = math.exp(row[j] - m)
-            row[j] = e
-            total += e
-        inv = s.dtype.type(1.0 / total)
-        for j in range(row.shape[0]):
-            row[j] = row[j] * inv
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
+def _decode_attention_kernel(qkv, k_cache, v_cache, pos, NH, out):
+    """One new position per sequence, every head in one call (decoding).
+
+    qkv: (B, 3C) the new position's queries, keys, values; k_cache, v_cache: (B, NH, n_ctx, hs),
+    filled up to pos, and the new key and value are written at pos; out: (B, C).
+    Per head: scores s_j = q.k_j / sqrt(hs) for j <= pos, p = softmax(s), out = sum_j p_j v_j.
+    Sums are in the arrays' dtype, in any order (fastmath: SIMD lanes), as BLAS sums them.
+    A few thousand multiply-adds a head: as loops here they cost less than the NumPy calls
+    around two small batched matmuls did (~0.1 ms a layer at short contexts).
+    """
+    B = qkv.shape[0]
+    C = qkv.shape[1] // 3
+    hs = C // NH
+    end = pos + 1
+    zero = qkv.dtype.type(0.0)
+    scale = qkv.dtype.type(1.0 / math.sqrt(hs))
+    s = np.empty(end, dtype=qkv.dtype)
+    for b in range(B):
+        for h in range(NH):
+            c0 = h * hs
+            kc = k_cache[b, h]
+            vc = v_cache[b, h]
+            kc[pos] = qkv[b, C + c0:C + c0 + hs]
+            vc[pos] = qkv[b, 2 * C + c0:2 * C + c0 + hs]
+            q = qkv[b, c0:c0 + hs]
+            for j in range(end):
+                acc = zero
+                for d in range(hs):
+                    acc += kc[j, d] * q[d]
+                s[j] = acc * scale
+            m = _max(s, end)
+            total = 0.0
+            for j in range(end):
+                e = math.exp(s[j] - m)
+                s[j] = e
+                total += e
+            inv = qkv.dtype.type(1.0 / total)
+            y = out[b, c0:c0 + hs]
+            y[:] = zero
+            for j in range(end):
+                p = s[j] * inv
+                for d in range(hs):
+                    y[d] += p * vc[j, d]
 
 
 def _decode_attention(qkv, k_cache, v_cache, pos, NH):
-    """attention_forward_cached for one new position: views instead of copies, one
-    matrix-vector product per head for the scores and one for the output."""
+    """attention_forward_cached for one new position: (B, 1, 3C) -> (B, 1, C)."""
     B, _, C3 = qkv.shape
-    hs = C3 // 3 // NH
-    q, k, v = qkv.reshape(B, 3, NH, hs).transpose(1, 0, 2, 3)  # each (B, NH, hs), views
-    k_cache[:, :, pos] = k
-    v_cache[:, :, pos] = v
-    end = pos + 1
-    threads.blas_threads(2 * B * NH * end * hs)
-    s = np.matmul(k_cache[:, :, :end], (q * (1.0 / math.sqrt(hs)))[..., None])  # (B, NH, end, 1)
-    _softmax_rows_small(s.reshape(B * NH, end))
-    y = np.matmul(s.reshape(B, NH, 1, end), v_cache[:, :, :end])  # (B, NH, 1, hs)
-    return y.reshape(B, 1, NH * hs)
+    out = np.empty((B, C3 // 3), dtype=qkv.dtype)  # [B, C]
+    _decode_attention_kernel(np.ascontiguousarray(qkv.reshape(B, C3)), k_cache, v_cache, pos, NH, out)
+    return out.reshape(B, 1, C3 // 3)
 
 
 def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
@@ -792,13 +813,16 @@ def _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt):
     p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
 
 
-@njit(cache=True)
+# error_model="numpy": a float division by zero gives inf instead of raising, so LLVM can
+# vectorise the loop (the check for ZeroDivisionError kept it scalar: 5.7 -> 1.3 ns an element,
+# 124M parameters 0.70 -> 0.16 s a step on one thread). The denominator is >= eps > 0 anyway.
+@njit(cache=True, error_model="numpy")
 def _adamw(p, g, m, v, beta1, beta2, eps, decay, step_size, bc2_sqrt):
     for i in range(p.shape[0]):
         _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _adamw_par(p, g, m, v, beta1, beta2, eps, decay, step_size, bc2_sqrt):
     for i in prange(p.shape[0]):
         _adamw_at(p, g, m, v, i, beta1, beta2, eps, decay, step_size, bc2_sqrt)

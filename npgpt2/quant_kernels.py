@@ -8,23 +8,31 @@ float32 matmul); tests hold the two equal to float32 rounding.
   once, converted to float32 in registers and dotted with the inputs; the scale multiplies
   each group's sum. Decode reads every weight once per token, so reading 1 byte instead of
   4 per weight is the whole gain (memory bandwidth, not arithmetic, is the limit).
-- Many rows (a prompt, eval) dequantise the weight into a float32 scratch matrix (`_dequant`,
+- A short prompt (up to GEMV_PAR_MAX_ROWS rows) takes the same kernel with the weight's rows
+  split between the threads (`_gemv_par`), when threads.py finds a second core free.
+- Many rows (a long prompt, eval) dequantise the weight into a float32 matrix (`dequantize`,
   bit-identical to quant.QuantizedWeight.rows) and hand the product to BLAS: there each
   weight is reused by every row, so the GEMM's arithmetic dominates and BLAS does it best.
 """
 import numpy as np
 from numba import njit, prange
 
+from . import threads
 from .quant import QuantizedWeight
 
-# below this many weights dequantising runs on one thread (thread start-up would cost more).
-# The GEMV always runs on one thread: a parallel launch costs ~0.2 ms under Numba's
-# workqueue layer (threads.py's choice), more than a layer's whole GEMV (~0.12 ms for
-# 768 x 3072 int8 from memory). Measured at 124M, 16-token prompt + 40 new, idle 2 cores:
-# 40-55 tok/s with a prange GEMV above 2**18 weights, 83-87 tok/s serial (float32: ~40).
-PARALLEL_MIN = 1 << 18
-# up to this many input rows the GEMV kernel; above, dequantise + BLAS GEMM
+# Decoding's GEMV (up to GEMV_MAX_ROWS rows) always runs on one thread: a parallel launch
+# costs ~0.4 ms under Numba's workqueue layer (threads.py's choice), more than a layer's
+# whole GEMV (~0.1-0.2 ms for 768 x 3072 int8 from memory), and a second thread does not
+# read memory faster here (the 50257 x 768 head: 2.3 ms on one thread, 2.5-2.8 ms on two).
+# Measured at 124M, 16-token prompt + 40 new, idle 2 cores: 40-55 tok/s with a parallel
+# GEMV, 83-87 tok/s serial (float32: ~40).
 GEMV_MAX_ROWS = 8
+# A short prompt's rows multiply each weight several times, so there the arithmetic (int8 ->
+# float32 conversion and FMA) is the limit and a second thread pays for its launch. Above
+# this many rows, dequantise + BLAS: at 124M, a 16-token prompt took 290 ms that way (the
+# dequantised matrices are 4x the int8 bytes, written then read) and ~90 ms in the GEMV
+# kernel, about what float32's BLAS prefill takes; at 64 rows BLAS is ahead again.
+GEMV_PAR_MAX_ROWS = 32
 # the dot products may be summed in any order (SIMD lanes), so LLVM can vectorise them
 FAST = {"reassoc", "contract", "nsz"}
 
@@ -56,34 +64,25 @@ def _gemv(x, q, scale, out):
     _gemv_rows(x, q, scale, out, 0, q.shape[0])
 
 
-@njit(cache=True, inline="always")
-def _dequant_row(q, scale, out, r):
-    K = q.shape[1]
-    NG = scale.shape[1]
-    G = K // NG
-    for g in range(NG):
-        s = scale[r, g]
-        for k in range(g * G, (g + 1) * G):
-            out[r, k] = np.float32(q[r, k]) * s
-
-
 @njit(cache=True, parallel=True)
-def _dequant_par(q, scale, out):
-    for r in prange(q.shape[0]):
-        _dequant_row(q, scale, out, r)
-
-
-@njit(cache=True)
-def _dequant(q, scale, out):
-    for r in range(q.shape[0]):
-        _dequant_row(q, scale, out, r)
+def _gemv_par(x, q, scale, out, chunks):
+    """_gemv with the weight's rows in `chunks` slices, one thread each at a time."""
+    R = q.shape[0]
+    for c in prange(chunks):
+        _gemv_rows(x, q, scale, out, c * R // chunks, (c + 1) * R // chunks)
 
 
 def dequantize(weight):
-    """The float32 (R, K) rows of a QuantizedWeight (== weight.rows(slice(None)), bit for bit)."""
-    out = np.empty(weight.q.shape, dtype=np.float32)
-    (_dequant_par if weight.q.size >= PARALLEL_MIN else _dequant)(weight.q, weight.scale, out)
-    return out
+    """The float32 (R, K) rows of a QuantizedWeight (== weight.rows(slice(None)), bit for bit).
+
+    NumPy's multiply, on this thread: a Numba parallel loop here, next to BLAS's threads in
+    the GEMM that follows, made each call ~4x slower (the two pools waiting on each other).
+    """
+    R, K = weight.q.shape
+    G = weight.group
+    out = np.empty((R, K // G, G), dtype=np.float32)  # [R, groups, group]
+    np.multiply(weight.q.reshape(R, K // G, G), weight.scale[:, :, None], out=out)
+    return out.reshape(R, K)
 
 
 def matmul_forward(inp, weight, bias):
@@ -93,10 +92,16 @@ def matmul_forward(inp, weight, bias):
         raise TypeError("quant_kernels.matmul_forward: weight must be a transposed QuantizedWeight")
     R, K = weight.q.shape
     x = np.ascontiguousarray(inp.reshape(-1, K), dtype=np.float32)  # [N, K]
-    if x.shape[0] <= GEMV_MAX_ROWS:
-        out = np.empty((x.shape[0], R), dtype=np.float32)  # [N, R]
-        _gemv(x, weight.q, weight.scale, out)  # one thread: see PARALLEL_MIN
+    N = x.shape[0]
+    if N <= GEMV_PAR_MAX_ROWS:
+        out = np.empty((N, R), dtype=np.float32)  # [N, R]
+        n = threads.numba_threads(N * R * K) if N > GEMV_MAX_ROWS else 1
+        if n > 1:
+            _gemv_par(x, weight.q, weight.scale, out, 4 * n)  # [N, K] -> [N, R]
+        else:
+            _gemv(x, weight.q, weight.scale, out)  # [N, K] -> [N, R]
     else:
+        threads.blas_threads(2 * N * R * K)
         out = x @ dequantize(weight).T  # [N, K] @ [K, R] -> [N, R], BLAS
     if bias is not None:
         out += bias

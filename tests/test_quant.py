@@ -88,6 +88,23 @@ def test_numba_twin_equals_plain(N, R, group):
     np.testing.assert_allclose(head, plain - b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("N", [9, 32])  # a short prompt: the GEMV kernel with the rows split between threads
+@pytest.mark.parametrize("R", [7, 3000])
+def test_parallel_gemv_equals_plain(N, R, monkeypatch):
+    pytest.importorskip("npgpt2.kernels")
+    from npgpt2 import quant_kernels
+    calls = []
+    monkeypatch.setattr(quant_kernels.threads, "numba_threads", lambda work: 2)  # as if a core were free
+    monkeypatch.setattr(quant_kernels, "_gemv", lambda *a: calls.append(a))  # must not be taken
+    rng = np.random.default_rng(R * N)
+    w = quant.quantize(rand_matrix(rng, R, 128), 64)
+    x = rng.standard_normal((1, N, 128)).astype(np.float32)
+    b = rng.standard_normal(R).astype(np.float32)
+    fast = quant_kernels.matmul_forward(x, w.T, b)
+    np.testing.assert_allclose(fast, layers.matmul_forward(x, w.T, b), rtol=1e-5, atol=1e-4)
+    assert calls == []
+
+
 def test_embedding_rows_are_dequantised_rows():
     rng = np.random.default_rng(3)
     w = quant.quantize(rand_matrix(rng, 50, 16))
