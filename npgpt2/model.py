@@ -387,7 +387,7 @@ class GPT2:
             tokens (B, T), nn          the input ids and the layer module
 
         Not kept, because backward recomputes them (one cheap pass each, where keeping them
-        would cost 6C floats a token in every layer, 40 % of a block's activations): ln_1 and
+        would cost 6C more floats a token in every layer, on top of these 10C): ln_1 and
         ln_2 (outputs, mean, rstd: layernorm_forward of resid_pre, resid_mid) and mlp.post
         (gelu_forward of mlp.pre). The recomputed values are the forward's, bit for bit.
         """
