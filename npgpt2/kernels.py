@@ -715,17 +715,33 @@ def _ce_finish(e, zt, losses):
             row[j] = row[j] * inv
 
 
-def crossentropy_forward(logits, targets):
-    """logits: (B, T, V), targets: int (B, T) -> losses (B, T), probs (B, T, V)."""
+def _out_rows(out, like):
+    """out=None -> a new (N, V) array like `like`; else out's (N, V) view, which must be a
+    C-contiguous array of like's shape and dtype (results are written into it)."""
+    if out is None:
+        return np.empty_like(like)
+    if out.shape[-1] != like.shape[-1] or out.size != like.size or out.dtype != like.dtype \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out: expected a writeable C-contiguous {like.dtype} array of "
+                         f"{like.size} elements, got {out.dtype} {out.shape}")
+    return out.reshape(like.shape)
+
+
+def crossentropy_forward(logits, targets, out=None):
+    """logits: (B, T, V), targets: int (B, T) -> losses (B, T), probs (B, T, V).
+
+    out: where to write probs (C-contiguous); it may be logits itself (the logits are
+    then lost), so that training holds one (B, T, V) buffer instead of two.
+    """
     x = _rows(logits)
     t = np.ascontiguousarray(targets).reshape(-1)
     N, V = x.shape
     if t.size and (t.min() < 0 or t.max() >= V):
         raise IndexError(f"target id out of range [0, {V})")
-    probs = np.empty_like(x)
+    probs = _out_rows(out, x)
     zt = np.empty(N, np.float64)
     _parallel(x.size)  # sets Numba's thread count for the loops below
-    _ce_shift(x, t, probs, zt)
+    _ce_shift(x, t, probs, zt)  # row by row, so probs may be x itself
     np.exp(probs, out=probs)
     losses = np.empty(N, dtype=x.dtype)
     _ce_finish(probs, zt, losses)
@@ -734,24 +750,30 @@ def crossentropy_forward(logits, targets):
 
 @njit(cache=True, parallel=True)
 def _ce_backward(dlosses, probs, targets, dlogits):
+    """dlogits may be probs itself: each row reads p[t] before it writes."""
     N, V = probs.shape
     for i in prange(N):
         d = dlosses[i]
         p = probs[i]
         out = dlogits[i]
+        t = targets[i]
+        pt = p[t]
         for j in range(V):
             out[j] = p[j] * d
-        t = targets[i]
-        out[t] = (p[t] - 1.0) * d
+        out[t] = (pt - 1.0) * d
 
 
-def crossentropy_softmax_backward(dlosses, probs, targets):
-    """dlosses: (B, T) -> dlogits (B, T, V) = (probs - onehot(targets)) * dlosses."""
+def crossentropy_softmax_backward(dlosses, probs, targets, out=None):
+    """dlosses: (B, T) -> dlogits (B, T, V) = (probs - onehot(targets)) * dlosses.
+
+    out: where to write dlogits (C-contiguous); it may be probs itself (training's one
+    (B, T, V) buffer).
+    """
     p = _rows(probs)
     t = np.ascontiguousarray(targets).reshape(-1)
     if t.size and (t.min() < 0 or t.max() >= p.shape[1]):
         raise IndexError(f"target id out of range [0, {p.shape[1]})")
-    dlogits = np.empty_like(p)
+    dlogits = _out_rows(out, p)
     _parallel(p.size)  # sets Numba's thread count for this loop
     _ce_backward(np.ascontiguousarray(dlosses, dtype=p.dtype).reshape(-1), p, t, dlogits)
     return dlogits.reshape(probs.shape)

@@ -170,19 +170,34 @@ def gelu_backward(dout, inp):
 
 
 # ---------------------------------------------------------------- output head + loss
-def crossentropy_forward(logits, targets):
-    """logits: (B, T, V), targets: int (B, T) -> losses (B, T), probs (B, T, V)."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    sumexp = e.sum(axis=-1, keepdims=True)
+def crossentropy_forward(logits, targets, out=None):
+    """logits: (B, T, V), targets: int (B, T) -> losses (B, T), probs (B, T, V).
+
+    out: where to write probs; it may be logits itself (the logits are then lost), so that
+    training holds one (B, T, V) buffer instead of two.
+    """
+    shifted = np.subtract(logits, logits.max(axis=-1, keepdims=True), out=out)
     # the loss from the log-sum-exp, not log(probs): tiny probabilities stay finite
-    logp = np.take_along_axis(shifted, targets[..., None], axis=-1) - np.log(sumexp)
-    return -logp[..., 0], e / sumexp
+    logp = np.take_along_axis(shifted, targets[..., None], axis=-1)  # the target's shifted logit
+    e = np.exp(shifted, out=shifted)
+    sumexp = e.sum(axis=-1, keepdims=True)
+    logp = logp - np.log(sumexp)
+    e /= sumexp  # the probabilities
+    return -logp[..., 0], e
 
 
-def crossentropy_softmax_backward(dlosses, probs, targets):
-    """dlosses: (B, T) -> dlogits (B, T, V) = (probs - onehot(targets)) * dlosses."""
-    dlogits = probs.copy()
+def crossentropy_softmax_backward(dlosses, probs, targets, out=None):
+    """dlosses: (B, T) -> dlogits (B, T, V) = (probs - onehot(targets)) * dlosses.
+
+    out: where to write dlogits; it may be probs itself (training's one (B, T, V) buffer).
+    """
+    if out is None:
+        dlogits = probs.copy()
+    else:
+        dlogits = out
+        if out is not probs:
+            dlogits[...] = probs
     np.put_along_axis(dlogits, targets[..., None],
                       np.take_along_axis(dlogits, targets[..., None], axis=-1) - 1.0, axis=-1)
-    return dlogits * dlosses[..., None]
+    dlogits *= dlosses[..., None]
+    return dlogits

@@ -50,11 +50,13 @@ def generation_bytes(hparams, batch_size, prompt_len=1, length=None, dtype=np.fl
 
 def training_bytes(hparams, batch_size, context, dtype=np.float32):
     """About the memory one training micro-batch takes beyond the parameters: the
-    activations saved for the backward pass and the logits, probabilities and their grads."""
+    activations saved for the backward pass, and the logits (one buffer per position for the
+    logits, then the probabilities, then their gradient; an upper bound, since
+    model.loss_and_grads makes them HEAD_ROWS positions at a time)."""
     L, C, NH, V = (int(hparams[k]) for k in ("n_layer", "n_embd", "n_head", "n_vocab"))
     item = np.dtype(dtype).itemsize
     T = int(context)
-    per_token = L * (16 * C + 2 * NH * T) + 3 * V  # per layer: ln, qkv, attn, MLP; then the head
+    per_token = L * (10 * C + 2 * NH * T) + V  # per layer: residuals, qkv, attn, MLP input; then the head
     return int(batch_size) * T * per_token * item
 
 

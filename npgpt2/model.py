@@ -189,7 +189,7 @@ class GPT2:
         at = hook or _unchanged
         NH = self.hparams["n_head"]
         # attention: every position mixes in the values of the positions it attends to
-        ln_1, ln_1_mean, ln_1_rstd = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
+        ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
         ln_1 = at("ln_1", ln_1)
         qkv = nn.matmul_forward(ln_1, blk["attn/c_attn/w"], blk["attn/c_attn/b"])  # [B, T, C] -> [B, T, 3C]
         if hook is None:
@@ -201,7 +201,7 @@ class GPT2:
         attn_out = at("attn.out", attn_out)
         resid_mid = at("resid_mid", x + attn_out)  # [B, T, C]
         # MLP: each position on its own, through 4C hidden units
-        ln_2, ln_2_mean, ln_2_rstd = nn.layernorm_forward(resid_mid, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
+        ln_2, _, _ = nn.layernorm_forward(resid_mid, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
         ln_2 = at("ln_2", ln_2)
         mlp_pre = nn.matmul_forward(ln_2, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"])  # [B, T, C] -> [B, T, 4C]
         mlp_pre = at("mlp.pre", mlp_pre)
@@ -209,10 +209,9 @@ class GPT2:
         mlp_out = nn.matmul_forward(mlp_post, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"])  # [B, T, 4C] -> [B, T, C]
         mlp_out = at("mlp.out", mlp_out)
         resid_post = at("resid_post", resid_mid + mlp_out)  # [B, T, C]
-        saved = {"resid_pre": x, "ln_1": ln_1, "ln_1.mean": ln_1_mean, "ln_1.rstd": ln_1_rstd,
-                 "attn.qkv": qkv, "attn.att": att, "attn.z": z, "resid_mid": resid_mid,
-                 "ln_2": ln_2, "ln_2.mean": ln_2_mean, "ln_2.rstd": ln_2_rstd,
-                 "mlp.pre": mlp_pre, "mlp.post": mlp_post}
+        # what the backward needs that it cannot cheaply recompute (see forward_with_saves)
+        saved = {"resid_pre": x, "attn.qkv": qkv, "attn.att": att, "attn.z": z, "resid_mid": resid_mid,
+                 "mlp.pre": mlp_pre}
         return resid_post, saved
 
     def _head(self, x):
@@ -376,28 +375,34 @@ class GPT2:
         uses the same one. saved holds (llm.c's ActivationTensors; B, T, C, NH as usual):
 
             per block, saved["blocks"][i]:
-              resid_pre (B, T, C)      the block's input, the residual stream
-              ln_1 (B, T, C)           ln_1's output; ln_1.mean, ln_1.rstd (B, T)
+              resid_pre (B, T, C)      the block's input, the residual stream (ln_1's input)
               attn.qkv (B, T, 3C)      c_attn's output: queries, keys, values side by side
               attn.att                 attention_forward's second return: what attention_backward
                                        needs ((B, NH, T, T) probabilities in layers.py)
               attn.z (B, T, C)         the heads' outputs merged, c_proj's input
-              resid_mid (B, T, C)      the residual stream after the attention branch
-              ln_2 (B, T, C)           ln_2's output; ln_2.mean, ln_2.rstd (B, T)
+              resid_mid (B, T, C)      the residual stream after the attention branch (ln_2's input)
               mlp.pre (B, T, 4C)       c_fc's output, GELU's input
-              mlp.post (B, T, 4C)      GELU's output, mlp c_proj's input
             resid_final (B, T, C)      the last block's output
             ln_f (B, T, C)             ln_f's output; ln_f.mean, ln_f.rstd (B, T)
             tokens (B, T), nn          the input ids and the layer module
+
+        Not kept, because backward recomputes them (one cheap pass each, where keeping them
+        would cost 6C more floats a token in every layer, on top of these 10C): ln_1 and
+        ln_2 (outputs, mean, rstd: layernorm_forward of resid_pre, resid_mid) and mlp.post
+        (gelu_forward of mlp.pre). The recomputed values are the forward's, bit for bit.
         """
+        ln_f, saved = self._trunk_with_saves(tokens, nn)  # [B, T] -> [B, T, C]
+        return self._head(ln_f), saved  # [B, T, C] -> [B, T, V]
+
+    def _trunk_with_saves(self, tokens, nn=None):
+        """forward_with_saves without the output head: -> (ln_f (B, T, C), saved)."""
         if self.weight_dtype == "int8":
             raise Npgpt2Error("training an int8 model: int8 weights are for generation only; "
                               "load it with dtype float32 (the default) to train")
         nn = nn or ops()
         tokens = self._check_tokens(tokens)
         saved = {"tokens": tokens, "nn": nn, "blocks": []}
-        logits = self._head(self._trunk(tokens, nn, saved=saved))  # [B, T] -> [B, T, V]
-        return logits, saved
+        return self._trunk(tokens, nn, saved=saved), saved
 
     def backward(self, dlogits, saved):
         """dlogits: (B, T, V), any gradient of the logits; saved: from forward_with_saves.
@@ -407,23 +412,30 @@ class GPT2:
         gradient with respect to the embedding output wte[tokens] + wpe[positions].
         Consumes saved (each block's activations are freed once its backward is done).
         """
-        nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
         V, C = self.hparams["n_vocab"], self.hparams["n_embd"]
-        wte = self._params["model/wte"]
-        grads = {}
         # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
         dwte = dlogits.reshape(-1, V).T @ saved["ln_f"].reshape(-1, C)  # [V, B*T] @ [B*T, C] -> [V, C]
-        dln_f = dlogits @ wte  # [B, T, V] @ [V, C] -> [B, T, C]
+        dln_f = dlogits @ self._params["model/wte"]  # [B, T, V] @ [V, C] -> [B, T, C]
+        return self._trunk_backward(dln_f, dwte, saved)
+
+    def _trunk_backward(self, dln_f, dwte, saved):
+        """backward() after the head: dln_f (B, T, C) at ln_f's output, dwte (V, C) the head's
+        part of wte's gradient (the embedding's is added to it in place) -> (grads, dembed)."""
+        nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
+        grads = {}
         dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = nn.layernorm_backward(
             dln_f, saved["resid_final"], self._params["model/ln_f/g"], saved["ln_f.mean"],
             saved["ln_f.rstd"])  # [B, T, C]
         for i in reversed(range(len(blocks))):
             dresid = self._block_backward(nn, i, dresid, blocks.pop(), grads)  # [B, T, C] -> [B, T, C]
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
-        # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients)
-        dwte_embed, grads["model/wpe"] = nn.encoder_backward(
-            dembed, tokens, V, self.hparams["n_ctx"])  # [B, T, C] -> [V, C], [n_ctx, C]
-        dwte += dwte_embed  # the tied wte's second contribution; in place: a third (V, C) array is 154 MB at 124M
+        # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients).
+        # Only the distinct tokens' rows get a gradient, so encoder_backward runs over those (ids
+        # renumbered 0..n-1): a (n, C) array instead of a second (V, C) one (154 MB at 124M)
+        ids, renumbered = np.unique(tokens, return_inverse=True)
+        drows, grads["model/wpe"] = nn.encoder_backward(
+            dembed, renumbered.reshape(tokens.shape), len(ids), self.hparams["n_ctx"])  # [n, C], [n_ctx, C]
+        dwte[ids] += drows  # the tied wte's second contribution (ids are distinct: no repeat is lost)
         grads["model/wte"] = dwte
         return {k: grads[k] for k in self._params}, dembed
 
@@ -437,23 +449,29 @@ class GPT2:
         blk, prefix, NH = self.blocks[i], f"model/h{i}/", self.hparams["n_head"]
         g = {}  # this block's gradients under the short names of blk
         # resid_post = resid_mid + mlp(resid_mid): dresid flows into the MLP branch and past it
+        mlp_post = nn.gelu_forward(act["mlp.pre"])  # [B, T, 4C]: GELU's output again (not saved)
         dmlp_post, dw, g["mlp/c_proj/b"] = nn.matmul_backward(
-            dresid, act["mlp.post"], blk["mlp/c_proj/w"])  # [B, T, C] -> [B, T, 4C]
+            dresid, mlp_post, blk["mlp/c_proj/w"])  # [B, T, C] -> [B, T, 4C]
+        del mlp_post
         g["mlp/c_proj/w"] = dw[None]  # [4C, C] -> [1, 4C, C]
         dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
-        dln_2, dw, g["mlp/c_fc/b"] = nn.matmul_backward(dmlp_pre, act["ln_2"], blk["mlp/c_fc/w"])  # [B, T, C]
+        ln_2, ln_2_mean, ln_2_rstd = nn.layernorm_forward(
+            act["resid_mid"], blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]: ln_2 again (not saved)
+        dln_2, dw, g["mlp/c_fc/b"] = nn.matmul_backward(dmlp_pre, ln_2, blk["mlp/c_fc/w"])  # [B, T, C]
         g["mlp/c_fc/w"] = dw[None]  # [C, 4C] -> [1, C, 4C]
         dbranch, g["ln_2/g"], g["ln_2/b"] = nn.layernorm_backward(
-            dln_2, act["resid_mid"], blk["ln_2/g"], act["ln_2.mean"], act["ln_2.rstd"])  # [B, T, C]
+            dln_2, act["resid_mid"], blk["ln_2/g"], ln_2_mean, ln_2_rstd)  # [B, T, C]
         dresid = dresid + dbranch  # [B, T, C] at resid_mid
         # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
         dz, dw, g["attn/c_proj/b"] = nn.matmul_backward(dresid, act["attn.z"], blk["attn/c_proj/w"])  # [B, T, C]
         g["attn/c_proj/w"] = dw[None]  # [C, C] -> [1, C, C]
         dqkv = nn.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)  # [B, T, C] -> [B, T, 3C]
-        dln_1, dw, g["attn/c_attn/b"] = nn.matmul_backward(dqkv, act["ln_1"], blk["attn/c_attn/w"])  # [B, T, C]
+        ln_1, ln_1_mean, ln_1_rstd = nn.layernorm_forward(
+            act["resid_pre"], blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]: ln_1 again (not saved)
+        dln_1, dw, g["attn/c_attn/b"] = nn.matmul_backward(dqkv, ln_1, blk["attn/c_attn/w"])  # [B, T, C]
         g["attn/c_attn/w"] = dw[None]  # [C, 3C] -> [1, C, 3C]
         dbranch, g["ln_1/g"], g["ln_1/b"] = nn.layernorm_backward(
-            dln_1, act["resid_pre"], blk["ln_1/g"], act["ln_1.mean"], act["ln_1.rstd"])  # [B, T, C]
+            dln_1, act["resid_pre"], blk["ln_1/g"], ln_1_mean, ln_1_rstd)  # [B, T, C]
         grads.update({prefix + name: grad for name, grad in g.items()})
         return dresid + dbranch  # [B, T, C] at resid_pre
 
@@ -465,17 +483,52 @@ class GPT2:
         """
         nn = ops()
         targets = np.asarray(targets)
-        logits, saved = self.forward_with_saves(inputs, nn)  # [B, T] -> [B, T, V]
-        B, T = targets.shape
-        losses, probs = nn.crossentropy_forward(logits, targets)  # [B, T, V] -> [B, T], [B, T, V]
-        del logits
-        loss = float(losses.mean())
-        dlosses = np.full((B, T), 1.0 / (B * T), dtype=self.dtype)  # d mean / d each loss
-        dlogits = nn.crossentropy_softmax_backward(dlosses, probs, targets)  # [B, T, V]
-        del probs
-        grads, _ = self.backward(dlogits, saved)  # {name: array like params}
-        return loss, grads
+        ln_f, saved = self._trunk_with_saves(inputs, nn)  # [B, T] -> [B, T, C]
+        losses, dln_f, dwte = self._head_loss_backward(nn, ln_f, targets)  # [B, T], [B, T, C], [V, C]
+        grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
+        return float(losses.mean()), grads
 
+    def _head_loss_backward(self, nn, ln_f, targets):
+        """The output head, the cross-entropy and their backward, HEAD_ROWS positions at a time.
+
+        ln_f (B, T, C), targets (B, T) -> (losses (B, T), dln_f (B, T, C), dwte (V, C) the head's
+        part of wte's gradient): what _head, crossentropy_forward, crossentropy_softmax_backward
+        (for the mean loss) and backward's head give for the whole batch, up to float rounding.
+        The logits are the largest array of a step (B*T*V floats: 206 MB at B=1, T=1024), so
+        they never exist whole: each chunk's logits buffer holds its probabilities, then their
+        gradient (the `out=` of the cross-entropy), and is gone before the next chunk's.
+        """
+        B, T, C = ln_f.shape
+        V, N = self.hparams["n_vocab"], B * T
+        wte = self._params["model/wte"]
+        x, tgt = ln_f.reshape(1, N, C), targets.reshape(1, N)  # the B*T positions as one row
+        losses = np.empty((1, N), dtype=self.dtype)
+        dln_f = np.empty((1, N, C), dtype=self.dtype)
+        dwte = np.empty((V, C), dtype=self.dtype)
+        dlosses = np.full((1, min(N, HEAD_ROWS)), 1.0 / N, dtype=self.dtype)  # d mean / d each loss
+        part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=self.dtype)
+        for n0 in range(0, N, HEAD_ROWS):
+            n1 = min(N, n0 + HEAD_ROWS)
+            logits = self._head(x[:, n0:n1])  # [1, R, C] -> [1, R, V]
+            losses[:, n0:n1], probs = nn.crossentropy_forward(logits, tgt[:, n0:n1], out=logits)
+            dlogits = nn.crossentropy_softmax_backward(
+                dlosses[:, :n1 - n0], probs, tgt[:, n0:n1], out=probs)  # [1, R, V], over probs
+            np.matmul(dlogits, wte, out=dln_f[:, n0:n1])  # [1, R, V] @ [V, C] -> [1, R, C]
+            d, xr = dlogits.reshape(-1, V), x[0, n0:n1]  # [R, V], [R, C]
+            if n0 == 0:
+                np.matmul(d.T, xr, out=dwte)  # [V, R] @ [R, C] -> [V, C]
+            else:  # a later chunk adds to dwte a block of rows at a time: no second (V, C) array
+                for v0 in range(0, V, HEAD_VOCAB_BLOCK):
+                    v1 = min(V, v0 + HEAD_VOCAB_BLOCK)
+                    dwte[v0:v1] += np.matmul(d[:, v0:v1].T, xr, out=part[:v1 - v0])  # [v, R] @ [R, C]
+            del logits, probs, dlogits, d  # this chunk's buffer goes before the next one is made
+        return losses.reshape(B, T), dln_f.reshape(B, T, C), dwte
+
+
+# training computes the logits this many positions at a time (256 x 50257 floats: 51 MB) ...
+HEAD_ROWS = 256
+# ... and adds each chunk's part of the output head's (V, C) gradient this many rows at a time
+HEAD_VOCAB_BLOCK = 4096
 
 # the activations of block i are named h{i}.<one of these>, in the order the forward makes them
 BLOCK_ACTS = ("ln_1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn.out",

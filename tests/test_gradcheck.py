@@ -87,8 +87,8 @@ def _wrong_matmul_backward(dout, inp, weight):
     return dinp, dweight, dbias * 2
 
 
-def _wrong_crossentropy_backward(dlosses, probs, targets):
-    return probs * dlosses[..., None]  # the -onehot forgotten
+def _wrong_crossentropy_backward(dlosses, probs, targets, out=None):
+    return np.multiply(probs, dlosses[..., None], out=out)  # the -onehot forgotten
 
 
 BACKWARDS = {k: getattr(layers, k) for k in ("layernorm_backward", "attention_backward", "matmul_backward")}

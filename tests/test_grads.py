@@ -39,6 +39,18 @@ def test_loss_and_every_grad_match_torch(path, dtype, tol, prefix, loss_key):
     assert not bad, f"gradients off by more than {tol}: {bad}"
 
 
+@pytest.mark.parametrize("rows, block", [(5, 7), (1, 96), (32, 1)])
+def test_head_in_chunks_matches_torch(path, rows, block, monkeypatch):
+    """loss_and_grads computes the logits HEAD_ROWS positions at a time and adds the head's
+    wte gradient HEAD_VOCAB_BLOCK rows at a time; lowered here so that the fixture's 2 x 16
+    positions and 96 tokens take several chunks of each (the last one partial), and the same
+    torch references hold."""
+    monkeypatch.setattr(npgpt2.model, "HEAD_ROWS", rows)
+    monkeypatch.setattr(npgpt2.model, "HEAD_VOCAB_BLOCK", block)
+    test_loss_and_every_grad_match_torch(path, np.float64, 1e-7, "grad/", "loss_f64")
+    test_loss_and_every_grad_match_torch(path, np.float32, 1e-3, "grad32/", "loss_f32")
+
+
 def test_tied_embedding_gets_head_gradient(path):
     """Rows of model/wte for tokens never input still get the output head's gradient."""
     model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)

@@ -246,6 +246,41 @@ def test_crossentropy(dtype, seed, B, T, V, scale):
           layers.crossentropy_softmax_backward(dl, pw, targets), dtype)
 
 
+@FAST
+@given(dtype=dtypes, seed=seeds, B=st.integers(1, 3), T=st.integers(1, 4), V=st.integers(2, 300))
+def test_crossentropy_in_place(dtype, seed, B, T, V):
+    """out= (both twins): probs written over the logits, then dlogits over the probs, give
+    what the allocating calls give, in the very buffer that was passed."""
+    rng = np.random.default_rng(seed)
+    logits = randn(rng, (B, T, V), dtype, 3.0)
+    targets = rng.integers(0, V, (B, T))
+    dl = randn(rng, (B, T), dtype)
+    for nn in (layers, kernels):
+        want_losses, want_probs = nn.crossentropy_forward(logits, targets)
+        want_dlogits = nn.crossentropy_softmax_backward(dl, want_probs, targets)
+        buf = logits.copy()
+        losses, probs = nn.crossentropy_forward(buf, targets, out=buf)
+        assert probs is buf or np.shares_memory(probs, buf)
+        np.testing.assert_array_equal(losses, want_losses)
+        np.testing.assert_array_equal(probs, want_probs)
+        dlogits = nn.crossentropy_softmax_backward(dl, probs, targets, out=probs)
+        assert np.shares_memory(dlogits, buf)
+        np.testing.assert_array_equal(dlogits, want_dlogits)
+        other = np.empty_like(logits)  # out= a third array: probs is left as it was
+        dlogits = nn.crossentropy_softmax_backward(dl, want_probs, targets, out=other)
+        assert np.shares_memory(dlogits, other)
+        np.testing.assert_array_equal(dlogits, want_dlogits)
+        np.testing.assert_array_equal(nn.crossentropy_forward(logits, targets)[1], want_probs)
+
+
+def test_crossentropy_rejects_bad_out():
+    logits = np.zeros((1, 2, 5), np.float32)
+    for bad in (np.zeros((1, 2, 5), np.float64), np.zeros((1, 2, 4), np.float32),
+                np.zeros((1, 5, 2), np.float32).transpose(0, 2, 1)):
+        with pytest.raises(ValueError, match="out"):
+            kernels.crossentropy_forward(logits, np.array([[0, 1]]), out=bad)
+
+
 def test_crossentropy_rejects_bad_target():
     logits = np.zeros((1, 2, 5), np.float32)
     with pytest.raises(IndexError):

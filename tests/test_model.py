@@ -188,9 +188,9 @@ def test_forward_with_saves_keeps_the_documented_tensors(path, tiny_ref):
     B, T, C = 2, 16, 24
     logits, saved = model.forward_with_saves(tiny_ref["tokens"])
     assert np.abs(logits - tiny_ref["logits_f64"]).max() <= 1e-9
-    block = {"resid_pre": (B, T, C), "ln_1": (B, T, C), "ln_1.mean": (B, T), "ln_1.rstd": (B, T),
-             "attn.qkv": (B, T, 3 * C), "attn.z": (B, T, C), "resid_mid": (B, T, C), "ln_2": (B, T, C),
-             "ln_2.mean": (B, T), "ln_2.rstd": (B, T), "mlp.pre": (B, T, 4 * C), "mlp.post": (B, T, 4 * C)}
+    # ln_1, ln_2 and mlp.post are not kept: backward recomputes them
+    block = {"resid_pre": (B, T, C), "attn.qkv": (B, T, 3 * C), "attn.z": (B, T, C), "resid_mid": (B, T, C),
+             "mlp.pre": (B, T, 4 * C)}
     assert len(saved["blocks"]) == 2
     for act in saved["blocks"]:
         assert {k: v.shape for k, v in act.items() if k != "attn.att"} == block
@@ -220,3 +220,26 @@ def test_backward_from_any_dlogits_matches_finite_differences(path, tiny_ref):
     for idx in [(0, 0, 0), (0, 7, 13), (1, 15, 23), (1, 3, 5)]:
         numeric = (f(idx, 1e-5) - f(idx, -1e-5)) / 2e-5
         assert abs(numeric - dembed[idx]) <= 1e-6 * max(1.0, abs(numeric)), idx
+
+
+def test_loss_and_grads_never_holds_the_whole_logits(path):
+    """Training's largest arrays are the logits: loss_and_grads makes them HEAD_ROWS positions
+    at a time, one buffer for logits, probabilities and their gradient (NumPy reports its
+    arrays to tracemalloc). Here the whole (B*T, V) logits are 10.5 MB, a chunk 2.6 MB."""
+    import tracemalloc
+
+    from npgpt2.model import HEAD_ROWS
+    hp = dict(n_vocab=5000, n_ctx=512, n_embd=8, n_head=2, n_layer=1)
+    model = npgpt2.init_model(hp, seed=0)
+    tokens = np.random.default_rng(0).integers(0, hp["n_vocab"], (2, 257))
+    model.loss_and_grads(tokens[:, :-1], tokens[:, 1:])  # compile / warm up outside the trace
+    whole = 2 * 256 * hp["n_vocab"] * 4
+    chunk = HEAD_ROWS * hp["n_vocab"] * 4
+    tracemalloc.start()
+    try:
+        model.loss_and_grads(tokens[:, :-1], tokens[:, 1:])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    params = sum(p.nbytes for p in model.params.values())  # the gradients
+    assert peak < params + 1.5 * chunk < whole, (peak, params, chunk, whole)
