@@ -151,7 +151,12 @@ def test_attention_forward_backward(dtype, seed, shape, qblock, kblock, monkeypa
     score_scale = 1.0 + np.sqrt(hs) * float(np.abs(qkv).max()) ** 2
     np.testing.assert_allclose(lse, causal_lse(qkv, NH), rtol=0, atol=TOL[dtype] * 4 * score_scale)
     dout = randn(rng, (B, T, NH * hs), dtype)
-    close(kernels.attention_backward(dout, qkv, saved, NH), layers.attention_backward(dout, qkv, att, NH), dtype)
+    want = layers.attention_backward(dout, qkv, att, NH)
+    # the probabilities both twins differentiate carry that score rounding too (relative
+    # error ~ rounding of s), so it scales the gradients' agreement as well: seen failing
+    # without it at float32, 1 query and 1 key a block, |dqkv| 3.5, error 8.3e-6 (2.4e-6 relative)
+    close(kernels.attention_backward(dout, qkv, saved, NH), want, dtype,
+          scale=max(1.0, float(np.abs(want).max())) * score_scale)
 
 
 def test_fused_attention_gradient_by_finite_differences():
