@@ -8,7 +8,7 @@ float32 matmul); tests hold the two equal to float32 rounding.
   once, converted to float32 in registers and dotted with the inputs; the scale multiplies
   each group's sum. Decode reads every weight once per token, so reading 1 byte instead of
   4 per weight is the whole gain (memory bandwidth, not arithmetic, is the limit).
-- A short prompt (up to GEMV_PAR_MAX_ROWS rows) takes the same kernel with the weight's rows
+- A prompt of up to GEMV_PAR_MAX_ROWS rows takes the same kernel with the weight's rows
   split between the threads (`_gemv_par`), when threads.py finds a second core free.
 - Many rows (a long prompt, eval) dequantise the weight into a float32 matrix (`dequantize`,
   bit-identical to quant.QuantizedWeight.rows) and hand the product to BLAS: there each
@@ -20,18 +20,19 @@ from numba import njit, prange
 from . import threads
 from .quant import QuantizedWeight
 
-# Decoding's GEMV (up to GEMV_MAX_ROWS rows) always runs on one thread: a parallel launch
-# costs ~0.4 ms under Numba's workqueue layer (threads.py's choice), more than a layer's
-# whole GEMV (~0.1-0.2 ms for 768 x 3072 int8 from memory), and a second thread does not
-# read memory faster here (the 50257 x 768 head: 2.3 ms on one thread, 2.5-2.8 ms on two).
-# Measured at 124M, 16-token prompt + 40 new, idle 2 cores: 40-55 tok/s with a parallel
-# GEMV, 83-87 tok/s serial (float32: ~40).
-GEMV_MAX_ROWS = 8
-# A short prompt's rows multiply each weight several times, so there the arithmetic (int8 ->
-# float32 conversion and FMA) is the limit and a second thread pays for its launch. Above
-# this many rows, dequantise + BLAS: at 124M, a 16-token prompt took 290 ms that way (the
-# dequantised matrices are 4x the int8 bytes, written then read) and ~90 ms in the GEMV
-# kernel, about what float32's BLAS prefill takes; at 64 rows BLAS is ahead again.
+# Decoding's GEMV, and a short prompt's (up to GEMV_MAX_ROWS rows), runs on one thread: a
+# parallel launch costs ~0.4 ms under Numba's workqueue layer (threads.py's choice), and on
+# this project's VM a sleeping thread takes up to ~1 ms to wake (the 50257 x 768 head: 2.0-2.6
+# ms on one thread; on two, 1.1-1.4 ms at best but 2.4-3.3 ms median), more than a layer's
+# whole GEMV (~0.1-0.3 ms from memory). Measured at 124M, 16-token prompt + 40 new, idle 2
+# cores: 40-55 tok/s with a parallel GEMV, 83-87 tok/s serial (float32: ~40); a 16-token
+# prompt: 84 ms serial, 97 ms split between threads (median of 9).
+GEMV_MAX_ROWS = 16
+# Longer prompts multiply each weight by more rows, so the arithmetic (int8 -> float32
+# conversion and FMA) outgrows the launch: 17-32 rows split the weight's rows between the
+# threads (32 tokens: 122 ms against 153 serial). Above, dequantise + BLAS: at 124M a 16-token
+# prompt took 290 ms that way (the dequantised matrices are 4x the int8 bytes, written then
+# read), but at 64 rows BLAS's GEMM is ahead again.
 GEMV_PAR_MAX_ROWS = 32
 # the dot products may be summed in any order (SIMD lanes), so LLVM can vectorise them
 FAST = {"reassoc", "contract", "nsz"}
