@@ -51,10 +51,13 @@ log = logging.getLogger(__name__)
 SAMPLE_S = 0.2  # seconds between two looks at the machine
 HISTORY = 3  # samples averaged for `others`
 # work per thread below which a further thread does not pay: FLOPs for BLAS calls (waking
-# a thread costs ~10 us, what one core does with ~1 MFLOP; GPT-2 124M's decode GEMVs are
-# 3.5-77 MFLOP and, memory-bound, do gain from a second core's bandwidth when it is free),
-# elements for Numba loops
-MIN_WORK_PER_THREAD = {"blas": 1e6, "numba": 1 << 19}
+# a thread costs ~10 us on bare metal, what one core does with ~1 MFLOP; GPT-2 124M's decode
+# GEMVs are 1.2-77 MFLOP and, memory-bound, do gain from a second core's bandwidth when it is
+# free), elements for Numba loops. The BLAS figure is 0.5 MFLOP, not 1: at 1, decode's
+# 768 x 768 projection (1.2 MFLOP) got one thread and the others two, so OpenBLAS's count
+# flipped 2 -> 1 -> 2 in every layer; on a VM, where a parked thread takes up to ~1 ms to
+# wake, that cost 29-42 ms a token against 26 ms with the count held at 2.
+MIN_WORK_PER_THREAD = {"blas": 5e5, "numba": 1 << 19}
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS",
             "BLIS_NUM_THREADS")
