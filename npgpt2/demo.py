@@ -28,7 +28,7 @@ CORPUS = Path(__file__).parent / "assets" / "jargon.txt.gz"
 CORPUS_NAME = "The Jargon File 4.4.7 (public domain)"
 SAMPLES_FILE = "samples.txt"
 
-# 2-4 minutes on 2 cores (2.4 measured on an idle AMD EPYC VM);
+# 2-4 minutes on 2 cores (1.9 measured on an idle AMD EPYC VM);
 # quick: about 15 s (plus Numba's compile on a first run), for tests
 FULL = dict(n_embd=96, n_head=3, n_layer=3, context=64, batch_size=16, steps=500,
             learning_rate=3e-3, warmup=60, val_every=50, val_batch_count=8, eval_tokens=None)
