@@ -25,14 +25,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import numpy as np
 
-    from npgpt2.demo import load_corpus
+    from npgpt2.demo import load_corpus, split_corpus
     from npgpt2.model import MODEL_HPARAMS, init_model, save_model
     from npgpt2.tokenizer import load_tokenizer
     out = args.dir.resolve()
     work = out.parent / (out.name + "-work")
     work.mkdir(parents=True, exist_ok=True)
     ids, _ = load_corpus(load_tokenizer())
-    np.savez(work / "train.npz", ids[:int(ids.size * 0.9)])  # the demo's split; the rest is held out
+    np.savez(work / "train.npz", split_corpus(ids)[0])  # the demo's split; the rest is held out
     save_model(init_model(MODEL_HPARAMS["124M"], seed=0), work / "init")
     subprocess.run([sys.executable, "-m", "npgpt2.cli", "train", "--dataset", str(work / "train.npz"),
                     "--models_dir", str(work), "--model_name", "init",

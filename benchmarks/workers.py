@@ -264,7 +264,7 @@ def quality(args):
 
     import npgpt2
     from npgpt2 import quant
-    from npgpt2.demo import load_corpus
+    from npgpt2.demo import load_corpus, split_corpus
     from npgpt2.model import GPT2
     from npgpt2.tokenizer import load_tokenizer
     from npgpt2.train import evaluate
@@ -274,7 +274,7 @@ def quality(args):
     tok = load_tokenizer(args["dir"])
     if hasattr(tok, "compact_ids"):  # the demo's model: its compact ids, as the demo does
         ids = tok.compact_ids(ids)
-    held = ids[int(ids.size * 0.9):].astype(np.int64)  # the demo's split: the last 10 %
+    held = split_corpus(ids)[1].astype(np.int64)  # the demo's held-out 10 %
     W = (held.size - 1) // context
     windows = held[:W * context].reshape(W, context)  # [W, n_ctx]
     per = max(1, 4096 // context)  # windows per forward: (per, n_ctx, n_vocab) logits stay small

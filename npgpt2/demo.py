@@ -51,6 +51,12 @@ def load_corpus(tokenizer):
     return np.asarray(tokenizer.encode(text), dtype=np.uint16), len(text)
 
 
+def split_corpus(tokens):
+    """(training tokens, held-out tokens): the first 90 % of the stream and the last 10 %."""
+    split = int(tokens.size * 0.9)
+    return tokens[:split], tokens[split:]
+
+
 def preset(quick=False, steps=None):
     """The model and training settings of a demo run (steps overrides the preset's updates)."""
     out = dict(QUICK if quick else FULL)
@@ -91,8 +97,7 @@ def run_demo(steps=None, quick=False, seed=0, sample_num=None, sample_length=48,
     vocab = np.unique(ids)                    # compact id -> GPT-2 id
     tok = CompactTokenizer(gpt2, vocab, "the demo's vocabulary")
     compact = tok.compact_ids(ids).astype(np.uint16)
-    split = int(compact.size * 0.9)
-    train_tokens, val_tokens = compact[:split], compact[split:]
+    train_tokens, val_tokens = split_corpus(compact)
     H = unigram_entropy(compact)
     log.info("corpus: %s, %d characters, %d GPT-2 tokens, %d distinct (encoded in %.1f s)",
              CORPUS_NAME, n_chars, ids.size, vocab.size, time.time() - t0)
