@@ -455,23 +455,13 @@ class GPT2:
         del mlp_post
         g["mlp/c_proj/w"] = dw[None]  # [4C, C] -> [1, 4C, C]
         dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
-        ln_2, ln_2_mean, ln_2_rstd = nn.layernorm_forward(
-            act["resid_mid"], blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]: ln_2 again (not saved)
-        dln_2, dw, g["mlp/c_fc/b"] = nn.matmul_backward(dmlp_pre, ln_2, blk["mlp/c_fc/w"])  # [B, T, C]
-        g["mlp/c_fc/w"] = dw[None]  # [C, 4C] -> [1, C, 4C]
-        dbranch, g["ln_2/g"], g["ln_2/b"] = nn.layernorm_backward(
-            dln_2, act["resid_mid"], blk["ln_2/g"], ln_2_mean, ln_2_rstd)  # [B, T, C]
+        dbranch = _norm_linear_backward(nn, blk, "ln_2", "mlp/c_fc", act["resid_mid"], dmlp_pre, g)  # [B, T, C]
         dresid = dresid + dbranch  # [B, T, C] at resid_mid
         # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
         dz, dw, g["attn/c_proj/b"] = nn.matmul_backward(dresid, act["attn.z"], blk["attn/c_proj/w"])  # [B, T, C]
         g["attn/c_proj/w"] = dw[None]  # [C, C] -> [1, C, C]
         dqkv = nn.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)  # [B, T, C] -> [B, T, 3C]
-        ln_1, ln_1_mean, ln_1_rstd = nn.layernorm_forward(
-            act["resid_pre"], blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]: ln_1 again (not saved)
-        dln_1, dw, g["attn/c_attn/b"] = nn.matmul_backward(dqkv, ln_1, blk["attn/c_attn/w"])  # [B, T, C]
-        g["attn/c_attn/w"] = dw[None]  # [C, 3C] -> [1, C, 3C]
-        dbranch, g["ln_1/g"], g["ln_1/b"] = nn.layernorm_backward(
-            dln_1, act["resid_pre"], blk["ln_1/g"], ln_1_mean, ln_1_rstd)  # [B, T, C]
+        dbranch = _norm_linear_backward(nn, blk, "ln_1", "attn/c_attn", act["resid_pre"], dqkv, g)  # [B, T, C]
         grads.update({prefix + name: grad for name, grad in g.items()})
         return dresid + dbranch  # [B, T, C] at resid_pre
 
@@ -533,6 +523,19 @@ HEAD_VOCAB_BLOCK = 4096
 # the activations of block i are named h{i}.<one of these>, in the order the forward makes them
 BLOCK_ACTS = ("ln_1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn.out",
               "resid_mid", "ln_2", "mlp.pre", "mlp.post", "mlp.out", "resid_post")
+
+
+def _norm_linear_backward(nn, blk, ln, linear, x, dout, g):
+    """The backward of linear(ln(x)), how each branch of a block begins: dout (B, T, OC) at the
+    linear layer's output -> the gradient at x (B, T, C); the four parameter gradients go into
+    g under blk's short names. ln's output is recomputed from x (not saved by the forward),
+    bit for bit what the forward had.
+    """
+    h, mean, rstd = nn.layernorm_forward(x, blk[ln + "/g"], blk[ln + "/b"])  # [B, T, C]: ln again
+    dh, dw, g[linear + "/b"] = nn.matmul_backward(dout, h, blk[linear + "/w"])  # [B, T, OC] -> [B, T, C]
+    g[linear + "/w"] = dw[None]  # [C, OC] -> [1, C, OC], the conv1d weight's shape
+    dx, g[ln + "/g"], g[ln + "/b"] = nn.layernorm_backward(dh, x, blk[ln + "/g"], mean, rstd)  # [B, T, C]
+    return dx
 
 
 def _unchanged(name, x):
