@@ -10,9 +10,9 @@ float32 matmul); tests hold the two equal to float32 rounding.
   4 per weight is the whole gain (memory bandwidth, not arithmetic, is the limit).
 - A prompt of up to GEMV_PAR_MAX_ROWS rows takes the same kernel with the weight's rows
   split between the threads (`_gemv_par`), when threads.py finds a second core free.
-- Many rows (a long prompt, eval) dequantise the weight into a float32 matrix (`dequantize`,
-  bit-identical to quant.QuantizedWeight.rows) and hand the product to BLAS: there each
-  weight is reused by every row, so the GEMM's arithmetic dominates and BLAS does it best.
+- Many rows (a long prompt, eval) dequantise the weight into a float32 matrix
+  (`QuantizedWeight.dequantize`, as the plain way does) and hand the product to BLAS: there
+  each weight is reused by every row, so the GEMM's arithmetic dominates and BLAS does it best.
 """
 import numpy as np
 from numba import njit, prange
@@ -73,19 +73,6 @@ def _gemv_par(x, q, scale, out, chunks):
         _gemv_rows(x, q, scale, out, c * R // chunks, (c + 1) * R // chunks)
 
 
-def dequantize(weight):
-    """The float32 (R, K) rows of a QuantizedWeight (== weight.rows(slice(None)), bit for bit).
-
-    NumPy's multiply, on this thread: a Numba parallel loop here, next to BLAS's threads in
-    the GEMM that follows, made each call ~4x slower (the two pools waiting on each other).
-    """
-    R, K = weight.q.shape
-    G = weight.group
-    out = np.empty((R, K // G, G), dtype=np.float32)  # [R, groups, group]
-    np.multiply(weight.q.reshape(R, K // G, G), weight.scale[:, :, None], out=out)
-    return out.reshape(R, K)
-
-
 def matmul_forward(inp, weight, bias):
     """inp: float32 (..., K), weight: QuantizedWeight (K, R) (a .T view), bias: (R,) or None
     -> out (..., R) float32."""
@@ -103,7 +90,9 @@ def matmul_forward(inp, weight, bias):
             _gemv(x, weight.q, weight.scale, out)  # [N, K] -> [N, R]
     else:
         threads.blas_threads(2 * N * R * K)
-        out = x @ dequantize(weight).T  # [N, K] @ [K, R] -> [N, R], BLAS
+        # quant.py's own dequantise (NumPy, on this thread: a Numba parallel loop here, next to
+        # BLAS's threads in the GEMM that follows, made each call ~4x slower), then BLAS
+        out = x @ weight.dequantize()  # [N, K] @ [K, R] -> [N, R]
     if bias is not None:
         out += bias
     return out.reshape(inp.shape[:-1] + (R,))

@@ -83,7 +83,6 @@ def test_numba_twin_equals_plain(N, R, group):
     fast = kernels.matmul_forward(x, w.T, b)
     assert fast.shape == plain.shape == (N, 1, R) and fast.dtype == np.float32
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-4)
-    assert np.array_equal(quant_kernels.dequantize(w), w.rows(slice(None)))  # bit for bit
     head = quant_kernels.matmul_forward(x, w.T, None)  # the tied head: no bias
     np.testing.assert_allclose(head, plain - b, rtol=1e-5, atol=1e-4)
 
