@@ -16,8 +16,12 @@ Outputs (see tests/fixtures/README.md for the formats):
   hf_tiny/, hf_tiny_logits.npz  the tiny model saved by transformers itself (safetensors) + its logits
   introspect_tiny.npz, introspect_full.npz  HF attentions, hidden states, logit lens, a head ablation
                               and an input-embedding gradient (for run_with_cache & co.)
+  lora/                       a peft LoRA on the tiny model: peft's adapter folders (float32/16, bfloat16),
+                              logits, loss, adapter gradients, merge_and_unload weights (lora/README.md)
+  lora/npgpt2_written_peft.npz  peft's logits for the adapter folder npgpt2 wrote (part lora_ours)
 
-Pass part names (tiny, full, optim, introspect) to regenerate only those parts.
+Pass part names (tiny, full, optim, introspect, lora, lora_ours) to regenerate only those parts; the lora
+parts need only torch, transformers and peft (no TensorFlow).
 
 The generator also checks, without committing anything: the checkpoint reads back bit-exactly through
 TensorFlow, HF float64 logits agree with an independent NumPy forward written below (guards against a
@@ -34,10 +38,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import numpy as np
-import tensorflow as tf
 import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
+
+try:
+    import tensorflow as tf
+except ImportError:  # the lora parts need only torch + peft; tiny/full say so below
+    tf = None
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -498,17 +506,246 @@ def make_introspect(report):
     save_npz(FIX / "introspect_full.npz", res)
 
 
+# ---------------------------------------------------------------- LoRA references (peft, issue 17)
+
+LORA = FIX / "lora"
+SEED_LORA = 17
+# a block's four matrices, as npgpt2 names them (HF module h.{i}.<target>, TF prefix model/h{i}/<a>/<b>)
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+OURS = "npgpt2_written"  # the adapter folder npgpt2's write_peft_adapter wrote (tools/write_lora_fixture.py)
+
+
+def peft_lora_config():
+    """The peft config of the reference adapter: r 4, alpha 8, all four matrices ("c_proj" matches both
+    attn.c_proj and mlp.c_proj by PEFT's suffix matching), one rank and one alpha exception."""
+    from peft import LoraConfig
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                      rank_pattern={"h.1.mlp.c_fc": 2}, alpha_pattern={"h.0.attn.c_proj": 3},
+                      fan_in_fan_out=True, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+def lora_prefixes(hp):
+    """[(TF prefix "model/h0/attn/c_attn", HF module "transformer.h.0.attn.c_attn"), ...]."""
+    return [(f"model/h{i}/{t.replace('.', '/')}", f"transformer.h.{i}.{t}")
+            for i in range(hp["n_layer"]) for t in LORA_TARGETS]
+
+
+def lora_module(peft_model, hf_module):
+    return peft_model.get_submodule("base_model.model." + hf_module)
+
+
+def make_lora_values(hp, seed):
+    """{TF prefix: (lora_A.weight (r, in), lora_B.weight (out, r))} float32 in peft's layout; B is
+    not zero (peft's init) so the adapter changes the logits."""
+    rng = np.random.default_rng(seed)
+    cfg = peft_lora_config()
+    C = hp["n_embd"]
+    dims = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    out = {}
+    for prefix, hf_module in lora_prefixes(hp):
+        r = cfg.rank_pattern.get(hf_module.removeprefix("transformer."), cfg.r)
+        c_in, c_out = dims[hf_module.split(".", 3)[3]]
+        out[prefix] = (rng.normal(0.0, 0.15, (r, c_in)).astype(np.float32),
+                       rng.normal(0.0, 0.15, (c_out, r)).astype(np.float32))
+    return out
+
+
+def build_peft(hp, values, lora, dtype):
+    """peft's LoRA GPT-2 on the hand-mapped HF model, its lora_A/lora_B set to `lora`."""
+    from peft import get_peft_model
+    model = get_peft_model(build_hf(hp, values, dtype), peft_lora_config()).eval()
+    names = {n for n, _ in model.named_parameters() if ".lora_" in n}
+    assert len(names) == 2 * len(lora), sorted(names)
+    with torch.no_grad():
+        for prefix, hf_module in lora_prefixes(hp):
+            mod = lora_module(model, hf_module)
+            for weight, arr in ((mod.lora_A["default"].weight, lora[prefix][0]),
+                                (mod.lora_B["default"].weight, lora[prefix][1])):
+                assert tuple(weight.shape) == arr.shape and weight.dtype == dtype, (prefix, weight.shape, weight.dtype)
+                weight.copy_(torch.from_numpy(arr.astype(np.float64)).to(dtype))
+    return model
+
+
+def peft_loss_and_grads(model, hp, tokens, targets):
+    """Mean cross-entropy (no shift, as tiny_reference) and d loss / d A, d loss / d B in npgpt2's
+    layout: A = lora_A.weight.T (in, r), B = lora_B.weight.T (r, out)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=torch.from_numpy(tokens)).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.from_numpy(targets).reshape(-1))
+    loss.backward()
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert all(".lora_" in n for n in trainable), trainable  # peft froze every base weight
+    grads = {}
+    for prefix, hf_module in lora_prefixes(hp):
+        mod = lora_module(model, hf_module)
+        grads[prefix + "/lora_A"] = mod.lora_A["default"].weight.grad.numpy().T.copy()
+        grads[prefix + "/lora_B"] = mod.lora_B["default"].weight.grad.numpy().T.copy()
+    return float(loss.item()), grads
+
+
+def numpy_merged(hp, values, lora, scalings):
+    """float64 W + scaling * A @ B for each adapted matrix (for the NumPy sanity check only)."""
+    merged = {k: v.astype(np.float64) for k, v in values.items()}
+    for prefix, (a, b) in lora.items():
+        merged[prefix + "/w"] = merged[prefix + "/w"] + scalings[prefix] * (a.T.astype(np.float64)
+                                                                          @ b.T.astype(np.float64))[None]
+    return merged
+
+
+def strip_card(folder):
+    """save_pretrained also writes a model card README.md; the fixture keeps the two adapter files."""
+    (folder / "README.md").unlink(missing_ok=True)
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def half_copy(src, dst, dtype):
+    """The peft folder with its tensors cast to float16 / bfloat16 by torch (what `.half()` saves)."""
+    from safetensors.torch import load_file, save_file
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir()
+    shutil.copyfile(src / "adapter_config.json", dst / "adapter_config.json")
+    tensors = {k: v.to(dtype) for k, v in load_file(src / "adapter_model.safetensors").items()}
+    save_file(tensors, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def make_lora(report):
+    """tests/fixtures/lora/: a peft-written adapter (float32, float16, bfloat16 files) for the tiny model
+    and what peft/torch say about it: logits, loss, adapter gradients, merge_and_unload's weights."""
+    import peft
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    hp = TINY_HPARAMS
+    values = dict(np.load(FIX / "tiny_values.npz"))  # the base: tests/fixtures/tiny and hf_tiny
+    ref = np.load(FIX / "tiny_reference.npz")
+    tokens, targets = ref["tokens"], ref["targets"]
+    lora = make_lora_values(hp, SEED_LORA)
+    LORA.mkdir(parents=True, exist_ok=True)
+
+    m64 = build_peft(hp, values, lora, torch.float64)
+    m32 = build_peft(hp, values, lora, torch.float32)
+    scalings = {prefix: float(lora_module(m64, hf).scaling["default"]) for prefix, hf in lora_prefixes(hp)}
+    assert scalings["model/h0/attn/c_proj"] == 3 / 4 and scalings["model/h1/mlp/c_fc"] == 8 / 2
+    logits64, logits32 = hf_logits(m64, tokens), hf_logits(m32, tokens)
+    base64 = hf_logits(build_hf(hp, values, torch.float64), tokens)
+    report["lora |logits - base logits| (the adapter matters)"] = float(np.abs(logits64 - base64).max())
+    assert report["lora |logits - base logits| (the adapter matters)"] > 0.5
+    merged_np = numpy_merged(hp, values, lora, scalings)
+    report["sanity lora |peft f64 - numpy merged f64|"] = float(np.abs(numpy_forward(hp, merged_np, tokens)
+                                                                       - logits64).max())
+    assert report["sanity lora |peft f64 - numpy merged f64|"] < 1e-10
+    report["lora |peft f32 - peft f64|"] = float(np.abs(logits32 - logits64).max())
+
+    loss64, grads64 = peft_loss_and_grads(m64, hp, tokens, targets)
+    loss32, grads32 = peft_loss_and_grads(m32, hp, tokens, targets)
+    report["lora loss_f64"], report["lora loss_f32"] = loss64, loss32
+    # central differences of the NumPy loss through the merged weights, for a few A and B entries
+    worst, eps = 0.0, 1e-6
+    for prefix, which, idx in (("model/h0/attn/c_attn", 0, (1, 5)), ("model/h0/attn/c_proj", 1, (3, 2)),
+                               ("model/h1/mlp/c_fc", 0, (1, 20)), ("model/h1/mlp/c_proj", 1, (7, 0))):
+        fd = []
+        for sign in (1, -1):
+            pert = {k: tuple(np.array(a, dtype=np.float64) for a in v) for k, v in lora.items()}
+            pert[prefix][which][idx] += sign * eps  # peft layout (r, in) / (out, r)
+            fd.append(numpy_loss(hp, numpy_merged(hp, values, pert, scalings), tokens, targets))
+        name = prefix + ("/lora_A" if which == 0 else "/lora_B")
+        worst = max(worst, abs((fd[0] - fd[1]) / (2 * eps) - grads64[name][idx[::-1]]) / abs(grads64[name][idx[::-1]]))
+    report["sanity lora grad rel err vs numpy finite differences"] = worst
+    assert worst < 1e-6
+
+    out = {"tokens": tokens, "targets": targets, "logits_f64": logits64, "logits_f32": logits32,
+           "loss_f64": np.float64(loss64), "loss_f32": np.float32(loss32)}
+    for prefix, (a, b) in lora.items():
+        out[f"adapter/{prefix}/lora_A"], out[f"adapter/{prefix}/lora_B"] = a.T.copy(), b.T.copy()
+        out[f"scaling/{prefix}"] = np.float64(scalings[prefix])
+    out.update({f"grad/{k}": g for k, g in grads64.items()})
+    out.update({f"grad32/{k}": g for k, g in grads32.items()})
+
+    # the adapter as peft saves it, reloaded by peft: the same logits
+    folder = LORA / "peft_f32"
+    if folder.exists():
+        shutil.rmtree(folder)
+    m32.save_pretrained(folder)
+    strip_card(folder)
+    stored = load_file(folder / "adapter_model.safetensors")
+    assert len(stored) == 2 * len(lora) and all(v.dtype == torch.float32 for v in stored.values())
+    back = PeftModel.from_pretrained(build_hf(hp, values, torch.float32), folder).eval()
+    assert np.array_equal(hf_logits(back, tokens), logits32)
+    # float16 / bfloat16 copies, each loaded by peft onto the float32 base
+    for tag, dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
+        half_copy(folder, LORA / f"peft_{tag}", dtype)
+        model = PeftModel.from_pretrained(build_hf(hp, values, torch.float32), LORA / f"peft_{tag}").eval()
+        for prefix, hf in lora_prefixes(hp):
+            w = lora_module(model, hf).lora_A["default"].weight
+            assert w.dtype == torch.float32 and torch.equal(w, torch.from_numpy(lora[prefix][0]).to(dtype).float())
+        out[f"logits_{tag}file"] = hf_logits(model, tokens)
+        report[f"lora |logits {tag} file - f32 file|"] = float(np.abs(out[f"logits_{tag}file"] - logits32).max())
+
+    # merge_and_unload: the plain GPT-2 whose Conv1D weights are W + scaling * (lora_B @ lora_A).T
+    for tag, dtype in (("merged", torch.float32), ("merged64", torch.float64)):
+        merged = build_peft(hp, values, lora, dtype).merge_and_unload()
+        assert type(merged) is GPT2LMHeadModel
+        mparams = dict(merged.named_parameters())
+        for prefix, hf in lora_prefixes(hp):
+            out[f"{tag}/{prefix}/w"] = mparams[hf + ".weight"].detach().numpy()[None].copy()
+        got = hf_logits(merged, tokens)
+        report[f"lora {tag} |merge_and_unload logits - adapter logits|"] = float(
+            np.abs(got - (logits32 if dtype == torch.float32 else logits64)).max())
+    save_npz(LORA / "lora_reference.npz", out)
+    report["peft"] = peft.__version__
+
+
+def make_lora_ours(report):
+    """The adapter folder npgpt2 wrote (tests/fixtures/lora/npgpt2_written/, made by
+    tools/write_lora_fixture.py) loaded by peft's PeftModel.from_pretrained onto the tiny model:
+    every tensor must land in a LoRA layer, and peft's logits are recorded."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    hp = TINY_HPARAMS
+    values = dict(np.load(FIX / "tiny_values.npz"))
+    tokens = np.load(FIX / "tiny_reference.npz")["tokens"]
+    folder = LORA / OURS
+    stored = load_file(folder / "adapter_model.safetensors")
+    out = {"tokens": tokens}
+    for tag, dtype in (("f32", torch.float32), ("f64", torch.float64)):
+        model = PeftModel.from_pretrained(build_hf(hp, values, dtype), folder).eval()
+        loaded = {}
+        for name, p in model.named_parameters():
+            if ".lora_" in name:  # base_model.model.X.lora_A.default.weight <- X.lora_A.weight in the file
+                loaded[name.replace(".default.", ".")] = p.detach()
+        assert set(loaded) == set(stored), sorted(set(loaded) ^ set(stored))
+        for name, t in stored.items():
+            assert torch.equal(loaded[name], t.to(dtype)), name
+        out[f"logits_{tag}"] = hf_logits(model, tokens)
+        if tag == "f64":
+            for prefix, hf in lora_prefixes(hp):
+                mod = lora_module(model, hf)
+                if hasattr(mod, "scaling") and "default" in mod.scaling:
+                    out[f"scaling/{prefix}"] = np.float64(mod.scaling["default"])
+                    out[f"rank/{prefix}"] = np.int64(mod.r["default"])
+    report["ours in peft |f32 - f64 logits|"] = float(np.abs(out["logits_f32"] - out["logits_f64"]).max())
+    save_npz(LORA / f"{OURS}_peft.npz", out)
+
+
 def main():
+    only = sys.argv[1:]  # e.g. `make_fixtures.py introspect` regenerates just that part
+    if (not only or "lora" in only) and os.environ.get("PYTHONHASHSEED") != "0":
+        # peft stores target_modules from a set: fix str hashing so the JSON order is the same every run
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     torch.set_num_threads(1)  # shared 2-core machine; also keeps reductions in one order
-    tf.compat.v1.disable_eager_execution()
     FIX.mkdir(parents=True, exist_ok=True)
     report = {"python": sys.version.split()[0], "numpy": np.__version__,
-              "tensorflow": tf.__version__, "torch": torch.__version__,
+              "tensorflow": tf.__version__ if tf else None, "torch": torch.__version__,
               "transformers": transformers.__version__}
-    only = sys.argv[1:]  # e.g. `make_fixtures.py introspect` regenerates just that part
-    for name, make in (("tiny", make_tiny), ("full", make_full), ("optim", make_optim),
-                       ("introspect", make_introspect)):
+    parts = (("tiny", make_tiny), ("full", make_full), ("optim", make_optim),
+             ("introspect", make_introspect), ("lora", make_lora), ("lora_ours", make_lora_ours))
+    for name, make in parts:
         if not only or name in only:
+            if name in ("tiny", "full"):
+                if tf is None:
+                    sys.exit(f"{name}: needs tensorflow (tools/fixtures-requirements.txt)")
+                tf.compat.v1.disable_eager_execution()
             make(report)
     for k, v in report.items():
         print(f"{k}: {v}")
