@@ -1,0 +1,373 @@
+"""Hugging Face PEFT LoRA adapter folders: read one into LoraAdapters, write ours as one, merge into the base.
+
+A PEFT LoRA folder, as `PeftModel.save_pretrained` writes it for GPT-2:
+
+  adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...],
+                               "rank_pattern": {...}, "alpha_pattern": {...}, "fan_in_fan_out": true, ...}
+  adapter_model.safetensors   base_model.model.transformer.h.{i}.{target}.lora_A.weight  (r, C_in)
+                              base_model.model.transformer.h.{i}.{target}.lora_B.weight  (C_out, r)
+                              float32, float16 or bfloat16
+
+GPT-2's matrices are HF `Conv1D` modules, whose weight is (C_in, C_out) like ours (`fan_in_fan_out`),
+and PEFT's delta is scaling * (lora_B @ lora_A).T = scaling * lora_A.T @ lora_B.T, so
+A = lora_A.weight.T (C_in, r) and B = lora_B.weight.T (r, C_out) exactly (lora.py's layout).
+
+Which matrices a config adapts, and with which r and alpha, follows PEFT's own matching (peft 0.21):
+a `target_modules` list entry matches a module name equal to it or ending in "." + it ("c_proj" is
+both attn.c_proj and mlp.c_proj); a string is a regex that must match the whole name; a
+`rank_pattern`/`alpha_pattern` key K matches a name when re.match(rf"(.*\\.)?({K})$", name) does, and
+the first such key (in file order) wins. The names are HF's (`transformer.h.3.mlp.c_fc`); LoraConfig
+keys its exceptions by module_prefix ("model/h3/mlp/c_fc").
+"""
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import quant
+from .errors import Npgpt2Error
+from .fsutil import atomic_write, read_json
+from .lora import TARGETS, LoraAdapters, LoraConfig, module_prefix
+from .safetensors_io import read_safetensors, write_safetensors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# base_model.model.[transformer.]h.{i}.{target}.lora_{A,B}.weight (no "transformer." when the base was GPT2Model)
+TENSOR_KEY = re.compile(r"base_model\.model\.((?:transformer\.)?)h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc"
+                        r"|mlp\.c_proj)\.lora_([AB])\.weight")
+# PEFT's default targets for GPT-2 when target_modules is null (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+GPT2_DEFAULT_TARGETS = ["c_attn"]
+# Config options whose adapters compute something else than x @ A @ B * alpha / r on the four matrices:
+# name -> (value(s) that are fine, what npgpt2 would have to do).
+UNSUPPORTED = {
+    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
+    "use_rslora": ((False, None), "rank-stabilised scaling alpha/sqrt(r)"),
+    "bias": (("none", None), "trained biases"),
+    "lora_bias": ((False, None), "a bias on lora_B"),
+    "modules_to_save": ((None, []), "fully trained extra modules"),
+    "layer_replication": ((None, []), "replicated layers"),
+    "trainable_token_indices": ((None, [], {}), "trained token embeddings"),
+    "target_parameters": ((None, []), "adapters on raw parameters"),
+    "alora_invocation_tokens": ((None, []), "activated LoRA (aLoRA)"),
+}
+# the HF names of a GPT2LMHeadModel's modules besides a block's four matrices, which a config must not target
+OTHER_MODULES = ("transformer", "transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h",
+                 "transformer.ln_f", "lm_head")
+BLOCK_MODULES = ("", ".ln_1", ".attn", ".attn.attn_dropout", ".attn.resid_dropout", ".ln_2", ".mlp", ".mlp.act",
+                 ".mlp.dropout")
+# HF hub names of OpenAI's four releases, for base_model_name_or_path
+HF_NAMES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+
+def is_peft_dir(path):
+    """True when `path` is a folder holding a PEFT adapter_config.json (read_peft_adapter says what else is wrong)."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def matrix_shapes(hparams):
+    """{target: (C_in, C_out)} of a block's four matrices."""
+    C = hparams["n_embd"]
+    return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+
+
+# ---------------------------------------------------------------- reading
+def read_peft_adapter(path, hparams):
+    """The PEFT LoRA folder at `path` as LoraAdapters for a GPT-2 with these hparams (float32 arrays).
+
+    Raises Npgpt2Error("<file>: what is wrong") for anything npgpt2 cannot reproduce exactly: another
+    model type, DoRA, rsLoRA, biases, modules_to_save, a matrix adapted in some layers only, unknown
+    tensors, wrong shapes, non-finite values.
+    """
+    folder = Path(path)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not folder.is_dir():
+        raise Npgpt2Error(f"{folder}: no such adapter folder")
+    try:
+        cfg = read_json(config_path)
+    except FileNotFoundError:
+        raise Npgpt2Error(f"{config_path}: missing (not a PEFT adapter folder)") from None
+    if not isinstance(cfg, dict):
+        raise Npgpt2Error(f"{config_path}: not a JSON object")
+    r, alpha = _check_config(cfg, config_path)
+    if not weights_path.is_file():
+        other = " (adapter_model.bin is a pickle; save it with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise Npgpt2Error(f"{weights_path}: missing{other}")
+    tensors, _ = read_safetensors(weights_path)
+    found, hf_prefix = _sort_tensors(tensors, hparams, weights_path)
+
+    wanted = _targeted_modules(cfg, hparams, hf_prefix, config_path)
+    for i, target in sorted(wanted ^ set(found)):
+        has = "targets" if (i, target) in wanted else "does not target"
+        raise Npgpt2Error(f"{config_path}: {has} {hf_prefix}h.{i}.{target} but {WEIGHTS_FILE} "
+                          f"{'has no' if (i, target) in wanted else 'has'} tensors for it")
+    targets = tuple(t for t in TARGETS if any(t == tt for _, tt in found))
+    for target in targets:
+        missing = [i for i in range(hparams["n_layer"]) if (i, target) not in found]
+        if missing:
+            raise Npgpt2Error(f"{config_path}: adapts {target} in some layers but not in layer {missing[0]}; "
+                              f"npgpt2 adapts a matrix in every layer")
+    if not targets:
+        raise Npgpt2Error(f"{weights_path}: holds no LoRA tensors")
+
+    rank_pattern, alpha_pattern, params = {}, {}, {}
+    shapes = matrix_shapes(hparams)
+    for (i, target), ab in sorted(found.items()):
+        name = f"{hf_prefix}h.{i}.{target}"
+        r_m = _pattern_value(cfg, "rank_pattern", name, r, config_path)
+        alpha_m = _pattern_value(cfg, "alpha_pattern", name, alpha, config_path)
+        _check_number(r_m, f"{config_path}: rank_pattern for {name}", integer=True)
+        _check_number(alpha_m, f"{config_path}: alpha_pattern for {name}")
+        prefix = module_prefix(i, target)
+        if r_m != r:
+            rank_pattern[prefix] = int(r_m)
+        if alpha_m != alpha:
+            alpha_pattern[prefix] = float(alpha_m)
+        c_in, c_out = shapes[target]
+        for which, want in (("A", (r_m, c_in)), ("B", (c_out, r_m))):
+            key, arr = ab[which]
+            if tuple(arr.shape) != want:
+                raise Npgpt2Error(f"{weights_path}: tensor '{key}' has shape {tuple(arr.shape)}, but r={r_m} and "
+                                  f"n_embd={hparams['n_embd']} imply {want}")
+            if arr.dtype.kind != "f" or not np.isfinite(arr).all():
+                raise Npgpt2Error(f"{weights_path}: tensor '{key}' is {arr.dtype}"
+                                  f"{' with NaN or inf values' if arr.dtype.kind == 'f' else ', not a float'}")
+            params[f"{prefix}/lora_{which}"] = np.ascontiguousarray(arr.T, dtype=np.float32)  # PEFT -> ours: .T
+    config = LoraConfig(r=int(r), alpha=float(alpha), targets=targets, rank_pattern=rank_pattern,
+                        alpha_pattern=alpha_pattern)
+    return LoraAdapters(config=config, params=params)
+
+
+def _check_number(v, what, integer=False):
+    ok = not isinstance(v, bool) and (isinstance(v, int) if integer else isinstance(v, (int, float)))
+    if not ok or not math.isfinite(v) or v <= 0:
+        raise Npgpt2Error(f"{what} must be a {'whole' if integer else 'finite'} number > 0, got {v!r}")
+
+
+def _check_config(cfg, config_path):
+    """(r, lora_alpha) of a LoRA config npgpt2 can reproduce; Npgpt2Error naming the first thing it cannot."""
+    if cfg.get("peft_type") != "LORA":
+        raise Npgpt2Error(f"{config_path}: peft_type is {cfg.get('peft_type')!r}; npgpt2 reads LoRA adapters "
+                          f"(\"LORA\") only")
+    for key, (fine, what) in UNSUPPORTED.items():
+        if cfg.get(key) not in fine:
+            raise Npgpt2Error(f"{config_path}: {key}={cfg[key]!r} ({what}) is not supported; npgpt2 reads "
+                              f"plain LoRA adapters")
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise Npgpt2Error(f"{config_path}: no {key!r}")
+    _check_number(cfg["r"], f"{config_path}: r", integer=True)
+    _check_number(cfg["lora_alpha"], f"{config_path}: lora_alpha")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise Npgpt2Error(f"{config_path}: {key} must be an object, got {cfg[key]!r}")
+    return cfg["r"], cfg["lora_alpha"]
+
+
+def _sort_tensors(tensors, hparams, weights_path):
+    """{(layer, target): {"A": (key, lora_A), "B": (key, lora_B)}} and the module-name prefix
+    ("transformer." or ""), refusing anything that is not one of a GPT-2 block's LoRA matrices."""
+    found, prefixes = {}, set()
+    for key in sorted(tensors):
+        m = TENSOR_KEY.fullmatch(key)
+        if not m:
+            raise Npgpt2Error(f"{weights_path}: unknown tensor '{key}' (not lora_A/lora_B of a GPT-2 block's "
+                              f"attn.c_attn, attn.c_proj, mlp.c_fc or mlp.c_proj: an adapter for another "
+                              f"model type?)")
+        prefix, layer, target, which = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        if layer >= hparams["n_layer"]:
+            raise Npgpt2Error(f"{weights_path}: tensor '{key}' is for layer {layer}, but the model has "
+                              f"n_layer={hparams['n_layer']} (an adapter for another GPT-2 size?)")
+        prefixes.add(prefix)
+        found.setdefault((layer, target), {})[which] = (key, tensors[key])
+    if len(prefixes) > 1:
+        raise Npgpt2Error(f"{weights_path}: mixes tensor names with and without 'transformer.'")
+    for (layer, target), ab in sorted(found.items()):
+        for which in "AB":
+            if which not in ab:
+                raise Npgpt2Error(f"{weights_path}: has lora_{'B' if which == 'A' else 'A'} but no "
+                                  f"lora_{which} for h.{layer}.{target}")
+    return found, prefixes.pop() if prefixes else "transformer."
+
+
+def _module_targeted(cfg, name, layer, config_path):
+    """PEFT's check_target_module_exists for one module name (exclude_modules, target_modules, layers_to_transform)."""
+    targets, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
+    targets = GPT2_DEFAULT_TARGETS if targets is None else targets
+    try:
+        if isinstance(exclude, str) and re.fullmatch(exclude, name):
+            return False
+        if isinstance(exclude, list) and (name in exclude or any(name.endswith("." + e) for e in exclude)):
+            return False
+        if targets == "all-linear":  # every Conv1D but the output head (which is not one in GPT-2)
+            return layer is not None and name.rsplit(".", 2)[-2] in ("attn", "mlp") \
+                and name.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc")
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+    except re.error as e:
+        raise Npgpt2Error(f"{config_path}: target_modules/exclude_modules is not a valid regex ({e})") from None
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise Npgpt2Error(f"{config_path}: target_modules must be a list of names or a regex, got {targets!r}")
+    if not (name in targets or any(name.endswith("." + t) for t in targets)):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    layers = [layers] if isinstance(layers, int) else layers
+    return layer is not None and layer in layers
+
+
+def _targeted_modules(cfg, hparams, hf_prefix, config_path):
+    """{(layer, target)} the config adapts in a GPT-2 with these hparams; refuses a config that
+    targets one of GPT-2's other modules (embeddings, head, layer norms)."""
+    wanted = set()
+    names = [(n.replace("transformer.", hf_prefix, 1), None) for n in OTHER_MODULES if n != "transformer" or hf_prefix]
+    for i in range(hparams["n_layer"]):
+        names += [(f"{hf_prefix}h.{i}{suffix}", i) for suffix in BLOCK_MODULES]
+        names += [(f"{hf_prefix}h.{i}.{t}", i) for t in TARGETS]
+    for name, layer in names:
+        if not _module_targeted(cfg, name, layer, config_path):
+            continue
+        target = name.split(".", 3 if hf_prefix else 2)[-1] if layer is not None else None
+        if target not in TARGETS:
+            raise Npgpt2Error(f"{config_path}: target_modules matches {name}, which npgpt2 cannot adapt "
+                              f"(only a block's attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)")
+        wanted.add((layer, target))
+    return wanted
+
+
+def _pattern_value(cfg, key, name, default, config_path):
+    """PEFT's get_pattern_key: the value of the first pattern whose regex matches the end of `name`."""
+    for pattern, value in (cfg.get(key) or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", name):
+                return value
+        except re.error as e:
+            raise Npgpt2Error(f"{config_path}: {key} key {pattern!r} is not a valid regex ({e})") from None
+    return default
+
+
+# ---------------------------------------------------------------- writing
+def hf_module(prefix):
+    """"model/h3/mlp/c_fc" -> "h.3.mlp.c_fc": PEFT's name for the module (a suffix of transformer.h.3.mlp.c_fc)."""
+    m = re.fullmatch(r"model/h(\d+)/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)", prefix)
+    if not m:
+        raise Npgpt2Error(f"adapters: {prefix!r} is not a block's adapted matrix")
+    return f"h.{m.group(1)}.{m.group(2).replace('/', '.')}"
+
+
+def peft_config(adapters, base_name="gpt2"):
+    """The adapter_config.json dict for these adapters (HF module names, r, alpha, patterns)."""
+    cfg = adapters.config
+    return {
+        "alpha_pattern": {hf_module(k): float(v) for k, v in sorted(cfg.alpha_pattern.items())},
+        "base_model_name_or_path": base_name,
+        "bias": "none",
+        "fan_in_fan_out": True,  # GPT-2's Conv1D stores (C_in, C_out)
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": float(cfg.alpha),
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": int(cfg.r),
+        "rank_pattern": {hf_module(k): int(v) for k, v in sorted(cfg.rank_pattern.items())},
+        "revision": None,
+        "target_modules": list(cfg.targets),  # "attn.c_attn" matches transformer.h.{i}.attn.c_attn only
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
+
+
+def n_layers(adapters):
+    """How many blocks the adapters cover (checking every block has an A and B of the right rank for
+    each target, so a file written from them says the same as the config)."""
+    cfg = adapters.config
+    layers = {int(m.group(1)) for k in adapters.params if (m := re.match(r"model/h(\d+)/", k))}
+    n = max(layers) + 1 if layers else 0
+    want = {f"{module_prefix(i, t)}/lora_{w}" for i in range(n) for t in cfg.targets for w in "AB"}
+    if not n or set(adapters.params) != want:
+        extra = sorted(set(adapters.params) ^ want)
+        raise Npgpt2Error(f"adapters: {'no arrays' if not n else 'array ' + repr(extra[0])} does not fit the "
+                          f"config (targets {','.join(cfg.targets)} in each of {n} layers)")
+    for i in range(n):
+        for t in cfg.targets:
+            a, b = (adapters.params[f"{module_prefix(i, t)}/lora_{w}"] for w in "AB")
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != cfg.rank(i, t) or b.shape[0] != cfg.rank(i, t):
+                raise Npgpt2Error(f"adapters: {module_prefix(i, t)} has A {a.shape} and B {b.shape}, "
+                                  f"not rank {cfg.rank(i, t)}")
+    return n
+
+
+def peft_tensors(adapters):
+    """{PEFT key: float32 array in PEFT's layout} for adapter_model.safetensors."""
+    out = {}
+    for i in range(n_layers(adapters)):
+        for t in adapters.config.targets:
+            for w in "AB":
+                arr = adapters.params[f"{module_prefix(i, t)}/lora_{w}"]
+                key = f"base_model.model.transformer.h.{i}.{t}.lora_{w}.weight"
+                out[key] = np.ascontiguousarray(np.asarray(arr).T, dtype=np.float32)  # ours -> PEFT: .T
+    return out
+
+
+def write_peft_adapter(adapters, path, base_name="gpt2"):
+    """Write `adapters` as a PEFT LoRA folder at `path` (which must not exist, or be empty) that
+    PeftModel.from_pretrained loads onto HF's GPT2LMHeadModel. The folder is written under a
+    temporary name and renamed into place, so a failure leaves nothing behind. Returns Path(path)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise Npgpt2Error(f"{path}: already exists{' and is not empty' if path.is_dir() else ''}; "
+                          f"write the adapter to a new folder")
+    tensors = peft_tensors(adapters)
+    config = peft_config(adapters, base_name)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with atomic_write(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        if path.exists():
+            path.rmdir()  # the empty folder checked above
+        os.replace(tmp, path)
+    except OSError as e:
+        raise Npgpt2Error(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def hf_base_name(base_dir):
+    """base_model_name_or_path for a base folder: HF's name of an OpenAI release folder ("124M" -> "gpt2"),
+    else the folder's path."""
+    base_dir = Path(base_dir)
+    return HF_NAMES.get(base_dir.name, str(base_dir))
+
+
+# ---------------------------------------------------------------- merging
+def merged_params(params, adapters, dtype=np.float32):
+    """The base's params with every adapted matrix replaced by W + scaling * A @ B, in the base's
+    (1, C_in, C_out) layout; other params are passed through (as `dtype`). The sum is formed in float64
+    and rounded once. int8 weights (quant.QuantizedWeight) are dequantised first."""
+    cfg = adapters.config
+    out = {name: np.asarray(w, dtype=dtype) for name, w in quant.dequantize_params(params).items()}
+    for i in range(n_layers(adapters)):
+        for target in cfg.targets:
+            prefix = module_prefix(i, target)
+            a = np.asarray(adapters.params[prefix + "/lora_A"], dtype=np.float64)  # [C_in, r]
+            b = np.asarray(adapters.params[prefix + "/lora_B"], dtype=np.float64)  # [r, C_out]
+            w = np.asarray(out.get(prefix + "/w"), dtype=np.float64)  # [1, C_in, C_out]
+            if w.shape != (1, a.shape[0], b.shape[1]):
+                raise Npgpt2Error(f"adapters: {prefix} is {a.shape[0]}x{b.shape[1]} but the base's "
+                                  f"{prefix}/w is {w.shape}")
+            out[prefix + "/w"] = (w + cfg.scaling(i, target) * (a @ b)[None]).astype(dtype)  # [1, C_in, C_out]
+    return out
