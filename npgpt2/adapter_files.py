@@ -371,3 +371,89 @@ def merged_params(params, adapters, dtype=np.float32):
                                   f"{prefix}/w is {w.shape}")
             out[prefix + "/w"] = (w + cfg.scaling(i, target) * (a @ b)[None]).astype(dtype)  # [1, C_in, C_out]
     return out
+
+
+# ---------------------------------------------------------------- npgpt2 convert --merge / --to peft
+def adapter_source(src, base=None):
+    """(LoraAdapters, base folder) of `src`: an npgpt2 LoRA run folder (its adapter.json names and
+    checksums its base; lora.py) or a PEFT adapter folder, whose base is `base` (--base DIR)."""
+    from . import lora
+    src = Path(src)
+    if _is_run_dir(src):
+        if base is not None:
+            raise Npgpt2Error(f"--base: {src} is an npgpt2 LoRA run folder, which names its own base; "
+                              f"leave --base out")
+        adapters, _ = lora.read_run_adapters(src)
+        return adapters, Path(lora.find_base(src, adapters.base))
+    if is_peft_dir(src):
+        if base is None:
+            raise Npgpt2Error(f"--base: {src} is a PEFT adapter folder; name the model it adapts with --base DIR")
+        from .convert import detect_format, read_model
+        detect_format(base)  # a model folder or .npz, else one line
+        hparams = read_model(base)[0]
+        return read_peft_adapter(src, hparams), Path(base)
+    raise Npgpt2Error(f"{src}: not a LoRA adapter folder (neither an npgpt2 run's adapter.json nor a PEFT "
+                      f"adapter_config.json)")
+
+
+def is_adapter_source(path):
+    """Does `path` hold LoRA adapters (an npgpt2 run folder or a PEFT folder)?"""
+    return Path(path).is_dir() and (_is_run_dir(path) or is_peft_dir(path))
+
+
+def _is_run_dir(path):
+    from . import lora
+    is_run_dir = getattr(lora, "is_run_dir", None)  # lora.py's run folders (helper lora's branch)
+    return bool(is_run_dir and is_run_dir(path))
+
+
+def convert_adapter(src, dst, merge=False, fmt=None, base=None, force=False, dtype="float32"):
+    """`npgpt2 convert <run> <out> --merge`: the base with the adapters merged in (W + alpha/r * A @ B),
+    an OpenAI-layout float32 folder by default (fmt "hf"/"npz" as convert writes them, dtype "int8"
+    for 8-bit weights); `--to peft`: the adapters as a PEFT folder. Nothing is written on failure."""
+    from . import convert as cv
+    src, dst = Path(src), Path(dst)
+    if merge == (fmt == "peft"):
+        raise Npgpt2Error(f"{src}: holds LoRA adapters: write a full model with --merge, or a PEFT adapter "
+                          f"folder with --to peft" if not merge else "--merge and --to peft: choose one")
+    if quant.check_dtype(dtype) == "int8" and fmt not in (None, "tf"):
+        raise Npgpt2Error(f"--dtype int8: written as a merged OpenAI-layout folder only, not --to {fmt}")
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise Npgpt2Error(f"{dst}: is the source itself; write the conversion somewhere else")
+    adapters, base_dir = adapter_source(src, base)
+    if merge:
+        if base_dir.is_dir() and quant.read_quant_info(base_dir) is not None:
+            raise Npgpt2Error(f"{base_dir}: holds int8 weights (quant.json); merge onto the float32 model")
+        fmt = fmt or ("npz" if dst.suffix == ".npz" else "tf")
+        cv._check_destination(dst, fmt, force)
+        hparams, params, tok = cv.read_model(base_dir)
+        params = merged_params(params, adapters)
+        write = {"tf": cv.write_int8 if dtype == "int8" else cv.write_tf, "hf": cv.write_hf}.get(fmt)
+    else:
+        _check_peft_destination(dst, force)
+        write = None
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if merge and fmt == "npz":
+            cv.write_npz(dst, hparams, params)
+        elif merge:
+            cv._write_folder(dst, lambda tmp: write(tmp, hparams, params, tok))
+        else:
+            cv._write_folder(dst, lambda tmp: write_peft_adapter(adapters, tmp, hf_base_name(base_dir)))
+    except OSError as e:
+        raise Npgpt2Error(f"{dst}: cannot write ({e.strerror or e})") from None
+    return dst
+
+
+def _check_peft_destination(dst, force):
+    """--to peft may write into a missing or empty folder, or replace a PEFT folder with --force."""
+    if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
+        return
+    if not dst.is_dir():
+        raise Npgpt2Error(f"{dst}: is a file; a PEFT adapter is written as a folder")
+    if not force:
+        raise Npgpt2Error(f"{dst}: is not empty (use --force to replace a PEFT adapter there)")
+    others = sorted(e.name for e in dst.iterdir() if e.name not in (CONFIG_FILE, WEIGHTS_FILE, "README.md"))
+    if others or not is_peft_dir(dst):
+        raise Npgpt2Error(f"{dst}: holds {others[0] if others else 'no adapter_config.json'}, not only a PEFT "
+                          f"adapter; refusing to replace it, even with --force")

@@ -286,7 +286,8 @@ def cmd_download(args):
 def cmd_convert(args):
     """Convert weights between an OpenAI TF folder, a .npz and a Hugging Face folder."""
     from .convert import convert
-    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force, dtype=args.dtype))
+    print(convert(args.src, args.dst, fmt=args.fmt, src_fmt=args.src_fmt, force=args.force, dtype=args.dtype,
+                  merge=args.merge, base=args.base))
 
 
 # ---------------------------------------------------------------- encode, train, eval, demo
@@ -531,14 +532,21 @@ def build_parser():
     p = sub.add_parser("convert", help="convert weights: OpenAI TF folder <-> .npz <-> Hugging Face folder")
     p.add_argument("src", help="a model folder (OpenAI TF or Hugging Face) or a .npz")
     p.add_argument("dst", help="where to write; *.npz for a single file")
-    p.add_argument("--to", dest="fmt", choices=["tf", "npz", "hf"], default=None,
-                   help="output format (default: npz for *.npz, else hf from tf, tf from the others)")
+    p.add_argument("--to", dest="fmt", choices=["tf", "npz", "hf", "peft"], default=None,
+                   help="output format (default: npz for *.npz, else hf from tf, tf from the others); "
+                        "peft: LoRA adapters as a Hugging Face PEFT adapter folder")
     p.add_argument("--from", dest="src_fmt", choices=["tf", "npz", "hf"], default=None,
                    help="input format when the folder holds two")
     p.add_argument("--force", action="store_true", help="replace a model already at DST")
     p.add_argument("--dtype", default="float32", type=dtype_choice,
                    help="float32 (default: the same bits) or int8 (8-bit weights, an OpenAI-layout folder; "
                         "see HACKING.md)")
+    # LoRA adapters (adapter_files.py): SRC is an npgpt2 `train --lora` run folder or a PEFT adapter folder
+    p.add_argument("--merge", action="store_true",
+                   help="SRC holds LoRA adapters: write its base with them merged in (W + alpha/r * A @ B), "
+                        "a full model (OpenAI layout unless --to says otherwise)")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="the model a PEFT adapter folder SRC adapts (a run folder names its own base)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="unconditional samples (generate_unconditional_samples.py)")

@@ -311,7 +311,7 @@ def write_npz(path, hparams, params):
         np.savez(f, **{HPARAMS_KEY: np.array(json.dumps(hparams))}, **params)
 
 
-def convert(src, dst, fmt=None, src_fmt=None, force=False, dtype="float32"):
+def convert(src, dst, fmt=None, src_fmt=None, force=False, dtype="float32", merge=False, base=None):
     """Convert the model at `src` into format `fmt` at `dst`; returns Path(dst).
 
     fmt: 'tf', 'npz' or 'hf'; by default 'npz' when dst ends in .npz, else 'hf' from an
@@ -319,8 +319,12 @@ def convert(src, dst, fmt=None, src_fmt=None, force=False, dtype="float32"):
       content is ambiguous (detected otherwise).
     force: replace a model already at `dst` (never a folder that holds anything else).
     dtype: 'int8' writes 8-bit weights in the tf layout (see write_int8).
+    merge / fmt 'peft' / base: src holds LoRA adapters (adapter_files.convert_adapter).
     """
     src, dst = Path(src), Path(dst)
+    from .adapter_files import convert_adapter, is_adapter_source
+    if merge or fmt == "peft" or base is not None or is_adapter_source(src):
+        return convert_adapter(src, dst, merge=merge, fmt=fmt, base=base, force=force, dtype=dtype)
     src_fmt = src_fmt or detect_format(src)
     int8 = quant.check_dtype(dtype) == "int8"
     if int8 and fmt not in (None, "tf"):
