@@ -388,12 +388,31 @@ def adapter_source(src, base=None):
     if is_peft_dir(src):
         if base is None:
             raise Npgpt2Error(f"--base: {src} is a PEFT adapter folder; name the model it adapts with --base DIR")
-        from .convert import detect_format, read_model
-        detect_format(base)  # a model folder or .npz, else one line
-        hparams = read_model(base)[0]
-        return read_peft_adapter(src, hparams), Path(base)
+        return read_peft_adapter(src, base_hparams(base)), Path(base)
     raise Npgpt2Error(f"{src}: not a LoRA adapter folder (neither an npgpt2 run's adapter.json nor a PEFT "
                       f"adapter_config.json)")
+
+
+def base_hparams(base):
+    """hparams of the model at `base` (any layout convert reads, or an int8 folder), without its weights."""
+    from .convert import detect_format, hparams_from_config, read_model
+    from .model import read_hparams
+    fmt = detect_format(base)  # a model folder or .npz, else one line
+    if fmt == "npz":
+        return read_model(base, fmt)[0]
+    return read_hparams(base) if fmt == "tf" else hparams_from_config(Path(base) / "config.json")
+
+
+def read_base(base_dir):
+    """(hparams, float32 params, tokenizer files) of the base: convert.read_model's, or an int8 folder's
+    (quant.json) dequantised as load_model gives it, the weights an int8-trained adapter saw."""
+    from .convert import TOKENIZER_FILES, read_model
+    from .model import load_model
+    if not (Path(base_dir).is_dir() and quant.read_quant_info(base_dir) is not None):
+        return read_model(base_dir)
+    model = load_model(base_dir)  # float32: dequantised
+    tok = {n: Path(base_dir) / n for n in TOKENIZER_FILES}
+    return model.hparams, dict(model.params), tok if all(p.is_file() for p in tok.values()) else {}
 
 
 def is_adapter_source(path):
@@ -422,11 +441,9 @@ def convert_adapter(src, dst, merge=False, fmt=None, base=None, force=False, dty
         raise Npgpt2Error(f"{dst}: is the source itself; write the conversion somewhere else")
     adapters, base_dir = adapter_source(src, base)
     if merge:
-        if base_dir.is_dir() and quant.read_quant_info(base_dir) is not None:
-            raise Npgpt2Error(f"{base_dir}: holds int8 weights (quant.json); merge onto the float32 model")
         fmt = fmt or ("npz" if dst.suffix == ".npz" else "tf")
         cv._check_destination(dst, fmt, force)
-        hparams, params, tok = cv.read_model(base_dir)
+        hparams, params, tok = read_base(base_dir)
         params = merged_params(params, adapters)
         write = {"tf": cv.write_int8 if dtype == "int8" else cv.write_tf, "hf": cv.write_hf}.get(fmt)
     else:

@@ -529,8 +529,10 @@ def build_parser():
                    help="retries per file after failures that make no progress (default %(default)s)")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("convert", help="convert weights: OpenAI TF folder <-> .npz <-> Hugging Face folder")
-    p.add_argument("src", help="a model folder (OpenAI TF or Hugging Face) or a .npz")
+    p = sub.add_parser("convert", help="convert weights: OpenAI TF folder <-> .npz <-> Hugging Face folder; "
+                                          "LoRA adapters: merge them (--merge) or write them for PEFT (--to peft)")
+    p.add_argument("src", help="a model folder (OpenAI TF or Hugging Face) or a .npz; or LoRA adapters "
+                               "(a `train --lora` run folder, or a PEFT folder with --base)")
     p.add_argument("dst", help="where to write; *.npz for a single file")
     p.add_argument("--to", dest="fmt", choices=["tf", "npz", "hf", "peft"], default=None,
                    help="output format (default: npz for *.npz, else hf from tf, tf from the others); "

@@ -226,6 +226,21 @@ def test_convert_merge_from_peft_folder(tmp_path, ref, base, capsys):
         assert np.abs(logits(params, ref["tokens"]) - ref[key]).max() <= 1e-5
 
 
+def test_convert_merge_onto_hf_and_int8_bases(tmp_path, ref):
+    """--base may be a Hugging Face folder; an int8 folder merges onto its dequantised weights (what an
+    adapter trained on it saw): merged - dequantised = peft's scaling * A @ B."""
+    convert(LORA / "peft_f32", tmp_path / "from_hf", merge=True, base=FIX / "hf_tiny")
+    assert np.abs(load_model(tmp_path / "from_hf").forward(ref["tokens"]) - ref["logits_f32"]).max() <= 1e-5
+    convert(TINY, tmp_path / "w8", dtype="int8")
+    convert(LORA / "peft_f32", tmp_path / "m8", merge=True, base=tmp_path / "w8")
+    dequantised, merged = load_model(tmp_path / "w8").params, read_model(tmp_path / "m8")[1]
+    for name in (k[len("merged/"):] for k in ref if k.startswith("merged/")):
+        prefix = name[:-len("/w")]
+        delta = ref[f"scaling/{prefix}"] * (ref[f"adapter/{prefix}/lora_A"].astype(np.float64)
+                                            @ ref[f"adapter/{prefix}/lora_B"])
+        assert np.abs(merged[name][0] - dequantised[name][0] - delta).max() <= 1e-6, name
+
+
 def test_convert_to_peft_from_peft_folder(tmp_path):
     out = convert(LORA / "npgpt2_written", tmp_path / "p", fmt="peft", base=TINY)
     back, orig = af.read_peft_adapter(out, TINY_HP), af.read_peft_adapter(LORA / "npgpt2_written", TINY_HP)
