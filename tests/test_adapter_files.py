@@ -130,6 +130,11 @@ def test_target_modules_regex_and_pattern_regex_match_as_peft(tmp_path, ref):
     want = af.read_peft_adapter(LORA / "peft_f32", TINY_HP)
     assert got.config == want.config
     assert all(np.array_equal(got.params[k], want.params[k]) for k in want.params)
+    json_edit(folder, {"target_modules": "all-linear"})  # PEFT's shorthand: every Conv1D of the blocks
+    assert af.read_peft_adapter(folder, TINY_HP).config == want.config
+    json_edit(folder, {"exclude_modules": ["h.1.mlp.c_fc"]})
+    with pytest.raises(Npgpt2Error, match="does not target transformer.h.1.mlp.c_fc but"):
+        af.read_peft_adapter(folder, TINY_HP)
 
 
 # ---------------------------------------------------------------- ours loads in peft
