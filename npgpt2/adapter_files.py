@@ -30,7 +30,7 @@ import numpy as np
 
 from . import quant
 from .errors import Npgpt2Error
-from .fsutil import atomic_write, read_json
+from .fsutil import atomic_write, read_json_object
 from .lora import TARGETS, LoraAdapters, LoraConfig, module_prefix
 from .safetensors_io import read_safetensors, write_safetensors
 
@@ -86,12 +86,7 @@ def read_peft_adapter(path, hparams):
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not folder.is_dir():
         raise Npgpt2Error(f"{folder}: no such adapter folder")
-    try:
-        cfg = read_json(config_path)
-    except FileNotFoundError:
-        raise Npgpt2Error(f"{config_path}: missing (not a PEFT adapter folder)") from None
-    if not isinstance(cfg, dict):
-        raise Npgpt2Error(f"{config_path}: not a JSON object")
+    cfg = read_json_object(config_path, "not a PEFT adapter folder")
     r, alpha = _check_config(cfg, config_path)
     if not weights_path.is_file():
         other = " (adapter_model.bin is a pickle; save it with safe_serialization=True)" \

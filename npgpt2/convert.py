@@ -31,7 +31,7 @@ import numpy as np
 from . import quant
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .errors import Npgpt2Error
-from .fsutil import atomic_write, parse_json, read_json
+from .fsutil import atomic_write, parse_json, read_json_object
 from .model import ASSETS, check_download_finished, check_hparams, param_shapes, read_hparams
 from .safetensors_io import read_safetensors, write_safetensors
 
@@ -201,12 +201,7 @@ def hf_name(tf_name):
 
 def hparams_from_config(path):
     """npgpt2 hparams from a Hugging Face GPT-2 config.json; refuses variants npgpt2 can't run."""
-    try:
-        cfg = read_json(path)
-    except FileNotFoundError:
-        raise Npgpt2Error(f"{path}: missing (not a Hugging Face model folder?)") from None
-    if not isinstance(cfg, dict):
-        raise Npgpt2Error(f"{path}: expected a JSON object")
+    cfg = read_json_object(path, "not a Hugging Face model folder?")
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise Npgpt2Error(f"{path}: model_type is '{cfg.get('model_type')}', not 'gpt2'")
     hparams = {"n_vocab": cfg.get("vocab_size"), "n_ctx": cfg.get("n_positions", cfg.get("n_ctx")),

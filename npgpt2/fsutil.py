@@ -136,3 +136,14 @@ def read_json(path):
     except OSError as e:
         raise Npgpt2Error(f"{path}: cannot read ({e.strerror or e})") from None
     return parse_json(raw, path)
+
+
+def read_json_object(path, missing):
+    """read_json of a file that must hold a JSON object; `missing` says what a missing file means."""
+    try:
+        obj = read_json(path)
+    except FileNotFoundError:
+        raise Npgpt2Error(f"{path}: missing ({missing})") from None
+    if not isinstance(obj, dict):
+        raise Npgpt2Error(f"{path}: expected a JSON object")
+    return obj
