@@ -427,6 +427,9 @@ def convert_adapter(src, dst, merge=False, fmt=None, base=None, force=False, dty
     for 8-bit weights); `--to peft`: the adapters as a PEFT folder. Nothing is written on failure."""
     from . import convert as cv
     src, dst = Path(src), Path(dst)
+    if not is_adapter_source(src):
+        raise Npgpt2Error(f"{src}: not a LoRA adapter folder (neither an npgpt2 run's adapter.json nor a PEFT "
+                          f"adapter_config.json); --merge, --to peft and --base are for adapters")
     if merge == (fmt == "peft"):
         raise Npgpt2Error(f"{src}: holds LoRA adapters: write a full model with --merge, or a PEFT adapter "
                           f"folder with --to peft" if not merge else "--merge and --to peft: choose one")

@@ -224,6 +224,8 @@ def test_convert_merge_from_peft_folder(tmp_path, ref, base, capsys):
             assert np.abs(w - ref["merged/" + name]).max() <= 1e-6, name
         else:
             assert np.array_equal(w, base[name]), name
+    convert(LORA / "peft_f32", tmp_path / "m8", merge=True, base=TINY, dtype="int8")  # 8-bit merged weights
+    assert (tmp_path / "m8" / "quant.json").is_file() and load_model(tmp_path / "m8", dtype="int8").weight_dtype == "int8"
     convert(LORA / "peft_bf16", tmp_path / "merged.npz", merge=True, base=TINY)  # .npz and --to hf too
     convert(LORA / "peft_f16", tmp_path / "hf", merge=True, base=TINY, fmt="hf")
     for out, key in ((tmp_path / "merged.npz", "logits_bf16file"), (tmp_path / "hf", "logits_f16file")):
@@ -276,8 +278,9 @@ def test_convert_adapter_bad_input(tmp_path, kwargs, message):
 
 
 def test_convert_merge_refuses_a_model_or_an_occupied_destination(tmp_path):
-    with pytest.raises(Npgpt2Error, match="not a LoRA adapter folder"):
-        convert(TINY, tmp_path / "out", merge=True)
+    for kwargs in (dict(merge=True), dict(base=TINY), dict(fmt="peft")):
+        with pytest.raises(Npgpt2Error, match="not a LoRA adapter folder.*--merge, --to peft and --base are for"):
+            convert(TINY, tmp_path / "out", **kwargs)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(Npgpt2Error, match="not empty"):
