@@ -432,8 +432,9 @@ class GPT2:
         nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
         grads = {}
         dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = nn.layernorm_backward(
-            dln_f, saved["resid_final"], self._params["model/ln_f/g"], saved["ln_f.mean"],
+            dln_f, saved.pop("resid_final"), self._params["model/ln_f/g"], saved["ln_f.mean"],
             saved["ln_f.rstd"])  # [B, T, C]
+        saved.pop("ln_f", None)  # not needed below (loss_and_grads drops its own reference too)
         for i in reversed(range(len(blocks))):
             act = blocks.pop()
             if saved.get("memory_saving"):  # the forward kept only the block's input: run the block again
@@ -467,7 +468,9 @@ class GPT2:
         del mlp_post
         g["mlp/c_proj/w"] = dw[None]  # [4C, C] -> [1, 4C, C]
         dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
+        del dmlp_post  # the (B, T, 4C) gradients go as soon as they are used: they set the peak
         dbranch = _norm_linear_backward(nn, blk, "ln_2", "mlp/c_fc", act["resid_mid"], dmlp_pre, g)  # [B, T, C]
+        del dmlp_pre
         dresid = dresid + dbranch  # [B, T, C] at resid_mid
         # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
         dz, dw, g["attn/c_proj/b"] = nn.matmul_backward(dresid, act["attn.z"], blk["attn/c_proj/w"])  # [B, T, C]
@@ -490,6 +493,7 @@ class GPT2:
         targets = np.asarray(targets)
         ln_f, saved = self._trunk_with_saves(inputs, nn, memory_saving)  # [B, T] -> [B, T, C]
         losses, dln_f, dwte = self._head_loss_backward(nn, ln_f, targets)  # [B, T], [B, T, C], [V, C]
+        del ln_f  # saved holds it until _trunk_backward is past ln_f
         grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
         return float(losses.mean()), grads
 
