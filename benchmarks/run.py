@@ -29,6 +29,10 @@ How it measures:
   same float32 folder as the 1558M row + 20 greedy tokens (peak RSS); quality on the model
   `npgpt2 demo --out DIR` trained (--demo DIR): held-out loss and greedy agreement of int8
   against float32 (workers.quality).
+- --memory_saving_gradients (train_memsave): two npgpt2 train workers, B=4,T=1024, with and
+  without the flag, in turns (2 repetitions: a step takes tens of seconds). Activation memory =
+  peak RSS - the RSS before the first step (interpreter, libraries, parameters and the AdamW
+  moments, which np.zeros_like writes at setup) - the gradients (one more parameter-sized set).
 - Hardware limits: fp32 GEMM GFLOP/s and memory bandwidth (benchmarks/hardware.py); the
   decode bound is bandwidth / bytes of weights read per token.
 """
@@ -588,10 +592,9 @@ def rows_of(out):
 
 def activation_mib(side):
     """A train worker's activation memory: its peak RSS less what it held before the first
-    step (interpreter, libraries, the float32 parameters) and less the gradients and the two
-    AdamW moments (three more parameter-sized arrays; the moments are np.zeros, resident only
-    once the first step writes them)."""
-    return side["peak_rss_mib"] - side["rss_before_first_run_mib"] - 3 * weight_bytes() / 2**20
+    step (interpreter, libraries, the float32 parameters and AdamW's two moments, which
+    np.zeros_like has written by then) and less the gradients (one parameter-sized set)."""
+    return side["peak_rss_mib"] - side["rss_before_first_run_mib"] - weight_bytes() / 2**20
 
 
 def memsave_row(Bm, rows, checks, why):
