@@ -29,6 +29,10 @@ How it measures:
   same float32 folder as the 1558M row + 20 greedy tokens (peak RSS); quality on the model
   `npgpt2 demo --out DIR` trained (--demo DIR): held-out loss and greedy agreement of int8
   against float32 (workers.quality).
+- --memory_saving_gradients (train_memsave): two npgpt2 train workers, B=4,T=1024, with and
+  without the flag, in turns (2 repetitions: a step takes tens of seconds). Activation memory =
+  peak RSS - the RSS before the first step (interpreter, libraries, parameters and the AdamW
+  moments, which np.zeros_like writes at setup) - the gradients (one more parameter-sized set).
 - Hardware limits: fp32 GEMM GFLOP/s and memory bandwidth (benchmarks/hardware.py); the
   decode bound is bandwidth / bytes of weights read per token.
 """
@@ -156,8 +160,11 @@ def summarize(times):
 
 def duel(bench, args, reps, sides, log):
     """Warm up each side once, then rotate who goes first for `reps` repetitions (two
-    sides: alternate)."""
-    workers = {s: Worker(s, bench, args, log) for s in sides}
+    sides: alternate). sides: workers.py sides, each given `args`; or {label: (side, args)}
+    to race one side against itself with other arguments (args is then unused)."""
+    plan = sides if isinstance(sides, dict) else {s: (s, args) for s in sides}
+    sides = list(plan)
+    workers = {s: Worker(side, bench, a, log) for s, (side, a) in plan.items()}
     times = {s: [] for s in sides}
     last = {}
     for s in sides:
@@ -171,7 +178,8 @@ def duel(bench, args, reps, sides, log):
     res = {}
     for s in sides:
         q = workers[s].quit()
-        res[s] = {**summarize(times[s]), "peak_rss_mib": q["peak_rss_mib"], "info": q["info"]}
+        res[s] = {**summarize(times[s]), "peak_rss_mib": q["peak_rss_mib"], "info": q["info"],
+                  "rss_before_first_run_mib": workers[s].ready.get("rss_now_mib")}
         if "result" in last[s]:
             res[s]["result"] = last[s]["result"]
     return res
@@ -256,7 +264,7 @@ def bench_hardware(reps, log):
     return json.loads(out.stdout)
 
 
-STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "train_b4t64", "train_b1t1024",
+STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "train_b4t64", "train_b1t1024", "train_memsave",
          "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
          "int8_quality_124M", "tokenizer", "kernels")  # --only names, in the order they run
 
@@ -289,6 +297,11 @@ def run_all(args, log):
     step("decode_int8", lambda: decode_int8(reps, new, sides, log))
     step("train_b4t64", lambda: duel("train", {"B": 4, "T": 64}, reps, sides, log))
     step("train_b1t1024", lambda: duel("train", {"B": 1, "T": 1024}, reps, sides, log))
+    # --memory_saving_gradients against the normal path: two npgpt2 workers in turns (2 reps: a
+    # B=4,T=1024 step takes tens of seconds)
+    step("train_memsave", lambda: duel("train", None, min(reps, 2), {
+        "without": ("npgpt2", {"B": 4, "T": 1024}),
+        "memory_saving": ("npgpt2", {"B": 4, "T": 1024, "memory_saving": True})}, log))
     step("load_train_b4t64", lambda: bench_under_load("train", {"B": 4, "T": 64}, reps, sides, log))
     step("load_decode", lambda: {**bench_under_load("decode", {"prompt": 16, "new": 50}, reps, sides, log),
                                  "new": 50})
@@ -483,6 +496,8 @@ def rows_of(out):
     timed("train_b1t1024", "train step (fwd+bwd+AdamW) B=1,T=1024 (fused attention)", 1.0,
           train_T=(1, 1024), rss_max_mib=0.75 * 3.15 * GIB)
 
+    memsave_row(Bm, rows, checks, missing("train_memsave"))
+
     for name, work in (("load_train_b4t64", "train step B=4,T=64"), ("load_decode", "decode 16 + 50 tokens")):
         for neigh, who in (("busy_loops", "2 single-thread busy loops"),
                            ("spin_job", "a 2-thread spin-waiting job")):
@@ -573,6 +588,30 @@ def rows_of(out):
                      + (f"; tiktoken {tt['mb_per_s']:.1f} MB/s" if "mb_per_s" in tt else "; tiktoken not installed"),
                      f"{npg['ratio_vs_original']:.2f}x", "", ">= 3x original", "yes" if checks["tokenizer"] else "no"))
     return rows, checks
+
+
+def activation_mib(side):
+    """A train worker's activation memory: its peak RSS less what it held before the first
+    step (interpreter, libraries, the float32 parameters and AdamW's two moments, which
+    np.zeros_like has written by then) and less the gradients (one parameter-sized set)."""
+    return side["peak_rss_mib"] - side["rss_before_first_run_mib"] - weight_bytes() / 2**20
+
+
+def memsave_row(Bm, rows, checks, why):
+    label = "train step 124M B=4,T=1024: --memory_saving_gradients vs without"
+    target = "activations <= 1/4, step time <= 1.4x"
+    if why:
+        rows.append((label, why, "", "", "", target, "no"))
+        return
+    b = Bm["train_memsave"]
+    ms, wo = b["memory_saving"], b["without"]
+    act_ms, act_wo = activation_mib(ms), activation_mib(wo)
+    mem, slow = act_ms / act_wo, ms["median_s"] / wo["median_s"]
+    checks["train_memsave_memory"], checks["train_memsave_time"] = mem <= 0.25, slow <= 1.4
+    rows.append((label, f"activations {fmt_mib(act_ms)} vs {fmt_mib(act_wo)} (peak RSS {fmt_mib(ms['peak_rss_mib'])} "
+                 f"vs {fmt_mib(wo['peak_rss_mib'])}); step {fmt_s(ms['median_s'])} vs {fmt_s(wo['median_s'])}", "",
+                 f"{mem:.2f} / {slow:.2f}x", "", target,
+                 "yes" if checks["train_memsave_memory"] and checks["train_memsave_time"] else "no"))
 
 
 def table(out):

@@ -40,6 +40,12 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def rss_mib():
+    """The resident set now (not the peak): /proc/self/statm's second field, in pages."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def tokens(rng_seed, shape, n_vocab=50257):
     import numpy as np
     return np.random.default_rng(rng_seed).integers(0, n_vocab, shape)
@@ -92,14 +98,15 @@ def npgpt2_setup(bench, args, dtype="float32"):
         def run():
             out["ids"] = [int(t[0]) for t in generate_stream(model, prompt, args["new"], temperature=0)]
         return run, {"result": out}
-    if bench == "train":
+    if bench == "train":  # "memory_saving": true is `train --memory_saving_gradients`
         from npgpt2.optim import AdamW
         B, T = args["B"], args["T"]
         data = tokens(3, (B, T + 1))
         opt = AdamW(model.params, lr=1e-4, weight_decay=0.01)
 
         def run():
-            loss, grads = model.loss_and_grads(data[:, :-1], data[:, 1:])
+            loss, grads = model.loss_and_grads(data[:, :-1], data[:, 1:],
+                                               memory_saving=args.get("memory_saving", False))
             opt.step(grads)
             return loss
         return run, {}
@@ -355,7 +362,7 @@ def main():
     else:
         run, extra = torch_setup(bench, args)
         info = torch_info
-    send({"ready": True, "rss_after_setup_mib": peak_rss_mib()})
+    send({"ready": True, "rss_after_setup_mib": peak_rss_mib(), "rss_now_mib": rss_mib()})
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "run":

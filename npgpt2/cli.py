@@ -650,6 +650,13 @@ def build_parser():
                    help="cosine reaches its minimum at this step (default: the last)")
     p.add_argument("--grad_clip", type=float, default=1.0,
                    help="clip the gradients' global norm to this; 0 = off (default %(default)s)")
+    p.add_argument("--memory_saving_gradients", action="store_true",
+                   help="keep only each layer's input in the forward and recompute the layer in the backward: "
+                        "the same gradients with much less memory (a bigger --batch_size or --context fits), "
+                        "about 1/3 more compute (default off)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="replace each input token (never a target) by a uniformly random token with this "
+                        "probability, in [0, 1); seeded by --seed and resumed exactly (default 0 = off)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="mean loss and perplexity over a dataset (all windows, deterministic)")

@@ -330,19 +330,28 @@ class Sampler:
         return self.tokens[starts[:, None] + self._offsets].astype(np.int64)
 
     def get_state(self):
-        return json.dumps(self.rng.bit_generator.state)
+        return rng_state(self.rng)
 
     def set_state(self, state):
-        st = parse_json(state, "sampler state") if isinstance(state, str) else state
-        if not isinstance(st, dict):
-            raise Npgpt2Error("sampler state: expected a JSON object")
-        if st.get("bit_generator") != type(self.rng.bit_generator).__name__:
-            raise Npgpt2Error(f"sampler state is for {st.get('bit_generator')}, not "
-                              f"{type(self.rng.bit_generator).__name__}")
-        try:
-            self.rng.bit_generator.state = st
-        except (ValueError, TypeError, KeyError) as e:
-            raise Npgpt2Error(f"sampler state: damaged ({type(e).__name__}: {e})") from None
+        set_rng_state(self.rng, state, "sampler state")
+
+
+def rng_state(rng):
+    """A NumPy Generator's state as a JSON string (what a train state saves)."""
+    return json.dumps(rng.bit_generator.state)
+
+
+def set_rng_state(rng, state, what):
+    """Put rng in `state` (rng_state's JSON, or its dict); `what` names it in a one-line error."""
+    st = parse_json(state, what) if isinstance(state, str) else state
+    if not isinstance(st, dict):
+        raise Npgpt2Error(f"{what}: expected a JSON object")
+    if st.get("bit_generator") != type(rng.bit_generator).__name__:
+        raise Npgpt2Error(f"{what} is for {st.get('bit_generator')}, not {type(rng.bit_generator).__name__}")
+    try:
+        rng.bit_generator.state = st
+    except (ValueError, TypeError, KeyError) as e:
+        raise Npgpt2Error(f"{what}: damaged ({type(e).__name__}: {e})") from None
 
 
 def eval_windows(n_tokens, context):

@@ -48,15 +48,19 @@ def generation_bytes(hparams, batch_size, prompt_len=1, length=None, dtype=np.fl
     return int(batch_size) * per_row
 
 
-def training_bytes(hparams, batch_size, context, dtype=np.float32):
+def training_bytes(hparams, batch_size, context, dtype=np.float32, memory_saving=False):
     """About the memory one training micro-batch takes beyond the parameters: the
     activations saved for the backward pass, and the logits (one buffer per position for the
     logits, then the probabilities, then their gradient; an upper bound, since
-    model.loss_and_grads makes them HEAD_ROWS positions at a time)."""
+    model.loss_and_grads makes them HEAD_ROWS positions at a time). memory_saving
+    (--memory_saving_gradients): every layer keeps only its input, and one layer at a time
+    holds the rest."""
     L, C, NH, V = (int(hparams[k]) for k in ("n_layer", "n_embd", "n_head", "n_vocab"))
     item = np.dtype(dtype).itemsize
     T = int(context)
-    per_token = L * (10 * C + 2 * NH * T) + V  # per layer: residuals, qkv, attn, MLP input; then the head
+    block = 10 * C + 2 * NH * T  # a layer's saves: residuals, qkv, attn, MLP input
+    blocks = L * C + block if memory_saving else L * block
+    per_token = blocks + V  # then the head
     return int(batch_size) * T * per_token * item
 
 

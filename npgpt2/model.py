@@ -172,9 +172,12 @@ class GPT2:
         x = at("embed", nn.encoder_forward(wte, wpe, tokens))  # [B, T] -> [B, T, C]
         for i, blk in enumerate(self.blocks):
             block_hook = None if hook is None else _prefixed(hook, f"h{i}.")
+            resid_pre = x  # [B, T, C]
             x, block_saved = self._block_forward(nn, blk, x, block_hook)  # [B, T, C] -> [B, T, C]
             if saved is not None:
-                saved["blocks"].append(block_saved)
+                # memory_saving keeps only the block's input: backward re-runs the block from it
+                saved["blocks"].append({"resid_pre": resid_pre} if saved.get("memory_saving") else block_saved)
+            del block_saved  # (memory_saving) before the next block makes its own
         ln_f, ln_f_mean, ln_f_rstd = nn.layernorm_forward(
             x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
         if saved is not None:
@@ -368,11 +371,16 @@ class GPT2:
         return f"embed, {parts}, ln_f (i = 0..{self.hparams['n_layer'] - 1})"
 
     # ------------------------------------------------------------ training
-    def forward_with_saves(self, tokens, nn=None):
+    def forward_with_saves(self, tokens, nn=None, memory_saving=False):
         """tokens: int (B, T) -> (logits (B, T, V), saved): the forward that backward() continues.
 
         nn: the layer module (default ops(): the kernels unless NPGPT2_PLAIN=1); backward
-        uses the same one. saved holds (llm.c's ActivationTensors; B, T, C, NH as usual):
+        uses the same one. memory_saving (`train --memory_saving_gradients`): saved["blocks"][i]
+        holds resid_pre alone (C floats a token and layer instead of 10C + attention's), and
+        backward re-runs block i's forward from it, with its saves, just before block i's
+        backward: one block's activations exist at a time, for one more forward of the blocks.
+        The same ops on the same inputs, so the gradients are the same.
+        saved holds (llm.c's ActivationTensors; B, T, C, NH as usual):
 
             per block, saved["blocks"][i]:
               resid_pre (B, T, C)      the block's input, the residual stream (ln_1's input)
@@ -391,17 +399,17 @@ class GPT2:
         ln_2 (outputs, mean, rstd: layernorm_forward of resid_pre, resid_mid) and mlp.post
         (gelu_forward of mlp.pre). The recomputed values are the forward's, bit for bit.
         """
-        ln_f, saved = self._trunk_with_saves(tokens, nn)  # [B, T] -> [B, T, C]
+        ln_f, saved = self._trunk_with_saves(tokens, nn, memory_saving)  # [B, T] -> [B, T, C]
         return self._head(ln_f), saved  # [B, T, C] -> [B, T, V]
 
-    def _trunk_with_saves(self, tokens, nn=None):
+    def _trunk_with_saves(self, tokens, nn=None, memory_saving=False):
         """forward_with_saves without the output head: -> (ln_f (B, T, C), saved)."""
         if self.weight_dtype == "int8":
             raise Npgpt2Error("training an int8 model: int8 weights are for generation only; "
                               "load it with dtype float32 (the default) to train")
         nn = nn or ops()
         tokens = self._check_tokens(tokens)
-        saved = {"tokens": tokens, "nn": nn, "blocks": []}
+        saved = {"tokens": tokens, "nn": nn, "blocks": [], "memory_saving": bool(memory_saving)}
         return self._trunk(tokens, nn, saved=saved), saved
 
     def backward(self, dlogits, saved):
@@ -424,10 +432,15 @@ class GPT2:
         nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
         grads = {}
         dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = nn.layernorm_backward(
-            dln_f, saved["resid_final"], self._params["model/ln_f/g"], saved["ln_f.mean"],
+            dln_f, saved.pop("resid_final"), self._params["model/ln_f/g"], saved["ln_f.mean"],
             saved["ln_f.rstd"])  # [B, T, C]
+        saved.pop("ln_f", None)  # not needed below (loss_and_grads drops its own reference too)
         for i in reversed(range(len(blocks))):
-            dresid = self._block_backward(nn, i, dresid, blocks.pop(), grads)  # [B, T, C] -> [B, T, C]
+            act = blocks.pop()
+            if saved.get("memory_saving"):  # the forward kept only the block's input: run the block again
+                act = self._block_forward(nn, self.blocks[i], act["resid_pre"])[1]  # [B, T, C] -> its saves
+            dresid = self._block_backward(nn, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
+            del act  # this block's activations go before the next block's are made
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
         # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients).
         # Only the distinct tokens' rows get a gradient, so encoder_backward runs over those (ids
@@ -455,7 +468,9 @@ class GPT2:
         del mlp_post
         g["mlp/c_proj/w"] = dw[None]  # [4C, C] -> [1, 4C, C]
         dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
+        del dmlp_post  # the (B, T, 4C) gradients go as soon as they are used: they set the peak
         dbranch = _norm_linear_backward(nn, blk, "ln_2", "mlp/c_fc", act["resid_mid"], dmlp_pre, g)  # [B, T, C]
+        del dmlp_pre
         dresid = dresid + dbranch  # [B, T, C] at resid_mid
         # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
         dz, dw, g["attn/c_proj/b"] = nn.matmul_backward(dresid, act["attn.z"], blk["attn/c_proj/w"])  # [B, T, C]
@@ -465,16 +480,20 @@ class GPT2:
         grads.update({prefix + name: grad for name, grad in g.items()})
         return dresid + dbranch  # [B, T, C] at resid_pre
 
-    def loss_and_grads(self, inputs, targets):
+    def loss_and_grads(self, inputs, targets, mask=None, memory_saving=False):
         """inputs, targets: int (B, T) -> (mean cross-entropy, grads).
 
         grads has the same keys and shapes as params; the tied model/wte gets both the
-        embedding's and the output head's contribution.
+        embedding's and the output head's contribution. memory_saving: keep only each block's
+        input and recompute the block in the backward (see forward_with_saves); same gradients.
         """
+        if mask is not None:
+            raise NotImplementedError("loss_and_grads: mask is not implemented on this branch")
         nn = ops()
         targets = np.asarray(targets)
-        ln_f, saved = self._trunk_with_saves(inputs, nn)  # [B, T] -> [B, T, C]
+        ln_f, saved = self._trunk_with_saves(inputs, nn, memory_saving)  # [B, T] -> [B, T, C]
         losses, dln_f, dwte = self._head_loss_backward(nn, ln_f, targets)  # [B, T], [B, T, C], [V, C]
+        del ln_f  # saved holds it until _trunk_backward is past ln_f
         grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
         return float(losses.mean()), grads
 

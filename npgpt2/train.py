@@ -31,6 +31,8 @@ from .data import Sampler, check_tokens, eval_windows, expand_paths, load_datase
 from .dist import SingleProcess  # noqa: F401  (re-exported: fit's default communicator)
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
+from .noise import STATE_KEY as NOISE_STATE_KEY
+from .noise import check_noise, run_noise
 from .sampling import check_sampling_args
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,11 @@ class TrainConfig:
     plot: bool = True              # loss-curve PNG in the run folder (needs matplotlib)
     log_every: int = 1             # a log line every N steps
     shared_stream: bool = False    # data-parallel test hook: rank r takes micro-batch r of one stream
+    # memory and regularisation (nshepperd's flags): keep only each block's input and recompute
+    # the block in the backward (same gradients, ~1/3 more compute); replace each input token
+    # by a uniformly random one with probability noise (the targets stay; noise.py)
+    memory_saving_gradients: bool = False
+    noise: float = 0.0
 
 
 # ---------------------------------------------------------------- checking the config
@@ -102,6 +109,7 @@ def check_config(cfg, n_ctx):
     if not cfg.grad_clip >= 0:
         raise Npgpt2Error(f"--grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     check_sampling_args(top_k=cfg.top_k, top_p=cfg.top_p)
+    check_noise(cfg.noise)
     optim.check_choice("--optimizer", cfg.optimizer, list(optim.OPTIMIZERS))
     optim.check_choice("--lr_schedule", cfg.lr_schedule, optim.SCHEDULES)
     if not re.fullmatch(r"[\w.+-]+", cfg.run_name or "") or cfg.run_name in (".", ".."):
@@ -135,10 +143,12 @@ def make_run_dir(run_dir):
                           f"{e.strerror or e}") from None
 
 
-def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=None, rank_samplers=None):
+def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=None, rank_samplers=None,
+             noise_states=None):
     """Write train_state-<step>.npz, then model-<step> and the `checkpoint` file naming it.
 
     rank_samplers: in a data-parallel run, every rank's sampler state (rank 0's is `sampler`'s).
+    noise_states: with --noise, every rank's noise.TokenNoise state.
 
     Removes train states whose model-<step> save_model pruned. Returns the model prefix.
     """
@@ -153,6 +163,8 @@ def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=
     })
     if rank_samplers is not None:
         arrays["rank_samplers"] = np.array(json.dumps(rank_samplers))
+    if noise_states is not None:
+        arrays[NOISE_STATE_KEY] = np.array(json.dumps(noise_states))
     for k, v in history.items():
         arrays[f"history/{k}"] = np.asarray(v, dtype=np.float64)
     with atomic_write(state_path(run_dir, step)) as f:
@@ -312,8 +324,10 @@ def check_train_memory(model, cfg, T):
     """Refuse, with the figure, a --batch_size or --sample_num whose arrays cannot fit in memory."""
     from .memory import check_memory, training_bytes
     from .sampling import check_batch_memory
-    check_memory(training_bytes(model.hparams, cfg.batch_size, T, model.dtype), f"--batch_size {cfg.batch_size}",
-                 "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)")
+    need = training_bytes(model.hparams, cfg.batch_size, T, model.dtype, cfg.memory_saving_gradients)
+    check_memory(need, f"--batch_size {cfg.batch_size}",
+                 "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)"
+                 + ("" if cfg.memory_saving_gradients else ", or --memory_saving_gradients"))
     if cfg.sample_every and cfg.sample_num:
         check_batch_memory(model.hparams, cfg.sample_num, 1, cfg.sample_length, model.dtype, name="--sample_num")
 
@@ -330,12 +344,14 @@ def make_run_optimizer(model, names, cfg):
     return optim.make_optimizer(cfg.optimizer, {k: model.params[k] for k in names}, cfg.learning_rate, decay)
 
 
-def batch_gradients(model, sampler, names, batch_size, micro_batches):
-    """(mean loss, {name: mean gradient}) over `micro_batches` batches drawn from sampler."""
+def batch_gradients(model, sampler, names, batch_size, micro_batches, noise=None, memory_saving=False):
+    """(mean loss, {name: mean gradient}) over `micro_batches` batches drawn from sampler.
+    noise: a noise.TokenNoise for the inputs (--noise); memory_saving: --memory_saving_gradients."""
     total, loss = None, 0.0
     for _ in range(micro_batches):
         batch = sampler.sample(batch_size)                                  # [B, T+1]
-        micro_loss, grads = model.loss_and_grads(batch[:, :-1], batch[:, 1:])
+        inputs = batch[:, :-1] if noise is None else noise.apply(batch[:, :-1])  # [B, T]; targets as sampled
+        micro_loss, grads = model.loss_and_grads(inputs, batch[:, 1:], memory_saving=memory_saving)
         loss += micro_loss / micro_batches
         if total is None:
             # copied when more micro-batches follow: loss_and_grads may reuse its buffers
@@ -346,7 +362,7 @@ def batch_gradients(model, sampler, names, batch_size, micro_batches):
     return loss, optim.scale_(total, 1.0 / micro_batches)
 
 
-def train_step(model, opt, sampler, names, cfg, lr, step, comm):
+def train_step(model, opt, sampler, names, cfg, lr, step, comm, noise=None):
     """One update (number step + 1): gradients, all-reduce, clip, optimizer step.
 
     Raises Npgpt2Error, before anything is saved, when the loss, the gradients or the updated
@@ -354,7 +370,8 @@ def train_step(model, opt, sampler, names, cfg, lr, step, comm):
     """
     # an overflow or NaN is reported below in one line: NumPy's warnings would only repeat it
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients)
+        loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients,
+                                      noise, cfg.memory_saving_gradients)
         loss = comm.allreduce_mean(grads, loss)
         hint = f"lower --learning_rate (now {cfg.learning_rate}) or raise --warmup"
         if not math.isfinite(loss):
@@ -422,8 +439,8 @@ class Progress:
 class Checkpointer:
     """Saves the run into run_dir (nowhere when None) and remembers the last step saved."""
 
-    def __init__(self, model, run_dir, opt, sampler, cfg, extra, step, comm=None):
-        self.model, self.run_dir, self.opt, self.sampler = model, run_dir, opt, sampler
+    def __init__(self, model, run_dir, opt, sampler, cfg, extra, step, comm=None, noise=None):
+        self.model, self.run_dir, self.opt, self.sampler, self.noise = model, run_dir, opt, sampler, noise
         self.cfg, self.extra = cfg, extra
         self.comm = comm or SingleProcess()
         self.saved_step, self.prefix = step, None
@@ -431,10 +448,12 @@ class Checkpointer:
     def save(self, progress):
         """Every rank calls it (it gathers their sampler states); only a rank with a run_dir writes."""
         states = self.comm.gather(self.sampler.get_state())
+        noise_states = self.comm.gather(self.noise.get_state()) if self.noise is not None else None
         if self.run_dir is not None:
             self.prefix = save_run(self.model, self.run_dir, progress.step, self.opt, self.sampler, progress.avg,
                                    progress.history, self.cfg.max_to_keep, self.extra,
-                                   rank_samplers=states if self.comm.world_size > 1 else None)
+                                   rank_samplers=states if self.comm.world_size > 1 else None,
+                                   noise_states=noise_states)
             log.info("saved %s", self.prefix)
             if self.cfg.plot:
                 from .plot import plot_losses
@@ -491,6 +510,7 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     else:
         sampler = Sampler(tokens, T + 1, dist.rank_seed(seed, comm.rank))
     progress = Progress.resume(state, opt, sampler, comm, seed)
+    noise = run_noise(cfg.noise, model.hparams["n_vocab"], seed, comm, state)
     if (state is None or "sampler" not in state) and comm.is_main:
         log.info("batch order seed %d", seed)
     val_batches = (validation_batches(cfg, tokens, val_tokens, T, model.hparams["n_vocab"])
@@ -501,7 +521,7 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     tokens_per_step = cfg.batch_size * T * cfg.accumulate_gradients * comm.world_size
     extra = {"config": dataclasses.asdict(cfg), "seed": seed}
     checkpointer = Checkpointer(model, run_dir if comm.is_main else None, opt, sampler, cfg, extra, progress.step,
-                                comm)
+                                comm, noise)
     ranks = f" ranks={comm.world_size}" if comm.world_size > 1 else ""
     loss, start_time, stopped = float("nan"), time.time(), False
 
@@ -510,7 +530,7 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
             lr = optim.learning_rate(progress.step, cfg.learning_rate, cfg.warmup, cfg.lr_schedule,
                                      decay_steps, cfg.min_lr_ratio)
             t0 = time.time()
-            loss, grad_norm = train_step(model, opt, sampler, names, cfg, lr, progress.step, comm)
+            loss, grad_norm = train_step(model, opt, sampler, names, cfg, lr, progress.step, comm, noise)
             progress.record(loss)
             secs = time.time() - t0
             info = dict(step=progress.step, loss=loss, avg=progress.mean, secs=secs, lr=lr,

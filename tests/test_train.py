@@ -359,8 +359,8 @@ def test_non_finite_training_stops_before_saving(tmp_path, monkeypatch):
     from npgpt2.model import GPT2
     real = GPT2.loss_and_grads
 
-    def nan_grads(self, inputs, targets):
-        loss, grads = real(self, inputs, targets)
+    def nan_grads(self, inputs, targets, **kw):
+        loss, grads = real(self, inputs, targets, **kw)
         grads["model/wte"][0, 0] = np.nan
         return loss, grads
     monkeypatch.setattr(GPT2, "loss_and_grads", nan_grads)
