@@ -312,7 +312,8 @@ def load_with_adapters(model_dir, dtype=np.float32, verify=True, mmap=False, ada
                 raise Npgpt2Error(f"{Path(adapter) / ADAPTER_FILE}: its adapters were trained on "
                                   f"{adapters.base['path']}, not on {base_dir} (their checkpoints differ)")
     if trained_on is not None and trained_on != model.weight_dtype:
-        log.info("%s: adapters trained on a %s base, loaded on a %s one", model_dir, trained_on, model.weight_dtype)
+        log.info("%s: the adapters were trained on a base of %s weights, loaded here as %s (--dtype %s loads it "
+                 "as trained)", model_dir, trained_on, model.weight_dtype, trained_on)
     attach(model, adapters, where)
     if adapters.base is None:
         adapters.base = base_record(base_dir)
