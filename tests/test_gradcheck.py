@@ -33,7 +33,8 @@ def test_rel_error():
 
 def test_every_layer_passes():
     rows = gradcheck.check_layers()
-    assert [r.name for r in rows] == ["layernorm", "matmul", "attention", "gelu", "crossentropy_softmax", "encoder"]
+    assert [r.name for r in rows] == ["layernorm", "matmul", "lora", "attention", "gelu", "crossentropy_softmax",
+                                    "encoder"]
     for r in rows:
         assert r.ok and r.error < 1e-8, r
 
