@@ -29,6 +29,11 @@ How it measures:
   same float32 folder as the 1558M row + 20 greedy tokens (peak RSS); quality on the model
   `npgpt2 demo --out DIR` trained (--demo DIR): held-out loss and greedy agreement of int8
   against float32 (workers.quality).
+- LoRA (`train --lora 8`, npgpt2/lora.py; workers.lora_setup): at 124M B=4,T=64 a LoRA step
+  and a full fine-tune step (AdamW over every weight) take turns; 774M (float32 base) and
+  1558M (int8 base, memory-saving gradients) train B=1,T=256 on the start of the Jargon File
+  from random weights of the real shapes (built tensor by tensor; 1558M is quantised as it is
+  made), one process each: seconds per step after a warm-up step, peak RSS, the losses.
 - Hardware limits: fp32 GEMM GFLOP/s and memory bandwidth (benchmarks/hardware.py); the
   decode bound is bandwidth / bytes of weights read per token.
 """
@@ -258,7 +263,8 @@ def bench_hardware(reps, log):
 
 STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "train_b4t64", "train_b1t1024",
          "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
-         "int8_quality_124M", "tokenizer", "kernels")  # --only names, in the order they run
+         "int8_quality_124M", "tokenizer", "kernels", "lora_124M", "lora_774M", "lora_1558M",
+         "lora_quality")  # --only names, in the order they run
 
 
 def run_all(args, log):
@@ -309,7 +315,37 @@ def run_all(args, log):
             B[name] = {"skipped": f"not run: needs {how}"}
     step("tokenizer", lambda: bench_tokenizer(args))
     step("kernels", lambda: bench_kernels(reps, log))
+    # LoRA: a step against a full fine-tune's at 124M; then the sizes a full fine-tune cannot hold
+    step("lora_124M", lambda: duel("train", {"B": 4, "T": 64, "r": 8}, reps, ["npgpt2", "npgpt2-lora"], log))
+    step("lora_774M", lambda: lora_big("774M", "float32", 1 + (2 if args.quick else 3), log))
+    if not args.quick or (only and "lora_1558M" in only):
+        step("lora_1558M", lambda: lora_big("1558M", "int8", 1 + LORA_1558M_STEPS, log, memory_saving=True))
+    elif want("lora_1558M"):
+        B["lora_1558M"] = {"skipped": "--quick (20 steps of 1558M take a while); name it in --only"}
+    if want("lora_quality"):
+        B["lora_quality"] = {"skipped": "not written yet: needs a full-vocabulary base trained here "
+                                        "(see issue 17's quality row)"}
     return out
+
+
+LORA_1558M_STEPS = 20  # "training loss falls over 20 steps"
+
+
+def lora_big(size, dtype, runs, log, memory_saving=False):
+    """LoRA r=8 on a frozen random `size` base in `dtype`, B=1,T=256 on the Jargon File:
+    `runs` steps in one process (the first is the warm-up), peak RSS, every step's loss."""
+    args = {"size": size, "B": 1, "T": 256, "r": 8, "dtype": dtype, "memory_saving": memory_saving,
+            "corpus": True, "lr": 3e-3}
+    w = Worker("npgpt2-lora", "train", args, log)
+    times, out = [], {}
+    try:
+        for _ in range(runs):
+            out = w.call("run")
+            times.append(out["seconds"])
+    finally:
+        q = w.quit()
+    return {**summarize(times[1:]), "first_s": times[0], "peak_rss_mib": q["peak_rss_mib"],
+            "rss_after_setup_mib": w.ready["rss_after_setup_mib"], "info": q["info"], **args, **out["result"]}
 
 
 def bench_kernels(reps, log):
@@ -557,6 +593,8 @@ def rows_of(out):
                      f"{q['delta_loss']:+.4f} nats", "", target,
                      "yes" if checks[name + "_loss"] and checks[name + "_agreement"] else "no"))
 
+    lora_rows(Bm, rows, checks, missing)
+
     why = missing("tokenizer")
     if why:
         rows.append(("tokenizer: encode 10 MB", why, "", "", "", ">= 3x original, same ids", "no"))
@@ -573,6 +611,45 @@ def rows_of(out):
                      + (f"; tiktoken {tt['mb_per_s']:.1f} MB/s" if "mb_per_s" in tt else "; tiktoken not installed"),
                      f"{npg['ratio_vs_original']:.2f}x", "", ">= 3x original", "yes" if checks["tokenizer"] else "no"))
     return rows, checks
+
+
+def lora_rows(Bm, rows, checks, missing):
+    """The LoRA rows of issue 17 (benchmarks lora_124M, lora_774M, lora_1558M, lora_quality)."""
+    label, target = "124M B=4,T=64 LoRA R=8 (all four) vs full fine-tune", "step time <= 0.75x, peak RSS <= 0.5x"
+    why = missing("lora_124M")
+    if why:
+        rows.append((label, why, "", "", "", target, "no"))
+    else:
+        b = Bm["lora_124M"]
+        lo, full = b["npgpt2-lora"], b["npgpt2"]
+        t, m = lo["median_s"] / full["median_s"], lo["peak_rss_mib"] / full["peak_rss_mib"]
+        checks["lora_124M_time"], checks["lora_124M_rss"] = t <= 0.75, m <= 0.5
+        rows.append((label, f"LoRA {fmt_s(lo['median_s'])}, RSS {fmt_mib(lo['peak_rss_mib'])}; full "
+                     f"{fmt_s(full['median_s'])}, RSS {fmt_mib(full['peak_rss_mib'])}", "",
+                     f"{t:.2f}x time, {m:.2f}x RSS", "", target, "yes" if t <= 0.75 and m <= 0.5 else "no"))
+    for name, label, rss_max, falls in (
+            ("lora_774M", "774M LoRA R=8, float32 base, B=1,T=256", 4.5, False),
+            ("lora_1558M", "1558M LoRA R=8, int8 base, --memory_saving_gradients, B=1,T=256", 3.5, True)):
+        target = f"peak RSS < {rss_max} GiB" + ("; loss falls over 20 steps" if falls else "") + "; s/step reported"
+        why = missing(name)
+        if why:
+            rows.append((label, why, "", "", "", target, "no"))
+            continue
+        b = Bm[name]
+        ok = checks[name + "_rss"] = b["peak_rss_mib"] < rss_max * GIB
+        cell = f"peak RSS {fmt_mib(b['peak_rss_mib'])}, {fmt_s(b['median_s'])}/step (median of {len(b['reps_s'])})"
+        losses = b["losses"]
+        if falls:
+            first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+            checks[name + "_loss_falls"] = last < first
+            ok = ok and last < first
+            cell += f"; loss {losses[0]:.3f} -> {losses[-1]:.3f} (mean of first/last 5: {first:.3f} / {last:.3f})"
+            if not b.get("memory_saving"):
+                cell += "; memory_saving not available on this branch (ran without)"
+        rows.append((label, cell, "", "", f"{b['adapter_params']:,} adapter parameters", target, "yes" if ok else "no"))
+    why = missing("lora_quality")
+    rows.append(("quality: LoRA vs full fine-tune, held-out loss reduction", why or "", "", "", "",
+                 "LoRA >= 80% of full fine-tune's", "no"))
 
 
 def table(out):

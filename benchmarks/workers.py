@@ -2,7 +2,8 @@
 
     python benchmarks/workers.py SIDE BENCH '{"json": "args"}'
 
-SIDE is `npgpt2`, `npgpt2-int8` (the same model with 8-bit weights, npgpt2/quant.py) or
+SIDE is `npgpt2`, `npgpt2-int8` (the same model with 8-bit weights, npgpt2/quant.py),
+`npgpt2-lora` (bench `train` with LoRA adapters on a frozen base, npgpt2/lora.py) or
 `torch` (PyTorch + HF transformers' GPT2LMHeadModel). The worker builds its model, prints
 `{"ready": ...}` as one JSON line, then answers each line `run` on stdin with
 `{"seconds": ...}` after one repetition, and `quit` with `{"peak_rss_mib": ...}`.
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 SIZES = {  # the released GPT-2 sizes (the same table as npgpt2.model.MODEL_HPARAMS)
     "124M": dict(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+    "774M": dict(n_vocab=50257, n_ctx=1024, n_embd=1280, n_head=20, n_layer=36),
     "1558M": dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),
 }
 
@@ -191,6 +193,83 @@ def torch_setup(bench, args):
     raise SystemExit(f"unknown torch benchmark {bench!r}")
 
 
+# ---------------------------------------------------------------- LoRA
+def random_base(hp, dtype):
+    """GPT-2 of these shapes with init_model's random weights, built one tensor at a time;
+    dtype "int8": each matrix quantised as soon as it is made (as load_model(dtype="int8")
+    quantises a checkpoint tensor by tensor), so 1558M never exists in float32 (6.2 GB)."""
+    import math
+
+    import numpy as np
+
+    from npgpt2 import quant
+    from npgpt2.model import GPT2, param_shapes
+    rng = np.random.default_rng(0)
+    params = {}
+    for name, shape in param_shapes(hp).items():
+        leaf = name.rsplit("/", 1)[1]
+        if leaf in ("g", "b"):
+            w = (np.ones if leaf == "g" else np.zeros)(shape, np.float32)
+        else:
+            std = 0.01 if name == "model/wpe" else 0.02 / math.sqrt(2 * hp["n_layer"]) if name.endswith("c_proj/w") \
+                else 0.02
+            w = rng.standard_normal(shape, dtype=np.float32)
+            w *= std
+        params[name] = quant.quantize_params({name: w})[name] if dtype == "int8" and quant.is_matrix(name) else w
+    return GPT2(hp, params, np.float32)
+
+
+def jargon_tokens(n_bytes=400_000):
+    """GPT-2 token ids of the start of the bundled Jargon File (public domain): text to train on."""
+    import gzip
+
+    import numpy as np
+
+    from npgpt2.model import ASSETS
+    from npgpt2.tokenizer import load_tokenizer
+    with gzip.open(ASSETS / "jargon.txt.gz", "rt", encoding="utf-8") as f:
+        text = f.read(n_bytes)
+    return np.array(load_tokenizer().encode(text), dtype=np.int64)
+
+
+def lora_setup(args):
+    """One training step of LoRA adapters (r = args["r"], default 8, on all four matrices of
+    every block) on a frozen random base of args["size"] (default 124M) in args["dtype"]
+    (float32 or int8): loss_and_grads (with memory_saving=True when args say so and the
+    model has it), then AdamW over the adapters alone. Batches: random tokens, or with
+    args["corpus"] windows of the Jargon File; each run's loss is kept in result["losses"]."""
+    import inspect
+
+    import numpy as np
+
+    from npgpt2 import lora
+    from npgpt2.optim import AdamW
+    hp = SIZES[args.get("size", "124M")]
+    model = random_base(hp, args.get("dtype", "float32"))
+    r = args.get("r", 8)
+    lora.attach(model, lora.init_adapters(hp, lora.LoraConfig(r=r, alpha=2 * r)))
+    opt = AdamW(model.lora.params, lr=args.get("lr", 1e-4))
+    B, T = args["B"], args["T"]
+    kw = {}
+    if args.get("memory_saving"):
+        if "memory_saving" in inspect.signature(model.loss_and_grads).parameters:
+            kw["memory_saving"] = True
+    corpus = jargon_tokens() if args.get("corpus") else None
+    rng = np.random.default_rng(3)
+    out = {"losses": [], "memory_saving": bool(kw), "adapter_params": sum(a.size for a in model.lora.params.values())}
+
+    def run():
+        if corpus is None:
+            data = tokens(3, (B, T + 1))
+        else:
+            starts = rng.integers(0, corpus.size - T - 1, B)
+            data = corpus[starts[:, None] + np.arange(T + 1)]
+        loss, grads = model.loss_and_grads(data[:, :-1], data[:, 1:], **kw)
+        opt.step(grads)
+        out["losses"].append(loss)
+    return run, {"result": out}
+
+
 # ---------------------------------------------------------------- one-shot: prepare, startup
 def prepare(side, args):
     """Write a model folder with random weights: npgpt2's writer (OpenAI layout, TF
@@ -349,7 +428,10 @@ def main():
         send(quality(args))
         return
 
-    if side in NPGPT2_SIDES:
+    if side == "npgpt2-lora":
+        run, extra = lora_setup(args)
+        info = npgpt2_info
+    elif side in NPGPT2_SIDES:
         run, extra = npgpt2_setup(bench, args, NPGPT2_SIDES[side])
         info = npgpt2_info
     else:
