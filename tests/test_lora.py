@@ -379,3 +379,34 @@ def test_cli_trains_and_every_command_loads_the_run(tmp_path):
     r = run_cli("generate", "--models_dir", base.parent, "--model_name", "full", "--adapter", tmp_path)
     assert r.returncode == 2 and "not an adapter folder" in r.stderr and r.stderr.count("\n") == 1
 
+
+
+# ---------------------------------------------------------------- against torch autograd + peft
+PEFT_REFERENCE = FIX / "lora" / "lora_reference.npz"  # tools/make_fixtures.py lora (helper peft's branch)
+
+
+@pytest.mark.skipif(not PEFT_REFERENCE.exists(), reason="tests/fixtures/lora/ comes with adapter_files.py")
+@pytest.mark.parametrize("dtype, suffix, tol", [(np.float64, "f64", 1e-9), (np.float32, "f32", 1e-4)])
+def test_loss_and_adapter_gradients_equal_torch_peft(path, dtype, suffix, tol):
+    """The tiny model with peft's adapter (r 4, alpha 8, all four matrices, a rank and an alpha
+    pattern; tests/fixtures/lora/README.md): loss, logits and every adapter gradient equal
+    torch autograd's through peft's LoRA layers."""
+    ref = np.load(PEFT_REFERENCE)
+    config = lora.LoraConfig(r=4, alpha=8.0, rank_pattern={"model/h1/mlp/c_fc": 2},
+                             alpha_pattern={"model/h0/attn/c_proj": 3.0})
+    params = {k[len("adapter/"):]: ref[k] for k in ref.files if k.startswith("adapter/")}
+    model = load_model(FIX / "tiny", dtype=dtype)
+    lora.attach(model, lora.LoraAdapters(config, params))
+    for k in ref.files:
+        if k.startswith("scaling/"):
+            prefix = k[len("scaling/"):]
+            layer, target = int(prefix.split("/")[1][1:]), ".".join(prefix.split("/")[2:])
+            assert config.scaling(layer, target) == float(ref[k]), prefix
+    loss, grads = model.loss_and_grads(ref["tokens"], ref["targets"])
+    assert abs(loss - float(ref["loss_" + suffix])) <= tol * max(1.0, abs(float(ref["loss_" + suffix])))
+    np.testing.assert_allclose(model.forward(ref["tokens"]), ref["logits_" + suffix], rtol=tol, atol=tol)
+    key = "grad/" if dtype == np.float64 else "grad32/"
+    assert set(grads) == {k[len(key):] for k in ref.files if k.startswith(key)}
+    for name, g in grads.items():
+        want = ref[key + name]
+        assert rel_error(want, g) <= tol, (name, rel_error(want, g))
