@@ -305,6 +305,9 @@ def load_with_adapters(model_dir, dtype=np.float32, verify=True, mmap=False, ada
     else:
         base_dir, where, trained_on = model_dir, str(adapter), None
     model = load_model(base_dir, dtype, verify, mmap)
+    if model.lora is not None:  # (train --lora refuses such a base: adapters do not stack)
+        raise Npgpt2Error(f"{base_dir}: a LoRA run folder as the base of other adapters; merge it first "
+                          f"(npgpt2 convert --merge)")
     if adapter is not None:
         adapters = load_adapters(adapter, model.hparams)
         if adapters.base is not None:

@@ -129,6 +129,15 @@ def test_model_adapter_gradients_by_finite_differences(path, targets):
     assert all(r.ok for r in rows), [(r.name, r.error) for r in rows if not r.ok]
 
 
+def test_gradcheck_of_a_float32_model_checks_its_adapters_in_float64():
+    model = tiny_with_adapters(("mlp.c_fc",))
+    m32 = npgpt2.GPT2(model.hparams, model.params, dtype=np.float32)
+    lora.attach(m32, lora.LoraAdapters(model.lora.config, {k: v.copy() for k, v in model.lora.params.items()}))
+    rows = gradcheck.check_model(m32, entries=2)
+    assert [r.name for r in rows] == ["model/h*/mlp/c_fc/lora_A", "model/h*/mlp/c_fc/lora_B"]
+    assert all(r.ok for r in rows)
+
+
 def test_adapted_forward_equals_merged_weights_on_every_path(path):
     """forward (with and without a KV cache), run_with_cache and forward_with_saves of an
     adapted model = the same calls on W + scaling * A @ B merged in NumPy."""
