@@ -454,9 +454,10 @@ class GPT2:
     def _block_backward(self, nn, i, dresid, act, grads):
         """Block i backward: dresid (B, T, C) at its output -> at its input; fills grads.
 
-        act: what _block_forward saved. matmul_backward gives dweight (C, OC) for the (C, OC)
-        view the forward used; `dw[None]` puts back the leading axis of TF's conv1d weight
-        (1, C, OC), so a gradient has its parameter's shape.
+        act: what _block_forward saved. Each linear layer's backward is _linear_backward: its
+        (C, OC) weight gradient gets back the leading axis of TF's conv1d weight (1, C, OC), so a
+        gradient has its parameter's shape; with LoRA adapters (act["lora.h"]) only the adapters'
+        gradients are made.
         """
         blk, prefix, NH = self.blocks[i], f"model/h{i}/", self.hparams["n_head"]
         g = {}  # this block's gradients under the short names of blk
