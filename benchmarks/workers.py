@@ -220,7 +220,7 @@ def random_base(hp, dtype):
 
 
 def jargon_tokens(n_bytes=400_000):
-    """GPT-2 token ids of the start of the bundled Jargon File (public domain): text to train on."""
+    """GPT-2 token ids of the start of the bundled Jargon File (public domain; None: all of it)."""
     import gzip
 
     import numpy as np
@@ -228,7 +228,7 @@ def jargon_tokens(n_bytes=400_000):
     from npgpt2.model import ASSETS
     from npgpt2.tokenizer import load_tokenizer
     with gzip.open(ASSETS / "jargon.txt.gz", "rt", encoding="utf-8") as f:
-        text = f.read(n_bytes)
+        text = f.read(-1 if n_bytes is None else n_bytes)
     return np.array(load_tokenizer().encode(text), dtype=np.int64)
 
 
@@ -268,6 +268,52 @@ def lora_setup(args):
         opt.step(grads)
         out["losses"].append(loss)
     return run, {"result": out}
+
+
+def lora_quality(args):
+    """LoRA against a full fine-tune from the same base, on the same data and steps.
+
+    The base: GPT-2's full vocabulary (50257) at small width (args: n_embd 128, 4 layers,
+    context 128), trained from random init on the first 60 % of the bundled Jargon File
+    (demo.split_corpus's training 90 %, its first two thirds). Both fine-tunes then train
+    `ft_steps` steps on the next 30 % (the rest of the training 90 %, a slice the base never
+    saw), full with AdamW at `full_lr`, LoRA r = 8 on all four matrices at `lora_lr`; all three
+    are scored on the held-out last 10 % (train.evaluate). Returns the losses and LoRA's
+    held-out loss reduction as a share of the full fine-tune's."""
+    import numpy as np
+
+    from npgpt2 import lora
+    from npgpt2.demo import split_corpus
+    from npgpt2.model import GPT2, init_model
+    from npgpt2.train import TrainConfig, evaluate, fit
+    t0 = time.perf_counter()
+    train_part, held_out = split_corpus(jargon_tokens(None))
+    base_part, ft_part = train_part[:len(train_part) * 2 // 3], train_part[len(train_part) * 2 // 3:]
+    T = args.get("T", 128)
+    hp = dict(n_vocab=50257, n_ctx=T, n_embd=args.get("n_embd", 128), n_head=4, n_layer=args.get("n_layer", 4))
+    base = init_model(hp, seed=0)
+
+    def cfg(steps, lr, **kw):
+        return TrainConfig(steps=steps, learning_rate=lr, batch_size=args.get("B", 8), context=T, seed=1,
+                           sample_every=0, plot=False, warmup=min(20, steps // 10), lr_schedule="cosine", **kw)
+    fit(base, base_part, cfg(args.get("base_steps", 400), 1e-3))
+    base_params = {k: v.copy() for k, v in base.params.items()}
+    out = {"tokens": {"base": int(base_part.size), "fine_tune": int(ft_part.size), "held_out": int(held_out.size)},
+           "hparams": hp, **{k: args.get(k) for k in ("ft_steps", "full_lr", "lora_lr")}}
+    out["base_loss"] = evaluate(base, held_out, T)[0]
+    t1 = time.perf_counter()
+    full = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
+    out["full_history"] = fit(full, ft_part, cfg(args["ft_steps"], args["full_lr"]))["history"]["loss"]
+    out["full_loss"] = evaluate(full, held_out, T)[0]
+    t2 = time.perf_counter()
+    adapted = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
+    lora.attach(adapted, lora.init_adapters(hp, lora.LoraConfig(r=8, alpha=16)))
+    out["lora_history"] = fit(adapted, ft_part, cfg(args["ft_steps"], args["lora_lr"]))["history"]["loss"]
+    out["lora_loss"] = evaluate(adapted, held_out, T)[0]
+    assert all(np.array_equal(adapted.params[k], base_params[k]) for k in base_params)  # the base stayed frozen
+    out["share"] = (out["base_loss"] - out["lora_loss"]) / (out["base_loss"] - out["full_loss"])
+    out.update(base_s=t1 - t0, full_s=t2 - t1, lora_s=time.perf_counter() - t2, peak_rss_mib=peak_rss_mib())
+    return out
 
 
 # ---------------------------------------------------------------- one-shot: prepare, startup
@@ -426,6 +472,9 @@ def main():
         return
     if bench == "quality":
         send(quality(args))
+        return
+    if bench == "lora_quality":
+        send(lora_quality(args))
         return
 
     if side == "npgpt2-lora":
