@@ -341,7 +341,7 @@ def lora_big(size, dtype, runs, log, memory_saving=False):
     """LoRA r=8 on a frozen random `size` base in `dtype`, B=1,T=256 on the Jargon File:
     `runs` steps in one process (the first is the warm-up), peak RSS, every step's loss."""
     args = {"size": size, "B": 1, "T": 256, "r": 8, "dtype": dtype, "memory_saving": memory_saving,
-            "corpus": True, "lr": 3e-3}
+            "corpus": True, "lr": 1e-3}
     w = Worker("npgpt2-lora", "train", args, log)
     times, out = [], {}
     try:
