@@ -431,16 +431,14 @@ class GPT2:
         part of wte's gradient (the embedding's is added to it in place) -> (grads, dembed)."""
         nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
         grads = {}
-        dresid, dg, db = nn.layernorm_backward(
+        dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = nn.layernorm_backward(
             dln_f, saved["resid_final"], self._params["model/ln_f/g"], saved["ln_f.mean"],
             saved["ln_f.rstd"])  # [B, T, C]
-        if self.lora is None:  # (a frozen base's are dropped: two sums over (B, T, C), nothing beside)
-            grads["model/ln_f/g"], grads["model/ln_f/b"] = dg, db
         for i in reversed(range(len(blocks))):
             dresid = self._block_backward(nn, i, dresid, blocks.pop(), grads)  # [B, T, C] -> [B, T, C]
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
-        if self.lora is not None:  # LoRA: the adapters' gradients alone; the frozen embedding gets none
-            return {k: grads[k] for k in self.lora.params}, dembed
+        if self.lora is not None:  # LoRA: the adapters' gradients alone (the layer norms' (C,) ones, two
+            return {k: grads[k] for k in self.lora.params}, dembed  # sums each, are dropped); no embedding's
         # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients).
         # Only the distinct tokens' rows get a gradient, so encoder_backward runs over those (ids
         # renumbered 0..n-1): a (n, C) array instead of a second (V, C) one (154 MB at 124M)
@@ -541,15 +539,13 @@ BLOCK_ACTS = ("ln_1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern
 def _norm_linear_backward(nn, blk, ln, linear, x, dout, g, lora_h=None):
     """The backward of linear(ln(x)), how each branch of a block begins: dout (B, T, OC) at the
     linear layer's output -> the gradient at x (B, T, C); the four parameter gradients go into
-    g under blk's short names (with lora_h, a frozen base: only the adapter's, see
-    _linear_backward). ln's output is recomputed from x (not saved by the forward), bit for
+    g under blk's short names (with lora_h, a frozen base: the adapter's instead of the
+    linear layer's, see _linear_backward). ln's output is recomputed from x (not saved by the forward), bit for
     bit what the forward had.
     """
     h, mean, rstd = nn.layernorm_forward(x, blk[ln + "/g"], blk[ln + "/b"])  # [B, T, C]: ln again
     dh = _linear_backward(nn, blk, linear, dout, h, g, lora_h)  # [B, T, OC] -> [B, T, C]
-    dx, dg, db = nn.layernorm_backward(dh, x, blk[ln + "/g"], mean, rstd)  # [B, T, C]
-    if lora_h is None:  # (frozen: dg, db, two sums over (B, T, C), are dropped)
-        g[ln + "/g"], g[ln + "/b"] = dg, db
+    dx, g[ln + "/g"], g[ln + "/b"] = nn.layernorm_backward(dh, x, blk[ln + "/g"], mean, rstd)  # [B, T, C]
     return dx
 
 
