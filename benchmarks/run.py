@@ -319,7 +319,7 @@ def run_all(args, log):
     step("lora_124M", lambda: duel("train", {"B": 4, "T": 64, "r": 8}, reps, ["npgpt2", "npgpt2-lora"], log))
     step("lora_774M", lambda: lora_big("774M", "float32", 1 + (2 if args.quick else 3), log))
     if not args.quick or (only and "lora_1558M" in only):
-        step("lora_1558M", lambda: lora_big("1558M", "int8", 1 + LORA_1558M_STEPS, log, memory_saving=True))
+        step("lora_1558M", lambda: lora_big("1558M", "int8", 1 + args.lora_steps, log, memory_saving=True))
     elif want("lora_1558M"):
         B["lora_1558M"] = {"skipped": "--quick (20 steps of 1558M take a while); name it in --only"}
     if only is not None and "lora_quality" in only:  # ~15-30 minutes on 2 cores: only when named
@@ -332,9 +332,6 @@ def run_all(args, log):
 # the quality row's base and fine-tunes (workers.lora_quality)
 LORA_QUALITY = {"n_embd": 128, "n_layer": 4, "T": 128, "B": 4, "base_steps": 300, "ft_steps": 150,
                 "full_lr": 3e-4, "lora_lr": 2e-3}
-
-
-LORA_1558M_STEPS = 20  # "training loss falls over 20 steps"
 
 
 def lora_big(size, dtype, runs, log, memory_saving=False):
@@ -646,10 +643,12 @@ def lora_rows(Bm, rows, checks, missing):
         cell = f"peak RSS {fmt_mib(b['peak_rss_mib'])}, {fmt_s(b['median_s'])}/step (median of {len(b['reps_s'])})"
         losses = b["losses"]
         if falls:
-            first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-            checks[name + "_loss_falls"] = last < first
-            ok = ok and last < first
-            cell += f"; loss {losses[0]:.3f} -> {losses[-1]:.3f} (mean of first/last 5: {first:.3f} / {last:.3f})"
+            k = min(5, len(losses) // 2)
+            first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+            checks[name + "_loss_falls"] = last < first and len(losses) > 20
+            ok = ok and checks[name + "_loss_falls"]
+            cell += (f"; loss over {len(losses)} steps {losses[0]:.3f} -> {losses[-1]:.3f} (mean of first/last {k}: "
+                     f"{first:.3f} / {last:.3f})" + ("" if len(losses) > 20 else "; fewer than 20 steps: not judged"))
             if not b.get("memory_saving"):
                 cell += "; memory_saving not available on this branch (ran without)"
         rows.append((label, cell, "", "", f"{b['adapter_params']:,} adapter parameters", target, "yes" if ok else "no"))
@@ -774,6 +773,8 @@ def main(argv=None):
     ap.add_argument("--trained124", type=Path, help="the folder benchmarks/train_124m.py wrote (GPT-2 124M "
                     "trained on the demo's split): the int8_quality_124M row, the same measure at 124M")
     ap.add_argument("--threads", type=int, help="threads per side (default: all cores)")
+    ap.add_argument("--lora_steps", type=int, default=20, help="lora_1558M: timed steps after the first "
+                    "(default 20, what its loss target needs; fewer on a busy machine still give RSS and s/step)")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON output path")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.only.split(",")) - set(STEPS)) if args.only else []
