@@ -330,7 +330,7 @@ def run_all(args, log):
 
 
 # the quality row's base and fine-tunes (workers.lora_quality)
-LORA_QUALITY = {"n_embd": 128, "n_layer": 4, "T": 128, "B": 4, "base_steps": 300, "ft_steps": 150,
+LORA_QUALITY = {"n_embd": 64, "n_layer": 2, "T": 64, "B": 8, "base_steps": 300, "ft_steps": 150,
                 "full_lr": 3e-4, "lora_lr": 2e-3}
 
 

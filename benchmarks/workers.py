@@ -273,8 +273,8 @@ def lora_setup(args):
 def lora_quality(args):
     """LoRA against a full fine-tune from the same base, on the same data and steps.
 
-    The base: GPT-2's full vocabulary (50257) at small width (args: n_embd 128, 4 layers,
-    context 128), trained from random init on the first 60 % of the bundled Jargon File
+    The base: GPT-2's full vocabulary (50257) at small width (args n_embd, n_layer, context T;
+    run.py's LORA_QUALITY), trained from random init on the first 60 % of the bundled Jargon File
     (demo.split_corpus's training 90 %, its first two thirds). Both fine-tunes then train
     `ft_steps` steps on the next 30 % (the rest of the training 90 %, a slice the base never
     saw), full with AdamW at `full_lr`, LoRA r = 8 on all four matrices at `lora_lr`; all three
