@@ -162,10 +162,17 @@ def attach(model, adapters, source="adapters"):
     an array is missing or does not fit its matrix."""
     dtype = np.float32 if model.weight_dtype == "int8" else model.dtype
     config = adapters.config
+    expected = {f"{module_prefix(i, t)}/{leaf}" for i in range(len(model.blocks)) for t in config.targets
+                for leaf in ("lora_A", "lora_B")}
+    extra = sorted(set(adapters.params) - expected)
+    if extra:
+        raise Npgpt2Error(f"{source}: adapter tensor '{extra[0]}' belongs to no adapted matrix of this model "
+                          f"(targets {','.join(config.targets)}, {len(model.blocks)} layers)")
+    arrays = {}  # everything is checked before the model changes: a refusal leaves it as it was
     for i, blk in enumerate(model.blocks):
         for target in config.targets:
-            short, name, r = target.replace(".", "/"), module_prefix(i, target), config.rank(i, target)
-            c_in, c_out = blk[short + "/w"].shape
+            name, r = module_prefix(i, target), config.rank(i, target)
+            c_in, c_out = blk[target.replace(".", "/") + "/w"].shape
             for leaf, shape in (("lora_A", (c_in, r)), ("lora_B", (r, c_out))):
                 a = adapters.params.get(f"{name}/{leaf}")
                 if a is None or tuple(a.shape) != shape:
@@ -174,7 +181,14 @@ def attach(model, adapters, source="adapters"):
                 a = np.ascontiguousarray(a, dtype=dtype)
                 if not a.flags.writeable:  # e.g. read from a memory map: the optimizer updates it in place
                     a = a.copy()
-                adapters.params[f"{name}/{leaf}"] = blk[f"{short}/{leaf}"] = a
+                arrays[f"{name}/{leaf}"] = a
+    adapters.params.update(arrays)
+    for i, blk in enumerate(model.blocks):
+        for key in [k for k in blk if "/lora_" in k]:  # adapters attached before (other targets) go
+            del blk[key]
+        for target in config.targets:
+            short, name = target.replace(".", "/"), module_prefix(i, target)
+            blk[short + "/lora_A"], blk[short + "/lora_B"] = arrays[name + "/lora_A"], arrays[name + "/lora_B"]
             blk[short + "/lora_scaling"] = config.scaling(i, target)
     model.lora = adapters
     return model

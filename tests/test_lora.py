@@ -197,6 +197,23 @@ def test_int8_base_trains_adapters_like_its_dequantised_float32_twin(path):
     np.testing.assert_allclose(got, f.forward(inputs), rtol=1e-4, atol=1e-4)
 
 
+def test_attach_refuses_tensors_that_do_not_fit_and_replaces_earlier_adapters():
+    model = tiny_with_adapters(("attn.c_attn",))
+    ad = lora.init_adapters(model.hparams, lora.LoraConfig(r=2, alpha=2, targets=("mlp.c_fc",)), dtype=np.float64)
+    bad = lora.LoraAdapters(ad.config, {**ad.params, "model/h5/mlp/c_fc/lora_A": np.zeros((8, 2))})
+    with pytest.raises(Npgpt2Error, match="model/h5/mlp/c_fc/lora_A' belongs to no adapted matrix"):
+        lora.attach(model, bad, "x")
+    short = lora.LoraAdapters(ad.config, {**ad.params, "model/h1/mlp/c_fc/lora_B": np.zeros((2, 5))})
+    with pytest.raises(Npgpt2Error, match=r"x: adapter tensor 'model/h1/mlp/c_fc/lora_B' is shape \(2, 5\), "
+                                          r"expected \(2, 32\)"):
+        lora.attach(model, short, "x")
+    assert all("attn/c_attn/lora_A" in blk for blk in model.blocks)  # a refusal changed nothing
+    lora.attach(model, ad)
+    assert not any("attn/c_attn/lora" in k for blk in model.blocks for k in blk)
+    _, grads = model.loss_and_grads(np.zeros((1, 3), int), np.ones((1, 3), int))
+    assert set(grads) == set(ad.params)
+
+
 def test_int8_without_adapters_still_refuses_training():
     q, _ = int8_base()
     with pytest.raises(Npgpt2Error, match="training an int8 model"):
