@@ -33,6 +33,11 @@ How it measures:
   without the flag, in turns (2 repetitions: a step takes tens of seconds). Activation memory =
   peak RSS - the RSS before the first step (interpreter, libraries, parameters and the AdamW
   moments, which np.zeros_like writes at setup) - the gradients (one more parameter-sized set).
+- LoRA (`train --lora 8`, npgpt2/lora.py; workers.lora_setup): at 124M B=4,T=64 a LoRA step
+  and a full fine-tune step (AdamW over every weight) take turns; 774M (float32 base) and
+  1558M (int8 base, memory-saving gradients) train B=1,T=256 on the start of the Jargon File
+  from random weights of the real shapes (built tensor by tensor; 1558M is quantised as it is
+  made), one process each: seconds per step after a warm-up step, peak RSS, the losses.
 - Hardware limits: fp32 GEMM GFLOP/s and memory bandwidth (benchmarks/hardware.py); the
   decode bound is bandwidth / bytes of weights read per token.
 """
@@ -266,7 +271,8 @@ def bench_hardware(reps, log):
 
 STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "train_b4t64", "train_b1t1024", "train_memsave",
          "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
-         "int8_quality_124M", "tokenizer", "kernels")  # --only names, in the order they run
+         "int8_quality_124M", "tokenizer", "kernels", "lora_124M", "lora_774M", "lora_1558M",
+         "lora_quality")  # --only names, in the order they run
 
 
 def run_all(args, log):
@@ -322,7 +328,40 @@ def run_all(args, log):
             B[name] = {"skipped": f"not run: needs {how}"}
     step("tokenizer", lambda: bench_tokenizer(args))
     step("kernels", lambda: bench_kernels(reps, log))
+    # LoRA: a step against a full fine-tune's at 124M; then the sizes a full fine-tune cannot hold
+    step("lora_124M", lambda: duel("train", {"B": 4, "T": 64, "r": 8}, reps, ["npgpt2", "npgpt2-lora"], log))
+    step("lora_774M", lambda: lora_big("774M", "float32", 1 + (2 if args.quick else 3), log))
+    if not args.quick or (only and "lora_1558M" in only):
+        step("lora_1558M", lambda: lora_big("1558M", "int8", 1 + args.lora_steps, log, memory_saving=True))
+    elif want("lora_1558M"):
+        B["lora_1558M"] = {"skipped": "--quick (20 steps of 1558M take a while); name it in --only"}
+    if only is not None and "lora_quality" in only:  # ~15-30 minutes on 2 cores: only when named
+        step("lora_quality", lambda: one_shot("npgpt2", "lora_quality", LORA_QUALITY, log))
+    elif want("lora_quality"):
+        B["lora_quality"] = {"skipped": "not run: name it in --only (it trains a base and two fine-tunes)"}
     return out
+
+
+# the quality row's base and fine-tunes (workers.lora_quality)
+LORA_QUALITY = {"n_embd": 64, "n_layer": 2, "T": 64, "B": 8, "base_steps": 300, "ft_steps": 150,
+                "full_lr": 3e-4, "lora_lr": 2e-3}
+
+
+def lora_big(size, dtype, runs, log, memory_saving=False):
+    """LoRA r=8 on a frozen random `size` base in `dtype`, B=1,T=256 on the Jargon File:
+    `runs` steps in one process (the first is the warm-up), peak RSS, every step's loss."""
+    args = {"size": size, "B": 1, "T": 256, "r": 8, "dtype": dtype, "memory_saving": memory_saving,
+            "corpus": True, "lr": 1e-3}
+    w = Worker("npgpt2-lora", "train", args, log)
+    times, out = [], {}
+    try:
+        for _ in range(runs):
+            out = w.call("run")
+            times.append(out["seconds"])
+    finally:
+        q = w.quit()
+    return {**summarize(times[1:]), "first_s": times[0], "peak_rss_mib": q["peak_rss_mib"],
+            "rss_after_setup_mib": w.ready["rss_after_setup_mib"], "info": q["info"], **args, **out["result"]}
 
 
 def bench_kernels(reps, log):
@@ -572,6 +611,8 @@ def rows_of(out):
                      f"{q['delta_loss']:+.4f} nats", "", target,
                      "yes" if checks[name + "_loss"] and checks[name + "_agreement"] else "no"))
 
+    lora_rows(Bm, rows, checks, missing)
+
     why = missing("tokenizer")
     if why:
         rows.append(("tokenizer: encode 10 MB", why, "", "", "", ">= 3x original, same ids", "no"))
@@ -612,6 +653,54 @@ def memsave_row(Bm, rows, checks, why):
                  f"vs {fmt_mib(wo['peak_rss_mib'])}); step {fmt_s(ms['median_s'])} vs {fmt_s(wo['median_s'])}", "",
                  f"{mem:.2f} / {slow:.2f}x", "", target,
                  "yes" if checks["train_memsave_memory"] and checks["train_memsave_time"] else "no"))
+def lora_rows(Bm, rows, checks, missing):
+    """The LoRA rows of issue 17 (benchmarks lora_124M, lora_774M, lora_1558M, lora_quality)."""
+    label, target = "124M B=4,T=64 LoRA R=8 (all four) vs full fine-tune", "step time <= 0.75x, peak RSS <= 0.5x"
+    why = missing("lora_124M")
+    if why:
+        rows.append((label, why, "", "", "", target, "no"))
+    else:
+        b = Bm["lora_124M"]
+        lo, full = b["npgpt2-lora"], b["npgpt2"]
+        t, m = lo["median_s"] / full["median_s"], lo["peak_rss_mib"] / full["peak_rss_mib"]
+        checks["lora_124M_time"], checks["lora_124M_rss"] = t <= 0.75, m <= 0.5
+        rows.append((label, f"LoRA {fmt_s(lo['median_s'])}, RSS {fmt_mib(lo['peak_rss_mib'])}; full "
+                     f"{fmt_s(full['median_s'])}, RSS {fmt_mib(full['peak_rss_mib'])}", "",
+                     f"{t:.2f}x time, {m:.2f}x RSS", "", target, "yes" if t <= 0.75 and m <= 0.5 else "no"))
+    for name, label, rss_max, falls in (
+            ("lora_774M", "774M LoRA R=8, float32 base, B=1,T=256", 4.5, False),
+            ("lora_1558M", "1558M LoRA R=8, int8 base, --memory_saving_gradients, B=1,T=256", 3.5, True)):
+        target = f"peak RSS < {rss_max} GiB" + ("; loss falls over 20 steps" if falls else "") + "; s/step reported"
+        why = missing(name)
+        if why:
+            rows.append((label, why, "", "", "", target, "no"))
+            continue
+        b = Bm[name]
+        ok = checks[name + "_rss"] = b["peak_rss_mib"] < rss_max * GIB
+        cell = f"peak RSS {fmt_mib(b['peak_rss_mib'])}, {fmt_s(b['median_s'])}/step (median of {len(b['reps_s'])})"
+        losses = b["losses"]
+        if falls:
+            k = min(5, len(losses) // 2)
+            first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+            checks[name + "_loss_falls"] = last < first and len(losses) > 20
+            ok = ok and checks[name + "_loss_falls"]
+            cell += (f"; loss over {len(losses)} steps {losses[0]:.3f} -> {losses[-1]:.3f} (mean of first/last {k}: "
+                     f"{first:.3f} / {last:.3f})" + ("" if len(losses) > 20 else "; fewer than 20 steps: not judged"))
+            if not b.get("memory_saving"):
+                cell += "; memory_saving not available on this branch (ran without)"
+        rows.append((label, cell, "", "", f"{b['adapter_params']:,} adapter parameters", target, "yes" if ok else "no"))
+    label, target = "quality: LoRA vs full fine-tune, held-out loss reduction", "LoRA >= 80% of full fine-tune's"
+    why = missing("lora_quality")
+    if why:
+        rows.append((label, why, "", "", "", target, "no"))
+    else:
+        b = Bm["lora_quality"]
+        ok = checks["lora_quality"] = b["share"] >= 0.8
+        rows.append((f"{label} (full-vocabulary {b['hparams']['n_layer']}-layer C={b['hparams']['n_embd']} base "
+                     f"trained here on the Jargon File's first 60 %, fine-tuned {b['ft_steps']} steps on the next "
+                     f"30 %, scored on the last 10 %)",
+                     f"held-out loss: base {b['base_loss']:.4f}, full {b['full_loss']:.4f}, LoRA {b['lora_loss']:.4f}",
+                     "", f"{100 * b['share']:.0f}%", "", target, "yes" if ok else "no"))
 
 
 def table(out):
@@ -721,6 +810,8 @@ def main(argv=None):
     ap.add_argument("--trained124", type=Path, help="the folder benchmarks/train_124m.py wrote (GPT-2 124M "
                     "trained on the demo's split): the int8_quality_124M row, the same measure at 124M")
     ap.add_argument("--threads", type=int, help="threads per side (default: all cores)")
+    ap.add_argument("--lora_steps", type=int, default=20, help="lora_1558M: timed steps after the first "
+                    "(default 20, what its loss target needs; fewer on a busy machine still give RSS and s/step)")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON output path")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.only.split(",")) - set(STEPS)) if args.only else []

@@ -2,7 +2,8 @@
 
     python benchmarks/workers.py SIDE BENCH '{"json": "args"}'
 
-SIDE is `npgpt2`, `npgpt2-int8` (the same model with 8-bit weights, npgpt2/quant.py) or
+SIDE is `npgpt2`, `npgpt2-int8` (the same model with 8-bit weights, npgpt2/quant.py),
+`npgpt2-lora` (bench `train` with LoRA adapters on a frozen base, npgpt2/lora.py) or
 `torch` (PyTorch + HF transformers' GPT2LMHeadModel). The worker builds its model, prints
 `{"ready": ...}` as one JSON line, then answers each line `run` on stdin with
 `{"seconds": ...}` after one repetition, and `quit` with `{"peak_rss_mib": ...}`.
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 SIZES = {  # the released GPT-2 sizes (the same table as npgpt2.model.MODEL_HPARAMS)
     "124M": dict(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+    "774M": dict(n_vocab=50257, n_ctx=1024, n_embd=1280, n_head=20, n_layer=36),
     "1558M": dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),
 }
 
@@ -198,6 +200,129 @@ def torch_setup(bench, args):
     raise SystemExit(f"unknown torch benchmark {bench!r}")
 
 
+# ---------------------------------------------------------------- LoRA
+def random_base(hp, dtype):
+    """GPT-2 of these shapes with init_model's random weights, built one tensor at a time;
+    dtype "int8": each matrix quantised as soon as it is made (as load_model(dtype="int8")
+    quantises a checkpoint tensor by tensor), so 1558M never exists in float32 (6.2 GB)."""
+    import math
+
+    import numpy as np
+
+    from npgpt2 import quant
+    from npgpt2.model import GPT2, param_shapes
+    rng = np.random.default_rng(0)
+    params = {}
+    for name, shape in param_shapes(hp).items():
+        leaf = name.rsplit("/", 1)[1]
+        if leaf in ("g", "b"):
+            w = (np.ones if leaf == "g" else np.zeros)(shape, np.float32)
+        else:
+            std = 0.01 if name == "model/wpe" else 0.02 / math.sqrt(2 * hp["n_layer"]) if name.endswith("c_proj/w") \
+                else 0.02
+            w = rng.standard_normal(shape, dtype=np.float32)
+            w *= std
+        params[name] = quant.quantize_params({name: w})[name] if dtype == "int8" and quant.is_matrix(name) else w
+    return GPT2(hp, params, np.float32)
+
+
+def jargon_tokens(n_bytes=400_000):
+    """GPT-2 token ids of the start of the bundled Jargon File (public domain; None: all of it)."""
+    import gzip
+
+    import numpy as np
+
+    from npgpt2.model import ASSETS
+    from npgpt2.tokenizer import load_tokenizer
+    with gzip.open(ASSETS / "jargon.txt.gz", "rt", encoding="utf-8") as f:
+        text = f.read(-1 if n_bytes is None else n_bytes)
+    return np.array(load_tokenizer().encode(text), dtype=np.int64)
+
+
+def lora_setup(args):
+    """One training step of LoRA adapters (r = args["r"], default 8, on all four matrices of
+    every block) on a frozen random base of args["size"] (default 124M) in args["dtype"]
+    (float32 or int8): loss_and_grads (with memory_saving=True when args say so and the
+    model has it), then AdamW over the adapters alone. Batches: random tokens, or with
+    args["corpus"] windows of the Jargon File; each run's loss is kept in result["losses"]."""
+    import inspect
+
+    import numpy as np
+
+    from npgpt2 import lora
+    from npgpt2.optim import AdamW
+    hp = SIZES[args.get("size", "124M")]
+    model = random_base(hp, args.get("dtype", "float32"))
+    r = args.get("r", 8)
+    lora.attach(model, lora.init_adapters(hp, lora.LoraConfig(r=r, alpha=2 * r)))
+    opt = AdamW(model.lora.params, lr=args.get("lr", 1e-4))
+    B, T = args["B"], args["T"]
+    kw = {}
+    if args.get("memory_saving"):
+        if "memory_saving" in inspect.signature(model.loss_and_grads).parameters:
+            kw["memory_saving"] = True
+    corpus = jargon_tokens() if args.get("corpus") else None
+    rng = np.random.default_rng(3)
+    out = {"losses": [], "memory_saving": bool(kw), "adapter_params": sum(a.size for a in model.lora.params.values())}
+
+    def run():
+        if corpus is None:
+            data = tokens(3, (B, T + 1))
+        else:
+            starts = rng.integers(0, corpus.size - T - 1, B)
+            data = corpus[starts[:, None] + np.arange(T + 1)]
+        loss, grads = model.loss_and_grads(data[:, :-1], data[:, 1:], **kw)
+        opt.step(grads)
+        out["losses"].append(loss)
+    return run, {"result": out}
+
+
+def lora_quality(args):
+    """LoRA against a full fine-tune from the same base, on the same data and steps.
+
+    The base: GPT-2's full vocabulary (50257) at small width (args n_embd, n_layer, context T;
+    run.py's LORA_QUALITY), trained from random init on the first 60 % of the bundled Jargon File
+    (demo.split_corpus's training 90 %, its first two thirds). Both fine-tunes then train
+    `ft_steps` steps on the next 30 % (the rest of the training 90 %, a slice the base never
+    saw), full with AdamW at `full_lr`, LoRA r = 8 on all four matrices at `lora_lr`; all three
+    are scored on the held-out last 10 % (train.evaluate). Returns the losses and LoRA's
+    held-out loss reduction as a share of the full fine-tune's."""
+    import numpy as np
+
+    from npgpt2 import lora
+    from npgpt2.demo import split_corpus
+    from npgpt2.model import GPT2, init_model
+    from npgpt2.train import TrainConfig, evaluate, fit
+    t0 = time.perf_counter()
+    train_part, held_out = split_corpus(jargon_tokens(None))
+    base_part, ft_part = train_part[:len(train_part) * 2 // 3], train_part[len(train_part) * 2 // 3:]
+    T = args.get("T", 128)
+    hp = dict(n_vocab=50257, n_ctx=T, n_embd=args.get("n_embd", 128), n_head=4, n_layer=args.get("n_layer", 4))
+    base = init_model(hp, seed=0)
+
+    def cfg(steps, lr, **kw):
+        return TrainConfig(steps=steps, learning_rate=lr, batch_size=args.get("B", 8), context=T, seed=1,
+                           sample_every=0, plot=False, warmup=min(20, steps // 10), lr_schedule="cosine", **kw)
+    fit(base, base_part, cfg(args.get("base_steps", 400), 1e-3))
+    base_params = {k: v.copy() for k, v in base.params.items()}
+    out = {"tokens": {"base": int(base_part.size), "fine_tune": int(ft_part.size), "held_out": int(held_out.size)},
+           "hparams": hp, **{k: args.get(k) for k in ("ft_steps", "full_lr", "lora_lr")}}
+    out["base_loss"] = evaluate(base, held_out, T)[0]
+    t1 = time.perf_counter()
+    full = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
+    out["full_history"] = fit(full, ft_part, cfg(args["ft_steps"], args["full_lr"]))["history"]["loss"]
+    out["full_loss"] = evaluate(full, held_out, T)[0]
+    t2 = time.perf_counter()
+    adapted = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
+    lora.attach(adapted, lora.init_adapters(hp, lora.LoraConfig(r=8, alpha=16)))
+    out["lora_history"] = fit(adapted, ft_part, cfg(args["ft_steps"], args["lora_lr"]))["history"]["loss"]
+    out["lora_loss"] = evaluate(adapted, held_out, T)[0]
+    assert all(np.array_equal(adapted.params[k], base_params[k]) for k in base_params)  # the base stayed frozen
+    out["share"] = (out["base_loss"] - out["lora_loss"]) / (out["base_loss"] - out["full_loss"])
+    out.update(base_s=t1 - t0, full_s=t2 - t1, lora_s=time.perf_counter() - t2, peak_rss_mib=peak_rss_mib())
+    return out
+
+
 # ---------------------------------------------------------------- one-shot: prepare, startup
 def prepare(side, args):
     """Write a model folder with random weights: npgpt2's writer (OpenAI layout, TF
@@ -355,8 +480,14 @@ def main():
     if bench == "quality":
         send(quality(args))
         return
+    if bench == "lora_quality":
+        send(lora_quality(args))
+        return
 
-    if side in NPGPT2_SIDES:
+    if side == "npgpt2-lora":
+        run, extra = lora_setup(args)
+        info = npgpt2_info
+    elif side in NPGPT2_SIDES:
         run, extra = npgpt2_setup(bench, args, NPGPT2_SIDES[side])
         info = npgpt2_info
     else:

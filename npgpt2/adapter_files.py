@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant
+from . import lora, quant
 from .errors import Npgpt2Error
 from .fsutil import atomic_write, read_json_object
-from .lora import TARGETS, LoraAdapters, LoraConfig, module_prefix
+from .lora import TARGETS, LoraAdapters, LoraConfig, matrix_shapes, module_prefix
 from .safetensors_io import read_safetensors, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -66,12 +66,6 @@ HF_NAMES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M"
 def is_peft_dir(path):
     """True when `path` is a folder holding a PEFT adapter_config.json (read_peft_adapter says what else is wrong)."""
     return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
-
-
-def matrix_shapes(hparams):
-    """{target: (C_in, C_out)} of a block's four matrices."""
-    C = hparams["n_embd"]
-    return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
 
 
 # ---------------------------------------------------------------- reading
@@ -372,9 +366,8 @@ def merged_params(params, adapters, dtype=np.float32):
 def adapter_source(src, base=None):
     """(LoraAdapters, base folder) of `src`: an npgpt2 LoRA run folder (its adapter.json names and
     checksums its base; lora.py) or a PEFT adapter folder, whose base is `base` (--base DIR)."""
-    from . import lora
     src = Path(src)
-    if _is_run_dir(src):
+    if lora.is_run_dir(src):
         if base is not None:
             raise Npgpt2Error(f"--base: {src} is an npgpt2 LoRA run folder, which names its own base; "
                               f"leave --base out")
@@ -412,13 +405,9 @@ def read_base(base_dir):
 
 def is_adapter_source(path):
     """Does `path` hold LoRA adapters (an npgpt2 run folder or a PEFT folder)?"""
-    return Path(path).is_dir() and (_is_run_dir(path) or is_peft_dir(path))
+    return Path(path).is_dir() and (lora.is_run_dir(path) or is_peft_dir(path))
 
 
-def _is_run_dir(path):
-    from . import lora
-    is_run_dir = getattr(lora, "is_run_dir", None)  # lora.py's run folders (helper lora's branch)
-    return bool(is_run_dir and is_run_dir(path))
 
 
 def convert_adapter(src, dst, merge=False, fmt=None, base=None, force=False, dtype="float32"):

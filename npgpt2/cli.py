@@ -25,10 +25,14 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------- shared flags
-def add_model_flags(p, default_models_dir="weights"):
+def add_model_flags(p, default_models_dir="weights", adapter=True):
     p.add_argument("--model_name", default="124M", help="model folder name (default 124M; 117M/345M are aliases)")
     p.add_argument("--models_dir", default=default_models_dir,
                    help="folder holding model folders (default %(default)s)")
+    if adapter:
+        p.add_argument("--adapter", default=None, metavar="DIR",
+                       help="LoRA adapters on the model: an npgpt2 `train --lora` run folder or a Hugging Face "
+                            "PEFT folder (a LoRA run folder also loads by itself as --model_name)")
 
 
 def add_sampling_knobs(p):
@@ -52,6 +56,29 @@ def add_dtype_flag(p):
                    help="weights: float32 (default) or int8 (8-bit, about 2x faster generation; quantised at load)")
 
 
+def add_lora_flags(p):
+    """train's LoRA flags (lora.py); the library checks them again (lora.check_train_flags)."""
+    from .lora import TARGETS
+    p.add_argument("--lora", type=lora_rank, default=0, metavar="R",
+                   help="train LoRA adapters of rank R on a frozen base instead of every weight (e.g. 8)")
+    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA's alpha: updates scale by alpha/R (default 2R)")
+    p.add_argument("--lora_targets", default=",".join(TARGETS),
+                   help="the matrices of each block that get adapters (default all four: %(default)s)")
+    p.add_argument("--dtype", default="float32", type=dtype_choice,
+                   help="the frozen base's weights with --lora: float32 (default) or int8 (8-bit, quantised at load)")
+
+
+def lora_rank(text):
+    """--lora R: a whole number >= 1 (0, the default, is no LoRA; it is not a value to give)."""
+    try:
+        r = int(text)
+    except ValueError:
+        r = None
+    if r is None or r < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return r
+
+
 def dtype_choice(text):
     from .quant import check_dtype
     try:
@@ -64,7 +91,8 @@ def load_for_generation(args):
     from .model import load_model, resolve_model_dir
     from .tokenizer import load_tokenizer
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
-    model = load_model(model_dir, dtype=getattr(args, "dtype", "float32"))  # explain has no --dtype
+    model = load_model(model_dir, dtype=getattr(args, "dtype", "float32"),  # explain has no --dtype
+                       adapter=args.adapter)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.n_vocab != model.hparams["n_vocab"]:
         log.warning("%s: the tokenizer has %d ids but the model %d; the text will not be the model's", model_dir,
@@ -388,7 +416,7 @@ def cmd_eval(args):
     expand_paths(args.dataset, "--dataset")  # bad inputs are reported before the model loads
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
     T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
-    model = load_model(model_dir, dtype=args.dtype)
+    model = load_model(model_dir, dtype=args.dtype, adapter=args.adapter)
     tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine,
                           keep_crlf=args.keep_crlf)
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
@@ -597,23 +625,24 @@ def build_parser():
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")
     p.add_argument("in_text", help="a text file, a folder of them, or a glob")
     p.add_argument("out_npz", help="the .npz to write")
-    add_model_flags(p)
+    add_model_flags(p, adapter=False)
     add_dataset_flags(p)
     add_keep_crlf_flag(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
-                       description="Fine-tune a model. Training stays float32 (no --dtype: int8 weights are for "
-                                   "generate/prompt/chat/serve/eval only).",
+                       description="Fine-tune a model: all its weights, or LoRA adapters on a frozen float32 "
+                                   "or int8 base (--lora R). Full fine-tuning runs in float32.",
                        epilog="Training runs in float32. Data-parallel over MPI (pip install \"npgpt2[mpi]\"): "
                               "mpirun -n N npgpt2 train ... (add --hostfile FILE for several machines); the "
                               "effective batch is N x --batch_size x --accumulate_gradients; rank 0 reads the files "
                               "and writes checkpoints; kill -USR1 <mpirun pid> saves and stops every rank.")
     p.add_argument("--shared_stream", action="store_true", help=argparse.SUPPRESS)  # tests: see dist.RankSlice
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
-    add_model_flags(p)
+    add_model_flags(p, adapter=False)
     add_dataset_flags(p)
     add_keep_crlf_flag(p)
+    add_lora_flags(p)
     p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch (default %(default)s)")
     p.add_argument("--learning_rate", type=float, default=2e-5, help="peak learning rate (default %(default)s)")
     p.add_argument("--accumulate_gradients", type=int, default=1, help="micro-batches per update (default %(default)s)")

@@ -146,6 +146,17 @@ def check_layers(seed=0):
     rows.append(_check_layer("matmul", lambda: _dot(dy, layers.matmul_forward(x, w, b)),
                              [("dinp", x, dx), ("dweight", w, dw), ("dbias", b, db)]))
 
+    # LoRA: a frozen matmul plus scaling * (x @ A) @ B; only x, A and B get gradients
+    r = 2
+    x = rng.standard_normal((B, T, C))
+    w, b = rng.standard_normal((C, OC)), rng.standard_normal(OC)
+    lora_A, lora_B = rng.standard_normal((C, r)), rng.standard_normal((r, OC))
+    dy = rng.standard_normal((B, T, OC))
+    _, h = layers.lora_forward(x, w, b, lora_A, lora_B, 1.5)
+    dx, dA, dB = layers.lora_backward(dy, x, w, lora_A, lora_B, 1.5, h)
+    rows.append(_check_layer("lora", lambda: _dot(dy, layers.lora_forward(x, w, b, lora_A, lora_B, 1.5)[0]),
+                             [("dinp", x, dx), ("dA", lora_A, dA), ("dB", lora_B, dB)]))
+
     # causal self-attention, softmax included
     qkv = rng.standard_normal((B, T, 3 * C))
     dy = rng.standard_normal((B, T, C))
@@ -240,6 +251,9 @@ def check_model(model, entries=None, T=4, B=1, seed=0, progress=None):
     if entries is None:
         entries = default_entries(model)
     m64 = model if model.dtype == np.float64 else GPT2(hp, model.params, dtype=np.float64)
+    if model.lora is not None and m64 is not model:
+        from .lora import LoraAdapters, attach
+        attach(m64, LoraAdapters(model.lora.config, {k: v.astype(np.float64) for k, v in model.lora.params.items()}))
     rng = np.random.default_rng(seed)
     T = min(T, hp["n_ctx"])
     inputs = rng.integers(0, hp["n_vocab"], (B, T))
@@ -252,10 +266,11 @@ def check_model(model, entries=None, T=4, B=1, seed=0, progress=None):
         return mean_crossentropy(m64, inputs, targets)
 
     groups = {}
-    names = list(param_shapes(hp))
+    trained = m64.params if m64.lora is None else m64.lora.params  # LoRA: the adapters alone train
+    names = list(param_shapes(hp)) if m64.lora is None else list(trained)
     with _one_blas_thread():
         for n, name in enumerate(names):
-            p = m64.params[name]
+            p = trained[name]
             picks = _sample_entries(name, p.shape, entries, rng, inputs)
             numeric = numeric_grad(loss, p, h=MODEL_H, entries=picks)
             analytic = np.array([grads[name][e] for e in picks])

@@ -42,19 +42,20 @@ from . import quant_kernels, threads  # noqa: E402
 from .layers import (  # noqa: F401,E402
     GELU_SCALE,  # noqa: E402
     encoder_forward,
+    lora_backward,
     merge_heads,
     softmax,
     split_heads,
 )
 from .quant import QuantizedWeight  # noqa: E402
 
-PLAIN = ("encoder_forward", "merge_heads", "softmax", "split_heads")
+PLAIN = ("encoder_forward", "lora_backward", "merge_heads", "softmax", "split_heads")
 # the fast twins defined below, each with its plain namesake's signature (layers.py; for
 # adamw_update, optim.py)
 TWINS = ("layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward",
          "gelu_forward", "gelu_backward", "attention_forward", "attention_backward",
          "attention_forward_cached", "crossentropy_forward", "crossentropy_softmax_backward",
-         "encoder_backward", "adamw_update")
+         "encoder_backward", "adamw_update", "lora_forward")
 
 # below this many elements a loop runs on one thread: starting the second thread costs
 # little on an idle machine, but on a busy one it waits for a core (milliseconds)
@@ -251,6 +252,17 @@ def matmul_backward(dout, inp, weight):
     dinp = (d @ weight.T).reshape(inp.shape)
     dweight = inp.reshape(-1, C).T @ d
     return dinp, dweight, d.sum(axis=0)
+
+
+def lora_forward(inp, weight, bias, lora_A, lora_B, scaling):
+    """layers.lora_forward with the frozen product on matmul_forward above (one GEMM with the
+    bias added in place; an int8 weight's GEMV when decoding, which the plain twin would
+    dequantise whole for every token). -> out (..., OC), h (..., r)."""
+    C, r = lora_A.shape
+    out = matmul_forward(inp, weight, bias)  # [..., C] -> [..., OC]
+    h = inp.reshape(-1, C) @ lora_A  # [N, C] @ [C, r] -> [N, r]
+    out.reshape(-1, out.shape[-1])[...] += scaling * (h @ lora_B)  # [N, r] @ [r, OC] -> [N, OC]
+    return out, h.reshape(inp.shape[:-1] + (r,))
 
 
 # ================================================================ GELU

@@ -71,6 +71,39 @@ def matmul_backward(dout, inp, weight):
     return dinp, dweight, dbias
 
 
+# ---------------------------------------------------------------- LoRA (a frozen linear + a low-rank update)
+def lora_forward(inp, weight, bias, lora_A, lora_B, scaling):
+    """y = inp @ weight + bias + scaling * (inp @ A) @ B; weight and bias stay frozen.
+
+    inp: (..., C), weight: (C, OC) (float, or an int8 quant.QuantizedWeight), bias: (OC,),
+    lora_A: (C, r), lora_B: (r, OC), scaling: alpha / r.
+    Returns out (..., OC) and h = inp @ A (..., r), which lora_backward needs.
+    """
+    h = inp @ lora_A  # [..., C] @ [C, r] -> [..., r]: the r numbers the update is made of
+    out = inp @ weight + bias  # [..., C] @ [C, OC] -> [..., OC]: the frozen layer
+    out += scaling * (h @ lora_B)  # [..., r] @ [r, OC] -> [..., OC]: its low-rank correction
+    return out, h
+
+
+def lora_backward(dout, inp, weight, lora_A, lora_B, scaling, h):
+    """-> dinp (..., C), dA (C, r), dB (r, OC). The forward was out = inp @ W + b + s * h @ B
+    with h = inp @ A: W and b are frozen, so neither gets a gradient (no (C, OC) product at all).
+
+    dB = s * h^T dout; dh = s * dout B^T; dA = inp^T dh; dinp = dout W^T + dh A^T.
+    """
+    C, r = lora_A.shape
+    OC = lora_B.shape[1]
+    d = dout.reshape(-1, OC)  # [N, OC]: every position is a row (one GEMM, not one per batch entry)
+    dB = h.reshape(-1, r).T @ d  # [r, N] @ [N, OC] -> [r, OC]
+    dB *= scaling
+    dh = d @ lora_B.T  # [N, OC] @ [OC, r] -> [N, r]
+    dh *= scaling
+    dA = inp.reshape(-1, C).T @ dh  # [C, N] @ [N, r] -> [C, r]
+    dinp = d @ weight.T  # [N, OC] @ [OC, C] -> [N, C]: through the frozen weight (int8: dequantised once)
+    dinp += dh @ lora_A.T  # [N, r] @ [r, C] -> [N, C]: and through the adapter
+    return dinp.reshape(inp.shape), dA, dB
+
+
 # ---------------------------------------------------------------- attention
 def split_heads(x, NH):
     """(B, T, C) -> (B, NH, T, hs)."""

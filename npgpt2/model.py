@@ -125,6 +125,7 @@ class GPT2:
         check_hparams(hparams)
         self.hparams = dict(hparams)
         self.dtype = np.dtype(dtype)
+        self.lora = None  # lora.LoraAdapters once lora.attach() gives it adapters; the base is then frozen
         self.set_params(params)
         self.source_dir = None  # the folder it was loaded from (for encoder.json etc.)
 
@@ -144,6 +145,9 @@ class GPT2:
             prefix = f"model/h{i}/"
             self.blocks.append({name[len(prefix):]: (w[0] if w.ndim == 3 else w)
                                 for name, w in self._params.items() if name.startswith(prefix)})
+        if self.lora is not None:  # the new blocks get the adapters' views again
+            from .lora import attach
+            attach(self, self.lora)
 
     @property
     def weight_dtype(self):
@@ -191,30 +195,33 @@ class GPT2:
         """
         at = hook or _unchanged
         NH = self.hparams["n_head"]
+        lora_h = {}  # with LoRA adapters: each adapted matrix's x @ A (see _linear)
         # attention: every position mixes in the values of the positions it attends to
         ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
         ln_1 = at("ln_1", ln_1)
-        qkv = nn.matmul_forward(ln_1, blk["attn/c_attn/w"], blk["attn/c_attn/b"])  # [B, T, C] -> [B, T, 3C]
+        qkv = _linear(nn, blk, "attn/c_attn", ln_1, lora_h)  # [B, T, C] -> [B, T, 3C]
         if hook is None:
             z, att = nn.attention_forward(qkv, NH)  # [B, T, 3C] -> [B, T, C], what attention_backward needs
         else:
             z, att = layers.attention_forward(qkv, NH, hook=_prefixed(hook, "attn."))  # the same, hooked
         z = at("attn.z", z)  # [B, T, C]: the NH heads' outputs side by side
-        attn_out = nn.matmul_forward(z, blk["attn/c_proj/w"], blk["attn/c_proj/b"])  # [B, T, C] -> [B, T, C]
+        attn_out = _linear(nn, blk, "attn/c_proj", z, lora_h)  # [B, T, C] -> [B, T, C]
         attn_out = at("attn.out", attn_out)
         resid_mid = at("resid_mid", x + attn_out)  # [B, T, C]
         # MLP: each position on its own, through 4C hidden units
         ln_2, _, _ = nn.layernorm_forward(resid_mid, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
         ln_2 = at("ln_2", ln_2)
-        mlp_pre = nn.matmul_forward(ln_2, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"])  # [B, T, C] -> [B, T, 4C]
+        mlp_pre = _linear(nn, blk, "mlp/c_fc", ln_2, lora_h)  # [B, T, C] -> [B, T, 4C]
         mlp_pre = at("mlp.pre", mlp_pre)
         mlp_post = at("mlp.post", nn.gelu_forward(mlp_pre))  # [B, T, 4C]
-        mlp_out = nn.matmul_forward(mlp_post, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"])  # [B, T, 4C] -> [B, T, C]
+        mlp_out = _linear(nn, blk, "mlp/c_proj", mlp_post, lora_h)  # [B, T, 4C] -> [B, T, C]
         mlp_out = at("mlp.out", mlp_out)
         resid_post = at("resid_post", resid_mid + mlp_out)  # [B, T, C]
         # what the backward needs that it cannot cheaply recompute (see forward_with_saves)
         saved = {"resid_pre": x, "attn.qkv": qkv, "attn.att": att, "attn.z": z, "resid_mid": resid_mid,
                  "mlp.pre": mlp_pre}
+        if self.lora is not None:  # the base is frozen: the backward needs only the adapters' h
+            saved["lora.h"] = lora_h
         return resid_post, saved
 
     def _head(self, x):
@@ -277,7 +284,7 @@ class GPT2:
         x = nn.encoder_forward(self._params["model/wte"], self._params["model/wpe"], tokens, pos0)  # [B, T, C]
         for i, blk in enumerate(self.blocks):
             ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
-            qkv = nn.matmul_forward(ln_1, blk["attn/c_attn/w"], blk["attn/c_attn/b"])  # [B, T, C] -> [B, T, 3C]
+            qkv = _linear(nn, blk, "attn/c_attn", ln_1)  # [B, T, C] -> [B, T, 3C]
             if cache is None:
                 # a throwaway cache for this layer: the same result as attention_forward
                 # without keeping its (B, NH, T, T) probabilities, which only training needs
@@ -293,11 +300,11 @@ class GPT2:
                 v_cache[:, :, p0:p0 + T - 1] = v
                 qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1  # from here T is 1
             z = nn.attention_forward_cached(qkv, k_cache, v_cache, p0, NH)  # [B, T, 3C] -> [B, T, C]
-            x += nn.matmul_forward(z, blk["attn/c_proj/w"], blk["attn/c_proj/b"])  # [B, T, C]
+            x += _linear(nn, blk, "attn/c_proj", z)  # [B, T, C]
             ln_2, _, _ = nn.layernorm_forward(x, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
-            mlp_h = nn.matmul_forward(ln_2, blk["mlp/c_fc/w"], blk["mlp/c_fc/b"])  # [B, T, C] -> [B, T, 4C]
+            mlp_h = _linear(nn, blk, "mlp/c_fc", ln_2)  # [B, T, C] -> [B, T, 4C]
             mlp_h = nn.gelu_forward(mlp_h)  # [B, T, 4C]
-            x += nn.matmul_forward(mlp_h, blk["mlp/c_proj/w"], blk["mlp/c_proj/b"])  # [B, T, 4C] -> [B, T, C]
+            x += _linear(nn, blk, "mlp/c_proj", mlp_h)  # [B, T, 4C] -> [B, T, C]
         if cache is not None:
             cache.length = pos0 + T
         if last_only:
@@ -404,9 +411,9 @@ class GPT2:
 
     def _trunk_with_saves(self, tokens, nn=None, memory_saving=False):
         """forward_with_saves without the output head: -> (ln_f (B, T, C), saved)."""
-        if self.weight_dtype == "int8":
+        if self.weight_dtype == "int8" and self.lora is None:  # a frozen int8 base under LoRA adapters trains
             raise Npgpt2Error("training an int8 model: int8 weights are for generation only; "
-                              "load it with dtype float32 (the default) to train")
+                              "load it with dtype float32 (the default) to train, or train LoRA adapters on it")
         nn = nn or ops()
         tokens = self._check_tokens(tokens)
         saved = {"tokens": tokens, "nn": nn, "blocks": [], "memory_saving": bool(memory_saving)}
@@ -422,7 +429,8 @@ class GPT2:
         """
         V, C = self.hparams["n_vocab"], self.hparams["n_embd"]
         # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
-        dwte = dlogits.reshape(-1, V).T @ saved["ln_f"].reshape(-1, C)  # [V, B*T] @ [B*T, C] -> [V, C]
+        dwte = None if self.lora is not None else (  # a frozen base (LoRA) gets no gradient
+            dlogits.reshape(-1, V).T @ saved["ln_f"].reshape(-1, C))  # [V, B*T] @ [B*T, C] -> [V, C]
         dln_f = dlogits @ self._params["model/wte"]  # [B, T, V] @ [V, C] -> [B, T, C]
         return self._trunk_backward(dln_f, dwte, saved)
 
@@ -442,6 +450,8 @@ class GPT2:
             dresid = self._block_backward(nn, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
             del act  # this block's activations go before the next block's are made
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
+        if self.lora is not None:  # LoRA: the adapters' gradients alone (the layer norms' (C,) ones, two
+            return {k: grads[k] for k in self.lora.params}, dembed  # sums each, are dropped); no embedding's
         # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients).
         # Only the distinct tokens' rows get a gradient, so encoder_backward runs over those (ids
         # renumbered 0..n-1): a (n, C) array instead of a second (V, C) one (154 MB at 124M)
@@ -455,28 +465,29 @@ class GPT2:
     def _block_backward(self, nn, i, dresid, act, grads):
         """Block i backward: dresid (B, T, C) at its output -> at its input; fills grads.
 
-        act: what _block_forward saved. matmul_backward gives dweight (C, OC) for the (C, OC)
-        view the forward used; `dw[None]` puts back the leading axis of TF's conv1d weight
-        (1, C, OC), so a gradient has its parameter's shape.
+        act: what _block_forward saved. Each linear layer's backward is _linear_backward: its
+        (C, OC) weight gradient gets back the leading axis of TF's conv1d weight (1, C, OC), so a
+        gradient has its parameter's shape; with LoRA adapters (act["lora.h"]) only the adapters'
+        gradients are made.
         """
         blk, prefix, NH = self.blocks[i], f"model/h{i}/", self.hparams["n_head"]
         g = {}  # this block's gradients under the short names of blk
         # resid_post = resid_mid + mlp(resid_mid): dresid flows into the MLP branch and past it
+        lora_h = act.get("lora.h")  # None, or the base is frozen (LoRA): see _linear_backward
         mlp_post = nn.gelu_forward(act["mlp.pre"])  # [B, T, 4C]: GELU's output again (not saved)
-        dmlp_post, dw, g["mlp/c_proj/b"] = nn.matmul_backward(
-            dresid, mlp_post, blk["mlp/c_proj/w"])  # [B, T, C] -> [B, T, 4C]
+        dmlp_post = _linear_backward(nn, blk, "mlp/c_proj", dresid, mlp_post, g, lora_h)  # [B, T, C] -> [B, T, 4C]
         del mlp_post
-        g["mlp/c_proj/w"] = dw[None]  # [4C, C] -> [1, 4C, C]
         dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
         del dmlp_post  # the (B, T, 4C) gradients go as soon as they are used: they set the peak
-        dbranch = _norm_linear_backward(nn, blk, "ln_2", "mlp/c_fc", act["resid_mid"], dmlp_pre, g)  # [B, T, C]
+        dbranch = _norm_linear_backward(nn, blk, "ln_2", "mlp/c_fc", act["resid_mid"], dmlp_pre, g,
+                                        lora_h)  # [B, T, C]
         del dmlp_pre
         dresid = dresid + dbranch  # [B, T, C] at resid_mid
         # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
-        dz, dw, g["attn/c_proj/b"] = nn.matmul_backward(dresid, act["attn.z"], blk["attn/c_proj/w"])  # [B, T, C]
-        g["attn/c_proj/w"] = dw[None]  # [C, C] -> [1, C, C]
+        dz = _linear_backward(nn, blk, "attn/c_proj", dresid, act["attn.z"], g, lora_h)  # [B, T, C]
         dqkv = nn.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)  # [B, T, C] -> [B, T, 3C]
-        dbranch = _norm_linear_backward(nn, blk, "ln_1", "attn/c_attn", act["resid_pre"], dqkv, g)  # [B, T, C]
+        dbranch = _norm_linear_backward(nn, blk, "ln_1", "attn/c_attn", act["resid_pre"], dqkv, g,
+                                        lora_h)  # [B, T, C]
         grads.update({prefix + name: grad for name, grad in g.items()})
         return dresid + dbranch  # [B, T, C] at resid_pre
 
@@ -513,7 +524,7 @@ class GPT2:
         x, tgt = ln_f.reshape(1, N, C), targets.reshape(1, N)  # the B*T positions as one row
         losses = np.empty((1, N), dtype=self.dtype)
         dln_f = np.empty((1, N, C), dtype=self.dtype)
-        dwte = np.empty((V, C), dtype=self.dtype)
+        dwte = None if self.lora is not None else np.empty((V, C), dtype=self.dtype)  # LoRA: wte is frozen
         dlosses = np.full((1, min(N, HEAD_ROWS)), 1.0 / N, dtype=self.dtype)  # d mean / d each loss
         part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=self.dtype)
         for n0 in range(0, N, HEAD_ROWS):
@@ -522,11 +533,11 @@ class GPT2:
             losses[:, n0:n1], probs = nn.crossentropy_forward(logits, tgt[:, n0:n1], out=logits)
             dlogits = nn.crossentropy_softmax_backward(
                 dlosses[:, :n1 - n0], probs, tgt[:, n0:n1], out=probs)  # [1, R, V], over probs
-            np.matmul(dlogits, wte, out=dln_f[:, n0:n1])  # [1, R, V] @ [V, C] -> [1, R, C]
+            _head_input_grad(dlogits, wte, dln_f[:, n0:n1])  # [1, R, V] @ [V, C] -> [1, R, C]
             d, xr = dlogits.reshape(-1, V), x[0, n0:n1]  # [R, V], [R, C]
-            if n0 == 0:
+            if dwte is not None and n0 == 0:  # (None: LoRA's frozen wte)
                 np.matmul(d.T, xr, out=dwte)  # [V, R] @ [R, C] -> [V, C]
-            else:  # a later chunk adds to dwte a block of rows at a time: no second (V, C) array
+            elif dwte is not None:  # a later chunk adds to dwte a block of rows at a time: no second (V, C) array
                 for v0 in range(0, V, HEAD_VOCAB_BLOCK):
                     v1 = min(V, v0 + HEAD_VOCAB_BLOCK)
                     dwte[v0:v1] += np.matmul(d[:, v0:v1].T, xr, out=part[:v1 - v0])  # [v, R] @ [R, C]
@@ -544,17 +555,61 @@ BLOCK_ACTS = ("ln_1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern
               "resid_mid", "ln_2", "mlp.pre", "mlp.post", "mlp.out", "resid_post")
 
 
-def _norm_linear_backward(nn, blk, ln, linear, x, dout, g):
+def _norm_linear_backward(nn, blk, ln, linear, x, dout, g, lora_h=None):
     """The backward of linear(ln(x)), how each branch of a block begins: dout (B, T, OC) at the
     linear layer's output -> the gradient at x (B, T, C); the four parameter gradients go into
-    g under blk's short names. ln's output is recomputed from x (not saved by the forward),
-    bit for bit what the forward had.
+    g under blk's short names (with lora_h, a frozen base: the adapter's instead of the
+    linear layer's, see _linear_backward). ln's output is recomputed from x (not saved by the forward), bit for
+    bit what the forward had.
     """
     h, mean, rstd = nn.layernorm_forward(x, blk[ln + "/g"], blk[ln + "/b"])  # [B, T, C]: ln again
-    dh, dw, g[linear + "/b"] = nn.matmul_backward(dout, h, blk[linear + "/w"])  # [B, T, OC] -> [B, T, C]
-    g[linear + "/w"] = dw[None]  # [C, OC] -> [1, C, OC], the conv1d weight's shape
+    dh = _linear_backward(nn, blk, linear, dout, h, g, lora_h)  # [B, T, OC] -> [B, T, C]
     dx, g[ln + "/g"], g[ln + "/b"] = nn.layernorm_backward(dh, x, blk[ln + "/g"], mean, rstd)  # [B, T, C]
     return dx
+
+
+def _linear(nn, blk, name, x, lora_h=None):
+    """x @ W + b for blk's matrix `name` (e.g. "attn/c_attn"), x (B, T, C) -> (B, T, OC); with a
+    LoRA adapter on it (lora.attach put `name/lora_A`, `/lora_B`, `/lora_scaling` in blk),
+    lora_forward's x @ W + b + scaling * (x @ A) @ B, its h = x @ A kept in lora_h[name]."""
+    if name + "/lora_A" not in blk:
+        return nn.matmul_forward(x, blk[name + "/w"], blk[name + "/b"])
+    out, h = nn.lora_forward(x, blk[name + "/w"], blk[name + "/b"], blk[name + "/lora_A"],
+                             blk[name + "/lora_B"], blk[name + "/lora_scaling"])  # [B, T, OC], [B, T, r]
+    if lora_h is not None:
+        lora_h[name] = h
+    return out
+
+
+def _linear_backward(nn, blk, name, dout, x, g, lora_h=None):
+    """The backward of _linear: dout (B, T, OC) -> dx (B, T, C). lora_h None: the base trains,
+    g gets `name/w` (1, C, OC) and `name/b`. Otherwise the base is frozen: an adapted matrix
+    gives g `name/lora_A`, `name/lora_B` (lora_backward), any other only dx = dout @ W^T."""
+    w = blk[name + "/w"]
+    if lora_h is None:
+        dx, dw, g[name + "/b"] = nn.matmul_backward(dout, x, w)  # [B, T, OC] -> [B, T, C]
+        g[name + "/w"] = dw[None]  # [C, OC] -> [1, C, OC], the conv1d weight's shape
+        return dx
+    if name in lora_h:
+        dx, g[name + "/lora_A"], g[name + "/lora_B"] = nn.lora_backward(
+            dout, x, w, blk[name + "/lora_A"], blk[name + "/lora_B"], blk[name + "/lora_scaling"],
+            lora_h[name])  # [B, T, C], [C, r], [r, OC]
+        return dx
+    C, OC = w.shape
+    return (dout.reshape(-1, OC) @ w.T).reshape(x.shape)  # [N, OC] @ [OC, C]: the input gradient alone
+
+
+def _head_input_grad(dlogits, wte, out):
+    """out[...] = dlogits @ wte, (1, R, V) @ (V, C) -> (1, R, C). An int8 wte (a frozen 8-bit
+    base under LoRA) is dequantised HEAD_VOCAB_BLOCK rows at a time, never whole."""
+    if not isinstance(wte, QuantizedWeight):
+        np.matmul(dlogits, wte, out=out)  # [1, R, V] @ [V, C] -> [1, R, C]
+        return
+    V = wte.shape[0]
+    out[...] = 0
+    for v0 in range(0, V, HEAD_VOCAB_BLOCK):
+        rows = wte.rows(slice(v0, v0 + HEAD_VOCAB_BLOCK))  # [v, C] float32
+        out += dlogits[..., v0:v0 + HEAD_VOCAB_BLOCK] @ rows  # [1, R, v] @ [v, C] -> [1, R, C]
 
 
 def _unchanged(name, x):
@@ -634,7 +689,7 @@ def read_hparams(model_dir):
     return hparams
 
 
-def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
+def load_model(model_dir, dtype=np.float32, verify=True, mmap=False, adapter=None):
     """Load an OpenAI-layout model folder (hparams.json + TF checkpoint) as a GPT2.
 
     verify checks every tensor's crc32c. mmap maps the checkpoint's data file instead of
@@ -642,10 +697,15 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
     dtype="int8": 8-bit weights for generation (quant.py), quantised tensor by tensor from
     the memory-mapped float32 checkpoint, or read as they are from a folder written by
     `npgpt2 convert --dtype int8` (which loads dequantised with a float dtype).
+    A LoRA run folder (adapter.json, see lora.py) loads its base model with its adapters
+    attached; adapter=DIR attaches DIR's adapters (a LoRA run folder or a PEFT folder).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise Npgpt2Error(f"{model_dir}: model folder not found")
+    from . import lora
+    if lora.is_run_dir(model_dir) or adapter is not None:
+        return lora.load_with_adapters(model_dir, dtype, verify, mmap, adapter)
     int8 = np.dtype(dtype) == np.int8
     check_download_finished(model_dir)
     hparams = read_hparams(model_dir)
@@ -671,14 +731,16 @@ def save_model(model, model_dir, step=None, keep=None):
     compact_vocab.py, when the model came with one), the checkpoint `model-<step>` (or
     `model.ckpt` without a step) in float32, then the `checkpoint` file naming it. With
     keep=K, only the newest K `model-*` checkpoints stay. Returns the prefix path.
-
-    The order makes a crash at any instant harmless: the new checkpoint is complete before
-    the `checkpoint` file names it, and old ones are pruned only after that, so the
-    `checkpoint` file always names a complete checkpoint.
     """
     if model.weight_dtype == "int8":
         raise Npgpt2Error(f"{model_dir}: cannot save an int8 model as a float32 checkpoint; "
                           f"write an int8 folder with: npgpt2 convert SRC DST --dtype int8")
+    write_model_files(model, model_dir)
+    return write_step_checkpoint(model_dir, model.params, step, keep)
+
+
+def write_model_files(model, model_dir):
+    """hparams.json, encoder.json, vocab.bpe (and compact_vocab.npy) of model into model_dir."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(model_dir / "hparams.json", "w", encoding="utf-8") as f:
@@ -694,8 +756,19 @@ def save_model(model, model_dir, step=None, keep=None):
         if not dst.exists() or not os.path.samefile(src, dst):
             with atomic_write(dst) as f, open(src, "rb") as s:
                 shutil.copyfileobj(s, f)
+
+
+def write_step_checkpoint(model_dir, tensors, step=None, keep=None):
+    """Write tensors (as float32) as the checkpoint `model-<step>` (`model.ckpt` without a step),
+    then the `checkpoint` file naming it, then prune to the newest `keep`. Returns the prefix.
+
+    The order makes a crash at any instant harmless: the new checkpoint is complete before
+    the `checkpoint` file names it, and old ones are pruned only after that, so the
+    `checkpoint` file always names a complete checkpoint.
+    """
+    model_dir = Path(model_dir)
     name = "model.ckpt" if step is None else f"model-{step}"
-    write_checkpoint(str(model_dir / name), {k: np.asarray(v, dtype=np.float32) for k, v in model.params.items()})
+    write_checkpoint(str(model_dir / name), {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})
     steps = sorted(int(p.name[6:-6]) for p in model_dir.glob("model-*.index") if p.name[6:-6].isdigit())
     pruned = []
     if keep is not None and step is not None:

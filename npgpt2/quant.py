@@ -104,8 +104,8 @@ class QuantizedWeight:
         return self.rows(index)
 
     def __rmatmul__(self, x):  # x @ w, the plain way: dequantise all of w, then one float32 matmul
-        if not self.transposed:
-            raise TypeError("QuantizedWeight: x @ w needs the transposed view (w.T) of the rows")
+        # transposed: the forward's x @ W (K, R); not transposed: a backward's dout @ W.T, the
+        # (R, K) rows themselves. Either way one float32 matrix exists for the product's time.
         return np.asarray(x, dtype=np.float32) @ self.dequantize()  # [..., K] @ [K, R] -> [..., R]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dist, optim
+from . import dist, lora, optim
 from .data import Sampler, check_tokens, eval_windows, expand_paths, load_dataset
 from .dist import SingleProcess  # noqa: F401  (re-exported: fit's default communicator)
 from .errors import Npgpt2Error
@@ -87,6 +87,11 @@ class TrainConfig:
     # by a uniformly random one with probability noise (the targets stay; noise.py)
     memory_saving_gradients: bool = False
     noise: float = 0.0
+    # LoRA (lora.py): adapters of rank `lora` (0 = off: full fine-tune) on a frozen base
+    lora: int = 0
+    lora_alpha: float = None       # None = 2 * lora
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    dtype: str = "float32"         # the base's weights: float32, or int8 (only with --lora)
 
 
 # ---------------------------------------------------------------- checking the config
@@ -108,6 +113,7 @@ def check_config(cfg, n_ctx):
         raise Npgpt2Error(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
     if not cfg.grad_clip >= 0:
         raise Npgpt2Error(f"--grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
+    lora.check_train_flags(cfg)
     check_sampling_args(top_k=cfg.top_k, top_p=cfg.top_p)
     check_noise(cfg.noise)
     optim.check_choice("--optimizer", cfg.optimizer, list(optim.OPTIMIZERS))
@@ -169,7 +175,8 @@ def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=
         arrays[f"history/{k}"] = np.asarray(v, dtype=np.float64)
     with atomic_write(state_path(run_dir, step)) as f:
         np.savez(f, **arrays)
-    prefix = save_model(model, run_dir, step=step, keep=keep)
+    save = save_model if model.lora is None else lora.save_adapters  # LoRA: the adapters, not the base
+    prefix = save(model, run_dir, step=step, keep=keep)
     kept = {int(p.name[6:-6]) for p in run_dir.glob("model-*.index") if p.name[6:-6].isdigit()}
     for p in run_dir.glob("train_state-*.npz"):
         s = p.name[len("train_state-"):-len(".npz")]
@@ -223,7 +230,7 @@ def restore(cfg, run_dir):
             # its model-<step> files would mix with (and be pruned against) the new run's
             raise Npgpt2Error(f"{run_dir}: already holds a run; use --restore_from latest to continue it, "
                               f"or pick a new --run_name")
-    model = load_model(source)
+    model = lora.prepare_training(load_model(source, dtype=cfg.dtype), cfg, source, run_dir)
     state = None
     if has_checkpoint(source) and source.resolve() == run_dir.resolve():
         from .checkpoint import latest_checkpoint
@@ -334,14 +341,18 @@ def check_train_memory(model, cfg, T):
 
 # ---------------------------------------------------------------- one step
 def trained_names(model, cfg):
-    """The parameters the optimizer updates (--only_train_transformer_layers keeps wte, wpe, ln_f)."""
+    """The parameters the optimizer updates (--only_train_transformer_layers keeps wte, wpe, ln_f;
+    a model with LoRA adapters trains them alone)."""
+    if model.lora is not None:
+        return list(model.lora.params)
     return [k for k in model.params if "/h" in k] if cfg.only_train_transformer_layers else list(model.params)
 
 
 def make_run_optimizer(model, names, cfg):
     """cfg.optimizer over `names`; weight decay on matrices only (not biases and gains)."""
-    decay = {k: (cfg.weight_decay if model.params[k].ndim >= 2 else 0.0) for k in names}
-    return optim.make_optimizer(cfg.optimizer, {k: model.params[k] for k in names}, cfg.learning_rate, decay)
+    params = model.lora.params if model.lora is not None else model.params  # LoRA: the adapters alone
+    decay = {k: (cfg.weight_decay if params[k].ndim >= 2 else 0.0) for k in names}
+    return optim.make_optimizer(cfg.optimizer, {k: params[k] for k in names}, cfg.learning_rate, decay)
 
 
 def batch_gradients(model, sampler, names, batch_size, micro_batches, noise=None, memory_saving=False):
@@ -588,6 +599,8 @@ def train(cfg, on_step=None, comm=None):
     """
     from .tokenizer import load_tokenizer
     comm = comm or SingleProcess()
+    if cfg.lora and comm.world_size > 1:
+        raise Npgpt2Error("--lora: not supported under mpirun yet; train LoRA adapters in one process")
     model = state = tokens = val = tokenizer = run_dir = None
     if comm.is_main:
         run_dir = check_inputs(cfg)

@@ -288,12 +288,9 @@ def test_convert_merge_refuses_a_model_or_an_occupied_destination(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
-# ---------------------------------------------------------------- with helper lora's adapter forward / run folders
-needs_lora_forward = pytest.mark.skipif(not hasattr(lora, "attach"), reason="lora.attach (helper lora's branch)")
-needs_run_folder = pytest.mark.skipif(not hasattr(lora, "save_adapters"), reason="lora run folders (helper lora)")
+# ---------------------------------------------------------------- with the adapter forward and run folders (lora.py)
 
 
-@needs_lora_forward
 def test_merged_folder_logits_equal_adapter_model(tmp_path, ref, path):
     """The merged folder (convert --merge) = the base with the adapters attached, float32 <=1e-5."""
     convert(LORA / "peft_f32", tmp_path / "merged", merge=True, base=TINY)
@@ -303,7 +300,6 @@ def test_merged_folder_logits_equal_adapter_model(tmp_path, ref, path):
     assert np.abs(load_model(tmp_path / "merged").forward(ref["tokens"]) - adapted).max() <= 1e-5
 
 
-@needs_run_folder
 def test_convert_run_folder(tmp_path, ref):
     """A LoRA run folder (adapter.json naming its base) converts without --base, both ways."""
     base_dir = tmp_path / "base"

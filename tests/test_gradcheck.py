@@ -33,7 +33,8 @@ def test_rel_error():
 
 def test_every_layer_passes():
     rows = gradcheck.check_layers()
-    assert [r.name for r in rows] == ["layernorm", "matmul", "attention", "gelu", "crossentropy_softmax", "encoder"]
+    assert [r.name for r in rows] == ["layernorm", "matmul", "lora", "attention", "gelu", "crossentropy_softmax",
+                                    "encoder"]
     for r in rows:
         assert r.ok and r.error < 1e-8, r
 
@@ -47,7 +48,7 @@ def test_cli_passes_on_fixture_models(fixture, plain, monkeypatch, capsys):
     for name in ("layernorm", "attention", "gelu", "crossentropy_softmax", "encoder",
                  "model/wte", "model/h*/attn/c_attn/w", "model/h*/mlp/c_proj/b", "model/ln_f/g"):
         assert name in out
-    assert "22 of 22 checks passed" in out and " NO " not in out
+    assert "23 of 23 checks passed" in out and " NO " not in out
 
 
 def test_cli_default_tiny_model(capsys):
@@ -91,7 +92,13 @@ def _wrong_crossentropy_backward(dlosses, probs, targets, out=None):
     return np.multiply(probs, dlosses[..., None], out=out)  # the -onehot forgotten
 
 
-BACKWARDS = {k: getattr(layers, k) for k in ("layernorm_backward", "attention_backward", "matmul_backward")}
+def _wrong_lora_backward(dout, inp, weight, lora_A, lora_B, scaling, h):
+    dinp, dA, dB = BACKWARDS["lora_backward"](dout, inp, weight, lora_A, lora_B, scaling, h)
+    return dinp - (scaling * dout @ lora_B.T) @ lora_A.T, dA, dB  # x's second use (through A) forgotten
+
+
+BACKWARDS = {k: getattr(layers, k) for k in ("layernorm_backward", "attention_backward", "matmul_backward",
+                                             "lora_backward")}
 
 
 @pytest.mark.parametrize("func, wrong, layer, model_row", [
@@ -101,6 +108,7 @@ BACKWARDS = {k: getattr(layers, k) for k in ("layernorm_backward", "attention_ba
     ("encoder_backward", _wrong_encoder_backward, "encoder", "model/wte"),
     ("matmul_backward", _wrong_matmul_backward, "matmul", "model/h*/mlp/c_proj/b"),
     ("crossentropy_softmax_backward", _wrong_crossentropy_backward, "crossentropy_softmax", "model/ln_f/b"),
+    ("lora_backward", _wrong_lora_backward, "lora", None),  # the fixture has no adapters: the layer row alone
 ])
 def test_cli_fails_naming_the_broken_layer(func, wrong, layer, model_row, monkeypatch, capsys):
     monkeypatch.setattr(layers, func, wrong)
@@ -111,7 +119,7 @@ def test_cli_fails_naming_the_broken_layer(func, wrong, layer, model_row, monkey
     assert failed.startswith(layer + " (")
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
     assert lines[layer][3] == "NO"
-    assert all(lines[other][3] == "yes" for other in ("layernorm", "matmul", "attention", "gelu",
+    assert all(lines[other][3] == "yes" for other in ("layernorm", "matmul", "lora", "attention", "gelu",
                                                       "crossentropy_softmax", "encoder") if other != layer)
     if model_row:  # the whole model's check catches it too
         assert lines[model_row][3] == "NO" and model_row in failed
