@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import signal
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dist, optim
+from . import dist, optim, quant
 from .data import Sampler, check_tokens, eval_windows, expand_paths, load_dataset
 from .dist import SingleProcess  # noqa: F401  (re-exported: fit's default communicator)
 from .errors import Npgpt2Error
@@ -126,6 +127,26 @@ def state_path(run_dir, step):
     return Path(run_dir) / f"train_state-{step}.npz"
 
 
+def check_can_make(folder, what):
+    """Raise Npgpt2Error unless `folder` is a folder or could be made (without making it):
+    its nearest existing ancestor must be a writable folder."""
+    folder = Path(folder)
+    if folder.is_dir():
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise Npgpt2Error(f"{folder}: {what}: not writable")
+        return
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():  # a dangling link: mkdir would fail on it
+            raise Npgpt2Error(f"{parent}: {what}: a broken symbolic link")
+        parent = parent.parent
+    parent = parent if str(parent) else Path(".")
+    if not parent.is_dir():
+        raise Npgpt2Error(f"{parent}: {what}: not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Npgpt2Error(f"{parent}: {what}: permission denied")
+
+
 def make_run_dir(run_dir):
     """Create the run folder, or say in one line why it cannot be (checked before training)."""
     try:
@@ -212,6 +233,9 @@ def restore(cfg, run_dir):
             raise Npgpt2Error(f"{run_dir}: already holds a run; use --restore_from latest to continue it, "
                               f"or pick a new --run_name")
     model = load_model(source)
+    if quant.read_quant_info(source) is not None:  # an int8 folder trains as its dequantised float32 weights
+        log.warning("%s: an int8 folder: training its weights dequantised to float32 (the 8-bit rounding stays "
+                    "in them); the run is saved in float32", source)
     state = None
     if has_checkpoint(source) and source.resolve() == run_dir.resolve():
         from .checkpoint import latest_checkpoint
@@ -480,6 +504,9 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     """
     comm = comm or SingleProcess()
     T = check_config(cfg, model.hparams["n_ctx"])
+    if model.weight_dtype == "int8" and getattr(model, "lora", None) is None:  # before any optimizer state
+        raise Npgpt2Error("training an int8 model: its weights are for generation only; load the folder with "
+                          "dtype float32 (the default), which dequantises an int8 folder, to train it")
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
     check_train_memory(model, cfg, T)
     names = trained_names(model, cfg)
@@ -548,13 +575,11 @@ def check_inputs(cfg):
     if cfg.val_dataset:
         expand_paths(cfg.val_dataset, "--val_dataset")
     run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
-    make_run_dir(run_dir)
+    # checked now, made when the first checkpoint or sample is written: a run that fails
+    # before that leaves no empty folders behind
+    check_can_make(run_dir, "cannot make the run folder (--checkpoint_dir/--run_name)")
     if cfg.sample_every:
-        try:
-            (Path(cfg.sample_dir) / run_dir.name).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise Npgpt2Error(f"{cfg.sample_dir}: cannot make the samples folder (--sample_dir): "
-                              f"{e.strerror or e}") from None
+        check_can_make(Path(cfg.sample_dir) / run_dir.name, "cannot make the samples folder (--sample_dir)")
     return run_dir
 
 

@@ -1,0 +1,208 @@
+"""Regression tests for issue 22 (hardening, round two). Each test failed on the code before
+its fix; the item number is in the test's docstring.
+
+Expected values are facts about the input (the file holds a NaN, the folder did not exist,
+q8 * scale computed here with NumPy), never npgpt2's own output.
+"""
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import npgpt2
+from npgpt2 import cli
+from npgpt2.checkpoint import read_checkpoint, write_checkpoint
+from npgpt2.errors import Npgpt2Error
+
+FIX = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+
+
+def one_line(excinfo, *parts):
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg, msg
+    for p in parts:
+        assert p in msg, (p, msg)
+    return msg
+
+
+def run_main(capsys, *args):
+    """npgpt2 <args> in this process -> (exit status, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_cli_error(code, err, *parts):
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("npgpt2: error: "), err
+    for p in parts:
+        assert p in last, (p, last)
+    return last
+
+
+def tokens_npz(tmp_path, n=500, vocab=90):
+    path = tmp_path / "tok.npz"
+    np.savez(path, np.arange(n, dtype=np.uint16) % vocab)
+    return path
+
+
+@pytest.fixture
+def int8_dir(tmp_path):
+    """tests/fixtures/tiny converted to an int8 folder (tmp_path/m/w8)."""
+    from npgpt2.convert import convert
+    convert(FIX / "tiny", tmp_path / "m" / "w8", dtype="int8")
+    return tmp_path / "m" / "w8"
+
+
+def rewrite_tensor(folder, name, change):
+    """Rewrite one tensor of folder's model.ckpt (valid CRCs: the file is consistent, the values bad)."""
+    prefix = str(folder / "model.ckpt")
+    tensors = {k: np.array(v) for k, v in read_checkpoint(prefix).items()}
+    change(tensors[name])
+    write_checkpoint(prefix, tensors)
+
+
+# ---------------------------------------------------------------- items 1 and 11: int8 folders
+def test_train_on_an_int8_folder_trains_its_dequantised_weights(tmp_path, int8_dir, capsys, caplog):
+    """Item 1/11: `train` on a `convert --dtype int8` folder died with a 26-line traceback
+    (adamw_update needs C-contiguous arrays: the dequantised weights were transposed views)."""
+    code, out, err = run_main(capsys, "train", "--dataset", tokens_npz(tmp_path), "--models_dir", int8_dir.parent,
+                              "--model_name", "w8", "--checkpoint_dir", tmp_path / "c", "--context", "8",
+                              "--steps", "2", "--sample_every", "0", "--seed", "1")
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "int8 folder" in caplog.text and "dequantised" in caplog.text
+    assert (tmp_path / "c" / "run1" / "model-2.index").exists()
+    # what it trained from is q8 * scale, the folder's own numbers (computed here in NumPy)
+    raw = read_checkpoint(str(int8_dir / "model.ckpt"))
+    model = npgpt2.load_model(int8_dir)
+    q, s = raw["model/h0/mlp/c_fc/w/q8"], raw["model/h0/mlp/c_fc/w/scale"]  # (OC, C), (OC, 1)
+    assert np.array_equal(model.params["model/h0/mlp/c_fc/w"][0], (q.astype(np.float32) * s).T)
+    assert all(a.flags.c_contiguous for a in model.params.values())
+
+
+def test_restore_from_an_int8_folder_and_gradcheck_it(tmp_path, int8_dir, capsys):
+    """Item 11: `--restore_from <int8 folder>` and `gradcheck` failed with "needs C-contiguous arrays"."""
+    code, _, err = run_main(capsys, "train", "--dataset", tokens_npz(tmp_path), "--models_dir", FIX,
+                            "--model_name", "tiny", "--restore_from", int8_dir, "--checkpoint_dir", tmp_path / "c",
+                            "--context", "8", "--steps", "1", "--sample_every", "0", "--seed", "1")
+    assert code == 0, err
+    code, out, err = run_main(capsys, "gradcheck", "--models_dir", int8_dir.parent, "--model_name", "w8")
+    assert code == 0, out + err
+    assert "checks passed" in out and "Traceback" not in err
+
+
+def test_fit_refuses_an_int8_model_before_anything_is_made(tmp_path, int8_dir):
+    """Item 1: an int8 model (dtype="int8") refuses to train in one line, before a folder exists."""
+    from npgpt2.train import TrainConfig, fit
+    model = npgpt2.load_model(int8_dir, dtype="int8")
+    cfg = TrainConfig(context=8, steps=1, sample_every=0, plot=False, seed=1)
+    with pytest.raises(Npgpt2Error) as e:
+        fit(model, np.arange(200) % 90, cfg, run_dir=tmp_path / "run")
+    one_line(e, "int8")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_scale_is_refused_at_load(int8_dir, capsys, bad):
+    """Item 11: a NaN scale with a valid CRC reached explain (traceback), generate ("!!!!")
+    and eval ("loss nan"). Now load names the tensor."""
+    def poison(a):
+        a[3, 0] = bad
+    rewrite_tensor(int8_dir, "model/h1/attn/c_proj/w/scale", poison)
+    with pytest.raises(Npgpt2Error) as e:
+        npgpt2.load_model(int8_dir, dtype="int8")
+    one_line(e, "model/h1/attn/c_proj/w/scale", "NaN or infinite")
+    for command in (["generate", "--dtype", "int8", "--length", "3"], ["explain", "hello"],
+                    ["eval", "--dataset", FIX / "tiny" / "hparams.json"]):
+        code, _, err = run_main(capsys, *command, "--models_dir", int8_dir.parent, "--model_name", "w8")
+        assert_cli_error(code, err, "model/h1/attn/c_proj/w/scale")
+
+
+def test_a_non_finite_float_weight_is_refused_at_load(tmp_path):
+    """Item 12: a model with a non-finite weight loads with one line naming the tensor."""
+    shutil.copytree(FIX / "tiny", tmp_path / "tiny")
+
+    def poison(a):
+        a.flat[7] = np.nan
+    rewrite_tensor(tmp_path / "tiny", "model/h0/mlp/c_fc/b", poison)
+    with pytest.raises(Npgpt2Error) as e:
+        npgpt2.load_model(tmp_path / "tiny")
+    one_line(e, "model/h0/mlp/c_fc/b")
+    npgpt2.load_model(tmp_path / "tiny", verify=False)  # verify=False skips the check, as the CRCs
+
+
+# ---------------------------------------------------------------- item 2: no empty run folders
+def test_a_failed_train_leaves_no_empty_folders(tmp_path, capsys):
+    """Item 2: any failed `train` left empty checkpoint/<run>/ and samples/<run>/ folders."""
+    code, _, err = run_main(capsys, "train", "--dataset", tokens_npz(tmp_path), "--models_dir", FIX,
+                            "--model_name", "tiny", "--checkpoint_dir", tmp_path / "c", "--sample_dir",
+                            tmp_path / "s", "--context", "999", "--steps", "1")
+    assert_cli_error(code, err, "--context 999")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
+
+
+def test_an_unwritable_checkpoint_dir_is_still_refused_up_front(tmp_path, capsys):
+    """Item 2: folders are made late, but one that cannot be made is still found before the model loads."""
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run_main(capsys, "train", "--dataset", tokens_npz(tmp_path), "--models_dir", tmp_path / "none",
+                            "--checkpoint_dir", tmp_path / "file" / "c", "--steps", "1")
+    assert_cli_error(code, err, "cannot make the run folder", "not a folder")
+    code, _, err = run_main(capsys, "train", "--dataset", tokens_npz(tmp_path), "--models_dir", tmp_path / "none",
+                            "--sample_dir", tmp_path / "file", "--checkpoint_dir", tmp_path / "c", "--steps", "1")
+    assert_cli_error(code, err, "--sample_dir")
+    assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------- item 3: chat tags
+def compact_model(tmp_path):
+    """tests/fixtures/tiny (96 tokens) as a compact-vocabulary model of GPT-2 ids 0..95 (single
+    bytes such as 'h', 'i'): "User:" and "Bot:" are tokens it lacks, as the demo's model lacks some."""
+    folder = tmp_path / "cm" / "compact"
+    shutil.copytree(FIX / "tiny", folder)
+    np.save(folder / "compact_vocab.npy", np.arange(96, dtype=np.int64))
+    return folder
+
+
+def test_chat_with_tags_the_model_cannot_write_exits_non_zero(tmp_path, capsys, monkeypatch):
+    """Item 3: `npgpt2 chat` on the demo model printed an error per message and exited 0."""
+    folder = compact_model(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    code, out, err = run_main(capsys, "chat", "--models_dir", folder.parent, "--model_name", "compact")
+    assert_cli_error(code, err, "--user_tag", "--bot_tag")
+    assert out == ""
+
+
+# ---------------------------------------------------------------- item 9: params item assignment
+def test_params_item_assignment_writes_in_place_or_fails_before_any_change():
+    """Item 9: `model.params[name] *= 2` scaled the array in place, then raised TypeError."""
+    model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
+    name = "model/h1/mlp/c_fc/w"
+    w = model.params[name]
+    before = w.copy()
+    model.params[name] *= 2
+    assert model.params[name] is w and np.array_equal(w, 2 * before)
+    model.params[name] = np.ones((1, 24, 96), dtype=np.float32)
+    assert model.params[name] is w and (model.blocks[1]["mlp/c_fc/w"] == 1).all()  # the block view sees it
+    for value, words in ((np.ones((24, 96)), "shape"), (np.ones((1, 24, 96), complex), "complex")):
+        with pytest.raises(Npgpt2Error) as e:
+            model.params[name] = value
+        one_line(e, name, words)
+        assert (w == 1).all()
+    with pytest.raises(Npgpt2Error):
+        model.params["model/nonsense"] = np.ones(3)
+    assert "model/nonsense" not in model.params and len(model.params) == len(dict(model.params))
