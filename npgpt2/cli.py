@@ -446,25 +446,27 @@ def cmd_explain(args):
     import shutil
 
     from . import explain
-    from .fsutil import atomic_write
+    from .fsutil import atomic_write, check_writable
     text = args.text
     if text is None:  # from stdin; a piped line's newline is not part of the text
         text = sys.stdin.read()
         text = text[:-1] if text.endswith("\n") else text
     if not text:
         raise Npgpt2Error("text is empty (give it as an argument or on stdin)")
-    if args.layer is not None and not args.out:
+    full = args.out is not None  # `--out ""` is a mistake, not "no file"
+    if args.layer is not None and not full:
         raise Npgpt2Error("--layer chooses the attention patterns written with --out; give --out too")
+    if full:
+        check_writable(args.out, "--out")  # before the model loads and the report is computed
     model, enc = load_for_generation(args)
     ids, note = explain.encode_text(enc, text, model.hparams["n_ctx"])
-    if args.out:
+    if full:
         explain.check_page_size(model.hparams, len(ids), args.layer)
     # the terminal needs the logit lens at the last position only and no attention patterns
-    full = bool(args.out)
     report = explain.report_for_ids(model, enc, ids, args.top_k, args.lens_k, args.layer, note=note, text=text,
                                     lens_positions="all" if full else "last", patterns=full)
     print(explain.format_report(report, shutil.get_terminal_size((100, 24)).columns))
-    if args.out:
+    if full:
         page = explain.page_html(report).encode("utf-8")
         with atomic_write(args.out) as f:
             f.write(page)
@@ -657,7 +659,7 @@ def build_parser():
     p.add_argument("text", nargs="?", default=None, help="the text (default: read from stdin)")
     add_model_flags(p)
     p.add_argument("--top_k", type=int, default=10, help="next tokens to list (default %(default)s)")
-    p.add_argument("--lens_k", type=int, default=3, help="logit-lens tokens per layer (default %(default)s)")
+    p.add_argument("--lens_k", type=int, default=3, help="logit-lens tokens per layer, 1 to 10 (default %(default)s)")
     p.add_argument("--out", default=None, help="also write a self-contained HTML report to this file")
     p.add_argument("--layer", type=int, default=None,
                    help="with --out: only this layer's attention patterns (default all)")

@@ -34,6 +34,7 @@ N_ATTRIBUTIONS = 5              # input tokens the terminal lists
 N_SAMPLING_TEXTS = 50           # tokens, by logit, whose text the page's sampling view can show
 LENS_CHUNK = 64                 # positions per ln_f + head product: (64, V) floats at a time
 MAX_PAGE_WEIGHTS = 10_000_000   # attention weights a report file may hold (~6 bytes each as JSON)
+MAX_LENS_K = 10                 # logit-lens tokens per layer and position: 124M at 1024 tokens, 10 is ~6 MB of page
 
 
 # ---------------------------------------------------------------- arguments
@@ -148,7 +149,7 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     hp = model.hparams
     L, NH, V = hp["n_layer"], hp["n_head"], hp["n_vocab"]
     top_k = _check_int("top_k", top_k, 1, V)
-    lens_k = _check_int("lens_k", lens_k, 1, V)
+    lens_k = _check_int("lens_k", lens_k, 1, min(V, MAX_LENS_K))
     if layer is not None:
         layer = _check_int("layer", layer, 0, L - 1)
     ids = np.asarray(ids, dtype=np.int64)

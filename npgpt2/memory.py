@@ -60,6 +60,14 @@ def training_bytes(hparams, batch_size, context, dtype=np.float32):
     return int(batch_size) * T * per_token * item
 
 
+def validation_bytes(hparams, batch_size, batch_count, context, dtype=np.float32):
+    """About the memory validation takes: its fixed batches, drawn once and kept (int64
+    tokens), and one batch's forward pass (activations as training's, an upper bound)."""
+    T = int(context)
+    kept = int(batch_count) * (int(batch_size) * (T + 1) * 8 + 128)  # + each small array's own overhead
+    return kept + training_bytes(hparams, batch_size, T, dtype)
+
+
 def check_memory(need, what, advice):
     """Raise Npgpt2Error naming `what` when `need` bytes exceed the memory available."""
     have = available_bytes()

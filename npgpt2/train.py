@@ -333,11 +333,17 @@ def write_samples(model, tokenizer, cfg, step, run_name):
 
 
 def check_train_memory(model, cfg, T):
-    """Refuse, with the figure, a --batch_size or --sample_num whose arrays cannot fit in memory."""
+    """Refuse, with the figure, a --batch_size, --sample_num or validation set (--val_batch_size x
+    --val_batch_count) whose arrays cannot fit in memory."""
     from .memory import check_memory, training_bytes
     from .sampling import check_batch_memory
     check_memory(training_bytes(model.hparams, cfg.batch_size, T, model.dtype), f"--batch_size {cfg.batch_size}",
                  "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)")
+    if cfg.val_every:
+        from .memory import validation_bytes
+        check_memory(validation_bytes(model.hparams, cfg.val_batch_size, cfg.val_batch_count, T, model.dtype),
+                     f"--val_batch_size {cfg.val_batch_size} x --val_batch_count {cfg.val_batch_count}",
+                     "use smaller validation batches or fewer of them")
     if cfg.sample_every and cfg.sample_num:
         check_batch_memory(model.hparams, cfg.sample_num, 1, cfg.sample_length, model.dtype, name="--sample_num")
 

@@ -206,3 +206,54 @@ def test_params_item_assignment_writes_in_place_or_fails_before_any_change():
     with pytest.raises(Npgpt2Error):
         model.params["model/nonsense"] = np.ones(3)
     assert "model/nonsense" not in model.params and len(model.params) == len(dict(model.params))
+
+
+# ---------------------------------------------------------------- items 4, 15, 18: explain --out, --lens_k
+def test_explain_out_is_checked_before_any_work(tmp_path, capsys):
+    """Item 4: `explain --out nodir/report.html` computed the whole report, then failed naming an
+    internal temp file. Now the path the user gave is named before the model loads (the model
+    folder here does not even exist: the --out error comes first)."""
+    out = tmp_path / "nodir" / "report.html"
+    code, stdout, err = run_main(capsys, "explain", "--models_dir", tmp_path, "--model_name", "none",
+                                 "--out", out, "hello")
+    last = assert_cli_error(code, err, str(out), "does not exist", "--out")
+    assert ".tmp" not in last and stdout == ""
+
+
+def test_explain_out_empty_is_an_error(capsys):
+    """Item 18: `explain --out ""` silently wrote nothing and exited 0."""
+    code, out, err = run_main(capsys, "explain", "--models_dir", FIX, "--model_name", "full", "--out", "", "hi")
+    assert_cli_error(code, err, "--out", "empty")
+    assert out == ""
+
+
+def test_atomic_write_names_the_destination_not_its_temp_file(tmp_path):
+    """Items 4/18: a folder that cannot take the temp file made the error name `.NAME.XXXX.tmp`."""
+    from npgpt2.fsutil import atomic_write
+    with pytest.raises(Npgpt2Error) as e:
+        with atomic_write(tmp_path / "missing" / "f.bin") as f:
+            f.write(b"x")
+    msg = one_line(e, str(tmp_path / "missing" / "f.bin"))
+    assert ".tmp" not in msg
+
+
+def test_lens_k_is_bounded_in_one_line(capsys):
+    """Item 15: `explain --lens_k 50257 --out` died of MemoryError after 35 s; --lens_k 1000 wrote 11.8 MB."""
+    code, out, err = run_main(capsys, "explain", "--models_dir", FIX, "--model_name", "full", "--lens_k", "1000",
+                              "hello")
+    assert_cli_error(code, err, "lens_k", "between 1 and 10")
+
+
+def test_validation_set_too_big_for_memory_is_refused(tmp_path):
+    """Item 15: --val_batch_size 10000000 / --val_batch_count 1e8 were OOM-killed at 23 GiB;
+    the up-front check covered --batch_size only."""
+    from npgpt2.train import TrainConfig, fit, restore
+    for kw in (dict(val_batch_size=10**8), dict(val_batch_count=10**10)):  # TB: refused on any machine
+        cfg = TrainConfig(models_dir=str(FIX), model_name="tiny", context=8, seed=1, save_every=0, plot=False,
+                          steps=1, sample_every=0, val_every=1, **kw)
+        model, state = restore(cfg, tmp_path / "c" / "r")
+        t0 = time.perf_counter()
+        with pytest.raises(Npgpt2Error) as e:
+            fit(model, np.arange(500) % 90, cfg, None, state=state)
+        one_line(e, "--val_batch_size", "--val_batch_count", "needs about", "available")
+        assert time.perf_counter() - t0 < 5
