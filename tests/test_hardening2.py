@@ -257,3 +257,31 @@ def test_validation_set_too_big_for_memory_is_refused(tmp_path):
             fit(model, np.arange(500) % 90, cfg, None, state=state)
         one_line(e, "--val_batch_size", "--val_batch_count", "needs about", "available")
         assert time.perf_counter() - t0 < 5
+
+
+# ---------------------------------------------------------------- item 5: download offline
+def test_download_without_dns_fails_fast_with_the_next_step(tmp_path, monkeypatch):
+    """Item 5: with no network `download` retried for ~44 s, then stopped without a next step."""
+    from npgpt2.download import download_model
+
+    def no_dns(host, *a, **k):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    t0 = time.perf_counter()
+    with pytest.raises(Npgpt2Error) as e:
+        download_model("124M", models_dir=tmp_path / "w", progress=False)
+    one_line(e, "cannot resolve", "openaipublic.blob.core.windows.net", "weights/README.md", "--base_url")
+    assert time.perf_counter() - t0 < 2
+    assert not (tmp_path / "w").exists()
+
+
+def test_download_that_gives_up_says_what_to_do(tmp_path):
+    """Item 5: running out of retries also names the way to go on without a network."""
+    from npgpt2.download import download_model
+    with socket.socket() as s:  # a port with nothing listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(Npgpt2Error) as e:
+        download_model("124M", models_dir=tmp_path / "w", base_url=f"http://127.0.0.1:{port}", retries=0,
+                       backoff=0, progress=False)
+    one_line(e, "gave up after 0 retries", "weights/README.md", "--base_url")
