@@ -413,10 +413,13 @@ def cmd_demo(args):
     from pathlib import Path
 
     from .demo import preset, run_demo
+    import importlib.util
     out = Path(args.out)
+    plot = importlib.util.find_spec("matplotlib") is not None  # loss.png is written only with it
     print(f"Training a small GPT-2 on the bundled Jargon File; the run goes to {out}/ "
-          f"(checkpoint, loss.png, samples.txt).", flush=True)
-    with terminal_bar(preset(args.quick, args.steps)["steps"]) as bar:
+          f"(checkpoint, {'loss.png, ' if plot else ''}samples.txt).", flush=True)
+    settings = preset(args.quick, args.steps)
+    with terminal_bar(settings["steps"]) as bar:
         r = run_demo(steps=args.steps, quick=args.quick, seed=args.seed, out_dir=out, on_step=step_reporter(bar))
     print(f"Trained a {r['params'] / 1e6:.2f}M-parameter GPT-2 for {r['steps']} steps "
           f"({r['train_seconds']:.0f} s) on {r['corpus']}.")
@@ -428,7 +431,10 @@ def cmd_demo(args):
           f"{verdict}.")
     h = r["history"]
     if h["val_step"]:  # none when Ctrl-C came before the first validation
-        print("Validation loss by step: " + ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
+        # a cheaper figure than the one above: a few fixed batches, not every held-out token
+        print(f"Validation loss by step (estimated on {settings['val_batch_count']} fixed batches of held-out "
+              f"windows; the line above is over {r['eval_tokens']} held-out tokens, hence the small difference): "
+              + ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
     for i, text in enumerate(r["samples"]):
         print_header(i + 1)
         print(text)

@@ -7,6 +7,7 @@ import logging
 
 log = logging.getLogger(__name__)
 _warned = False
+_listening = False
 
 
 def numba():
@@ -16,7 +17,33 @@ def numba():
     except ImportError as e:
         plain_fallback(e)
         return None
+    _announce_compiles(nb)
     return nb
+
+
+def _announce_compiles(nb):
+    """Say once, when Numba really compiles (a cache miss: the first run, or after an
+    upgrade), why the next half minute is silent. Loading from the cache fires no event."""
+    global _listening
+    if _listening:
+        return
+    _listening = True
+    try:
+        from numba.core import event
+    except ImportError:  # an old Numba without the event API: stay silent, as before
+        return
+
+    class FirstCompile(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            if not self.said:
+                FirstCompile.said = True
+                log.info("compiling Numba kernels into their cache: first run only, up to a minute")
+
+        def on_end(self, ev):
+            pass
+    event.register("numba:compile", FirstCompile())
 
 
 def plain_fallback(reason):

@@ -285,3 +285,37 @@ def test_download_that_gives_up_says_what_to_do(tmp_path):
         download_model("124M", models_dir=tmp_path / "w", base_url=f"http://127.0.0.1:{port}", retries=0,
                        backoff=0, progress=False)
     one_line(e, "gave up after 0 retries", "weights/README.md", "--base_url")
+
+
+# ---------------------------------------------------------------- items 6, 7: the first run, the demo's lines
+def test_a_real_compile_is_announced_once(tmp_path):
+    """Item 6: the first run was silent for ~30 s while Numba compiled. A compile (a cache miss)
+    now logs one line, once per process; two fresh functions compiled here give one line."""
+    code = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+            "from npgpt2 import jit\nnb = jit.numba()\n"
+            "f = nb.njit(lambda x: x + 1)\ng = nb.njit(lambda x: x * 2)\nprint(f(1), g(2))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), NUMBA_CACHE_DIR=str(tmp_path / "nb")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2", "4"]
+    assert r.stderr.count("compiling Numba kernels") == 1, r.stderr
+    assert "first run only" in r.stderr
+
+
+def test_demo_lines_say_which_validation_loss_is_which(tmp_path, monkeypatch, capsys):
+    """Item 7: the demo printed two "final" validation losses (5.93 per step, 5.837 in the
+    summary) without saying why, and promised loss.png without matplotlib."""
+    import importlib.util
+
+    from npgpt2 import demo
+    fake = dict(params=2.2e6, steps=500, train_seconds=100, corpus="c", unigram_entropy=7.2, val_loss=5.837,
+                eval_tokens=31902, history={"val_step": [500], "val_loss": [5.93]}, samples=[], files={})
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: fake)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code, out, err = run_main(capsys, "demo", "--out", tmp_path / "d")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert "loss.png" not in first and "samples.txt" in first
+    by_step = next(line for line in out.splitlines() if line.startswith("Validation loss by step"))
+    assert "estimated on 8 fixed batches" in by_step and "31902 held-out tokens" in by_step
