@@ -25,6 +25,12 @@ def logit_lens(model, acts, positions=None):
     if missing:
         raise Npgpt2Error(f"acts: missing {', '.join(missing)} (run_with_cache without a names filter keeps them)")
     p = model.params
+    if positions is not None:
+        T = acts["embed"].shape[1]
+        try:
+            np.empty(T)[positions]  # the same indexing on a (T,) stand-in: an error here names the argument
+        except (IndexError, TypeError, ValueError) as e:
+            raise Npgpt2Error(f"positions: {positions!r} does not index the {T} positions ({e})") from None
     rows = []
     for name in names:
         resid = acts[name] if positions is None else acts[name][:, positions]  # [B, T, C]

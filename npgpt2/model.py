@@ -5,6 +5,7 @@ e.g. `model/h0/attn/c_attn/w` is (1, C, 3C)), so loading and saving need no rena
 The layer math lives in `layers.py` (plain NumPy) and its fast twins in `kernels.py`;
 `NPGPT2_PLAIN=1` in the environment runs everything on the plain path.
 """
+import filecmp
 import json
 import logging
 import math
@@ -360,6 +361,9 @@ class GPT2:
             if getattr(out, "shape", None) != x.shape:
                 raise Npgpt2Error(f"hooks[{name!r}]: returned shape {getattr(out, 'shape', type(out).__name__)}, "
                                   f"expected {x.shape}")
+            if getattr(out, "dtype", np.dtype(object)).kind not in "fiub":  # complex logits, objects: stop here
+                raise Npgpt2Error(f"hooks[{name!r}]: returned dtype {getattr(out, 'dtype', type(out).__name__)}, "
+                                  f"expected real numbers ({x.dtype})")
             return out
 
         tokens = self._check_tokens(tokens, error=Npgpt2Error)
@@ -640,9 +644,15 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False):
     `npgpt2 convert --dtype int8` (which loads dequantised with a float dtype).
     """
     model_dir = Path(model_dir)
+    try:
+        int8 = np.dtype(dtype) == np.int8
+        ok = int8 or np.dtype(dtype) in (np.float32, np.float64)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise Npgpt2Error(f"dtype: {dtype!r} is not one of float32, float64 or 'int8'")
     if not model_dir.is_dir():
         raise Npgpt2Error(f"{model_dir}: model folder not found")
-    int8 = np.dtype(dtype) == np.int8
     check_download_finished(model_dir)
     hparams = read_hparams(model_dir)
     prefix = latest_checkpoint(model_dir)
@@ -691,7 +701,8 @@ def save_model(model, model_dir, step=None, keep=None):
                 continue
             src = ASSETS / name
         dst = model_dir / name
-        if not dst.exists() or not os.path.samefile(src, dst):
+        # once per run folder: every checkpoint save rewrote (and fsynced) 1.5 MB, and failed there on a full disk
+        if not dst.is_file() or not (os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)):
             with atomic_write(dst) as f, open(src, "rb") as s:
                 shutil.copyfileobj(s, f)
     name = "model.ckpt" if step is None else f"model-{step}"

@@ -349,3 +349,42 @@ def test_dtype_help_and_readme_say_only_what_was_measured():
     for name in ("numpy", "numba", "regex", "requests", "tqdm", "threadpoolctl"):
         assert name in deps, name
     assert "\ufffd" in readme and "inside a character" in readme
+
+
+# ---------------------------------------------------------------- item 16: vocabulary files written once
+def test_checkpoint_saves_write_the_vocabulary_once(tmp_path):
+    """Item 16: every checkpoint save rewrote encoder.json and vocab.bpe (1.5 MB + fsync)."""
+    model = npgpt2.load_model(FIX / "full")
+    npgpt2.save_model(model, tmp_path / "run", step=1)
+    first = {n: os.stat(tmp_path / "run" / n).st_ino for n in ("encoder.json", "vocab.bpe")}
+    npgpt2.save_model(model, tmp_path / "run", step=2)
+    assert {n: os.stat(tmp_path / "run" / n).st_ino for n in first} == first  # not replaced
+    (tmp_path / "run" / "vocab.bpe").write_text("damaged")
+    npgpt2.save_model(model, tmp_path / "run", step=3)  # a different file is still put right
+    assert (tmp_path / "run" / "vocab.bpe").read_bytes() == (FIX / "full" / "vocab.bpe").read_bytes()
+
+
+# ---------------------------------------------------------------- item 17: hooks, logit_lens, load_model(dtype)
+@pytest.mark.parametrize("make", [lambda x: x.astype(np.complex64), lambda x: x.astype(object)],
+                         ids=["complex", "object"])
+def test_a_hook_returning_complex_or_object_arrays_is_one_line(make):
+    """Item 17: complex logits flowed on; object arrays failed deep inside the layers."""
+    model = npgpt2.load_model(FIX / "tiny")
+    with pytest.raises(Npgpt2Error) as e:
+        model.run_with_hooks(np.array([[1, 2, 3]]), {"h0.mlp.post": make})
+    one_line(e, "h0.mlp.post", "dtype")
+
+
+def test_logit_lens_position_out_of_range_and_bad_load_dtype():
+    """Item 17: logit_lens with an out-of-range position gave a raw IndexError; load_model(dtype=np.int32)
+    was accepted."""
+    model = npgpt2.load_model(FIX / "tiny")
+    _, acts = model.run_with_cache(np.array([[1, 2, 3]]))
+    with pytest.raises(Npgpt2Error) as e:
+        npgpt2.logit_lens(model, acts, positions=7)
+    one_line(e, "positions", "3 positions")
+    assert npgpt2.logit_lens(model, acts, positions=[0, -1]).shape == (3, 1, 2, 96)
+    for dtype in (np.int32, "float16", "bogus"):
+        with pytest.raises(Npgpt2Error) as e:
+            npgpt2.load_model(FIX / "tiny", dtype=dtype)
+        one_line(e, "dtype")
