@@ -357,6 +357,9 @@ def add_keep_crlf_flag(p):
                         "as Python's text mode and OpenAI's encode.py do)")
 
 
+ABORT_GRACE = 3.0  # seconds a failed rank > 0 waits for rank 0's abort before printing its own error
+
+
 def cmd_train(args):
     """Fine-tune, as train.py; the run folder is an OpenAI-layout model folder.
 
@@ -377,8 +380,14 @@ def cmd_train(args):
         try:
             result = train(cfg, on_step=None, comm=comm)
         except Npgpt2Error as e:  # one rank's error must end every rank, not leave them waiting
-            rank = f" (rank {comm.rank})" if comm.rank else ""
-            print(f"npgpt2: error{rank}: {e}", file=sys.stderr, flush=True)
+            if comm.rank:
+                # an error every rank meets (a flag checked by all) is printed by rank 0, whose
+                # abort ends this rank within this pause; an error of this rank's own still shows
+                import time
+                time.sleep(ABORT_GRACE)
+                print(f"npgpt2: error (rank {comm.rank}): {e}", file=sys.stderr, flush=True)
+            else:
+                print(f"npgpt2: error: {e}", file=sys.stderr, flush=True)
             comm.abort(2)
         if not comm.is_main:
             return 0
@@ -422,10 +431,10 @@ def cmd_eval(args):
 
 def cmd_demo(args):
     """Train a small GPT-2 from scratch on the bundled Jargon File and show it learning."""
+    import importlib.util
     from pathlib import Path
 
     from .demo import preset, run_demo
-    import importlib.util
     out = Path(args.out)
     plot = importlib.util.find_spec("matplotlib") is not None  # loss.png is written only with it
     print(f"Training a small GPT-2 on the bundled Jargon File; the run goes to {out}/ "
@@ -500,6 +509,8 @@ def cmd_gradcheck(args):
 
     from . import gradcheck
     from .model import load_model, resolve_model_dir
+    from .sampling import check_seed
+    check_seed(args.seed)
     if args.entries is not None and args.entries < 1:
         raise Npgpt2Error(f"--entries must be >= 1, got {args.entries}")
     t0 = time.perf_counter()
@@ -709,6 +720,14 @@ def build_parser():
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command started (the library is imported inside _main)
+        print(file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     args, extra = build_parser().parse_known_args(argv)
     if extra:  # report a mistyped flag with the command's own usage line
         args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")

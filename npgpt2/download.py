@@ -20,8 +20,8 @@ import os
 import re
 import socket
 import sys
-import urllib.parse
 import time
+import urllib.parse
 from pathlib import Path
 
 import requests

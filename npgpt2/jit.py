@@ -4,6 +4,7 @@ Numba is a dependency, but a platform without a wheel for it (or a broken instal
 still `import npgpt2`, load a model and run the plain NumPy path, only slower.
 """
 import logging
+import os
 
 log = logging.getLogger(__name__)
 _warned = False
@@ -12,6 +13,7 @@ _listening = False
 
 def numba():
     """The numba module, or None when it cannot be imported (warns once per process)."""
+    check_numba_env()
     try:
         import numba as nb
     except ImportError as e:
@@ -19,6 +21,15 @@ def numba():
         return None
     _announce_compiles(nb)
     return nb
+
+
+def check_numba_env():
+    """NUMBA_NUM_THREADS=0 (or text) makes `import numba` raise a ValueError deep inside it:
+    say it in one line instead."""
+    v = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    if v and not (v.isdigit() and int(v) >= 1):
+        from .errors import Npgpt2Error
+        raise Npgpt2Error(f"NUMBA_NUM_THREADS={v}: must be a whole number >= 1 (or unset, to use every core)")
 
 
 def _announce_compiles(nb):

@@ -5,7 +5,6 @@ Expected values are facts about the input (the file holds a NaN, the folder did 
 q8 * scale computed here with NumPy), never npgpt2's own output.
 """
 import io
-import json
 import os
 import shutil
 import socket
@@ -388,3 +387,85 @@ def test_logit_lens_position_out_of_range_and_bad_load_dtype():
         with pytest.raises(Npgpt2Error) as e:
             npgpt2.load_model(FIX / "tiny", dtype=dtype)
         one_line(e, "dtype")
+
+
+# ---------------------------------------------------------------- item 18: one-liners
+def test_gradcheck_negative_seed(capsys):
+    code, _, err = run_main(capsys, "gradcheck", "--seed", "-1")
+    assert_cli_error(code, err, "--seed must be an integer >= 0")
+
+
+def run_cli(args, env=None, timeout=120, **kw):
+    return subprocess.run([sys.executable, "-m", "npgpt2.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout, **kw)
+
+
+def test_thread_settings_out_of_range_are_handled():
+    """Item 18: NPGPT2_THREADS=99999999999999999999 raised a ctypes OverflowError after output
+    started; NUMBA_NUM_THREADS=0 a traceback at import."""
+    args = ["generate", "--models_dir", FIX, "--model_name", "full", "--length", "3", "--seed", "1"]
+    r = run_cli(args, env={"NPGPT2_THREADS": "99999999999999999999"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "NPGPT2_THREADS" in r.stderr and "SAMPLE 1" in r.stdout
+    r = run_cli(args, env={"NUMBA_NUM_THREADS": "0"})
+    assert_cli_error(r.returncode, r.stderr, "NUMBA_NUM_THREADS=0", ">= 1")
+
+
+def test_import_npgpt2_loads_nothing_heavy():
+    """Item 18: Ctrl-C during `import npgpt2` printed a KeyboardInterrupt traceback (3 of 50
+    tries): the package imported NumPy, Numba and every module before the CLI's handler was
+    in place. Now `import npgpt2` and `npgpt2.cli` import neither, and main() catches
+    KeyboardInterrupt around everything, the imports of the command included."""
+    code = ("import sys, npgpt2, npgpt2.cli\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'numba', 'npgpt2')))\n"
+            "print(npgpt2.load_model.__module__, npgpt2.model.param_shapes.__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = r.stdout.splitlines()
+    assert lines[0] == "['npgpt2', 'npgpt2.cli', 'npgpt2.errors']", r.stdout + r.stderr
+    assert lines[1] == "npgpt2.model param_shapes"
+
+
+def test_ctrl_c_while_a_command_imports_is_exit_130(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "build_parser", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli.main(["generate"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_val_dataset_on_a_fifo_says_what_it_is(tmp_path, capsys):
+    """Item 18: `--val_dataset` on a FIFO said "no such file"."""
+    os.mkfifo(tmp_path / "fifo")
+    code, _, err = run_main(capsys, "train", "--dataset", tokens_npz(tmp_path), "--val_dataset", tmp_path / "fifo",
+                            "--models_dir", FIX, "--model_name", "tiny", "--checkpoint_dir", tmp_path / "c")
+    assert_cli_error(code, err, "fifo", "not a regular file", "--val_dataset")
+
+
+def test_convert_on_a_full_disk_names_the_destination(tmp_path, monkeypatch):
+    """Item 18: errors during `convert` on a full disk named `.q8.NNNN.tmp/...`, not the destination."""
+    import errno
+
+    from npgpt2.convert import convert
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(Npgpt2Error) as e:
+        convert(FIX / "tiny", tmp_path / "q8", dtype="int8")
+    msg = one_line(e, str(tmp_path / "q8"), "disk full")
+    assert ".tmp" not in msg
+    assert not (tmp_path / "q8").exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None and os.environ.get("NPGPT2_REQUIRE_MPI") != "1",
+                    reason="mpirun not found")
+def test_an_error_every_rank_meets_is_printed_once(tmp_path):
+    """Item 18: an MPI error was printed once per rank."""
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(["mpirun", "-n", "2", sys.executable, "-m", "npgpt2.cli", "train", "--dataset",
+                        str(tokens_npz(tmp_path)), "--models_dir", str(FIX), "--model_name", "tiny",
+                        "--checkpoint_dir", str(tmp_path / "c"), "--context", "999", "--steps", "1"],
+                       capture_output=True, text=True, timeout=180, env={**os.environ, **env},
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    assert r.stderr.count("--context 999 is longer") == 1, r.stderr
