@@ -26,6 +26,7 @@ import numpy as np
 
 from . import layers
 from .errors import Npgpt2Error
+from .compact_vocab import shown_ids
 from .interp import logprob_backward
 
 PAGE = Path(__file__).parent / "assets" / "explain.html"
@@ -161,6 +162,7 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
                           f"is the tokenizer the model folder's own?")
     T = len(ids)
     texts = {}
+    gid, vocab = shown_ids(tokenizer)  # ids shown are GPT-2's, also for a compact vocabulary
 
     def tok(i):
         i = int(i)
@@ -197,25 +199,27 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
         "model": {k: int(hp[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")},
         "text": text if text is not None else tokenizer.decode(ids.tolist()),
         "note": note,
-        "tokens": [{"id": int(i), "text": tok(i)} for i in ids],
-        "next": [{"id": int(i), "text": tok(i), "prob": float(p)} for i, p in zip(next_ids[0], next_probs[0])],
+        "tokens": [{"id": gid(i), "text": tok(i)} for i in ids],
+        "next": [{"id": gid(i), "text": tok(i), "prob": float(p)} for i, p in zip(next_ids[0], next_probs[0])],
         "lens": {
             "k": lens_k,
             "rows": ["embed"] + [f"h{i}" for i in range(L)],
             "positions": list(range(T))[rows],
             # [row][position][rank] = {id, text, prob}; row 0 is the embedding, row i is after block i-1
-            "top": [[[{"id": int(i), "text": tok(i), "prob": float(p)} for i, p in zip(ri, rp)]
+            "top": [[[{"id": gid(i), "text": tok(i), "prob": float(p)} for i, p in zip(ri, rp)]
                      for ri, rp in zip(lens_ids[r], lens_probs[r])] for r in range(L + 1)],
         },
         "attention": {"n_head": NH, "layers": [i for i in range(L) if pats[i] is not None], "patterns": pats},
         "heads_away": [{"layer": i, "head": h, "away": a, "to_pos": s,
-                        "to_id": None if s is None else int(ids[s]),
+                        "to_id": None if s is None else gid(ids[s]),
                         "to_text": None if s is None else tok(ids[s]), "weight": w}
                        for i, (h, a, s, w) in enumerate(away)],
-        "attribution": {"position": T - 1, "target": {"id": target, "text": tok(target)},
+        "attribution": {"position": T - 1, "target": {"id": gid(target), "text": tok(target)},
                         "scores": [float(s) for s in scores]},
         "last_logits": [round(float(v), 5) for v in last],
-        "logit_texts": [[int(i), tok(i)] for i in head_order],
+        # last_logits is indexed by the model's rows; vocab_ids gives each row's GPT-2 id (compact vocabularies)
+        "vocab_ids": None if vocab is None else vocab.tolist(),
+        "logit_texts": [[gid(i), tok(i)] for i in head_order],
     }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import explain
 from .chat import CachedContext, ReplyText
+from .compact_vocab import shown_ids
 from .errors import Npgpt2Error
 from .sampling import TextStream, generate_stream
 from .server_fields import BadRequest
@@ -144,7 +145,8 @@ def generate_task(worker, job):
     if tail:
         job.out.put(("text", tail))
     full = text.text if f["chat"] else text.shown_text
-    answer = {"text": full, "tokens": tokens, "finish_reason": reason, **f.get("extra", {})}
+    gid, _ = shown_ids(worker.tokenizer)  # GPT-2's ids, as explain shows them
+    answer = {"text": full, "tokens": [gid(t) for t in tokens], "finish_reason": reason, **f.get("extra", {})}
     if f["chat"]:
         answer["message"] = {"role": "assistant", "content": full}
     job.out.put(("done", answer))

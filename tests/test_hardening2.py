@@ -5,6 +5,7 @@ Expected values are facts about the input (the file holds a NaN, the folder did 
 q8 * scale computed here with NumPy), never npgpt2's own output.
 """
 import io
+import json
 import os
 import shutil
 import socket
@@ -469,3 +470,46 @@ def test_an_error_every_rank_meets_is_printed_once(tmp_path):
                        stdin=subprocess.DEVNULL)
     assert r.returncode != 0
     assert r.stderr.count("--context 999 is longer") == 1, r.stderr
+
+
+# ---------------------------------------------------------------- item 8: one numbering (GPT-2's ids)
+def http(port, method, path, body=None, headers=None, timeout=60):
+    """One request to 127.0.0.1:port -> (status, headers, body bytes); no proxy involved."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    out = (r.status, dict(r.getheaders()), r.read())
+    conn.close()
+    return out
+
+
+def compact_text_model(tmp_path):
+    """tiny (96 tokens) as a compact vocabulary holding the GPT-2 tokens of TEXT plus ids
+    1000..: none of its GPT-2 ids is below 96, so a compact id can never pass for one."""
+    from npgpt2.compact_vocab import CompactTokenizer
+    from npgpt2.tokenizer import load_tokenizer
+    gpt2 = load_tokenizer()
+    text_ids = gpt2.encode(" The hacker")
+    vocab = np.array(sorted(set(text_ids) | set(range(1000, 1000 + 96 - len(set(text_ids))))), dtype=np.int64)
+    model = npgpt2.load_model(FIX / "tiny")
+    return model, CompactTokenizer(gpt2, vocab), vocab, text_ids
+
+
+def test_generate_and_explain_show_gpt2_ids(tmp_path):
+    """Item 8: /v1/generate on the demo model answered compact-vocabulary ids."""
+    from npgpt2 import explain
+    from npgpt2.server import Server
+    model, tok, vocab, text_ids = compact_text_model(tmp_path)
+    report = explain.build_report(model, tok, " The hacker")
+    assert [t["id"] for t in report["tokens"]] == text_ids
+    assert report["vocab_ids"] == vocab.tolist()
+    assert {n["id"] for n in report["next"]} <= set(vocab.tolist())
+    assert {i for i, _ in report["logit_texts"]} <= set(vocab.tolist())
+    with Server(model, tok, host="127.0.0.1", port=0).start() as s:
+        status, _, body = http(s.port, "POST", "/v1/generate", {"prompt": " The hacker", "length": 6, "seed": 1})
+    answer = json.loads(body)
+    assert status == 200, answer
+    assert len(answer["tokens"]) == 6 and set(answer["tokens"]) <= set(vocab.tolist())
+    assert tok.base.decode(answer["tokens"]) == answer["text"]  # GPT-2's own tokenizer reads them
