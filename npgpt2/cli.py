@@ -275,7 +275,7 @@ def cmd_serve(args):
     limits.check()
     model, enc = load_for_generation(args)
     server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
-                    model_name=args.model_name)
+                    model_name=args.model_name, allowed_hosts=args.allowed_hosts)
 
     def stop(signum, frame):  # SIGTERM (systemd, docker stop) ends it as cleanly as Ctrl-C
         raise KeyboardInterrupt
@@ -598,6 +598,9 @@ def build_parser():
     add_dtype_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 = any free port)")
+    p.add_argument("--allowed_hosts", nargs="*", default=[], metavar="NAME",
+                   help="host names (beyond IP addresses, localhost and --host) that the Host header may give, "
+                        "e.g. the machine's name when serving on --host 0.0.0.0 (default: none)")
     p.add_argument("--user_tag", default="User:", help="the user's speaker tag in /v1/chat (default %(default)s)")
     p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag in /v1/chat (default %(default)s)")
     p.add_argument("--max_body", type=int, default=256 * 1024,

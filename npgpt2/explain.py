@@ -27,7 +27,7 @@ import numpy as np
 from . import layers
 from .errors import Npgpt2Error
 from .compact_vocab import shown_ids
-from .interp import logprob_backward
+from .interp import float_model, logprob_backward
 
 PAGE = Path(__file__).parent / "assets" / "explain.html"
 REPORT_SLOT = "/*REPORT*/null"  # where page_html puts the report's JSON in the template
@@ -85,7 +85,7 @@ def top_tokens(logits, k):
     return ids, np.take_along_axis(probs, ids, axis=-1)            # (N, k), (N, k)
 
 
-def logit_lens_top(model, streams, k):
+def logit_lens_top(model, streams, k, check=None):
     """The logit lens: each residual stream through ln_f and the tied head, top k per position.
 
     streams: (R, P, C), R residual streams at the same P positions -> ids (R, P, k), probs (R, P, k).
@@ -97,6 +97,8 @@ def logit_lens_top(model, streams, k):
     flat = streams.reshape(R * P, C)                               # (R*P, C)
     ids, probs = [], []
     for r0 in range(0, R * P, LENS_CHUNK):
+        if check is not None:
+            check()
         x, _, _ = layers.layernorm_forward(flat[r0:r0 + LENS_CHUNK], p["model/ln_f/g"], p["model/ln_f/b"])
         i, pr = top_tokens(x @ p["model/wte"].T, k)                 # (n, C) @ (C, V) -> (n, V) -> (n, k)
         ids.append(i)
@@ -126,27 +128,52 @@ def _ragged(pattern):
     return [[a[h, t, :t + 1].tolist() for t in range(a.shape[1])] for h in range(a.shape[0])]
 
 
-def build_report(model, tokenizer, text, top_k=10, lens_k=3, layer=None):
+def build_report(model, tokenizer, text, top_k=10, lens_k=3, layer=None, check=None):
     """Everything `npgpt2 explain` shows about `text`, as a JSON-serialisable dict.
 
     top_k next tokens; the logit lens' top lens_k at every layer and position; attention
     patterns of every layer, or of `layer` only; per layer the head that attends most away
     from the last token; attributions; the last position's logits. The keys are listed in
     HACKING.md. Raises Npgpt2Error naming the argument for empty text or a bad top_k,
-    lens_k or layer.
+    lens_k or layer. check: see report_for_ids.
     """
     ids, note = encode_text(tokenizer, text, model.hparams["n_ctx"])
-    return report_for_ids(model, tokenizer, ids, top_k, lens_k, layer, note=note, text=text)
+    return report_for_ids(model, tokenizer, ids, top_k, lens_k, layer, note=note, text=text, check=check)
+
+
+class Stopped(Exception):
+    """report_for_ids' check() ended the work (the server: past the request's deadline)."""
+
+
+class CheckedLayers:
+    """The layers module with check() before every layer call, forward and backward: a report
+    that must stop (check raises) stops within one layer, not at the end."""
+
+    def __init__(self, check):
+        self._check = check
+
+    def __getattr__(self, name):
+        fn = getattr(layers, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            self._check()
+            return fn(*args, **kwargs)
+        return call
 
 
 def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, note=None, text=None,
-                   lens_positions="all", patterns=True, target=None):
+                   lens_positions="all", patterns=True, target=None, check=None):
     """build_report for token ids (1-D, at most n_ctx of them).
 
     lens_positions "last" computes the logit lens at the last position only and
     patterns=False leaves the attention patterns out: what the terminal needs. target is the
-    token the attributions are for (default: the most likely next token).
+    token the attributions are for (default: the most likely next token). check() is called
+    before every layer and logit-lens chunk; it raises (e.g. Stopped) to end the work there.
+    An int8 model is explained on its dequantised float32 weights (interp.float_model).
     """
+    model = float_model(model)
     hp = model.hparams
     L, NH, V = hp["n_layer"], hp["n_head"], hp["n_vocab"]
     top_k = _check_int("top_k", top_k, 1, V)
@@ -173,12 +200,12 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     # One forward pass on the plain layers, keeping what the backward pass needs: that
     # includes every layer's residual stream and attention probabilities, so they are read
     # from it (shapes in GPT2.forward_with_saves) rather than from a second forward.
-    logits, saved = model.forward_with_saves(ids[None], nn=layers)  # [1, T] -> [1, T, V]
-    blocks = saved["blocks"]
+    logits, saved = model.forward_with_saves(ids[None], nn=layers if check is None else CheckedLayers(check))
+    blocks = saved["blocks"]                                         # [1, T] -> [1, T, V] above
     # the residual stream entering each block, then after the last: row 0 is the embedding
     rows = slice(None) if lens_positions == "all" else slice(T - 1, T)
     streams = np.stack([b["resid_pre"][0, rows] for b in blocks] + [saved["resid_final"][0, rows]])  # (L+1, P, C)
-    lens_ids, lens_probs = logit_lens_top(model, streams, lens_k)   # (L+1, P, k) each
+    lens_ids, lens_probs = logit_lens_top(model, streams, lens_k, check)  # (L+1, P, k) each
     embed = np.array(blocks[0]["resid_pre"][0], dtype=np.float64)   # (T, C) wte[ids] + wpe[:T]
     away = [head_most_away(b["attn.att"][0]) for b in blocks]       # per layer, from (NH, T, T)
     pats = [_ragged(b["attn.att"][0]) if patterns and layer in (None, i) else None

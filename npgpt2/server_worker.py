@@ -153,10 +153,18 @@ def generate_task(worker, job):
 
 
 def explain_task(worker, job):
-    """One `explain.build_report`. It cannot stop half-way: the client is answered 504 at the
-    deadline, and the text's size is bounded up front (at most --max_prompt_tokens)."""
+    """One `explain.build_report`. The client is answered 504 at the deadline, and the work
+    stops there too, within one layer (so queued requests and a SIGTERM do not wait for it);
+    the text's size is bounded up front (at most --max_prompt_tokens)."""
+    def check():
+        if worker.stopping or job.cancelled.is_set() or time.monotonic() > job.deadline:
+            raise explain.Stopped
+
     try:
-        report = explain.build_report(worker.model, worker.tokenizer, **job.fields)
+        report = explain.build_report(worker.model, worker.tokenizer, **job.fields, check=check)
+    except explain.Stopped:
+        job.error(*(SHUTTING_DOWN if worker.stopping else (HTTPStatus.GATEWAY_TIMEOUT, "timed out (--timeout)")))
+        return
     except Npgpt2Error as e:
         job.error(HTTPStatus.BAD_REQUEST, str(e))
         return

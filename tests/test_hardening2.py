@@ -513,3 +513,158 @@ def test_generate_and_explain_show_gpt2_ids(tmp_path):
     assert status == 200, answer
     assert len(answer["tokens"]) == 6 and set(answer["tokens"]) <= set(vocab.tolist())
     assert tok.base.decode(answer["tokens"]) == answer["text"]  # GPT-2's own tokenizer reads them
+
+
+# ---------------------------------------------------------------- items 11, 12: explain on int8, strict JSON
+def test_explain_and_input_gradient_work_on_an_int8_model(int8_dir):
+    """Item 11: `serve --dtype int8` answered every /v1/explain with 400 "training an int8 model",
+    and input_gradient on int8 said the same. They run on the dequantised weights, so they equal
+    the float32 model loaded from the same folder (which is dequantised the same way at load)."""
+    from npgpt2 import explain
+    from npgpt2.tokenizer import load_tokenizer
+    q = npgpt2.load_model(int8_dir, dtype="int8")
+    f = npgpt2.load_model(int8_dir)
+    tok = load_tokenizer(int8_dir)
+    ids = [5, 17, 42, 3]
+    assert np.array_equal(npgpt2.input_gradient(q, ids, 3, 7), npgpt2.input_gradient(f, ids, 3, 7))
+    assert explain.report_for_ids(q, tok, ids) == explain.report_for_ids(f, tok, ids)
+    assert q.weight_dtype == "int8"  # the model itself is left as it was
+
+
+def test_a_non_finite_answer_is_a_500_never_bare_nan(tmp_path):
+    """Item 12: a model with a non-finite weight (loaded with verify=False) made /v1/explain answer
+    200 with a bare `NaN`, which is not JSON."""
+    from npgpt2.server import Server
+    model = npgpt2.load_model(FIX / "full")
+    model.params["model/ln_f/g"][0] = np.nan
+    tok = npgpt2.load_tokenizer(FIX / "full")
+    with Server(model, tok, host="127.0.0.1", port=0).start() as s:
+        status, _, body = http(s.port, "POST", "/v1/explain", {"text": "hello there"})
+    assert status == 500
+    answer = json.loads(body, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert "NaN" in answer["error"]
+
+
+# ---------------------------------------------------------------- item 14: Content-Type and Host
+@pytest.fixture(scope="module")
+def served():
+    from npgpt2.server import Limits, Server
+    model = npgpt2.load_model(FIX / "full")
+    tok = npgpt2.load_tokenizer(FIX / "full")
+    with Server(model, tok, host="127.0.0.1", port=0, limits=Limits(timeout=20),
+                allowed_hosts=["gpt.example"]).start() as s:
+        yield s
+
+
+def test_posts_need_application_json(served):
+    """Item 14: /v1/* accepted Content-Type: text/plain, the "simple" request any web page may send
+    to 127.0.0.1 without a CORS preflight."""
+    body = {"prompt": "hi", "length": 2, "seed": 1}
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
+        status, _, raw = http(served.port, "POST", "/v1/generate", body, {"Content-Type": ctype})
+        assert status == 415, (ctype, raw)
+        assert "application/json" in json.loads(raw)["error"]
+    status, _, raw = http(served.port, "POST", "/v1/generate", body,
+                          {"Content-Type": "Application/JSON; charset=utf-8"})
+    assert status == 200, raw
+
+
+def test_only_the_servers_own_host_names_are_answered(served):
+    """Item 14: nothing checked the Host header, so a DNS-rebinding page (evil.example resolving to
+    127.0.0.1) could use the server. Names other than localhost, --host and --allowed_hosts get 403."""
+    body = {"prompt": "hi", "length": 2, "seed": 1}
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example"):
+        for method, path, data in (("GET", "/health", None), ("POST", "/v1/generate", body)):
+            status, _, raw = http(served.port, method, path, data, {"Host": host})
+            assert status == 403, (host, path, raw)
+            assert "--allowed_hosts" in json.loads(raw)["error"]
+    for host in (f"127.0.0.1:{served.port}", f"localhost:{served.port}", "[::1]:80", "10.1.2.3", "gpt.example",
+                 "GPT.example:8000"):
+        status, _, raw = http(served.port, "GET", "/health", None, {"Host": host})
+        assert status == 200, (host, raw)
+
+
+# ---------------------------------------------------------------- item 13: the server under abuse
+def test_a_client_closing_mid_body_is_one_log_line(served, caplog):
+    """Item 13: a client that closed (here: reset) mid-body logged a ~30-line traceback per connection."""
+    import logging
+    import struct
+    caplog.set_level(logging.INFO, logger="npgpt2.server")
+    for _ in range(3):
+        c = socket.create_connection(("127.0.0.1", served.port))
+        c.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        time.sleep(0.3)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+        c.close()
+    time.sleep(1.0)
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records), caplog.text
+    lost = [r for r in caplog.records if "connection lost" in r.getMessage()]
+    assert len(lost) == 3 and all("\n" not in r.getMessage() for r in lost)
+
+
+def test_an_explain_past_its_deadline_stops_working(monkeypatch):
+    """Item 13: an explain that already got 504 kept the model thread busy (~20 s on 124M), so
+    queued requests timed out and SIGTERM waited. Each layer here takes 0.25 s (the report
+    runs 4 matmuls per layer forward and more backward): it stops within one layer of its deadline."""
+    from npgpt2 import layers
+    from npgpt2.server import Limits, Server
+    real = layers.matmul_forward
+
+    def slow(*a, **k):
+        time.sleep(0.25)
+        return real(*a, **k)
+    monkeypatch.setattr(layers, "matmul_forward", slow)
+    model = npgpt2.load_model(FIX / "full")
+    tok = npgpt2.load_tokenizer(FIX / "full")
+    with Server(model, tok, host="127.0.0.1", port=0, limits=Limits(timeout=0.6)).start() as s:
+        t0 = time.monotonic()
+        status, _, _ = http(s.port, "POST", "/v1/explain", {"text": "hello there"})
+        assert status == 504
+        while s.app.worker.pending and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        busy = time.monotonic() - t0
+    assert busy < 0.6 + 0.8, busy  # the whole report takes 2 x (4 + 8) x 0.25 = 6 s
+
+
+def test_out_of_file_descriptors_answers_503_without_spinning(tmp_path):
+    """Item 13: with `ulimit -n 64` and many half-sent requests, accept() failed with EMFILE and the
+    server spun at 100 % CPU instead of answering 503."""
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+            "from npgpt2.cli import main\n"
+            f"sys.exit(main(['serve', '--models_dir', {str(FIX)!r}, '--model_name', 'full', '--port', '0', "
+            "'--read_timeout', '60']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    held = []
+    try:
+        line = proc.stdout.readline()
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        for _ in range(80):  # heads complete, bodies never sent: each holds a descriptor and a thread
+            try:
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except OSError:
+                break
+            c.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n")
+            held.append(c)
+            time.sleep(0.03)  # let the gate hand it to a request thread (arrivals faster than that get 503 there)
+        time.sleep(1.0)
+
+        def cpu():
+            fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        c0, t0 = cpu(), time.monotonic()
+        time.sleep(2.0)
+        share = (cpu() - c0) / (time.monotonic() - t0)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = c.recv(4096)
+        assert share < 0.5, f"the server used {share:.0%} of a core while full"
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    finally:
+        for c in held:
+            c.close()
+        proc.terminate()
+        proc.wait(timeout=30)
