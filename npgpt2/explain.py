@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from . import layers
-from .errors import Npgpt2Error
 from .compact_vocab import shown_ids
+from .errors import Npgpt2Error
 from .interp import float_model, logprob_backward
 
 PAGE = Path(__file__).parent / "assets" / "explain.html"

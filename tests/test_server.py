@@ -22,6 +22,7 @@ from npgpt2.errors import Npgpt2Error
 from npgpt2.server import Limits, Server
 
 FULL = Path(__file__).parent / "fixtures" / "full"
+JSON = {"Content-Type": "application/json"}  # what the server requires of a POST body
 T = 30  # seconds: the most any single HTTP call in these tests may take
 
 
@@ -432,7 +433,7 @@ def test_bad_json_gets_400(server, raw):
     ("v1/generate", b'{"prompt": "caf\\udce9", "length": 2}'),
     ("v1/chat", b'{"messages": [{"role": "user", "content": "\\ud800"}], "length": 2}')])
 def test_lone_surrogate_in_text_gets_400(server, path, body):
-    r = requests.post(server.url + path, data=body, timeout=T)
+    r = requests.post(server.url + path, data=body, timeout=T, headers=JSON)
     assert r.status_code == 400 and "surrogate" in r.json()["error"], r.text
 
 
@@ -444,7 +445,7 @@ def test_error_messages_do_not_echo_huge_values(server):
 
 def test_limits_and_the_server_keeps_serving(server):
     # a body over max_body
-    r = requests.post(server.url + "v1/generate", data=b'{"prompt": "' + b"a" * 300_000 + b'"}', timeout=T)
+    r = requests.post(server.url + "v1/generate", data=b'{"prompt": "' + b"a" * 300_000 + b'"}', timeout=T, headers=JSON)
     assert r.status_code == 413 and "limit" in r.json()["error"]
     # a prompt over max_prompt_tokens (8 * n_ctx = 512)
     r = post(server.url + "v1/generate", {"prompt": " hello" * 600, "length": 4})
@@ -531,7 +532,7 @@ def test_deeply_nested_list_in_a_number_field_gets_400(server, caplog):
         for field in ("length", "temperature", "top_p"):
             for depth in range(950, 1000):
                 raw = b'{"prompt": "x", "%s": %s%s}' % (field.encode(), b"[" * depth, b"]" * depth)
-                r = http.post(server.url + "v1/generate", data=raw, timeout=T)
+                r = http.post(server.url + "v1/generate", data=raw, timeout=T, headers=JSON)
                 assert r.status_code == 400, (field, depth, r.text)
                 assert len(r.json()["error"]) < 200
     assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
@@ -756,7 +757,7 @@ def test_explain_routes_and_methods(server):
     assert r.status_code == 405 and r.headers["Allow"] == "POST"
     r = requests.post(server.url + "explain", json={"text": "a"}, timeout=T)
     assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
-    r = requests.post(server.url + "v1/explain", data=b"[" * 100_000, timeout=T)
+    r = requests.post(server.url + "v1/explain", data=b"[" * 100_000, timeout=T, headers=JSON)
     assert r.status_code == 400
 
 
