@@ -224,7 +224,6 @@ def cmd_chat(args):
         enable_line_editing()
     if interactive:
         print(f"Chatting with {args.model_name}; /help lists commands, Ctrl-D quits.", file=sys.stderr)
-    failed = False
     while True:
         try:
             line = input(args.user_tag + " ") if interactive else sys.stdin.readline()
@@ -232,7 +231,7 @@ def cmd_chat(args):
             print(file=sys.stderr)
             return 0
         if not interactive and line == "":
-            return 2 if failed else 0  # end of a piped input
+            return 0  # end of a piped input
         text = line.strip()
         if not text:
             continue
@@ -248,7 +247,6 @@ def cmd_chat(args):
             reply = chat.say(text)
         except Npgpt2Error as e:  # this message alone is too long; the chat goes on
             print(f"npgpt2: error: {e}", file=sys.stderr)
-            failed = True  # a piped chat then ends with status 2
             continue
         if not interactive:
             sys.stdout.write(f"{args.user_tag} {text}\n")
