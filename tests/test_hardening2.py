@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_hardening import assert_cli_error, one_line, run_main  # tests/ is on sys.path (pytest prepends it)
 
 import npgpt2
 from npgpt2 import cli
@@ -24,34 +25,6 @@ from npgpt2.errors import Npgpt2Error
 
 FIX = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
-
-
-def one_line(excinfo, *parts):
-    msg = str(excinfo.value)
-    assert msg and "\n" not in msg, msg
-    for p in parts:
-        assert p in msg, (p, msg)
-    return msg
-
-
-def run_main(capsys, *args):
-    """npgpt2 <args> in this process -> (exit status, stdout, stderr)."""
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_cli_error(code, err, *parts):
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("npgpt2: error: "), err
-    for p in parts:
-        assert p in last, (p, last)
-    return last
 
 
 def tokens_npz(tmp_path, n=500, vocab=90):
