@@ -558,11 +558,15 @@ def test_only_the_servers_own_host_names_are_answered(served):
 
 
 # ---------------------------------------------------------------- item 13: the server under abuse
-def test_a_client_closing_mid_body_is_one_log_line(served, caplog):
+def test_a_client_closing_mid_body_is_one_log_line(caplog):
     """Item 13: a client that closed (here: reset) mid-body logged a ~30-line traceback per connection."""
     import logging
     import struct
+
+    from npgpt2.server import Server
     caplog.set_level(logging.INFO, logger="npgpt2.server")
+    served = Server(npgpt2.load_model(FIX / "full"), npgpt2.load_tokenizer(FIX / "full"), host="127.0.0.1",
+                    port=0).start()
     for _ in range(3):
         c = socket.create_connection(("127.0.0.1", served.port))
         c.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -571,6 +575,7 @@ def test_a_client_closing_mid_body_is_one_log_line(served, caplog):
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
         c.close()
     time.sleep(1.0)
+    served.close()
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records), caplog.text
     lost = [r for r in caplog.records if "connection lost" in r.getMessage()]
     assert len(lost) == 3 and all("\n" not in r.getMessage() for r in lost)
