@@ -355,7 +355,7 @@ def add_keep_crlf_flag(p):
                         "as Python's text mode and OpenAI's encode.py do)")
 
 
-ABORT_GRACE = 3.0  # seconds a failed rank > 0 waits for rank 0's abort before printing its own error
+ABORT_GRACE = 5.0  # seconds a failed rank > 0 waits for rank 0's abort before printing its own error
 
 
 def cmd_train(args):
