@@ -16,6 +16,7 @@ from . import explain
 from .chat import CachedContext, ReplyText
 from .compact_vocab import shown_ids
 from .errors import Npgpt2Error
+from .memory import NotEnoughMemory
 from .sampling import TextStream, generate_stream
 from .server_fields import BadRequest
 
@@ -164,6 +165,9 @@ def explain_task(worker, job):
         report = explain.build_report(worker.model, worker.tokenizer, **job.fields, check=check)
     except explain.Stopped:
         job.error(*(SHUTTING_DOWN if worker.stopping else (HTTPStatus.GATEWAY_TIMEOUT, "timed out (--timeout)")))
+        return
+    except NotEnoughMemory as e:  # e.g. an int8 model's float32 copy for the gradients
+        job.error(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
         return
     except Npgpt2Error as e:
         job.error(HTTPStatus.BAD_REQUEST, str(e))

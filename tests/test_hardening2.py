@@ -646,3 +646,14 @@ def test_out_of_file_descriptors_answers_503_without_spinning(tmp_path):
             c.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_explain_on_an_int8_model_without_memory_for_its_copy_is_a_503(monkeypatch, int8_dir):
+    """Item 11: when the float32 copy an int8 model's explain needs cannot fit, the server says why in a 5xx."""
+    from npgpt2 import memory
+    from npgpt2.server import Server
+    model = npgpt2.load_model(int8_dir, dtype="int8")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)  # less than the copy's 4 bytes a parameter
+    with Server(model, npgpt2.load_tokenizer(int8_dir), host="127.0.0.1", port=0).start() as s:
+        status, _, body = http(s.port, "POST", "/v1/explain", {"text": "hello"})
+    assert status == 503 and "int8" in json.loads(body)["error"]
