@@ -5,23 +5,38 @@
     enc = npgpt2.load_tokenizer("weights/124M")
     ids = npgpt2.generate(model, enc.encode("Hello"), length=20, top_k=40, seed=1)
     print(enc.decode(ids))
+
+The names below are imported when first used, so `import npgpt2` (and the `npgpt2` command,
+before it parses its flags) loads neither NumPy nor Numba: a Ctrl-C then lands in the CLI's
+own handler, not in the middle of an import, and `npgpt2 --help` is instant.
 """
-from .chat import ChatSession
+import importlib
+
 from .errors import Npgpt2Error
-from .interp import input_gradient, logit_lens
-from .model import GPT2, init_model, load_model, save_model
-from .sampling import generate
-from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
+_EXPORTS = {"ChatSession": "chat", "GPT2": "model", "init_model": "model", "load_model": "model",
+            "save_model": "model", "generate": "sampling", "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+            "input_gradient": "interp", "logit_lens": "interp", "Server": "server"}
+
 
 def __getattr__(name):
-    # the server (and its http/selectors imports) loads only when asked for
-    if name == "Server":
-        from .server import Server
-        return Server
-    raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:  # `npgpt2.model` and the other modules, as after an eager import
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":  # a module of ours that failed to import: say so
+                raise
+            raise AttributeError(f"module 'npgpt2' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "input_gradient",

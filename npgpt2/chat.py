@@ -39,6 +39,17 @@ def check_tags(user_tag, bot_tag):
         raise Npgpt2Error(f"--user_tag and --bot_tag must differ, both are {user_tag!r}")
 
 
+def check_tags_encode(tokenizer, user_tag, bot_tag):
+    """Raise Npgpt2Error naming the flag when a tag has a token the model's vocabulary lacks
+    (a compact vocabulary, e.g. the demo's): every message would fail on it."""
+    for flag, tag in (("--user_tag", user_tag), ("--bot_tag", bot_tag)):
+        try:
+            tokenizer.encode(turn_text(tag, "") + tag)
+        except Npgpt2Error as e:
+            raise Npgpt2Error(f"{flag} {tag!r}: this model cannot write it ({e}); choose --user_tag/--bot_tag "
+                              f"made of words in its vocabulary") from None
+
+
 def turn_text(tag, text):
     """One turn as it appears in the transcript: 'User: hello\\n'."""
     return f"{tag} {text}".rstrip(" ") + "\n"
@@ -185,6 +196,7 @@ class ChatSession:
         check_sampling_args(temperature, top_k, top_p)
         check_seed(seed)
         check_tags(user_tag, bot_tag)
+        check_tags_encode(tokenizer, user_tag, bot_tag)
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx = model.hparams["n_ctx"]
         self.length = length if length is not None else max(1, self.n_ctx // 4)

@@ -95,6 +95,16 @@ class CompactTokenizer:
         return {s: i for i, s in self.decoder.items()}
 
 
+def shown_ids(tokenizer):
+    """The one numbering npgpt2 shows people (server answers, explain): GPT-2's ids. Returns
+    (to_shown, vocab): to_shown(model id) -> GPT-2 id, and vocab the (K,) array of GPT-2 ids
+    by model id for a compact vocabulary (None when the model's ids already are GPT-2's)."""
+    if isinstance(tokenizer, CompactTokenizer):
+        vocab = tokenizer.vocab
+        return (lambda i: int(vocab[int(i)])), vocab
+    return int, None
+
+
 def read_vocab_map(model_dir):
     """The compact vocabulary of `model_dir` (int64 (K,)), or None when it has none."""
     path = Path(model_dir) / VOCAB_FILE

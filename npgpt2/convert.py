@@ -423,9 +423,12 @@ def _write_folder(dst, write):
         if dst.exists():
             os.replace(dst, old)
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not dst.exists():
             os.replace(old, dst)  # put the user's model back
+        if isinstance(e, (Npgpt2Error, OSError)):  # name the destination, not our hidden temp folder
+            where = f"{e.filename}: {e.strerror or e}" if isinstance(e, OSError) and e.filename else str(e)
+            raise Npgpt2Error(where.replace(str(tmp), str(dst))) from None
         raise
     shutil.rmtree(old, ignore_errors=True)

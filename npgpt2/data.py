@@ -55,6 +55,9 @@ def expand_paths(spec, what="--dataset"):
             if not found:
                 raise Npgpt2Error(f"{s}: folder holds no files ({what})")
             paths += sorted(found)
+        elif os.path.exists(s):  # a pipe, device or socket: read more than once, so not accepted
+            raise Npgpt2Error(f"{s}: not a regular file or folder (a pipe, device or socket); "
+                              f"save the text to a file first ({what})")
         else:
             found = sorted(p for p in glob.glob(s, recursive=True) if os.path.isfile(p))
             if not found:

@@ -18,8 +18,10 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import requests
@@ -50,6 +52,26 @@ CHUNK_BYTES = 1 << 16
 
 class _Retry(Exception):
     """A failure worth trying again (dropped connection, timeout, 5xx, short body)."""
+
+
+class _GaveUp(Npgpt2Error):
+    """Retries ran out: download_model adds what to do without a network."""
+
+
+def offline_hint(models_dir):
+    return (f"without a network, copy a model folder into {models_dir}/ (see weights/README.md), "
+            f"or download from a mirror with --base_url URL")
+
+
+def check_host(base, models_dir):
+    """Fail at once, with the next step, when the host name does not resolve (no network or
+    DNS): retrying that only waits."""
+    host = urllib.parse.urlsplit(base).hostname
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as e:
+        raise Npgpt2Error(f"{base}: cannot resolve the host {host} ({getattr(e, 'strerror', None) or e}); "
+                          f"{offline_hint(models_dir)}") from None
 
 
 def canonical_name(model_name):
@@ -100,13 +122,17 @@ def download_model(model_name, models_dir="weights", base_url=None, force=False,
     if is_complete(folder) and not force:
         log.info("%s is already downloaded (use --force to download it again)", folder)
         return folder
+    check_host(base, models_dir)
     made = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Npgpt2Error(f"{folder}: cannot create folder ({e.strerror or e})") from None
     try:
-        _download_into(folder, name, base, force, progress, session, retries, backoff, timeout)
+        try:
+            _download_into(folder, name, base, force, progress, session, retries, backoff, timeout)
+        except _GaveUp as e:
+            raise Npgpt2Error(f"{e}; {offline_hint(models_dir)}") from None
     except BaseException:
         # A failure before any byte arrived leaves no empty folder behind (which would look
         # like a model folder); a .part file keeps its folder, for resuming.
@@ -180,7 +206,7 @@ def fetch_file(url, dest, session, retries=5, backoff=1.0, timeout=(10, 60), pro
             failures += 1
             if failures > retries:
                 kept = f"; {have} bytes kept in {part} for resuming" if have else ""
-                raise Npgpt2Error(f"{url}: {e}; gave up after {retries} retries{kept}") from None
+                raise _GaveUp(f"{url}: {e}; gave up after {retries} retries{kept}") from None
             delay = backoff * 2 ** (failures - 1)
             log.warning("%s: %s; retrying in %.1f s", url, e, delay)
             time.sleep(delay)

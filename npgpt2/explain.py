@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from . import layers
+from .compact_vocab import shown_ids
 from .errors import Npgpt2Error
-from .interp import logprob_backward
+from .interp import float_model, logprob_backward
 
 PAGE = Path(__file__).parent / "assets" / "explain.html"
 REPORT_SLOT = "/*REPORT*/null"  # where page_html puts the report's JSON in the template
@@ -34,6 +35,7 @@ N_ATTRIBUTIONS = 5              # input tokens the terminal lists
 N_SAMPLING_TEXTS = 50           # tokens, by logit, whose text the page's sampling view can show
 LENS_CHUNK = 64                 # positions per ln_f + head product: (64, V) floats at a time
 MAX_PAGE_WEIGHTS = 10_000_000   # attention weights a report file may hold (~6 bytes each as JSON)
+MAX_LENS_K = 10                 # logit-lens tokens per layer and position: 124M at 1024 tokens, 10 is ~6 MB of page
 
 
 # ---------------------------------------------------------------- arguments
@@ -83,7 +85,7 @@ def top_tokens(logits, k):
     return ids, np.take_along_axis(probs, ids, axis=-1)            # (N, k), (N, k)
 
 
-def logit_lens_top(model, streams, k):
+def logit_lens_top(model, streams, k, check=None):
     """The logit lens: each residual stream through ln_f and the tied head, top k per position.
 
     streams: (R, P, C), R residual streams at the same P positions -> ids (R, P, k), probs (R, P, k).
@@ -95,6 +97,8 @@ def logit_lens_top(model, streams, k):
     flat = streams.reshape(R * P, C)                               # (R*P, C)
     ids, probs = [], []
     for r0 in range(0, R * P, LENS_CHUNK):
+        if check is not None:
+            check()
         x, _, _ = layers.layernorm_forward(flat[r0:r0 + LENS_CHUNK], p["model/ln_f/g"], p["model/ln_f/b"])
         i, pr = top_tokens(x @ p["model/wte"].T, k)                 # (n, C) @ (C, V) -> (n, V) -> (n, k)
         ids.append(i)
@@ -124,31 +128,56 @@ def _ragged(pattern):
     return [[a[h, t, :t + 1].tolist() for t in range(a.shape[1])] for h in range(a.shape[0])]
 
 
-def build_report(model, tokenizer, text, top_k=10, lens_k=3, layer=None):
+def build_report(model, tokenizer, text, top_k=10, lens_k=3, layer=None, check=None):
     """Everything `npgpt2 explain` shows about `text`, as a JSON-serialisable dict.
 
     top_k next tokens; the logit lens' top lens_k at every layer and position; attention
     patterns of every layer, or of `layer` only; per layer the head that attends most away
     from the last token; attributions; the last position's logits. The keys are listed in
     HACKING.md. Raises Npgpt2Error naming the argument for empty text or a bad top_k,
-    lens_k or layer.
+    lens_k or layer. check: see report_for_ids.
     """
     ids, note = encode_text(tokenizer, text, model.hparams["n_ctx"])
-    return report_for_ids(model, tokenizer, ids, top_k, lens_k, layer, note=note, text=text)
+    return report_for_ids(model, tokenizer, ids, top_k, lens_k, layer, note=note, text=text, check=check)
+
+
+class Stopped(Exception):
+    """report_for_ids' check() ended the work (the server: past the request's deadline)."""
+
+
+class CheckedLayers:
+    """The layers module with check() before every layer call, forward and backward: a report
+    that must stop (check raises) stops within one layer, not at the end."""
+
+    def __init__(self, check):
+        self._check = check
+
+    def __getattr__(self, name):
+        fn = getattr(layers, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            self._check()
+            return fn(*args, **kwargs)
+        return call
 
 
 def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, note=None, text=None,
-                   lens_positions="all", patterns=True, target=None):
+                   lens_positions="all", patterns=True, target=None, check=None):
     """build_report for token ids (1-D, at most n_ctx of them).
 
     lens_positions "last" computes the logit lens at the last position only and
     patterns=False leaves the attention patterns out: what the terminal needs. target is the
-    token the attributions are for (default: the most likely next token).
+    token the attributions are for (default: the most likely next token). check() is called
+    before every layer and logit-lens chunk; it raises (e.g. Stopped) to end the work there.
+    An int8 model is explained on its dequantised float32 weights (interp.float_model).
     """
+    model = float_model(model)
     hp = model.hparams
     L, NH, V = hp["n_layer"], hp["n_head"], hp["n_vocab"]
     top_k = _check_int("top_k", top_k, 1, V)
-    lens_k = _check_int("lens_k", lens_k, 1, V)
+    lens_k = _check_int("lens_k", lens_k, 1, min(V, MAX_LENS_K))
     if layer is not None:
         layer = _check_int("layer", layer, 0, L - 1)
     ids = np.asarray(ids, dtype=np.int64)
@@ -160,6 +189,7 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
                           f"is the tokenizer the model folder's own?")
     T = len(ids)
     texts = {}
+    gid, vocab = shown_ids(tokenizer)  # ids shown are GPT-2's, also for a compact vocabulary
 
     def tok(i):
         i = int(i)
@@ -170,12 +200,12 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     # One forward pass on the plain layers, keeping what the backward pass needs: that
     # includes every layer's residual stream and attention probabilities, so they are read
     # from it (shapes in GPT2.forward_with_saves) rather than from a second forward.
-    logits, saved = model.forward_with_saves(ids[None], nn=layers)  # [1, T] -> [1, T, V]
-    blocks = saved["blocks"]
+    logits, saved = model.forward_with_saves(ids[None], nn=layers if check is None else CheckedLayers(check))
+    blocks = saved["blocks"]                                         # [1, T] -> [1, T, V] above
     # the residual stream entering each block, then after the last: row 0 is the embedding
     rows = slice(None) if lens_positions == "all" else slice(T - 1, T)
     streams = np.stack([b["resid_pre"][0, rows] for b in blocks] + [saved["resid_final"][0, rows]])  # (L+1, P, C)
-    lens_ids, lens_probs = logit_lens_top(model, streams, lens_k)   # (L+1, P, k) each
+    lens_ids, lens_probs = logit_lens_top(model, streams, lens_k, check)  # (L+1, P, k) each
     embed = np.array(blocks[0]["resid_pre"][0], dtype=np.float64)   # (T, C) wte[ids] + wpe[:T]
     away = [head_most_away(b["attn.att"][0]) for b in blocks]       # per layer, from (NH, T, T)
     pats = [_ragged(b["attn.att"][0]) if patterns and layer in (None, i) else None
@@ -196,25 +226,27 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
         "model": {k: int(hp[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")},
         "text": text if text is not None else tokenizer.decode(ids.tolist()),
         "note": note,
-        "tokens": [{"id": int(i), "text": tok(i)} for i in ids],
-        "next": [{"id": int(i), "text": tok(i), "prob": float(p)} for i, p in zip(next_ids[0], next_probs[0])],
+        "tokens": [{"id": gid(i), "text": tok(i)} for i in ids],
+        "next": [{"id": gid(i), "text": tok(i), "prob": float(p)} for i, p in zip(next_ids[0], next_probs[0])],
         "lens": {
             "k": lens_k,
             "rows": ["embed"] + [f"h{i}" for i in range(L)],
             "positions": list(range(T))[rows],
             # [row][position][rank] = {id, text, prob}; row 0 is the embedding, row i is after block i-1
-            "top": [[[{"id": int(i), "text": tok(i), "prob": float(p)} for i, p in zip(ri, rp)]
+            "top": [[[{"id": gid(i), "text": tok(i), "prob": float(p)} for i, p in zip(ri, rp)]
                      for ri, rp in zip(lens_ids[r], lens_probs[r])] for r in range(L + 1)],
         },
         "attention": {"n_head": NH, "layers": [i for i in range(L) if pats[i] is not None], "patterns": pats},
         "heads_away": [{"layer": i, "head": h, "away": a, "to_pos": s,
-                        "to_id": None if s is None else int(ids[s]),
+                        "to_id": None if s is None else gid(ids[s]),
                         "to_text": None if s is None else tok(ids[s]), "weight": w}
                        for i, (h, a, s, w) in enumerate(away)],
-        "attribution": {"position": T - 1, "target": {"id": target, "text": tok(target)},
+        "attribution": {"position": T - 1, "target": {"id": gid(target), "text": tok(target)},
                         "scores": [float(s) for s in scores]},
         "last_logits": [round(float(v), 5) for v in last],
-        "logit_texts": [[int(i), tok(i)] for i in head_order],
+        # last_logits is indexed by the model's rows; vocab_ids gives each row's GPT-2 id (compact vocabularies)
+        "vocab_ids": None if vocab is None else vocab.tolist(),
+        "logit_texts": [[gid(i), tok(i)] for i in head_order],
     }
 
 

@@ -87,7 +87,7 @@ def atomic_write(path, mode="wb", encoding=None):
     except OSError as e:
         if e.errno in _DISK_FULL:
             raise _disk_full(path, e) from None
-        raise
+        raise Npgpt2Error(f"{path}: cannot write it ({e.strerror or e})") from None  # not the temp file's name
     try:
         # mkstemp makes 0600 files; give the result the mode a plain open() would
         umask = os.umask(0)
@@ -104,6 +104,21 @@ def atomic_write(path, mode="wb", encoding=None):
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             raise _disk_full(path, e) from None
         raise
+
+
+def check_writable(path, flag):
+    """Raise Npgpt2Error naming `path` and `flag` unless atomic_write(path) could write it:
+    checked before a long computation whose result goes there."""
+    path = os.fspath(path)
+    if not path:
+        raise Npgpt2Error(f"{flag}: the file name is empty")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise Npgpt2Error(f"{path}: exists and is not a regular file ({flag})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise Npgpt2Error(f"{path}: its folder {folder} does not exist ({flag})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise Npgpt2Error(f"{path}: its folder {folder} is not writable ({flag})")
 
 
 # ---------------------------------------------------------------- JSON

@@ -25,6 +25,12 @@ def logit_lens(model, acts, positions=None):
     if missing:
         raise Npgpt2Error(f"acts: missing {', '.join(missing)} (run_with_cache without a names filter keeps them)")
     p = model.params
+    if positions is not None:
+        T = acts["embed"].shape[1]
+        try:
+            np.empty(T)[positions]  # the same indexing on a (T,) stand-in: an error here names the argument
+        except (IndexError, TypeError, ValueError) as e:
+            raise Npgpt2Error(f"positions: {positions!r} does not index the {T} positions ({e})") from None
     rows = []
     for name in names:
         resid = acts[name] if positions is None else acts[name][:, positions]  # [B, T, C]
@@ -51,6 +57,7 @@ def input_gradient(model, ids, position, target):
         raise Npgpt2Error(f"ids: token ids must be in [0, {V}), got {int(ids.min())}..{int(ids.max())}")
     T = ids.size
     position, target = _index(position, T, "position"), _index(target, V, "target")
+    model = float_model(model)
     logits, saved = model.forward_with_saves(ids[None], nn=layers)  # [1, T] -> [1, T, V]
     return logprob_backward(model, logits, saved, position, target)
 
@@ -67,6 +74,23 @@ def logprob_backward(model, logits, saved, position, target):
     dlogits[0, position, target] += 1.0
     _, dembed = model.backward(dlogits, saved)                    # [1, T, C]
     return dembed[0]
+
+
+def float_model(model):
+    """model itself, or for an int8 model (quant.py) a float32 GPT2 of its dequantised
+    weights: gradients need float weights, and int8 weights are for generation. The copy is
+    4 bytes a parameter, refused up front when that memory is not available."""
+    if model.weight_dtype != "int8":
+        return model
+    from . import quant
+    from .memory import check_memory
+    from .model import GPT2
+    n = sum(int(np.prod(w.shape)) for w in model.params.values())
+    check_memory(4 * n, "explaining an int8 model (its weights dequantised to float32)",
+                 "load the model as float32, or use a machine with more memory")
+    copy = GPT2(model.hparams, quant.dequantize_params(model.params), np.float32)
+    copy.source_dir = model.source_dir
+    return copy
 
 
 def _index(value, size, name):

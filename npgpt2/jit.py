@@ -4,19 +4,57 @@ Numba is a dependency, but a platform without a wheel for it (or a broken instal
 still `import npgpt2`, load a model and run the plain NumPy path, only slower.
 """
 import logging
+import os
 
 log = logging.getLogger(__name__)
 _warned = False
+_listening = False
 
 
 def numba():
     """The numba module, or None when it cannot be imported (warns once per process)."""
+    check_numba_env()
     try:
         import numba as nb
     except ImportError as e:
         plain_fallback(e)
         return None
+    _announce_compiles(nb)
     return nb
+
+
+def check_numba_env():
+    """NUMBA_NUM_THREADS=0 (or text) makes `import numba` raise a ValueError deep inside it:
+    say it in one line instead."""
+    v = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    if v and not (v.isdigit() and int(v) >= 1):
+        from .errors import Npgpt2Error
+        raise Npgpt2Error(f"NUMBA_NUM_THREADS={v}: must be a whole number >= 1 (or unset, to use every core)")
+
+
+def _announce_compiles(nb):
+    """Say once, when Numba really compiles (a cache miss: the first run, or after an
+    upgrade), why the next half minute is silent. Loading from the cache fires no event."""
+    global _listening
+    if _listening:
+        return
+    _listening = True
+    try:
+        from numba.core import event
+    except ImportError:  # an old Numba without the event API: stay silent, as before
+        return
+
+    class FirstCompile(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            if not self.said:
+                FirstCompile.said = True
+                log.info("compiling Numba kernels into their cache: first run only, up to a minute")
+
+        def on_end(self, ev):
+            pass
+    event.register("numba:compile", FirstCompile())
 
 
 def plain_fallback(reason):

@@ -64,9 +64,21 @@ def training_bytes(hparams, batch_size, context, dtype=np.float32, memory_saving
     return int(batch_size) * T * per_token * item
 
 
+def validation_bytes(hparams, batch_size, batch_count, context, dtype=np.float32):
+    """About the memory validation takes: its fixed batches, drawn once and kept (int64
+    tokens), and one batch's forward pass (activations as training's, an upper bound)."""
+    T = int(context)
+    kept = int(batch_count) * (int(batch_size) * (T + 1) * 8 + 128)  # + each small array's own overhead
+    return kept + training_bytes(hparams, batch_size, T, dtype)
+
+
+class NotEnoughMemory(Npgpt2Error):
+    """check_memory's refusal (the server answers it 503: the request is fine, the machine is full)."""
+
+
 def check_memory(need, what, advice):
-    """Raise Npgpt2Error naming `what` when `need` bytes exceed the memory available."""
+    """Raise NotEnoughMemory (an Npgpt2Error) naming `what` when `need` bytes exceed the memory available."""
     have = available_bytes()
     if have is not None and need > have:
-        raise Npgpt2Error(f"{what} needs about {human(need)} of memory, more than the "
+        raise NotEnoughMemory(f"{what} needs about {human(need)} of memory, more than the "
                           f"{human(have)} available; {advice}")

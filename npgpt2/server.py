@@ -36,7 +36,10 @@ The work is one CPU-bound model, so an asyncio framework would add a dependency 
 adding throughput.
 """
 import dataclasses
+import errno
+import ipaddress
 import logging
+import os
 import resource
 import socket
 import socketserver
@@ -108,8 +111,10 @@ class App:
     """What the server offers: pages, jobs for the model worker, limits."""
 
     def __init__(self, model, tokenizer, limits=None, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG,
-                 model_name=None):
+                 model_name=None, host_names=()):
         check_tags(user_tag, bot_tag)
+        # the names a Host header may give besides IP addresses (which DNS rebinding cannot use)
+        self.host_names = {"localhost", *(h.lower().strip("[]") for h in host_names if h)}
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx, self.n_vocab = model.hparams["n_ctx"], model.hparams["n_vocab"]
         limits = limits or Limits()
@@ -121,6 +126,17 @@ class App:
         self.jobs = {"/v1/generate": self.generate_job, "/v1/chat": self.chat_job,
                      "/v1/explain": self.explain_job}
         self.worker = Worker(model, tokenizer, self.limits.max_queue)
+
+    def host_allowed(self, host):
+        """Host header `host` (name or address, with or without :port) names this server."""
+        name = host.strip().lower()
+        name = name[1:name.find("]")] if name.startswith("[") else name.rsplit(":", 1)[0] if name.count(":") == 1 \
+            else name
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name.rstrip(".") in self.host_names
 
     def methods(self, path):
         """The methods a path answers (empty: no such path)."""
@@ -203,6 +219,8 @@ class HTTPServer(socketserver.TCPServer):
         self.idle = threading.Condition()
         self.stopping = False
         super().__init__(address, Handler)
+        self.reserve = os.open(os.devnull, os.O_RDONLY)  # freed to answer 503 when accept() hits EMFILE
+        self.shed_warned = float("-inf")
         self.gate = HeaderGate(self.dispatch, app.limits.read_timeout, waiting_cap(app.limits.max_connections))
 
     def process_request(self, sock, addr):
@@ -235,6 +253,8 @@ class HTTPServer(socketserver.TCPServer):
             keep = not handler.close_connection and not self.stopping
             if keep:
                 self.gate.add(sock, addr, handler.rfile.leftover())
+        except (ConnectionError, TimeoutError) as e:  # the client closed or stalled mid-request: one line
+            log.info("%s: connection lost (%s)", addr[0], e.strerror or type(e).__name__)
         except Exception:  # a bug must cost one connection, not the server
             log.exception("%s: the request failed", addr[0])
         finally:
@@ -243,6 +263,37 @@ class HTTPServer(socketserver.TCPServer):
             with self.idle:
                 self.active -= 1
                 self.idle.notify_all()
+
+    def get_request(self):
+        """accept(), but out of file descriptors (EMFILE) the connection waiting would keep
+        the listening socket readable and serve_forever would spin: use the descriptor kept
+        in reserve to take it and answer 503, then pause a little."""
+        try:
+            return self.socket.accept()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._shed()
+            raise  # socketserver drops an OSError from get_request
+
+    def _shed(self):
+        now = time.monotonic()
+        if now - self.shed_warned > 5:
+            self.shed_warned = now
+            log.warning("out of file descriptors (ulimit -n); answering 503 until some close")
+        if self.reserve is not None:
+            os.close(self.reserve)
+            self.reserve = None
+            try:
+                sock, _ = self.socket.accept()
+                send_and_close(sock, canned(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again later"))
+            except OSError:
+                pass
+            try:
+                self.reserve = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                pass
+        time.sleep(0.01)  # whatever happened, do not spin on a socket that stays readable
 
     def refuse_backlog(self):
         """Answer 503 to connections accepted by the kernel but not yet by us."""
@@ -268,10 +319,10 @@ class Server:
     """
 
     def __init__(self, model, tokenizer, host="127.0.0.1", port=8000, limits=None,
-                 user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG, model_name=None):
+                 user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG, model_name=None, allowed_hosts=()):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise Npgpt2Error(f"--port must be from 0 to 65535, got {port}")
-        self.app = App(model, tokenizer, limits, user_tag, bot_tag, model_name)
+        self.app = App(model, tokenizer, limits, user_tag, bot_tag, model_name, host_names=(host, *allowed_hosts))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             self.httpd = HTTPServer((host, port), self.app, family)

@@ -298,7 +298,22 @@ class Handler(BaseHTTPRequestHandler):
                         self.status or "-", self.sent, time.monotonic() - self.started)
 
     # ------------------------------------------------------------ routing
+    def host_refused(self):
+        """Answer 403 (True) when the Host header names a host this server is not (DNS rebinding:
+        a page on evil.example whose name now resolves to 127.0.0.1 sends `Host: evil.example`)."""
+        host = self.headers.get("Host")
+        if host is None or self.app.host_allowed(host):
+            return False
+        discard_body(self)
+        name = UNPRINTABLE.sub("?", host[:100])
+        send_json(self, HTTPStatus.FORBIDDEN, {"error": f"Host {name!r} is not a name this server answers to; "
+                                                        f"start it with --allowed_hosts {name.split(':')[0]} "
+                                                        f"to allow it"}, close=True)
+        return True
+
     def do_GET(self):
+        if self.host_refused():
+            return
         discard_body(self)  # a GET may have one; left unread it would be taken for the next request
         path = self.path_only()
         page = self.app.pages.get(path)
@@ -312,6 +327,8 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self):
+        if self.host_refused():
+            return
         path = self.path_only()
         make_job = self.app.jobs.get(path)
         if make_job is None:
@@ -327,6 +344,8 @@ class Handler(BaseHTTPRequestHandler):
         (answer_stream if job.stream else answer_json)(self, job)
 
     def do_other(self):
+        if self.host_refused():
+            return
         discard_body(self)
         self.not_found_or_not_allowed(self.path_only())
 
@@ -438,6 +457,12 @@ def read_json(handler):
     if len(raw) < n:
         handler.close_connection = True
         raise BadRequest("the body ended early")
+    # a web page may send any site a "simple" text/plain POST without asking (no CORS preflight);
+    # application/json needs the preflight, which this server never grants
+    media = handler.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise BadRequest(f"Content-Type must be application/json, got {media or 'none'!r}",
+                         HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -450,8 +475,20 @@ def read_json(handler):
 
 
 # ---------------------------------------------------------------- answers
+def to_json(obj):
+    """Strict JSON (json.dumps would write NaN / Infinity, which no JSON parser reads); a
+    non-finite number becomes a 500 naming the cause instead."""
+    try:
+        return json.dumps(obj, allow_nan=False), None
+    except ValueError:
+        return (json.dumps({"error": "the model computed NaN or infinite values (are its weights damaged?)"}),
+                HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
 def send_json(handler, status, obj, close=False, headers=None):
-    body = json.dumps(obj).encode("utf-8")
+    text, error_status = to_json(obj)
+    status = error_status or status
+    body = text.encode("utf-8")
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(body)))
@@ -550,7 +587,10 @@ class EventStream:
 
     def event(self, name, obj):
         head = f"event: {name}\n" if name else ""
-        self._write(f"{head}data: {json.dumps(obj)}\n\n".encode("utf-8"))
+        text, error_status = to_json(obj)
+        if error_status:
+            head = "event: error\n"
+        self._write(f"{head}data: {text}\n\n".encode("utf-8"))
 
     def _write(self, data):
         if self.chunked:

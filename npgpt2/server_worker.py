@@ -14,7 +14,9 @@ import numpy as np
 
 from . import explain
 from .chat import CachedContext, ReplyText
+from .compact_vocab import shown_ids
 from .errors import Npgpt2Error
+from .memory import NotEnoughMemory
 from .sampling import TextStream, generate_stream
 from .server_fields import BadRequest
 
@@ -144,17 +146,29 @@ def generate_task(worker, job):
     if tail:
         job.out.put(("text", tail))
     full = text.text if f["chat"] else text.shown_text
-    answer = {"text": full, "tokens": tokens, "finish_reason": reason, **f.get("extra", {})}
+    gid, _ = shown_ids(worker.tokenizer)  # GPT-2's ids, as explain shows them
+    answer = {"text": full, "tokens": [gid(t) for t in tokens], "finish_reason": reason, **f.get("extra", {})}
     if f["chat"]:
         answer["message"] = {"role": "assistant", "content": full}
     job.out.put(("done", answer))
 
 
 def explain_task(worker, job):
-    """One `explain.build_report`. It cannot stop half-way: the client is answered 504 at the
-    deadline, and the text's size is bounded up front (at most --max_prompt_tokens)."""
+    """One `explain.build_report`. The client is answered 504 at the deadline, and the work
+    stops there too, within one layer (so queued requests and a SIGTERM do not wait for it);
+    the text's size is bounded up front (at most --max_prompt_tokens)."""
+    def check():
+        if worker.stopping or job.cancelled.is_set() or time.monotonic() > job.deadline:
+            raise explain.Stopped
+
     try:
-        report = explain.build_report(worker.model, worker.tokenizer, **job.fields)
+        report = explain.build_report(worker.model, worker.tokenizer, **job.fields, check=check)
+    except explain.Stopped:
+        job.error(*(SHUTTING_DOWN if worker.stopping else (HTTPStatus.GATEWAY_TIMEOUT, "timed out (--timeout)")))
+        return
+    except NotEnoughMemory as e:  # e.g. an int8 model's float32 copy for the gradients
+        job.error(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
+        return
     except Npgpt2Error as e:
         job.error(HTTPStatus.BAD_REQUEST, str(e))
         return

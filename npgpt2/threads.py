@@ -192,13 +192,20 @@ class _Policy:
         return choose_threads(work, self.cpus, others, self.steal, MIN_WORK_PER_THREAD[kind])
 
 
+MAX_THREADS = 4096  # BLAS and Numba take a C int; a larger setting is a typo, not a machine
+
+
 def _env_int(name):
     v = os.environ.get(name, "")
     try:
-        return max(1, int(v)) if v else None
+        n = max(1, int(v)) if v else None
     except ValueError:
         log.warning("%s=%r is not a whole number; ignored", name, v)
         return None
+    if n is not None and n > MAX_THREADS:
+        log.warning("%s=%s is more threads than any machine has; using %d", name, v, MAX_THREADS)
+        n = MAX_THREADS
+    return n
 
 
 _policy = None

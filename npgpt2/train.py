@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import signal
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dist, lora, optim
+from . import dist, lora, optim, quant
 from .data import Sampler, check_tokens, eval_windows, expand_paths, load_dataset
 from .dist import SingleProcess  # noqa: F401  (re-exported: fit's default communicator)
 from .errors import Npgpt2Error
@@ -140,6 +141,26 @@ def state_path(run_dir, step):
     return Path(run_dir) / f"train_state-{step}.npz"
 
 
+def check_can_make(folder, what):
+    """Raise Npgpt2Error unless `folder` is a folder or could be made (without making it):
+    its nearest existing ancestor must be a writable folder."""
+    folder = Path(folder)
+    if folder.is_dir():
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise Npgpt2Error(f"{folder}: {what}: not writable")
+        return
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():  # a dangling link: mkdir would fail on it
+            raise Npgpt2Error(f"{parent}: {what}: a broken symbolic link")
+        parent = parent.parent
+    parent = parent if str(parent) else Path(".")
+    if not parent.is_dir():
+        raise Npgpt2Error(f"{parent}: {what}: not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Npgpt2Error(f"{parent}: {what}: permission denied")
+
+
 def make_run_dir(run_dir):
     """Create the run folder, or say in one line why it cannot be (checked before training)."""
     try:
@@ -231,6 +252,9 @@ def restore(cfg, run_dir):
             raise Npgpt2Error(f"{run_dir}: already holds a run; use --restore_from latest to continue it, "
                               f"or pick a new --run_name")
     model = lora.prepare_training(load_model(source, dtype=cfg.dtype), cfg, source, run_dir)
+    if cfg.dtype != "int8" and quant.read_quant_info(source) is not None:  # an int8 folder trains dequantised
+        log.warning("%s: an int8 folder: training its weights dequantised to float32 (the 8-bit rounding stays "
+                    "in them); the run is saved in float32", source)
     state = None
     if has_checkpoint(source) and source.resolve() == run_dir.resolve():
         from .checkpoint import latest_checkpoint
@@ -328,13 +352,19 @@ def write_samples(model, tokenizer, cfg, step, run_name):
 
 
 def check_train_memory(model, cfg, T):
-    """Refuse, with the figure, a --batch_size or --sample_num whose arrays cannot fit in memory."""
+    """Refuse, with the figure, a --batch_size, --sample_num or validation set (--val_batch_size x
+    --val_batch_count) whose arrays cannot fit in memory."""
     from .memory import check_memory, training_bytes
     from .sampling import check_batch_memory
     need = training_bytes(model.hparams, cfg.batch_size, T, model.dtype, cfg.memory_saving_gradients)
     check_memory(need, f"--batch_size {cfg.batch_size}",
                  "use a smaller --batch_size (with --accumulate_gradients for as many tokens per update)"
                  + ("" if cfg.memory_saving_gradients else ", or --memory_saving_gradients"))
+    if cfg.val_every:
+        from .memory import validation_bytes
+        check_memory(validation_bytes(model.hparams, cfg.val_batch_size, cfg.val_batch_count, T, model.dtype),
+                     f"--val_batch_size {cfg.val_batch_size} x --val_batch_count {cfg.val_batch_count}",
+                     "use smaller validation batches or fewer of them")
     if cfg.sample_every and cfg.sample_num:
         check_batch_memory(model.hparams, cfg.sample_num, 1, cfg.sample_length, model.dtype, name="--sample_num")
 
@@ -510,6 +540,9 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     """
     comm = comm or SingleProcess()
     T = check_config(cfg, model.hparams["n_ctx"])
+    if model.weight_dtype == "int8" and getattr(model, "lora", None) is None:  # before any optimizer state
+        raise Npgpt2Error("training an int8 model: its weights are for generation only; load it as float32 "
+                          "(the default, which dequantises an int8 folder) to train it, or train LoRA adapters on it")
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
     check_train_memory(model, cfg, T)
     names = trained_names(model, cfg)
@@ -579,13 +612,11 @@ def check_inputs(cfg):
     if cfg.val_dataset:
         expand_paths(cfg.val_dataset, "--val_dataset")
     run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
-    make_run_dir(run_dir)
+    # checked now, made when the first checkpoint or sample is written: a run that fails
+    # before that leaves no empty folders behind
+    check_can_make(run_dir, "cannot make the run folder (--checkpoint_dir/--run_name)")
     if cfg.sample_every:
-        try:
-            (Path(cfg.sample_dir) / run_dir.name).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise Npgpt2Error(f"{cfg.sample_dir}: cannot make the samples folder (--sample_dir): "
-                              f"{e.strerror or e}") from None
+        check_can_make(Path(cfg.sample_dir) / run_dir.name, "cannot make the samples folder (--sample_dir)")
     return run_dir
 
 

@@ -54,6 +54,7 @@ def assert_cli_error(code, err, *parts):
     assert last.startswith("npgpt2: error: "), err
     for p in parts:
         assert p in last, (p, last)
+    return last
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -22,6 +22,7 @@ from npgpt2.errors import Npgpt2Error
 from npgpt2.server import Limits, Server
 
 FULL = Path(__file__).parent / "fixtures" / "full"
+JSON = {"Content-Type": "application/json"}  # what the server requires of a POST body
 T = 30  # seconds: the most any single HTTP call in these tests may take
 
 
@@ -271,7 +272,7 @@ def raw_post(port, path, body):
     """Send a POST on a plain socket and return the socket, for clients that misbehave."""
     data = json.dumps(body).encode()
     c = socket.create_connection(("127.0.0.1", port), timeout=T)
-    c.sendall(b"POST /%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    c.sendall(b"POST /%s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
     return c
 
@@ -311,7 +312,7 @@ def test_silent_and_non_reading_clients_do_not_block_others():
         s.start()
         # one sends half a request and then nothing
         half = socket.create_connection(("127.0.0.1", s.port), timeout=T)
-        half.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+        half.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
         # one asks for a long stream and never reads it
         mute = raw_post(s.port, "v1/generate", {"prompt": "z", "length": 60, "seed": 3, "stream": True})
         try:
@@ -432,7 +433,7 @@ def test_bad_json_gets_400(server, raw):
     ("v1/generate", b'{"prompt": "caf\\udce9", "length": 2}'),
     ("v1/chat", b'{"messages": [{"role": "user", "content": "\\ud800"}], "length": 2}')])
 def test_lone_surrogate_in_text_gets_400(server, path, body):
-    r = requests.post(server.url + path, data=body, timeout=T)
+    r = requests.post(server.url + path, data=body, timeout=T, headers=JSON)
     assert r.status_code == 400 and "surrogate" in r.json()["error"], r.text
 
 
@@ -444,13 +445,13 @@ def test_error_messages_do_not_echo_huge_values(server):
 
 def test_limits_and_the_server_keeps_serving(server):
     # a body over max_body
-    r = requests.post(server.url + "v1/generate", data=b'{"prompt": "' + b"a" * 300_000 + b'"}', timeout=T)
+    r = requests.post(server.url + "v1/generate", data=b'{"prompt": "' + b"a" * 300_000 + b'"}', timeout=T, headers=JSON)
     assert r.status_code == 413 and "limit" in r.json()["error"]
     # a prompt over max_prompt_tokens (8 * n_ctx = 512)
     r = post(server.url + "v1/generate", {"prompt": " hello" * 600, "length": 4})
     assert r.status_code == 400 and "tokens" in r.json()["error"]
     # a Content-Length that is not a number, and a request line that is not HTTP
-    for raw in [b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
+    for raw in [b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ten\r\n\r\n",
                 b"NOT HTTP\r\n\r\n"]:
         with socket.create_connection(("127.0.0.1", server.port), timeout=T) as c:
             c.sendall(raw)
@@ -531,7 +532,7 @@ def test_deeply_nested_list_in_a_number_field_gets_400(server, caplog):
         for field in ("length", "temperature", "top_p"):
             for depth in range(950, 1000):
                 raw = b'{"prompt": "x", "%s": %s%s}' % (field.encode(), b"[" * depth, b"]" * depth)
-                r = http.post(server.url + "v1/generate", data=raw, timeout=T)
+                r = http.post(server.url + "v1/generate", data=raw, timeout=T, headers=JSON)
                 assert r.status_code == 400, (field, depth, r.text)
                 assert len(r.json()["error"]) < 200
     assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
@@ -541,14 +542,14 @@ def test_conflicting_content_lengths_get_400(server):
     body = b'{"prompt": "x", "length": 2}'
     for lengths in [(len(body), 2), (2, len(body)), (len(body), len(body) + 1)]:
         head = b"".join(b"Content-Length: %d\r\n" % n for n in lengths)
-        answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n%s\r\n%s" % (head, body))
+        answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n%s\r\n%s" % (head, body))
         assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length headers" in answer, answer[:300]
     for value in [b"+28", b"2_8", b"-1", b"0x1c", b"28 28"]:  # int() would take the first two
-        answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n%s"
+        answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s"
                               % (value, body))
         assert answer.startswith(b"HTTP/1.1 400 "), (value, answer[:300])
     # the same value twice is one length: served
-    answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    answer = raw_exchange(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\n"
                           b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s" % (len(body), len(body), body))
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
 
@@ -636,7 +637,7 @@ def test_slowloris_holds_no_threads_and_others_stay_fast():
         try:
             for _ in range(slow_count):
                 c = socket.create_connection(("127.0.0.1", s.port), timeout=T)
-                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n")
                 slow.append(c)
             peak, fast = 0, []
             stop = time.monotonic() + 4
@@ -756,7 +757,7 @@ def test_explain_routes_and_methods(server):
     assert r.status_code == 405 and r.headers["Allow"] == "POST"
     r = requests.post(server.url + "explain", json={"text": "a"}, timeout=T)
     assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
-    r = requests.post(server.url + "v1/explain", data=b"[" * 100_000, timeout=T)
+    r = requests.post(server.url + "v1/explain", data=b"[" * 100_000, timeout=T, headers=JSON)
     assert r.status_code == 400
 
 
@@ -810,9 +811,9 @@ def test_explain_runs_on_the_worker_and_honours_the_timeout(monkeypatch):
 
 def test_pipelined_requests_on_one_connection_are_all_answered(server):
     body = b'{"prompt": "x", "length": 2, "seed": 1}'
-    data = (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"  # a GET with a body
-            b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (len(body), body))
+    data = (b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\nhello"  # a GET with a body
+            b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            b"GET /nope HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" % (len(body), body))
     answer = raw_exchange(server.port, data)
     assert re.findall(rb"HTTP/1.1 (\d+) ", answer) == [b"200", b"200", b"404"], answer
 
