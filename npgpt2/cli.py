@@ -716,7 +716,7 @@ def build_parser():
     p.add_argument("--memory_saving_gradients", action="store_true",
                    help="keep only each layer's input in the forward and recompute the layer in the backward: "
                         "the same gradients with much less memory (a bigger --batch_size or --context fits), "
-                        "about 1/3 more compute (default off)")
+                        "for one more forward pass of the layers per step (default off)")
     p.add_argument("--noise", type=float, default=0.0,
                    help="replace each input token (never a target) by a uniformly random token with this "
                         "probability, in [0, 1); seeded by --seed and resumed exactly (default 0 = off)")

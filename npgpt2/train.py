@@ -84,7 +84,7 @@ class TrainConfig:
     log_every: int = 1             # a log line every N steps
     shared_stream: bool = False    # data-parallel test hook: rank r takes micro-batch r of one stream
     # memory and regularisation (nshepperd's flags): keep only each block's input and recompute
-    # the block in the backward (same gradients, ~1/3 more compute); replace each input token
+    # the block in the backward (same gradients, one more forward of the layers); replace each input token
     # by a uniformly random one with probability noise (the targets stay; noise.py)
     memory_saving_gradients: bool = False
     noise: float = 0.0
