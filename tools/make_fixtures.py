@@ -16,8 +16,10 @@ Outputs (see tests/fixtures/README.md for the formats):
   hf_tiny/, hf_tiny_logits.npz  the tiny model saved by transformers itself (safetensors) + its logits
   introspect_tiny.npz, introspect_full.npz  HF attentions, hidden states, logit lens, a head ablation
                               and an input-embedding gradient (for run_with_cache & co.)
+  mask_reference.npz          torch cross_entropy(..., ignore_index=-100): the masked loss and its
+                              gradients, on given logits (x @ wte.T) and through the whole tiny model
 
-Pass part names (tiny, full, optim, introspect) to regenerate only those parts.
+Pass part names (tiny, full, optim, introspect, mask) to regenerate only those parts.
 
 The generator also checks, without committing anything: the checkpoint reads back bit-exactly through
 TensorFlow, HF float64 logits agree with an independent NumPy forward written below (guards against a
@@ -34,10 +36,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import numpy as np
-import tensorflow as tf
 import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
+
+try:
+    import tensorflow as tf
+except ImportError:  # the parts that write TF checkpoints need it; `mask` needs only torch
+    tf = None
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -498,16 +504,69 @@ def make_introspect(report):
     save_npz(FIX / "introspect_full.npz", res)
 
 
+# ---------------------------------------------------------------- loss mask (chat training)
+SEED_MASK = 44
+
+
+def masked_targets(targets, mask):
+    """torch's convention: a position left out of the loss has target -100 (ignore_index)."""
+    return torch.from_numpy(np.where(mask == 1, targets, -100)).reshape(-1)
+
+
+def make_mask(report):
+    """The masked mean cross-entropy sum(mask * ce) / sum(mask) as torch computes it with
+    ignore_index=-100 (its default mean is over the positions not ignored), in float64:
+    (1) on given logits x @ wte.T, gradients w.r.t. x and wte; (2) through the whole tiny HF
+    model (the tiny/ checkpoint's values), every parameter's gradient."""
+    hp = TINY_HPARAMS
+    rng = np.random.default_rng(SEED_MASK)
+    B, T, C, V = 2, hp["n_ctx"], hp["n_embd"], hp["n_vocab"]
+    x = rng.normal(0.0, 1.0, (B, T, C))
+    wte = rng.normal(0.0, 0.5, (V, C))
+    tokens = rng.integers(0, V, size=(B, T), dtype=np.int64)
+    targets = rng.integers(0, V, size=(B, T), dtype=np.int64)
+    mask = (rng.random((B, T)) < 0.4).astype(np.uint8)  # row 0: about 40% of the positions
+    mask[1] = 0
+    mask[1, [3, 4, T - 1]] = 1  # row 1: three positions, the last one included
+    ignored = masked_targets(targets, mask)
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    wt = torch.from_numpy(wte).requires_grad_(True)
+    logits = xt @ wt.T
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), ignored, ignore_index=-100)
+    loss.backward()
+    ref = {"x": x, "wte": wte, "tokens": tokens, "targets": targets, "mask": mask,
+           "head_logits": logits.detach().numpy(), "head_loss": np.float64(loss.item()),
+           "head_dx": xt.grad.numpy(), "head_dwte": wt.grad.numpy()}
+    report["mask head loss"] = loss.item()
+
+    m64 = build_hf(hp, make_values(hp, SEED_TINY_VALUES), torch.float64)
+    m64.zero_grad(set_to_none=True)
+    out = m64(torch.from_numpy(tokens)).logits
+    loss = torch.nn.functional.cross_entropy(out.reshape(-1, V), ignored, ignore_index=-100)
+    loss.backward()
+    params = dict(m64.named_parameters())
+    for hf_name, (tf_name, _) in hf_name_map(hp).items():
+        g = params[hf_name].grad.detach().numpy().copy()
+        ref[f"grad/{tf_name}"] = g[None] if tf_name.endswith("/w") else g
+    ref["model_loss"] = np.float64(loss.item())
+    report["mask model loss"] = loss.item()
+    save_npz(FIX / "mask_reference.npz", ref)
+
+
 def main():
     torch.set_num_threads(1)  # shared 2-core machine; also keeps reductions in one order
-    tf.compat.v1.disable_eager_execution()
+    only = sys.argv[1:]  # e.g. `make_fixtures.py introspect` regenerates just that part
+    if tf is not None:
+        tf.compat.v1.disable_eager_execution()
+    elif not only or set(only) - {"mask"}:
+        sys.exit("tensorflow is needed for the tiny, full, optim and introspect parts (only `mask` runs without)")
     FIX.mkdir(parents=True, exist_ok=True)
     report = {"python": sys.version.split()[0], "numpy": np.__version__,
-              "tensorflow": tf.__version__, "torch": torch.__version__,
+              "tensorflow": tf.__version__ if tf is not None else None, "torch": torch.__version__,
               "transformers": transformers.__version__}
-    only = sys.argv[1:]  # e.g. `make_fixtures.py introspect` regenerates just that part
     for name, make in (("tiny", make_tiny), ("full", make_full), ("optim", make_optim),
-                       ("introspect", make_introspect)):
+                       ("introspect", make_introspect), ("mask", make_mask)):
         if not only or name in only:
             make(report)
     for k, v in report.items():
