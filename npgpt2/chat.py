@@ -263,6 +263,7 @@ class ChatSession:
         self.user_tag, self.bot_tag, self.system = user_tag, bot_tag, system
         self.stops = stop_strings(user_tag, bot_tag, truncate)
         self.turns = []      # every turn since the last reset, for /save
+        self.ended = None    # whether the last reply ended by itself (a speaker tag, <|endoftext|>, truncate)
         self.start = 0       # turns[:start] no longer fit in the context
         self.context = CachedContext(model)
 
@@ -310,6 +311,7 @@ class ChatSession:
             if tail:
                 yield tail
         finally:
+            self.ended = reply.stopped
             if index < len(self.turns):  # unless reset() came first
                 self.turns[index] = (BOT, reply.text)
 

@@ -435,11 +435,49 @@ def cmd_eval(args):
           f"(windows of {T} tokens) of {args.dataset}")
 
 
+def cmd_demo_chat(args):
+    """demo --chat: train a model that answers questions about jargon, then chat with it."""
+    import argparse as _argparse
+    from pathlib import Path
+
+    from .demo_chat import FULL, QUICK, run_chat_demo
+    out = Path(args.out if args.out != DEMO_OUT else DEMO_OUT + "-chat")
+    preset = QUICK if args.quick else FULL
+    print(f"Training a small GPT-2 to answer questions about the bundled Jargon File; the run goes to {out}/.",
+          flush=True)
+    with terminal_bar(preset["pretrain_steps"] + (args.steps or preset["steps"])) as bar:
+        r = run_chat_demo(out, quick=args.quick, seed=args.seed, steps=args.steps, on_step=step_reporter(bar))
+    h = r["history"]
+    print(f"Pretrained on the training terms' entries ({r['pretrain_seconds']:.0f} s), then fine-tuned on "
+          f"{r['n_train']} conversations with the loss on the answers for {r['steps']} steps "
+          f"({r['finetune_seconds']:.0f} s{', stopped early' if r['early_stopped'] else ''}).")
+    if h["val_step"]:
+        print("Validation loss on the answers of held-out terms by step: " +
+              ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
+    where = f"--models_dir {shlex.quote(str(out.resolve().parent))} --model_name {shlex.quote(out.name)}"
+    if not sys.stdin.isatty():
+        print("Greedy answers to questions about held-out terms (never trained on):")
+        for q, a, ended in r["answers"]:
+            print(f"Q: {q}\nA: {a}{'' if ended else ' [...]'}")
+        print(f"Chat with it:  npgpt2 chat {where}")
+        return 0
+    print(f"Chatting with it (npgpt2 chat {where}); ask e.g. \"{r['answers'][0][0]}\"")
+    chat_args = _argparse.Namespace(models_dir=str(out.resolve().parent), model_name=out.name, dtype="float32",
+                                    seed=args.seed, length=None, temperature=0.0, top_k=0, top_p=1.0,
+                                    truncate=None, user_tag=None, bot_tag=None, system=None)
+    return cmd_chat(chat_args)
+
+
+DEMO_OUT = "checkpoint/demo"
+
+
 def cmd_demo(args):
     """Train a small GPT-2 from scratch on the bundled Jargon File and show it learning."""
     from pathlib import Path
 
     from .demo import preset, run_demo
+    if args.chat:
+        return cmd_demo_chat(args)
     out = Path(args.out)
     print(f"Training a small GPT-2 on the bundled Jargon File; the run goes to {out}/ "
           f"(checkpoint, loss.png, samples.txt).", flush=True)
@@ -715,9 +753,13 @@ def build_parser():
     p.add_argument("--quick", action="store_true",
                    help="a tiny model, 40 steps: a smoke test (about 15 s once Numba's kernels are compiled)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
-    p.add_argument("--out", default="checkpoint/demo",
+    p.add_argument("--out", default=DEMO_OUT,
                    help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "
-                        "(default %(default)s: --models_dir checkpoint --model_name demo)")
+                        "(default %(default)s: --models_dir checkpoint --model_name demo; checkpoint/demo-chat "
+                        "with --chat)")
+    p.add_argument("--chat", action="store_true",
+                   help="train a model that answers questions about jargon terms (pretraining, then fine-tuning "
+                        "on generated conversations with the loss on the answers), then chat with it")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (float64)")
     p.add_argument("--model_name", default=None, help="also check this model folder (default: a tiny random model)")
