@@ -187,7 +187,7 @@ def answers(model, tokenizer, questions, length=100):
     from .chat import ChatSession
     out = []
     for q in questions:
-        session = ChatSession(model, tokenizer, length=min(length, model.hparams["n_ctx"] // 2), temperature=0,
+        session = ChatSession(model, tokenizer, length=length, temperature=0,
                               user_tag=TEMPLATE["user_tag"], bot_tag=TEMPLATE["bot_tag"])
         reply = session.reply(q)
         out.append((q, reply, session.ended))
@@ -214,4 +214,4 @@ def run_chat_demo(out_dir, quick=False, seed=0, steps=None, on_step=None, n_answ
     return dict(pretrain_seconds=t1 - t0, finetune_seconds=t2 - t1, steps=result["step"],
                 early_stopped=result["early_stopped"], history=result["history"], checkpoint=result["checkpoint"],
                 n_train=len(prep["data"]["train"]), n_test=len(prep["data"]["test"]),
-                answers=answers(model, prep["tokenizer"], questions))
+                answers=answers(model, prep["tokenizer"], questions, length=model.hparams["n_ctx"] // 2))
