@@ -516,3 +516,20 @@ def test_two_ranks_equal_one_rank_accumulating_two_with_a_mask(tmp_path):
     a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert set(a.files) == set(b.files) and len(a.files) > 10
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a.files) <= 1e-12
+
+
+def test_masked_resume_is_exact(tmp_path, tok):
+    """2 + 2 steps with a loss mask (validation and a best checkpoint too) == 4 steps, bit for bit."""
+    data = chat_npz(tmp_path, tok)
+    tokens = np.concatenate(list(read_npz_tokens(data)))
+    mask = np.concatenate(chat_data.read_npz_extras(data)[0])
+
+    def run(name, *steps):
+        for n in steps:
+            cfg = full_cfg(tmp_path, data, run_name=name, steps=n, val_every=1, val_batch_count=1, keep_best=True,
+                           accumulate_gradients=2)
+            model, state = restore(cfg, tmp_path / "ck" / name)
+            fit(model, tokens, cfg, tmp_path / "ck" / name, state=state, mask=mask)
+        return npgpt2.load_model(tmp_path / "ck" / name).params
+    a, b = run("straight", 4), run("resumed", 2, 2)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
