@@ -372,7 +372,8 @@ def batch_gradients(model, sampler, names, batch_size, micro_batches):
     total, loss, weight = None, 0.0, 0
     for _ in range(micro_batches):
         batch, mask = sampler.sample_masked(batch_size)                     # [B, T+1], [B, T] or None
-        micro_loss, grads = model.loss_and_grads(batch[:, :-1], batch[:, 1:], mask=mask)
+        pair = (batch[:, :-1], batch[:, 1:])  # inputs, targets [B, T]
+        micro_loss, grads = model.loss_and_grads(*pair) if mask is None else model.loss_and_grads(*pair, mask=mask)
         w = 1 if mask is None else int(mask.sum())  # the caller's mean over positions: each weighs 1
         loss, weight = loss + micro_loss * w, weight + w
         if micro_batches > 1:
