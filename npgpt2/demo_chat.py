@@ -31,15 +31,19 @@ log = logging.getLogger(__name__)
 
 PHRASINGS = ("What does '{}' mean?", "What is {}?", "Define {}.", "What is meant by '{}'?")
 TEMPLATE = {"user_tag": "Q:", "bot_tag": "A:", "system": ""}
-MAX_ANSWER_TOKENS = 48  # an entry whose first sentence is longer is left out
+MAX_ANSWER_TOKENS = 32  # an entry whose first sentence is longer is left out
 SPLIT = (0.9, 0.05, 0.05)  # train, validation, test terms
+# stage 2 starts from stage 1's weights: a lower peak rate (tune_lr) and a short warmup
 FULL = dict(n_embd=96, n_head=3, n_layer=3, context=128, batch_size=8, pretrain_steps=500, steps=400,
-            learning_rate=3e-3, warmup=40, val_every=25, val_batch_count=8, early_stop=4)
+            learning_rate=3e-3, warmup=40, tune_lr=1e-3, tune_warmup=10, val_every=25, val_batch_count=8,
+            early_stop=6)
 QUICK = dict(n_embd=32, n_head=2, n_layer=1, context=64, batch_size=4, pretrain_steps=20, steps=20,
-             learning_rate=1e-2, warmup=4, val_every=10, val_batch_count=2, early_stop=4)
+             learning_rate=1e-2, warmup=4, tune_lr=3e-3, tune_warmup=2, val_every=10, val_batch_count=2,
+             early_stop=4)
 
-_LEAD = re.compile(r"(/[^/]*/,\s*)?((?:[a-z]+\.\s*,?\s*)+)?(\[[^\]]*\]\s*)*(1\.\s*)?")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z{‘“(])")
+# what may precede a definition, in any order: a pronunciation, a part of speech, an etymology, a sense number
+_LEAD = re.compile(r"(/[^/]*/|[a-z]+\.|\[[^\]]*\]|\d+\.|,)\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z{‘“(\[]|\d+\.)")
 
 
 def entries(text=None):
@@ -58,7 +62,9 @@ def entries(text=None):
 def short_definition(body):
     """The first sentence of an entry's definition, without pronunciation, part of speech,
     etymology, sense number and cross-reference braces; None when nothing is left."""
-    body = body[_LEAD.match(body).end():].replace("{", "").replace("}", "").strip()
+    while (m := _LEAD.match(body)) and m.end():
+        body = body[m.end():]
+    body = body.replace("{", "").replace("}", "").strip()
     first = _SENTENCE_END.split(body, maxsplit=1)[0].strip()
     return first if len(first) > 3 else None
 
@@ -142,13 +148,15 @@ def prepare(out_dir, seed=0):
 def stage_configs(preset, seed=0, steps=None, train_on="assistant"):
     """(pretrain TrainConfig, fine-tune TrainConfig) of the recipe."""
     from .train import TrainConfig
-    common = dict(context=preset["context"], batch_size=preset["batch_size"], learning_rate=preset["learning_rate"],
-                  warmup=preset["warmup"], lr_schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=seed,
-                  sample_every=0, save_every=0, max_to_keep=1, plot=False, log_every=25)
-    pre = TrainConfig(dataset="jargon (training terms)", run_name="pretrain", steps=preset["pretrain_steps"], **common)
+    common = dict(context=preset["context"], batch_size=preset["batch_size"], lr_schedule="cosine",
+                  weight_decay=0.1, grad_clip=1.0, seed=seed, sample_every=0, save_every=0, max_to_keep=1,
+                  plot=False, log_every=25)
+    pre = TrainConfig(dataset="jargon (training terms)", run_name="pretrain", steps=preset["pretrain_steps"],
+                      learning_rate=preset["learning_rate"], warmup=preset["warmup"], **common)
     tune = TrainConfig(dataset="chat-train.npz", run_name="chat", steps=steps or preset["steps"], train_on=train_on,
-                       val_every=preset["val_every"], val_batch_size=8, val_batch_count=preset["val_batch_count"],
-                       early_stop=preset["early_stop"], **common)
+                       learning_rate=preset["tune_lr"], warmup=preset["tune_warmup"], val_every=preset["val_every"],
+                       val_batch_size=8, val_batch_count=preset["val_batch_count"], early_stop=preset["early_stop"],
+                       **common)
     return pre, tune
 
 

@@ -533,3 +533,48 @@ def test_masked_resume_is_exact(tmp_path, tok):
         return npgpt2.load_model(tmp_path / "ck" / name).params
     a, b = run("straight", 4), run("resumed", 2, 2)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- demo --chat
+def test_the_jargon_conversation_set():
+    """Entries become (question, first sentence) conversations; held-out terms and their entries
+    are in no training data. Expected sentences copied by hand from the Jargon File."""
+    from npgpt2 import demo_chat
+    e = dict(demo_chat.entries())
+    assert demo_chat.short_definition(e["kluge"]) == \
+        "A Rube Goldberg (or Heath Robinson) device, whether in hardware or software."
+    assert demo_chat.short_definition(e["kludge"]) == \
+        "Incorrect (though regrettably common) spelling of kluge (US)."
+    assert demo_chat.short_definition(e["foo"]) == "Term of disgust."
+    data = demo_chat.build_conversations(npgpt2.load_tokenizer(), seed=0)
+
+    def terms(convs):
+        out = set()
+        for c in convs:
+            q = c["messages"][0]["content"]
+            m = re.fullmatch(r"What does '(.+)' mean\?|What is meant by '(.+)'\?|What is (.+)\?|Define (.+)\.", q)
+            out.add(next(g for g in m.groups() if g))
+        return out
+    train, val, test = terms(data["train"]), terms(data["val"]), terms(data["test"])
+    assert len(test) >= 50 and len(val) >= 50 and not (train & test) and not (train & val) and not (val & test)
+    paragraphs = {p.partition(": ")[0] for p in data["train_text"].strip().split("\n\n")}
+    assert not (paragraphs & (test | val)) and train <= paragraphs
+    assert len(data["train"]) == 2 * len(train)
+    c = data["test"][0]["messages"]
+    assert [m["role"] for m in c] == ["user", "assistant"] and c[1]["content"] == demo_chat.short_definition(
+        e[next(iter(terms(data["test"][:1])))])
+
+
+def test_demo_chat_quick_prints_answers_without_a_terminal(tmp_path):
+    """`npgpt2 demo --chat --quick` end to end: a run folder with chat.json that `chat` loads."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "npgpt2.cli", "demo", "--chat", "--quick", "--out",
+                          str(tmp_path / "dc")], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         timeout=600, cwd=tmp_path, env={**__import__("os").environ,
+                                                         "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert "Greedy answers to questions about held-out terms" in out.stdout
+    assert len(re.findall(r"^Q: .*\nA: ", out.stdout, re.M)) == 4
+    assert chat.read_template(tmp_path / "dc") == {"user_tag": "Q:", "bot_tag": "A:", "system": ""}
+    assert (tmp_path / "dc" / "conversations-test.jsonl").is_file()
