@@ -43,7 +43,7 @@ import numpy as np
 from . import chat
 from .data import _add_member, _member_order, check_encoding, expand_paths, load_dataset, read_text_blocks
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, parse_json
 from .tokenizer import ENDOFTEXT
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ def _json_objects(path, encoding):
     for n, line in _lines(path, encoding):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise Npgpt2Error(f"{path}:{n}: not JSON ({str(e).split(':')[0] if str(e) else 'too deep'})") from None
+        obj = parse_json(line, f"{path}:{n}")
         if not isinstance(obj, dict):
             raise Npgpt2Error(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
         yield n, obj
@@ -293,8 +290,8 @@ def read_npz_extras(path):
     template = None
     if comment:
         try:
-            template = json.loads(comment.decode("utf-8")).get(TEMPLATE_KEY)
-        except (ValueError, AttributeError):
+            template = parse_json(comment, f"{path}: the archive comment").get(TEMPLATE_KEY)
+        except (Npgpt2Error, AttributeError):
             template = None  # someone else's comment
     if not any(i.comment.startswith(MASK_MAGIC) for i in infos):
         return None, template

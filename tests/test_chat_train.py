@@ -242,7 +242,7 @@ def test_jsonl_and_csv_formats(tmp_path, tok):
 
 
 BAD = [
-    ('{"messages": [', r"c\.jsonl:2: not JSON"),
+    ('{"messages": [', r"c\.jsonl:2: not valid JSON"),
     ('{"text": "x"}', r'c\.jsonl:2: missing "messages"'),
     ('{"messages": [{"role": "bot", "content": "x"}]}', r'c\.jsonl:2: messages\[0\]\.role: unknown role "bot"'),
     ('{"messages": [{"role": "user", "content": ["x"]}]}', r"c\.jsonl:2: messages\[0\]\.content: must be a string"),
