@@ -1,7 +1,9 @@
 """Conversations: a transcript of speaker turns that GPT-2 continues.
 
-The transcript is plain text, one turn after another, each `<tag> <text>` and a newline:
+The transcript is plain text: the system text and a newline when there is one, then one
+turn after another, each `<tag> <text>` and a newline:
 
+    You are a helpful bot.
     User: hello there
     Bot: hi!
     User: how are you?
@@ -14,13 +16,21 @@ out of the context (never the current message). The KV cache keeps the transcrip
 between replies, and each reply only feeds what comes after the longest prefix it shares
 with them. Positions are absolute, so once the oldest turn is dropped the whole context is
 fed again.
+
+One renderer serves chatting and training (chat_data.py's `--format chat`): `header_text` and
+`turn_text` are the transcript's text, `header_ids` and `turn_ids` its tokens (a turn's tag
+encoded alone, then the rest, so a bot turn in a training transcript is exactly the prompt's
+tail plus what the model is asked to generate). A run trained on conversations records its
+template (tags and system text) in `<run>/chat.json` (`write_template`, `read_template`).
 """
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 
 from .errors import Npgpt2Error
-from .fsutil import atomic_write
+from .fsutil import atomic_write, read_json
 from .sampling import TextStream, check_length, check_sampling_args, check_seed, sample_logits
 from .tokenizer import ENDOFTEXT
 
@@ -28,6 +38,7 @@ log = logging.getLogger(__name__)
 
 USER, BOT = "user", "bot"
 DEFAULT_USER_TAG, DEFAULT_BOT_TAG = "User:", "Bot:"
+TEMPLATE_FILE = "chat.json"  # {"user_tag", "bot_tag", "system"} in a run folder
 
 
 def check_tags(user_tag, bot_tag):
@@ -39,40 +50,58 @@ def check_tags(user_tag, bot_tag):
         raise Npgpt2Error(f"--user_tag and --bot_tag must differ, both are {user_tag!r}")
 
 
-def check_tags_encode(tokenizer, user_tag, bot_tag):
-    """Raise Npgpt2Error naming the flag when a tag has a token the model's vocabulary lacks
-    (a compact vocabulary, e.g. the demo's): every message would fail on it."""
-    for flag, tag in (("--user_tag", user_tag), ("--bot_tag", bot_tag)):
-        try:
-            tokenizer.encode(turn_text(tag, "") + tag)
-        except Npgpt2Error as e:
-            raise Npgpt2Error(f"{flag} {tag!r}: this model cannot write it ({e}); choose --user_tag/--bot_tag "
-                              f"made of words in its vocabulary") from None
-
-
 def turn_text(tag, text):
     """One turn as it appears in the transcript: 'User: hello\\n'."""
     return f"{tag} {text}".rstrip(" ") + "\n"
 
 
-def build_prompt(tokenizer, turns, n_ctx, length, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
+def header_text(system):
+    """The system text as the transcript's first line(s): '' when there is none."""
+    system = (system or "").strip()
+    return system + "\n" if system else ""
+
+
+def turn_ids(tokenizer, tag, text):
+    """(tag ids, rest ids) of one turn: the tag encoded alone, then ' <text>\\n'. Decoded
+    together they are turn_text(tag, text); a reply's prompt ends with the same tag ids."""
+    return tokenizer.encode(tag), tokenizer.encode(turn_text(tag, text)[len(tag):])
+
+
+def header_ids(tokenizer, system):
+    return tokenizer.encode(header_text(system)) if header_text(system) else []
+
+
+def check_vocab(tokenizer, user_tag, bot_tag, system=""):
+    """Raise Npgpt2Error naming the flag when the model's vocabulary cannot spell a tag or the
+    system text (a compact vocabulary such as the demo's lacks most of GPT-2's tokens)."""
+    # a tag as the transcript writes it: after a newline, before a space
+    for flag, text in (("--user_tag", turn_text(user_tag, "") + user_tag),
+                       ("--bot_tag", turn_text(bot_tag, "") + bot_tag), ("--system", header_text(system))):
+        try:
+            tokenizer.encode(text)
+        except Npgpt2Error as e:
+            raise Npgpt2Error(f"{flag} {text.strip()!r}: the model's vocabulary cannot spell it ({e}); "
+                              f"give --user_tag/--bot_tag/--system text it can") from None
+
+
+def build_prompt(tokenizer, turns, n_ctx, length, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG, system=""):
     """The tokens to continue for the bot's next reply, and how many old turns were left out.
 
     turns: [(USER or BOT, text)], oldest first; the last one is the current message and is
-    always kept. Returns (tokens, n_dropped) with len(tokens) + length <= n_ctx. Each turn is
-    encoded on its own, so a turn's tokens stay the same as the transcript grows (GPT-2's
-    pre-tokenizer splits at the newline between turns anyway).
+    always kept, as is the system text on top. Returns (tokens, n_dropped) with
+    len(tokens) + length <= n_ctx. Each turn is encoded on its own (turn_ids), so a turn's
+    tokens stay the same as the transcript grows.
     """
     check_length(length, n_ctx)
     if not turns:
         raise Npgpt2Error("the conversation is empty (give at least one message)")
     tags = {USER: user_tag, BOT: bot_tag}
-    tail = tokenizer.encode(bot_tag)
-    room = n_ctx - length - len(tail)
+    head, tail = header_ids(tokenizer, system), tokenizer.encode(bot_tag)
+    room = n_ctx - length - len(tail) - len(head)
     # newest first, and only as far back as fits: a long history costs no encoding
     kept = []
     for role, text in reversed(turns):
-        tokens = tokenizer.encode(turn_text(tags[role], text))
+        tokens = sum(turn_ids(tokenizer, tags[role], text), [])
         if not kept and len(tokens) > room:
             raise Npgpt2Error(f"the message is {len(tokens)} tokens, but with --length {length} only "
                               f"{max(room, 0)} fit in the context (n_ctx={n_ctx})")
@@ -84,12 +113,42 @@ def build_prompt(tokenizer, turns, n_ctx, length, user_tag=DEFAULT_USER_TAG, bot
     if dropped:
         log.info("left out the %d oldest turns to fit the context (n_ctx=%d, --length %d)",
                  dropped, n_ctx, length)
-    return [t for tokens in reversed(kept) for t in tokens] + tail, dropped
+    return head + [t for tokens in reversed(kept) for t in tokens] + tail, dropped
 
 
-def transcript_text(turns, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
+def transcript_text(turns, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG, system=""):
     tags = {USER: user_tag, BOT: bot_tag}
-    return "".join(turn_text(tags[role], text) for role, text in turns)
+    return header_text(system) + "".join(turn_text(tags[role], text) for role, text in turns)
+
+
+def read_template(model_dir):
+    """The chat template a run was trained with: {"user_tag", "bot_tag", "system"} from
+    <model_dir>/chat.json, or None when the folder has none. Raises Npgpt2Error for a bad file."""
+    path = Path(model_dir) / TEMPLATE_FILE
+    try:
+        t = read_json(path)
+    except FileNotFoundError:
+        return None
+    if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("user_tag", "bot_tag")) \
+            or not isinstance(t.get("system", ""), str):
+        raise Npgpt2Error(f"{path}: expected {{\"user_tag\": str, \"bot_tag\": str, \"system\": str}}")
+    return {"user_tag": t["user_tag"], "bot_tag": t["bot_tag"], "system": t.get("system", "")}
+
+
+def write_template(model_dir, template):
+    """Write <model_dir>/chat.json atomically (template: read_template's dict)."""
+    with atomic_write(Path(model_dir) / TEMPLATE_FILE, "w", encoding="utf-8") as f:
+        json.dump({k: template[k] for k in ("user_tag", "bot_tag", "system")}, f, indent=2)
+
+
+def resolve_template(model_dir, user_tag=None, bot_tag=None, system=None):
+    """The tags and system text to chat with: each flag given wins, then the run's chat.json,
+    then the defaults (User:, Bot:, no system text)."""
+    saved = (read_template(model_dir) if model_dir is not None else None) or {}
+    out = {"user_tag": DEFAULT_USER_TAG, "bot_tag": DEFAULT_BOT_TAG, "system": "", **saved}
+    given = {"user_tag": user_tag, "bot_tag": bot_tag, "system": system}
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
 
 
 def stop_strings(user_tag, bot_tag, truncate=None):
@@ -192,20 +251,21 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, length=None, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=None, truncate=None, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG):
+                 seed=None, truncate=None, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG, system=""):
         check_sampling_args(temperature, top_k, top_p)
         check_seed(seed)
         check_tags(user_tag, bot_tag)
-        check_tags_encode(tokenizer, user_tag, bot_tag)
+        check_vocab(tokenizer, user_tag, bot_tag, system)
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx = model.hparams["n_ctx"]
         self.length = length if length is not None else max(1, self.n_ctx // 4)
         check_length(self.length, self.n_ctx)
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.rng = np.random.default_rng(seed)
-        self.user_tag, self.bot_tag = user_tag, bot_tag
+        self.user_tag, self.bot_tag, self.system = user_tag, bot_tag, system
         self.stops = stop_strings(user_tag, bot_tag, truncate)
         self.turns = []      # every turn since the last reset, for /save
+        self.ended = None    # whether the last reply ended by itself (a speaker tag, <|endoftext|>, truncate)
         self.start = 0       # turns[:start] no longer fit in the context
         self.context = CachedContext(model)
 
@@ -216,7 +276,7 @@ class ChatSession:
 
     def transcript(self):
         """The whole conversation since the last reset, in the speaker format."""
-        return transcript_text(self.turns, self.user_tag, self.bot_tag)
+        return transcript_text(self.turns, self.user_tag, self.bot_tag, self.system)
 
     def save(self, path):
         """Write the transcript to path atomically (UTF-8)."""
@@ -235,7 +295,7 @@ class ChatSession:
         """
         turns = self.turns[self.start:] + [(USER, text)]
         prompt, dropped = build_prompt(self.tokenizer, turns, self.n_ctx, self.length,
-                                       self.user_tag, self.bot_tag)
+                                       self.user_tag, self.bot_tag, self.system)
         self.start += dropped
         self.turns += [(USER, text), (BOT, "")]
         return self._reply(prompt, len(self.turns) - 1)
@@ -253,6 +313,7 @@ class ChatSession:
             if tail:
                 yield tail
         finally:
+            self.ended = reply.stopped
             if index < len(self.turns):  # unless reset() came first
                 self.turns[index] = (BOT, reply.text)
 

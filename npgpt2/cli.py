@@ -215,8 +215,23 @@ def add_chat_flags(p):
     p.add_argument("--length", type=int, default=None, help="most tokens per reply (default n_ctx // 4)")
     add_sampling_knobs(p)
     p.add_argument("--truncate", default=None, help="also end a reply where this text appears")
-    p.add_argument("--user_tag", default="User:", help="the user's speaker tag (default %(default)s)")
-    p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag (default %(default)s)")
+    add_template_flags(p)
+
+
+def add_template_flags(p, what="the transcript"):
+    """--user_tag/--bot_tag/--system: default the model folder's chat.json (written by a run trained
+    on conversations), else User:, Bot: and no system text."""
+    p.add_argument("--user_tag", default=None, help=f"the user's speaker tag in {what} (default: the run's "
+                                                     f"chat.json, else User:)")
+    p.add_argument("--bot_tag", default=None, help=f"the model's speaker tag in {what} (default: the run's "
+                                                    f"chat.json, else Bot:)")
+    p.add_argument("--system", default=None, help="text on top of the transcript (default: the run's chat.json, "
+                                                   "else none)")
+
+
+def chat_template(args, model):
+    from .chat import resolve_template
+    return resolve_template(model.source_dir, args.user_tag, args.bot_tag, args.system)
 
 
 def chat_command(chat, line):
@@ -245,8 +260,9 @@ def cmd_chat(args):
     from .sampling import check_seed
     check_seed(args.seed)
     model, enc = load_for_generation(args)
+    t = chat_template(args, model)
     chat = ChatSession(model, enc, args.length, args.temperature, args.top_k, args.top_p, args.seed,
-                       args.truncate, args.user_tag, args.bot_tag)
+                       args.truncate, t["user_tag"], t["bot_tag"], t["system"])
     interactive = sys.stdin.isatty()
     if interactive:
         enable_line_editing()
@@ -254,7 +270,7 @@ def cmd_chat(args):
         print(f"Chatting with {args.model_name}; /help lists commands, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
-            line = input(args.user_tag + " ") if interactive else sys.stdin.readline()
+            line = input(chat.user_tag + " ") if interactive else sys.stdin.readline()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
@@ -277,8 +293,8 @@ def cmd_chat(args):
             print(f"npgpt2: error: {e}", file=sys.stderr)
             continue
         if not interactive:
-            sys.stdout.write(f"{args.user_tag} {text}\n")
-        sys.stdout.write(args.bot_tag + " ")
+            sys.stdout.write(f"{chat.user_tag} {text}\n")
+        sys.stdout.write(chat.bot_tag + " ")
         sys.stdout.flush()
         try:
             for piece in reply:
@@ -300,8 +316,9 @@ def cmd_serve(args):
                     read_timeout=args.read_timeout)
     limits.check()
     model, enc = load_for_generation(args)
-    server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
-                    model_name=args.model_name, allowed_hosts=args.allowed_hosts)
+    t = chat_template(args, model)
+    server = Server(model, enc, args.host, args.port, limits, t["user_tag"], t["bot_tag"],
+                    model_name=args.model_name, system=t["system"], allowed_hosts=args.allowed_hosts)
 
     def stop(signum, frame):  # SIGTERM (systemd, docker stop) ends it as cleanly as Ctrl-C
         raise KeyboardInterrupt
@@ -332,7 +349,9 @@ def cmd_convert(args):
 
 # ---------------------------------------------------------------- encode, train, eval, demo
 def cmd_encode(args):
-    """Text files (file, folder or glob) -> .npz of uint16 tokens, as encode.py."""
+    """Text files (file, folder or glob) -> .npz of uint16 tokens, as encode.py; or conversations
+    (with a loss mask), JSON Lines or CSV documents (chat_data.py)."""
+    from .chat_data import encode_dataset
     from .data import encode_corpus
     from .model import ALIASES, MODEL_HPARAMS, resolve_model_dir
     from .tokenizer import load_tokenizer
@@ -343,9 +362,16 @@ def cmd_encode(args):
             raise
         model_dir = None  # every released size has the same vocabulary, which npgpt2 ships
         log.info("%s/%s not found: using the GPT-2 vocabulary packaged with npgpt2", args.models_dir, args.model_name)
-    stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding,
-                          keep_crlf=args.keep_crlf)
-    print(f"Wrote {stats['tokens']} tokens from {stats['files']} file(s) to {args.out_npz}")
+    if args.format == "text":
+        stats = encode_corpus(args.in_text, args.out_npz, load_tokenizer(model_dir), args.combine, args.encoding,
+                              keep_crlf=args.keep_crlf)
+    else:
+        from .chat import DEFAULT_BOT_TAG, DEFAULT_USER_TAG
+        stats = encode_dataset(args.in_text, args.out_npz, load_tokenizer(model_dir), args.format,
+                               args.user_tag or DEFAULT_USER_TAG, args.bot_tag or DEFAULT_BOT_TAG, args.system or "",
+                               args.column, args.encoding, args.combine)
+    trained = f" ({stats['trained']} of them trained on: the replies and their ends)" if stats.get("trained") else ""
+    print(f"Wrote {stats['tokens']} tokens{trained} from {stats['files']} file(s) to {args.out_npz}")
 
 
 def add_dataset_flags(p):
@@ -422,15 +448,16 @@ def cmd_train(args):
         with terminal_bar(args.steps or None) as bar:
             result = train(cfg, on_step=step_reporter(bar))
     where = result["checkpoint"] or "(nothing saved)"
-    print(f"{'Interrupted' if result['interrupted'] else 'Done'} at step {result['step']}: "
-          f"avg loss {result['avg']:.4f}; checkpoint {where}")
+    how = "Interrupted" if result["interrupted"] else "Stopped early" if result.get("early_stopped") else "Done"
+    print(f"{how} at step {result['step']}: avg loss {result['avg']:.4f}; checkpoint {where}")
 
 
 def cmd_eval(args):
     """Mean loss and perplexity of a model over every token of a dataset."""
     import math
 
-    from .data import check_tokens, expand_paths, load_dataset
+    from .chat_data import load_masked_dataset, training_mask
+    from .data import check_tokens, expand_paths
     from .model import load_model, read_hparams, resolve_model_dir
     from .tokenizer import load_tokenizer
     from .train import context_length, evaluate
@@ -438,8 +465,9 @@ def cmd_eval(args):
     model_dir = resolve_model_dir(args.models_dir, args.model_name)
     T = context_length(args.context, read_hparams(model_dir)["n_ctx"])
     model = load_model(model_dir, dtype=args.dtype, adapter=args.adapter)
-    tokens = load_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine,
-                          keep_crlf=args.keep_crlf)
+    tokens, mask, _ = load_masked_dataset(args.dataset, load_tokenizer(model_dir), args.encoding, args.combine,
+                                          keep_crlf=args.keep_crlf)
+    mask = training_mask(args.score_on, mask, args.dataset, "--score_on")
     check_tokens(tokens, model.hparams["n_vocab"], 1, args.dataset)
     with terminal_bar(unit="window") as bar:
         tenth = [0]
@@ -451,9 +479,46 @@ def cmd_eval(args):
             elif done * 10 // total > tenth[0] and done < total:  # a plain line every 10%
                 tenth[0] = done * 10 // total
                 log.info("eval: %d of %d windows", done, total)
-        loss, n = evaluate(model, tokens, T, progress=progress)
-    print(f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} over {n} tokens "
+        loss, n = evaluate(model, tokens, T, progress=progress, mask=mask)
+    which = "" if mask is None else f" (the assistant replies' tokens, of {tokens.size - 1})"
+    print(f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} over {n} tokens{which} "
           f"(windows of {T} tokens) of {args.dataset}")
+
+
+def cmd_demo_chat(args):
+    """demo --chat: train a model that answers questions about jargon, then chat with it."""
+    import argparse as _argparse
+    from pathlib import Path
+
+    from .demo_chat import FULL, QUICK, run_chat_demo
+    out = Path(args.out if args.out != DEMO_OUT else DEMO_OUT + "-chat")
+    preset = QUICK if args.quick else FULL
+    print(f"Training a small GPT-2 to answer questions about the bundled Jargon File; the run goes to {out}/.",
+          flush=True)
+    with terminal_bar(preset["pretrain_steps"] + (args.steps or preset["steps"])) as bar:
+        r = run_chat_demo(out, quick=args.quick, seed=args.seed, steps=args.steps, on_step=step_reporter(bar))
+    h = r["history"]
+    print(f"Pretrained on the training terms' entries ({r['pretrain_seconds']:.0f} s), then fine-tuned on "
+          f"{r['n_train']} conversations with the loss on the answers for {r['steps']} steps "
+          f"({r['finetune_seconds']:.0f} s{', stopped early' if r['early_stopped'] else ''}).")
+    if h["val_step"]:
+        print("Validation loss on the answers of held-out terms by step: " +
+              ", ".join(f"{s}: {v:.2f}" for s, v in zip(h["val_step"], h["val_loss"])))
+    where = f"--models_dir {shlex.quote(str(out.resolve().parent))} --model_name {shlex.quote(out.name)}"
+    if not sys.stdin.isatty():
+        print("Greedy answers to questions about held-out terms (never trained on):")
+        for q, a, ended in r["answers"]:
+            print(f"Q: {q}\nA: {a}{'' if ended else ' [...]'}")
+        print(f"Chat with it:  npgpt2 chat {where}")
+        return 0
+    print(f"Chatting with it (npgpt2 chat {where}); ask e.g. \"{r['answers'][0][0]}\"")
+    chat_args = _argparse.Namespace(models_dir=str(out.resolve().parent), model_name=out.name, dtype="float32",
+                                    seed=args.seed, length=None, temperature=0.0, top_k=0, top_p=1.0,
+                                    truncate=None, user_tag=None, bot_tag=None, system=None)
+    return cmd_chat(chat_args)
+
+
+DEMO_OUT = "checkpoint/demo"
 
 
 def cmd_demo(args):
@@ -462,6 +527,8 @@ def cmd_demo(args):
     from pathlib import Path
 
     from .demo import preset, run_demo
+    if args.chat:
+        return cmd_demo_chat(args)
     out = Path(args.out)
     plot = importlib.util.find_spec("matplotlib") is not None  # loss.png is written only with it
     print(f"Training a small GPT-2 on the bundled Jargon File; the run goes to {out}/ "
@@ -637,8 +704,7 @@ def build_parser():
     p.add_argument("--allowed_hosts", nargs="*", default=[], metavar="NAME",
                    help="host names (beyond IP addresses, localhost and --host) that the Host header may give, "
                         "e.g. the machine's name when serving on --host 0.0.0.0 (default: none)")
-    p.add_argument("--user_tag", default="User:", help="the user's speaker tag in /v1/chat (default %(default)s)")
-    p.add_argument("--bot_tag", default="Bot:", help="the model's speaker tag in /v1/chat (default %(default)s)")
+    add_template_flags(p, "/v1/chat and the chat page")
     p.add_argument("--max_body", type=int, default=256 * 1024,
                    help="largest request body in bytes (default %(default)s)")
     p.add_argument("--max_length", type=int, default=None,
@@ -662,6 +728,15 @@ def build_parser():
     add_model_flags(p, adapter=False)
     add_dataset_flags(p)
     add_keep_crlf_flag(p)
+    p.add_argument("--format", default="text", choices=["text", "chat", "jsonl", "csv"],
+                   help="text (default): plain text files; chat: JSON Lines of {\"messages\": [{role, content}]} "
+                        "(OpenAI's fine-tuning format) rendered as `npgpt2 chat` transcripts, with a loss mask on "
+                        "the replies; jsonl: a \"text\" field per line; csv: one document per row (--column)")
+    p.add_argument("--column", default="text", help="--format csv: the column holding the text (default %(default)s)")
+    p.add_argument("--user_tag", default=None, help="--format chat: the user's speaker tag (default User:)")
+    p.add_argument("--bot_tag", default=None, help="--format chat: the model's speaker tag (default Bot:)")
+    p.add_argument("--system", default=None,
+                   help="--format chat: system text for conversations without a system message (default none)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
@@ -684,8 +759,8 @@ def build_parser():
     p.add_argument("--only_train_transformer_layers", action="store_true", help="keep wte, wpe and ln_f fixed")
     p.add_argument("--run_name", default="run1", help="run folder name under --checkpoint_dir (default %(default)s)")
     p.add_argument("--restore_from", default="latest",
-                   help="latest (the run's newest checkpoint, else the base model), fresh (the base model) "
-                        "or a model folder")
+                   help="latest (the run's newest checkpoint, else the base model), fresh (the base model), "
+                        "best (the run's best validation checkpoint, see --keep_best) or a model folder")
     p.add_argument("--checkpoint_dir", default="checkpoint", help="folder of run folders (default %(default)s)")
     p.add_argument("--sample_dir", default="samples", help="samples go to SAMPLE_DIR/RUN_NAME (default %(default)s)")
     p.add_argument("--sample_every", type=int, default=100,
@@ -720,6 +795,15 @@ def build_parser():
     p.add_argument("--noise", type=float, default=0.0,
                    help="replace each input token (never a target) by a uniformly random token with this "
                         "probability, in [0, 1); seeded by --seed and resumed exactly (default 0 = off)")
+    p.add_argument("--train_on", default=None, choices=["assistant", "all"],
+                   help="assistant: loss on the replies only (the default for a dataset encoded with --format "
+                        "chat, which has a loss mask); all: every token")
+    p.add_argument("--early_stop", type=int, default=0,
+                   help="stop when the validation loss has not improved for N validations (needs --val_every; "
+                        "0 = off)")
+    p.add_argument("--keep_best", action="store_true",
+                   help="keep the best validation checkpoint (model-best-<step>, named in best.json) beside the "
+                        "latest; --restore_from best continues from it")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="mean loss and perplexity over a dataset (all windows, deterministic)")
@@ -728,6 +812,9 @@ def build_parser():
     add_dataset_flags(p)
     add_keep_crlf_flag(p)
     p.add_argument("--context", type=int, default=0, help="tokens per window; 0 (the default) means the model's n_ctx")
+    p.add_argument("--score_on", default=None, choices=["assistant", "all"],
+                   help="assistant: score the replies' tokens only (the default for a dataset with a loss mask, "
+                        "from encode --format chat); all: every token")
     add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
 
@@ -746,9 +833,13 @@ def build_parser():
     p.add_argument("--quick", action="store_true",
                    help="a tiny model, 40 steps: a smoke test (about 15 s once Numba's kernels are compiled)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default %(default)s)")
-    p.add_argument("--out", default="checkpoint/demo",
+    p.add_argument("--out", default=DEMO_OUT,
                    help="the run folder: checkpoint, loss.png, samples.txt; loads like a model folder "
-                        "(default %(default)s: --models_dir checkpoint --model_name demo)")
+                        "(default %(default)s: --models_dir checkpoint --model_name demo; checkpoint/demo-chat "
+                        "with --chat)")
+    p.add_argument("--chat", action="store_true",
+                   help="train a model that answers questions about jargon terms (pretraining, then fine-tuning "
+                        "on generated conversations with the loss on the answers), then chat with it")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (float64)")
     p.add_argument("--model_name", default=None, help="also check this model folder (default: a tiny random model)")

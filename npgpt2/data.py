@@ -319,18 +319,38 @@ class Sampler:
     sequence of batches.
     """
 
-    def __init__(self, tokens, length, seed=None):
+    def __init__(self, tokens, length, seed=None, mask=None):
         if tokens.size < length:
             raise Npgpt2Error(f"dataset has {tokens.size} tokens, fewer than a window of {length}")
         self.tokens = tokens
         self.length = int(length)
         self.rng = np.random.default_rng(seed)
         self._offsets = np.arange(self.length)
+        self.mask, self._starts = mask, None
+        if mask is not None:
+            # with a loss mask (chat_data.py), only windows with a target: a window starting at s
+            # trains on positions s+1 .. s+length-1, so some mask there must be 1
+            seen = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # seen[i] = sum(mask[:i])
+            s = np.arange(tokens.size - self.length + 1)
+            self._starts = np.flatnonzero(seen[s + self.length] - seen[s + 1] > 0)
+            if not self._starts.size:
+                raise Npgpt2Error(f"no window of {length} tokens holds a token the loss mask trains on")
 
     def sample(self, batch_size):
         """-> int64 (batch_size, length)."""
-        starts = self.rng.integers(0, self.tokens.size - self.length + 1, size=batch_size)
-        return self.tokens[starts[:, None] + self._offsets].astype(np.int64)
+        return self.sample_masked(batch_size)[0]
+
+    def sample_masked(self, batch_size):
+        """-> (int64 (batch_size, length), the targets' mask (batch_size, length - 1) or None).
+
+        With a mask, starts are uniform over the windows that hold a target."""
+        if self._starts is None:
+            starts = self.rng.integers(0, self.tokens.size - self.length + 1, size=batch_size)
+        else:
+            starts = self._starts[self.rng.integers(0, self._starts.size, size=batch_size)]
+        where = starts[:, None] + self._offsets  # [B, length] positions in the stream
+        mask = None if self.mask is None else self.mask[where[:, 1:]]
+        return self.tokens[where].astype(np.int64), mask
 
     def get_state(self):
         return rng_state(self.rng)

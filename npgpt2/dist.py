@@ -52,8 +52,13 @@ class SingleProcess:
     def is_main(self):
         return self.rank == 0
 
-    def allreduce_mean(self, grads, loss):
-        """Average grads (in place) and the loss over every process; returns the loss."""
+    def allreduce_mean(self, grads, loss, weight=None):
+        """Average grads (in place) and the loss over every process; returns the loss.
+
+        weight: this process's share, e.g. its count of masked target positions (a loss mask,
+        chat_data.py): the average is then weighted, sum(weight * x) / sum(weight), so it is the
+        mean over every masked position of the step whatever their split between processes.
+        None: equal shares."""
         return loss
 
     def any(self, flag):
@@ -88,12 +93,17 @@ class MPIComm(SingleProcess):
         self.bucket_bytes = bucket_bytes
         self._bucket = None  # reused between steps
 
-    def allreduce_mean(self, grads, loss):
+    def allreduce_mean(self, grads, loss, weight=None):
+        total = self.world_size if weight is None else self.comm.allreduce(float(weight), op=self._mpi.SUM)
+        if weight is not None:
+            for g in grads.values():
+                g *= weight
+            loss = float(loss) * weight
         self.allreduce_sum(grads, list(grads))
-        scale = 1.0 / self.world_size
+        scale = 1.0 / total
         for g in grads.values():
             g *= scale
-        return self.comm.allreduce(float(loss), op=self._mpi.SUM) / self.world_size
+        return self.comm.allreduce(float(loss), op=self._mpi.SUM) / total
 
     def allreduce_sum(self, grads, names):
         """Sum grads[k] over the ranks in place, for k in names."""
@@ -203,7 +213,10 @@ class RankSlice:
         self.sampler, self.rank, self.world_size = sampler, rank, world_size
 
     def sample(self, batch_size):
-        batches = [self.sampler.sample(batch_size) for _ in range(self.world_size)]
+        return self.sample_masked(batch_size)[0]
+
+    def sample_masked(self, batch_size):
+        batches = [self.sampler.sample_masked(batch_size) for _ in range(self.world_size)]
         return batches[self.rank]
 
     def get_state(self):

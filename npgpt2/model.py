@@ -514,25 +514,29 @@ class GPT2:
         """inputs, targets: int (B, T) -> (mean cross-entropy, grads).
 
         grads has the same keys and shapes as params; the tied model/wte gets both the
-        embedding's and the output head's contribution. memory_saving: keep only each block's
-        input and recompute the block in the backward (see forward_with_saves); same gradients.
+        embedding's and the output head's contribution. mask: None, or 0/1 (B, T) on the
+        targets: the loss is then sum(mask * ce) / sum(mask), the mean over the masked
+        positions only (the caller never passes an all-zero mask), and grads are its gradients.
+        memory_saving: keep only each block's input and recompute the block in the backward
+        (see forward_with_saves); same gradients.
         """
-        if mask is not None:
-            raise NotImplementedError("loss_and_grads: mask is not implemented on this branch")
         nn = ops()
         targets = np.asarray(targets)
         ln_f, saved = self._trunk_with_saves(inputs, nn, memory_saving)  # [B, T] -> [B, T, C]
-        losses, dln_f, dwte = self._head_loss_backward(nn, ln_f, targets)  # [B, T], [B, T, C], [V, C]
+        losses, dln_f, dwte = self._head_loss_backward(nn, ln_f, targets, mask)  # [B, T], [B, T, C], [V, C]
         del ln_f  # saved holds it until _trunk_backward is past ln_f
         grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
-        return float(losses.mean()), grads
+        if mask is None:
+            return float(losses.mean()), grads
+        return float(np.sum(losses * mask, dtype=np.float64) / np.sum(mask)), grads
 
-    def _head_loss_backward(self, nn, ln_f, targets):
+    def _head_loss_backward(self, nn, ln_f, targets, mask=None):
         """The output head, the cross-entropy and their backward, HEAD_ROWS positions at a time.
 
-        ln_f (B, T, C), targets (B, T) -> (losses (B, T), dln_f (B, T, C), dwte (V, C) the head's
-        part of wte's gradient): what _head, crossentropy_forward, crossentropy_softmax_backward
-        (for the mean loss) and backward's head give for the whole batch, up to float rounding.
+        ln_f (B, T, C), targets (B, T), mask None or (B, T) -> (losses (B, T), dln_f (B, T, C),
+        dwte (V, C) the head's part of wte's gradient): what _head, crossentropy_forward,
+        crossentropy_softmax_backward (for the mean loss, or the masked mean) and backward's head
+        give for the whole batch, up to float rounding.
         The logits are the largest array of a step (B*T*V floats: 206 MB at B=1, T=1024), so
         they never exist whole: each chunk's logits buffer holds its probabilities, then their
         gradient (the `out=` of the cross-entropy), and is gone before the next chunk's.
@@ -544,14 +548,18 @@ class GPT2:
         losses = np.empty((1, N), dtype=self.dtype)
         dln_f = np.empty((1, N, C), dtype=self.dtype)
         dwte = None if self.lora is not None else np.empty((V, C), dtype=self.dtype)  # LoRA: wte is frozen
-        dlosses = np.full((1, min(N, HEAD_ROWS)), 1.0 / N, dtype=self.dtype)  # d mean / d each loss
+        if mask is None:
+            dlosses = np.full((1, min(N, HEAD_ROWS)), 1.0 / N, dtype=self.dtype)  # d mean / d each loss
+        else:  # d (sum(mask * ce) / sum(mask)) / d each loss: 0 off the mask
+            dlosses = (np.asarray(mask, np.float64).reshape(1, N) / np.sum(mask)).astype(self.dtype)
         part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=self.dtype)
         for n0 in range(0, N, HEAD_ROWS):
             n1 = min(N, n0 + HEAD_ROWS)
             logits = self._head(x[:, n0:n1])  # [1, R, C] -> [1, R, V]
             losses[:, n0:n1], probs = nn.crossentropy_forward(logits, tgt[:, n0:n1], out=logits)
             dlogits = nn.crossentropy_softmax_backward(
-                dlosses[:, :n1 - n0], probs, tgt[:, n0:n1], out=probs)  # [1, R, V], over probs
+                dlosses[:, :n1 - n0] if mask is None else dlosses[:, n0:n1], probs, tgt[:, n0:n1],
+                out=probs)  # [1, R, V], over probs
             _head_input_grad(dlogits, wte, dln_f[:, n0:n1])  # [1, R, V] @ [V, C] -> [1, R, C]
             d, xr = dlogits.reshape(-1, V), x[0, n0:n1]  # [R, V], [R, C]
             if dwte is not None and n0 == 0:  # (None: LoRA's frozen wte)
@@ -708,7 +716,7 @@ def read_hparams(model_dir):
     return hparams
 
 
-def load_model(model_dir, dtype=np.float32, verify=True, mmap=False, adapter=None):
+def load_model(model_dir, dtype=np.float32, verify=True, mmap=False, adapter=None, checkpoint=None):
     """Load an OpenAI-layout model folder (hparams.json + TF checkpoint) as a GPT2.
 
     verify checks every tensor's crc32c and that every weight is finite. mmap maps the checkpoint's data file instead of
@@ -718,6 +726,7 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False, adapter=Non
     `npgpt2 convert --dtype int8` (which loads dequantised with a float dtype).
     A LoRA run folder (adapter.json, see lora.py) loads its base model with its adapters
     attached; adapter=DIR attaches DIR's adapters (a LoRA run folder or a PEFT folder).
+    checkpoint: a prefix path to load instead of the folder's latest (e.g. a run's model-best-<step>).
     """
     model_dir = Path(model_dir)
     try:
@@ -734,7 +743,7 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False, adapter=Non
         return lora.load_with_adapters(model_dir, dtype, verify, mmap, adapter)
     check_download_finished(model_dir)
     hparams = read_hparams(model_dir)
-    prefix = latest_checkpoint(model_dir)
+    prefix = checkpoint or latest_checkpoint(model_dir)
     if quant.read_quant_info(model_dir) is not None:  # an int8 folder
         params = quant.params_from_checkpoint(read_checkpoint(prefix, verify=verify, mmap=mmap),
                                               param_shapes(hparams), f"{prefix}.index")

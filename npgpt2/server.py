@@ -49,7 +49,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from . import explain
-from .chat import DEFAULT_BOT_TAG, DEFAULT_USER_TAG, build_prompt, check_tags, stop_strings
+from .chat import DEFAULT_BOT_TAG, DEFAULT_USER_TAG, build_prompt, check_tags, check_vocab, stop_strings
 from .errors import Npgpt2Error
 from .server_fields import BadRequest, parse_explain, parse_messages, parse_options, string
 from .server_http import Handler, HeaderGate, canned, close_socket, send_and_close
@@ -111,8 +111,9 @@ class App:
     """What the server offers: pages, jobs for the model worker, limits."""
 
     def __init__(self, model, tokenizer, limits=None, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG,
-                 model_name=None, host_names=()):
+                 model_name=None, system="", host_names=()):
         check_tags(user_tag, bot_tag)
+        check_vocab(tokenizer, user_tag, bot_tag, system)
         # the names a Host header may give besides IP addresses (which DNS rebinding cannot use)
         self.host_names = {"localhost", *(h.lower().strip("[]") for h in host_names if h)}
         self.model, self.tokenizer = model, tokenizer
@@ -120,7 +121,7 @@ class App:
         limits = limits or Limits()
         limits.check()
         self.limits = limits.resolved(self.n_ctx)
-        self.user_tag, self.bot_tag = user_tag, bot_tag
+        self.user_tag, self.bot_tag, self.system = user_tag, bot_tag, system  # the transcript (chat.py)
         self.model_name = model_name or (model.source_dir.name if model.source_dir else "model")
         self.pages = {"/": PAGE.read_bytes(), "/explain": explain.page_html().encode("utf-8")}
         self.jobs = {"/v1/generate": self.generate_job, "/v1/chat": self.chat_job,
@@ -173,7 +174,7 @@ class App:
         turns = parse_messages(body)
         try:  # encodes only the newest messages that can fit, so its cost is bounded
             tokens, dropped = build_prompt(self.tokenizer, turns, self.n_ctx, options["length"],
-                                           self.user_tag, self.bot_tag)
+                                           self.user_tag, self.bot_tag, self.system)
         except Npgpt2Error as e:
             raise BadRequest(str(e).replace("--length", '"length"')) from None
         return Job(generate_task, deadline, options["stream"], prompt=tokens, options=options,
@@ -319,10 +320,11 @@ class Server:
     """
 
     def __init__(self, model, tokenizer, host="127.0.0.1", port=8000, limits=None,
-                 user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG, model_name=None, allowed_hosts=()):
+                 user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG, model_name=None, system="", allowed_hosts=()):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise Npgpt2Error(f"--port must be from 0 to 65535, got {port}")
-        self.app = App(model, tokenizer, limits, user_tag, bot_tag, model_name, host_names=(host, *allowed_hosts))
+        self.app = App(model, tokenizer, limits, user_tag, bot_tag, model_name, system,
+                       host_names=(host, *allowed_hosts))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             self.httpd = HTTPServer((host, port), self.app, family)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dist, lora, optim, quant
-from .data import Sampler, check_tokens, eval_windows, expand_paths, load_dataset
+from . import dist, early_stop, lora, optim, quant
+from .data import Sampler, check_tokens, eval_windows, expand_paths
 from .dist import SingleProcess  # noqa: F401  (re-exported: fit's default communicator)
 from .errors import Npgpt2Error
 from .fsutil import atomic_write
@@ -93,6 +93,10 @@ class TrainConfig:
     lora_alpha: float = None       # None = 2 * lora
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
     dtype: str = "float32"         # the base's weights: float32, or int8 (only with --lora)
+    # chat (issue 18): the loss mask of conversation datasets (chat_data.py) and early stopping (early_stop.py)
+    train_on: str = None           # assistant | all; None = assistant when the dataset has a loss mask
+    early_stop: int = 0            # stop when validation has not improved for N validations; 0 = off
+    keep_best: bool = False        # keep the best validation checkpoint (model-best-<step>, best.json)
 
 
 # ---------------------------------------------------------------- checking the config
@@ -117,6 +121,9 @@ def check_config(cfg, n_ctx):
     lora.check_train_flags(cfg)
     check_sampling_args(top_k=cfg.top_k, top_p=cfg.top_p)
     check_noise(cfg.noise)
+    if cfg.train_on is not None:
+        optim.check_choice("--train_on", cfg.train_on, ["assistant", "all"])
+    early_stop.check_flags(cfg)
     optim.check_choice("--optimizer", cfg.optimizer, list(optim.OPTIMIZERS))
     optim.check_choice("--lr_schedule", cfg.lr_schedule, optim.SCHEDULES)
     if not re.fullmatch(r"[\w.+-]+", cfg.run_name or "") or cfg.run_name in (".", ".."):
@@ -171,17 +178,36 @@ def make_run_dir(run_dir):
 
 
 def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=None, rank_samplers=None,
-             noise_states=None):
+             noise_states=None, best=False):
     """Write train_state-<step>.npz, then model-<step> and the `checkpoint` file naming it.
 
     rank_samplers: in a data-parallel run, every rank's sampler state (rank 0's is `sampler`'s).
     noise_states: with --noise, every rank's noise.TokenNoise state.
+    best: save the best validation checkpoint instead (early_stop.save_best: model-best-<step>).
 
     Removes train states whose model-<step> save_model pruned. Returns the model prefix.
     """
     from .model import save_model
     run_dir = Path(run_dir)
     make_run_dir(run_dir)
+
+    def write_state(path):
+        write_train_state(path, step, opt, sampler, avg, history, extra, rank_samplers, noise_states)
+    if best:
+        return early_stop.save_best(model, run_dir, step, write_state, history["val_loss"][-1])
+    write_state(state_path(run_dir, step))
+    save = save_model if model.lora is None else lora.save_adapters  # LoRA: the adapters, not the base
+    prefix = save(model, run_dir, step=step, keep=keep)
+    kept = {int(p.name[6:-6]) for p in run_dir.glob("model-*.index") if p.name[6:-6].isdigit()}
+    for p in run_dir.glob("train_state-*.npz"):
+        s = p.name[len("train_state-"):-len(".npz")]
+        if s.isdigit() and int(s) not in kept:
+            p.unlink()
+    return prefix
+
+
+def write_train_state(path, step, opt, sampler, avg, history, extra=None, rank_samplers=None, noise_states=None):
+    """The optimizer's state, the sampler's, the noise's, the loss average and history, atomically to path."""
     arrays = {f"opt/{k}": v for k, v in opt.state_dict().items()}
     arrays.update({
         "format": np.array(STATE_FORMAT), "step": np.array(step, dtype=np.int64),
@@ -194,36 +220,29 @@ def save_run(model, run_dir, step, opt, sampler, avg, history, keep=None, extra=
         arrays[NOISE_STATE_KEY] = np.array(json.dumps(noise_states))
     for k, v in history.items():
         arrays[f"history/{k}"] = np.asarray(v, dtype=np.float64)
-    with atomic_write(state_path(run_dir, step)) as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
-    save = save_model if model.lora is None else lora.save_adapters  # LoRA: the adapters, not the base
-    prefix = save(model, run_dir, step=step, keep=keep)
-    kept = {int(p.name[6:-6]) for p in run_dir.glob("model-*.index") if p.name[6:-6].isdigit()}
-    for p in run_dir.glob("train_state-*.npz"):
-        s = p.name[len("train_state-"):-len(".npz")]
-        if s.isdigit() and int(s) not in kept:
-            p.unlink()
-    return prefix
 
 
 def load_train_state(run_dir, prefix):
-    """The train state saved with checkpoint `prefix` (a `model-<step>` name): a dict of
-    arrays; just {"step"} when the state file is missing; None for other checkpoint names."""
-    m = re.fullmatch(r"model-(\d+)", Path(prefix).name)
+    """The train state saved with checkpoint `prefix` (a `model-<step>` or `model-best-<step>`
+    name): a dict of arrays; just {"step"} when the state file is missing; None for other names."""
+    m = re.fullmatch(r"model-(best-)?(\d+)", Path(prefix).name)
     if not m:
         return None
-    path = state_path(run_dir, int(m.group(1)))
+    step = int(m.group(2))
+    path = Path(run_dir) / f"train_state-{m.group(1) or ''}{step}.npz"
     if not path.exists():
         log.warning("%s: not found; starting the optimizer and batch order afresh", path)
-        return {"step": np.array(int(m.group(1)))}
+        return {"step": np.array(step)}
     try:
         with np.load(path) as z:
             state = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
         raise Npgpt2Error(f"{path}: unreadable train state ({e}); "
                           f"use --restore_from fresh or an older checkpoint") from None
-    if int(state.get("format", -1)) != STATE_FORMAT or int(state["step"]) != int(m.group(1)):
-        raise Npgpt2Error(f"{path}: not a train state of format {STATE_FORMAT} for step {m.group(1)}")
+    if int(state.get("format", -1)) != STATE_FORMAT or int(state["step"]) != step:
+        raise Npgpt2Error(f"{path}: not a train state of format {STATE_FORMAT} for step {step}")
     state["_path"] = str(path)
     return state
 
@@ -235,9 +254,15 @@ def has_checkpoint(folder):
 def restore(cfg, run_dir):
     """(model, train state or None) as --restore_from says: 'latest' continues the run (or
     starts from the base model when the run has no checkpoint), 'fresh' starts from the base
-    model, a PATH starts from that model folder."""
+    model, 'best' continues the run from its best validation checkpoint (--keep_best), a PATH
+    starts from that model folder."""
     from .model import load_model, resolve_model_dir
     run_dir = Path(run_dir)
+    if cfg.restore_from == "best":
+        prefix = early_stop.best_prefix(run_dir)
+        model, state = load_model(run_dir, checkpoint=prefix), load_train_state(run_dir, prefix)
+        log.info("restored %s at step %d (the best validation loss)", prefix, int(state["step"]))
+        return model, state
     if cfg.restore_from == "latest" and has_checkpoint(run_dir):
         source = run_dir
     else:
@@ -277,11 +302,12 @@ def forward_losses(model, inputs, targets):
     return out
 
 
-def evaluate(model, tokens, context=None, batch_size=16, progress=None):
+def evaluate(model, tokens, context=None, batch_size=16, progress=None, mask=None):
     """Mean loss (nats per token) over every token of `tokens` after the first, each
     predicted once with up to `context` tokens before it in its window. Deterministic.
-    progress(done, total) is called after each batch of windows.
-    Returns (mean loss, number of tokens predicted)."""
+    progress(done, total) is called after each batch of windows. mask: a loss mask like
+    tokens (chat_data.py): only the tokens where it is 1 are scored (still seen as context).
+    Returns (mean loss, number of tokens scored)."""
     T = context or model.hparams["n_ctx"]
     windows = eval_windows(tokens.size, T)
     total, count = 0.0, 0
@@ -290,9 +316,14 @@ def evaluate(model, tokens, context=None, batch_size=16, progress=None):
         # windows of equal length go through together (only the last one can be shorter)
         for n in sorted({n for _, n in group}, reverse=True):
             starts = np.array([s for s, m in group if m == n])
-            seqs = tokens[starts[:, None] + np.arange(n + 1)].astype(np.int64)
-            total += float(forward_losses(model, seqs[:, :-1], seqs[:, 1:]).sum())
-            count += n * len(starts)
+            where = starts[:, None] + np.arange(n + 1)  # [W, n + 1] positions in the stream
+            seqs = tokens[where].astype(np.int64)
+            losses = forward_losses(model, seqs[:, :-1], seqs[:, 1:])  # [W, n]
+            if mask is None:
+                total, count = total + float(losses.sum()), count + n * len(starts)
+            else:
+                scored = mask[where[:, 1:]]  # [W, n] the targets' mask
+                total, count = total + float((losses * scored).sum()), count + int(scored.sum())
         if progress:
             progress(min(i + batch_size, len(windows)), len(windows))
     return total / max(count, 1), count
@@ -386,21 +417,30 @@ def make_run_optimizer(model, names, cfg):
 
 
 def batch_gradients(model, sampler, names, batch_size, micro_batches, noise=None, memory_saving=False):
-    """(mean loss, {name: mean gradient}) over `micro_batches` batches drawn from sampler.
-    noise: a noise.TokenNoise for the inputs (--noise); memory_saving: --memory_saving_gradients."""
-    total, loss = None, 0.0
+    """(mean loss, {name: mean gradient}, weight) over `micro_batches` batches drawn from sampler.
+
+    With a loss mask the mean is over the masked target positions of all micro-batches
+    together: each micro-batch's own masked mean weighted by its count of them. weight is
+    that count (what dist's allreduce_mean weights the ranks by), None without a mask.
+    noise: a noise.TokenNoise for the inputs (--noise); memory_saving: --memory_saving_gradients.
+    """
+    total, loss, weight = None, 0.0, 0
     for _ in range(micro_batches):
-        batch = sampler.sample(batch_size)                                  # [B, T+1]
+        batch, mask = sampler.sample_masked(batch_size)                     # [B, T+1], [B, T] or None
         inputs = batch[:, :-1] if noise is None else noise.apply(batch[:, :-1])  # [B, T]; targets as sampled
-        micro_loss, grads = model.loss_and_grads(inputs, batch[:, 1:], memory_saving=memory_saving)
-        loss += micro_loss / micro_batches
+        micro_loss, grads = model.loss_and_grads(inputs, batch[:, 1:], mask=mask, memory_saving=memory_saving)
+        w = 1 if mask is None else int(mask.sum())  # the caller's mean over positions: each weighs 1
+        loss, weight = loss + micro_loss * w, weight + w
+        if micro_batches > 1:
+            optim.scale_(grads, w)
         if total is None:
             # copied when more micro-batches follow: loss_and_grads may reuse its buffers
             total = {k: grads[k] if micro_batches == 1 else grads[k].copy() for k in names}
         else:
             optim.accumulate(total, grads, names)
         del grads
-    return loss, optim.scale_(total, 1.0 / micro_batches)
+    scale = 1.0 if micro_batches == 1 else 1.0 / weight
+    return loss / weight, optim.scale_(total, scale), None if mask is None else weight
 
 
 def train_step(model, opt, sampler, names, cfg, lr, step, comm, noise=None):
@@ -411,9 +451,9 @@ def train_step(model, opt, sampler, names, cfg, lr, step, comm, noise=None):
     """
     # an overflow or NaN is reported below in one line: NumPy's warnings would only repeat it
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        loss, grads = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients,
-                                      noise, cfg.memory_saving_gradients)
-        loss = comm.allreduce_mean(grads, loss)
+        loss, grads, weight = batch_gradients(model, sampler, names, cfg.batch_size, cfg.accumulate_gradients,
+                                              noise, cfg.memory_saving_gradients)
+        loss = comm.allreduce_mean(grads, loss, weight)
         hint = f"lower --learning_rate (now {cfg.learning_rate}) or raise --warmup"
         if not math.isfinite(loss):
             raise Npgpt2Error(f"loss became {loss} at step {step + 1}; {hint}")
@@ -480,21 +520,30 @@ class Progress:
 class Checkpointer:
     """Saves the run into run_dir (nowhere when None) and remembers the last step saved."""
 
-    def __init__(self, model, run_dir, opt, sampler, cfg, extra, step, comm=None, noise=None):
+    def __init__(self, model, run_dir, opt, sampler, cfg, extra, step, comm=None, noise=None, template=None):
         self.model, self.run_dir, self.opt, self.sampler, self.noise = model, run_dir, opt, sampler, noise
         self.cfg, self.extra = cfg, extra
         self.comm = comm or SingleProcess()
         self.saved_step, self.prefix = step, None
+        self.template = template  # the chat template of a conversation dataset: <run>/chat.json
 
-    def save(self, progress):
-        """Every rank calls it (it gathers their sampler states); only a rank with a run_dir writes."""
+    def save(self, progress, best=False):
+        """Every rank calls it (it gathers their sampler states); only a rank with a run_dir writes.
+        best: the best validation checkpoint (early_stop.py) instead of model-<step>."""
         states = self.comm.gather(self.sampler.get_state())
         noise_states = self.comm.gather(self.noise.get_state()) if self.noise is not None else None
         if self.run_dir is not None:
-            self.prefix = save_run(self.model, self.run_dir, progress.step, self.opt, self.sampler, progress.avg,
-                                   progress.history, self.cfg.max_to_keep, self.extra,
-                                   rank_samplers=states if self.comm.world_size > 1 else None,
-                                   noise_states=noise_states)
+            if self.template is not None:
+                from .chat import write_template
+                make_run_dir(self.run_dir)
+                write_template(self.run_dir, self.template)
+            prefix = save_run(self.model, self.run_dir, progress.step, self.opt, self.sampler, progress.avg,
+                              progress.history, self.cfg.max_to_keep, self.extra,
+                              rank_samplers=states if self.comm.world_size > 1 else None,
+                              noise_states=noise_states, best=best)
+            if best:
+                return
+            self.prefix = prefix
             log.info("saved %s", self.prefix)
             if self.cfg.plot:
                 from .plot import plot_losses
@@ -502,19 +551,23 @@ class Checkpointer:
         self.saved_step = progress.step
 
 
-def validation_batches(cfg, tokens, val_tokens, T, n_vocab):
-    """The fixed validation batches (OpenAI's train.py draws them once, with seed 1)."""
+def validation_batches(cfg, tokens, val_tokens, T, n_vocab, val_mask=None):
+    """The fixed validation batches (OpenAI's train.py draws them once, with seed 1): a list of
+    (tokens (B, T+1), the targets' loss mask (B, T) or None)."""
     if not cfg.val_every:
         return []
     vt = val_tokens if val_tokens is not None else tokens
     check_tokens(vt, n_vocab, T, cfg.val_dataset or cfg.dataset or "dataset", "--val_dataset")
-    vs = Sampler(vt, T + 1, seed=1)
-    return [vs.sample(cfg.val_batch_size) for _ in range(cfg.val_batch_count)]
+    vs = Sampler(vt, T + 1, seed=1, mask=val_mask)
+    return [vs.sample_masked(cfg.val_batch_size) for _ in range(cfg.val_batch_count)]
 
 
 def validate(model, batches):
-    """Mean loss over the validation batches."""
-    return float(np.mean([forward_losses(model, b[:, :-1], b[:, 1:]).mean() for b in batches]))
+    """Mean loss over the validation batches; with masks, over all their masked positions."""
+    losses = [(forward_losses(model, b[:, :-1], b[:, 1:]), m) for b, m in batches]
+    if batches[0][1] is None:
+        return float(np.mean([x.mean() for x, _ in losses]))
+    return float(sum((x * m).sum() for x, m in losses) / sum(m.sum() for _, m in losses))
 
 
 def samples_or_save(model, tokenizer, cfg, progress, run_name, checkpointer):
@@ -529,14 +582,16 @@ def samples_or_save(model, tokenizer, cfg, progress, run_name, checkpointer):
 
 
 def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state=None, on_step=None,
-        comm=None):
+        comm=None, mask=None, val_mask=None, template=None):
     """Train `model` in place on the 1-D token array `tokens` as `cfg` says.
 
     run_dir: where checkpoints go (None = nowhere). state: a train state from restore()
     to continue from. on_step(info) is called after every update with a dict: step,
     loss, avg, secs, tok_s, lr, grad_norm (and val_loss when validated). comm: the
-    communicator of a data-parallel run (default SingleProcess()).
-    Returns a dict: step, loss, avg, history, interrupted, checkpoint (last prefix saved).
+    communicator of a data-parallel run (default SingleProcess()). mask, val_mask: loss
+    masks like tokens and val_tokens (chat_data.py; None = every token is a target); template:
+    the chat template to record in <run_dir>/chat.json.
+    Returns a dict: step, loss, avg, history, interrupted, early_stopped, checkpoint (last prefix saved).
     """
     comm = comm or SingleProcess()
     T = check_config(cfg, model.hparams["n_ctx"])
@@ -544,30 +599,34 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
         raise Npgpt2Error("training an int8 model: its weights are for generation only; load it as float32 "
                           "(the default, which dequantises an int8 folder) to train it, or train LoRA adapters on it")
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
+    if mask is not None and not mask.any():
+        raise Npgpt2Error(f"{cfg.dataset or 'dataset'}: the loss mask has no 1s: no token to train on "
+                          f"(--train_on all trains on every token)")
     check_train_memory(model, cfg, T)
     names = trained_names(model, cfg)
     opt = make_run_optimizer(model, names, cfg)
     seed = cfg.seed if cfg.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
     seed = comm.bcast(seed)  # one --seed for the run; each rank's stream is derived from it
     if cfg.shared_stream:
-        sampler = dist.RankSlice(Sampler(tokens, T + 1, seed), comm.rank, comm.world_size)
+        sampler = dist.RankSlice(Sampler(tokens, T + 1, seed, mask), comm.rank, comm.world_size)
     else:
-        sampler = Sampler(tokens, T + 1, dist.rank_seed(seed, comm.rank))
+        sampler = Sampler(tokens, T + 1, dist.rank_seed(seed, comm.rank), mask)
     progress = Progress.resume(state, opt, sampler, comm, seed)
     noise = run_noise(cfg.noise, model.hparams["n_vocab"], seed, comm, state)
     if (state is None or "sampler" not in state) and comm.is_main:
         log.info("batch order seed %d", seed)
-    val_batches = (validation_batches(cfg, tokens, val_tokens, T, model.hparams["n_vocab"])
-                   if comm.is_main else [])
+    val_batches = (validation_batches(cfg, tokens, val_tokens, T, model.hparams["n_vocab"],
+                                      val_mask if val_tokens is not None else mask) if comm.is_main else [])
     end = progress.step + cfg.steps if cfg.steps else None
     decay_steps = cfg.lr_decay_steps or (end or 0)
     run_name = Path(run_dir).name if run_dir is not None else cfg.run_name
     tokens_per_step = cfg.batch_size * T * cfg.accumulate_gradients * comm.world_size
     extra = {"config": dataclasses.asdict(cfg), "seed": seed}
     checkpointer = Checkpointer(model, run_dir if comm.is_main else None, opt, sampler, cfg, extra, progress.step,
-                                comm, noise)
+                                comm, noise, template)
+    keeper = early_stop.BestKeeper(cfg, comm)
     ranks = f" ranks={comm.world_size}" if comm.world_size > 1 else ""
-    loss, start_time, stopped = float("nan"), time.time(), False
+    loss, start_time, stopped, early = float("nan"), time.time(), False, False
 
     with StopFlag(dist.stop_signals(comm)) as stop:
         while end is None or progress.step < end:
@@ -587,19 +646,23 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
                 info["val_loss"] = validate(model, val_batches)
                 progress.record_val(info["val_loss"])
                 log.info("[%d | %.2f] validation loss = %.4f", step, time.time() - start_time, info["val_loss"])
+            if cfg.val_every and step % cfg.val_every == 0 and (cfg.early_stop or cfg.keep_best):
+                early = keeper.after_validation(progress, checkpointer)  # every rank
             if on_step is not None:
                 on_step(info)
             if cfg.sample_every and step % cfg.sample_every == 0 and tokenizer is not None and comm.is_main:
                 samples_or_save(model, tokenizer, cfg, progress, run_name, checkpointer)
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpointer.save(progress)
+            if early:
+                break
             if comm.any(stop.requested):  # every rank stops after the same step
                 stopped = True
                 break
         if progress.step != checkpointer.saved_step:
             checkpointer.save(progress)
     return dict(step=progress.step, loss=loss, avg=progress.mean, history=progress.history,
-                interrupted=stopped, checkpoint=checkpointer.prefix)
+                interrupted=stopped, early_stopped=early, checkpoint=checkpointer.prefix)
 
 
 def check_inputs(cfg):
@@ -628,18 +691,17 @@ def train(cfg, on_step=None, comm=None):
     the others receive the model, the train state and the tokens from it (share_run), so
     the other machines of a run need npgpt2 but neither the model nor the dataset.
     """
+    from .chat_data import load_training_data
     from .tokenizer import load_tokenizer
     comm = comm or SingleProcess()
     if cfg.lora and comm.world_size > 1:
         raise Npgpt2Error("--lora: not supported under mpirun yet; train LoRA adapters in one process")
-    model = state = tokens = val = tokenizer = run_dir = None
+    model = state = tokens = val = tokenizer = run_dir = mask = val_mask = template = None
     if comm.is_main:
         run_dir = check_inputs(cfg)
         model, state = restore(cfg, run_dir)
         tokenizer = load_tokenizer(model.source_dir)
-        tokens = load_dataset(cfg.dataset, tokenizer, cfg.encoding, cfg.combine, "--dataset", cfg.keep_crlf)
-        val = load_dataset(cfg.val_dataset, tokenizer, cfg.encoding, cfg.combine, "--val_dataset", cfg.keep_crlf) \
-            if cfg.val_dataset else None
+        tokens, mask, val, val_mask, template = load_training_data(cfg, tokenizer, model.source_dir)
         if tokenizer.n_vocab != model.hparams["n_vocab"]:
             log.warning("the tokenizer has %d ids but the model %d; samples are off", tokenizer.n_vocab,
                         model.hparams["n_vocab"])
@@ -647,12 +709,12 @@ def train(cfg, on_step=None, comm=None):
         log.info("dataset: %d tokens%s", tokens.size,
                  f", validation: {val.size} tokens" if val is not None else "")
     if comm.world_size > 1:
-        model, state, tokens = share_run(comm, model, state, tokens)
-    return fit(model, tokens, cfg, run_dir, tokenizer, val, state, on_step, comm)
+        model, state, tokens, mask = share_run(comm, model, state, tokens, mask)
+    return fit(model, tokens, cfg, run_dir, tokenizer, val, state, on_step, comm, mask, val_mask, template)
 
 
-def share_run(comm, model, state, tokens):
-    """Rank 0's model, train state (or None) and training tokens, on every rank."""
+def share_run(comm, model, state, tokens, mask=None):
+    """Rank 0's model, train state (or None), training tokens and loss mask (or None), on every rank."""
     from .model import GPT2
     meta = comm.bcast(None if not comm.is_main else {
         "hparams": model.hparams,
@@ -660,9 +722,10 @@ def share_run(comm, model, state, tokens):
         "state_arrays": state is not None})
     params = comm.bcast_arrays(dict(model.params) if comm.is_main else None)
     arrays = comm.bcast_arrays(None if not comm.is_main else {
-        "tokens": tokens, **({k: v for k, v in state.items() if isinstance(v, np.ndarray)} if state else {})})
+        "tokens": tokens, **({"loss_mask": mask} if mask is not None else {}),
+        **({k: v for k, v in state.items() if isinstance(v, np.ndarray)} if state else {})})
     if comm.is_main:
-        return model, state, tokens
-    tokens = arrays.pop("tokens")
+        return model, state, tokens, mask
+    tokens, mask = arrays.pop("tokens"), arrays.pop("loss_mask", None)
     state = None if meta["state"] is None else {**meta["state"], **arrays}
-    return GPT2(meta["hparams"], params), state, tokens
+    return GPT2(meta["hparams"], params), state, tokens, mask

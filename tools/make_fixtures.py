@@ -20,8 +20,11 @@ Outputs (see tests/fixtures/README.md for the formats):
                               logits, loss, adapter gradients, merge_and_unload weights (lora/README.md)
   lora/npgpt2_written_peft.npz  peft's logits for the adapter folder npgpt2 wrote (part lora_ours)
 
-Pass part names (tiny, full, optim, introspect, lora, lora_ours) to regenerate only those parts; the lora
-parts need only torch, transformers and peft (no TensorFlow).
+  mask_reference.npz          torch cross_entropy(..., ignore_index=-100): the masked loss and its
+                              gradients, on given logits (x @ wte.T) and through the whole tiny model
+
+Pass part names (tiny, full, optim, introspect, lora, lora_ours, mask) to regenerate only those parts; the
+lora and mask parts need only torch (and transformers, peft), no TensorFlow.
 
 The generator also checks, without committing anything: the checkpoint reads back bit-exactly through
 TensorFlow, HF float64 logits agree with an independent NumPy forward written below (guards against a
@@ -44,7 +47,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 try:
     import tensorflow as tf
-except ImportError:  # the lora parts need only torch + peft; tiny/full say so below
+except ImportError:  # the parts that write TF checkpoints need it; lora, lora_ours and mask need only torch
     tf = None
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -726,6 +729,54 @@ def make_lora_ours(report):
                     out[f"rank/{prefix}"] = np.int64(mod.r["default"])
     report["ours in peft |f32 - f64 logits|"] = float(np.abs(out["logits_f32"] - out["logits_f64"]).max())
     save_npz(LORA / f"{OURS}_peft.npz", out)
+# ---------------------------------------------------------------- loss mask (chat training)
+SEED_MASK = 44
+
+
+def masked_targets(targets, mask):
+    """torch's convention: a position left out of the loss has target -100 (ignore_index)."""
+    return torch.from_numpy(np.where(mask == 1, targets, -100)).reshape(-1)
+
+
+def make_mask(report):
+    """The masked mean cross-entropy sum(mask * ce) / sum(mask) as torch computes it with
+    ignore_index=-100 (its default mean is over the positions not ignored), in float64:
+    (1) on given logits x @ wte.T, gradients w.r.t. x and wte; (2) through the whole tiny HF
+    model (the tiny/ checkpoint's values), every parameter's gradient."""
+    hp = TINY_HPARAMS
+    rng = np.random.default_rng(SEED_MASK)
+    B, T, C, V = 2, hp["n_ctx"], hp["n_embd"], hp["n_vocab"]
+    x = rng.normal(0.0, 1.0, (B, T, C))
+    wte = rng.normal(0.0, 0.5, (V, C))
+    tokens = rng.integers(0, V, size=(B, T), dtype=np.int64)
+    targets = rng.integers(0, V, size=(B, T), dtype=np.int64)
+    mask = (rng.random((B, T)) < 0.4).astype(np.uint8)  # row 0: about 40% of the positions
+    mask[1] = 0
+    mask[1, [3, 4, T - 1]] = 1  # row 1: three positions, the last one included
+    ignored = masked_targets(targets, mask)
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    wt = torch.from_numpy(wte).requires_grad_(True)
+    logits = xt @ wt.T
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), ignored, ignore_index=-100)
+    loss.backward()
+    ref = {"x": x, "wte": wte, "tokens": tokens, "targets": targets, "mask": mask,
+           "head_logits": logits.detach().numpy(), "head_loss": np.float64(loss.item()),
+           "head_dx": xt.grad.numpy(), "head_dwte": wt.grad.numpy()}
+    report["mask head loss"] = loss.item()
+
+    m64 = build_hf(hp, make_values(hp, SEED_TINY_VALUES), torch.float64)
+    m64.zero_grad(set_to_none=True)
+    out = m64(torch.from_numpy(tokens)).logits
+    loss = torch.nn.functional.cross_entropy(out.reshape(-1, V), ignored, ignore_index=-100)
+    loss.backward()
+    params = dict(m64.named_parameters())
+    for hf_name, (tf_name, _) in hf_name_map(hp).items():
+        g = params[hf_name].grad.detach().numpy().copy()
+        ref[f"grad/{tf_name}"] = g[None] if tf_name.endswith("/w") else g
+    ref["model_loss"] = np.float64(loss.item())
+    report["mask model loss"] = loss.item()
+    save_npz(FIX / "mask_reference.npz", ref)
 
 
 def main():
@@ -736,13 +787,13 @@ def main():
     torch.set_num_threads(1)  # shared 2-core machine; also keeps reductions in one order
     FIX.mkdir(parents=True, exist_ok=True)
     report = {"python": sys.version.split()[0], "numpy": np.__version__,
-              "tensorflow": tf.__version__ if tf else None, "torch": torch.__version__,
+              "tensorflow": tf.__version__ if tf is not None else None, "torch": torch.__version__,
               "transformers": transformers.__version__}
-    parts = (("tiny", make_tiny), ("full", make_full), ("optim", make_optim),
-             ("introspect", make_introspect), ("lora", make_lora), ("lora_ours", make_lora_ours))
+    parts = (("tiny", make_tiny), ("full", make_full), ("optim", make_optim), ("introspect", make_introspect),
+             ("lora", make_lora), ("lora_ours", make_lora_ours), ("mask", make_mask))
     for name, make in parts:
         if not only or name in only:
-            if name in ("tiny", "full"):
+            if name in ("tiny", "full", "optim", "introspect"):  # they write or read TF checkpoints
                 if tf is None:
                     sys.exit(f"{name}: needs tensorflow (tools/fixtures-requirements.txt)")
                 tf.compat.v1.disable_eager_execution()
