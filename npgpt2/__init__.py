@@ -8,6 +8,7 @@
 """
 from .chat import ChatSession
 from .errors import Npgpt2Error
+from .examples import example_dir
 from .interp import input_gradient, logit_lens
 from .model import GPT2, init_model, load_model, save_model
 from .sampling import generate
@@ -24,5 +25,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
 
 
-__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "input_gradient",
-           "load_model", "load_tokenizer", "logit_lens", "save_model"]
+__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "example_dir", "generate", "init_model",
+           "input_gradient", "load_model", "load_tokenizer", "logit_lens", "save_model"]

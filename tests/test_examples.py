@@ -1,0 +1,124 @@
+"""The trained models shipped in npgpt2/examples/: they load, and the induction model has
+what tools/train_examples.py says it learnt, measured here on fresh random sequences with
+run_with_cache (the scores are computed in this file, by indexing the patterns directly).
+"""
+import math
+
+import numpy as np
+import pytest
+
+import npgpt2
+from npgpt2 import explain
+from npgpt2.cli import main
+from npgpt2.errors import Npgpt2Error
+
+
+@pytest.fixture(scope="module")
+def induction():
+    folder = npgpt2.example_dir("induction")
+    return npgpt2.load_model(folder), npgpt2.load_tokenizer(folder)
+
+
+def repeated(rng, V, n, prefix, span, gap):
+    """n rows: `prefix` random tokens, a random span, `gap` random tokens, the span again."""
+    first = rng.integers(0, V, size=(n, prefix + span + gap))
+    return np.concatenate([first, first[:, prefix:prefix + span]], axis=1), prefix, prefix + span + gap
+
+
+def test_example_dir_names_and_the_error():
+    for name in ("induction", "jargon"):
+        d = npgpt2.example_dir(name)
+        assert d.name == name and (d / "hparams.json").is_file() and (d / "checkpoint").is_file()
+    with pytest.raises(Npgpt2Error, match="unknown example 'nope' \\(choose one of induction, jargon\\)") as e:
+        npgpt2.example_dir("nope")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("prefix, span, gap", [(1, 10, 0), (5, 12, 7), (11, 8, 3), (3, 16, 10)])
+def test_induction_second_copy_is_predicted_first_is_chance(induction, prefix, span, gap):
+    model, _ = induction
+    V = model.hparams["n_vocab"]
+    toks, s1, s2 = repeated(np.random.default_rng(prefix), V, 32, prefix, span, gap)
+    logits = model.forward(toks).astype(np.float64)                            # (32, T, V)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp[:, :-1], toks[:, 1:, None], axis=-1)[..., 0]  # position t predicts t + 1
+    first = nll[:, s1:s1 + span - 1].mean()                                   # inside the first copy
+    second = nll[:, s2:s2 + span - 1].mean()                                  # inside the second copy
+    assert abs(first - math.log(V)) < 0.25, first
+    assert second < 0.3, second
+
+
+def test_induction_heads_by_their_patterns(induction):
+    model, _ = induction
+    V, period = model.hparams["n_vocab"], 20
+    r = np.random.default_rng(7).integers(0, V, size=(32, period))
+    _, acts = model.run_with_cache(np.concatenate([r, r], axis=1), names=["h0.attn.pattern", "h1.attn.pattern"])
+    T = 2 * period
+    t = np.arange(1, T)
+    prev = acts["h0.attn.pattern"][:, :, t, t - 1].mean(axis=(0, 2))          # (NH,) weight on t - 1
+    t = np.arange(period, T)
+    ind = acts["h1.attn.pattern"][:, :, t, t - period + 1].mean(axis=(0, 2))  # (NH,) on what followed last time
+    assert prev.max() > 0.5, prev
+    assert ind.max() > 0.5, ind
+
+
+def test_induction_text_through_the_tokenizer(induction):
+    model, tok = induction
+    ids = tok.encode("cat dog red blue sun moon tree fish cat dog red blue sun moon")
+    nxt = model.forward(np.array([ids]))[0, -1]
+    assert tok.decode([int(nxt.argmax())]) == " tree"
+
+
+def test_trained_examples_do_not_look_random(induction):
+    model, tok = induction
+    r = explain.build_report(model, tok, "cat dog red blue sun cat dog red")
+    assert r["random_weights"]["verdict"] is False
+    jargon = npgpt2.load_model(npgpt2.example_dir("jargon"))
+    r = explain.build_report(jargon, npgpt2.load_tokenizer(npgpt2.example_dir("jargon")), "hacker: a person who")
+    assert r["random_weights"]["verdict"] is False
+
+
+def test_random_init_is_said_to_be_random():
+    model = npgpt2.init_model(dict(n_vocab=50257, n_ctx=32, n_embd=32, n_head=2, n_layer=2), seed=3)
+    r = explain.build_report(model, npgpt2.load_tokenizer(), "The quick brown fox jumps")
+    assert r["random_weights"]["verdict"] is True and r["random_weights"]["untouched"] is True
+    for name, p in model.params.items():  # biases moved a little: the init scale still tells
+        if name.endswith("/b"):
+            p[...] = 0.01
+    r = explain.build_report(model, npgpt2.load_tokenizer(), "The quick brown fox jumps")
+    rw = r["random_weights"]
+    assert rw["verdict"] is True and rw["untouched"] is False
+    assert 0.9 < rw["weight_std_ratio"] < 1.1 and rw["attention_uniformity"] > 0.99
+    assert explain.format_report(r, 80).startswith("warning: these weights look untrained")
+
+
+def test_jargon_loads_int8_and_float(capsys):
+    folder = npgpt2.example_dir("jargon")
+    f32 = npgpt2.load_model(folder)
+    i8 = npgpt2.load_model(folder, dtype="int8")
+    assert f32.weight_dtype != "int8" and i8.weight_dtype == "int8"
+    ids = npgpt2.load_tokenizer(folder).encode("hacker: a person who")
+    a, b = f32.forward(np.array([ids]))[0, -1], i8.forward(np.array([ids]))[0, -1]
+    assert np.argmax(a) == np.argmax(b)
+
+
+@pytest.mark.parametrize("argv", [["explain", "--example", "induction", "cat dog red cat dog"],
+                                  ["explain", "--example", "jargon", "hacker: a person who"]])
+def test_cli_example_flag(capsys, argv):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Next token" in out and "warning: these weights look untrained" not in out
+
+
+def test_cli_unknown_example(capsys):
+    assert main(["explain", "--example", "nope", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--example: unknown example 'nope'" in err
+
+
+def test_cli_example_on_prompt(capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("cat dog red blue cat dog red\n"))
+    assert main(["prompt", "--example", "induction", "--length", "3", "--temperature", "0", "--seed", "1"]) == 0
+    assert " blue" in capsys.readouterr().out

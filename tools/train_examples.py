@@ -1,0 +1,172 @@
+"""Train the example models shipped in npgpt2/examples/ (see npgpt2/examples/__init__.py).
+
+    nice -n 10 python tools/train_examples.py induction   # ~10 minutes on 2 shared cores
+    nice -n 10 python tools/train_examples.py jargon      # the `npgpt2 demo` recipe, then int8
+
+Both use npgpt2's own training code: "induction" init_model + GPT2.loss_and_grads + optim.AdamW
+with fresh random batches every step; "jargon" demo.run_demo (which calls train.fit). Each
+folder is written to a temporary folder next to its place and renamed over it at the end, so
+an interrupted run leaves the shipped model as it was. Seeds are fixed: a rerun gives the same
+model up to BLAS roundoff. The induction run logs the loss on the first and the second copy of
+a repeated block and the heads' scores as it goes (it prints its own numbers; the tests
+measure the committed folder independently).
+"""
+import argparse
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from npgpt2 import optim  # noqa: E402
+from npgpt2.compact_vocab import VOCAB_FILE  # noqa: E402
+from npgpt2.examples import HERE, WORDS  # noqa: E402
+from npgpt2.interp import induction_score, previous_token_score  # noqa: E402
+from npgpt2.model import init_model, load_model, save_model  # noqa: E402
+from npgpt2.tokenizer import load_tokenizer  # noqa: E402
+
+log = logging.getLogger("train_examples")
+
+INDUCTION = dict(n_ctx=48, n_embd=64, n_head=4, n_layer=2, batch_size=32, steps=4000, learning_rate=3e-3,
+                 warmup=100, weight_decay=0.1, span=(6, 21), seed=0, eval_period=20,
+                 sinusoid_wpe=True)
+
+
+def induction_vocab():
+    """The 128 GPT-2 ids of WORDS without and with a leading space, ascending."""
+    tok = load_tokenizer()
+    ids = [tok.encode(w)[0] for w in WORDS] + [tok.encode(" " + w)[0] for w in WORDS]
+    return np.unique(np.array(ids, dtype=np.int64))
+
+
+def repeat_batch(rng, B, T, V, span):
+    """(B, T + 1) random tokens with repeats after a random-length prefix (>= 1 token), a
+    span of random length L (span[0] <= L < span[1]). Even rows: the span once more at a random
+    later offset (maybe after a gap); odd rows: the span over and over to the end (period L),
+    which gives the gradient more repeated tokens to learn from. The offsets vary, so copying
+    by position cannot work, only looking up what followed the current token last time."""
+    x = rng.integers(0, V, size=(B, T + 1))
+    for b in range(B):
+        L = int(rng.integers(*span))
+        s1 = int(rng.integers(1, T + 2 - 2 * L))       # the first copy: x[s1:s1 + L]
+        if b % 2:
+            n = T + 1 - s1                              # to the end: x[s1 + L + i] = x[s1 + i]
+            x[b, s1:] = np.resize(x[b, s1:s1 + L], n)
+        else:
+            s2 = int(rng.integers(s1 + L, T + 2 - L))  # the second, after it (maybe with a gap)
+            x[b, s2:s2 + L] = x[b, s1:s1 + L]
+    return x
+
+
+def measure(model, rng, period):
+    """Loss on the first / second copy of a random block repeated once, and the heads' scores."""
+    V = model.hparams["n_vocab"]
+    r = rng.integers(0, V, size=(16, period))
+    toks = np.concatenate([r, r], axis=1)                                       # (16, 2 period)
+    logits, acts = model.run_with_cache(toks, names=["h0.attn.pattern", "h1.attn.pattern"])
+    z = logits[:, :-1].astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, toks[:, 1:, None], axis=-1)[..., 0]          # (16, 2 period - 1)
+    return dict(first=float(ce[:, :period - 1].mean()), second=float(ce[:, period:].mean()),
+                prev=previous_token_score(acts["h0.attn.pattern"]).round(2).tolist(),
+                induction=induction_score(acts["h1.attn.pattern"], period).round(2).tolist())
+
+
+def train_induction(out_dir, steps=None, overrides=None):
+    c = dict(INDUCTION, steps=steps or INDUCTION["steps"], **(overrides or {}))
+    log.info("induction recipe: %s", c)
+    vocab = induction_vocab()
+    V, T = int(vocab.size), c["n_ctx"]
+    model = init_model(dict(n_vocab=V, n_ctx=T, n_embd=c["n_embd"], n_head=c["n_head"], n_layer=c["n_layer"]),
+                       seed=c["seed"])
+    if c["sinusoid_wpe"]:
+        # start wpe from the Transformer paper's sinusoids at GPT-2's init scale (0.02): every
+        # offset is then a fixed rotation of the position vectors, so a head can learn "attend
+        # to t - 1" quickly; from random wpe the previous-token head is slow to appear
+        wpe = model.params["model/wpe"]                                              # (n_ctx, C)
+        pos, i = np.arange(T)[:, None], np.arange(wpe.shape[1] // 2)[None, :]
+        angle = pos / 10000.0 ** (2 * i / wpe.shape[1])                              # (n_ctx, C/2)
+        wpe[:, 0::2], wpe[:, 1::2] = np.sin(angle) * 0.02 * math.sqrt(2), np.cos(angle) * 0.02 * math.sqrt(2)
+    decay = {k: (c["weight_decay"] if p.ndim >= 2 else 0.0) for k, p in model.params.items()}
+    opt = optim.AdamW(dict(model.params), lr=c["learning_rate"], weight_decay=decay)
+    rng, eval_rng = np.random.default_rng(c["seed"]), np.random.default_rng(c["seed"] + 1)
+    t0 = time.time()
+    for step in range(1, c["steps"] + 1):
+        lr = optim.learning_rate(step - 1, c["learning_rate"], c["warmup"], "cosine", c["steps"])
+        x = repeat_batch(rng, c["batch_size"], T, V, c["span"])                  # [B, T+1]
+        loss, grads = model.loss_and_grads(x[:, :-1], x[:, 1:])
+        optim.clip_grad_norm(grads, 1.0)
+        opt.step(grads, lr)
+        if step % 250 == 0 or step == c["steps"]:
+            log.info("step %d (%.0f s): loss %.3f; %s (log V = %.2f)", step, time.time() - t0, loss,
+                     measure(model, eval_rng, c["eval_period"]), math.log(V))
+    write_folder(out_dir, lambda tmp: _save_compact(model, tmp, vocab))
+
+
+def _save_compact(model, folder, vocab):
+    save_model(model, folder)
+    with open(Path(folder) / VOCAB_FILE, "wb") as f:
+        np.save(f, vocab)
+
+
+def train_jargon(out_dir, steps=None):
+    from npgpt2.convert import write_int8
+    from npgpt2.demo import run_demo
+    with tempfile.TemporaryDirectory(dir=HERE) as run:
+        result = run_demo(steps=steps, seed=0, out_dir=Path(run) / "demo", sample_num=3)
+        log.info("jargon: validation loss %.3f (unigram entropy %.3f) after %d steps, %.0f s",
+                 result["val_loss"], result["unigram_entropy"], result["steps"], result["train_seconds"])
+        model = load_model(Path(run) / "demo")
+
+        def write(tmp):
+            write_int8(tmp, model.hparams, dict(model.params))
+            shutil.copyfile(Path(run) / "demo" / VOCAB_FILE, Path(tmp) / VOCAB_FILE)
+            shutil.copyfile(Path(run) / "demo" / "samples.txt", Path(tmp) / "samples.txt")
+        write_folder(out_dir, write)
+
+
+def write_folder(out_dir, write):
+    """write(tmp) fills a fresh folder; the packaged tokenizer files are dropped (load_tokenizer
+    falls back to them), then the folder replaces out_dir."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp)
+        for name in ("encoder.json", "vocab.bpe"):
+            (tmp / name).unlink(missing_ok=True)
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s: %s", out_dir, ", ".join(sorted(p.name for p in out_dir.iterdir())))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("name", choices=["induction", "jargon"])
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's steps (a quick try)")
+    p.add_argument("--out", default=None, help="folder to write (default npgpt2/examples/NAME)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="induction: change one INDUCTION setting (a Python literal), e.g. --set n_ctx=48")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out) if args.out else HERE / args.name
+    if args.name == "induction":
+        import ast
+        train_induction(out, args.steps, {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    else:
+        train_jargon(out, args.steps)
+
+
+if __name__ == "__main__":
+    main()
