@@ -341,10 +341,10 @@ def format_report(report, width=100):
     """The report as terminal text at most `width` columns wide (a narrow floor of 40)."""
     width = max(40, int(width))
     out = []
-    if report.get("random_weights", {}).get("verdict"):
-        out.append(f"warning: {report['random_weights']['message']}")
     if report.get("note"):
         out.append(f"note: {report['note']}")
+    if report.get("random_weights", {}).get("verdict"):  # before any number is shown
+        out.append(f"warning: {report['random_weights']['message']}")
     toks = report["tokens"]
     m = report["model"]
     out.append(f"Tokens ({len(toks)} of n_ctx {m['n_ctx']}; [position] text id):")

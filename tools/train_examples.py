@@ -35,7 +35,7 @@ log = logging.getLogger("train_examples")
 
 INDUCTION = dict(n_ctx=48, n_embd=64, n_head=4, n_layer=2, batch_size=32, steps=4000, learning_rate=3e-3,
                  warmup=100, weight_decay=0.1, span=(6, 21), seed=0, eval_period=20,
-                 sinusoid_wpe=True)
+                 sinusoid_wpe=False, skip_rows=0.0, skip_rule=0.8)
 
 
 def induction_vocab():
@@ -61,6 +61,20 @@ def repeat_batch(rng, B, T, V, span):
         else:
             s2 = int(rng.integers(s1 + L, T + 2 - L))  # the second, after it (maybe with a gap)
             x[b, s2:s2 + L] = x[b, s1:s1 + L]
+    return x
+
+
+def skip_bigram_rows(rng, n, T, perm, p_rule):
+    """(n, T + 1) rows of triples (a, b, perm[a]): random a and b, then, with probability
+    p_rule, the token two back mapped by a fixed permutation (else random). Predicting it
+    needs the previous token at the current position, which a previous-token head in layer 0
+    provides: the half of an induction head that random repeats alone reward only once the
+    other half exists. Only that offset is rewarded (perm[a] is never used again)."""
+    V = perm.size
+    x = rng.integers(0, V, size=(n, T + 1))
+    t = np.arange(2, T + 1, 3)                                   # the third of each triple
+    rule = rng.random((n, t.size)) < p_rule
+    x[:, t] = np.where(rule, perm[x[:, t - 2]], x[:, t])
     return x
 
 
@@ -97,10 +111,14 @@ def train_induction(out_dir, steps=None, overrides=None):
     decay = {k: (c["weight_decay"] if p.ndim >= 2 else 0.0) for k, p in model.params.items()}
     opt = optim.AdamW(dict(model.params), lr=c["learning_rate"], weight_decay=decay)
     rng, eval_rng = np.random.default_rng(c["seed"]), np.random.default_rng(c["seed"] + 1)
+    perm = rng.permutation(V)
     t0 = time.time()
     for step in range(1, c["steps"] + 1):
         lr = optim.learning_rate(step - 1, c["learning_rate"], c["warmup"], "cosine", c["steps"])
         x = repeat_batch(rng, c["batch_size"], T, V, c["span"])                  # [B, T+1]
+        n_skip = int(c["batch_size"] * c["skip_rows"])
+        if n_skip:
+            x[:n_skip] = skip_bigram_rows(rng, n_skip, T, perm, c["skip_rule"])
         loss, grads = model.loss_and_grads(x[:, :-1], x[:, 1:])
         optim.clip_grad_norm(grads, 1.0)
         opt.step(grads, lr)
@@ -137,6 +155,7 @@ def write_folder(out_dir, write):
     falls back to them), then the folder replaces out_dir."""
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the shipped folder is read by everyone
     try:
         write(tmp)
         for name in ("encoder.json", "vocab.bpe"):
