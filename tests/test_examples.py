@@ -122,3 +122,12 @@ def test_cli_example_on_prompt(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("cat dog red blue cat dog red\n"))
     assert main(["prompt", "--example", "induction", "--length", "3", "--temperature", "0", "--seed", "1"]) == 0
     assert " blue" in capsys.readouterr().out
+
+
+def test_cli_train_starts_from_an_example(tmp_path, capsys):
+    # jargon's int8 weights load dequantised and contiguous, so the optimizer can update them
+    data = tmp_path / "data.txt"
+    data.write_text("hacker: a person who enjoys the details of programmable systems.\n" * 20)
+    assert main(["train", "--example", "jargon", "--dataset", str(data), "--steps", "1", "--context", "16",
+                 "--checkpoint_dir", str(tmp_path), "--run_name", "ft", "--sample_every", "0"]) == 0
+    assert "Done at step 1" in capsys.readouterr().out and (tmp_path / "ft" / "model-1.index").is_file()
