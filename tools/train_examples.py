@@ -91,7 +91,9 @@ def measure(model, rng, period):
     ce = -np.take_along_axis(logp, toks[:, 1:, None], axis=-1)[..., 0]          # (16, 2 period - 1)
     return dict(first=float(ce[:, :period - 1].mean()), second=float(ce[:, period:].mean()),
                 prev=previous_token_score(acts["h0.attn.pattern"]).round(2).tolist(),
-                induction=induction_score(acts["h1.attn.pattern"], period).round(2).tolist())
+                induction=induction_score(acts["h1.attn.pattern"], period).round(2).tolist(),
+                # one place further: what the shipped model's layer-1 heads attend to
+                further=induction_score(acts["h1.attn.pattern"][:, :, 1:, 1:], period - 1).round(2).tolist())
 
 
 def train_induction(out_dir, steps=None, overrides=None):
