@@ -35,12 +35,12 @@ class LearnerError(Exception):
     """The learner's function raised or returned something unusable: the message says what."""
 
 
-def call(fn, *args, **kwargs):
-    """fn(*args) with copies of the array arguments; an exception becomes a LearnerError
-    naming the exception and the line of the learner's file where it happened."""
-    args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+def call(fn, *args, copy=True):
+    """fn(*args), with copies of the array arguments unless copy=False (a function that works
+    in place); an exception becomes a LearnerError naming it and the learner's line."""
+    args = [a.copy() if copy and isinstance(a, np.ndarray) else a for a in args]
     try:
-        return fn(*args, **kwargs)
+        return fn(*args)
     except Exception as e:  # anything the learner's code raises is reported, not a crash
         where = _learner_line(e, fn)
         raise LearnerError(f"your {fn.__name__} raised {type(e).__name__}: {e}{where}") from None
