@@ -44,6 +44,17 @@ def add_model_flags(p, default_models_dir="weights", adapter=True):
         p.add_argument("--adapter", default=None, metavar="DIR",
                        help="LoRA adapters on the model: an npgpt2 `train --lora` run folder or a Hugging Face "
                             "PEFT folder (a LoRA run folder also loads by itself as --model_name)")
+    p.add_argument("--example", default=None, metavar="NAME",
+                   help="use a trained model shipped with npgpt2: induction or jargon (wins over "
+                        "--models_dir/--model_name)")
+
+
+def apply_example(args):
+    """--example NAME: point --models_dir/--model_name at the shipped example's folder."""
+    if getattr(args, "example", None) is not None:
+        from .examples import example_dir
+        folder = example_dir(args.example)
+        args.models_dir, args.model_name = str(folder.parent), folder.name
 
 
 def add_sampling_knobs(p):
@@ -637,6 +648,35 @@ def cmd_gradcheck(args):
     return 0
 
 
+# ---------------------------------------------------------------- exercises
+def cmd_exercise(args):
+    """List the exercises, show one, or grade a learner's file for one (exit 1 on a failed case)."""
+    from . import exercises
+    if args.action == "list":
+        print(exercises.format_list())
+    elif args.action == "show":
+        print(exercises.show(args.name, hint=args.hint))
+    else:
+        ex, cases = exercises.check(args.name, args.file, seed=args.seed)
+        print(exercises.format_check(ex, cases, args.file))
+        return 0 if all(c.ok for c in cases) else 1
+
+
+def add_exercise_parser(sub):
+    p = sub.add_parser("exercise", help="exercises that grade themselves: write a backward pass, break a layer")
+    actions = p.add_subparsers(dest="action", metavar="<list|show|check>")
+    actions.required = True
+    actions.add_parser("list", help="the exercises")
+    a = actions.add_parser("show", help="an exercise's task and a starter to copy")
+    a.add_argument("name")
+    a.add_argument("--hint", action="store_true", help="also print the hints")
+    a = actions.add_parser("check", help="grade your file: which case fails, where and by how much")
+    a.add_argument("name")
+    a.add_argument("file", help="your .py file defining the exercise's function")
+    a.add_argument("--seed", type=int, default=0, help="seed of the random shapes and values (default 0)")
+    p.set_defaults(func=cmd_exercise)
+
+
 # ---------------------------------------------------------------- parser
 def build_parser():
     parser = Parser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
@@ -848,6 +888,7 @@ def build_parser():
                    help="sampled entries per parameter tensor (default 2; 1 above 10M parameters)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes' values, tokens and samples (default 0)")
     p.set_defaults(func=cmd_gradcheck)
+    add_exercise_parser(sub)
     helps = {a.dest: a.help for a in sub._choices_actions}
     for name, p in sub.choices.items():
         p.set_defaults(subparser=p)
@@ -872,6 +913,7 @@ def _main(argv):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="npgpt2: %(message)s", stream=sys.stderr)
     try:
+        apply_example(args)
         return args.func(args) or 0
     except Npgpt2Error as e:
         print(f"npgpt2: error: {e}", file=sys.stderr)

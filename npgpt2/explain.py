@@ -208,6 +208,7 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     lens_ids, lens_probs = logit_lens_top(model, streams, lens_k, check)  # (L+1, P, k) each
     embed = np.array(blocks[0]["resid_pre"][0], dtype=np.float64)   # (T, C) wte[ids] + wpe[:T]
     away = [head_most_away(b["attn.att"][0]) for b in blocks]       # per layer, from (NH, T, T)
+    looks_random = random_weights(model, [b["attn.att"][0] for b in blocks], logits[0])
     pats = [_ragged(b["attn.att"][0]) if patterns and layer in (None, i) else None
             for i, b in enumerate(blocks)]
     del streams
@@ -226,6 +227,7 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
         "model": {k: int(hp[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")},
         "text": text if text is not None else tokenizer.decode(ids.tolist()),
         "note": note,
+        "random_weights": looks_random,
         "tokens": [{"id": gid(i), "text": tok(i)} for i in ids],
         "next": [{"id": gid(i), "text": tok(i), "prob": float(p)} for i, p in zip(next_ids[0], next_probs[0])],
         "lens": {
@@ -248,6 +250,97 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
         "vocab_ids": None if vocab is None else vocab.tolist(),
         "logit_texts": [[gid(i), tok(i)] for i in head_order],
     }
+
+
+# ---------------------------------------------------------------- do the weights look trained?
+# GPT-2's initialisation (model.init_model): weights N(0, 0.02), wpe N(0, 0.01), the residual
+# projections N(0, 0.02 / sqrt(2 n_layer)), biases 0, layernorm gains 1. Training moves the
+# weights away from that scale (OpenAI's 124M: std 0.1-0.2, 5-10x) and makes attention pick
+# positions and predictions. "Random" = attention on the text is near uniform (mean normalised
+# entropy above UNIFORM_ATTENTION) and either the weights have their init scale (median std
+# within INIT_STD_BAND of init's) or the predictions are near uniform too (mean entropy above
+# UNIFORM_PREDICTION of log V: random weights of another scale, e.g. the test fixtures'); or
+# every bias is still exactly 0 and every gain exactly 1. A trained model that predicts at
+# chance on a text (the induction model on words it has not seen repeat) still attends sharply.
+INIT_STD_BAND = (0.8, 1.25)
+UNIFORM_ATTENTION = 0.95
+UNIFORM_PREDICTION = 0.85
+STAT_ENTRIES = 1 << 16  # entries per matrix the std is estimated from
+
+
+def init_std(name, n_layer):
+    """The std init_model gives weight `name`."""
+    return 0.01 if name == "model/wpe" else 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj/w") else 0.02
+
+
+def _entries(w, n=STAT_ENTRIES):
+    """About n entries of a weight (evenly spaced rows of an int8 one), float64, for statistics."""
+    if hasattr(w, "rows"):                                          # quant.QuantizedWeight (R, K)
+        R, K = w.q.shape
+        return w.rows(np.linspace(0, R - 1, min(R, max(1, n // K))).astype(np.int64)).astype(np.float64)
+    flat = np.asarray(w).reshape(-1)
+    return flat[::max(1, flat.size // n)].astype(np.float64)
+
+
+def weight_statistics(model):
+    """(median over weight matrices of std / init_std, whether every bias is 0 and gain 1)."""
+    L = model.hparams["n_layer"]
+    ratios, untouched = [], True
+    for name, w in model.params.items():
+        leaf = name.rsplit("/", 1)[1]
+        if leaf in ("g", "b"):
+            untouched = untouched and bool(np.all(np.asarray(w) == (1.0 if leaf == "g" else 0.0)))
+        else:
+            ratios.append(float(_entries(w).std()) / init_std(name, L))
+    return float(np.median(ratios)), untouched
+
+
+def attention_uniformity(patterns):
+    """patterns: per layer (NH, T, T) -> the mean over layers, heads and queries t >= 1 of
+    entropy(row t) / log(t + 1): 1.0 for uniform attention, 0 for one position each; None if T = 1."""
+    T = patterns[0].shape[-1]
+    if T == 1:
+        return None
+    t = np.arange(1, T)
+    out = []
+    for att in patterns:
+        a = att[:, 1:, :].astype(np.float64)                       # (NH, T-1, T) rows t >= 1
+        ent = -(a * np.log(np.where(a > 0, a, 1.0))).sum(axis=-1)   # (NH, T-1)
+        out.append((ent / np.log(t + 1)).mean())
+    return float(np.mean(out))
+
+
+def prediction_uniformity(logits):
+    """logits: (T, V) -> the mean over positions of entropy(softmax) / log V (1.0: uniform)."""
+    out = []
+    for r0 in range(0, logits.shape[0], LENS_CHUNK):
+        z = logits[r0:r0 + LENS_CHUNK].astype(np.float64)          # (n, V)
+        z -= z.max(axis=-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=-1, keepdims=True)
+        out.append(-(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=-1))
+    return float(np.concatenate(out).mean() / math.log(logits.shape[-1]))
+
+
+def random_weights(model, patterns, logits):
+    """The report's `random_weights`: whether the model looks untrained, and the numbers why.
+    patterns: per layer (NH, T, T); logits: (T, V) of the text."""
+    ratio, untouched = weight_statistics(model)
+    uniform = attention_uniformity(patterns)
+    flat = prediction_uniformity(logits)
+    init_scale = INIT_STD_BAND[0] <= ratio <= INIT_STD_BAND[1]
+    verdict = untouched or ((uniform is None or uniform > UNIFORM_ATTENTION)
+                            and (init_scale or flat > UNIFORM_PREDICTION))
+    message = None
+    if verdict:
+        scale = (f"the weights have GPT-2's initial scale ({ratio:.2f}x its init std)" if init_scale else
+                 f"the predictions are {100 * flat:.0f}% as uncertain as a uniform guess")
+        how = ("every bias is 0 and every layernorm gain 1, as initialised" if untouched else
+               scale + ("" if uniform is None else f" and attention is {100 * uniform:.0f}% uniform"))
+        message = (f"these weights look untrained (random): {how}. The predictions, logit lens and attention "
+                   f"below are noise, not learnt structure; for a trained model try --example induction")
+    return {"verdict": bool(verdict), "weight_std_ratio": ratio, "attention_uniformity": uniform,
+            "prediction_uniformity": flat, "untouched": untouched, "message": message}
 
 
 # ---------------------------------------------------------------- the terminal layout
@@ -282,6 +375,8 @@ def format_report(report, width=100):
     out = []
     if report.get("note"):
         out.append(f"note: {report['note']}")
+    if report.get("random_weights", {}).get("verdict"):  # before any number is shown
+        out.append(f"warning: {report['random_weights']['message']}")
     toks = report["tokens"]
     m = report["model"]
     out.append(f"Tokens ({len(toks)} of n_ctx {m['n_ctx']}; [position] text id):")

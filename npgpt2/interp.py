@@ -93,6 +93,27 @@ def float_model(model):
     return copy
 
 
+def previous_token_score(pattern):
+    """pattern: (B, NH, T, T) attention probabilities of one layer -> (NH,) the mean weight a
+    query at t >= 1 gives to position t - 1: 1.0 for a perfect previous-token head, about
+    1/(t+1) for uniform attention."""
+    B, NH, T, _ = pattern.shape
+    t = np.arange(1, T)
+    return pattern[:, :, t, t - 1].astype(np.float64).mean(axis=(0, 2))       # [B, NH, T-1] -> [NH]
+
+
+def induction_score(pattern, period):
+    """pattern: (B, NH, T, T) of one layer on tokens that repeat with `period` (a random
+    block, then the same block again) -> (NH,) the mean weight a query at t >= period gives
+    to position t - period + 1: the token after the previous occurrence of the current one,
+    which an induction head attends to (and then copies)."""
+    B, NH, T, _ = pattern.shape
+    if not 1 <= period < T:
+        raise Npgpt2Error(f"period: must be in [1, {T}) for {T} positions, got {period}")
+    t = np.arange(period, T)
+    return pattern[:, :, t, t - period + 1].astype(np.float64).mean(axis=(0, 2))  # [B, NH, T-period] -> [NH]
+
+
 def _index(value, size, name):
     """value as an int in [0, size), or a one-line Npgpt2Error naming the argument."""
     try:

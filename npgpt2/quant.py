@@ -229,7 +229,9 @@ def dequantize_params(params):
     out = {}
     for name, w in params.items():
         if isinstance(w, QuantizedWeight):
-            w = w.dequantize()
+            # contiguous: a conv weight comes back as the .T view of its rows, and training
+            # (the optimizer's in-place kernels) needs C-contiguous parameters
+            w = np.ascontiguousarray(w.dequantize())
             out[name] = w if name == "model/wte" else w[None]
         else:
             out[name] = w

@@ -41,10 +41,30 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
         probs /= probs.sum()
         if top_p < 1.0:
             # keep the smallest head whose mass reaches top_p (always at least one token)
-            keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1)
+            keep = nucleus_size(probs, top_p)
             ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
         cdf = np.cumsum(probs)
         out[b] = ids[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(ids) - 1)]
+    return out
+
+
+def nucleus_size(probs, top_p):
+    """probs: (n,) sorted most likely first -> how many to keep for top_p: the smallest head
+    whose mass reaches top_p (always at least one)."""
+    return int(np.searchsorted(np.cumsum(probs), top_p) + 1)
+
+
+def top_p_filter(logits, top_p):
+    """logits: (V,) -> a float64 copy with -inf outside the nucleus, the tokens sample_logits
+    keeps for top_p at temperature 1 and top_k 0: the most likely tokens (ties broken by id)
+    whose probabilities first reach top_p in total. 0 < top_p < 1."""
+    logits = np.asarray(logits, dtype=np.float64)                 # (V,)
+    order = np.lexsort((np.arange(logits.size), -logits))         # most likely first, ties by id
+    probs = np.exp(logits[order] - logits[order[0]])              # (V,) softmax, in that order
+    probs /= probs.sum()
+    keep = order[:nucleus_size(probs, top_p)]
+    out = np.full_like(logits, -np.inf)
+    out[keep] = logits[keep]
     return out
 
 

@@ -83,27 +83,40 @@ def bpe_merge_rounds(symbols, merges):
     so a chunk of n bytes can cost O(n^2): see `bpe_merge_heap` for long chunks.
     """
     word = list(symbols)
-    while len(word) > 1:
-        best, best_rank = None, None
-        for pair in zip(word, word[1:]):
-            m = merges.get(pair)
-            if m is not None and (best_rank is None or m[0] < best_rank):
-                best, best_rank = pair, m[0]
-        if best is None:
+    while True:
+        step = bpe_merge_round(word, merges)
+        if step is None:
             return
-        a, b = best
-        merged = merges[best][1]
-        out, at, i, n = [], [], 0, len(word)
-        while i < n:
-            if i + 1 < n and word[i] == a and word[i + 1] == b:
-                out.append(merged)
-                at.append(i)
-                i += 2
-            else:
-                out.append(word[i])
-                i += 1
-        word = out
-        yield best_rank, best, merged, at, word
+        word = step[-1]
+        yield step
+
+
+def bpe_merge_round(word, merges):
+    """One round of the BPE merge loop: (rank, (a, b), merged, at, new word), or None when no
+    adjacent pair of `word` has a rank (the word is fully merged).
+
+    The lowest-ranked adjacent pair (a, b) is replaced by `merged` at every occurrence,
+    scanning left to right, so an overlapping run "a a a" of a pair (a, a) becomes "aa a".
+    """
+    best, best_rank = None, None
+    for pair in zip(word, word[1:]):                  # every adjacent pair, left to right
+        m = merges.get(pair)
+        if m is not None and (best_rank is None or m[0] < best_rank):
+            best, best_rank = pair, m[0]
+    if best is None:
+        return None
+    a, b = best
+    merged = merges[best][1]
+    out, at, i, n = [], [], 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == a and word[i + 1] == b:
+            out.append(merged)
+            at.append(i)
+            i += 2                                    # the pair is consumed: no overlap
+        else:
+            out.append(word[i])
+            i += 1
+    return best_rank, best, merged, at, out
 
 
 def bpe_merge_plain(symbols, merges):

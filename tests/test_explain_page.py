@@ -232,3 +232,18 @@ def test_server_page_asks_and_fetches_layers(browser, monkeypatch):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_random_weights_banner(browser, report_file, tmp_path):
+    # the fixture has random weights: the page says so above everything; a trained model's does not
+    page = open_page(browser, report_file.as_uri())
+    page.wait_for("document.querySelectorAll('#grid canvas').length === 2")
+    assert page.js("getComputedStyle(document.getElementById('random')).display") != "none"
+    assert page.js("document.getElementById('random').textContent").startswith(
+        "Warning: these weights look untrained (random)")
+    out = tmp_path / "induction.html"
+    assert main(["explain", "--example", "induction", "--out", str(out), "cat dog red blue sun cat dog red"]) == 0
+    page = open_page(browser, out.as_uri())
+    page.wait_for("document.querySelectorAll('#grid canvas').length === 4")  # its 4 heads
+    assert page.js("R.random_weights.verdict") is False
+    assert page.js("getComputedStyle(document.getElementById('random')).display") == "none"

@@ -1,0 +1,50 @@
+"""Trained models shipped with npgpt2, to look inside (tools/train_examples.py made them).
+
+    import npgpt2
+    model = npgpt2.load_model(npgpt2.example_dir("induction"))
+    enc = npgpt2.load_tokenizer(npgpt2.example_dir("induction"))
+
+Each is an ordinary OpenAI-layout model folder (hparams.json, checkpoint, model.ckpt.*) with
+a compact vocabulary (compact_vocab.npy, see compact_vocab.py); with no encoder.json/vocab.bpe
+of its own, load_tokenizer uses the GPT-2 files packaged with npgpt2.
+
+- "induction": 2 layers, 4 heads, n_embd 64, n_ctx 32; its vocabulary is 128 GPT-2 tokens, 64
+  short English words with and without a leading space ("cat", " cat", ...). Trained 6000 steps
+  on random sequences in which a random span repeats at a random offset after a random prefix
+  (half the rows once, after a random gap; half over and over), plus a quarter of rows where
+  each token is, with probability 0.8, a fixed permutation of the token two back (they reward
+  a previous-token head; without them no run here formed one in 8k-15k steps). What it learnt
+  (tests/test_examples.py measures it): a previous-token head in layer 0 (head 3, 0.99 of its
+  attention on t - 1) and in layer 1 two heads (0 and 3, 0.65 and 0.8) that attend two places
+  after the previous occurrence of the current token, where the previous-token head has put
+  the token that followed it: an induction head that looks one place further than the
+  textbook one (which attends to the token right after the previous occurrence; 0.05 here).
+  Loss on the first copy of a span 4.9 nats (chance: log 128 = 4.85); on the second copy,
+  from its second token on, 0.6-1.1 (its first token is missed: the heads match two tokens).
+- "jargon": the `npgpt2 demo` model (3 layers, n_embd 96, the ~19.7k GPT-2 tokens of The
+  Jargon File), stored with int8 weights (`quant.json`, HACKING.md "int8 folder"): 4x smaller
+  than float32; load_model dequantises them to float32 (or keeps them int8 with dtype="int8").
+"""
+from pathlib import Path
+
+from ..errors import Npgpt2Error
+
+HERE = Path(__file__).parent
+NAMES = ("induction", "jargon")
+
+# The induction model's vocabulary: 64 words, each one GPT-2 token with and without a space
+WORDS = ("cat dog red blue sun moon tree fish bird car road rain wind fire stone gold bread cake cup box "
+         "hat door wall book pen ship boat star sky sea hill king man boy girl baby friend house town city "
+         "farm horse cow egg apple rice corn wood iron rock sand leaf rose green black white brown big small "
+         "old new hot cold fast").split()
+
+
+def example_dir(name):
+    """The folder of the shipped example model `name` ("induction" or "jargon") as a Path."""
+    if name not in NAMES:
+        raise Npgpt2Error(f"--example: unknown example {name!r} (choose one of {', '.join(NAMES)})")
+    folder = HERE / name
+    if not (folder / "hparams.json").is_file():
+        raise Npgpt2Error(f"{folder}: the example model is missing (make it with: "
+                          f"python tools/train_examples.py {name})")
+    return folder

@@ -1,0 +1,13 @@
+
+
+def layernorm_backward(dout, inp, weight, mean, rstd):
+    C = inp.shape[-1]
+    norm = (inp - mean[..., None]) * rstd[..., None]
+    dbias = dout.reshape(-1, C).sum(axis=0)
+    dweight = (dout * norm).reshape(-1, C).sum(axis=0)
+    dnorm = dout * weight
+    dinp = (dnorm - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * rstd[..., None]
+    return dinp, dweight, dbias
+
+
+SYMPTOM = "B"
