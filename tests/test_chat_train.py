@@ -96,9 +96,9 @@ def test_accumulated_micro_batches_average_over_every_masked_position(monkeypatc
     sampler = FixtureRows()
     real = model.loss_and_grads
 
-    def fixture_row(inputs, targets, mask=None):
+    def fixture_row(inputs, targets, mask=None, memory_saving=False):
         i = sampler.i - 1
-        return real(REF["tokens"][i:i + 1], REF["targets"][i:i + 1], mask=mask)
+        return real(REF["tokens"][i:i + 1], REF["targets"][i:i + 1], mask=mask, memory_saving=memory_saving)
     monkeypatch.setattr(model, "loss_and_grads", fixture_row)
     names = list(model.params)
     loss, grads, weight = train_mod.batch_gradients(model, sampler, names, 1, 2)
