@@ -525,7 +525,7 @@ def cmd_demo_chat(args):
     print(f"Chatting with it (npgpt2 chat {where}); ask e.g. \"{r['answers'][0][0]}\"")
     chat_args = _argparse.Namespace(models_dir=str(out.resolve().parent), model_name=out.name, dtype="float32",
                                     seed=args.seed, length=None, temperature=0.0, top_k=0, top_p=1.0,
-                                    truncate=None, user_tag=None, bot_tag=None, system=None)
+                                    truncate=None, user_tag=None, bot_tag=None, system=None, adapter=None)
     return cmd_chat(chat_args)
 
 
