@@ -435,3 +435,28 @@ def test_loss_and_adapter_gradients_equal_torch_peft(path, dtype, suffix, tol):
     for name, g in grads.items():
         want = ref[key + name]
         assert rel_error(want, g) <= tol, (name, rel_error(want, g))
+
+
+def test_memory_saving_and_a_mask_compose_with_adapters(path):
+    """--memory_saving_gradients re-runs each block's forward, adapters included: on the peft
+    fixture the adapter gradients with the flag equal torch's (float64 <=1e-9); with a loss mask
+    the two paths still agree bit for bit, and the masked loss is the mean of torch's per-position
+    losses over the masked positions (logits from the fixture, log-softmax computed here)."""
+    ref = np.load(PEFT_REFERENCE)
+    config = lora.LoraConfig(r=4, alpha=8.0, rank_pattern={"model/h1/mlp/c_fc": 2},
+                             alpha_pattern={"model/h0/attn/c_proj": 3.0})
+    params = {k[len("adapter/"):]: ref[k] for k in ref.files if k.startswith("adapter/")}
+    model = lora.attach(load_model(FIX / "tiny", dtype=np.float64), lora.LoraAdapters(config, params))
+    loss, grads = model.loss_and_grads(ref["tokens"], ref["targets"], memory_saving=True)
+    assert abs(loss - float(ref["loss_f64"])) <= 1e-9 * max(1.0, abs(float(ref["loss_f64"])))
+    for name, g in grads.items():
+        assert rel_error(ref["grad/" + name], g) <= 1e-9, name
+    mask = (np.arange(ref["targets"].size).reshape(ref["targets"].shape) % 3 == 0).astype(np.uint8)
+    plain = model.loss_and_grads(ref["tokens"], ref["targets"], mask=mask)
+    saving = model.loss_and_grads(ref["tokens"], ref["targets"], mask=mask, memory_saving=True)
+    assert plain[0] == saving[0] and all(np.array_equal(plain[1][k], saving[1][k]) for k in plain[1])
+    logits = ref["logits_f64"]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, ref["targets"][..., None], -1)[..., 0]
+    assert abs(plain[0] - (ce * mask).sum() / mask.sum()) <= 1e-9
