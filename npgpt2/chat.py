@@ -74,13 +74,14 @@ def header_ids(tokenizer, system):
 def check_vocab(tokenizer, user_tag, bot_tag, system=""):
     """Raise Npgpt2Error naming the flag when the model's vocabulary cannot spell a tag or the
     system text (a compact vocabulary such as the demo's lacks most of GPT-2's tokens)."""
-    # a tag as the transcript writes it: after a newline, before a space
-    for flag, text in (("--user_tag", turn_text(user_tag, "") + user_tag),
-                       ("--bot_tag", turn_text(bot_tag, "") + bot_tag), ("--system", header_text(system))):
+    # each text as the transcript writes it (a tag after a newline, before a space), named as given
+    for flag, shown, text in (("--user_tag", user_tag, turn_text(user_tag, "") + user_tag),
+                              ("--bot_tag", bot_tag, turn_text(bot_tag, "") + bot_tag),
+                              ("--system", (system or "").strip(), header_text(system))):
         try:
             tokenizer.encode(text)
         except Npgpt2Error as e:
-            raise Npgpt2Error(f"{flag} {text.strip()!r}: the model's vocabulary cannot spell it ({e}); "
+            raise Npgpt2Error(f"{flag} {shown!r}: the model's vocabulary cannot spell it ({e}); "
                               f"give --user_tag/--bot_tag/--system text it can") from None
 
 
