@@ -257,7 +257,8 @@ def cmd_serve(args):
     from .server import Limits, Server
     limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
                     timeout=args.timeout, max_queue=args.max_queue, max_connections=args.max_connections,
-                    read_timeout=args.read_timeout)
+                    read_timeout=args.read_timeout, max_batch=args.max_batch,
+                    max_request_tokens=args.max_request_tokens)
     limits.check()
     model, enc = load_for_generation(args)
     server = Server(model, enc, args.host, args.port, limits, args.user_tag, args.bot_tag,
@@ -560,7 +561,8 @@ def build_parser():
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve",
-                       help="HTTP API (/v1/generate, /v1/chat, /v1/explain, streaming), chat and explain pages")
+                       help="HTTP API (/v1/generate, /v1/chat, /v1/explain, OpenAI's /v1/completions and "
+                            "/v1/chat/completions, streaming), chat and explain pages")
     add_model_flags(p)
     add_dtype_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
@@ -582,6 +584,12 @@ def build_parser():
     p.add_argument("--read_timeout", type=float, default=10.0,
                    help="seconds a client may take to send a request's headers, and again its body "
                         "(default %(default)s)")
+    # batched decoding and the OpenAI API (issue 20)
+    p.add_argument("--max_batch", type=int, default=8,
+                   help="sequences decoded together: requests (and OpenAI's n choices) share each step "
+                        "(default %(default)s)")
+    p.add_argument("--max_request_tokens", type=int, default=None,
+                   help="new tokens one request may ask for in all, n x prompts x max_tokens (default 4 * n_ctx)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")

@@ -45,12 +45,14 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 
-from . import explain
+from . import explain, openai_api
+from .batch_decode import Row, row_rng
 from .chat import DEFAULT_BOT_TAG, DEFAULT_USER_TAG, build_prompt, check_tags, stop_strings
 from .errors import Npgpt2Error
+from .sampling import check_batch_memory
 from .server_fields import BadRequest, parse_explain, parse_messages, parse_options, string
 from .server_http import Handler, HeaderGate, canned, close_socket, send_and_close
-from .server_worker import Job, Worker, explain_task, generate_task
+from .server_worker import Generation, Job, Worker, explain_task
 
 log = logging.getLogger("npgpt2.server")
 
@@ -69,12 +71,15 @@ class Limits:
     read_timeout: float = 10.0        # seconds for a request's headers, and again for its body
     max_queue: int = 64               # requests waiting or running; more get 503
     max_connections: int = 64         # requests being read or answered at once; more get 503
+    max_batch: int = 8                # sequences decoded together (batch_decode.py)
+    max_request_tokens: int = None    # new tokens one request may ask for in all (n x max_tokens); default 4 * n_ctx
 
     def check(self):
         """Raise Npgpt2Error naming the flag of a limit out of range."""
         for flag, v in (("--max_body", self.max_body), ("--max_length", self.max_length),
                         ("--max_prompt_tokens", self.max_prompt_tokens), ("--max_queue", self.max_queue),
-                        ("--max_connections", self.max_connections)):
+                        ("--max_connections", self.max_connections), ("--max_batch", self.max_batch),
+                        ("--max_request_tokens", self.max_request_tokens)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise Npgpt2Error(f"{flag} must be an integer >= 1, got {v}")
         for flag, v in (("--timeout", self.timeout), ("--io_timeout", self.io_timeout),
@@ -86,7 +91,8 @@ class Limits:
         return dataclasses.replace(
             self,
             max_length=min(self.max_length or n_ctx - 1, n_ctx - 1),
-            max_prompt_tokens=self.max_prompt_tokens or 8 * n_ctx)
+            max_prompt_tokens=self.max_prompt_tokens or 8 * n_ctx,
+            max_request_tokens=self.max_request_tokens or 4 * n_ctx)
 
 
 def encode_limited(tokenizer, text, limit, what, block_chars=2048):
@@ -120,13 +126,23 @@ class App:
         self.pages = {"/": PAGE.read_bytes(), "/explain": explain.page_html().encode("utf-8")}
         self.jobs = {"/v1/generate": self.generate_job, "/v1/chat": self.chat_job,
                      "/v1/explain": self.explain_job}
-        self.worker = Worker(model, tokenizer, self.limits.max_queue)
+        self.gets = {"/health": self.health}  # GET paths answered with JSON
+        openai_api.add_routes(self)  # /v1/models, /v1/completions, /v1/chat/completions
+        # every batch row may fill the context: refuse a --max_batch that cannot fit, up front
+        check_batch_memory(model.hparams, self.limits.max_batch, 1, self.n_ctx - 1, model.dtype, name="--max_batch")
+        self.worker = Worker(model, tokenizer, self.limits.max_queue, self.limits.max_batch)
 
     def methods(self, path):
         """The methods a path answers (empty: no such path)."""
-        if path in self.pages or path == "/health":
+        if path in self.pages or path in self.gets:
             return ["GET", "HEAD"]
         return ["POST"] if path in self.jobs else []
+
+    def error_body(self, path, e):
+        """A BadRequest as the JSON body for path: OpenAI's error object on its routes."""
+        if path in openai_api.ROUTES:
+            return openai_api.error_object(e.status, str(e), e.param, e.code)
+        return {"error": str(e)}
 
     def health(self):
         L = self.limits
@@ -134,7 +150,8 @@ class App:
                 "queued": self.worker.pending,
                 "limits": {"max_body": L.max_body, "max_length": L.max_length,
                            "max_prompt_tokens": L.max_prompt_tokens, "timeout": L.timeout,
-                           "max_connections": L.max_connections}}
+                           "max_connections": L.max_connections, "max_batch": L.max_batch,
+                           "max_request_tokens": L.max_request_tokens}}
 
     def _deadline(self):
         return time.monotonic() + self.limits.timeout
@@ -148,8 +165,7 @@ class App:
         # too long for the context: keep its end, as `npgpt2 prompt` does
         tokens = tokens[-(self.n_ctx - options["length"]):]
         stops = [options["truncate"]] if options["truncate"] else []
-        return Job(generate_task, deadline, options["stream"], prompt=tokens, options=options, stops=stops,
-                   chat=False)
+        return Job(None, deadline, options["stream"], gen=Generation([self.row(tokens, options)], stops))
 
     def chat_job(self, body):
         deadline = self._deadline()
@@ -160,9 +176,17 @@ class App:
                                            self.user_tag, self.bot_tag)
         except Npgpt2Error as e:
             raise BadRequest(str(e).replace("--length", '"length"')) from None
-        return Job(generate_task, deadline, options["stream"], prompt=tokens, options=options,
-                   stops=stop_strings(self.user_tag, self.bot_tag, options["truncate"]), chat=True,
-                   extra={"dropped": dropped})
+        stops = stop_strings(self.user_tag, self.bot_tag, options["truncate"])
+        return Job(None, deadline, options["stream"],
+                   gen=Generation([self.row(tokens, options)], stops, chat=True, extra={"dropped": dropped}))
+
+    @staticmethod
+    def row(tokens, o, index=0, **kwargs):
+        """One sequence for the batch. An unseeded one may continue a cached prefix (a chat page
+        that sends its history again feeds only the new turn); a seeded one starts from a fresh
+        cache row, so the same seed gives the same text whatever ran before."""
+        return Row(tokens, o["length"], o["temperature"], o["top_k"], o["top_p"], rng=row_rng(o["seed"], index),
+                   reuse=o["seed"] is None, **kwargs)
 
     def explain_job(self, body):
         deadline = self._deadline()
