@@ -6,6 +6,7 @@
     ids = npgpt2.generate(model, enc.encode("Hello"), length=20, top_k=40, seed=1)
     print(enc.decode(ids))
 """
+from .batch_decode import generate_batch
 from .chat import ChatSession
 from .errors import Npgpt2Error
 from .interp import input_gradient, logit_lens
@@ -24,5 +25,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
 
 
-__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "init_model", "input_gradient",
-           "load_model", "load_tokenizer", "logit_lens", "save_model"]
+__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "generate", "generate_batch", "init_model",
+           "input_gradient", "load_model", "load_tokenizer", "logit_lens", "save_model"]

@@ -8,6 +8,7 @@ Endpoints (JSON in, JSON out; errors are `{"error": "<one line>"}` with a 4xx/5x
     POST /v1/generate  {prompt, length, temperature, top_k, top_p, seed, truncate, stream}
     POST /v1/chat      {messages: [{role: "user"|"assistant", content}], length, ..., stream}
     POST /v1/explain   {text, layer, top_k} -> explain.build_report's JSON
+    GET  /v1/models, POST /v1/completions, POST /v1/chat/completions: OpenAI's API (openai_api.py)
 
 generate and chat answer `{"text", "tokens": [generated ids], "finish_reason":
 "stop"|"length"|"timeout"}` (chat adds `"message": {"role": "assistant", "content"}` and
@@ -21,17 +22,20 @@ Design, by module:
   request line and headers are in (so slow clients cost a socket, not a thread); then the
   request gets a thread of its own, at most --max_connections at once (more get 503), which
   reads and checks the body and submits a job. Headers and bodies have --read_timeout.
-- server_worker.py: one model thread runs the jobs one at a time, in arrival order. So answers
-  are never interleaved, and a seeded request gives the same text whatever else is going on:
-  it prefills a fresh KV cache (no batching, which changes float rounding). Unseeded requests
-  share one cache instead and feed only what follows the prefix they have in common with the
-  previous request's tokens, which is most of a conversation that a chat page sends again.
+- server_worker.py: one model thread. Generation requests are decoded together, up to
+  --max_batch rows (batch_decode.py): a new one is prefilled into a free KV-cache row and
+  joins at the next token, a finished or cancelled one leaves at once. A seeded request gives
+  the same tokens whatever else is going on: it prefills a fresh cache row and draws from its
+  own random stream (its logits match a solo run's within float rounding: see batch_decode).
+  Unseeded requests may start from a free row that holds a prefix of their prompt and feed
+  only the rest, which is most of a conversation that a chat page sends again.
   The worker never touches a socket: it puts text pieces on the job's own queue and the
   request's thread writes them with a socket timeout, so a slow reader cannot stall the
   worker; when a write fails or the client goes away the job is cancelled at the next token.
   A per-request deadline (from arrival, so time in the queue counts) ends generation early
   with finish_reason "timeout".
 - server_fields.py: every field of a body checked, a 400 naming it otherwise.
+- openai_api.py: OpenAI's endpoints, fields and answer shapes, on the same worker.
 The work is one CPU-bound model, so an asyncio framework would add a dependency without
 adding throughput.
 """

@@ -11,28 +11,16 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
 import requests
+from test_server import load, no_proxy_for_loopback  # noqa: F401 (autouse: no proxy for 127.0.0.1)
 
-import npgpt2
 from npgpt2.server import Limits, Server
 
-FULL = Path(__file__).parent / "fixtures" / "full"
 T = 30  # seconds: the most any single HTTP call in these tests may take
 MSGS = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture(autouse=True)
-def no_proxy_for_loopback(monkeypatch):
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
-def load():
-    return npgpt2.load_model(FULL), npgpt2.load_tokenizer(FULL)
 
 
 @pytest.fixture(scope="module")
