@@ -8,6 +8,7 @@ The layer math lives in `layers.py` (plain NumPy) and its fast twins in `kernels
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -108,8 +109,8 @@ class KVCache:
     def __init__(self, hparams, batch_size, dtype):
         L, NH, C, T = (hparams[k] for k in ("n_layer", "n_head", "n_embd", "n_ctx"))
         shape = (L, batch_size, NH, T, C // NH)
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+        self.k = lazy_zeros(shape, dtype)
+        self.v = lazy_zeros(shape, dtype)
         self.lengths = np.zeros(batch_size, dtype=np.int64)
 
     @property
@@ -150,6 +151,14 @@ class CacheRows:
 
     def advance(self, n):
         self.cache.lengths[self.rows] += n
+
+
+def lazy_zeros(shape, dtype):
+    """Zeros whose memory is taken only as it is written, 4 KB at a time: an anonymous mmap.
+    (np.zeros of a large array asks Linux for 2 MB pages, so a short sequence, which writes a
+    few positions of every head's (n_ctx, hs) block, would take 2 MB per block.)"""
+    n = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(1, n * np.dtype(dtype).itemsize)), dtype=dtype, count=n).reshape(shape)
 
 
 def _common_length(lengths):
