@@ -4,8 +4,8 @@
 
 A GPT-2 124M-shaped model with random weights (init_model, save_model to a temporary folder)
 is served by `npgpt2 serve` in a child process on a loopback port. Each client streams
-`POST /v1/completions` (a `prompt`-token id list, `max_tokens` new, logprobs=0 so every chunk
-says how many tokens it carries) and records when each chunk arrives. One run:
+`POST /v1/completions` (a `prompt`-token id list, `max_tokens` new, the usage chunk at the end)
+and records when each chunk of text arrives. One run:
 
 - solo: one client alone (after one warm-up request);
 - batched: `clients` clients started together, each with its own prompt.
@@ -58,35 +58,34 @@ def peak_rss_mb(pid):
 
 
 def stream_client(url, prompt, new, out, start=None):
-    """One streaming completion; out gets {t0, arrivals: [(time, tokens in the chunk)]}."""
+    """One streaming completion; out gets {t0, arrivals: [chunk arrival times], tokens}."""
     if start is not None:
         start.wait(timeout=60)
-    body = {"model": "124M", "prompt": prompt, "max_tokens": new, "temperature": 1.0, "seed": 1,
-            "logprobs": 0, "stream": True}
+    body = {"model": "124M", "prompt": prompt, "max_tokens": new, "temperature": 1.0, "seed": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    arrivals = []
+    arrivals, tokens = [], 0
     with requests.post(url + "v1/completions", json=body, stream=True, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            n = len(json.loads(line[6:])["choices"][0]["logprobs"]["tokens"]) if line[6:] else 0
-            if n:
-                arrivals.append((time.perf_counter(), n))
-    out.update(t0=t0, arrivals=arrivals)
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"][0]["text"]:
+                arrivals.append(time.perf_counter())
+    out.update(t0=t0, arrivals=arrivals, tokens=tokens)
 
 
 def stats(runs):
-    """Per client: TTFT, median gap between tokens; overall: tokens, wall, tokens/s."""
+    """Per client: TTFT, median time between text chunks (one token each but for the rare
+    token that ends inside a UTF-8 character); overall: tokens (the usage counts), wall, tokens/s."""
     t_start = min(r["t0"] for r in runs)
-    t_end = max(r["arrivals"][-1][0] for r in runs)
-    tokens = sum(n for r in runs for _, n in r["arrivals"])
-    ttft = [r["arrivals"][0][0] - r["t0"] for r in runs]
-    gaps = []
-    for r in runs:
-        a = r["arrivals"]
-        per_token = [(t1 - t0) / n for (t0, _), (t1, n) in zip(a, a[1:])]
-        gaps.append(statistics.median(per_token))
+    t_end = max(r["arrivals"][-1] for r in runs)
+    tokens = sum(r["tokens"] for r in runs)
+    ttft = [r["arrivals"][0] - r["t0"] for r in runs]
+    gaps = [statistics.median(b - a for a, b in zip(r["arrivals"], r["arrivals"][1:])) for r in runs]
     return {"tokens": tokens, "wall": t_end - t_start, "tok_s": tokens / (t_end - t_start),
             "ttft": ttft, "gap": gaps}
 

@@ -191,6 +191,10 @@ class Worker:
 
     def _admit(self):
         """Prefill waiting jobs' rows while they fit, in arrival order (none jumps the queue)."""
+        now = time.monotonic()  # first drop the ones that gave up or waited too long
+        for job in [j for j in self.waiting if j.cancelled.is_set() or now > j.deadline]:
+            self.waiting.remove(job)
+            self._ready(job)
         while self.waiting and len(self.waiting[0].gen.rows) <= self.decoder.max_batch - len(self.decoder.rows):
             job = self.waiting.popleft()
             if not self._ready(job):
