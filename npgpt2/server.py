@@ -61,6 +61,7 @@ from .server_worker import Generation, Job, Worker, explain_task
 log = logging.getLogger("npgpt2.server")
 
 PAGE = Path(__file__).parent / "assets" / "chat.html"
+MAX_BATCH = 256  # the most sequences --max_batch may decode together
 MAX_PATTERN_WEIGHTS = 2_000_000  # attention weights in one /v1/explain answer (about 12 MB of JSON)
 
 
@@ -86,6 +87,8 @@ class Limits:
                         ("--max_request_tokens", self.max_request_tokens)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise Npgpt2Error(f"{flag} must be an integer >= 1, got {v}")
+        if self.max_batch > MAX_BATCH:  # on a CPU more rows gain nothing; each costs a cache row
+            raise Npgpt2Error(f"--max_batch must be at most {MAX_BATCH}, got {self.max_batch}")
         for flag, v in (("--timeout", self.timeout), ("--io_timeout", self.io_timeout),
                         ("--read_timeout", self.read_timeout)):
             if not v > 0:  # inf is allowed: no limit
@@ -132,8 +135,9 @@ class App:
                      "/v1/explain": self.explain_job}
         self.gets = {"/health": self.health}  # GET paths answered with JSON
         openai_api.add_routes(self)  # /v1/models, /v1/completions, /v1/chat/completions
-        # every batch row may fill the context: refuse a --max_batch that cannot fit, up front
-        check_batch_memory(model.hparams, self.limits.max_batch, 1, self.n_ctx - 1, model.dtype, name="--max_batch")
+        # a row takes KV-cache memory only as its positions fill (model.lazy_zeros): refuse up
+        # front only a --max_batch whose rows could not even hold their logits
+        check_batch_memory(model.hparams, self.limits.max_batch, 1, 1, model.dtype, name="--max_batch")
         self.worker = Worker(model, tokenizer, self.limits.max_queue, self.limits.max_batch)
 
     def methods(self, path):

@@ -17,6 +17,7 @@ import pytest
 import requests
 from test_server import load, no_proxy_for_loopback  # noqa: F401 (autouse: no proxy for 127.0.0.1)
 
+from npgpt2.errors import Npgpt2Error
 from npgpt2.server import Limits, Server
 
 T = 30  # seconds: the most any single HTTP call in these tests may take
@@ -329,3 +330,9 @@ def test_fifty_concurrent_clients_mixing_apis_cancellations_and_bad_requests():
         while threading.active_count() > baseline and time.monotonic() < deadline:
             time.sleep(0.05)
         assert threading.active_count() <= baseline, [t.name for t in threading.enumerate()]
+
+
+@pytest.mark.parametrize("value", [0, 257, 2.0])
+def test_max_batch_flag_is_checked(value):
+    with pytest.raises(Npgpt2Error, match="--max_batch"):
+        Limits(max_batch=value).check()
