@@ -274,7 +274,10 @@ class GPT2:
         if isinstance(wte, QuantizedWeight) and ops() is not layers:  # int8: the dequantising GEMV
             from .quant_kernels import matmul_forward
             return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
-        return x @ wte.T  # [B, T, C] @ [C, V] -> [B, T, V]
+        # one GEMM over all B*T rows: NumPy's matmul of (B, T, C) would make one per batch row,
+        # each reading all of wte (at T = 1, batched decoding, B times the head's memory traffic)
+        B, T, C = x.shape
+        return (x.reshape(B * T, C) @ wte.T).reshape(B, T, -1)  # [B*T, C] @ [C, V] -> [B, T, V]
 
     # ------------------------------------------------------------ inference
     def forward(self, tokens, cache=None, last_only=False):
