@@ -138,16 +138,21 @@ class BatchDecoder:
         empty = [s for s in free if not self.held[s]]
         return (empty[0] if empty else min(free, key=self.used.__getitem__)), 0
 
-    def sample(self):
-        """Draw the next token of every row -> [(row, token)]; a row that has its `length`
-        tokens is then done (leave() it, as any row the caller ends)."""
+    def sample(self, rows=None):
+        """Draw the next token of every row (or of `rows`) not drawn since the last feed ->
+        [(row, token)]; a row that has its `length` tokens is then done (leave() it, as any
+        row the caller ends). A new row may be sampled alone right after add(): its first
+        token is known before the next forward."""
         out = []
-        for row in self.rows:
+        for row in self.rows if rows is None else rows:
+            if row.logits is None:  # drawn already: waiting for feed()
+                continue
             token = int(sample_logits(row.logits[None], row.rng, row.temperature, row.top_k, row.top_p)[0])
             if row.logprobs is not None:
                 lp, top = self._scores(log_softmax(row.logits), token, row.logprobs)
                 row.token_logprobs.append(lp)
                 row.top.append(top)
+            row.logits = None
             row.tokens.append(token)
             out.append((row, token))
         return out
@@ -162,13 +167,14 @@ class BatchDecoder:
         row.logits = None
 
     def feed(self):
-        """One forward pass: every row's last token, each row at its own position."""
-        if not self.rows:
+        """One forward pass: every drawn row's last token, each row at its own position."""
+        rows = [r for r in self.rows if r.logits is None]
+        if not rows:
             return
-        slots = [r.slot for r in self.rows]
-        tokens = np.asarray([[r.tokens[-1]] for r in self.rows], dtype=np.int64)  # [B, 1]
+        slots = [r.slot for r in rows]
+        tokens = np.asarray([[r.tokens[-1]] for r in rows], dtype=np.int64)  # [B, 1]
         logits = self.model.forward(tokens, cache=self.cache.select(slots))[:, -1]  # [B, 1] -> [B, V]
-        for row, lg in zip(self.rows, logits):
+        for row, lg in zip(rows, logits):
             self.held[row.slot].append(row.tokens[-1])
             row.logits = lg
 

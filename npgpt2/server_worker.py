@@ -203,13 +203,20 @@ class Worker:
             for i, row in enumerate(job.gen.rows):
                 row.tag = (job, i)
                 self.decoder.add(row)
+                # its first token now, not after the prefills of the others arriving with it
+                self._deliver(self.decoder.sample([row]))
 
     def _step(self):
         """One token for every row: sampled, sent, the finished rows out; then one forward."""
         for job in {r.tag[0] for r in self.decoder.rows if r.tag[0].cancelled.is_set()}:
             self._close(job)  # a client that went away frees its rows before any more work
+        self._deliver(self.decoder.sample())
+        self.decoder.feed()
+
+    def _deliver(self, sampled):
+        """Send each (row, token); a row that is done (stop, length, deadline) leaves at once."""
         now = time.monotonic()
-        for row, token in self.decoder.sample():
+        for row, token in sampled:
             job, i = row.tag
             if job.closed:
                 continue
@@ -220,7 +227,6 @@ class Worker:
                 self.decoder.leave(row)
                 if job.gen.finish(job, i, reason):
                     self._close(job, "done", job.gen.answer())
-        self.decoder.feed()
 
 
 def explain_task(worker, job):
