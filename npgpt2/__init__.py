@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {"ChatSession": "chat", "GPT2": "model", "init_model": "model", "load_model": "model",
             "save_model": "model", "generate": "sampling", "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
-            "input_gradient": "interp", "logit_lens": "interp", "Server": "server", "example_dir": "examples"}
+            "input_gradient": "interp", "logit_lens": "interp", "Server": "server", "example_dir": "examples",
+            "generate_batch": "batch_decode"}
 
 
 def __getattr__(name):
@@ -39,5 +40,5 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "example_dir", "generate", "init_model",
-           "input_gradient", "load_model", "load_tokenizer", "logit_lens", "save_model"]
+__all__ = ["ChatSession", "GPT2", "Npgpt2Error", "Server", "Tokenizer", "example_dir", "generate", "generate_batch",
+           "init_model", "input_gradient", "load_model", "load_tokenizer", "logit_lens", "save_model"]

@@ -124,10 +124,11 @@ def load_for_generation(args):
 
 
 def print_samples(model, enc, context, args):
-    """Generate args.nsamples samples after `context` in OpenAI's output format."""
-    import numpy as np
-
-    from .sampling import TextStream, check_batch_memory, check_sampling_args, check_seed, fit_prompt, generate_stream
+    """Generate args.nsamples samples after `context` in OpenAI's output format, --batch_size
+    of them decoded together (batch_decode.py); sample i draws from row_rng(--seed, i), so the
+    text does not depend on --batch_size."""
+    from .batch_decode import Row, decode, row_rng
+    from .sampling import TextStream, check_batch_memory, check_sampling_args, check_seed, fit_prompt
     if args.batch_size < 1:
         raise Npgpt2Error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.nsamples < 0:
@@ -138,34 +139,34 @@ def print_samples(model, enc, context, args):
     check_seed(args.seed)
     context = fit_prompt(context, length, model.hparams["n_ctx"])
     # the rows of one batch (all of them with --nsamples 0) are held at once
-    check_batch_memory(model.hparams, args.batch_size if args.nsamples == 0 else min(args.batch_size, args.nsamples),
-                       len(context), length, model.dtype)
-    rng = np.random.default_rng(args.seed)
-    done = 0
-    while args.nsamples == 0 or done < args.nsamples:
-        rows = args.batch_size if args.nsamples == 0 else min(args.batch_size, args.nsamples - done)
-        streams = [TextStream(enc, [args.truncate] if args.truncate else []) for _ in range(rows)]
-        live = rows == 1  # one sample at a time is shown as it is generated
+    batch = args.batch_size if args.nsamples == 0 else min(args.batch_size, args.nsamples)
+    check_batch_memory(model.hparams, batch, len(context), length, model.dtype)
+
+    def rows():
+        i = 0
+        while args.nsamples == 0 or i < args.nsamples:
+            row = Row(context, length, args.temperature, args.top_k, args.top_p, row_rng(args.seed, i), tag=i)
+            row.text = TextStream(enc, [args.truncate] if args.truncate else [])
+            yield row
+            i += 1
+
+    live = batch == 1  # one sample at a time is shown as it is generated
+    finished, shown = {}, 0  # samples done, waiting for the ones before them to be printed
+    for row, token in decode(model, rows(), batch):
+        if live and len(row.tokens) == 1:
+            print_header(row.tag + 1)
+        text, row.stop = row.text.push(token)
         if live:
-            print_header(done + 1)
-        for tokens in generate_stream(model, context, length, args.temperature, args.top_k,
-                                      args.top_p, batch_size=rows, rng=rng):
-            for s, t in zip(streams, tokens):
-                text, _ = s.push(t)
-                if live:
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-            if all(s.stopped for s in streams):
-                break
-        for i, s in enumerate(streams):
-            tail = s.finish()
-            if live:
-                sys.stdout.write(tail + "\n")
-            else:
-                print_header(done + i + 1)
-                sys.stdout.write(s.shown_text + "\n")
+            sys.stdout.write(text)
+        if row.stop or row.finished:
+            tail = row.text.finish()
+            finished[row.tag] = tail if live else row.text.shown_text
+            while shown in finished:
+                if not live:
+                    print_header(shown + 1)
+                sys.stdout.write(finished.pop(shown) + "\n")
+                shown += 1
         sys.stdout.flush()
-        done += rows
 
 
 def enable_line_editing():
@@ -324,7 +325,8 @@ def cmd_serve(args):
     from .server import Limits, Server
     limits = Limits(max_body=args.max_body, max_length=args.max_length, max_prompt_tokens=args.max_prompt_tokens,
                     timeout=args.timeout, max_queue=args.max_queue, max_connections=args.max_connections,
-                    read_timeout=args.read_timeout)
+                    read_timeout=args.read_timeout, max_batch=args.max_batch,
+                    max_request_tokens=args.max_request_tokens)
     limits.check()
     model, enc = load_for_generation(args)
     t = chat_template(args, model)
@@ -736,7 +738,8 @@ def build_parser():
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve",
-                       help="HTTP API (/v1/generate, /v1/chat, /v1/explain, streaming), chat and explain pages")
+                       help="HTTP API (/v1/generate, /v1/chat, /v1/explain, OpenAI's /v1/completions and "
+                            "/v1/chat/completions, streaming), chat and explain pages")
     add_model_flags(p)
     add_dtype_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
@@ -760,6 +763,12 @@ def build_parser():
     p.add_argument("--read_timeout", type=float, default=10.0,
                    help="seconds a client may take to send a request's headers, and again its body "
                         "(default %(default)s)")
+    # batched decoding and the OpenAI API (issue 20)
+    p.add_argument("--max_batch", type=int, default=8,
+                   help="sequences decoded together: requests (and OpenAI's n choices) share each step "
+                        "(default %(default)s)")
+    p.add_argument("--max_request_tokens", type=int, default=None,
+                   help="new tokens one request may ask for in all, n x prompts x max_tokens (default 4 * n_ctx)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")

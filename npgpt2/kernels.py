@@ -625,12 +625,14 @@ def attention_backward(dout, qkv, saved, NH):
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
-def _decode_attention_kernel(qkv, k_cache, v_cache, pos, NH, out):
+def _decode_attention_kernel(qkv, k_cache, v_cache, rows, pos, NH, out):
     """One new position per sequence, every head in one call (decoding).
 
-    qkv: (B, 3C) the new position's queries, keys, values; k_cache, v_cache: (B, NH, n_ctx, hs),
-    filled up to pos, and the new key and value are written at pos; out: (B, C).
-    Per head: scores s_j = q.k_j / sqrt(hs) for j <= pos, p = softmax(s), out = sum_j p_j v_j.
+    qkv: (B, 3C) the new position's queries, keys, values; k_cache, v_cache: (R, NH, n_ctx, hs);
+    batch row b is cache row rows[b], filled up to pos[b], and its new key and value are
+    written at pos[b]; out: (B, C). Per head: scores s_j = q.k_j / sqrt(hs) for j <= pos[b],
+    p = softmax(s), out = sum_j p_j v_j. Each row is computed alone, the same way whatever
+    the other rows are (a row decoded in a batch gets the bits it gets alone).
     Sums are in the arrays' dtype, in any order (fastmath: SIMD lanes), as BLAS sums them.
     A few thousand multiply-adds a head: as loops here they cost less than the NumPy calls
     around two small batched matmuls did (~0.1 ms a layer at short contexts).
@@ -638,17 +640,18 @@ def _decode_attention_kernel(qkv, k_cache, v_cache, pos, NH, out):
     B = qkv.shape[0]
     C = qkv.shape[1] // 3
     hs = C // NH
-    end = pos + 1
     zero = qkv.dtype.type(0.0)
     scale = qkv.dtype.type(1.0 / math.sqrt(hs))
-    s = np.empty(end, dtype=qkv.dtype)
+    s = np.empty(pos.max() + 1, dtype=qkv.dtype)
     for b in range(B):
+        p_b = pos[b]
+        end = p_b + 1
         for h in range(NH):
             c0 = h * hs
-            kc = k_cache[b, h]
-            vc = v_cache[b, h]
-            kc[pos] = qkv[b, C + c0:C + c0 + hs]
-            vc[pos] = qkv[b, 2 * C + c0:2 * C + c0 + hs]
+            kc = k_cache[rows[b], h]
+            vc = v_cache[rows[b], h]
+            kc[p_b] = qkv[b, C + c0:C + c0 + hs]
+            vc[p_b] = qkv[b, 2 * C + c0:2 * C + c0 + hs]
             q = qkv[b, c0:c0 + hs]
             for j in range(end):
                 acc = zero
@@ -670,25 +673,34 @@ def _decode_attention_kernel(qkv, k_cache, v_cache, pos, NH, out):
                     y[d] += p * vc[j, d]
 
 
-def _decode_attention(qkv, k_cache, v_cache, pos, NH):
+def _decode_attention(qkv, k_cache, v_cache, pos, NH, rows):
     """attention_forward_cached for one new position: (B, 1, 3C) -> (B, 1, C)."""
     B, _, C3 = qkv.shape
     out = np.empty((B, C3 // 3), dtype=qkv.dtype)  # [B, C]
-    _decode_attention_kernel(np.ascontiguousarray(qkv.reshape(B, C3)), k_cache, v_cache, pos, NH, out)
+    _decode_attention_kernel(np.ascontiguousarray(qkv.reshape(B, C3)), k_cache, v_cache, rows, pos, NH, out)
     return out.reshape(B, 1, C3 // 3)
 
 
-def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
-    """Attention for T new positions pos0..pos0+T-1 against a KV cache (inference only).
+def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH, rows=None):
+    """Attention for T new positions of each row against a KV cache (inference only).
 
-    qkv: (B, T, 3C); k_cache, v_cache: (B, NH, n_ctx, hs), filled up to pos0 and written
-    here for the new positions. Returns out (B, T, C), equal to rows pos0.. of
-    attention_forward over the whole sequence. Blockwise through BLAS like
-    attention_forward, with a scores buffer the size of one block (no (T, T) matrix).
+    qkv: (B, T, 3C); k_cache, v_cache: (R, NH, n_ctx, hs); row b is cache row rows[b]
+    (default b), filled up to pos0 (an int, or an int array (B,)) and written here for the
+    new positions. Returns out (B, T, C), equal to rows pos0.. of attention_forward over
+    the whole sequence. Blockwise through BLAS like attention_forward, with a scores buffer
+    the size of one block (no (T, T) matrix); one new position per row (decoding) in one
+    Numba call for every row, each at its own length.
     """
     B, T, C3 = qkv.shape
     if T == 1:
-        return _decode_attention(qkv, k_cache, v_cache, pos0, NH)
+        rows = np.arange(B) if rows is None else np.asarray(rows, dtype=np.int64)
+        return _decode_attention(qkv, k_cache, v_cache, np.ascontiguousarray(np.broadcast_to(pos0, (B,)),
+                                                                             dtype=np.int64), NH, rows)
+    if rows is not None or np.ndim(pos0) != 0:  # rows at their own places: one at a time
+        rows = range(B) if rows is None else rows
+        pos0 = np.broadcast_to(pos0, (B,))
+        return np.concatenate([attention_forward_cached(qkv[b:b + 1], k_cache[r:r + 1], v_cache[r:r + 1],
+                                                        int(pos0[b]), NH) for b, r in enumerate(rows)])
     q, k, v = _split_qkv(qkv, NH)  # each [B, NH, T, hs]
     hs = q.shape[-1]
     end = pos0 + T

@@ -15,11 +15,14 @@ import numpy as np
 def encoder_forward(wte, wpe, inp, pos0=0):
     """Token + position embedding.
 
-    wte: (V, C), wpe: (maxT, C), inp: int (B, T); positions start at pos0 (KV cache).
+    wte: (V, C), wpe: (maxT, C), inp: int (B, T); positions start at pos0 (KV cache), an int
+    or, for rows at different lengths (batched decoding), an int array (B,).
     Returns out: (B, T, C).
     """
     T = inp.shape[1]
-    return wte[inp] + wpe[pos0:pos0 + T]
+    if np.ndim(pos0) == 0:
+        return wte[inp] + wpe[pos0:pos0 + T]
+    return wte[inp] + wpe[np.asarray(pos0)[:, None] + np.arange(T)]  # row b at positions pos0[b]..
 
 
 def encoder_backward(dout, inp, V, maxT):
@@ -164,24 +167,31 @@ def attention_backward(dout, qkv, att, NH):
     return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
 
 
-def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH):
-    """Attention for T new positions pos0..pos0+T-1 against a KV cache (inference only).
+def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH, rows=None):
+    """Attention for T new positions of each row against a KV cache (inference only).
 
-    qkv: (B, T, 3C); k_cache, v_cache: (B, NH, n_ctx, hs), filled up to pos0 and written
-    here for the new positions. Returns out (B, T, C), equal to rows pos0.. of
-    attention_forward over the whole sequence.
+    qkv: (B, T, 3C); k_cache, v_cache: (R, NH, n_ctx, hs) with R >= B. Row b of the batch
+    is cache row rows[b] (default b), filled up to pos0 (an int, or an int array (B,) when
+    rows are at different lengths: batched decoding); its keys and values for positions
+    pos0[b]..pos0[b]+T-1 are written here. Returns out (B, T, C), row b equal to rows
+    pos0[b].. of attention_forward over that row's whole sequence.
     """
-    C = qkv.shape[-1] // 3
-    q, k, v = (split_heads(x, NH) for x in np.split(qkv, 3, axis=-1))
-    T = q.shape[2]
-    end = pos0 + T
-    k_cache[:, :, pos0:end] = k
-    v_cache[:, :, pos0:end] = v
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    pos0 = np.broadcast_to(pos0, (B,))
+    rows = range(B) if rows is None else rows
+    q, k, v = (split_heads(x, NH) for x in np.split(qkv, 3, axis=-1))  # 3 x [B, NH, T, hs]
     scale = 1.0 / math.sqrt(C // NH)
-    scores = (q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)) * scale
-    future = np.arange(end)[None, :] > (pos0 + np.arange(T))[:, None]
-    scores = np.where(future, -np.inf, scores)
-    return merge_heads(softmax(scores) @ v_cache[:, :, :end])
+    out = np.empty_like(q)  # [B, NH, T, hs]
+    for b, r in enumerate(rows):  # each row has its own cache row and length
+        p0, end = int(pos0[b]), int(pos0[b]) + T
+        k_cache[r, :, p0:end] = k[b]
+        v_cache[r, :, p0:end] = v[b]
+        scores = (q[b] @ k_cache[r, :, :end].transpose(0, 2, 1)) * scale  # [NH, T, hs] @ [NH, hs, end] -> [NH, T, end]
+        future = np.arange(end)[None, :] > (p0 + np.arange(T))[:, None]  # [T, end]
+        scores = np.where(future, -np.inf, scores)
+        out[b] = softmax(scores) @ v_cache[r, :, :end]  # [NH, T, end] @ [NH, end, hs] -> [NH, T, hs]
+    return merge_heads(out)  # [B, T, C]
 
 
 # ---------------------------------------------------------------- GELU (tanh form, as GPT-2)

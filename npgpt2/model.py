@@ -9,6 +9,7 @@ import filecmp
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -110,22 +111,75 @@ def check_finite(params, source):
 
 # ---------------------------------------------------------------- the model
 class KVCache:
-    """Keys and values of every layer for positions 0..length-1, preallocated to n_ctx.
+    """Keys and values of every layer for each row's positions 0..lengths[row]-1, preallocated
+    to n_ctx.
 
-    k, v: (n_layer, B, NH, n_ctx, hs). Decoding one token writes one row; nothing is
-    reallocated.
+    k, v: (n_layer, B, NH, n_ctx, hs); lengths: int (B,). Decoding one token writes one
+    position of a row; nothing is reallocated. Rows may be at different lengths (batched
+    decoding: batch_decode.py); `select(rows)` is what forward() takes to run some of them.
     """
+
+    rows = None  # forward() runs every row, batch row b = cache row b
 
     def __init__(self, hparams, batch_size, dtype):
         L, NH, C, T = (hparams[k] for k in ("n_layer", "n_head", "n_embd", "n_ctx"))
         shape = (L, batch_size, NH, T, C // NH)
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
-        self.length = 0
+        self.k = lazy_zeros(shape, dtype)
+        self.v = lazy_zeros(shape, dtype)
+        self.lengths = np.zeros(batch_size, dtype=np.int64)
+
+    @property
+    def length(self):
+        """The rows' common length (ValueError when they differ)."""
+        return _common_length(self.lengths)
+
+    @length.setter
+    def length(self, n):
+        self.lengths[:] = n
+
+    def advance(self, n):
+        self.lengths += n
 
     def truncate(self, length):
         """Forget positions >= length (they are overwritten by the next forward)."""
-        self.length = min(self.length, length)
+        np.minimum(self.lengths, length, out=self.lengths)
+
+    def select(self, rows):
+        """Some rows for one forward(): batch row b is cache row rows[b], at its own length."""
+        return CacheRows(self, rows)
+
+
+class CacheRows:
+    """A KVCache's rows `rows` (int (B,)), each at its own length, for forward(); no copy."""
+
+    def __init__(self, cache, rows):
+        self.cache, self.k, self.v = cache, cache.k, cache.v
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    @property
+    def lengths(self):
+        return self.cache.lengths[self.rows]
+
+    @property
+    def length(self):
+        return _common_length(self.lengths)
+
+    def advance(self, n):
+        self.cache.lengths[self.rows] += n
+
+
+def lazy_zeros(shape, dtype):
+    """Zeros whose memory is taken only as it is written, 4 KB at a time: an anonymous mmap.
+    (np.zeros of a large array asks Linux for 2 MB pages, so a short sequence, which writes a
+    few positions of every head's (n_ctx, hs) block, would take 2 MB per block.)"""
+    n = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(1, n * np.dtype(dtype).itemsize)), dtype=dtype, count=n).reshape(shape)
+
+
+def _common_length(lengths):
+    if lengths.min() != lengths.max():
+        raise ValueError(f"the cache's rows have different lengths ({lengths.min()}..{lengths.max()})")
+    return int(lengths[0])
 
 
 class GPT2:
@@ -246,7 +300,10 @@ class GPT2:
         if isinstance(wte, QuantizedWeight) and ops() is not layers:  # int8: the dequantising GEMV
             from .quant_kernels import matmul_forward
             return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
-        return x @ wte.T  # [B, T, C] @ [C, V] -> [B, T, V]
+        # one GEMM over all B*T rows: NumPy's matmul of (B, T, C) would make one per batch row,
+        # each reading all of wte (at T = 1, batched decoding, B times the head's memory traffic)
+        B, T, C = x.shape
+        return (x.reshape(B * T, C) @ wte.T).reshape(B, T, -1)  # [B*T, C] @ [C, V] -> [B, T, V]
 
     # ------------------------------------------------------------ inference
     def forward(self, tokens, cache=None, last_only=False):
@@ -256,7 +313,7 @@ class GPT2:
         is extended by them. last_only skips the output head for positions whose logits
         nobody reads (prompt prefill).
         """
-        tokens = self._check_tokens(tokens, cache.length if cache is not None else 0)
+        tokens = self._check_tokens(tokens, int(cache.lengths.max()) if cache is not None else 0)
         nn = ops()
         if nn is layers and cache is None:
             # the readable path (NPGPT2_PLAIN=1): embed -> blocks -> ln_f, the code run_with_cache runs
@@ -293,7 +350,9 @@ class GPT2:
         - the residual additions go into x in place (no saved activation needs the old x).
         """
         B, T = tokens.shape  # T new positions pos0..pos0+T-1 (all of them without a cache)
-        pos0 = cache.length if cache is not None else 0
+        rows, pos0 = (None, 0) if cache is None else (cache.rows, cache.lengths)  # cache rows, (B,) lengths
+        if rows is None and (pos0 == np.min(pos0)).all():
+            pos0 = int(np.min(pos0))  # every row at one length: the kernels' one-call path
         NH, L = self.hparams["n_head"], self.hparams["n_layer"]
         hs = self.hparams["n_embd"] // NH
         # x is a fresh array: the residual additions below go into it in place
@@ -312,17 +371,18 @@ class GPT2:
                 # only the last position's output is read: the others give the last layer
                 # keys and values, but their attention, MLP and residual rows are skipped
                 k, v = (layers.split_heads(t, NH) for t in np.split(qkv[:, :-1], 3, axis=-1)[1:])  # [B, NH, T-1, hs]
-                k_cache[:, :, p0:p0 + T - 1] = k
-                v_cache[:, :, p0:p0 + T - 1] = v
+                for b, (r, p) in enumerate(zip(range(B) if rows is None else rows, np.broadcast_to(p0, (B,)))):
+                    k_cache[r, :, p:p + T - 1] = k[b]  # [NH, T-1, hs] into cache row r at its length
+                    v_cache[r, :, p:p + T - 1] = v[b]
                 qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1  # from here T is 1
-            z = nn.attention_forward_cached(qkv, k_cache, v_cache, p0, NH)  # [B, T, 3C] -> [B, T, C]
+            z = nn.attention_forward_cached(qkv, k_cache, v_cache, p0, NH, rows)  # [B, T, 3C] -> [B, T, C]
             x += _linear(nn, blk, "attn/c_proj", z)  # [B, T, C]
             ln_2, _, _ = nn.layernorm_forward(x, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
             mlp_h = _linear(nn, blk, "mlp/c_fc", ln_2)  # [B, T, C] -> [B, T, 4C]
             mlp_h = nn.gelu_forward(mlp_h)  # [B, T, 4C]
             x += _linear(nn, blk, "mlp/c_proj", mlp_h)  # [B, T, 4C] -> [B, T, C]
         if cache is not None:
-            cache.length = pos0 + T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]  # [B, 1, C]
         x, _, _ = nn.layernorm_forward(x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]

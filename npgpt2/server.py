@@ -8,6 +8,7 @@ Endpoints (JSON in, JSON out; errors are `{"error": "<one line>"}` with a 4xx/5x
     POST /v1/generate  {prompt, length, temperature, top_k, top_p, seed, truncate, stream}
     POST /v1/chat      {messages: [{role: "user"|"assistant", content}], length, ..., stream}
     POST /v1/explain   {text, layer, top_k} -> explain.build_report's JSON
+    GET  /v1/models, POST /v1/completions, POST /v1/chat/completions: OpenAI's API (openai_api.py)
 
 generate and chat answer `{"text", "tokens": [generated ids], "finish_reason":
 "stop"|"length"|"timeout"}` (chat adds `"message": {"role": "assistant", "content"}` and
@@ -21,17 +22,20 @@ Design, by module:
   request line and headers are in (so slow clients cost a socket, not a thread); then the
   request gets a thread of its own, at most --max_connections at once (more get 503), which
   reads and checks the body and submits a job. Headers and bodies have --read_timeout.
-- server_worker.py: one model thread runs the jobs one at a time, in arrival order. So answers
-  are never interleaved, and a seeded request gives the same text whatever else is going on:
-  it prefills a fresh KV cache (no batching, which changes float rounding). Unseeded requests
-  share one cache instead and feed only what follows the prefix they have in common with the
-  previous request's tokens, which is most of a conversation that a chat page sends again.
+- server_worker.py: one model thread. Generation requests are decoded together, up to
+  --max_batch rows (batch_decode.py): a new one is prefilled into a free KV-cache row and
+  joins at the next token, a finished or cancelled one leaves at once. A seeded request gives
+  the same tokens whatever else is going on: it prefills a fresh cache row and draws from its
+  own random stream (its logits match a solo run's within float rounding: see batch_decode).
+  Unseeded requests may start from a free row that holds a prefix of their prompt and feed
+  only the rest, which is most of a conversation that a chat page sends again.
   The worker never touches a socket: it puts text pieces on the job's own queue and the
   request's thread writes them with a socket timeout, so a slow reader cannot stall the
   worker; when a write fails or the client goes away the job is cancelled at the next token.
   A per-request deadline (from arrival, so time in the queue counts) ends generation early
   with finish_reason "timeout".
 - server_fields.py: every field of a body checked, a 400 naming it otherwise.
+- openai_api.py: OpenAI's endpoints, fields and answer shapes, on the same worker.
 The work is one CPU-bound model, so an asyncio framework would add a dependency without
 adding throughput.
 """
@@ -48,16 +52,19 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 
-from . import explain
+from . import explain, openai_api
+from .batch_decode import Row, row_rng
 from .chat import DEFAULT_BOT_TAG, DEFAULT_USER_TAG, build_prompt, check_tags, check_vocab, stop_strings
 from .errors import Npgpt2Error
+from .sampling import check_batch_memory
 from .server_fields import BadRequest, parse_explain, parse_messages, parse_options, string
 from .server_http import Handler, HeaderGate, canned, close_socket, send_and_close
-from .server_worker import Job, Worker, explain_task, generate_task
+from .server_worker import Generation, Job, Worker, explain_task
 
 log = logging.getLogger("npgpt2.server")
 
 PAGE = Path(__file__).parent / "assets" / "chat.html"
+MAX_BATCH = 256  # the most sequences --max_batch may decode together
 MAX_PATTERN_WEIGHTS = 2_000_000  # attention weights in one /v1/explain answer (about 12 MB of JSON)
 
 
@@ -72,14 +79,19 @@ class Limits:
     read_timeout: float = 10.0        # seconds for a request's headers, and again for its body
     max_queue: int = 64               # requests waiting or running; more get 503
     max_connections: int = 64         # requests being read or answered at once; more get 503
+    max_batch: int = 8                # sequences decoded together (batch_decode.py)
+    max_request_tokens: int = None    # new tokens one request may ask for in all (n x max_tokens); default 4 * n_ctx
 
     def check(self):
         """Raise Npgpt2Error naming the flag of a limit out of range."""
         for flag, v in (("--max_body", self.max_body), ("--max_length", self.max_length),
                         ("--max_prompt_tokens", self.max_prompt_tokens), ("--max_queue", self.max_queue),
-                        ("--max_connections", self.max_connections)):
+                        ("--max_connections", self.max_connections), ("--max_batch", self.max_batch),
+                        ("--max_request_tokens", self.max_request_tokens)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise Npgpt2Error(f"{flag} must be an integer >= 1, got {v}")
+        if self.max_batch > MAX_BATCH:  # on a CPU more rows gain nothing; each costs a cache row
+            raise Npgpt2Error(f"--max_batch must be at most {MAX_BATCH}, got {self.max_batch}")
         for flag, v in (("--timeout", self.timeout), ("--io_timeout", self.io_timeout),
                         ("--read_timeout", self.read_timeout)):
             if not v > 0:  # inf is allowed: no limit
@@ -89,7 +101,8 @@ class Limits:
         return dataclasses.replace(
             self,
             max_length=min(self.max_length or n_ctx - 1, n_ctx - 1),
-            max_prompt_tokens=self.max_prompt_tokens or 8 * n_ctx)
+            max_prompt_tokens=self.max_prompt_tokens or 8 * n_ctx,
+            max_request_tokens=self.max_request_tokens or 4 * n_ctx)
 
 
 def encode_limited(tokenizer, text, limit, what, block_chars=2048):
@@ -113,7 +126,12 @@ class App:
     def __init__(self, model, tokenizer, limits=None, user_tag=DEFAULT_USER_TAG, bot_tag=DEFAULT_BOT_TAG,
                  model_name=None, system="", host_names=()):
         check_tags(user_tag, bot_tag)
-        check_vocab(tokenizer, user_tag, bot_tag, system)
+        try:
+            check_vocab(tokenizer, user_tag, bot_tag, system)
+            self.chat_refusal = None
+        except Npgpt2Error as e:  # e.g. the demo's compact vocabulary: it still generates and explains
+            self.chat_refusal = str(e)
+            log.warning("%s; the chat endpoints will answer 400", e)
         # the names a Host header may give besides IP addresses (which DNS rebinding cannot use)
         self.host_names = {"localhost", *(h.lower().strip("[]") for h in host_names if h)}
         self.model, self.tokenizer = model, tokenizer
@@ -126,7 +144,12 @@ class App:
         self.pages = {"/": PAGE.read_bytes(), "/explain": explain.page_html().encode("utf-8")}
         self.jobs = {"/v1/generate": self.generate_job, "/v1/chat": self.chat_job,
                      "/v1/explain": self.explain_job}
-        self.worker = Worker(model, tokenizer, self.limits.max_queue)
+        self.gets = {"/health": self.health}  # GET paths answered with JSON
+        openai_api.add_routes(self)  # /v1/models, /v1/completions, /v1/chat/completions
+        # a row takes KV-cache memory only as its positions fill (model.lazy_zeros): refuse up
+        # front only a --max_batch whose rows could not even hold their logits
+        check_batch_memory(model.hparams, self.limits.max_batch, 1, 1, model.dtype, name="--max_batch")
+        self.worker = Worker(model, tokenizer, self.limits.max_queue, self.limits.max_batch)
 
     def host_allowed(self, host):
         """Host header `host` (name or address, with or without :port) names this server."""
@@ -141,9 +164,15 @@ class App:
 
     def methods(self, path):
         """The methods a path answers (empty: no such path)."""
-        if path in self.pages or path == "/health":
+        if path in self.pages or path in self.gets:
             return ["GET", "HEAD"]
         return ["POST"] if path in self.jobs else []
+
+    def error_body(self, path, e):
+        """A BadRequest as the JSON body for path: OpenAI's error object on its routes."""
+        if path in openai_api.ROUTES:
+            return openai_api.error_object(e.status, str(e), e.param, e.code)
+        return {"error": str(e)}
 
     def health(self):
         L = self.limits
@@ -151,7 +180,8 @@ class App:
                 "queued": self.worker.pending,
                 "limits": {"max_body": L.max_body, "max_length": L.max_length,
                            "max_prompt_tokens": L.max_prompt_tokens, "timeout": L.timeout,
-                           "max_connections": L.max_connections}}
+                           "max_connections": L.max_connections, "max_batch": L.max_batch,
+                           "max_request_tokens": L.max_request_tokens}}
 
     def _deadline(self):
         return time.monotonic() + self.limits.timeout
@@ -165,11 +195,12 @@ class App:
         # too long for the context: keep its end, as `npgpt2 prompt` does
         tokens = tokens[-(self.n_ctx - options["length"]):]
         stops = [options["truncate"]] if options["truncate"] else []
-        return Job(generate_task, deadline, options["stream"], prompt=tokens, options=options, stops=stops,
-                   chat=False)
+        return Job(None, deadline, options["stream"], gen=Generation([self.row(tokens, options)], stops))
 
     def chat_job(self, body):
         deadline = self._deadline()
+        if self.chat_refusal:
+            raise BadRequest(self.chat_refusal)
         options = parse_options(body, self.limits, self.n_vocab, self.n_ctx // 4, ("messages",))
         turns = parse_messages(body)
         try:  # encodes only the newest messages that can fit, so its cost is bounded
@@ -177,9 +208,17 @@ class App:
                                            self.user_tag, self.bot_tag, self.system)
         except Npgpt2Error as e:
             raise BadRequest(str(e).replace("--length", '"length"')) from None
-        return Job(generate_task, deadline, options["stream"], prompt=tokens, options=options,
-                   stops=stop_strings(self.user_tag, self.bot_tag, options["truncate"]), chat=True,
-                   extra={"dropped": dropped})
+        stops = stop_strings(self.user_tag, self.bot_tag, options["truncate"])
+        return Job(None, deadline, options["stream"],
+                   gen=Generation([self.row(tokens, options)], stops, chat=True, extra={"dropped": dropped}))
+
+    @staticmethod
+    def row(tokens, o, index=0, **kwargs):
+        """One sequence for the batch. An unseeded one may continue a cached prefix (a chat page
+        that sends its history again feeds only the new turn); a seeded one starts from a fresh
+        cache row, so the same seed gives the same text whatever ran before."""
+        return Row(tokens, o["length"], o["temperature"], o["top_k"], o["top_p"], rng=row_rng(o["seed"], index),
+                   reuse=o["seed"] is None, **kwargs)
 
     def explain_job(self, body):
         deadline = self._deadline()

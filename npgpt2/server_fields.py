@@ -13,11 +13,12 @@ SAMPLING_FIELDS = ("length", "temperature", "top_k", "top_p", "seed", "truncate"
 
 
 class BadRequest(Exception):
-    """A client error; str(e) is the one-line message sent back as JSON."""
+    """A client error; str(e) is the one-line message sent back as JSON. param: the field it
+    is about (OpenAI's error object names it), code: OpenAI's machine-readable code."""
 
-    def __init__(self, message, status=HTTPStatus.BAD_REQUEST):
+    def __init__(self, message, status=HTTPStatus.BAD_REQUEST, param=None, code=None):
         super().__init__(message)
-        self.status = status
+        self.status, self.param, self.code = status, param, code
 
 
 def shown(v, limit=40):
@@ -36,7 +37,7 @@ def integer(body, key, default, lo, hi, nullable=False):
     if v is None and nullable:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise BadRequest(f'"{key}" must be an integer from {lo} to {hi}, got {shown(v)}')
+        raise BadRequest(f'"{key}" must be an integer from {lo} to {hi}, got {shown(v)}', param=key)
     return v
 
 
@@ -47,7 +48,7 @@ def number(body, key, default, lo, hi, lo_open=False):
           and (lo < v if lo_open else lo <= v) and v <= hi and math.isfinite(v))
     if not ok:
         span = f"{'above' if lo_open else 'from'} {lo} to {hi}"
-        raise BadRequest(f'"{key}" must be a number {span}, got {shown(v)}')
+        raise BadRequest(f'"{key}" must be a number {span}, got {shown(v)}', param=key)
     return float(v)
 
 
@@ -58,7 +59,7 @@ def string(body, key, default, max_chars, nullable=False, nonempty=False):
     if not isinstance(v, str) or len(v) > max_chars or (nonempty and not v):
         size = f"{'a non-empty string' if nonempty else 'a string'} of at most {max_chars} characters"
         got = "" if isinstance(v, str) and v else f", got {shown(v)}"
-        raise BadRequest(f'"{key}" must be {size}{got}')
+        raise BadRequest(f'"{key}" must be {size}{got}', param=key)
     return v
 
 
@@ -66,7 +67,8 @@ def check_known(body, allowed):
     """A misspelt field is reported, not ignored."""
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise BadRequest(f'unknown field "{shown(unknown[0])[1:-1]}" (allowed: {", ".join(allowed)})')
+        raise BadRequest(f'unknown field "{shown(unknown[0])[1:-1]}" (allowed: {", ".join(allowed)})',
+                         param=unknown[0])
 
 
 def temperature(body):

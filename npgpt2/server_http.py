@@ -319,8 +319,8 @@ class Handler(BaseHTTPRequestHandler):
         page = self.app.pages.get(path)
         if page is not None:
             send_page(self, page)
-        elif path == "/health":
-            send_json(self, HTTPStatus.OK, self.app.health())
+        elif path in self.app.gets:
+            send_json(self, HTTPStatus.OK, self.app.gets[path]())
         else:
             self.not_found_or_not_allowed(path)
 
@@ -339,9 +339,9 @@ class Handler(BaseHTTPRequestHandler):
             job = make_job(read_json(self))
             self.app.worker.submit(job)
         except BadRequest as e:
-            send_json(self, e.status, {"error": str(e)}, close=self.close_connection)
+            send_json(self, e.status, self.app.error_body(path, e), close=self.close_connection)
             return
-        (answer_stream if job.stream else answer_json)(self, job)
+        (job.respond or (answer_stream if job.stream else answer_json))(self, job)
 
     def do_other(self):
         if self.host_refused():
@@ -551,7 +551,12 @@ class Results:
         self.handler.close_connection = True
 
 
-def answer_json(handler, job):
+def plain_error(status, message):
+    """npgpt2's error body (OpenAI's routes pass openai_api.error_object instead)."""
+    return {"error": message}
+
+
+def answer_json(handler, job, error_body=plain_error):
     results = Results(handler, job)
     item = results.next()
     while item is not None and item[0] not in ("done", "error"):
@@ -560,7 +565,7 @@ def answer_json(handler, job):
         if item is not None and item[0] == "done":
             send_json(handler, HTTPStatus.OK, item[1])
         elif item is not None:
-            send_json(handler, item[1], {"error": item[2]})
+            send_json(handler, item[1], error_body(item[1], item[2]))
     except OSError as e:  # gone after all, or too slow to read even this
         log.info("%s: answer not delivered (%s)", handler.client_address[0], e)
         handler.close_connection = True
@@ -592,6 +597,10 @@ class EventStream:
             head = "event: error\n"
         self._write(f"{head}data: {text}\n\n".encode("utf-8"))
 
+    def data(self, text):
+        """A bare `data: text` event (OpenAI's `data: [DONE]`)."""
+        self._write(f"data: {text}\n\n".encode("utf-8"))
+
     def _write(self, data):
         if self.chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
@@ -605,13 +614,25 @@ class EventStream:
         self.handler.wfile.flush()
 
 
-def answer_stream(handler, job):
+def write_event(stream, item):
+    """npgpt2's events: `data: {"text"}` per piece, then `event: done` or `event: error`.
+    Returns True after the last one."""
+    if item[0] == "text":
+        stream.event(None, {"text": item[1]})
+    elif item[0] == "done":
+        stream.event("done", item[1])
+    elif item[0] == "error":
+        stream.event("error", {"error": item[2]})
+    return item[0] in ("done", "error")
+
+
+def answer_stream(handler, job, error_body=plain_error, write=write_event):
     results = Results(handler, job)
     item = results.next()
     if item is None:
         return
     if item[0] == "error":  # before any output: a plain JSON error with its status
-        send_json(handler, item[1], {"error": item[2]})
+        send_json(handler, item[1], error_body(item[1], item[2]))
         return
     try:
         stream = EventStream(handler)
@@ -619,13 +640,7 @@ def answer_stream(handler, job):
             item = results.next()
             if item is None:
                 return
-            if item[0] == "text":
-                stream.event(None, {"text": item[1]})
-            elif item[0] == "done":
-                stream.event("done", item[1])
-                break
-            elif item[0] == "error":
-                stream.event("error", {"error": item[2]})
+            if write(stream, item):
                 break
         stream.end()
     except OSError as e:  # includes a write that timed out: a reader too slow to keep

@@ -684,8 +684,9 @@ def test_sigterm_ends_open_streams_and_answers_queued_clients():
               "    return plain(self, *a, **k)\n"
               "npgpt2.model.GPT2.forward = slow\n"
               "sys.exit(cli.main(sys.argv[1:]))\n")
+    # --max_batch 1: the two others wait in the queue (with room in the batch they would join it)
     proc = subprocess.Popen([sys.executable, "-c", script, "serve", "--models_dir", str(FULL.parent),
-                             "--model_name", "full", "--port", "0"],
+                             "--model_name", "full", "--port", "0", "--max_batch", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().split(" on ")[1].split()[0]
