@@ -419,3 +419,19 @@ def test_bad_peft_folder_files_and_sizes(tmp_path):
         af.read_peft_adapter(tmp_path / "nowhere", TINY_HP)
     with pytest.raises(Npgpt2Error, match="adapter_config.json: missing"):
         af.read_peft_adapter(tmp_path, TINY_HP)
+
+
+def test_a_peft_folder_loads_through_adapter_and_the_cli(tmp_path, ref, capsys):
+    """load_model(base, adapter=<PEFT folder>) is the base with peft's adapters: peft's own logits
+    (float32 <=1e-5); `npgpt2 eval --adapter <PEFT folder>` runs on it (and differs from the base)."""
+    model = load_model(TINY, adapter=LORA / "peft_f32")
+    assert model.lora is not None
+    np.testing.assert_allclose(model.forward(ref["tokens"]), ref["logits_f32"], rtol=0, atol=1e-5)
+    data = tmp_path / "ids.npz"
+    np.savez(data, ref["tokens"].reshape(-1).astype(np.uint16))
+    from npgpt2.cli import main
+    losses = []
+    for extra in ([], ["--adapter", str(LORA / "peft_f32")]):
+        assert main(["eval", "--dataset", str(data), "--models_dir", str(FIX), "--model_name", "tiny", *extra]) in (0, None)
+        losses.append(capsys.readouterr().out)
+    assert losses[0] != losses[1] and all("loss" in out for out in losses)
