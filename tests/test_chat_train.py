@@ -363,7 +363,7 @@ def test_server_app_uses_the_system_text(tok):
     app = App(model, tok, user_tag="Q:", bot_tag="A:", system="Be brief.")
     job = app.chat_job({"messages": [{"role": "user", "content": "hi"}], "length": 2})
     try:
-        assert tok.decode(job.fields["prompt"]) == "Be brief.\nQ: hi\nA:"
+        assert tok.decode(job.gen.rows[0].prompt) == "Be brief.\nQ: hi\nA:"
     finally:
         app.worker.stop()
 

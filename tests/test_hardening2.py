@@ -653,7 +653,8 @@ def test_explain_on_an_int8_model_without_memory_for_its_copy_is_a_503(monkeypat
     from npgpt2 import memory
     from npgpt2.server import Server
     model = npgpt2.load_model(int8_dir, dtype="int8")
-    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)  # less than the copy's 4 bytes a parameter
     with Server(model, npgpt2.load_tokenizer(int8_dir), host="127.0.0.1", port=0).start() as s:
+        # after the server's own up-front checks: less than the copy's 4 bytes a parameter
+        monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
         status, _, body = http(s.port, "POST", "/v1/explain", {"text": "hello"})
     assert status == 503 and "int8" in json.loads(body)["error"]

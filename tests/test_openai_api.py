@@ -223,7 +223,8 @@ def test_limits_are_refused_up_front(server):
 
 
 def test_other_errors_have_the_openai_shape(server):
-    r = requests.post(server.url + "v1/completions", data=b"{not json", timeout=T)
+    r = requests.post(server.url + "v1/completions", data=b"{not json", timeout=T,
+                      headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = requests.get(server.url + "v1/completions", timeout=T)
     assert r.status_code == 405
@@ -239,7 +240,7 @@ def test_client_gone_mid_stream_frees_its_row():
         s.start()
         body = json.dumps({"model": "x", "messages": MSGS, "max_tokens": 40, "stream": True}).encode()
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=T)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         got = b""
         while got.count(b"data: ") < 2:
@@ -304,7 +305,7 @@ def test_fifty_concurrent_clients_mixing_apis_cancellations_and_bad_requests():
                 return r.status_code
             body = json.dumps({"model": "x", "prompt": "bye", "max_tokens": 60, "stream": True}).encode()
             with socket.create_connection(("127.0.0.1", s.port), timeout=T) as sock:
-                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                              % (len(body), body))
                 got = b""
                 while b"data: " not in got:
