@@ -653,6 +653,8 @@ def memsave_row(Bm, rows, checks, why):
                  f"vs {fmt_mib(wo['peak_rss_mib'])}); step {fmt_s(ms['median_s'])} vs {fmt_s(wo['median_s'])}", "",
                  f"{mem:.2f} / {slow:.2f}x", "", target,
                  "yes" if checks["train_memsave_memory"] and checks["train_memsave_time"] else "no"))
+
+
 def lora_rows(Bm, rows, checks, missing):
     """The LoRA rows of issue 17 (benchmarks lora_124M, lora_774M, lora_1558M, lora_quality)."""
     label, target = "124M B=4,T=64 LoRA R=8 (all four) vs full fine-tune", "step time <= 0.75x, peak RSS <= 0.5x"
