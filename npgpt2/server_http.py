@@ -306,9 +306,9 @@ class Handler(BaseHTTPRequestHandler):
             return False
         discard_body(self)
         name = UNPRINTABLE.sub("?", host[:100])
-        send_json(self, HTTPStatus.FORBIDDEN, {"error": f"Host {name!r} is not a name this server answers to; "
-                                                        f"start it with --allowed_hosts {name.split(':')[0]} "
-                                                        f"to allow it"}, close=True)
+        refusal = BadRequest(f"Host {name!r} is not a name this server answers to; start it with "
+                             f"--allowed_hosts {name.split(':')[0]} to allow it", HTTPStatus.FORBIDDEN)
+        send_json(self, refusal.status, self.app.error_body(self.path_only(), refusal), close=True)
         return True
 
     def do_GET(self):

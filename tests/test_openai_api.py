@@ -230,6 +230,11 @@ def test_other_errors_have_the_openai_shape(server):
     assert r.status_code == 405
     with pytest.raises(openai.NotFoundError):
         client(server).embeddings.create(model="full", input="x")
+    r = requests.post(server.url + "v1/completions", json={"prompt": "x"}, headers={"Host": "evil.example"}, timeout=T)
+    assert r.status_code == 403 and "--allowed_hosts" in r.json()["error"]["message"]  # DNS rebinding refused
+    r = requests.post(server.url + "v1/completions", data=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"},
+                      timeout=T)
+    assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 # ---------------------------------------------------------------- connections and load
