@@ -689,7 +689,7 @@ def lora_rows(Bm, rows, checks, missing):
             cell += (f"; loss over {len(losses)} steps {losses[0]:.3f} -> {losses[-1]:.3f} (mean of first/last {k}: "
                      f"{first:.3f} / {last:.3f})" + ("" if len(losses) > 20 else "; fewer than 20 steps: not judged"))
             if not b.get("memory_saving"):
-                cell += "; memory_saving not available on this branch (ran without)"
+                cell += "; ran without memory_saving"
         rows.append((label, cell, "", "", f"{b['adapter_params']:,} adapter parameters", target, "yes" if ok else "no"))
     label, target = "quality: LoRA vs full fine-tune, held-out loss reduction", "LoRA >= 80% of full fine-tune's"
     why = missing("lora_quality")
