@@ -187,6 +187,7 @@ class BatchDecoder:
 
 
 def common_prefix(a, b, limit):
+    """How many leading tokens the sequences a and b share, at most limit."""
     n = 0
     while n < limit and n < len(a) and a[n] == b[n]:
         n += 1

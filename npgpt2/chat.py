@@ -217,10 +217,8 @@ class CachedContext:
     def generate(self, prompt, length, rng, temperature=1.0, top_k=0, top_p=1.0):
         """Yield up to `length` sampled token ids after prompt (a non-empty list of ids that,
         with length, fits in n_ctx)."""
-        n = 0
-        limit = min(len(self.tokens), len(prompt) - 1)  # feed at least one token to get logits
-        while n < limit and self.tokens[n] == prompt[n]:
-            n += 1
+        from .batch_decode import common_prefix
+        n = common_prefix(self.tokens, prompt, len(prompt) - 1)  # feed at least one token to get logits
         self.cache.truncate(n)
         del self.tokens[n:]
         self.reused = n

@@ -78,8 +78,9 @@ def build_conversations(tokenizer, seed=0):
     """{"train", "val", "test": [conversation]} and "train_text": the training terms' entries as
     plain text (what stage 1 learns from). Each training term is asked in two phrasings."""
     rng = np.random.default_rng(seed)
+    every = entries()
     items = []
-    for term, body in entries():
+    for term, body in every:
         answer = short_definition(body)
         if answer and len(tokenizer.encode(" " + answer)) <= MAX_ANSWER_TOKENS:
             items.append((term, answer, body))
@@ -94,9 +95,9 @@ def build_conversations(tokenizer, seed=0):
             picks = rng.choice(len(PHRASINGS), size=2 if name == "train" else 1, replace=False)
             convs += [conversation(term, answer, int(p)) for p in picks]
         out[name] = convs
-    train_terms = {items[i][0] for i in parts["train"]}
-    out["train_text"] = "\n\n".join(f"{t}: {b}" for t, b in entries() if t in train_terms or
-                                    t not in {it[0] for it in items}) + "\n"
+    # stage 1's text: the training terms' entries and those no question is asked about
+    train_terms, asked = {items[i][0] for i in parts["train"]}, {it[0] for it in items}
+    out["train_text"] = "\n\n".join(f"{t}: {b}" for t, b in every if t in train_terms or t not in asked) + "\n"
     return out
 
 

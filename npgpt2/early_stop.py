@@ -43,7 +43,7 @@ def check_flags(cfg):
     for flag, on in (("--early_stop", cfg.early_stop), ("--keep_best", cfg.keep_best)):
         if on and not cfg.val_every:
             raise Npgpt2Error(f"{flag} needs validation: give --val_every N (and --val_dataset)")
-    if (cfg.keep_best or cfg.restore_from == "best") and getattr(cfg, "lora", 0):
+    if (cfg.keep_best or cfg.restore_from == "best") and cfg.lora:
         # model-best-<step> holds full weights; a LoRA run folder's checkpoints are adapters (lora.py)
         raise Npgpt2Error("--keep_best / --restore_from best: not supported with --lora yet (--early_stop is)")
 
@@ -83,9 +83,8 @@ def save_best(model, run_dir, step, write_state, val_loss):
     with atomic_write(run_dir / BEST_FILE, "w", encoding="utf-8") as f:
         json.dump({"checkpoint": name, "step": step, "val_loss": val_loss}, f, indent=2)
     if old is not None and old["checkpoint"] != name:
-        # the index first: a half-removed best is then no longer a complete checkpoint
-        for p in sorted(run_dir.glob(old["checkpoint"] + ".*"), key=lambda p: not p.name.endswith(".index")):
-            p.unlink()
+        from .model import remove_checkpoint
+        remove_checkpoint(run_dir, old["checkpoint"])
         (run_dir / f"train_state-best-{old['step']}.npz").unlink(missing_ok=True)
     log.info("best validation loss %.4f: saved %s", val_loss, run_dir / name)
     return str(run_dir / name)

@@ -877,7 +877,12 @@ def write_step_checkpoint(model_dir, tensors, step=None, keep=None):
     names = [f"model-{s}" for s in steps] if step is not None else [name]
     write_checkpoint_state(model_dir, name, names)  # names the new, complete checkpoint
     for old in pruned:
-        # the index first: a half-pruned step is then no longer a complete checkpoint
-        for f in sorted(model_dir.glob(f"model-{old}.*"), key=lambda p: not p.name.endswith(".index")):
-            f.unlink()
+        remove_checkpoint(model_dir, f"model-{old}")
     return str(model_dir / name)
+
+
+def remove_checkpoint(model_dir, name):
+    """Delete checkpoint `name` (index + data files) from model_dir, the index first: a
+    half-removed checkpoint is then no longer a complete one that anything would load."""
+    for f in sorted(Path(model_dir).glob(f"{name}.*"), key=lambda p: not p.name.endswith(".index")):
+        f.unlink()

@@ -595,7 +595,7 @@ def fit(model, tokens, cfg, run_dir=None, tokenizer=None, val_tokens=None, state
     """
     comm = comm or SingleProcess()
     T = check_config(cfg, model.hparams["n_ctx"])
-    if model.weight_dtype == "int8" and getattr(model, "lora", None) is None:  # before any optimizer state
+    if model.weight_dtype == "int8" and model.lora is None:  # before any optimizer state
         raise Npgpt2Error("training an int8 model: its weights are for generation only; load it as float32 "
                           "(the default, which dequantises an int8 folder) to train it, or train LoRA adapters on it")
     check_tokens(tokens, model.hparams["n_vocab"], T, cfg.dataset or "dataset")
