@@ -23,6 +23,25 @@ def numba():
     return nb
 
 
+def plain_requested():
+    """True when NPGPT2_PLAIN is set to anything but "" or "0": run the plain code everywhere."""
+    return os.environ.get("NPGPT2_PLAIN", "") not in ("", "0")
+
+
+def ops():
+    """The layer implementations in use: Numba kernels, or plain NumPy with NPGPT2_PLAIN=1
+    (or when Numba cannot be imported, after one logged warning)."""
+    from . import layers
+    if plain_requested() or numba() is None:
+        return layers
+    try:
+        from . import kernels
+    except ImportError as e:  # a Numba that imports but cannot build the kernels
+        plain_fallback(e)
+        return layers
+    return kernels
+
+
 def check_numba_env():
     """NUMBA_NUM_THREADS=0 (or text) makes `import numba` raise a ValueError deep inside it:
     say it in one line instead."""

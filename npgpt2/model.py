@@ -1,15 +1,17 @@
-"""GPT-2: parameters, forward pass, loss and gradients, KV cache; load, init and save.
+"""GPT-2: parameters and the forward pass; init, load and save.
 
 Parameters are kept exactly as OpenAI's checkpoint holds them (TF variable name -> array,
 e.g. `model/h0/attn/c_attn/w` is (1, C, 3C)), so loading and saving need no renaming.
 The layer math lives in `layers.py` (plain NumPy) and its fast twins in `kernels.py`;
 `NPGPT2_PLAIN=1` in the environment runs everything on the plain path.
+GPT2's other methods come from one module each: model_hooks.py (run_with_cache,
+run_with_hooks), model_backward.py (forward_with_saves, backward), model_loss.py
+(loss_and_grads), model_fast.py (_forward_fast); the KV cache is kv_cache.py.
 """
 import filecmp
 import json
 import logging
 import math
-import mmap
 import os
 import shutil
 from pathlib import Path
@@ -21,9 +23,21 @@ from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, wr
 from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
 from .fsutil import atomic_write, read_json
-from .jit import numba, plain_fallback
+from .jit import ops
+from .kv_cache import CacheRows, KVCache, lazy_zeros
+from .linear import linear as _linear
+from .model_backward import Training
+from .model_fast import FastForward
+from .model_hooks import BLOCK_ACTS, Hooks, _prefixed, _unchanged
+from .model_loss import HEAD_ROWS, HEAD_VOCAB_BLOCK, Loss
 from .param_map import ParamMap
 from .quant import QuantizedWeight
+
+# names that moved out of this module, importable from it as before
+__all__ = ["ALIASES", "ASSETS", "BLOCK_ACTS", "GPT2", "CacheRows", "HEAD_ROWS", "HEAD_VOCAB_BLOCK", "KVCache",
+           "MODEL_HPARAMS", "check_download_finished", "check_finite", "check_hparams", "init_model",
+           "lazy_zeros", "load_model", "ops", "param_shapes", "read_hparams", "remove_checkpoint",
+           "resolve_model_dir", "save_model", "validate_params", "write_model_files", "write_step_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +52,6 @@ MODEL_HPARAMS = {
     "1558M": dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),
 }
 ALIASES = {"117M": "124M", "345M": "355M"}
-
-
-def ops():
-    """The layer implementations in use: Numba kernels, or plain NumPy with NPGPT2_PLAIN=1
-    (or when Numba cannot be imported, after one logged warning)."""
-    if os.environ.get("NPGPT2_PLAIN", "") not in ("", "0") or numba() is None:
-        return layers
-    try:
-        from . import kernels
-    except ImportError as e:  # a Numba that imports but cannot build the kernels
-        plain_fallback(e)
-        return layers
-    return kernels
 
 
 # ---------------------------------------------------------------- shapes
@@ -109,80 +110,8 @@ def check_finite(params, source):
                                   f"(a damaged or diverged checkpoint)")
 
 
-# ---------------------------------------------------------------- the model
-class KVCache:
-    """Keys and values of every layer for each row's positions 0..lengths[row]-1, preallocated
-    to n_ctx.
 
-    k, v: (n_layer, B, NH, n_ctx, hs); lengths: int (B,). Decoding one token writes one
-    position of a row; nothing is reallocated. Rows may be at different lengths (batched
-    decoding: batch_decode.py); `select(rows)` is what forward() takes to run some of them.
-    """
-
-    rows = None  # forward() runs every row, batch row b = cache row b
-
-    def __init__(self, hparams, batch_size, dtype):
-        L, NH, C, T = (hparams[k] for k in ("n_layer", "n_head", "n_embd", "n_ctx"))
-        shape = (L, batch_size, NH, T, C // NH)
-        self.k = lazy_zeros(shape, dtype)
-        self.v = lazy_zeros(shape, dtype)
-        self.lengths = np.zeros(batch_size, dtype=np.int64)
-
-    @property
-    def length(self):
-        """The rows' common length (ValueError when they differ)."""
-        return _common_length(self.lengths)
-
-    @length.setter
-    def length(self, n):
-        self.lengths[:] = n
-
-    def advance(self, n):
-        self.lengths += n
-
-    def truncate(self, length):
-        """Forget positions >= length (they are overwritten by the next forward)."""
-        np.minimum(self.lengths, length, out=self.lengths)
-
-    def select(self, rows):
-        """Some rows for one forward(): batch row b is cache row rows[b], at its own length."""
-        return CacheRows(self, rows)
-
-
-class CacheRows:
-    """A KVCache's rows `rows` (int (B,)), each at its own length, for forward(); no copy."""
-
-    def __init__(self, cache, rows):
-        self.cache, self.k, self.v = cache, cache.k, cache.v
-        self.rows = np.asarray(rows, dtype=np.int64)
-
-    @property
-    def lengths(self):
-        return self.cache.lengths[self.rows]
-
-    @property
-    def length(self):
-        return _common_length(self.lengths)
-
-    def advance(self, n):
-        self.cache.lengths[self.rows] += n
-
-
-def lazy_zeros(shape, dtype):
-    """Zeros whose memory is taken only as it is written, 4 KB at a time: an anonymous mmap.
-    (np.zeros of a large array asks Linux for 2 MB pages, so a short sequence, which writes a
-    few positions of every head's (n_ctx, hs) block, would take 2 MB per block.)"""
-    n = int(np.prod(shape))
-    return np.frombuffer(mmap.mmap(-1, max(1, n * np.dtype(dtype).itemsize)), dtype=dtype, count=n).reshape(shape)
-
-
-def _common_length(lengths):
-    if lengths.min() != lengths.max():
-        raise ValueError(f"the cache's rows have different lengths ({lengths.min()}..{lengths.max()})")
-    return int(lengths[0])
-
-
-class GPT2:
+class GPT2(Hooks, Training, Loss, FastForward):
     """GPT-2 with its parameters in OpenAI's layout.
 
     hparams: dict n_vocab, n_ctx, n_embd, n_head, n_layer.
@@ -226,10 +155,6 @@ class GPT2:
 
     def new_cache(self, batch_size=1):
         return KVCache(self.hparams, batch_size, self.dtype)
-
-    def activation_names(self):
-        """The names run_with_cache and run_with_hooks know, in the order the forward makes them."""
-        return ["embed"] + [f"h{i}.{name}" for i in range(self.hparams["n_layer"]) for name in BLOCK_ACTS] + ["ln_f"]
 
     # ------------------------------------------------------------ the forward pass, as the paper writes it
     def _trunk(self, tokens, nn, hook=None, saved=None):
@@ -335,377 +260,6 @@ class GPT2:
             if tokens.min() < 0 or tokens.max() >= V:
                 raise error(f"tokens: ids must be in [0, {V}), got {int(tokens.min())}..{int(tokens.max())}")
         return tokens
-
-    def _forward_fast(self, nn, tokens, cache, last_only):
-        """forward() for the kernels and for decoding with a KV cache: the same result as
-        _trunk + _head (tests hold them equal), computed the way that is fast, not readable.
-
-        It differs from the paper's forward in four ways, each for speed or memory:
-        - attention goes through attention_forward_cached (keys and values written to a cache,
-          a throwaway one without `cache`): the (B, NH, T, T) probabilities, which only
-          training and run_with_cache need, are never kept;
-        - with a cache, tokens are only the new positions; earlier keys and values are reused;
-        - with last_only, the last layer computes attention, MLP and residual for the last
-          position only (the others only give it keys and values);
-        - the residual additions go into x in place (no saved activation needs the old x).
-        """
-        B, T = tokens.shape  # T new positions pos0..pos0+T-1 (all of them without a cache)
-        rows, pos0 = (None, 0) if cache is None else (cache.rows, cache.lengths)  # cache rows, (B,) lengths
-        if rows is None and (pos0 == np.min(pos0)).all():
-            pos0 = int(np.min(pos0))  # every row at one length: the kernels' one-call path
-        NH, L = self.hparams["n_head"], self.hparams["n_layer"]
-        hs = self.hparams["n_embd"] // NH
-        # x is a fresh array: the residual additions below go into it in place
-        x = nn.encoder_forward(self._params["model/wte"], self._params["model/wpe"], tokens, pos0)  # [B, T, C]
-        for i, blk in enumerate(self.blocks):
-            ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
-            qkv = _linear(nn, blk, "attn/c_attn", ln_1)  # [B, T, C] -> [B, T, 3C]
-            if cache is None:
-                # a throwaway cache for this layer: the same result as attention_forward
-                # without keeping its (B, NH, T, T) probabilities, which only training needs
-                kv = np.empty((2, B, NH, T, hs), dtype=qkv.dtype)
-                k_cache, v_cache, p0 = kv[0], kv[1], 0  # [B, NH, T, hs] each
-            else:
-                k_cache, v_cache, p0 = cache.k[i], cache.v[i], pos0  # [B, NH, n_ctx, hs] each
-            if last_only and i == L - 1 and T > 1:
-                # only the last position's output is read: the others give the last layer
-                # keys and values, but their attention, MLP and residual rows are skipped
-                k, v = (layers.split_heads(t, NH) for t in np.split(qkv[:, :-1], 3, axis=-1)[1:])  # [B, NH, T-1, hs]
-                for b, (r, p) in enumerate(zip(range(B) if rows is None else rows, np.broadcast_to(p0, (B,)))):
-                    k_cache[r, :, p:p + T - 1] = k[b]  # [NH, T-1, hs] into cache row r at its length
-                    v_cache[r, :, p:p + T - 1] = v[b]
-                qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1  # from here T is 1
-            z = nn.attention_forward_cached(qkv, k_cache, v_cache, p0, NH, rows)  # [B, T, 3C] -> [B, T, C]
-            x += _linear(nn, blk, "attn/c_proj", z)  # [B, T, C]
-            ln_2, _, _ = nn.layernorm_forward(x, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
-            mlp_h = _linear(nn, blk, "mlp/c_fc", ln_2)  # [B, T, C] -> [B, T, 4C]
-            mlp_h = nn.gelu_forward(mlp_h)  # [B, T, 4C]
-            x += _linear(nn, blk, "mlp/c_proj", mlp_h)  # [B, T, 4C] -> [B, T, C]
-        if cache is not None:
-            cache.advance(T)
-        if last_only:
-            x = x[:, -1:]  # [B, 1, C]
-        x, _, _ = nn.layernorm_forward(x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
-        return self._head(x)  # [B, T, C] -> [B, T, V]
-
-    # ------------------------------------------------------------ looking inside (plain layers only)
-    def run_with_cache(self, tokens, names=None):
-        """tokens: int (B, T) -> (logits (B, T, V), acts {name: array}).
-
-        Runs the plain layers of layers.py (never the fast kernels) and keeps every named
-        activation (activation_names(); shapes in HACKING.md), or only those in `names`:
-        a list of names or a predicate name -> bool (keep only what you need at long T:
-        each layer's pattern is B * NH * T * T floats).
-        """
-        keep = self._name_filter(names)
-        acts = {}
-
-        def record(name, x):
-            if keep(name):
-                acts[name] = x
-            return x
-
-        tokens = self._check_tokens(tokens, error=Npgpt2Error)
-        return self._head(self._trunk(tokens, layers, hook=record)), acts
-
-    def run_with_hooks(self, tokens, hooks):
-        """tokens: int (B, T), hooks {name: fn} -> logits (B, T, V) with the hooks applied.
-
-        fn(x) gets the activation `name` and returns the array to use instead, of the same
-        shape (or None to keep x, possibly changed in place). Zeroing
-        `h{l}.attn.pattern[:, h]` ablates head h of layer l. Runs the plain layers.
-        """
-        hooks = dict(hooks)
-        valid = set(self.activation_names())
-        for name in hooks:
-            if name not in valid:
-                raise Npgpt2Error(f"hooks: unknown activation name {name!r}; valid: {self._name_forms()}")
-
-        def apply(name, x):
-            fn = hooks.get(name)
-            if fn is None:
-                return x
-            out = fn(x)
-            if out is None:
-                return x
-            if getattr(out, "shape", None) != x.shape:
-                raise Npgpt2Error(f"hooks[{name!r}]: returned shape {getattr(out, 'shape', type(out).__name__)}, "
-                                  f"expected {x.shape}")
-            if getattr(out, "dtype", np.dtype(object)).kind not in "fiub":  # complex logits, objects: stop here
-                raise Npgpt2Error(f"hooks[{name!r}]: returned dtype {getattr(out, 'dtype', type(out).__name__)}, "
-                                  f"expected real numbers ({x.dtype})")
-            return out
-
-        tokens = self._check_tokens(tokens, error=Npgpt2Error)
-        return self._head(self._trunk(tokens, layers, hook=apply))
-
-    def _name_filter(self, names):
-        if names is None:
-            return lambda name: True
-        if callable(names):
-            return names
-        names = [names] if isinstance(names, str) else list(names)
-        valid = set(self.activation_names())
-        for name in names:
-            if name not in valid:
-                raise Npgpt2Error(f"names: unknown activation name {name!r}; valid: {self._name_forms()}")
-        names = set(names)
-        return names.__contains__
-
-    def _name_forms(self):
-        parts = ", ".join(f"h{{i}}.{name}" for name in BLOCK_ACTS)
-        return f"embed, {parts}, ln_f (i = 0..{self.hparams['n_layer'] - 1})"
-
-    # ------------------------------------------------------------ training
-    def forward_with_saves(self, tokens, nn=None, memory_saving=False):
-        """tokens: int (B, T) -> (logits (B, T, V), saved): the forward that backward() continues.
-
-        nn: the layer module (default ops(): the kernels unless NPGPT2_PLAIN=1); backward
-        uses the same one. memory_saving (`train --memory_saving_gradients`): saved["blocks"][i]
-        holds resid_pre alone (C floats a token and layer instead of 10C + attention's), and
-        backward re-runs block i's forward from it, with its saves, just before block i's
-        backward: one block's activations exist at a time, for one more forward of the blocks.
-        The same ops on the same inputs, so the gradients are the same.
-        saved holds (llm.c's ActivationTensors; B, T, C, NH as usual):
-
-            per block, saved["blocks"][i]:
-              resid_pre (B, T, C)      the block's input, the residual stream (ln_1's input)
-              attn.qkv (B, T, 3C)      c_attn's output: queries, keys, values side by side
-              attn.att                 attention_forward's second return: what attention_backward
-                                       needs ((B, NH, T, T) probabilities in layers.py)
-              attn.z (B, T, C)         the heads' outputs merged, c_proj's input
-              resid_mid (B, T, C)      the residual stream after the attention branch (ln_2's input)
-              mlp.pre (B, T, 4C)       c_fc's output, GELU's input
-            resid_final (B, T, C)      the last block's output
-            ln_f (B, T, C)             ln_f's output; ln_f.mean, ln_f.rstd (B, T)
-            tokens (B, T), nn          the input ids and the layer module
-
-        Not kept, because backward recomputes them (one cheap pass each, where keeping them
-        would cost 6C more floats a token in every layer, on top of these 10C): ln_1 and
-        ln_2 (outputs, mean, rstd: layernorm_forward of resid_pre, resid_mid) and mlp.post
-        (gelu_forward of mlp.pre). The recomputed values are the forward's, bit for bit.
-        """
-        ln_f, saved = self._trunk_with_saves(tokens, nn, memory_saving)  # [B, T] -> [B, T, C]
-        return self._head(ln_f), saved  # [B, T, C] -> [B, T, V]
-
-    def _trunk_with_saves(self, tokens, nn=None, memory_saving=False):
-        """forward_with_saves without the output head: -> (ln_f (B, T, C), saved)."""
-        if self.weight_dtype == "int8" and self.lora is None:  # a frozen int8 base under LoRA adapters trains
-            raise Npgpt2Error("training an int8 model: int8 weights are for generation only; "
-                              "load it with dtype float32 (the default) to train, or train LoRA adapters on it")
-        nn = nn or ops()
-        tokens = self._check_tokens(tokens)
-        saved = {"tokens": tokens, "nn": nn, "blocks": [], "memory_saving": bool(memory_saving)}
-        return self._trunk(tokens, nn, saved=saved), saved
-
-    def backward(self, dlogits, saved):
-        """dlogits: (B, T, V), any gradient of the logits; saved: from forward_with_saves.
-
-        Returns (grads, dembed): grads has the keys and shapes of params (the tied model/wte
-        gets the output head's and the embedding's contributions), dembed (B, T, C) is the
-        gradient with respect to the embedding output wte[tokens] + wpe[positions].
-        Consumes saved (each block's activations are freed once its backward is done).
-        """
-        V, C = self.hparams["n_vocab"], self.hparams["n_embd"]
-        # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
-        dwte = None if self.lora is not None else (  # a frozen base (LoRA) gets no gradient
-            dlogits.reshape(-1, V).T @ saved["ln_f"].reshape(-1, C))  # [V, B*T] @ [B*T, C] -> [V, C]
-        dln_f = dlogits @ self._params["model/wte"]  # [B, T, V] @ [V, C] -> [B, T, C]
-        return self._trunk_backward(dln_f, dwte, saved)
-
-    def _trunk_backward(self, dln_f, dwte, saved):
-        """backward() after the head: dln_f (B, T, C) at ln_f's output, dwte (V, C) the head's
-        part of wte's gradient (the embedding's is added to it in place) -> (grads, dembed)."""
-        nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
-        grads = {}
-        dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = nn.layernorm_backward(
-            dln_f, saved.pop("resid_final"), self._params["model/ln_f/g"], saved["ln_f.mean"],
-            saved["ln_f.rstd"])  # [B, T, C]
-        saved.pop("ln_f", None)  # not needed below (loss_and_grads drops its own reference too)
-        for i in reversed(range(len(blocks))):
-            act = blocks.pop()
-            if saved.get("memory_saving"):  # the forward kept only the block's input: run the block again
-                act = self._block_forward(nn, self.blocks[i], act["resid_pre"])[1]  # [B, T, C] -> its saves
-            dresid = self._block_backward(nn, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
-            del act  # this block's activations go before the next block's are made
-        dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
-        if self.lora is not None:  # LoRA: the adapters' gradients alone (the layer norms' (C,) ones, two
-            return {k: grads[k] for k in self.lora.params}, dembed  # sums each, are dropped); no embedding's
-        # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients).
-        # Only the distinct tokens' rows get a gradient, so encoder_backward runs over those (ids
-        # renumbered 0..n-1): a (n, C) array instead of a second (V, C) one (154 MB at 124M)
-        ids, renumbered = np.unique(tokens, return_inverse=True)
-        drows, grads["model/wpe"] = nn.encoder_backward(
-            dembed, renumbered.reshape(tokens.shape), len(ids), self.hparams["n_ctx"])  # [n, C], [n_ctx, C]
-        dwte[ids] += drows  # the tied wte's second contribution (ids are distinct: no repeat is lost)
-        grads["model/wte"] = dwte
-        return {k: grads[k] for k in self._params}, dembed
-
-    def _block_backward(self, nn, i, dresid, act, grads):
-        """Block i backward: dresid (B, T, C) at its output -> at its input; fills grads.
-
-        act: what _block_forward saved. Each linear layer's backward is _linear_backward: its
-        (C, OC) weight gradient gets back the leading axis of TF's conv1d weight (1, C, OC), so a
-        gradient has its parameter's shape; with LoRA adapters (act["lora.h"]) only the adapters'
-        gradients are made.
-        """
-        blk, prefix, NH = self.blocks[i], f"model/h{i}/", self.hparams["n_head"]
-        g = {}  # this block's gradients under the short names of blk
-        # resid_post = resid_mid + mlp(resid_mid): dresid flows into the MLP branch and past it
-        lora_h = act.get("lora.h")  # None, or the base is frozen (LoRA): see _linear_backward
-        mlp_post = nn.gelu_forward(act["mlp.pre"])  # [B, T, 4C]: GELU's output again (not saved)
-        dmlp_post = _linear_backward(nn, blk, "mlp/c_proj", dresid, mlp_post, g, lora_h)  # [B, T, C] -> [B, T, 4C]
-        del mlp_post
-        dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
-        del dmlp_post  # the (B, T, 4C) gradients go as soon as they are used: they set the peak
-        dbranch = _norm_linear_backward(nn, blk, "ln_2", "mlp/c_fc", act["resid_mid"], dmlp_pre, g,
-                                        lora_h)  # [B, T, C]
-        del dmlp_pre
-        dresid = dresid + dbranch  # [B, T, C] at resid_mid
-        # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
-        dz = _linear_backward(nn, blk, "attn/c_proj", dresid, act["attn.z"], g, lora_h)  # [B, T, C]
-        dqkv = nn.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)  # [B, T, C] -> [B, T, 3C]
-        dbranch = _norm_linear_backward(nn, blk, "ln_1", "attn/c_attn", act["resid_pre"], dqkv, g,
-                                        lora_h)  # [B, T, C]
-        grads.update({prefix + name: grad for name, grad in g.items()})
-        return dresid + dbranch  # [B, T, C] at resid_pre
-
-    def loss_and_grads(self, inputs, targets, mask=None, memory_saving=False):
-        """inputs, targets: int (B, T) -> (mean cross-entropy, grads).
-
-        grads has the same keys and shapes as params; the tied model/wte gets both the
-        embedding's and the output head's contribution. mask: None, or 0/1 (B, T) on the
-        targets: the loss is then sum(mask * ce) / sum(mask), the mean over the masked
-        positions only (the caller never passes an all-zero mask), and grads are its gradients.
-        memory_saving: keep only each block's input and recompute the block in the backward
-        (see forward_with_saves); same gradients.
-        """
-        nn = ops()
-        targets = np.asarray(targets)
-        ln_f, saved = self._trunk_with_saves(inputs, nn, memory_saving)  # [B, T] -> [B, T, C]
-        losses, dln_f, dwte = self._head_loss_backward(nn, ln_f, targets, mask)  # [B, T], [B, T, C], [V, C]
-        del ln_f  # saved holds it until _trunk_backward is past ln_f
-        grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
-        if mask is None:
-            return float(losses.mean()), grads
-        return float(np.sum(losses * mask, dtype=np.float64) / np.sum(mask)), grads
-
-    def _head_loss_backward(self, nn, ln_f, targets, mask=None):
-        """The output head, the cross-entropy and their backward, HEAD_ROWS positions at a time.
-
-        ln_f (B, T, C), targets (B, T), mask None or (B, T) -> (losses (B, T), dln_f (B, T, C),
-        dwte (V, C) the head's part of wte's gradient): what _head, crossentropy_forward,
-        crossentropy_softmax_backward (for the mean loss, or the masked mean) and backward's head
-        give for the whole batch, up to float rounding.
-        The logits are the largest array of a step (B*T*V floats: 206 MB at B=1, T=1024), so
-        they never exist whole: each chunk's logits buffer holds its probabilities, then their
-        gradient (the `out=` of the cross-entropy), and is gone before the next chunk's.
-        """
-        B, T, C = ln_f.shape
-        V, N = self.hparams["n_vocab"], B * T
-        wte = self._params["model/wte"]
-        x, tgt = ln_f.reshape(1, N, C), targets.reshape(1, N)  # the B*T positions as one row
-        losses = np.empty((1, N), dtype=self.dtype)
-        dln_f = np.empty((1, N, C), dtype=self.dtype)
-        dwte = None if self.lora is not None else np.empty((V, C), dtype=self.dtype)  # LoRA: wte is frozen
-        if mask is None:
-            dlosses = np.full((1, min(N, HEAD_ROWS)), 1.0 / N, dtype=self.dtype)  # d mean / d each loss
-        else:  # d (sum(mask * ce) / sum(mask)) / d each loss: 0 off the mask
-            dlosses = (np.asarray(mask, np.float64).reshape(1, N) / np.sum(mask)).astype(self.dtype)
-        part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=self.dtype)
-        for n0 in range(0, N, HEAD_ROWS):
-            n1 = min(N, n0 + HEAD_ROWS)
-            logits = self._head(x[:, n0:n1])  # [1, R, C] -> [1, R, V]
-            losses[:, n0:n1], probs = nn.crossentropy_forward(logits, tgt[:, n0:n1], out=logits)
-            dlogits = nn.crossentropy_softmax_backward(
-                dlosses[:, :n1 - n0] if mask is None else dlosses[:, n0:n1], probs, tgt[:, n0:n1],
-                out=probs)  # [1, R, V], over probs
-            _head_input_grad(dlogits, wte, dln_f[:, n0:n1])  # [1, R, V] @ [V, C] -> [1, R, C]
-            d, xr = dlogits.reshape(-1, V), x[0, n0:n1]  # [R, V], [R, C]
-            if dwte is not None and n0 == 0:  # (None: LoRA's frozen wte)
-                np.matmul(d.T, xr, out=dwte)  # [V, R] @ [R, C] -> [V, C]
-            elif dwte is not None:  # a later chunk adds to dwte a block of rows at a time: no second (V, C) array
-                for v0 in range(0, V, HEAD_VOCAB_BLOCK):
-                    v1 = min(V, v0 + HEAD_VOCAB_BLOCK)
-                    dwte[v0:v1] += np.matmul(d[:, v0:v1].T, xr, out=part[:v1 - v0])  # [v, R] @ [R, C]
-            del logits, probs, dlogits, d  # this chunk's buffer goes before the next one is made
-        return losses.reshape(B, T), dln_f.reshape(B, T, C), dwte
-
-
-# training computes the logits this many positions at a time (256 x 50257 floats: 51 MB) ...
-HEAD_ROWS = 256
-# ... and adds each chunk's part of the output head's (V, C) gradient this many rows at a time
-HEAD_VOCAB_BLOCK = 4096
-
-# the activations of block i are named h{i}.<one of these>, in the order the forward makes them
-BLOCK_ACTS = ("ln_1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn.out",
-              "resid_mid", "ln_2", "mlp.pre", "mlp.post", "mlp.out", "resid_post")
-
-
-def _norm_linear_backward(nn, blk, ln, linear, x, dout, g, lora_h=None):
-    """The backward of linear(ln(x)), how each branch of a block begins: dout (B, T, OC) at the
-    linear layer's output -> the gradient at x (B, T, C); the four parameter gradients go into
-    g under blk's short names (with lora_h, a frozen base: the adapter's instead of the
-    linear layer's, see _linear_backward). ln's output is recomputed from x (not saved by the forward), bit for
-    bit what the forward had.
-    """
-    h, mean, rstd = nn.layernorm_forward(x, blk[ln + "/g"], blk[ln + "/b"])  # [B, T, C]: ln again
-    dh = _linear_backward(nn, blk, linear, dout, h, g, lora_h)  # [B, T, OC] -> [B, T, C]
-    dx, g[ln + "/g"], g[ln + "/b"] = nn.layernorm_backward(dh, x, blk[ln + "/g"], mean, rstd)  # [B, T, C]
-    return dx
-
-
-def _linear(nn, blk, name, x, lora_h=None):
-    """x @ W + b for blk's matrix `name` (e.g. "attn/c_attn"), x (B, T, C) -> (B, T, OC); with a
-    LoRA adapter on it (lora.attach put `name/lora_A`, `/lora_B`, `/lora_scaling` in blk),
-    lora_forward's x @ W + b + scaling * (x @ A) @ B, its h = x @ A kept in lora_h[name]."""
-    if name + "/lora_A" not in blk:
-        return nn.matmul_forward(x, blk[name + "/w"], blk[name + "/b"])
-    out, h = nn.lora_forward(x, blk[name + "/w"], blk[name + "/b"], blk[name + "/lora_A"],
-                             blk[name + "/lora_B"], blk[name + "/lora_scaling"])  # [B, T, OC], [B, T, r]
-    if lora_h is not None:
-        lora_h[name] = h
-    return out
-
-
-def _linear_backward(nn, blk, name, dout, x, g, lora_h=None):
-    """The backward of _linear: dout (B, T, OC) -> dx (B, T, C). lora_h None: the base trains,
-    g gets `name/w` (1, C, OC) and `name/b`. Otherwise the base is frozen: an adapted matrix
-    gives g `name/lora_A`, `name/lora_B` (lora_backward), any other only dx = dout @ W^T."""
-    w = blk[name + "/w"]
-    if lora_h is None:
-        dx, dw, g[name + "/b"] = nn.matmul_backward(dout, x, w)  # [B, T, OC] -> [B, T, C]
-        g[name + "/w"] = dw[None]  # [C, OC] -> [1, C, OC], the conv1d weight's shape
-        return dx
-    if name in lora_h:
-        dx, g[name + "/lora_A"], g[name + "/lora_B"] = nn.lora_backward(
-            dout, x, w, blk[name + "/lora_A"], blk[name + "/lora_B"], blk[name + "/lora_scaling"],
-            lora_h[name])  # [B, T, C], [C, r], [r, OC]
-        return dx
-    C, OC = w.shape
-    return (dout.reshape(-1, OC) @ w.T).reshape(x.shape)  # [N, OC] @ [OC, C]: the input gradient alone
-
-
-def _head_input_grad(dlogits, wte, out):
-    """out[...] = dlogits @ wte, (1, R, V) @ (V, C) -> (1, R, C). An int8 wte (a frozen 8-bit
-    base under LoRA) is dequantised HEAD_VOCAB_BLOCK rows at a time, never whole."""
-    if not isinstance(wte, QuantizedWeight):
-        np.matmul(dlogits, wte, out=out)  # [1, R, V] @ [V, C] -> [1, R, C]
-        return
-    V = wte.shape[0]
-    out[...] = 0
-    for v0 in range(0, V, HEAD_VOCAB_BLOCK):
-        rows = wte.rows(slice(v0, v0 + HEAD_VOCAB_BLOCK))  # [v, C] float32
-        out += dlogits[..., v0:v0 + HEAD_VOCAB_BLOCK] @ rows  # [1, R, v] @ [v, C] -> [1, R, C]
-
-
-def _unchanged(name, x):
-    return x
-
-
-def _prefixed(hook, prefix):
-    """hook(name, x) called as hook(prefix + name, x)."""
-    return lambda name, x: hook(prefix + name, x)
 
 
 # ---------------------------------------------------------------- init, load, save

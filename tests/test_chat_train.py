@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 import npgpt2
-from npgpt2 import chat, chat_data, layers
-from npgpt2 import model as model_mod
+from npgpt2 import chat, chat_data, layers, model_loss
 from npgpt2 import train as train_mod
 from npgpt2.chat import ChatSession
 from npgpt2.cli import main
@@ -49,7 +48,7 @@ def conv(*pairs, system=None):
 def test_masked_head_loss_and_grads_equal_torch(rows, nn_name, monkeypatch):
     """On the fixture's logits x @ wte.T: sum(mask * ce) / sum(mask) and its gradients w.r.t. x and
     wte equal torch's cross_entropy(..., ignore_index=-100), float64, to 1e-12."""
-    monkeypatch.setattr(model_mod, "HEAD_ROWS", rows)
+    monkeypatch.setattr(model_loss, "HEAD_ROWS", rows)
     nn = layers if nn_name == "layers" else pytest.importorskip("npgpt2.kernels")
     model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
     model.params["model/wte"][...] = REF["wte"]

@@ -45,8 +45,8 @@ def test_head_in_chunks_matches_torch(path, rows, block, monkeypatch):
     wte gradient HEAD_VOCAB_BLOCK rows at a time; lowered here so that the fixture's 2 x 16
     positions and 96 tokens take several chunks of each (the last one partial), and the same
     torch references hold."""
-    monkeypatch.setattr(npgpt2.model, "HEAD_ROWS", rows)
-    monkeypatch.setattr(npgpt2.model, "HEAD_VOCAB_BLOCK", block)
+    monkeypatch.setattr(npgpt2.model_loss, "HEAD_ROWS", rows)
+    monkeypatch.setattr(npgpt2.model_loss, "HEAD_VOCAB_BLOCK", block)
     test_loss_and_every_grad_match_torch(path, np.float64, 1e-7, "grad/", "loss_f64")
     test_loss_and_every_grad_match_torch(path, np.float32, 1e-3, "grad32/", "loss_f32")
 
