@@ -609,12 +609,12 @@ def cmd_explain(args):
 
 def cmd_gradcheck(args):
     """Every backward in layers.py, then a model's gradients, against central finite differences."""
-    import os
     import time
 
     import numpy as np
 
     from . import gradcheck
+    from .jit import plain_requested
     from .model import load_model, resolve_model_dir
     from .sampling import check_seed
     check_seed(args.seed)
@@ -636,7 +636,7 @@ def cmd_gradcheck(args):
                                                progress=lambda done, total: bar.update(1))
     else:
         model_rows = gradcheck.check_model(model, entries=entries, seed=args.seed)
-    path = "Numba kernels" if os.environ.get("NPGPT2_PLAIN", "") in ("", "0") else "plain layers.py"
+    path = "plain layers.py" if plain_requested() else "Numba kernels"
     print()
     print("\n".join(gradcheck.format_table(
         model_rows, f"{what} ({path}), loss_and_grads vs central differences on "

@@ -16,12 +16,11 @@ a function of the same name and signature (a fused Numba loop), AdamW uses it in
 unless NPGPT2_PLAIN=1.
 """
 import math
-import os
 
 import numpy as np
 
 from .errors import Npgpt2Error
-from .jit import numba, plain_fallback
+from .jit import numba, plain_fallback, plain_requested
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; so do we, so that
 # clipped trajectories match torch's to the last bit that matters
@@ -63,7 +62,7 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch=
 
 def _adamw_impl():
     """kernels.adamw_update if the speed work provides one (and NPGPT2_PLAIN is unset)."""
-    if os.environ.get("NPGPT2_PLAIN", "") not in ("", "0") or numba() is None:
+    if plain_requested() or numba() is None:
         return adamw_update
     try:
         from . import kernels

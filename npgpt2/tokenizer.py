@@ -23,7 +23,6 @@ the caller allows it (`allowed_special`, as in tiktoken).
 import hashlib
 import heapq
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import regex
 from . import bpe_fast
 from .errors import Npgpt2Error
 from .fsutil import read_json
+from .jit import plain_requested
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +526,7 @@ def _lone_surrogate(text):
 
 
 def _fast_enabled():
-    return bpe_fast.AVAILABLE and os.environ.get("NPGPT2_PLAIN", "") in ("", "0")
+    return bpe_fast.AVAILABLE and not plain_requested()
 
 
 # ---------------------------------------------------------------------- loading
