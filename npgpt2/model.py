@@ -157,22 +157,30 @@ class GPT2(Hooks, Training, Loss, FastForward):
         return KVCache(self.hparams, batch_size, self.dtype)
 
     # ------------------------------------------------------------ the forward pass, as the paper writes it
-    def _trunk(self, tokens, nn, hook=None, saved=None):
+    def _trunk(self, tokens, nn, hook=None, saved=None, cache=None):
         """tokens: int (B, T) -> the residual stream after ln_f (B, T, C).
 
-        The one forward of the model (inference without a cache, interpretability, training):
-        embed -> n_layer blocks -> ln_f. nn is the layer module (`layers`, or `kernels` for
-        speed). hook(name, x) -> x is called at every named activation (activation_names())
-        and its result used instead; hooks need nn=layers (the fast twins have no hook points).
-        saved, a dict, receives what backward() needs (see forward_with_saves).
+        The one forward of the model (inference, decoding with the plain layers,
+        interpretability, training): embed -> n_layer blocks -> ln_f. nn is the layer module
+        (`layers`, or `kernels` for speed). hook(name, x) -> x is called at every named
+        activation (activation_names()) and its result used instead; hooks need nn=layers
+        (the fast twins have no hook points). saved, a dict, receives what backward() needs
+        (see forward_with_saves).
+        cache: a KVCache (or cache.select(rows)) for decoding: tokens are then the T positions
+        after each row's cache.lengths[b] (rows may be at different lengths), their keys and
+        values are appended to the cache, each block's attention also sees the row's earlier
+        ones, and the cache advances by T at the end.
         """
         at = hook or _unchanged
         wte, wpe = self._params["model/wte"], self._params["model/wpe"]
-        x = at("embed", nn.encoder_forward(wte, wpe, tokens))  # [B, T] -> [B, T, C]
+        pos0 = 0 if cache is None else np.array(cache.lengths)  # (B,): where each row's new tokens go
+        x = at("embed", nn.encoder_forward(wte, wpe, tokens, pos0))  # [B, T] -> [B, T, C]
         for i, blk in enumerate(self.blocks):
             block_hook = None if hook is None else _prefixed(hook, f"h{i}.")
+            # layer i's keys and values: (R, NH, n_ctx, hs) each, batch row b in cache row rows[b]
+            kv = None if cache is None else (cache.k[i], cache.v[i], pos0, cache.rows)
             resid_pre = x  # [B, T, C]
-            x, block_saved = self._block_forward(nn, blk, x, block_hook)  # [B, T, C] -> [B, T, C]
+            x, block_saved = self._block_forward(nn, blk, x, block_hook, kv)  # [B, T, C] -> [B, T, C]
             if saved is not None:
                 # memory_saving keeps only the block's input: backward re-runs the block from it
                 saved["blocks"].append({"resid_pre": resid_pre} if saved.get("memory_saving") else block_saved)
@@ -181,12 +189,17 @@ class GPT2(Hooks, Training, Loss, FastForward):
             x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
         if saved is not None:
             saved.update({"resid_final": x, "ln_f": ln_f, "ln_f.mean": ln_f_mean, "ln_f.rstd": ln_f_rstd})
+        if cache is not None:  # only now: an interrupted forward leaves the cache's lengths as they were
+            cache.advance(tokens.shape[1])
         return at("ln_f", ln_f)
 
-    def _block_forward(self, nn, blk, x, hook=None):
+    def _block_forward(self, nn, blk, x, hook=None, kv=None):
         """One transformer block: x (B, T, C) -> (x (B, T, C), what its backward needs).
 
         Pre-norm, as GPT-2: x + attn(ln_1(x)), then that + mlp(ln_2(that)).
+        kv: None, or (k_cache, v_cache, pos0, rows) of this layer when decoding (see _trunk):
+        attention then writes the new keys and values at positions pos0[b].. of cache row
+        rows[b] and attends to that row's positions 0..pos0[b]+t (attention_forward_cached).
         """
         at = hook or _unchanged
         NH = self.hparams["n_head"]
@@ -195,7 +208,10 @@ class GPT2(Hooks, Training, Loss, FastForward):
         ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
         ln_1 = at("ln_1", ln_1)
         qkv = _linear(nn, blk, "attn/c_attn", ln_1, lora_h)  # [B, T, C] -> [B, T, 3C]
-        if hook is None:
+        if kv is not None:  # decoding: the earlier positions' keys and values come from the cache
+            k_cache, v_cache, pos0, rows = kv
+            z, att = nn.attention_forward_cached(qkv, k_cache, v_cache, pos0, NH, rows), None  # [B, T, C]
+        elif hook is None:
             z, att = nn.attention_forward(qkv, NH)  # [B, T, 3C] -> [B, T, C], what attention_backward needs
         else:
             z, att = layers.attention_forward(qkv, NH, hook=_prefixed(hook, "attn."))  # the same, hooked
@@ -240,9 +256,10 @@ class GPT2(Hooks, Training, Loss, FastForward):
         """
         tokens = self._check_tokens(tokens, int(cache.lengths.max()) if cache is not None else 0)
         nn = ops()
-        if nn is layers and cache is None:
-            # the readable path (NPGPT2_PLAIN=1): embed -> blocks -> ln_f, the code run_with_cache runs
-            x = self._trunk(tokens, layers)  # [B, T] -> [B, T, C]
+        if nn is layers:
+            # the readable path (NPGPT2_PLAIN=1): embed -> blocks (attention with the KV cache
+            # when decoding) -> ln_f, the code run_with_cache and training run
+            x = self._trunk(tokens, layers, cache=cache)  # [B, T] -> [B, T, C]
             return self._head(x[:, -1:] if last_only else x)  # [B, T, C] -> [B, T, V]
         return self._forward_fast(nn, tokens, cache, last_only)
 
