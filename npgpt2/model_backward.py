@@ -9,6 +9,7 @@ import numpy as np
 from .errors import Npgpt2Error
 from .jit import ops
 from .linear import linear_backward as _linear_backward
+from .model_loss import head_backward
 
 
 class Training:
@@ -65,12 +66,15 @@ class Training:
         gradient with respect to the embedding output wte[tokens] + wpe[positions].
         Consumes saved (each block's activations are freed once its backward is done).
         """
-        V, C = self.hparams["n_vocab"], self.hparams["n_embd"]
+        B, T, V = dlogits.shape
+        C = self.hparams["n_embd"]
+        dtype = np.result_type(dlogits.dtype, self.dtype)
         # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
-        dwte = None if self.lora is not None else (  # a frozen base (LoRA) gets no gradient
-            dlogits.reshape(-1, V).T @ saved["ln_f"].reshape(-1, C))  # [V, B*T] @ [B*T, C] -> [V, C]
-        dln_f = dlogits @ self._params["model/wte"]  # [B, T, V] @ [V, C] -> [B, T, C]
-        return self._trunk_backward(dln_f, dwte, saved)
+        dln_f = np.empty((1, B * T, C), dtype=dtype)  # the B*T positions as one row, as loss_and_grads
+        dwte = None if self.lora is not None else np.empty((V, C), dtype=dtype)  # a frozen base (LoRA): none
+        head_backward(dlogits.reshape(1, B * T, V), saved["ln_f"].reshape(1, B * T, C), self._params["model/wte"],
+                      dln_f, dwte)  # [1, B*T, V] -> [1, B*T, C], [V, C]
+        return self._trunk_backward(dln_f.reshape(B, T, C), dwte, saved)
 
     def _trunk_backward(self, dln_f, dwte, saved):
         """backward() after the head: dln_f (B, T, C) at ln_f's output, dwte (V, C) the head's

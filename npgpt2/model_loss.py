@@ -57,7 +57,7 @@ class Loss:
             dlosses = np.full((1, min(N, HEAD_ROWS)), 1.0 / N, dtype=self.dtype)  # d mean / d each loss
         else:  # d (sum(mask * ce) / sum(mask)) / d each loss: 0 off the mask
             dlosses = (np.asarray(mask, np.float64).reshape(1, N) / np.sum(mask)).astype(self.dtype)
-        part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=self.dtype)
+        part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=self.dtype)  # head_backward's scratch
         for n0 in range(0, N, HEAD_ROWS):
             n1 = min(N, n0 + HEAD_ROWS)
             logits = self._head(x[:, n0:n1])  # [1, R, C] -> [1, R, V]
@@ -65,26 +65,39 @@ class Loss:
             dlogits = nn.crossentropy_softmax_backward(
                 dlosses[:, :n1 - n0] if mask is None else dlosses[:, n0:n1], probs, tgt[:, n0:n1],
                 out=probs)  # [1, R, V], over probs
-            _head_input_grad(dlogits, wte, dln_f[:, n0:n1])  # [1, R, V] @ [V, C] -> [1, R, C]
-            d, xr = dlogits.reshape(-1, V), x[0, n0:n1]  # [R, V], [R, C]
-            if dwte is not None and n0 == 0:  # (None: LoRA's frozen wte)
-                np.matmul(d.T, xr, out=dwte)  # [V, R] @ [R, C] -> [V, C]
-            elif dwte is not None:  # a later chunk adds to dwte a block of rows at a time: no second (V, C) array
-                for v0 in range(0, V, HEAD_VOCAB_BLOCK):
-                    v1 = min(V, v0 + HEAD_VOCAB_BLOCK)
-                    dwte[v0:v1] += np.matmul(d[:, v0:v1].T, xr, out=part[:v1 - v0])  # [v, R] @ [R, C]
-            del logits, probs, dlogits, d  # this chunk's buffer goes before the next one is made
+            # [1, R, V] -> dln_f [1, R, C]; the first chunk writes dwte, the later ones add to it
+            head_backward(dlogits, x[:, n0:n1], wte, dln_f[:, n0:n1], dwte, add=n0 > 0, part=part)
+            del logits, probs, dlogits  # this chunk's buffer goes before the next one is made
         return losses.reshape(B, T), dln_f.reshape(B, T, C), dwte
 
 
-def _head_input_grad(dlogits, wte, out):
-    """out[...] = dlogits @ wte, (1, R, V) @ (V, C) -> (1, R, C). An int8 wte (a frozen 8-bit
-    base under LoRA) is dequantised HEAD_VOCAB_BLOCK rows at a time, never whole."""
+def head_backward(dlogits, x, wte, dx, dwte=None, add=False, part=None):
+    """The output head's backward, for logits = x @ wte.T (the head is the token embedding).
+
+    dlogits (1, R, V), x (1, R, C) the head's input -> dx[...] = dlogits @ wte (1, R, C), the
+    gradient at x. dwte: None (LoRA: wte is frozen), or a (V, C) array that gets the head's
+    part of wte's gradient, dlogits^T @ x: written (add=False), or added HEAD_VOCAB_BLOCK rows
+    at a time into what it holds (add=True: a later chunk of rows, see _head_loss_backward),
+    through `part` (HEAD_VOCAB_BLOCK, C) as scratch, so that no second (V, C) array is made.
+    An int8 wte (a frozen 8-bit base under LoRA) is dequantised HEAD_VOCAB_BLOCK rows at a
+    time, never whole.
+    """
+    V, C = wte.shape
     if not isinstance(wte, QuantizedWeight):
-        np.matmul(dlogits, wte, out=out)  # [1, R, V] @ [V, C] -> [1, R, C]
+        np.matmul(dlogits, wte, out=dx)  # [1, R, V] @ [V, C] -> [1, R, C]
+    else:
+        dx[...] = 0
+        for v0 in range(0, V, HEAD_VOCAB_BLOCK):
+            rows = wte.rows(slice(v0, v0 + HEAD_VOCAB_BLOCK))  # [v, C] float32
+            dx += dlogits[..., v0:v0 + HEAD_VOCAB_BLOCK] @ rows  # [1, R, v] @ [v, C] -> [1, R, C]
+    if dwte is None:
         return
-    V = wte.shape[0]
-    out[...] = 0
+    d, xr = dlogits.reshape(-1, V), x.reshape(-1, C)  # [R, V], [R, C]
+    if not add:
+        np.matmul(d.T, xr, out=dwte)  # [V, R] @ [R, C] -> [V, C]
+        return
+    if part is None:
+        part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=dwte.dtype)
     for v0 in range(0, V, HEAD_VOCAB_BLOCK):
-        rows = wte.rows(slice(v0, v0 + HEAD_VOCAB_BLOCK))  # [v, C] float32
-        out += dlogits[..., v0:v0 + HEAD_VOCAB_BLOCK] @ rows  # [1, R, v] @ [v, C] -> [1, R, C]
+        v1 = min(V, v0 + HEAD_VOCAB_BLOCK)
+        dwte[v0:v1] += np.matmul(d[:, v0:v1].T, xr, out=part[:v1 - v0])  # [v, R] @ [R, C]
