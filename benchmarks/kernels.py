@@ -82,8 +82,8 @@ def cases():
                     lambda p=probs, t=targets, d=dl: layers.crossentropy_softmax_backward(d, p, t),
                     lambda p=probs, t=targets, d=dl: kernels.crossentropy_softmax_backward(d, p, t)))
     inp, d = rng.integers(0, V, (4, 64)), r(4, 64, C)
-    out.append(("encoder_backward", f"(4,64,{C}), V={V}", lambda: layers.encoder_backward(d, inp, V, 1024),
-                lambda: kernels.encoder_backward(d, inp, V, 1024)))
+    out.append(("embedding_backward", f"(4,64,{C}), V={V}", lambda: layers.embedding_backward(d, inp, V, 1024),
+                lambda: kernels.embedding_backward(d, inp, V, 1024)))
     n = V * C  # the largest tensor of GPT-2 124M (wte)
     p, grad, m, v = r(n, scale=0.02), r(n, scale=1e-3), np.zeros(n, f32), np.zeros(n, f32)
     scratch = np.empty(n, f32)

@@ -7,7 +7,7 @@ which input tokens the prediction depends on most (attribution = ‖gradient × 
 position's embedding, from the hand-written backward pass). The web report adds the
 attention patterns of every head and the logit lens at every position.
 
-Everything runs on the plain layers of layers.py: one `model.forward_with_saves(nn=layers)`,
+Everything runs on the plain layers of layers.py: one `model.forward_with_saves(lay=layers)`,
 whose saved activations (kept for the backward pass anyway) hold every layer's residual
 stream and attention probabilities, then `model.backward` from d log p(next token) / d logits
 for the attributions: what `interp.input_gradient` computes, without a second forward pass.
@@ -200,7 +200,7 @@ def report_for_ids(model, tokenizer, ids, top_k=10, lens_k=3, layer=None, *, not
     # One forward pass on the plain layers, keeping what the backward pass needs: that
     # includes every layer's residual stream and attention probabilities, so they are read
     # from it (shapes in GPT2.forward_with_saves) rather than from a second forward.
-    logits, saved = model.forward_with_saves(ids[None], nn=layers if check is None else CheckedLayers(check))
+    logits, saved = model.forward_with_saves(ids[None], lay=layers if check is None else CheckedLayers(check))
     blocks = saved["blocks"]                                         # [1, T] -> [1, T, V] above
     # the residual stream entering each block, then after the last: row 0 is the embedding
     rows = slice(None) if lens_positions == "all" else slice(T - 1, T)

@@ -187,8 +187,8 @@ def check_layers(seed=0):
     wte, wpe = rng.standard_normal((V, C)), rng.standard_normal((maxT, C))
     inp = rng.integers(0, V, (B, T))
     dy = rng.standard_normal((B, T, C))
-    dwte, dwpe = layers.encoder_backward(dy, inp, V, maxT)
-    rows.append(_check_layer("encoder", lambda: _dot(dy, layers.encoder_forward(wte, wpe, inp)),
+    dwte, dwpe = layers.embedding_backward(dy, inp, V, maxT)
+    rows.append(_check_layer("embedding", lambda: _dot(dy, layers.embedding_forward(wte, wpe, inp)),
                              [("dwte", wte, dwte), ("dwpe", wpe, dwpe)]))
     return rows
 

@@ -58,7 +58,7 @@ def input_gradient(model, ids, position, target):
     T = ids.size
     position, target = _index(position, T, "position"), _index(target, V, "target")
     model = float_model(model)
-    logits, saved = model.forward_with_saves(ids[None], nn=layers)  # [1, T] -> [1, T, V]
+    logits, saved = model.forward_with_saves(ids[None], lay=layers)  # [1, T] -> [1, T, V]
     return logprob_backward(model, logits, saved, position, target)
 
 

@@ -2,8 +2,8 @@
 
 The twins (each computes what its namesake in `layers.py` computes; tests keep them equal
 in float32 and float64) are listed in TWINS; the functions without a twin are the plain
-ones, re-exported by name (PLAIN), so that `kernels.encoder_forward` is visibly
-`layers.encoder_forward` and `kernels.layernorm_forward` visibly is not. `NPGPT2_PLAIN=1`
+ones, re-exported by name (PLAIN), so that `kernels.embedding_forward` is visibly
+`layers.embedding_forward` and `kernels.layernorm_forward` visibly is not. `NPGPT2_PLAIN=1`
 makes the model use `layers.py` instead. One contract differs by design: what
 attention_forward saves for attention_backward (the plain twin: the probabilities
 (B, NH, T, T); here: the output and each row's log-sum-exp, see "fused attention").
@@ -41,7 +41,7 @@ from . import quant_kernels, threads  # noqa: E402
 # the plain functions, which have no fast twin here (the model calls them through this module)
 from .layers import (  # noqa: F401,E402
     GELU_SCALE,  # noqa: E402
-    encoder_forward,
+    embedding_forward,
     lora_backward,
     merge_heads,
     softmax,
@@ -49,13 +49,13 @@ from .layers import (  # noqa: F401,E402
 )
 from .quant import QuantizedWeight  # noqa: E402
 
-PLAIN = ("encoder_forward", "lora_backward", "merge_heads", "softmax", "split_heads")
+PLAIN = ("embedding_forward", "lora_backward", "merge_heads", "softmax", "split_heads")
 # the fast twins defined below, each with its plain namesake's signature (layers.py; for
 # adamw_update, optim.py)
 TWINS = ("layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward",
          "gelu_forward", "gelu_backward", "attention_forward", "attention_backward",
          "attention_forward_cached", "crossentropy_forward", "crossentropy_softmax_backward",
-         "encoder_backward", "adamw_update", "lora_forward")
+         "embedding_backward", "adamw_update", "lora_forward")
 
 # below this many elements a loop runs on one thread: starting the second thread costs
 # little on an idle machine, but on a busy one it waits for a core (milliseconds)
@@ -813,7 +813,7 @@ def _scatter_add_rows(dwte, ids, rows):
             dst[j] += src[j]
 
 
-def encoder_backward(dout, inp, V, maxT):
+def embedding_backward(dout, inp, V, maxT):
     """dout: (B, T, C), inp: (B, T) -> dwte: (V, C), dwpe: (maxT, C)."""
     B, T, C = dout.shape
     ids = np.ascontiguousarray(inp).reshape(-1)

@@ -12,8 +12,9 @@ import numpy as np
 
 
 # ---------------------------------------------------------------- embeddings
-def encoder_forward(wte, wpe, inp, pos0=0):
-    """Token + position embedding.
+def embedding_forward(wte, wpe, inp, pos0=0):
+    """Token + position embedding (llm.c's encoder_forward; here "encoder" means only the
+    tokenizer's encoder.json).
 
     wte: (V, C), wpe: (maxT, C), inp: int (B, T); positions start at pos0 (KV cache), an int
     or, for rows at different lengths (batched decoding), an int array (B,).
@@ -25,7 +26,7 @@ def encoder_forward(wte, wpe, inp, pos0=0):
     return wte[inp] + wpe[np.asarray(pos0)[:, None] + np.arange(T)]  # row b at positions pos0[b]..
 
 
-def encoder_backward(dout, inp, V, maxT):
+def embedding_backward(dout, inp, V, maxT):
     """dout: (B, T, C), inp: (B, T) -> dwte: (V, C), dwpe: (maxT, C)."""
     B, T, C = dout.shape
     dwte = np.zeros((V, C), dtype=dout.dtype)

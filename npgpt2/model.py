@@ -157,13 +157,13 @@ class GPT2(Hooks, Training, Loss, FastForward):
         return KVCache(self.hparams, batch_size, self.dtype)
 
     # ------------------------------------------------------------ the forward pass, as the paper writes it
-    def _trunk(self, tokens, nn, hook=None, saved=None, cache=None):
+    def _trunk(self, tokens, lay, hook=None, saved=None, cache=None):
         """tokens: int (B, T) -> the residual stream after ln_f (B, T, C).
 
         The one forward of the model (inference, decoding with the plain layers,
-        interpretability, training): embed -> n_layer blocks -> ln_f. nn is the layer module
+        interpretability, training): embed -> n_layer blocks -> ln_f. lay is the layer module
         (`layers`, or `kernels` for speed). hook(name, x) -> x is called at every named
-        activation (activation_names()) and its result used instead; hooks need nn=layers
+        activation (activation_names()) and its result used instead; hooks need lay=layers
         (the fast twins have no hook points). saved, a dict, receives what backward() needs
         (see forward_with_saves).
         cache: a KVCache (or cache.select(rows)) for decoding: tokens are then the T positions
@@ -174,18 +174,18 @@ class GPT2(Hooks, Training, Loss, FastForward):
         at = hook or _unchanged
         wte, wpe = self._params["model/wte"], self._params["model/wpe"]
         pos0 = 0 if cache is None else np.array(cache.lengths)  # (B,): where each row's new tokens go
-        x = at("embed", nn.encoder_forward(wte, wpe, tokens, pos0))  # [B, T] -> [B, T, C]
+        x = at("embed", lay.embedding_forward(wte, wpe, tokens, pos0))  # [B, T] -> [B, T, C]
         for i, blk in enumerate(self.blocks):
             block_hook = None if hook is None else _prefixed(hook, f"h{i}.")
             # layer i's keys and values: (R, NH, n_ctx, hs) each, batch row b in cache row rows[b]
             kv = None if cache is None else (cache.k[i], cache.v[i], pos0, cache.rows)
             resid_pre = x  # [B, T, C]
-            x, block_saved = self._block_forward(nn, blk, x, block_hook, kv)  # [B, T, C] -> [B, T, C]
+            x, block_saved = self._block_forward(lay, blk, x, block_hook, kv)  # [B, T, C] -> [B, T, C]
             if saved is not None:
                 # memory_saving keeps only the block's input: backward re-runs the block from it
                 saved["blocks"].append({"resid_pre": resid_pre} if saved.get("memory_saving") else block_saved)
             del block_saved  # (memory_saving) before the next block makes its own
-        ln_f, ln_f_mean, ln_f_rstd = nn.layernorm_forward(
+        ln_f, ln_f_mean, ln_f_rstd = lay.layernorm_forward(
             x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
         if saved is not None:
             saved.update({"resid_final": x, "ln_f": ln_f, "ln_f.mean": ln_f_mean, "ln_f.rstd": ln_f_rstd})
@@ -193,7 +193,7 @@ class GPT2(Hooks, Training, Loss, FastForward):
             cache.advance(tokens.shape[1])
         return at("ln_f", ln_f)
 
-    def _block_forward(self, nn, blk, x, hook=None, kv=None):
+    def _block_forward(self, lay, blk, x, hook=None, kv=None):
         """One transformer block: x (B, T, C) -> (x (B, T, C), what its backward needs).
 
         Pre-norm, as GPT-2: x + attn(ln_1(x)), then that + mlp(ln_2(that)).
@@ -205,27 +205,27 @@ class GPT2(Hooks, Training, Loss, FastForward):
         NH = self.hparams["n_head"]
         lora_h = {}  # with LoRA adapters: each adapted matrix's x @ A (see _linear)
         # attention: every position mixes in the values of the positions it attends to
-        ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
+        ln_1, _, _ = lay.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
         ln_1 = at("ln_1", ln_1)
-        qkv = _linear(nn, blk, "attn/c_attn", ln_1, lora_h)  # [B, T, C] -> [B, T, 3C]
+        qkv = _linear(lay, blk, "attn/c_attn", ln_1, lora_h)  # [B, T, C] -> [B, T, 3C]
         if kv is not None:  # decoding: the earlier positions' keys and values come from the cache
             k_cache, v_cache, pos0, rows = kv
-            z, att = nn.attention_forward_cached(qkv, k_cache, v_cache, pos0, NH, rows), None  # [B, T, C]
+            z, att = lay.attention_forward_cached(qkv, k_cache, v_cache, pos0, NH, rows), None  # [B, T, C]
         elif hook is None:
-            z, att = nn.attention_forward(qkv, NH)  # [B, T, 3C] -> [B, T, C], what attention_backward needs
+            z, att = lay.attention_forward(qkv, NH)  # [B, T, 3C] -> [B, T, C], what attention_backward needs
         else:
             z, att = layers.attention_forward(qkv, NH, hook=_prefixed(hook, "attn."))  # the same, hooked
         z = at("attn.z", z)  # [B, T, C]: the NH heads' outputs side by side
-        attn_out = _linear(nn, blk, "attn/c_proj", z, lora_h)  # [B, T, C] -> [B, T, C]
+        attn_out = _linear(lay, blk, "attn/c_proj", z, lora_h)  # [B, T, C] -> [B, T, C]
         attn_out = at("attn.out", attn_out)
         resid_mid = at("resid_mid", x + attn_out)  # [B, T, C]
         # MLP: each position on its own, through 4C hidden units
-        ln_2, _, _ = nn.layernorm_forward(resid_mid, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
+        ln_2, _, _ = lay.layernorm_forward(resid_mid, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
         ln_2 = at("ln_2", ln_2)
-        mlp_pre = _linear(nn, blk, "mlp/c_fc", ln_2, lora_h)  # [B, T, C] -> [B, T, 4C]
+        mlp_pre = _linear(lay, blk, "mlp/c_fc", ln_2, lora_h)  # [B, T, C] -> [B, T, 4C]
         mlp_pre = at("mlp.pre", mlp_pre)
-        mlp_post = at("mlp.post", nn.gelu_forward(mlp_pre))  # [B, T, 4C]
-        mlp_out = _linear(nn, blk, "mlp/c_proj", mlp_post, lora_h)  # [B, T, 4C] -> [B, T, C]
+        mlp_post = at("mlp.post", lay.gelu_forward(mlp_pre))  # [B, T, 4C]
+        mlp_out = _linear(lay, blk, "mlp/c_proj", mlp_post, lora_h)  # [B, T, 4C] -> [B, T, C]
         mlp_out = at("mlp.out", mlp_out)
         resid_post = at("resid_post", resid_mid + mlp_out)  # [B, T, C]
         # what the backward needs that it cannot cheaply recompute (see forward_with_saves)
@@ -255,13 +255,13 @@ class GPT2(Hooks, Training, Loss, FastForward):
         nobody reads (prompt prefill).
         """
         tokens = self._check_tokens(tokens, int(cache.lengths.max()) if cache is not None else 0)
-        nn = ops()
-        if nn is layers:
+        lay = ops()
+        if lay is layers:
             # the readable path (NPGPT2_PLAIN=1): embed -> blocks (attention with the KV cache
             # when decoding) -> ln_f, the code run_with_cache and training run
             x = self._trunk(tokens, layers, cache=cache)  # [B, T] -> [B, T, C]
             return self._head(x[:, -1:] if last_only else x)  # [B, T, C] -> [B, T, V]
-        return self._forward_fast(nn, tokens, cache, last_only)
+        return self._forward_fast(lay, tokens, cache, last_only)
 
     def _check_tokens(self, tokens, pos0=0, error=ValueError):
         """tokens as an int (B, T) array, or `error` saying what is wrong with them."""

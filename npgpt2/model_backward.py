@@ -17,10 +17,10 @@ class Training:
 
 
     # ------------------------------------------------------------ training
-    def forward_with_saves(self, tokens, nn=None, memory_saving=False):
+    def forward_with_saves(self, tokens, lay=None, memory_saving=False):
         """tokens: int (B, T) -> (logits (B, T, V), saved): the forward that backward() continues.
 
-        nn: the layer module (default ops(): the kernels unless NPGPT2_PLAIN=1); backward
+        lay: the layer module (default ops(): the kernels unless NPGPT2_PLAIN=1); backward
         uses the same one. memory_saving (`train --memory_saving_gradients`): saved["blocks"][i]
         holds resid_pre alone (C floats a token and layer instead of 10C + attention's), and
         backward re-runs block i's forward from it, with its saves, just before block i's
@@ -38,25 +38,25 @@ class Training:
               mlp.pre (B, T, 4C)       c_fc's output, GELU's input
             resid_final (B, T, C)      the last block's output
             ln_f (B, T, C)             ln_f's output; ln_f.mean, ln_f.rstd (B, T)
-            tokens (B, T), nn          the input ids and the layer module
+            tokens (B, T), lay         the input ids and the layer module
 
         Not kept, because backward recomputes them (one cheap pass each, where keeping them
         would cost 6C more floats a token in every layer, on top of these 10C): ln_1 and
         ln_2 (outputs, mean, rstd: layernorm_forward of resid_pre, resid_mid) and mlp.post
         (gelu_forward of mlp.pre). The recomputed values are the forward's, bit for bit.
         """
-        ln_f, saved = self._trunk_with_saves(tokens, nn, memory_saving)  # [B, T] -> [B, T, C]
+        ln_f, saved = self._trunk_with_saves(tokens, lay, memory_saving)  # [B, T] -> [B, T, C]
         return self._head(ln_f), saved  # [B, T, C] -> [B, T, V]
 
-    def _trunk_with_saves(self, tokens, nn=None, memory_saving=False):
+    def _trunk_with_saves(self, tokens, lay=None, memory_saving=False):
         """forward_with_saves without the output head: -> (ln_f (B, T, C), saved)."""
         if self.weight_dtype == "int8" and self.lora is None:  # a frozen int8 base under LoRA adapters trains
             raise Npgpt2Error("training an int8 model: int8 weights are for generation only; "
                               "load it with dtype float32 (the default) to train, or train LoRA adapters on it")
-        nn = nn or ops()
+        lay = lay or ops()
         tokens = self._check_tokens(tokens)
-        saved = {"tokens": tokens, "nn": nn, "blocks": [], "memory_saving": bool(memory_saving)}
-        return self._trunk(tokens, nn, saved=saved), saved
+        saved = {"tokens": tokens, "lay": lay, "blocks": [], "memory_saving": bool(memory_saving)}
+        return self._trunk(tokens, lay, saved=saved), saved
 
     def backward(self, dlogits, saved):
         """dlogits: (B, T, V), any gradient of the logits; saved: from forward_with_saves.
@@ -79,32 +79,32 @@ class Training:
     def _trunk_backward(self, dln_f, dwte, saved):
         """backward() after the head: dln_f (B, T, C) at ln_f's output, dwte (V, C) the head's
         part of wte's gradient (the embedding's is added to it in place) -> (grads, dembed)."""
-        nn, tokens, blocks = saved["nn"], saved["tokens"], saved["blocks"]
+        lay, tokens, blocks = saved["lay"], saved["tokens"], saved["blocks"]
         grads = {}
-        dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = nn.layernorm_backward(
+        dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = lay.layernorm_backward(
             dln_f, saved.pop("resid_final"), self._params["model/ln_f/g"], saved["ln_f.mean"],
             saved["ln_f.rstd"])  # [B, T, C]
         saved.pop("ln_f", None)  # not needed below (loss_and_grads drops its own reference too)
         for i in reversed(range(len(blocks))):
             act = blocks.pop()
             if saved.get("memory_saving"):  # the forward kept only the block's input: run the block again
-                act = self._block_forward(nn, self.blocks[i], act["resid_pre"])[1]  # [B, T, C] -> its saves
-            dresid = self._block_backward(nn, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
+                act = self._block_forward(lay, self.blocks[i], act["resid_pre"])[1]  # [B, T, C] -> its saves
+            dresid = self._block_backward(lay, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
             del act  # this block's activations go before the next block's are made
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
         if self.lora is not None:  # LoRA: the adapters' gradients alone (the layer norms' (C,) ones, two
             return {k: grads[k] for k in self.lora.params}, dembed  # sums each, are dropped); no embedding's
         # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients).
-        # Only the distinct tokens' rows get a gradient, so encoder_backward runs over those (ids
+        # Only the distinct tokens' rows get a gradient, so embedding_backward runs over those (ids
         # renumbered 0..n-1): a (n, C) array instead of a second (V, C) one (154 MB at 124M)
         ids, renumbered = np.unique(tokens, return_inverse=True)
-        drows, grads["model/wpe"] = nn.encoder_backward(
+        drows, grads["model/wpe"] = lay.embedding_backward(
             dembed, renumbered.reshape(tokens.shape), len(ids), self.hparams["n_ctx"])  # [n, C], [n_ctx, C]
         dwte[ids] += drows  # the tied wte's second contribution (ids are distinct: no repeat is lost)
         grads["model/wte"] = dwte
         return {k: grads[k] for k in self._params}, dembed
 
-    def _block_backward(self, nn, i, dresid, act, grads):
+    def _block_backward(self, lay, i, dresid, act, grads):
         """Block i backward: dresid (B, T, C) at its output -> at its input; fills grads.
 
         act: what _block_forward saved. Each linear layer's backward is _linear_backward: its
@@ -116,32 +116,32 @@ class Training:
         g = {}  # this block's gradients under the short names of blk
         # resid_post = resid_mid + mlp(resid_mid): dresid flows into the MLP branch and past it
         lora_h = act.get("lora.h")  # None, or the base is frozen (LoRA): see _linear_backward
-        mlp_post = nn.gelu_forward(act["mlp.pre"])  # [B, T, 4C]: GELU's output again (not saved)
-        dmlp_post = _linear_backward(nn, blk, "mlp/c_proj", dresid, mlp_post, g, lora_h)  # [B, T, C] -> [B, T, 4C]
+        mlp_post = lay.gelu_forward(act["mlp.pre"])  # [B, T, 4C]: GELU's output again (not saved)
+        dmlp_post = _linear_backward(lay, blk, "mlp/c_proj", dresid, mlp_post, g, lora_h)  # [B, T, C] -> [B, T, 4C]
         del mlp_post
-        dmlp_pre = nn.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
+        dmlp_pre = lay.gelu_backward(dmlp_post, act["mlp.pre"])  # [B, T, 4C]
         del dmlp_post  # the (B, T, 4C) gradients go as soon as they are used: they set the peak
-        dbranch = _norm_linear_backward(nn, blk, "ln_2", "mlp/c_fc", act["resid_mid"], dmlp_pre, g,
+        dbranch = _norm_linear_backward(lay, blk, "ln_2", "mlp/c_fc", act["resid_mid"], dmlp_pre, g,
                                         lora_h)  # [B, T, C]
         del dmlp_pre
         dresid = dresid + dbranch  # [B, T, C] at resid_mid
         # resid_mid = resid_pre + attn(resid_pre): the same again through the attention branch
-        dz = _linear_backward(nn, blk, "attn/c_proj", dresid, act["attn.z"], g, lora_h)  # [B, T, C]
-        dqkv = nn.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)  # [B, T, C] -> [B, T, 3C]
-        dbranch = _norm_linear_backward(nn, blk, "ln_1", "attn/c_attn", act["resid_pre"], dqkv, g,
+        dz = _linear_backward(lay, blk, "attn/c_proj", dresid, act["attn.z"], g, lora_h)  # [B, T, C]
+        dqkv = lay.attention_backward(dz, act["attn.qkv"], act["attn.att"], NH)  # [B, T, C] -> [B, T, 3C]
+        dbranch = _norm_linear_backward(lay, blk, "ln_1", "attn/c_attn", act["resid_pre"], dqkv, g,
                                         lora_h)  # [B, T, C]
         grads.update({prefix + name: grad for name, grad in g.items()})
         return dresid + dbranch  # [B, T, C] at resid_pre
 
 
-def _norm_linear_backward(nn, blk, ln, linear, x, dout, g, lora_h=None):
+def _norm_linear_backward(lay, blk, ln, linear, x, dout, g, lora_h=None):
     """The backward of linear(ln(x)), how each branch of a block begins: dout (B, T, OC) at the
     linear layer's output -> the gradient at x (B, T, C); the four parameter gradients go into
     g under blk's short names (with lora_h, a frozen base: the adapter's instead of the
     linear layer's, see _linear_backward). ln's output is recomputed from x (not saved by the forward), bit for
     bit what the forward had.
     """
-    h, mean, rstd = nn.layernorm_forward(x, blk[ln + "/g"], blk[ln + "/b"])  # [B, T, C]: ln again
-    dh = _linear_backward(nn, blk, linear, dout, h, g, lora_h)  # [B, T, OC] -> [B, T, C]
-    dx, g[ln + "/g"], g[ln + "/b"] = nn.layernorm_backward(dh, x, blk[ln + "/g"], mean, rstd)  # [B, T, C]
+    h, mean, rstd = lay.layernorm_forward(x, blk[ln + "/g"], blk[ln + "/b"])  # [B, T, C]: ln again
+    dh = _linear_backward(lay, blk, linear, dout, h, g, lora_h)  # [B, T, OC] -> [B, T, C]
+    dx, g[ln + "/g"], g[ln + "/b"] = lay.layernorm_backward(dh, x, blk[ln + "/g"], mean, rstd)  # [B, T, C]
     return dx

@@ -12,7 +12,7 @@ from .linear import linear as _linear
 class FastForward:
     """GPT2's _forward_fast (a mixin: GPT2 gives hparams, blocks, _params, _head)."""
 
-    def _forward_fast(self, nn, tokens, cache, last_only):
+    def _forward_fast(self, lay, tokens, cache, last_only):
         """forward() for the kernels and for decoding with a KV cache: the same result as
         _trunk + _head (tests hold them equal), computed the way that is fast, not readable.
 
@@ -32,10 +32,10 @@ class FastForward:
         NH, L = self.hparams["n_head"], self.hparams["n_layer"]
         hs = self.hparams["n_embd"] // NH
         # x is a fresh array: the residual additions below go into it in place
-        x = nn.encoder_forward(self._params["model/wte"], self._params["model/wpe"], tokens, pos0)  # [B, T, C]
+        x = lay.embedding_forward(self._params["model/wte"], self._params["model/wpe"], tokens, pos0)  # [B, T, C]
         for i, blk in enumerate(self.blocks):
-            ln_1, _, _ = nn.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
-            qkv = _linear(nn, blk, "attn/c_attn", ln_1)  # [B, T, C] -> [B, T, 3C]
+            ln_1, _, _ = lay.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
+            qkv = _linear(lay, blk, "attn/c_attn", ln_1)  # [B, T, C] -> [B, T, 3C]
             if cache is None:
                 # a throwaway cache for this layer: the same result as attention_forward
                 # without keeping its (B, NH, T, T) probabilities, which only training needs
@@ -51,15 +51,15 @@ class FastForward:
                     k_cache[r, :, p:p + T - 1] = k[b]  # [NH, T-1, hs] into cache row r at its length
                     v_cache[r, :, p:p + T - 1] = v[b]
                 qkv, x, p0 = qkv[:, -1:], x[:, -1:], p0 + T - 1  # from here T is 1
-            z = nn.attention_forward_cached(qkv, k_cache, v_cache, p0, NH, rows)  # [B, T, 3C] -> [B, T, C]
-            x += _linear(nn, blk, "attn/c_proj", z)  # [B, T, C]
-            ln_2, _, _ = nn.layernorm_forward(x, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
-            mlp_h = _linear(nn, blk, "mlp/c_fc", ln_2)  # [B, T, C] -> [B, T, 4C]
-            mlp_h = nn.gelu_forward(mlp_h)  # [B, T, 4C]
-            x += _linear(nn, blk, "mlp/c_proj", mlp_h)  # [B, T, 4C] -> [B, T, C]
+            z = lay.attention_forward_cached(qkv, k_cache, v_cache, p0, NH, rows)  # [B, T, 3C] -> [B, T, C]
+            x += _linear(lay, blk, "attn/c_proj", z)  # [B, T, C]
+            ln_2, _, _ = lay.layernorm_forward(x, blk["ln_2/g"], blk["ln_2/b"])  # [B, T, C]
+            mlp_h = _linear(lay, blk, "mlp/c_fc", ln_2)  # [B, T, C] -> [B, T, 4C]
+            mlp_h = lay.gelu_forward(mlp_h)  # [B, T, 4C]
+            x += _linear(lay, blk, "mlp/c_proj", mlp_h)  # [B, T, 4C] -> [B, T, C]
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]  # [B, 1, C]
-        x, _, _ = nn.layernorm_forward(x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
+        x, _, _ = lay.layernorm_forward(x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
         return self._head(x)  # [B, T, C] -> [B, T, V]

@@ -25,17 +25,17 @@ class Loss:
         memory_saving: keep only each block's input and recompute the block in the backward
         (see forward_with_saves); same gradients.
         """
-        nn = ops()
+        lay = ops()
         targets = np.asarray(targets)
-        ln_f, saved = self._trunk_with_saves(inputs, nn, memory_saving)  # [B, T] -> [B, T, C]
-        losses, dln_f, dwte = self._head_loss_backward(nn, ln_f, targets, mask)  # [B, T], [B, T, C], [V, C]
+        ln_f, saved = self._trunk_with_saves(inputs, lay, memory_saving)  # [B, T] -> [B, T, C]
+        losses, dln_f, dwte = self._head_loss_backward(lay, ln_f, targets, mask)  # [B, T], [B, T, C], [V, C]
         del ln_f  # saved holds it until _trunk_backward is past ln_f
         grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
         if mask is None:
             return float(losses.mean()), grads
         return float(np.sum(losses * mask, dtype=np.float64) / np.sum(mask)), grads
 
-    def _head_loss_backward(self, nn, ln_f, targets, mask=None):
+    def _head_loss_backward(self, lay, ln_f, targets, mask=None):
         """The output head, the cross-entropy and their backward, HEAD_ROWS positions at a time.
 
         ln_f (B, T, C), targets (B, T), mask None or (B, T) -> (losses (B, T), dln_f (B, T, C),
@@ -61,8 +61,8 @@ class Loss:
         for n0 in range(0, N, HEAD_ROWS):
             n1 = min(N, n0 + HEAD_ROWS)
             logits = self._head(x[:, n0:n1])  # [1, R, C] -> [1, R, V]
-            losses[:, n0:n1], probs = nn.crossentropy_forward(logits, tgt[:, n0:n1], out=logits)
-            dlogits = nn.crossentropy_softmax_backward(
+            losses[:, n0:n1], probs = lay.crossentropy_forward(logits, tgt[:, n0:n1], out=logits)
+            dlogits = lay.crossentropy_softmax_backward(
                 dlosses[:, :n1 - n0] if mask is None else dlosses[:, n0:n1], probs, tgt[:, n0:n1],
                 out=probs)  # [1, R, V], over probs
             # [1, R, V] -> dln_f [1, R, C]; the first chunk writes dwte, the later ones add to it

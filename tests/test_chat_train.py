@@ -49,11 +49,11 @@ def test_masked_head_loss_and_grads_equal_torch(rows, nn_name, monkeypatch):
     """On the fixture's logits x @ wte.T: sum(mask * ce) / sum(mask) and its gradients w.r.t. x and
     wte equal torch's cross_entropy(..., ignore_index=-100), float64, to 1e-12."""
     monkeypatch.setattr(model_loss, "HEAD_ROWS", rows)
-    nn = layers if nn_name == "layers" else pytest.importorskip("npgpt2.kernels")
+    lay = layers if nn_name == "layers" else pytest.importorskip("npgpt2.kernels")
     model = npgpt2.load_model(FIX / "tiny", dtype=np.float64)
     model.params["model/wte"][...] = REF["wte"]
     mask = REF["mask"]
-    losses, dx, dwte = model._head_loss_backward(nn, REF["x"].copy(), REF["targets"], mask)
+    losses, dx, dwte = model._head_loss_backward(lay, REF["x"].copy(), REF["targets"], mask)
     loss = float((losses * mask).sum() / mask.sum())
     assert abs(loss - float(REF["head_loss"])) <= 1e-12
     assert np.abs(dx - REF["head_dx"]).max() <= 1e-12

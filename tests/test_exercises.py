@@ -72,9 +72,9 @@ MISTAKES = [
     ("break_layernorm_mean", 'SYMPTOM = "B"', 'SYMPTOM = "maybe"', 'needs SYMPTOM = "A"'),
     ("break_layernorm_mean", "dinp = (dnorm - norm", "dinp = (dnorm - dnorm.mean(axis=-1, keepdims=True) - norm",
      "differs from layernorm_backward with the mean term dropped"),
-    ("break_encoder_add_at", "dwte[inp.reshape(-1)] += dout.reshape(-1, C)",
-     "np.add.at(dwte, inp.reshape(-1), dout.reshape(-1, C))", "differs from encoder_backward with +="),
-    ("break_encoder_add_at", 'SYMPTOM = "C"', 'SYMPTOM = "B"', "is not what this mistake does"),
+    ("break_embedding_add_at", "dwte[inp.reshape(-1)] += dout.reshape(-1, C)",
+     "np.add.at(dwte, inp.reshape(-1), dout.reshape(-1, C))", "differs from embedding_backward with +="),
+    ("break_embedding_add_at", 'SYMPTOM = "C"', 'SYMPTOM = "B"', "is not what this mistake does"),
     ("break_attention_mask", "k=2", "k=1", "differs from attention_forward with the mask one place late"),
     ("break_attention_mask", 'SYMPTOM = "B"', 'SYMPTOM = "D"', "is not what this mistake does"),
 ]

@@ -34,7 +34,7 @@ def test_rel_error():
 def test_every_layer_passes():
     rows = gradcheck.check_layers()
     assert [r.name for r in rows] == ["layernorm", "matmul", "lora", "attention", "gelu", "crossentropy_softmax",
-                                    "encoder"]
+                                    "embedding"]
     for r in rows:
         assert r.ok and r.error < 1e-8, r
 
@@ -45,7 +45,7 @@ def test_cli_passes_on_fixture_models(fixture, plain, monkeypatch, capsys):
     monkeypatch.setenv("NPGPT2_PLAIN", plain)
     assert main(["gradcheck", "--models_dir", str(FIX), "--model_name", fixture]) == 0
     out = capsys.readouterr().out
-    for name in ("layernorm", "attention", "gelu", "crossentropy_softmax", "encoder",
+    for name in ("layernorm", "attention", "gelu", "crossentropy_softmax", "embedding",
                  "model/wte", "model/h*/attn/c_attn/w", "model/h*/mlp/c_proj/b", "model/ln_f/g"):
         assert name in out
     assert "23 of 23 checks passed" in out and " NO " not in out
@@ -74,7 +74,7 @@ def _wrong_attention_backward(dout, qkv, att, NH):
     return d
 
 
-def _wrong_encoder_backward(dout, inp, V, maxT):
+def _wrong_embedding_backward(dout, inp, V, maxT):
     _, T, C = dout.shape
     dwte = np.zeros((V, C), dtype=dout.dtype)
     dwte[inp.reshape(-1)] += dout.reshape(-1, C)  # repeated tokens overwrite instead of accumulating
@@ -105,7 +105,7 @@ BACKWARDS = {k: getattr(layers, k) for k in ("layernorm_backward", "attention_ba
     ("gelu_backward", _wrong_gelu_backward, "gelu", "model/h*/mlp/c_fc/w"),
     ("layernorm_backward", _wrong_layernorm_backward, "layernorm", "model/wpe"),
     ("attention_backward", _wrong_attention_backward, "attention", "model/h*/attn/c_attn/w"),
-    ("encoder_backward", _wrong_encoder_backward, "encoder", "model/wte"),
+    ("embedding_backward", _wrong_embedding_backward, "embedding", "model/wte"),
     ("matmul_backward", _wrong_matmul_backward, "matmul", "model/h*/mlp/c_proj/b"),
     ("crossentropy_softmax_backward", _wrong_crossentropy_backward, "crossentropy_softmax", "model/ln_f/b"),
     ("lora_backward", _wrong_lora_backward, "lora", None),  # the fixture has no adapters: the layer row alone
@@ -120,7 +120,7 @@ def test_cli_fails_naming_the_broken_layer(func, wrong, layer, model_row, monkey
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
     assert lines[layer][3] == "NO"
     assert all(lines[other][3] == "yes" for other in ("layernorm", "matmul", "lora", "attention", "gelu",
-                                                      "crossentropy_softmax", "encoder") if other != layer)
+                                                      "crossentropy_softmax", "embedding") if other != layer)
     if model_row:  # the whole model's check catches it too
         assert lines[model_row][3] == "NO" and model_row in failed
 

@@ -260,22 +260,22 @@ def test_crossentropy_in_place(dtype, seed, B, T, V):
     logits = randn(rng, (B, T, V), dtype, 3.0)
     targets = rng.integers(0, V, (B, T))
     dl = randn(rng, (B, T), dtype)
-    for nn in (layers, kernels):
-        want_losses, want_probs = nn.crossentropy_forward(logits, targets)
-        want_dlogits = nn.crossentropy_softmax_backward(dl, want_probs, targets)
+    for lay in (layers, kernels):
+        want_losses, want_probs = lay.crossentropy_forward(logits, targets)
+        want_dlogits = lay.crossentropy_softmax_backward(dl, want_probs, targets)
         buf = logits.copy()
-        losses, probs = nn.crossentropy_forward(buf, targets, out=buf)
+        losses, probs = lay.crossentropy_forward(buf, targets, out=buf)
         assert probs is buf or np.shares_memory(probs, buf)
         np.testing.assert_array_equal(losses, want_losses)
         np.testing.assert_array_equal(probs, want_probs)
-        dlogits = nn.crossentropy_softmax_backward(dl, probs, targets, out=probs)
+        dlogits = lay.crossentropy_softmax_backward(dl, probs, targets, out=probs)
         assert np.shares_memory(dlogits, buf)
         np.testing.assert_array_equal(dlogits, want_dlogits)
         other = np.empty_like(logits)  # out= a third array: probs is left as it was
-        dlogits = nn.crossentropy_softmax_backward(dl, want_probs, targets, out=other)
+        dlogits = lay.crossentropy_softmax_backward(dl, want_probs, targets, out=other)
         assert np.shares_memory(dlogits, other)
         np.testing.assert_array_equal(dlogits, want_dlogits)
-        np.testing.assert_array_equal(nn.crossentropy_forward(logits, targets)[1], want_probs)
+        np.testing.assert_array_equal(lay.crossentropy_forward(logits, targets)[1], want_probs)
 
 
 def test_crossentropy_rejects_bad_out():
@@ -297,11 +297,11 @@ def test_crossentropy_rejects_bad_target():
 @FAST
 @given(dtype=dtypes, seed=seeds, B=st.integers(1, 3), T=st.integers(1, 6), V=st.integers(1, 9),
        C=st.integers(1, 8))
-def test_encoder_backward(dtype, seed, B, T, V, C):
+def test_embedding_backward(dtype, seed, B, T, V, C):
     rng = np.random.default_rng(seed)
     inp = rng.integers(0, V, (B, T))  # a small vocab: tokens repeat and must accumulate
     dout = randn(rng, (B, T, C), dtype)
-    for g_, w_ in zip(kernels.encoder_backward(dout, inp, V, T + 2), layers.encoder_backward(dout, inp, V, T + 2)):
+    for g_, w_ in zip(kernels.embedding_backward(dout, inp, V, T + 2), layers.embedding_backward(dout, inp, V, T + 2)):
         close(g_, w_, dtype)
 
 

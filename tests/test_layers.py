@@ -43,11 +43,11 @@ def test_encoder(s, V, pos0):
     wte, wpe = rng.standard_normal((V, C)), rng.standard_normal((maxT, C))
     inp = rng.integers(0, V, (B, T))  # small V: tokens repeat, so rows accumulate
     dout = rng.standard_normal((B, T, C))
-    f = lambda: float((dout * L.encoder_forward(wte, wpe, inp, pos0)).sum())  # noqa: E731
-    dwte, dwpe = L.encoder_backward(dout, inp, V, maxT)
+    f = lambda: float((dout * L.embedding_forward(wte, wpe, inp, pos0)).sum())  # noqa: E731
+    dwte, dwpe = L.embedding_backward(dout, inp, V, maxT)
     if pos0 == 0:
         check(f, [(wte, dwte), (wpe, dwpe)])
-    else:  # encoder_backward is for training (pos0 = 0); the embedding rows still must agree
+    else:  # embedding_backward is for training (pos0 = 0); the embedding rows still must agree
         check(f, [(wte, dwte)])
 
 

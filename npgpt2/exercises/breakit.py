@@ -22,8 +22,8 @@ def layernorm_backward_no_mean(dout, inp, weight, mean, rstd):
     return dinp, (dout * norm).reshape(-1, C).sum(axis=0), dout.reshape(-1, C).sum(axis=0)
 
 
-def encoder_backward_plus_equals(dout, inp, V, maxT):
-    """encoder_backward with `dwte[inp] += dout` for np.add.at: a repeated index is written once."""
+def embedding_backward_plus_equals(dout, inp, V, maxT):
+    """embedding_backward with `dwte[inp] += dout` for np.add.at: a repeated index is written once."""
     B, T, C = dout.shape
     dwte = np.zeros((V, C))
     dwte[inp.reshape(-1)] += dout.reshape(-1, C)                  # buffered: duplicates do not add up
@@ -57,14 +57,14 @@ def _layernorm_cases(fn, seed):
     return [(f"case {i + 1} (inp {s})", lambda i=i, s=s: one(i, s)) for i, s in enumerate([(2, 3, 4), (1, 5, 8)])]
 
 
-def _encoder_cases(fn, seed):
+def _embedding_cases(fn, seed):
     def one(i, B, T, C, V):
         rng = np.random.default_rng([seed, i])
         inp = rng.integers(0, V, size=(B, T))                     # few ids: some repeat
         dout = rng.standard_normal((B, T, C))
         got = unpack(call(fn, dout, inp, V, T + 2), 2, ("dwte", "dwpe"))
-        want = encoder_backward_plus_equals(dout, inp, V, T + 2)
-        return first_failure([mismatch(n, g, w, REF_TOL, "encoder_backward with += for np.add.at")
+        want = embedding_backward_plus_equals(dout, inp, V, T + 2)
+        return first_failure([mismatch(n, g, w, REF_TOL, "embedding_backward with += for np.add.at")
                               for n, g, w in zip(("dwte", "dwpe"), got, want)])
     return [(f"case {i + 1} (B={c[0]} T={c[1]} C={c[2]} V={c[3]})", lambda i=i, c=c: one(i, *c))
             for i, c in enumerate([(2, 6, 3, 4), (1, 8, 2, 5)])]
@@ -90,7 +90,7 @@ BREAKS = {
                                  why="d mean / d x_i = 1/C for every i, so the dropped term is the same "
                                      "number at every channel of a row; the right dinp sums to 0 over a row "
                                      "(shifting a row's input leaves the output unchanged)"),
-    "break_encoder_add_at": dict(function="encoder_backward", cases=_encoder_cases, answer="C",
+    "break_embedding_add_at": dict(function="embedding_backward", cases=_embedding_cases, answer="C",
                                  experiment="use an input where a token occurs twice and one where every "
                                             "token is different, and compare dwte with finite differences",
                                  why="a[idx] += b reads a[idx] once, adds, and writes back, so a repeated "

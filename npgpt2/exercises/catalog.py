@@ -125,14 +125,14 @@ EXERCISES = [
            "import numpy as np\n\n\ndef layernorm_backward(dout, inp, weight, mean, rstd):\n"
            "    ...  # layers.py's, with the mean term deleted\n\n\nSYMPTOM = \"?\"\n",
            ["`npgpt2 exercise check layernorm_backward FILE` on your broken copy says which output fails."]),
-    _break("break_encoder_add_at", "encoder_backward", "+= instead of np.add.at in the embedding's backward",
-           "Copy layers.py's encoder_backward and replace np.add.at(dwte, inp.reshape(-1), dout.reshape(-1, C))\n"
+    _break("break_embedding_add_at", "embedding_backward", "+= instead of np.add.at in the embedding's backward",
+           "Copy layers.py's embedding_backward and replace np.add.at(dwte, inp.reshape(-1), dout.reshape(-1, C))\n"
            "by dwte[inp.reshape(-1)] += dout.reshape(-1, C). What goes wrong? SYMPTOM = the letter:\n"
            "  A. an IndexError\n"
            "  B. every row of dwte is wrong\n"
            "  C. a token that occurs more than once gets the gradient of only one occurrence; the others are right\n"
            "  D. dwpe is wrong",
-           "import numpy as np\n\n\ndef encoder_backward(dout, inp, V, maxT):\n"
+           "import numpy as np\n\n\ndef embedding_backward(dout, inp, V, maxT):\n"
            "    ...  # layers.py's, with += for np.add.at\n\n\nSYMPTOM = \"?\"\n",
            ["Try inp = np.array([[3, 3]]) with dout of ones: what is dwte[3]?"]),
     _break("break_attention_mask", "attention_forward", "the causal mask off by one",

@@ -1,7 +1,7 @@
 import numpy as np
 
 
-def encoder_backward(dout, inp, V, maxT):
+def embedding_backward(dout, inp, V, maxT):
     B, T, C = dout.shape
     dwte = np.zeros((V, C), dtype=dout.dtype)
     dwte[inp.reshape(-1)] += dout.reshape(-1, C)
