@@ -266,49 +266,62 @@ def lora_forward(inp, weight, bias, lora_A, lora_B, scaling):
 
 
 # ================================================================ GELU
-# tanh form: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+# tanh form: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Each formula is written
+# once, for element i; a serial and a parallel loop run it (as layernorm's _ln_bwd_chunk)
+@njit(cache=True, inline="always")
+def _gelu_arg_at(x, u, i):
+    v = x[i]
+    u[i] = GELU_SCALE * (v + 0.044715 * v * v * v)
+
+
+@njit(cache=True, inline="always")
+def _gelu_fwd_at(x, t, i):
+    t[i] = 0.5 * x[i] * (1.0 + t[i])
+
+
+@njit(cache=True, inline="always")
+def _gelu_bwd_at(dout, x, t, i):
+    """t[i] holds tanh(u) of x[i] -> dout[i] * GELU'(x[i]) (the same formula as layers.gelu_backward)."""
+    v = x[i]
+    th = t[i]
+    dt = (1.0 - th * th) * GELU_SCALE * (1.0 + 3 * 0.044715 * v * v)
+    t[i] = dout[i] * (0.5 * (1.0 + th) + 0.5 * v * dt)
+
+
 @njit(cache=True, parallel=True)
 def _gelu_arg_par(x, u):
     for i in prange(x.shape[0]):
-        v = x[i]
-        u[i] = GELU_SCALE * (v + 0.044715 * v * v * v)
+        _gelu_arg_at(x, u, i)
 
 
 @njit(cache=True)
 def _gelu_arg(x, u):
     for i in range(x.shape[0]):
-        v = x[i]
-        u[i] = GELU_SCALE * (v + 0.044715 * v * v * v)
+        _gelu_arg_at(x, u, i)
 
 
 @njit(cache=True, parallel=True)
 def _gelu_fwd_finish_par(x, t):
     for i in prange(x.shape[0]):
-        t[i] = 0.5 * x[i] * (1.0 + t[i])
+        _gelu_fwd_at(x, t, i)
 
 
 @njit(cache=True)
 def _gelu_fwd_finish(x, t):
     for i in range(x.shape[0]):
-        t[i] = 0.5 * x[i] * (1.0 + t[i])
+        _gelu_fwd_at(x, t, i)
 
 
 @njit(cache=True, parallel=True)
 def _gelu_bwd_finish_par(dout, x, t):
     for i in prange(x.shape[0]):
-        v = x[i]
-        th = t[i]
-        dt = (1.0 - th * th) * GELU_SCALE * (1.0 + 3 * 0.044715 * v * v)
-        t[i] = dout[i] * (0.5 * (1.0 + th) + 0.5 * v * dt)
+        _gelu_bwd_at(dout, x, t, i)
 
 
 @njit(cache=True)
 def _gelu_bwd_finish(dout, x, t):
     for i in range(x.shape[0]):
-        v = x[i]
-        th = t[i]
-        dt = (1.0 - th * th) * GELU_SCALE * (1.0 + 3 * 0.044715 * v * v)
-        t[i] = dout[i] * (0.5 * (1.0 + th) + 0.5 * v * dt)
+        _gelu_bwd_at(dout, x, t, i)
 
 
 def _flat(x):
