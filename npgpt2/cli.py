@@ -679,13 +679,9 @@ def add_exercise_parser(sub):
     p.set_defaults(func=cmd_exercise)
 
 
-# ---------------------------------------------------------------- parser
-def build_parser():
-    parser = Parser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
-    sub.required = True
-
+# ---------------------------------------------------------------- each command's flags
+def add_download_parser(sub):
+    """`npgpt2 download`: fetch OpenAI's released checkpoints."""
     p = sub.add_parser("download", help="fetch OpenAI's GPT-2 files (resumable, crc-checked)")
     p.add_argument("model_name", nargs="+", help="124M, 355M, 774M or 1558M (117M/345M are old names)")
     p.add_argument("--models_dir", default="weights", help="folder to put <model_name>/ in (default %(default)s)")
@@ -697,6 +693,9 @@ def build_parser():
                    help="retries per file after failures that make no progress (default %(default)s)")
     p.set_defaults(func=cmd_download)
 
+
+def add_convert_parser(sub):
+    """`npgpt2 convert`: between OpenAI TF, .npz and Hugging Face folders; LoRA adapters."""
     p = sub.add_parser("convert", help="convert weights: OpenAI TF folder <-> .npz <-> Hugging Face folder; "
                                           "LoRA adapters: merge them (--merge) or write them for PEFT (--to peft)")
     p.add_argument("src", help="a model folder (OpenAI TF or Hugging Face) or a .npz; or LoRA adapters "
@@ -719,24 +718,36 @@ def build_parser():
                    help="the model a PEFT adapter folder SRC adapts (a run folder names its own base)")
     p.set_defaults(func=cmd_convert)
 
+
+def add_generate_parser(sub):
+    """`npgpt2 generate`: unconditional samples."""
     p = sub.add_parser("generate", help="unconditional samples (generate_unconditional_samples.py)")
     add_model_flags(p)
     add_dtype_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
+
+def add_prompt_parser(sub):
+    """`npgpt2 prompt`: samples for prompts read from stdin."""
     p = sub.add_parser("prompt", help="samples for prompts read from stdin (interactive_conditional_samples.py)")
     add_model_flags(p)
     add_dtype_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_prompt)
 
+
+def add_chat_parser(sub):
+    """`npgpt2 chat`: a conversation with the model."""
     p = sub.add_parser("chat", help="a conversation with the model, with history (/help inside)")
     add_model_flags(p)
     add_dtype_flag(p)
     add_chat_flags(p)
     p.set_defaults(func=cmd_chat)
 
+
+def add_serve_parser(sub):
+    """`npgpt2 serve`: the HTTP API and its pages."""
     p = sub.add_parser("serve",
                        help="HTTP API (/v1/generate, /v1/chat, /v1/explain, OpenAI's /v1/completions and "
                             "/v1/chat/completions, streaming), chat and explain pages")
@@ -771,6 +782,9 @@ def build_parser():
                    help="new tokens one request may ask for in all, n x prompts x max_tokens (default 4 * n_ctx)")
     p.set_defaults(func=cmd_serve)
 
+
+def add_encode_parser(sub):
+    """`npgpt2 encode`: text files into a .npz of tokens."""
     p = sub.add_parser("encode", help="encode text files into a .npz of tokens for train (encode.py)")
     p.add_argument("in_text", help="a text file, a folder of them, or a glob")
     p.add_argument("out_npz", help="the .npz to write")
@@ -788,6 +802,9 @@ def build_parser():
                    help="--format chat: system text for conversations without a system message (default none)")
     p.set_defaults(func=cmd_encode)
 
+
+def add_train_parser(sub):
+    """`npgpt2 train`: fine-tuning, full or LoRA."""
     p = sub.add_parser("train", help="fine-tune on a dataset (train.py); checkpoints in --checkpoint_dir/--run_name",
                        description="Fine-tune a model: all its weights, or LoRA adapters on a frozen float32 "
                                    "or int8 base (--lora R). Full fine-tuning runs in float32.",
@@ -855,6 +872,9 @@ def build_parser():
                         "latest; --restore_from best continues from it")
     p.set_defaults(func=cmd_train)
 
+
+def add_eval_parser(sub):
+    """`npgpt2 eval`: loss and perplexity over a dataset."""
     p = sub.add_parser("eval", help="mean loss and perplexity over a dataset (all windows, deterministic)")
     p.add_argument("--dataset", required=True, help=".npz from encode, or text file / folder / glob")
     add_model_flags(p)
@@ -867,6 +887,9 @@ def build_parser():
     add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
 
+
+def add_explain_parser(sub):
+    """`npgpt2 explain`: look inside the model."""
     p = sub.add_parser("explain", help="look inside the model: next tokens, logit lens, attention heads, attributions")
     p.add_argument("text", nargs="?", default=None, help="the text (default: read from stdin)")
     add_model_flags(p)
@@ -877,6 +900,9 @@ def build_parser():
                    help="with --out: only this layer's attention patterns (default all)")
     p.set_defaults(func=cmd_explain)
 
+
+def add_demo_parser(sub):
+    """`npgpt2 demo`: train a small model offline on the Jargon File."""
     p = sub.add_parser("demo", help="offline: train a small GPT-2 from scratch on the bundled Jargon File")
     p.add_argument("--steps", type=int, default=None, help="updates (default 500; a few minutes on 2 cores)")
     p.add_argument("--quick", action="store_true",
@@ -890,6 +916,10 @@ def build_parser():
                    help="train a model that answers questions about jargon terms (pretraining, then fine-tuning "
                         "on generated conversations with the loss on the answers), then chat with it")
     p.set_defaults(func=cmd_demo)
+
+
+def add_gradcheck_parser(sub):
+    """`npgpt2 gradcheck`: every backward against finite differences."""
     p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (float64)")
     p.add_argument("--model_name", default=None, help="also check this model folder (default: a tiny random model)")
     p.add_argument("--models_dir", default="weights", help="folder holding model folders (default %(default)s)")
@@ -897,6 +927,27 @@ def build_parser():
                    help="sampled entries per parameter tensor (default 2; 1 above 10M parameters)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes' values, tokens and samples (default 0)")
     p.set_defaults(func=cmd_gradcheck)
+
+
+# ---------------------------------------------------------------- the parser
+def build_parser():
+    """The `npgpt2` parser: one add_<command>_parser per command adds its flags."""
+    parser = Parser(prog="npgpt2", description="GPT-2 in NumPy: generate, fine-tune, chat, serve.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+    add_download_parser(sub)
+    add_convert_parser(sub)
+    add_generate_parser(sub)
+    add_prompt_parser(sub)
+    add_chat_parser(sub)
+    add_serve_parser(sub)
+    add_encode_parser(sub)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    add_explain_parser(sub)
+    add_demo_parser(sub)
+    add_gradcheck_parser(sub)
     add_exercise_parser(sub)
     helps = {a.dest: a.help for a in sub._choices_actions}
     for name, p in sub.choices.items():
