@@ -35,7 +35,7 @@ from .quant import QuantizedWeight
 
 # names that moved out of this module, importable from it as before
 __all__ = ["ALIASES", "ASSETS", "BLOCK_ACTS", "GPT2", "CacheRows", "HEAD_ROWS", "HEAD_VOCAB_BLOCK", "KVCache",
-           "MODEL_HPARAMS", "check_download_finished", "check_finite", "check_hparams", "init_model",
+           "MODEL_HPARAMS", "check_download_finished", "check_finite", "check_hparams", "check_tokens", "init_model",
            "lazy_zeros", "load_model", "ops", "param_shapes", "read_hparams", "remove_checkpoint",
            "resolve_model_dir", "save_model", "validate_params", "write_model_files", "write_step_checkpoint"]
 
@@ -160,16 +160,12 @@ class GPT2(Hooks, Training, Loss, FastForward):
     def _trunk(self, tokens, lay, hook=None, saved=None, cache=None):
         """tokens: int (B, T) -> the residual stream after ln_f (B, T, C).
 
-        The one forward of the model (inference, decoding with the plain layers,
-        interpretability, training): embed -> n_layer blocks -> ln_f. lay is the layer module
-        (`layers`, or `kernels` for speed). hook(name, x) -> x is called at every named
-        activation (activation_names()) and its result used instead; hooks need lay=layers
-        (the fast twins have no hook points). saved, a dict, receives what backward() needs
-        (see forward_with_saves).
-        cache: a KVCache (or cache.select(rows)) for decoding: tokens are then the T positions
-        after each row's cache.lengths[b] (rows may be at different lengths), their keys and
-        values are appended to the cache, each block's attention also sees the row's earlier
-        ones, and the cache advances by T at the end.
+        The one forward of the model (inference, plain decoding, interpretability, training):
+        embed -> n_layer blocks -> ln_f. lay: the layer module (`layers`, or `kernels`).
+        hook(name, x) -> x is called at every named activation (activation_names()), its
+        result used instead (lay=layers only). saved, a dict, receives what backward() needs.
+        cache: a KVCache (or cache.select(rows)): tokens are the T positions after each row's
+        cache.lengths[b] (rows may differ), appended to the cache; it advances by T at the end.
         """
         at = hook or _unchanged
         wte, wpe = self._params["model/wte"], self._params["model/wpe"]
@@ -264,19 +260,24 @@ class GPT2(Hooks, Training, Loss, FastForward):
         return self._forward_fast(lay, tokens, cache, last_only)
 
     def _check_tokens(self, tokens, pos0=0, error=ValueError):
-        """tokens as an int (B, T) array, or `error` saying what is wrong with them."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise error(f"tokens: expected token ids of shape (B, T), got shape {tokens.shape} dtype {tokens.dtype}")
-        if pos0 + tokens.shape[1] > self.hparams["n_ctx"]:
-            raise error(f"tokens: {pos0 + tokens.shape[1]} positions exceed the context n_ctx={self.hparams['n_ctx']}")
-        if error is Npgpt2Error:  # the learner-facing calls: a negative id would silently wrap around
-            V = self.hparams["n_vocab"]
-            if tokens.size == 0:
-                raise error(f"tokens: empty (shape {tokens.shape})")
-            if tokens.min() < 0 or tokens.max() >= V:
-                raise error(f"tokens: ids must be in [0, {V}), got {int(tokens.min())}..{int(tokens.max())}")
-        return tokens
+        return check_tokens(tokens, self.hparams, pos0, error)
+
+
+def check_tokens(tokens, hparams, pos0=0, error=ValueError):
+    """tokens as an int (B, T) array, or `error` saying what is wrong with them (positions pos0..
+    must fit n_ctx; with error=Npgpt2Error, the learner-facing calls, also ids in [0, n_vocab))."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise error(f"tokens: expected token ids of shape (B, T), got shape {tokens.shape} dtype {tokens.dtype}")
+    if pos0 + tokens.shape[1] > hparams["n_ctx"]:
+        raise error(f"tokens: {pos0 + tokens.shape[1]} positions exceed the context n_ctx={hparams['n_ctx']}")
+    if error is Npgpt2Error:  # the learner-facing calls: a negative id would silently wrap around
+        V = hparams["n_vocab"]
+        if tokens.size == 0:
+            raise error(f"tokens: empty (shape {tokens.shape})")
+        if tokens.min() < 0 or tokens.max() >= V:
+            raise error(f"tokens: ids must be in [0, {V}), got {int(tokens.min())}..{int(tokens.max())}")
+    return tokens
 
 
 # ---------------------------------------------------------------- init, load, save
