@@ -18,6 +18,7 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     temperature 0 is greedy, and so is any temperature so small that logit / temperature
     overflows float64 (its limit); top_k 0 and top_p 1.0 mean no restriction (OpenAI's
     conventions). Work in float64 so the draw does not depend on the model's dtype.
+    The survivors are walked most likely first (ties by id) when there is a cut, else by id.
     """
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
@@ -26,26 +27,61 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
         scaled = logits / temperature
     out = np.empty(logits.shape[0], dtype=np.int64)
     for b, row in enumerate(scaled):
-        if not np.isfinite(row).all():
+        if not (np.isfinite(row.max()) and np.isfinite(row.min())):  # (NaN propagates through both)
             # a temperature so small that logit / temperature overflows: the limit is greedy
             out[b] = logits[b].argmax()
             continue
-        ids = np.arange(row.shape[0])
-        if 0 < top_k < row.shape[0]:
-            ids = np.argpartition(-row, top_k - 1)[:top_k]
-        if top_k or top_p < 1.0:
-            # most likely first, ties broken by id, so the draw is reproducible
-            ids = ids[np.lexsort((ids, -row[ids]))]
-        # without a cut the order does not matter: skip sorting all 50257 logits per token
-        probs = np.exp(row[ids] - row[ids].max())
-        probs /= probs.sum()
+        if top_k == 0 and top_p < 1.0:
+            ids, probs = nucleus_head(row, top_p)  # most likely first, ties broken by id
+        elif top_k:
+            if top_k < row.shape[0]:
+                ids = np.argpartition(-row, top_k - 1)[:top_k]
+                ids = ids[np.lexsort((ids, -row[ids]))]  # most likely first, ties broken by id
+            else:
+                ids = np.argsort(-row, kind="stable")  # stable: ties by id
+            probs = np.exp(row[ids] - row[ids[0]])
+            probs /= probs.sum()
+        else:
+            # without a cut the order does not matter: no sort, no copy of the 50257 logits
+            ids = None
+            probs = row - row.max()
+            np.exp(probs, out=probs)
+            probs /= probs.sum()
         if top_p < 1.0:
             # keep the smallest head whose mass reaches top_p (always at least one token)
             keep = nucleus_size(probs, top_p)
             ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
         cdf = np.cumsum(probs)
-        out[b] = ids[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(ids) - 1)]
+        i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+        out[b] = i if ids is None else ids[i]
     return out
+
+
+def nucleus_head(row, top_p):
+    """row: (V,) finite scaled logits, 0 < top_p < 1 -> (ids, probs): the most likely ids,
+    ties broken by id, and their probabilities under the softmax of the whole row; enough
+    of them that nucleus_size(probs, top_p) falls inside (possibly all V).
+
+    Sorting all 50257 logits per token costs ~20 ms; a nucleus is usually far smaller, so
+    the candidates are the n most likely (np.argpartition), n growing 8x until their mass
+    reaches top_p before the smallest candidate logit: the ids tied with that one may be an
+    arbitrary subset of the ties, so the nucleus must close before them. Up to there the
+    head is the full order's.
+    """
+    V = row.shape[0]
+    top = row.max()
+    total = np.exp(row - top).sum()
+    n = 256
+    while n < V:
+        ids = np.argpartition(-row, n - 1)[:n]
+        ids = ids[np.lexsort((ids, -row[ids]))]
+        probs = np.exp(row[ids] - top) / total
+        first_tied = int(np.searchsorted(-row[ids], -row[ids[-1]], side="left"))
+        if first_tied > 0 and nucleus_size(probs[:first_tied], top_p) <= first_tied:
+            return ids, probs
+        n *= 8
+    ids = np.argsort(-row, kind="stable")  # the full order; stable: ties by id
+    return ids, np.exp(row[ids] - top) / total
 
 
 def nucleus_size(probs, top_p):

@@ -146,3 +146,24 @@ def test_text_stream_equals_cut_at_first_occurrence(text, stop):
     i = text.find(stop)
     assert out == (text if i < 0 else text[:i])
     assert stopped == (i >= 0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
+def test_nucleus_head_is_the_full_sorts_nucleus(scale):
+    """nucleus_head looks only at the n most likely logits (n growing until the nucleus closes
+    inside them, before any tie it may have cut); its nucleus is the one a full sort by
+    (logit descending, id) gives, ties at the edge included."""
+    from npgpt2.sampling import nucleus_head, nucleus_size
+    rng = np.random.default_rng(int(scale * 10))
+    for trial in range(20):
+        row = np.round(rng.standard_normal(5000) * scale, 1)  # rounded: many ties
+        row[rng.integers(0, 5000, 300)] = row.max()            # a large tie at the top
+        top_p = float(rng.uniform(0.05, 0.99))
+        order = sorted(range(row.size), key=lambda i: (-row[i], i))
+        p = np.exp(row[order] - row.max())
+        p /= p.sum()
+        want = order[:int(np.searchsorted(np.cumsum(p), top_p) + 1)]
+        ids, probs = nucleus_head(row, top_p)
+        keep = nucleus_size(probs, top_p)
+        assert ids[:keep].tolist() == want, (trial, top_p)
+        np.testing.assert_allclose(probs[:keep], p[:keep], rtol=1e-12)
