@@ -15,13 +15,19 @@ the last token), time to first token, each client's median time between tokens, 
 server's peak RSS (VmHWM) after each phase. Targets (issue 20): aggregate >= 4x solo; each
 client's median gap <= 2.5x solo; TTFT under load <= solo TTFT + clients x one prefill (the
 prefill of a prompt measured in-process, median of 5); peak RSS over the solo server's <= the
-active requests' KV cache rows. The llama.cpp anchor (llama-cpp-python built from its sdist
-on a GGUF conversion) is not built here: the two cores were shared by seven agents this round.
+active requests' KV cache rows.
+
+Anchor (issue 20): llama.cpp's server through llama-cpp-python (`python -m llama_cpp.server`,
+from the venv --llama_python; versions pinned in benchmarks/requirements-anchor.txt) on the
+same random weights written as a float32 GGUF (gguf_anchor.write_gguf), under the same load
+through its OpenAI endpoint (the prompts as text: GPT-2's decoding of the same ids). Skipped,
+with the reason printed, when that venv or the GGUF writer is missing.
 """
 import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +41,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import npgpt2  # noqa: E402
 from npgpt2.model import MODEL_HPARAMS  # noqa: E402
@@ -57,15 +64,15 @@ def peak_rss_mb(pid):
     return float("nan")
 
 
-def stream_client(url, prompt, new, out, start=None):
-    """One streaming completion; out gets {t0, arrivals: [chunk arrival times], tokens}."""
+def stream_client(url, body, out, start=None):
+    """One streaming completion of `body` (an OpenAI /v1/completions request with
+    stream true); out gets {t0, arrivals: [chunk arrival times], tokens} (tokens: the usage
+    chunk's count, or the chunks with text when the server sends no usage)."""
     if start is not None:
         start.wait(timeout=60)
-    body = {"model": "124M", "prompt": prompt, "max_tokens": new, "temperature": 1.0, "seed": 1, "stream": True,
-            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    arrivals, tokens = [], 0
-    with requests.post(url + "v1/completions", json=body, stream=True, timeout=600) as r:
+    arrivals, tokens = [], None
+    with requests.post(url + "v1/completions", json=body, stream=True, timeout=900) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -73,9 +80,34 @@ def stream_client(url, prompt, new, out, start=None):
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"][0]["text"]:
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
                 arrivals.append(time.perf_counter())
-    out.update(t0=t0, arrivals=arrivals, tokens=tokens)
+    out.update(t0=t0, arrivals=arrivals, tokens=len(arrivals) if tokens is None else tokens)
+
+
+def npgpt2_body(prompt, new):
+    return {"model": "124M", "prompt": prompt, "max_tokens": new, "temperature": 1.0, "seed": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+def run_load(url, bodies, pid):
+    """One warm-up request (bodies[-1]), one client alone (bodies[0]), then len(bodies) - 1
+    clients together -> (solo stats, many stats, {phase: the server's peak RSS in MB})."""
+    stream_client(url, bodies[-1], {})  # warm-up: Numba's compiled kernels, pages
+    rss = {"idle": peak_rss_mb(pid)}
+    solo_run = {}
+    stream_client(url, bodies[0], solo_run)
+    rss["solo"] = peak_rss_mb(pid)
+    n = len(bodies) - 1
+    runs = [{} for _ in range(n)]
+    start = threading.Barrier(n)
+    threads = [threading.Thread(target=stream_client, args=(url, bodies[i], runs[i], start)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rss["many"] = peak_rss_mb(pid)
+    return stats([solo_run]), stats(runs), rss
 
 
 def stats(runs):
@@ -90,12 +122,96 @@ def stats(runs):
             "ttft": ttft, "gap": gaps}
 
 
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_anchor(args, hp, prompts, tmp):
+    """llama.cpp's server (llama-cpp-python) on the same weights and load -> {solo, many, rss,
+    version, prompt_tokens} or {note: why it was not run}."""
+    py = Path(args.llama_python)
+    if not py.exists():
+        return {"note": f"not run: {py} does not exist (a venv with benchmarks/requirements-anchor.txt)"}
+    try:
+        from gguf_anchor import write_gguf
+    except ImportError as e:
+        return {"note": f"not run: no GGUF writer ({e})"}
+    probe = subprocess.run([str(py), "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return {"note": f"not run: llama_cpp.server does not import in {py}: {probe.stderr.strip().splitlines()[-1:]}"}
+    gguf = Path(tmp) / "gpt2-124m-f32.gguf"
+    model = npgpt2.load_model(Path(tmp) / "124M")  # the weights npgpt2 serve had
+    write_gguf(dict(model.params.items()), hp, gguf, "F32")
+    del model
+    port = free_port()
+    # interrupt_requests False: by default a new request interrupts the one streaming (the
+    # server runs one request at a time); n_ctx: GPT-2's context
+    cmd = [str(py), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "124M", "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(hp["n_ctx"]), "--n_threads", str(args.anchor_threads),
+           "--n_threads_batch", str(args.anchor_threads), "--interrupt_requests", "False"]
+    log_path = Path(tmp) / "llama-server.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text().strip().splitlines()[-3:]
+                return {"note": f"not run: llama_cpp.server exited {proc.returncode}: {' / '.join(tail)}"}
+            try:
+                if requests.get(url + "v1/models", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                return {"note": "not run: llama_cpp.server did not answer within 300 s"}
+            time.sleep(0.5)
+        enc = npgpt2.load_tokenizer()
+        bodies = [{"model": "124M", "prompt": enc.decode(p), "max_tokens": args.new, "temperature": 1.0, "seed": 1,
+                   "stream": True} for p in prompts]
+        # how many tokens llama.cpp makes of the prompt text (GPT-2's BPE again: about the same ids)
+        r = requests.post(url + "v1/completions", json={**bodies[0], "stream": False, "max_tokens": 1}, timeout=300)
+        prompt_tokens = r.json().get("usage", {}).get("prompt_tokens") if r.ok else None
+        solo, many, rss = run_load(url, bodies, proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"solo": solo, "many": many, "rss": rss, "version": probe.stdout.strip(), "prompt_tokens": prompt_tokens}
+
+
+def print_anchor(anchor, n):
+    if "solo" not in anchor:
+        print("| llama.cpp server anchor | not run | not run | same load | - |")
+        return
+    solo, many, rss = anchor["solo"], anchor["many"], anchor["rss"]
+    name = f"llama.cpp server anchor (llama-cpp-python {anchor['version']}, F32 GGUF)"
+    print(f"| {name}: aggregate tokens/s | {solo['tok_s']:.1f} | {many['tok_s']:.1f} | "
+          f"{many['tok_s'] / solo['tok_s']:.2f}x solo | - |")
+    print(f"| {name}: median time between tokens (s), worst client | {solo['gap'][0]:.4f} | {max(many['gap']):.4f} | "
+          f"{max(many['gap']) / solo['gap'][0]:.2f}x solo | - |")
+    print(f"| {name}: time to first token (s), worst client | {solo['ttft'][0]:.3f} | {max(many['ttft']):.3f} | "
+          f"- | - |")
+    print(f"| {name}: server peak RSS (MB) | {rss['solo']:.0f} | {rss['many']:.0f} | - | - |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=64, help="new tokens per client")
     ap.add_argument("--max_batch", type=int, default=8)
+    ap.add_argument("--llama_python", default="/opt/llamaenv/bin/python",
+                    help="the python of a venv with llama-cpp-python[server] and gguf (the anchor row)")
+    ap.add_argument("--anchor_threads", type=int, default=1,
+                    help="llama.cpp's --n_threads (1: the two cores are shared; npgpt2 chooses 1 or 2 by load)")
     args = ap.parse_args()
     hp = MODEL_HPARAMS["124M"]
     rng = np.random.default_rng(0)
@@ -118,25 +234,13 @@ def main():
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
         try:
             url = proc.stdout.readline().split(" on ")[1].split()[0]
-            stream_client(url, prompts[-1], args.new, {})  # warm-up: Numba's compiled kernels, pages
-            rss_idle = peak_rss_mb(proc.pid)
-            solo_run = {}
-            stream_client(url, prompts[0], args.new, solo_run)
-            solo = stats([solo_run])
-            rss_solo = peak_rss_mb(proc.pid)
-            runs = [{} for _ in range(args.clients)]
-            start = threading.Barrier(args.clients)
-            threads = [threading.Thread(target=stream_client, args=(url, prompts[i], args.new, runs[i], start))
-                       for i in range(args.clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            many = stats(runs)
-            rss_many = peak_rss_mb(proc.pid)
+            bodies = [npgpt2_body(p, args.new) for p in prompts]
+            solo, many, rss = run_load(url, bodies, proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+        anchor = run_anchor(args, hp, prompts, tmp)
+    rss_idle, rss_solo, rss_many = rss["idle"], rss["solo"], rss["many"]
     L, C, n_ctx = hp["n_layer"], hp["n_embd"], hp["n_ctx"]
     row_used = 2 * L * (args.prompt + args.new) * C * 4 / 2**20   # MB of k and v one request fills
     row_full = 2 * L * n_ctx * C * 4 / 2**20                       # MB of one preallocated cache row
@@ -163,13 +267,12 @@ def main():
     print("|---|---|---|---|---|")
     for name, a, b, target, ok in checks:
         print(f"| {name} | {a} | {b} | {target} | {'yes' if ok else 'NO'} |")
-    print(f"| llama.cpp server (--parallel {n}) anchor | not built | not built | same load | - |")
+    print_anchor(anchor, n)
     print()
     print(f"per client, {n} clients: TTFT " + " ".join(f"{x:.3f}" for x in many["ttft"])
           + "; median gap " + " ".join(f"{x:.4f}" for x in many["gap"]))
-    print("llama.cpp anchor: not built this round (llama-cpp-python's sdist compiles llama.cpp, minutes of both "
-          "cores, which seven agents shared)")
-
+    if anchor.get("note"):
+        print(f"llama.cpp anchor: {anchor['note']}")
 
 if __name__ == "__main__":
     main()
