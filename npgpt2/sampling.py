@@ -45,16 +45,43 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
             # without a cut the order does not matter: no sort, no copy of the 50257 logits
             ids = None
             probs = row - row.max()
-            np.exp(probs, out=probs)
-            probs /= probs.sum()
+            np.exp(probs, out=probs)  # unnormalised: draw() scales by the total
         if top_p < 1.0:
             # keep the smallest head whose mass reaches top_p (always at least one token)
             keep = nucleus_size(probs, top_p)
             ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-        cdf = np.cumsum(probs)
-        i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+        i = draw(probs, rng.random())
         out[b] = i if ids is None else ids[i]
     return out
+
+
+DRAW_BLOCK = 1024
+
+
+def draw(weights, u):
+    """weights: (n,) >= 0, not all 0; u in [0, 1) -> the index i whose interval of the
+    cumulative sum holds u * total: i with probability weights[i] / total.
+
+    A cumulative sum is one long chain of dependent additions (~0.5 ms for 50257 float64),
+    so it is taken blockwise: the sums of DRAW_BLOCK-long blocks (vectorised), their running
+    total to find the block, then the running sum inside that block only.
+    """
+    n = weights.shape[0]
+    if n <= 4 * DRAW_BLOCK:
+        cdf = np.cumsum(weights)
+        return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1)
+    full = n // DRAW_BLOCK * DRAW_BLOCK
+    sums = np.empty(full // DRAW_BLOCK + 1)
+    weights[:full].reshape(-1, DRAW_BLOCK).sum(axis=1, out=sums[:-1])
+    sums[-1] = weights[full:].sum()
+    ends = np.cumsum(sums)  # the cumulative sum at each block's end
+    target = u * ends[-1]
+    blk = min(int(np.searchsorted(ends, target, side="right")), len(sums) - 1)
+    start = blk * DRAW_BLOCK
+    inner = np.cumsum(weights[start:start + DRAW_BLOCK])
+    if blk:
+        inner += ends[blk - 1]
+    return start + min(int(np.searchsorted(inner, target, side="right")), len(inner) - 1)
 
 
 def nucleus_head(row, top_p):
@@ -71,7 +98,9 @@ def nucleus_head(row, top_p):
     V = row.shape[0]
     top = row.max()
     total = np.exp(row - top).sum()
-    n = 256
+    # n tokens hold at most n / total of the mass (the most likely has exp(0) = 1): fewer
+    # than top_p * total cannot hold the nucleus (a flat distribution goes to the full sort)
+    n = max(256, int(top_p * total) + 1)
     while n < V:
         ids = np.argpartition(-row, n - 1)[:n]
         ids = ids[np.lexsort((ids, -row[ids]))]

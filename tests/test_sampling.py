@@ -167,3 +167,28 @@ def test_nucleus_head_is_the_full_sorts_nucleus(scale):
         keep = nucleus_size(probs, top_p)
         assert ids[:keep].tolist() == want, (trial, top_p)
         np.testing.assert_allclose(probs[:keep], p[:keep], rtol=1e-12)
+
+
+def test_draw_finds_the_interval_of_u():
+    """draw(weights, u) is the index whose interval of the cumulative sum holds u * total,
+    checked against an exact running sum (fractions) for u away from the intervals' edges;
+    zero weights are never drawn."""
+    from fractions import Fraction
+
+    from npgpt2.sampling import DRAW_BLOCK, draw
+    rng = np.random.default_rng(3)
+    for n in (7, 4 * DRAW_BLOCK, 5 * DRAW_BLOCK + 17, 50257):
+        w = rng.random(n) ** 8
+        w[rng.integers(0, n, n // 10)] = 0.0
+        w[-1] = 0.0
+        exact = np.cumsum([Fraction(x) for x in w]) if n < 100 else None
+        edges = np.cumsum(w.astype(np.longdouble))
+        total = edges[-1]
+        for u in rng.random(300):
+            want = int(np.searchsorted(edges, u * total, side="right"))
+            if exact is not None:
+                want = next(i for i, c in enumerate(exact) if c > Fraction(u) * exact[-1])
+            near = np.abs(edges - u * total).min() < 1e-9 * total
+            if not near:
+                got = draw(w, float(u))
+                assert got == want and w[got] > 0, (n, u)
