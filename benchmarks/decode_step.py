@@ -1,6 +1,6 @@
 """Where one batched decode step goes: BatchDecoder.sample + feed with 1 row against B rows.
 
-    python benchmarks/decode_step.py [--rows 8] [--steps 20] [--prompt 32] [--dtype float32]
+    python benchmarks/decode_step.py [--rows 8] [--steps 20] [--prompt 32] [--dtype float32] [--clock cpu]
 
 GPT-2 124M shapes with random weights; every row is prefilled with its own `prompt`-token
 prompt, then `steps` steps are timed (after one untimed step). Each of the fast path's layer
@@ -9,6 +9,11 @@ gelu_forward, encoder_forward) and the output head are wrapped with a timer in t
 only, so the table says how long each kind of call takes per step (all layers together), how
 much more B rows cost than one, and its share of the B-row step. The serve targets of issue 20
 need a B-row step of at most ~2x a 1-row step (see benchmarks/serve.py).
+
+--clock cpu (default) times with this thread's CPU time (time.thread_time), which a busy
+machine's other processes do not inflate (they do slow it through shared caches and memory);
+it misses a second BLAS or Numba thread's work, so it is run with NPGPT2_THREADS=1 set here.
+--clock wall times with time.perf_counter.
 """
 import argparse
 import collections
@@ -21,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+if "--clock" not in sys.argv or "cpu" in sys.argv:  # one thread: its CPU time is all the work
+    os.environ.setdefault("NPGPT2_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import npgpt2  # noqa: E402
@@ -28,6 +35,8 @@ from npgpt2 import model as model_mod  # noqa: E402
 from npgpt2.batch_decode import BatchDecoder, Row  # noqa: E402
 from npgpt2.model import MODEL_HPARAMS  # noqa: E402
 
+CLOCK = {"cpu": time.thread_time, "wall": time.perf_counter}
+clock = time.thread_time
 TIMED = ("matmul_forward", "attention_forward_cached", "layernorm_forward", "gelu_forward", "encoder_forward")
 
 
@@ -36,9 +45,9 @@ def instrument(nn, spent):
     def timed(name, fn, key=None):
         @functools.wraps(fn)
         def call(*a, **k):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = fn(*a, **k)
-            spent[key(*a) if key else name] += time.perf_counter() - t0
+            spent[key(*a) if key else name] += clock() - t0
             return out
         return call
 
@@ -60,12 +69,12 @@ def profile(model, rows, steps, prompt, spent):
     spent.clear()
     samples, feeds = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         dec.sample()
-        t1 = time.perf_counter()
+        t1 = clock()
         dec.feed()
         samples.append(t1 - t0)
-        feeds.append(time.perf_counter() - t1)
+        feeds.append(clock() - t1)
     return statistics.mean(samples), statistics.mean(feeds), {k: v / steps for k, v in spent.items()}
 
 
@@ -75,7 +84,10 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    ap.add_argument("--clock", default="cpu", choices=tuple(CLOCK))
     args = ap.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
     model = npgpt2.init_model(MODEL_HPARAMS["124M"], seed=0, dtype=np.dtype(args.dtype))
     spent = collections.defaultdict(float)
     instrument(model_mod.ops(), spent)
@@ -85,7 +97,7 @@ def main():
     B = args.rows
     step1, stepB = one[0] + one[1], many[0] + many[1]
     print(f"one decode step, GPT-2 124M shapes (random weights, {args.dtype}), 1 row against {B} rows "
-          f"({args.prompt}-token prompts, mean of {args.steps} steps)")
+          f"({args.prompt}-token prompts, mean of {args.steps} steps, {args.clock} time)")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} logical cores)")
     print()
     print(f"| part | 1 row (ms) | {B} rows (ms) | {B} rows / 1 row | share of the {B}-row step |")
