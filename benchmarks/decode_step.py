@@ -34,6 +34,7 @@ import npgpt2  # noqa: E402
 from npgpt2 import model as model_mod  # noqa: E402
 from npgpt2.batch_decode import BatchDecoder, Row  # noqa: E402
 from npgpt2.model import MODEL_HPARAMS  # noqa: E402
+from npgpt2.quant import quantize_params  # noqa: E402
 
 CLOCK = {"cpu": time.thread_time, "wall": time.perf_counter}
 clock = time.thread_time
@@ -51,8 +52,11 @@ def instrument(nn, spent):
             return out
         return call
 
+    def shape_key(x, w, b):
+        return f"matmul {w.shape[0]}x{w.shape[1]}"
+
     for name in TIMED:
-        key = (lambda x, w, b: f"matmul {w.shape[0]}x{w.shape[1]}") if name == "matmul_forward" else None
+        key = shape_key if name == "matmul_forward" else None
         setattr(nn, name, timed(name.replace("_forward", ""), getattr(nn, name), key))
     model_mod.GPT2._head = timed("head (x @ wte.T)", model_mod.GPT2._head)
 
@@ -83,12 +87,17 @@ def main():
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64", "int8"),
+                    help="int8: 8-bit weights (quant.py), whose GEMV reads each weight once for all rows")
     ap.add_argument("--clock", default="cpu", choices=tuple(CLOCK))
     args = ap.parse_args()
     global clock
     clock = CLOCK[args.clock]
-    model = npgpt2.init_model(MODEL_HPARAMS["124M"], seed=0, dtype=np.dtype(args.dtype))
+    if args.dtype == "int8":
+        model = npgpt2.init_model(MODEL_HPARAMS["124M"], seed=0)
+        model.set_params(quantize_params(dict(model.params.items())))
+    else:
+        model = npgpt2.init_model(MODEL_HPARAMS["124M"], seed=0, dtype=np.dtype(args.dtype))
     spent = collections.defaultdict(float)
     instrument(model_mod.ops(), spent)
     profile(model, 1, 2, args.prompt, spent)  # warm-up: Numba's compiled kernels
