@@ -19,9 +19,12 @@ active requests' KV cache rows.
 
 Anchor (issue 20): llama.cpp's server through llama-cpp-python (`python -m llama_cpp.server`,
 from the venv --llama_python; versions pinned in benchmarks/requirements-anchor.txt) on the
-same random weights written as a float32 GGUF (gguf_anchor.write_gguf), under the same load
+same random weights written as a float32 GGUF (gguf_gpt2.py), under the same load
 through its OpenAI endpoint (the prompts as text: GPT-2's decoding of the same ids). Skipped,
-with the reason printed, when that venv or the GGUF writer is missing.
+with the reason printed, when that venv is missing. llama-cpp-python's server has no
+--parallel slots (llama.cpp's own `llama-server` has; the package does not build it): one
+lock around its one model, so it answers requests one after another, and by default a new
+request interrupts the one streaming (--interrupt_requests False here, so they queue).
 """
 import argparse
 import json
@@ -134,18 +137,20 @@ def run_anchor(args, hp, prompts, tmp):
     py = Path(args.llama_python)
     if not py.exists():
         return {"note": f"not run: {py} does not exist (a venv with benchmarks/requirements-anchor.txt)"}
-    try:
-        from gguf_anchor import write_gguf
-    except ImportError as e:
-        return {"note": f"not run: no GGUF writer ({e})"}
-    probe = subprocess.run([str(py), "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
+    probe = subprocess.run([str(py), "-c", "import gguf, llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
-        return {"note": f"not run: llama_cpp.server does not import in {py}: {probe.stderr.strip().splitlines()[-1:]}"}
-    gguf = Path(tmp) / "gpt2-124m-f32.gguf"
-    model = npgpt2.load_model(Path(tmp) / "124M")  # the weights npgpt2 serve had
-    write_gguf(dict(model.params.items()), hp, gguf, "F32")
+        return {"note": f"not run: llama_cpp.server or gguf does not import in {py}: "
+                        f"{probe.stderr.strip().splitlines()[-1:]}"}
+    # the weights npgpt2 serve had, written as GGUF by the venv's gguf (gguf_gpt2.py)
+    model = npgpt2.load_model(Path(tmp) / "124M")
+    np.savez(Path(tmp) / "params.npz", **{k.replace("/", "|"): np.asarray(v) for k, v in model.params.items()})
     del model
+    (Path(tmp) / "hparams.json").write_text(json.dumps(hp))
+    gguf = Path(tmp) / "gpt2-124m-f32.gguf"
+    subprocess.run([str(py), str(ROOT / "benchmarks" / "gguf_gpt2.py"), str(Path(tmp) / "params.npz"),
+                    str(Path(tmp) / "hparams.json"), str(gguf), "F32"], check=True)
+    (Path(tmp) / "params.npz").unlink()
     port = free_port()
     # interrupt_requests False: by default a new request interrupts the one streaming (the
     # server runs one request at a time); n_ctx: GPT-2's context
