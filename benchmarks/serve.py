@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import npgpt2  # noqa: E402
+from npgpt2.batch_decode import BatchDecoder, Row  # noqa: E402
 from npgpt2.model import MODEL_HPARAMS  # noqa: E402
 
 
@@ -86,6 +87,21 @@ def stream_client(url, body, out, start=None):
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 arrivals.append(time.perf_counter())
     out.update(t0=t0, arrivals=arrivals, tokens=len(arrivals) if tokens is None else tokens)
+
+
+def step_time(model, prompts, new):
+    """Median wall seconds of one BatchDecoder step (sample + feed) with len(prompts) rows,
+    in-process: what the server's worker does per token, without HTTP."""
+    dec = BatchDecoder(model, len(prompts))
+    for i, p in enumerate(prompts):
+        dec.add(Row(p, new + 1, rng=np.random.default_rng(i)))
+    times = []
+    for _ in range(new):
+        t0 = time.perf_counter()
+        dec.sample()
+        dec.feed()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def npgpt2_body(prompt, new):
@@ -189,13 +205,23 @@ def run_anchor(args, hp, prompts, tmp):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return {"solo": solo, "many": many, "rss": rss, "version": probe.stdout.strip(), "prompt_tokens": prompt_tokens}
+    # llama.cpp's own batching (llama_decode of n sequences at once), which its server does not use
+    r = subprocess.run([str(py), str(ROOT / "benchmarks" / "llama_batch_anchor.py"), str(gguf), "--rows", str(args.clients),
+                        "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.anchor_threads)],
+                       capture_output=True, text=True)
+    batch = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    return {"solo": solo, "many": many, "rss": rss, "version": probe.stdout.strip(), "prompt_tokens": prompt_tokens,
+            "batch": batch, "batch_error": None if batch else r.stderr.strip().splitlines()[-1:]}
 
 
 def print_anchor(anchor, n):
     if "solo" not in anchor:
         print("| llama.cpp server anchor | not run | not run | same load | - |")
         return
+    if anchor["batch"]:
+        b = anchor["batch"]
+        print(f"| llama.cpp's batched decode (llama_decode of {n} sequences, {b['threads']} thread), one step (s) | "
+              f"{b['step_1']:.4f} | {b['step_n']:.4f} | {b['ratio']:.2f}x one row | - |")
     solo, many, rss = anchor["solo"], anchor["many"], anchor["rss"]
     name = f"llama.cpp server anchor (llama-cpp-python {anchor['version']}, F32 GGUF)"
     print(f"| {name}: aggregate tokens/s | {solo['tok_s']:.1f} | {many['tok_s']:.1f} | "
@@ -231,6 +257,7 @@ def main():
             model.forward(np.asarray([prompts[0]]), cache=model.new_cache(1), last_only=True)
             times.append(time.perf_counter() - t0)
         prefill = statistics.median(times)
+        steps = {b: step_time(model, prompts[:b], args.new) for b in (1, args.clients)}
         del model
         env = {**os.environ, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
         os.environ.update(no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
@@ -272,12 +299,20 @@ def main():
     print("|---|---|---|---|---|")
     for name, a, b, target, ok in checks:
         print(f"| {name} | {a} | {b} | {target} | {'yes' if ok else 'NO'} |")
+    print(f"| npgpt2's batched decode in-process (BatchDecoder sample + feed), one step (s) | {steps[1]:.4f} | "
+          f"{steps[n]:.4f} | {steps[n] / steps[1]:.2f}x one row | - |")
     print_anchor(anchor, n)
     print()
     print(f"per client, {n} clients: TTFT " + " ".join(f"{x:.3f}" for x in many["ttft"])
           + "; median gap " + " ".join(f"{x:.4f}" for x in many["gap"]))
     if anchor.get("note"):
         print(f"llama.cpp anchor: {anchor['note']}")
+    elif not anchor.get("batch"):
+        print(f"llama.cpp batched decode: failed: {anchor.get('batch_error')}")
+    else:
+        print(f"llama.cpp anchor: llama-cpp-python {anchor['version']}'s server takes one request at a time "
+              f"(no --parallel slots); its prompt is GPT-2's text of the same ids ({anchor['prompt_tokens']} tokens "
+              f"as llama.cpp tokenizes it). Its batched row is the library driven as llama-server --parallel does.")
 
 if __name__ == "__main__":
     main()
