@@ -92,7 +92,7 @@ def stream_client(url, body, out, start=None):
 
 
 def step_time(model, prompts, new):
-    """Median wall seconds of one BatchDecoder step (sample + feed) with len(prompts) rows,
+    """Median wall seconds of one BatchDecoder step (sample + feed) with len(prompts) rows over `new` steps,
     in-process: what the server's worker does per token, without HTTP."""
     dec = BatchDecoder(model, len(prompts))
     for i, p in enumerate(prompts):
@@ -278,7 +278,8 @@ def main():
             model.forward(np.asarray([prompts[0]]), cache=model.new_cache(1), last_only=True)
             times.append(time.perf_counter() - t0)
         prefill = statistics.median(times)
-        steps = {b: step_time(model, prompts[:b], args.new) for b in (1, args.clients)}
+        rounds = [{b: step_time(model, prompts[:b], 24) for b in (1, args.clients)} for _ in range(3)]  # alternating
+        steps = {b: statistics.median(r[b] for r in rounds) for b in (1, args.clients)}
         del model
         env = {**os.environ, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
         os.environ.update(no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
