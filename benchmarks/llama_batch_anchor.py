@@ -10,7 +10,8 @@ low-level bindings of llama.h) the way llama.cpp's server does with N slots: eve
 is prefilled (its own seq_id), then each step is one llama_decode of a batch holding one new
 token per sequence, each at its own position, the logits of every row computed. Tokens fed
 are the greedy ones (argmax of each row's logits), so both sides do the same work per step.
-Prints the median step time for 1 row and for N rows and their ratio: the number
+Prints the median step time (wall, and this thread's CPU time, which a busy machine's other
+processes do not inflate) for 1 row and for N rows and their ratios: the number
 benchmarks/decode_step.py gives for npgpt2 (run by benchmarks/serve.py, in the anchor venv).
 """
 import argparse
@@ -23,7 +24,8 @@ import numpy as np
 
 
 def run(llama_cpp, model, rows, prompt, new, threads, n_vocab):
-    """-> the wall seconds of each decode step of `rows` sequences (after their prefill)."""
+    """-> (wall seconds, this thread's CPU seconds) of each decode step of `rows` sequences
+    (after their prefill); with one thread ggml computes on the calling thread."""
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx = rows * (prompt + new + 8)
     cp.n_batch = max(512, rows * prompt)
@@ -56,11 +58,11 @@ def run(llama_cpp, model, rows, prompt, new, threads, n_vocab):
         steps = []
         for step in range(new):
             fill([(last[s], prompt + step, s, True) for s in range(rows)])
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             if llama_cpp.llama_decode(ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
             last = [_argmax(llama_cpp, ctx, s, n_vocab) for s in range(rows)]
-            steps.append(time.perf_counter() - t0)
+            steps.append((time.perf_counter() - t0, time.thread_time() - c0))
         return steps
     finally:
         llama_cpp.llama_batch_free(batch)
@@ -88,12 +90,17 @@ def main():
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     try:
         run(llama_cpp, model, 1, args.prompt, 4, args.threads, n_vocab)  # warm-up: pages of the weights
-        one = statistics.median(run(llama_cpp, model, 1, args.prompt, args.new, args.threads, n_vocab))
-        many = statistics.median(run(llama_cpp, model, args.rows, args.prompt, args.new, args.threads, n_vocab))
+        rounds = [[run(llama_cpp, model, b, args.prompt, args.new // 2, args.threads, n_vocab) for b in (1, args.rows)]
+                  for _ in range(2)]  # alternating, as the machine's load comes and goes
+        one = [t for r in rounds for t in r[0]]
+        many = [t for r in rounds for t in r[1]]
     finally:
         llama_cpp.llama_model_free(model)
+    wall = [statistics.median(t[0] for t in x) for x in (one, many)]
+    cpu = [statistics.median(t[1] for t in x) for x in (one, many)]
     print(json.dumps({"version": llama_cpp.__version__, "threads": args.threads, "rows": args.rows,
-                      "step_1": one, "step_n": many, "ratio": many / one}))
+                      "step_1": wall[0], "step_n": wall[1], "ratio": wall[1] / wall[0],
+                      "cpu_1": cpu[0], "cpu_n": cpu[1], "cpu_ratio": cpu[1] / cpu[0]}))
 
 
 if __name__ == "__main__":

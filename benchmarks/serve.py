@@ -92,18 +92,20 @@ def stream_client(url, body, out, start=None):
 
 
 def step_time(model, prompts, new):
-    """Median wall seconds of one BatchDecoder step (sample + feed) with len(prompts) rows over `new` steps,
-    in-process: what the server's worker does per token, without HTTP."""
+    """-> [(wall, this thread's CPU seconds)] of `new` BatchDecoder steps (sample + feed) with
+    len(prompts) rows, in-process: what the server's worker does per token, without HTTP."""
     dec = BatchDecoder(model, len(prompts))
     for i, p in enumerate(prompts):
-        dec.add(Row(p, new + 1, rng=np.random.default_rng(i)))
+        dec.add(Row(p, new + 2, rng=np.random.default_rng(i)))
+    dec.sample()
+    dec.feed()
     times = []
     for _ in range(new):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         dec.sample()
         dec.feed()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+        times.append((time.perf_counter() - t0, time.thread_time() - c0))
+    return times
 
 
 def npgpt2_body(prompt, new):
@@ -239,8 +241,10 @@ def print_anchor(anchor, n):
         return
     if anchor["batch"]:
         b = anchor["batch"]
-        print(f"| llama.cpp's batched decode (llama_decode of {n} sequences, {b['threads']} thread), one step (s) | "
+        print(f"| llama.cpp's batched decode (llama_decode of {n} sequences, {b['threads']} thread), one step (s): wall | "
               f"{b['step_1']:.4f} | {b['step_n']:.4f} | {b['ratio']:.2f}x one row | - |")
+        print(f"| the same, CPU time of the decoding thread (s) | {b['cpu_1']:.4f} | {b['cpu_n']:.4f} | "
+              f"{b['cpu_ratio']:.2f}x one row | - |")
     solo, many, rss = anchor["solo"], anchor["many"], anchor["rss"]
     name = f"llama.cpp server anchor (llama-cpp-python {anchor['version']}, F32 GGUF)"
     print(f"| {name}: aggregate tokens/s | {solo['tok_s']:.1f} | {many['tok_s']:.1f} | "
@@ -278,8 +282,9 @@ def main():
             model.forward(np.asarray([prompts[0]]), cache=model.new_cache(1), last_only=True)
             times.append(time.perf_counter() - t0)
         prefill = statistics.median(times)
-        rounds = [{b: step_time(model, prompts[:b], 24) for b in (1, args.clients)} for _ in range(3)]  # alternating
-        steps = {b: statistics.median(r[b] for r in rounds) for b in (1, args.clients)}
+        # one decode step in-process, 1 row and `clients` rows alternating (3 rounds of 24 steps)
+        rounds = [{b: step_time(model, prompts[:b], 24) for b in (1, args.clients)} for _ in range(3)]
+        steps = {b: [statistics.median(t[k] for r in rounds for t in r[b]) for k in (0, 1)] for b in (1, args.clients)}
         del model
         env = {**os.environ, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
         os.environ.update(no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
@@ -322,8 +327,10 @@ def main():
     print("|---|---|---|---|---|")
     for name, a, b, target, ok in checks:
         print(f"| {name} | {a} | {b} | {target} | {'yes' if ok else 'NO'} |")
-    print(f"| npgpt2's batched decode in-process (BatchDecoder sample + feed), one step (s) | {steps[1]:.4f} | "
-          f"{steps[n]:.4f} | {steps[n] / steps[1]:.2f}x one row | - |")
+    print(f"| npgpt2's batched decode in-process (BatchDecoder sample + feed), one step (s): wall | {steps[1][0]:.4f} | "
+          f"{steps[n][0]:.4f} | {steps[n][0] / steps[1][0]:.2f}x one row | - |")
+    print(f"| the same, CPU time of the decoding thread (s) | {steps[1][1]:.4f} | "
+          f"{steps[n][1]:.4f} | {steps[n][1] / steps[1][1]:.2f}x one row | - |")
     print_anchor(anchor, n)
     print()
     print(f"per client, {n} clients, last phase: TTFT " + " ".join(f"{x:.3f}" for x in many["last"]["ttft"])
