@@ -1,5 +1,5 @@
 """llama.cpp's own batched decoding (what its `llama-server --parallel N` runs), timed one step
-at a time: one sequence against N, on a GGUF of the same GPT-2 weights (gguf_gpt2.py).
+at a time: one sequence against N, on a GGUF of the same GPT-2 weights (gguf_anchor.py).
 
     <anchor venv>/bin/python benchmarks/llama_batch_anchor.py MODEL.gguf [--rows 8] [--prompt 32]
         [--new 64] [--threads 1]

@@ -20,8 +20,8 @@ prefill of a prompt measured in-process, median of 5); peak RSS over the solo se
 active requests' KV cache rows.
 
 Anchor (issue 20): llama.cpp's server through llama-cpp-python (`python -m llama_cpp.server`,
-from the venv --llama_python; versions pinned in benchmarks/requirements-anchor.txt) on the
-same random weights written as a float32 GGUF (gguf_gpt2.py), under the same load
+from the venv --llama_python; versions pinned in benchmarks/requirements-anchors.txt) on the
+same random weights written as a float32 GGUF (gguf_anchor.write_gguf), under the same load
 through its OpenAI endpoint (the prompts as text: GPT-2's decoding of the same ids). Skipped,
 with the reason printed, when that venv is missing. llama-cpp-python's server has no
 --parallel slots (llama.cpp's own `llama-server` has; the package does not build it): one
@@ -173,20 +173,23 @@ def run_anchor(args, hp, prompts, tmp):
     version, prompt_tokens} or {note: why it was not run}."""
     py = Path(args.llama_python)
     if not py.exists():
-        return {"note": f"not run: {py} does not exist (a venv with benchmarks/requirements-anchor.txt)"}
+        return {"note": f"not run: {py} does not exist (a venv with benchmarks/requirements-anchors.txt)"}
     probe = subprocess.run([str(py), "-c", "import gguf, llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         return {"note": f"not run: llama_cpp.server or gguf does not import in {py}: "
                         f"{probe.stderr.strip().splitlines()[-1:]}"}
-    # the weights npgpt2 serve had, written as GGUF by the venv's gguf (gguf_gpt2.py)
+    # the weights npgpt2 serve had, written as GGUF in the venv (gguf_anchor.write_gguf needs `gguf`)
     model = npgpt2.load_model(Path(tmp) / "124M")
     np.savez(Path(tmp) / "params.npz", **{k.replace("/", "|"): np.asarray(v) for k, v in model.params.items()})
     del model
     (Path(tmp) / "hparams.json").write_text(json.dumps(hp))
     gguf = Path(tmp) / "gpt2-124m-f32.gguf"
-    subprocess.run([str(py), str(ROOT / "benchmarks" / "gguf_gpt2.py"), str(Path(tmp) / "params.npz"),
-                    str(Path(tmp) / "hparams.json"), str(gguf), "F32"], check=True)
+    write = ("import json, sys; import numpy as np; sys.path.insert(0, sys.argv[1]); from gguf_anchor import write_gguf; "
+             "f = np.load(sys.argv[2]); write_gguf({k.replace('|', '/'): f[k] for k in f.files}, "
+             "json.loads(open(sys.argv[3]).read()), sys.argv[4], 'f32')")
+    subprocess.run([str(py), "-c", write, str(ROOT / "benchmarks"), str(Path(tmp) / "params.npz"),
+                    str(Path(tmp) / "hparams.json"), str(gguf)], check=True)
     (Path(tmp) / "params.npz").unlink()
     port = free_port()
     # interrupt_requests False: by default a new request interrupts the one streaming (the
