@@ -18,6 +18,7 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     temperature 0 is greedy, and so is any temperature so small that logit / temperature
     overflows float64 (its limit); top_k 0 and top_p 1.0 mean no restriction (OpenAI's
     conventions). Work in float64 so the draw does not depend on the model's dtype.
+    The survivors are walked most likely first (ties by id) when there is a cut, else by id.
     """
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
@@ -26,26 +27,90 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
         scaled = logits / temperature
     out = np.empty(logits.shape[0], dtype=np.int64)
     for b, row in enumerate(scaled):
-        if not np.isfinite(row).all():
+        if not (np.isfinite(row.max()) and np.isfinite(row.min())):  # (NaN propagates through both)
             # a temperature so small that logit / temperature overflows: the limit is greedy
             out[b] = logits[b].argmax()
             continue
-        ids = np.arange(row.shape[0])
-        if 0 < top_k < row.shape[0]:
-            ids = np.argpartition(-row, top_k - 1)[:top_k]
-        if top_k or top_p < 1.0:
-            # most likely first, ties broken by id, so the draw is reproducible
-            ids = ids[np.lexsort((ids, -row[ids]))]
-        # without a cut the order does not matter: skip sorting all 50257 logits per token
-        probs = np.exp(row[ids] - row[ids].max())
-        probs /= probs.sum()
+        if top_k == 0 and top_p < 1.0:
+            ids, probs = nucleus_head(row, top_p)  # most likely first, ties broken by id
+        elif top_k:
+            if top_k < row.shape[0]:
+                ids = np.argpartition(-row, top_k - 1)[:top_k]
+                ids = ids[np.lexsort((ids, -row[ids]))]  # most likely first, ties broken by id
+            else:
+                ids = np.argsort(-row, kind="stable")  # stable: ties by id
+            probs = np.exp(row[ids] - row[ids[0]])
+            probs /= probs.sum()
+        else:
+            # without a cut the order does not matter: no sort, no copy of the 50257 logits
+            ids = None
+            probs = row - row.max()
+            np.exp(probs, out=probs)  # unnormalised: draw() scales by the total
         if top_p < 1.0:
             # keep the smallest head whose mass reaches top_p (always at least one token)
             keep = nucleus_size(probs, top_p)
             ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-        cdf = np.cumsum(probs)
-        out[b] = ids[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(ids) - 1)]
+        i = draw(probs, rng.random())
+        out[b] = i if ids is None else ids[i]
     return out
+
+
+DRAW_BLOCK = 1024
+
+
+def draw(weights, u):
+    """weights: (n,) >= 0, not all 0; u in [0, 1) -> the index i whose interval of the
+    cumulative sum holds u * total: i with probability weights[i] / total.
+
+    A cumulative sum is one long chain of dependent additions (~0.5 ms for 50257 float64),
+    so it is taken blockwise: the sums of DRAW_BLOCK-long blocks (vectorised), their running
+    total to find the block, then the running sum inside that block only.
+    """
+    n = weights.shape[0]
+    if n <= 4 * DRAW_BLOCK:
+        cdf = np.cumsum(weights)
+        return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1)
+    full = n // DRAW_BLOCK * DRAW_BLOCK
+    sums = np.empty(full // DRAW_BLOCK + 1)
+    weights[:full].reshape(-1, DRAW_BLOCK).sum(axis=1, out=sums[:-1])
+    sums[-1] = weights[full:].sum()
+    ends = np.cumsum(sums)  # the cumulative sum at each block's end
+    target = u * ends[-1]
+    blk = min(int(np.searchsorted(ends, target, side="right")), len(sums) - 1)
+    start = blk * DRAW_BLOCK
+    inner = np.cumsum(weights[start:start + DRAW_BLOCK])
+    if blk:
+        inner += ends[blk - 1]
+    return start + min(int(np.searchsorted(inner, target, side="right")), len(inner) - 1)
+
+
+def nucleus_head(row, top_p):
+    """row: (V,) finite scaled logits, 0 < top_p < 1 -> (ids, probs): the most likely ids,
+    ties broken by id, and their probabilities under the softmax of the whole row; enough
+    of them that nucleus_size(probs, top_p) falls inside (possibly all V).
+
+    Sorting all 50257 logits per token costs ~20 ms; a nucleus is usually far smaller, so
+    the candidates are the n most likely (np.argpartition), n growing 8x until their mass
+    reaches top_p before the smallest candidate logit: the ids tied with that one may be an
+    arbitrary subset of the ties, so the nucleus must close before them. Up to there the
+    head is the full order's.
+    """
+    V = row.shape[0]
+    top = row.max()
+    total = np.exp(row - top).sum()
+    # n tokens hold at most n / total of the mass (the most likely has exp(0) = 1): fewer
+    # than top_p * total cannot hold the nucleus (a flat distribution goes to the full sort)
+    n = max(256, int(top_p * total) + 1)
+    while n < V:
+        ids = np.argpartition(-row, n - 1)[:n]
+        ids = ids[np.lexsort((ids, -row[ids]))]
+        probs = np.exp(row[ids] - top) / total
+        first_tied = int(np.searchsorted(-row[ids], -row[ids[-1]], side="left"))
+        if first_tied > 0 and nucleus_size(probs[:first_tied], top_p) <= first_tied:
+            return ids, probs
+        n *= 8
+    ids = np.argsort(-row, kind="stable")  # the full order; stable: ties by id
+    return ids, np.exp(row[ids] - top) / total
 
 
 def nucleus_size(probs, top_p):

@@ -146,3 +146,49 @@ def test_text_stream_equals_cut_at_first_occurrence(text, stop):
     i = text.find(stop)
     assert out == (text if i < 0 else text[:i])
     assert stopped == (i >= 0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
+def test_nucleus_head_is_the_full_sorts_nucleus(scale):
+    """nucleus_head looks only at the n most likely logits (n growing until the nucleus closes
+    inside them, before any tie it may have cut); its nucleus is the one a full sort by
+    (logit descending, id) gives, ties at the edge included."""
+    from npgpt2.sampling import nucleus_head, nucleus_size
+    rng = np.random.default_rng(int(scale * 10))
+    for trial in range(20):
+        row = np.round(rng.standard_normal(5000) * scale, 1)  # rounded: many ties
+        row[rng.integers(0, 5000, 300)] = row.max()            # a large tie at the top
+        top_p = float(rng.uniform(0.05, 0.99))
+        order = sorted(range(row.size), key=lambda i: (-row[i], i))
+        p = np.exp(row[order] - row.max())
+        p /= p.sum()
+        want = order[:int(np.searchsorted(np.cumsum(p), top_p) + 1)]
+        ids, probs = nucleus_head(row, top_p)
+        keep = nucleus_size(probs, top_p)
+        assert ids[:keep].tolist() == want, (trial, top_p)
+        np.testing.assert_allclose(probs[:keep], p[:keep], rtol=1e-12)
+
+
+def test_draw_finds_the_interval_of_u():
+    """draw(weights, u) is the index whose interval of the cumulative sum holds u * total,
+    checked against an exact running sum (fractions) for u away from the intervals' edges;
+    zero weights are never drawn."""
+    from fractions import Fraction
+
+    from npgpt2.sampling import DRAW_BLOCK, draw
+    rng = np.random.default_rng(3)
+    for n in (7, 4 * DRAW_BLOCK, 5 * DRAW_BLOCK + 17, 50257):
+        w = rng.random(n) ** 8
+        w[rng.integers(0, n, n // 10)] = 0.0
+        w[-1] = 0.0
+        exact = np.cumsum([Fraction(x) for x in w]) if n < 100 else None
+        edges = np.cumsum(w.astype(np.longdouble))
+        total = edges[-1]
+        for u in rng.random(300):
+            want = int(np.searchsorted(edges, u * total, side="right"))
+            if exact is not None:
+                want = next(i for i, c in enumerate(exact) if c > Fraction(u) * exact[-1])
+            near = np.abs(edges - u * total).min() < 1e-9 * total
+            if not near:
+                got = draw(w, float(u))
+                assert got == want and w[got] > 0, (n, u)
