@@ -234,11 +234,15 @@ def repeated_words(model, period=PERIOD, seed=SEED):
 
 
 def find_heads(acts, period):
-    """(previous-token head of layer 0, induction head of the last layer), each by its best score."""
+    """(previous-token head of layer 0, (offset, induction head) of the last layer), each by its best
+    score, as WALKTHROUGH.md 7.2: offset 1 is the textbook induction head (the token after the
+    current token's previous occurrence), offset 2 one place further."""
     L = len([n for n in acts if n.endswith(".attn.pattern")])
     prev = int(np.argmax(previous_token_score(acts["h0.attn.pattern"])))
-    ind = int(np.argmax(induction_score(acts[f"h{L - 1}.attn.pattern"], period)))
-    return prev, ind, L - 1
+    pattern = acts[f"h{L - 1}.attn.pattern"]
+    scores = np.stack([induction_score(pattern, period), induction_score(pattern, period - 1)])
+    offset, ind = np.unravel_index(scores.argmax(), scores.shape)
+    return prev, (int(offset) + 1, int(ind), float(scores.max())), L - 1
 
 
 def heatmap(s, x0, y0, pattern, labels, cell, title):
@@ -260,16 +264,15 @@ def induction_pictures(model, enc):
     """The previous-token head and the induction head on one repeated sequence."""
     tokens = repeated_words(model)
     _, acts = model.run_with_cache(tokens)
-    prev, ind, last = find_heads(acts, PERIOD)
+    prev, (offset, ind, p1), last = find_heads(acts, PERIOD)
     labels = [enc.decode([int(i)]).strip() or "_" for i in tokens[0]]
     T, cell = tokens.shape[1], 17
     s = Svg(2 * (T * cell + 120) + 40, T * cell + 150)
     p0 = previous_token_score(acts["h0.attn.pattern"][:, prev:prev + 1])[0]
-    p1 = induction_score(acts[f"h{last}.attn.pattern"][:, ind:ind + 1], PERIOD)[0]
     heatmap(s, 110, 110, acts["h0.attn.pattern"][0, prev], labels, cell,
             f"layer 0, head {prev}: previous-token score {p0:.2f}")
     heatmap(s, 110 + T * cell + 160, 110, acts[f"h{last}.attn.pattern"][0, ind], labels, cell,
-            f"layer {last}, head {ind}: induction score {p1:.2f}")
+            f"layer {last}, head {ind}: induction score {p1:.2f} (offset {offset})")
     s.text(s.width / 2, 22, f"The induction model on {PERIOD} random words repeated (darker = more attention)",
            size=15, weight="bold")
     return s
