@@ -78,8 +78,8 @@ class Svg:
         head = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{self.width}' height='{self.height}' "
                 f"viewBox='0 0 {self.width} {self.height}' {FONT}>\n"
                 "<defs><marker id='arrow' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='9' "
-                "markerHeight='9' markerUnits='userSpaceOnUse' orient='auto-start-reverse'><path d='M 0 0 L 10 5 L 0 10 z' fill='#444'/>"
-                "</marker></defs>\n"
+                "markerHeight='9' markerUnits='userSpaceOnUse' orient='auto-start-reverse'>"
+                "<path d='M 0 0 L 10 5 L 0 10 z' fill='#444'/></marker></defs>\n"
                 f"<rect width='{self.width}' height='{self.height}' fill='white'/>\n")
         return head + "\n".join(self.parts) + "\n</svg>\n"
 
@@ -205,7 +205,7 @@ def kv_cache_diagram():
     s = Svg(780, 330)
     s.text(390, 24, "The KV cache: per layer, every past position's keys and values", size=16, weight="bold")
     n_ctx, cell, filled = 16, 26, 6
-    for row, (name, y) in enumerate([("k[layer]", 70), ("v[layer]", 130)]):
+    for name, y in [("k[layer]", 70), ("v[layer]", 130)]:
         s.text(95, y + 18, name, size=13, anchor="end")
         for u in range(n_ctx):
             fill = "#cfe0f5" if u < filled else "#e9a07f" if u == filled else "#f6f6f6"
