@@ -89,3 +89,14 @@ def test_blocks_can_be_pasted_into_the_python_prompt(monkeypatch, capsys):
     failed = console_failures(python_blocks(DOC.read_text(encoding="utf-8")))
     assert failed is None, "WALKTHROUGH.md: the block at line {} fails at the prompt: {}".format(*failed)
     capsys.readouterr()
+
+
+def test_every_link_inside_the_text_names_a_heading():
+    """The contents line and the cross-references link to headings by GitHub's anchors
+    (lower case, punctuation dropped, spaces to hyphens): each must exist."""
+    text = DOC.read_text(encoding="utf-8")
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 8
+    assert sorted(set(links) - anchors) == []
