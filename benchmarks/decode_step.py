@@ -5,7 +5,7 @@
 GPT-2 124M shapes with random weights; every row is prefilled with its own `prompt`-token
 prompt, then `steps` steps are timed (after one untimed step). Each of the fast path's layer
 calls (ops(): matmul_forward by weight shape, attention_forward_cached, layernorm_forward,
-gelu_forward, encoder_forward) and the output head are wrapped with a timer in this process
+gelu_forward, embedding_forward) and the output head are wrapped with a timer in this process
 only, so the table says how long each kind of call takes per step (all layers together), how
 much more B rows cost than one, and its share of the B-row step. The serve targets of issue 20
 need a B-row step of at most ~2x a 1-row step (see benchmarks/serve.py).
@@ -38,7 +38,7 @@ from npgpt2.quant import quantize_params  # noqa: E402
 
 CLOCK = {"cpu": time.thread_time, "wall": time.perf_counter}
 clock = time.thread_time
-TIMED = ("matmul_forward", "attention_forward_cached", "layernorm_forward", "gelu_forward", "encoder_forward")
+TIMED = ("matmul_forward", "attention_forward_cached", "layernorm_forward", "gelu_forward", "embedding_forward")
 
 
 def instrument(nn, spent):

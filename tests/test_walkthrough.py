@@ -66,15 +66,37 @@ def test_blocks_can_be_pasted_into_the_python_prompt(monkeypatch, capsys):
     """The text says: paste the blocks into `python3`. The interactive prompt (before Python
     3.13) ends an indented block only at a blank line, so a loop followed directly by more code
     is a SyntaxError there, though it runs as a file. Fed line by line to code.InteractiveConsole
-    (what the prompt runs), no block may fail."""
+    (what the prompt runs), no block may fail to compile. The statements are compiled as the
+    prompt compiles them but not run (runcode is a no-op): test_every_block_runs and
+    tests/test_notebook.py run the code, and a third run would only add time."""
     import code
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("NPGPT2_PLAIN", os.environ.get("NPGPT2_PLAIN", "1"))
-    console = code.InteractiveConsole({"__name__": "__console__"})
-    failures = []
-    console.write = failures.append  # tracebacks and syntax errors go here
-    for line, block in python_blocks(DOC.read_text(encoding="utf-8")):
-        for text in block.split("\n") + [""]:
-            console.push(text)
-        assert not failures, f"WALKTHROUGH.md: the block at line {line} fails at the prompt: {''.join(failures)}"
+
+    def console_failures(blocks):
+        console = code.InteractiveConsole({"__name__": "__console__"})
+        console.runcode = lambda compiled: None  # compile each statement as the prompt does; run nothing
+        failures = []
+        console.write = failures.append  # syntax errors go here
+        for line, block in blocks:
+            for text in block.split("\n") + [""]:
+                console.push(text)
+            if failures:
+                return line, "".join(failures)
+        return None
+
+    # the check can fail: a loop followed directly by code is refused at the prompt
+    assert console_failures([(1, "for i in range(2):\n    pass\nx = 1\n")])[0] == 1
+    assert console_failures([(1, "for i in range(2):\n    pass\n\nx = 1\n")]) is None
+    failed = console_failures(python_blocks(DOC.read_text(encoding="utf-8")))
+    assert failed is None, "WALKTHROUGH.md: the block at line {} fails at the prompt: {}".format(*failed)
     capsys.readouterr()
+
+
+def test_every_link_inside_the_text_names_a_heading():
+    """The contents line and the cross-references link to headings by GitHub's anchors
+    (lower case, punctuation dropped, spaces to hyphens): each must exist."""
+    text = DOC.read_text(encoding="utf-8")
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 8
+    assert sorted(set(links) - anchors) == []
