@@ -41,8 +41,8 @@ clock = time.thread_time
 TIMED = ("matmul_forward", "attention_forward_cached", "layernorm_forward", "gelu_forward", "embedding_forward")
 
 
-def instrument(nn, spent):
-    """Wrap nn's TIMED functions and GPT2._head so that each call adds its seconds to spent[name]."""
+def instrument(lay, spent):
+    """Wrap lay's TIMED functions and GPT2._head so that each call adds its seconds to spent[name]."""
     def timed(name, fn, key=None):
         @functools.wraps(fn)
         def call(*a, **k):
@@ -57,7 +57,7 @@ def instrument(nn, spent):
 
     for name in TIMED:
         key = shape_key if name == "matmul_forward" else None
-        setattr(nn, name, timed(name.replace("_forward", ""), getattr(nn, name), key))
+        setattr(lay, name, timed(name.replace("_forward", ""), getattr(lay, name), key))
     model_mod.GPT2._head = timed("head (x @ wte.T)", model_mod.GPT2._head)
 
 
