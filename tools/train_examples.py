@@ -33,9 +33,11 @@ from npgpt2.tokenizer import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("train_examples")
 
-INDUCTION = dict(n_ctx=32, n_embd=64, n_head=4, n_layer=2, words=64, batch_size=32, steps=6000, learning_rate=3e-3,
-                 warmup=100, schedule="cosine", weight_decay=0.1, span=(3, 13), skip_rows=0.25,
-                 skip_rule=0.8, seed=0, eval_period=12, save_every=0)
+INDUCTION = dict(n_ctx=64, n_embd=64, n_head=4, n_layer=2, words=64, batch_size=32, steps=4000, learning_rate=1e-3,
+                 warmup=200, schedule="cosine", weight_decay=0.1, span=(4, 32), periodic=0.0, short_ctx=24,
+                 short_steps=0, seed=0, eval_period=24)
+JARGON = dict(n_embd=96, n_head=3, n_layer=3, context=64, batch_size=16, steps=500, learning_rate=3e-3, warmup=60,
+              val_every=100, seed=0)
 
 
 def induction_vocab(n_words):
@@ -46,36 +48,23 @@ def induction_vocab(n_words):
     return np.unique(np.array(ids, dtype=np.int64))
 
 
-def repeat_batch(rng, B, T, V, span):
-    """(B, T + 1) random tokens with repeats after a random-length prefix (>= 1 token), a
-    span of random length L (span[0] <= L < span[1]). Even rows: the span once more at a random
-    later offset (maybe after a gap); odd rows: the span over and over to the end (period L),
-    which gives the gradient more repeated tokens to learn from. The offsets vary, so copying
-    by position cannot work, only looking up what followed the current token last time."""
+def repeat_batch(rng, B, T, V, span, periodic=0.0):
+    """(B, T + 1) uniformly random tokens in which, in each row, a span of random length L
+    (span[0] <= L <= span[1]) that starts after a random-length prefix (maybe empty) appears
+    again at a random later offset (right after it or after a random gap). In a fraction
+    `periodic` of the rows it then repeats over and over to the end instead (period L), which
+    gives the gradient more repeated tokens. The offsets vary from row to row, so copying by
+    position cannot work: only looking up what followed the current token last time (an
+    induction head) predicts a repeat."""
     x = rng.integers(0, V, size=(B, T + 1))
     for b in range(B):
-        L = int(rng.integers(*span))
-        s1 = int(rng.integers(1, T + 2 - 2 * L))       # the first copy: x[s1:s1 + L]
-        if b % 2:
-            n = T + 1 - s1                              # to the end: x[s1 + L + i] = x[s1 + i]
-            x[b, s1:] = np.resize(x[b, s1:s1 + L], n)
+        L = int(rng.integers(span[0], span[1] + 1))
+        s1 = int(rng.integers(0, T + 2 - 2 * L))        # the first copy: x[s1:s1 + L]
+        if rng.random() < periodic:                     # x[s1 + L + i] = x[s1 + i] to the end
+            x[b, s1:] = np.resize(x[b, s1:s1 + L], T + 1 - s1)
         else:
-            s2 = int(rng.integers(s1 + L, T + 2 - L))  # the second, after it (maybe with a gap)
+            s2 = int(rng.integers(s1 + L, T + 2 - L))   # the second: x[s2:s2 + L], s2 >= s1 + L
             x[b, s2:s2 + L] = x[b, s1:s1 + L]
-    return x
-
-
-def skip_bigram_rows(rng, n, T, perm, p_rule):
-    """(n, T + 1) rows in which each token from the third on is, with probability p_rule,
-    perm[the token two back] (a fixed random permutation), else random. Predicting it needs
-    the previous token at the current position, which a previous-token head in layer 0
-    provides: random repeats alone reward that head only once the layer-1 head that uses it
-    exists, and without these rows no run here formed one in 8k-15k steps."""
-    V = perm.size
-    x = rng.integers(0, V, size=(n, T + 1))
-    rule = rng.random((n, T + 1)) < p_rule
-    for t in range(2, T + 1):
-        x[:, t] = np.where(rule[:, t], perm[x[:, t - 2]], x[:, t])
     return x
 
 
@@ -89,40 +78,39 @@ def measure(model, rng, period):
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     ce = -np.take_along_axis(logp, toks[:, 1:, None], axis=-1)[..., 0]          # (16, 2 period - 1)
-    return dict(first=float(ce[:, :period - 1].mean()), second=float(ce[:, period:].mean()),
+    return dict(first=round(float(ce[:, :period - 1].mean()), 3), second=round(float(ce[:, period:].mean()), 3),
                 prev=previous_token_score(acts["h0.attn.pattern"]).round(2).tolist(),
-                induction=induction_score(acts["h1.attn.pattern"], period).round(2).tolist(),
-                # one place further: what the shipped model's layer-1 heads attend to
-                further=induction_score(acts["h1.attn.pattern"][:, :, 1:, 1:], period - 1).round(2).tolist())
+                induction=induction_score(acts["h1.attn.pattern"], period).round(2).tolist())
 
 
 def train_induction(out_dir, steps=None, overrides=None):
-    c = dict(INDUCTION, steps=steps or INDUCTION["steps"], **(overrides or {}))
+    c = {**INDUCTION, **(overrides or {})}
+    c["steps"] = steps or c["steps"]
     log.info("induction recipe: %s", c)
     vocab = induction_vocab(c["words"])
     V, T = int(vocab.size), c["n_ctx"]
     model = init_model(dict(n_vocab=V, n_ctx=T, n_embd=c["n_embd"], n_head=c["n_head"], n_layer=c["n_layer"]),
                        seed=c["seed"])
     trained = dict(model.params)
-    decay = {k: (c["weight_decay"] if p.ndim >= 2 else 0.0) for k, p in trained.items()}
+    # decay the blocks' matrices only: decaying wpe would shrink the position signal that a
+    # previous-token head needs (nothing else in random tokens rewards keeping it)
+    decay = {k: (c["weight_decay"] if p.ndim >= 2 and k.startswith("model/h") else 0.0) for k, p in trained.items()}
     opt = optim.AdamW(trained, lr=c["learning_rate"], weight_decay=decay)
     rng, eval_rng = np.random.default_rng(c["seed"]), np.random.default_rng(c["seed"] + 1)
-    perm = rng.permutation(V)
     t0 = time.time()
     for step in range(1, c["steps"] + 1):
         lr = optim.learning_rate(step - 1, c["learning_rate"], c["warmup"], c["schedule"], c["steps"])
-        x = repeat_batch(rng, c["batch_size"], T, V, c["span"])                  # [B, T+1]
-        n_skip = int(c["batch_size"] * c["skip_rows"])
-        if n_skip:
-            x[:n_skip] = skip_bigram_rows(rng, n_skip, T, perm, c["skip_rule"])
+        # short rows first: the time to the induction head's phase change grows with the
+        # context length (quadratically in a minimal model), and once it exists it extends
+        n, span = (c["short_ctx"], (c["span"][0], c["short_ctx"] // 2)) if step <= c["short_steps"] else (T, c["span"])
+        x = repeat_batch(rng, c["batch_size"], n, V, span, c["periodic"])        # (B, n + 1), fresh every step
         loss, grads = model.loss_and_grads(x[:, :-1], x[:, 1:])
         optim.clip_grad_norm(grads, 1.0)
         opt.step(grads, lr)
         if step % 250 == 0 or step == c["steps"]:
             log.info("step %d (%.0f s): loss %.3f; %s (log V = %.2f)", step, time.time() - t0, loss,
                      measure(model, eval_rng, c["eval_period"]), math.log(V))
-        if c["save_every"] and step % c["save_every"] == 0 and step != c["steps"]:  # to watch a long run
-            write_folder(Path(f"{out_dir}-{step}"), lambda tmp: _save_compact(model, tmp, vocab))
+    log.info("induction: %d steps in %.0f s", c["steps"], time.time() - t0)
     write_folder(out_dir, lambda tmp: _save_compact(model, tmp, vocab))
 
 
@@ -133,19 +121,47 @@ def _save_compact(model, folder, vocab):
 
 
 def train_jargon(out_dir, steps=None):
+    """The `npgpt2 demo` recipe with the full GPT-2 vocabulary (n_vocab 50257, so any text
+    encodes and every token gets a probability), then written with int8 weights."""
     from npgpt2.convert import write_int8
-    from npgpt2.demo import run_demo
-    with tempfile.TemporaryDirectory(dir=HERE) as run:
-        result = run_demo(steps=steps, seed=0, out_dir=Path(run) / "demo", sample_num=3)
-        log.info("jargon: validation loss %.3f (unigram entropy %.3f) after %d steps, %.0f s",
-                 result["val_loss"], result["unigram_entropy"], result["steps"], result["train_seconds"])
-        model = load_model(Path(run) / "demo")
+    from npgpt2.demo import CORPUS, PROMPTS, SAMPLES_FILE, load_corpus, split_corpus, unigram_entropy
+    from npgpt2.sampling import generate
+    from npgpt2.train import TrainConfig, evaluate, fit
+    c = dict(JARGON, steps=steps or JARGON["steps"])
+    log.info("jargon recipe: %s", c)
+    tok = load_tokenizer()
+    ids, _ = load_corpus(tok)
+    train_tokens, val_tokens = split_corpus(ids)
+    hparams = dict(n_vocab=tok.n_vocab, n_ctx=c["context"], n_embd=c["n_embd"], n_head=c["n_head"],
+                   n_layer=c["n_layer"])
+    model = init_model(hparams, seed=c["seed"])
+    cfg = TrainConfig(dataset=str(CORPUS), run_name="jargon", steps=c["steps"], context=c["context"],
+                      batch_size=c["batch_size"], learning_rate=c["learning_rate"], warmup=c["warmup"],
+                      lr_schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=c["seed"],
+                      val_every=c["val_every"], val_batch_size=8, val_batch_count=8, sample_every=0,
+                      save_every=0, max_to_keep=1, plot=False, log_every=25)
+    t0 = time.time()
+    fit(model, train_tokens, cfg, val_tokens=val_tokens)
+    seconds = time.time() - t0
+    model = _int8_roundtrip(model, hparams, write_int8)  # measure and sample what is shipped
+    val_loss, n = evaluate(model, val_tokens, c["context"])
+    log.info("jargon: held-out loss %.3f nats over %d tokens (unigram entropy %.3f) after %d steps, %.0f s",
+             val_loss, n, unigram_entropy(ids), c["steps"], seconds)
+    samples = [p + tok.decode(generate(model, tok.encode(p), 48, temperature=0.8, top_k=40, seed=c["seed"] + i))
+               for i, p in enumerate(PROMPTS)]
 
-        def write(tmp):
-            write_int8(tmp, model.hparams, dict(model.params))
-            shutil.copyfile(Path(run) / "demo" / VOCAB_FILE, Path(tmp) / VOCAB_FILE)
-            shutil.copyfile(Path(run) / "demo" / "samples.txt", Path(tmp) / "samples.txt")
-        write_folder(out_dir, write)
+    def write(tmp):
+        write_int8(tmp, hparams, dict(model.params))
+        with open(Path(tmp) / SAMPLES_FILE, "w", encoding="utf-8") as f:
+            f.write("".join(f"======== SAMPLE {i + 1} ========\n{t}\n" for i, t in enumerate(samples)))
+    write_folder(out_dir, write)
+
+
+def _int8_roundtrip(model, hparams, write_int8):
+    """The model as the int8 folder loads it (dequantised to float32)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_int8(tmp, hparams, dict(model.params))
+        return load_model(tmp)
 
 
 def write_folder(out_dir, write):
