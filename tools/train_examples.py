@@ -1,10 +1,11 @@
 """Train the example models shipped in npgpt2/examples/ (see npgpt2/examples/__init__.py).
 
     nice -n 10 python tools/train_examples.py induction   # ~10 minutes on 2 shared cores
-    nice -n 10 python tools/train_examples.py jargon      # the `npgpt2 demo` recipe, then int8
+    nice -n 10 python tools/train_examples.py jargon      # the demo recipe, full vocabulary, int8
 
 Both use npgpt2's own training code: "induction" init_model + GPT2.loss_and_grads + optim.AdamW
-with fresh random batches every step; "jargon" demo.run_demo (which calls train.fit). Each
+with fresh random batches every step; "jargon" train.fit on the Jargon File with the full GPT-2
+vocabulary (n_vocab 50257), then convert.write_int8. Each
 folder is written to a temporary folder next to its place and renamed over it at the end, so
 an interrupted run leaves the shipped model as it was. Seeds are fixed: a rerun gives the same
 model up to BLAS roundoff. The induction run logs the loss on the first and the second copy of
@@ -33,9 +34,9 @@ from npgpt2.tokenizer import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("train_examples")
 
-INDUCTION = dict(n_ctx=64, n_embd=64, n_head=4, n_layer=2, words=64, batch_size=32, steps=4000, learning_rate=1e-3,
-                 warmup=200, schedule="cosine", weight_decay=0.1, span=(4, 32), periodic=0.0, short_ctx=24,
-                 short_steps=0, seed=0, eval_period=24)
+INDUCTION = dict(n_ctx=32, n_embd=64, n_head=4, n_layer=2, words=64, batch_size=32, steps=6000, learning_rate=3e-3,
+                 warmup=100, schedule="cosine", weight_decay=0.1, span=(3, 13), skip_rows=0.25,
+                 skip_rule=0.8, seed=0, eval_period=12, save_every=0)
 JARGON = dict(n_embd=96, n_head=3, n_layer=3, context=64, batch_size=16, steps=500, learning_rate=3e-3, warmup=60,
               val_every=100, seed=0)
 
@@ -48,23 +49,36 @@ def induction_vocab(n_words):
     return np.unique(np.array(ids, dtype=np.int64))
 
 
-def repeat_batch(rng, B, T, V, span, periodic=0.0):
-    """(B, T + 1) uniformly random tokens in which, in each row, a span of random length L
-    (span[0] <= L <= span[1]) that starts after a random-length prefix (maybe empty) appears
-    again at a random later offset (right after it or after a random gap). In a fraction
-    `periodic` of the rows it then repeats over and over to the end instead (period L), which
-    gives the gradient more repeated tokens. The offsets vary from row to row, so copying by
-    position cannot work: only looking up what followed the current token last time (an
-    induction head) predicts a repeat."""
+def repeat_batch(rng, B, T, V, span):
+    """(B, T + 1) random tokens with repeats after a random-length prefix (>= 1 token), a
+    span of random length L (span[0] <= L < span[1]). Even rows: the span once more at a random
+    later offset (maybe after a gap); odd rows: the span over and over to the end (period L),
+    which gives the gradient more repeated tokens to learn from. The offsets vary, so copying
+    by position cannot work, only looking up what followed the current token last time."""
     x = rng.integers(0, V, size=(B, T + 1))
     for b in range(B):
-        L = int(rng.integers(span[0], span[1] + 1))
-        s1 = int(rng.integers(0, T + 2 - 2 * L))        # the first copy: x[s1:s1 + L]
-        if rng.random() < periodic:                     # x[s1 + L + i] = x[s1 + i] to the end
-            x[b, s1:] = np.resize(x[b, s1:s1 + L], T + 1 - s1)
+        L = int(rng.integers(*span))
+        s1 = int(rng.integers(1, T + 2 - 2 * L))       # the first copy: x[s1:s1 + L]
+        if b % 2:
+            n = T + 1 - s1                              # to the end: x[s1 + L + i] = x[s1 + i]
+            x[b, s1:] = np.resize(x[b, s1:s1 + L], n)
         else:
-            s2 = int(rng.integers(s1 + L, T + 2 - L))   # the second: x[s2:s2 + L], s2 >= s1 + L
+            s2 = int(rng.integers(s1 + L, T + 2 - L))  # the second, after it (maybe with a gap)
             x[b, s2:s2 + L] = x[b, s1:s1 + L]
+    return x
+
+
+def skip_bigram_rows(rng, n, T, perm, p_rule):
+    """(n, T + 1) rows in which each token from the third on is, with probability p_rule,
+    perm[the token two back] (a fixed random permutation), else random. Predicting it needs
+    the previous token at the current position, which a previous-token head in layer 0
+    provides: random repeats alone reward that head only once the layer-1 head that uses it
+    exists, and without these rows no run here formed one in 8k-15k steps."""
+    V = perm.size
+    x = rng.integers(0, V, size=(n, T + 1))
+    rule = rng.random((n, T + 1)) < p_rule
+    for t in range(2, T + 1):
+        x[:, t] = np.where(rule[:, t], perm[x[:, t - 2]], x[:, t])
     return x
 
 
@@ -78,9 +92,11 @@ def measure(model, rng, period):
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     ce = -np.take_along_axis(logp, toks[:, 1:, None], axis=-1)[..., 0]          # (16, 2 period - 1)
-    return dict(first=round(float(ce[:, :period - 1].mean()), 3), second=round(float(ce[:, period:].mean()), 3),
+    return dict(first=float(ce[:, :period - 1].mean()), second=float(ce[:, period:].mean()),
                 prev=previous_token_score(acts["h0.attn.pattern"]).round(2).tolist(),
-                induction=induction_score(acts["h1.attn.pattern"], period).round(2).tolist())
+                induction=induction_score(acts["h1.attn.pattern"], period).round(2).tolist(),
+                # one place further: what the shipped model's layer-1 heads attend to
+                further=induction_score(acts["h1.attn.pattern"][:, :, 1:, 1:], period - 1).round(2).tolist())
 
 
 def train_induction(out_dir, steps=None, overrides=None):
@@ -92,25 +108,25 @@ def train_induction(out_dir, steps=None, overrides=None):
     model = init_model(dict(n_vocab=V, n_ctx=T, n_embd=c["n_embd"], n_head=c["n_head"], n_layer=c["n_layer"]),
                        seed=c["seed"])
     trained = dict(model.params)
-    # decay the blocks' matrices only: decaying wpe would shrink the position signal that a
-    # previous-token head needs (nothing else in random tokens rewards keeping it)
-    decay = {k: (c["weight_decay"] if p.ndim >= 2 and k.startswith("model/h") else 0.0) for k, p in trained.items()}
+    decay = {k: (c["weight_decay"] if p.ndim >= 2 else 0.0) for k, p in trained.items()}
     opt = optim.AdamW(trained, lr=c["learning_rate"], weight_decay=decay)
     rng, eval_rng = np.random.default_rng(c["seed"]), np.random.default_rng(c["seed"] + 1)
+    perm = rng.permutation(V)
     t0 = time.time()
     for step in range(1, c["steps"] + 1):
         lr = optim.learning_rate(step - 1, c["learning_rate"], c["warmup"], c["schedule"], c["steps"])
-        # short rows first: the time to the induction head's phase change grows with the
-        # context length (quadratically in a minimal model), and once it exists it extends
-        n, span = (c["short_ctx"], (c["span"][0], c["short_ctx"] // 2)) if step <= c["short_steps"] else (T, c["span"])
-        x = repeat_batch(rng, c["batch_size"], n, V, span, c["periodic"])        # (B, n + 1), fresh every step
+        x = repeat_batch(rng, c["batch_size"], T, V, c["span"])                  # [B, T+1]
+        n_skip = int(c["batch_size"] * c["skip_rows"])
+        if n_skip:
+            x[:n_skip] = skip_bigram_rows(rng, n_skip, T, perm, c["skip_rule"])
         loss, grads = model.loss_and_grads(x[:, :-1], x[:, 1:])
         optim.clip_grad_norm(grads, 1.0)
         opt.step(grads, lr)
         if step % 250 == 0 or step == c["steps"]:
             log.info("step %d (%.0f s): loss %.3f; %s (log V = %.2f)", step, time.time() - t0, loss,
                      measure(model, eval_rng, c["eval_period"]), math.log(V))
-    log.info("induction: %d steps in %.0f s", c["steps"], time.time() - t0)
+        if c["save_every"] and step % c["save_every"] == 0 and step != c["steps"]:  # to watch a long run
+            write_folder(Path(f"{out_dir}-{step}"), lambda tmp: _save_compact(model, tmp, vocab))
     write_folder(out_dir, lambda tmp: _save_compact(model, tmp, vocab))
 
 
