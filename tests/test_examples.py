@@ -118,6 +118,18 @@ def test_jargon_loads_int8_and_float(capsys):
     assert np.argmax(a) == np.argmax(b)
 
 
+def test_jargon_has_the_full_gpt2_vocabulary():
+    # any text encodes, also tokens the Jargon File never uses, and the model scores them
+    folder = npgpt2.example_dir("jargon")
+    assert not (folder / "compact_vocab.npy").exists()
+    model, tok = npgpt2.load_model(folder, dtype="int8"), npgpt2.load_tokenizer(folder)
+    assert model.hparams["n_vocab"] == 50257 and tok.n_vocab == 50257
+    ids = tok.encode("hacker: Привет, 世界 🤖 naïve façade")
+    assert max(ids) > 20000 and tok.decode(ids) == "hacker: Привет, 世界 🤖 naïve façade"
+    logits = model.forward(np.array([ids]))[0]                                 # (T, 50257)
+    assert logits.shape == (len(ids), 50257) and np.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("argv", [["explain", "--example", "induction", "cat dog red cat dog"],
                                   ["explain", "--example", "jargon", "hacker: a person who"]])
 def test_cli_example_flag(capsys, argv):
@@ -137,6 +149,15 @@ def test_cli_example_on_prompt(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("cat dog red blue sun moon tree fish cat dog red blue sun\n"))
     assert main(["prompt", "--example", "induction", "--length", "2", "--temperature", "0", "--seed", "1"]) == 0
     assert " moon tree" in capsys.readouterr().out
+
+
+def test_cli_jargon_generates_and_scores_any_text(tmp_path, capsys):
+    assert main(["generate", "--example", "jargon", "--length", "8", "--seed", "1", "--dtype", "int8"]) == 0
+    assert capsys.readouterr().out.strip()
+    data = tmp_path / "any.txt"
+    data.write_text("hacker: Привет, 世界 🤖 naïve façade. A kludge is a clever fix.\n" * 3, encoding="utf-8")
+    assert main(["eval", "--example", "jargon", "--dataset", str(data), "--dtype", "int8"]) == 0
+    assert "perplexity" in capsys.readouterr().out
 
 
 def test_cli_train_starts_from_an_example(tmp_path, capsys):

@@ -1,10 +1,11 @@
 """Train the example models shipped in npgpt2/examples/ (see npgpt2/examples/__init__.py).
 
     nice -n 10 python tools/train_examples.py induction   # ~10 minutes on 2 shared cores
-    nice -n 10 python tools/train_examples.py jargon      # the `npgpt2 demo` recipe, then int8
+    nice -n 10 python tools/train_examples.py jargon      # the demo recipe, full vocabulary, int8
 
 Both use npgpt2's own training code: "induction" init_model + GPT2.loss_and_grads + optim.AdamW
-with fresh random batches every step; "jargon" demo.run_demo (which calls train.fit). Each
+with fresh random batches every step; "jargon" train.fit on the Jargon File with the full GPT-2
+vocabulary (n_vocab 50257), then convert.write_int8. Each
 folder is written to a temporary folder next to its place and renamed over it at the end, so
 an interrupted run leaves the shipped model as it was. Seeds are fixed: a rerun gives the same
 model up to BLAS roundoff. The induction run logs the loss on the first and the second copy of
@@ -36,6 +37,8 @@ log = logging.getLogger("train_examples")
 INDUCTION = dict(n_ctx=32, n_embd=64, n_head=4, n_layer=2, words=64, batch_size=32, steps=6000, learning_rate=3e-3,
                  warmup=100, schedule="cosine", weight_decay=0.1, span=(3, 13), skip_rows=0.25,
                  skip_rule=0.8, seed=0, eval_period=12, save_every=0)
+JARGON = dict(n_embd=96, n_head=3, n_layer=3, context=64, batch_size=16, steps=500, learning_rate=3e-3, warmup=60,
+              val_every=100, seed=0)
 
 
 def induction_vocab(n_words):
@@ -97,7 +100,8 @@ def measure(model, rng, period):
 
 
 def train_induction(out_dir, steps=None, overrides=None):
-    c = dict(INDUCTION, steps=steps or INDUCTION["steps"], **(overrides or {}))
+    c = {**INDUCTION, **(overrides or {})}
+    c["steps"] = steps or c["steps"]
     log.info("induction recipe: %s", c)
     vocab = induction_vocab(c["words"])
     V, T = int(vocab.size), c["n_ctx"]
@@ -133,19 +137,47 @@ def _save_compact(model, folder, vocab):
 
 
 def train_jargon(out_dir, steps=None):
+    """The `npgpt2 demo` recipe with the full GPT-2 vocabulary (n_vocab 50257, so any text
+    encodes and every token gets a probability), then written with int8 weights."""
     from npgpt2.convert import write_int8
-    from npgpt2.demo import run_demo
-    with tempfile.TemporaryDirectory(dir=HERE) as run:
-        result = run_demo(steps=steps, seed=0, out_dir=Path(run) / "demo", sample_num=3)
-        log.info("jargon: validation loss %.3f (unigram entropy %.3f) after %d steps, %.0f s",
-                 result["val_loss"], result["unigram_entropy"], result["steps"], result["train_seconds"])
-        model = load_model(Path(run) / "demo")
+    from npgpt2.demo import CORPUS, PROMPTS, SAMPLES_FILE, load_corpus, split_corpus, unigram_entropy
+    from npgpt2.sampling import generate
+    from npgpt2.train import TrainConfig, evaluate, fit
+    c = dict(JARGON, steps=steps or JARGON["steps"])
+    log.info("jargon recipe: %s", c)
+    tok = load_tokenizer()
+    ids, _ = load_corpus(tok)
+    train_tokens, val_tokens = split_corpus(ids)
+    hparams = dict(n_vocab=tok.n_vocab, n_ctx=c["context"], n_embd=c["n_embd"], n_head=c["n_head"],
+                   n_layer=c["n_layer"])
+    model = init_model(hparams, seed=c["seed"])
+    cfg = TrainConfig(dataset=str(CORPUS), run_name="jargon", steps=c["steps"], context=c["context"],
+                      batch_size=c["batch_size"], learning_rate=c["learning_rate"], warmup=c["warmup"],
+                      lr_schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=c["seed"],
+                      val_every=c["val_every"], val_batch_size=8, val_batch_count=8, sample_every=0,
+                      save_every=0, max_to_keep=1, plot=False, log_every=25)
+    t0 = time.time()
+    fit(model, train_tokens, cfg, val_tokens=val_tokens)
+    seconds = time.time() - t0
+    model = _int8_roundtrip(model, hparams, write_int8)  # measure and sample what is shipped
+    val_loss, n = evaluate(model, val_tokens, c["context"])
+    log.info("jargon: held-out loss %.3f nats over %d tokens (unigram entropy %.3f) after %d steps, %.0f s",
+             val_loss, n, unigram_entropy(ids), c["steps"], seconds)
+    samples = [p + tok.decode(generate(model, tok.encode(p), 48, temperature=0.8, top_k=40, seed=c["seed"] + i))
+               for i, p in enumerate(PROMPTS)]
 
-        def write(tmp):
-            write_int8(tmp, model.hparams, dict(model.params))
-            shutil.copyfile(Path(run) / "demo" / VOCAB_FILE, Path(tmp) / VOCAB_FILE)
-            shutil.copyfile(Path(run) / "demo" / "samples.txt", Path(tmp) / "samples.txt")
-        write_folder(out_dir, write)
+    def write(tmp):
+        write_int8(tmp, hparams, dict(model.params))
+        with open(Path(tmp) / SAMPLES_FILE, "w", encoding="utf-8") as f:
+            f.write("".join(f"======== SAMPLE {i + 1} ========\n{t}\n" for i, t in enumerate(samples)))
+    write_folder(out_dir, write)
+
+
+def _int8_roundtrip(model, hparams, write_int8):
+    """The model as the int8 folder loads it (dequantised to float32)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_int8(tmp, hparams, dict(model.params))
+        return load_model(tmp)
 
 
 def write_folder(out_dir, write):
