@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layers, quant
+from . import layers, memsave, quant
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
@@ -247,11 +247,14 @@ class GPT2:
         for i, blk in enumerate(self.blocks):
             block_hook = None if hook is None else _prefixed(hook, f"h{i}.")
             resid_pre = x  # [B, T, C]
+            if saved is not None and saved.get("memory_saving"):
+                # memory_saving keeps only the block's input: backward re-runs the block from it
+                x = memsave.block_forward(self, nn, blk, x)  # [B, T, C] -> [B, T, C], no saves kept
+                saved["blocks"].append({"resid_pre": resid_pre})
+                continue
             x, block_saved = self._block_forward(nn, blk, x, block_hook)  # [B, T, C] -> [B, T, C]
             if saved is not None:
-                # memory_saving keeps only the block's input: backward re-runs the block from it
-                saved["blocks"].append({"resid_pre": resid_pre} if saved.get("memory_saving") else block_saved)
-            del block_saved  # (memory_saving) before the next block makes its own
+                saved["blocks"].append(block_saved)
         ln_f, ln_f_mean, ln_f_rstd = nn.layernorm_forward(
             x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
         if saved is not None:
@@ -525,8 +528,9 @@ class GPT2:
         for i in reversed(range(len(blocks))):
             act = blocks.pop()
             if saved.get("memory_saving"):  # the forward kept only the block's input: run the block again
-                act = self._block_forward(nn, self.blocks[i], act["resid_pre"])[1]  # [B, T, C] -> its saves
-            dresid = self._block_backward(nn, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
+                dresid = memsave.block_backward(self, nn, i, act.pop("resid_pre"), dresid, grads)  # [B, T, C]
+            else:
+                dresid = self._block_backward(nn, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
             del act  # this block's activations go before the next block's are made
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
         if self.lora is not None:  # LoRA: the adapters' gradients alone (the layer norms' (C,) ones, two
