@@ -342,9 +342,11 @@ def run_all(args, log):
     return out
 
 
-# the quality row's base and fine-tunes (workers.lora_quality)
-LORA_QUALITY = {"n_embd": 64, "n_layer": 2, "T": 64, "B": 8, "base_steps": 300, "ft_steps": 150,
-                "full_lr": 3e-4, "lora_lr": 2e-3}
+# the quality row (workers.lora_quality): a full-vocabulary base trained on the Jargon File (cached in
+# results/), fine-tuned on The Devil's Dictionary with each side's learning rate picked from its sweep
+LORA_QUALITY = {"n_embd": 64, "n_layer": 2, "n_head": 4, "T": 64, "B": 8, "base_steps": 1000, "base_lr": 2e-3,
+                "ft_steps": 150, "r": 8, "full_lrs": [1e-3, 3e-3], "lora_lrs": [1e-2, 3e-2],
+                "cache": str(RESULTS)}
 
 
 def lora_big(size, dtype, runs, log, memory_saving=False):
@@ -698,10 +700,18 @@ def lora_rows(Bm, rows, checks, missing):
     else:
         b = Bm["lora_quality"]
         ok = checks["lora_quality"] = b["share"] >= 0.8
-        rows.append((f"{label} (full-vocabulary {b['hparams']['n_layer']}-layer C={b['hparams']['n_embd']} base "
-                     f"trained here on the Jargon File's first 60 %, fine-tuned {b['ft_steps']} steps on the next "
-                     f"30 %, scored on the last 10 %)",
-                     f"held-out loss: base {b['base_loss']:.4f}, full {b['full_loss']:.4f}, LoRA {b['lora_loss']:.4f}",
+        hp, base = b["hparams"], b["base"]
+        curve, what = ((base["jargon_held_out_curve"], "held-out loss") if "jargon_held_out_curve" in base
+                       else (base["train_avg_curve"], "training-loss average"))  # a base cached without the curve
+        sweep = "; ".join(f"{s['side']} lr {s['lr']:g}: val {s['val']:.3f}" for s in b["sweep"])
+        rows.append((f"{label} (full-vocabulary {hp['n_layer']}-layer C={hp['n_embd']} base trained here on the "
+                     f"Jargon File, {what} " + " -> ".join(f"{c[1]:.2f}" for c in curve[-3:])
+                     + f" at steps {', '.join(str(c[0]) for c in curve[-3:])}, held-out loss at the end "
+                     f"{base['jargon_held_out']:.2f}; fine-tuned {b['ft_steps']} steps on "
+                     f"the first 80 % of The Devil's Dictionary, lr picked on the next 10 % ({sweep}), scored on "
+                     f"the last 10 %)",
+                     f"held-out Devil loss: base {b['base_loss']:.4f}, full {b['full_loss']:.4f} (lr {b['full_lr']:g}), "
+                     f"LoRA R={b['r']} {b['lora_loss']:.4f} (lr {b['lora_lr']:g})",
                      "", f"{100 * b['share']:.0f}%", "", target, "yes" if ok else "no"))
 
 

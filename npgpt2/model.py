@@ -468,7 +468,9 @@ class GPT2:
         holds resid_pre alone (C floats a token and layer instead of 10C + attention's), and
         backward re-runs block i's forward from it, with its saves, just before block i's
         backward: one block's activations exist at a time, for one more forward of the blocks.
-        The same ops on the same inputs, so the gradients are the same.
+        The same ops on the same inputs, so the gradients are the same (memsave.py runs a block
+        a chunk of batch rows at a time when B*T > 1024: the weight gradients are then summed
+        chunk by chunk, equal within rounding).
         saved holds (llm.c's ActivationTensors; B, T, C, NH as usual):
 
             per block, saved["blocks"][i]:
