@@ -336,7 +336,8 @@ def run_all(args, log):
     elif want("lora_1558M"):
         B["lora_1558M"] = {"skipped": "--quick (20 steps of 1558M take a while); name it in --only"}
     if only is not None and "lora_quality" in only:  # ~15-30 minutes on 2 cores: only when named
-        step("lora_quality", lambda: one_shot("npgpt2", "lora_quality", LORA_QUALITY, log))
+        step("lora_quality", lambda: one_shot("npgpt2", "lora_quality", {
+            **LORA_QUALITY, "ft_steps": args.lora_ft_steps or LORA_QUALITY["ft_steps"]}, log))
     elif want("lora_quality"):
         B["lora_quality"] = {"skipped": "not run: name it in --only (it trains a base and two fine-tunes)"}
     return out
@@ -824,6 +825,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, help="threads per side (default: all cores)")
     ap.add_argument("--lora_steps", type=int, default=20, help="lora_1558M: timed steps after the first "
                     "(default 20, what its loss target needs; fewer on a busy machine still give RSS and s/step)")
+    ap.add_argument("--lora_ft_steps", type=int, help="lora_quality: steps of each fine-tune (default "
+                    "LORA_QUALITY's)")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON output path")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.only.split(",")) - set(STEPS)) if args.only else []
