@@ -346,7 +346,7 @@ def run_all(args, log):
 # the quality row (workers.lora_quality): a full-vocabulary base trained on the Jargon File (cached in
 # results/), fine-tuned on The Devil's Dictionary with each side's learning rate picked from its sweep
 LORA_QUALITY = {"n_embd": 64, "n_layer": 2, "n_head": 4, "T": 64, "B": 8, "base_steps": 1000, "base_lr": 2e-3,
-                "ft_steps": 150, "r": 8, "full_lrs": [1e-3, 3e-3], "lora_lrs": [1e-2, 3e-2],
+                "ft_steps": 150, "r": 8, "full_lrs": [1e-3, 3e-3], "lora_lrs": [1e-2, 3e-2], "layers_lrs": [3e-3],
                 "cache": str(RESULTS)}
 
 
@@ -712,7 +712,10 @@ def lora_rows(Bm, rows, checks, missing):
                      f"the first 80 % of The Devil's Dictionary, lr picked on the next 10 % ({sweep}), scored on "
                      f"the last 10 %)",
                      f"held-out Devil loss: base {b['base_loss']:.4f}, full {b['full_loss']:.4f} (lr {b['full_lr']:g}), "
-                     f"LoRA R={b['r']} {b['lora_loss']:.4f} (lr {b['lora_lr']:g})",
+                     f"LoRA R={b['r']} {b['lora_loss']:.4f} (lr {b['lora_lr']:g})" + (
+                         f"; the layers alone at full rank (embeddings and ln_f frozen, as under LoRA) "
+                         f"{b['layers_loss']:.4f} (lr {b['layers_lr']:g}): LoRA {100 * b['share_of_layers']:.0f}% "
+                         f"of theirs" if "layers_loss" in b else ""),
                      "", f"{100 * b['share']:.0f}%", "", target, "yes" if ok else "no"))
 
 

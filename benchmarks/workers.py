@@ -341,8 +341,9 @@ def lora_quality(args):
     pick each side's learning rate (validation), the last 10 % held out (the score). Each side
     trains `ft_steps` steps (batch B, context T, cosine schedule) from the base once per learning
     rate of its sweep (full: AdamW over every weight, `full_lrs`; LoRA r=`r`, alpha 2r on all four
-    matrices of every block, `lora_lrs`); the learning rate with the lowest validation loss is
-    that side's. Returns the held-out losses (base, full, LoRA), the sweep, and LoRA's held-out
+    matrices of every block, `lora_lrs`; and, to tell where a gap comes from, the transformer
+    layers alone at full rank, `layers_lrs`, with wte, wpe and ln_f frozen as under LoRA); the
+    learning rate with the lowest validation loss is that side's. Returns the held-out losses (base, full, LoRA), the sweep, and LoRA's held-out
     loss reduction as a share of the full fine-tune's."""
     import numpy as np
 
@@ -353,9 +354,9 @@ def lora_quality(args):
     T, B = args["T"], args["B"]
     hp = dict(n_vocab=50257, n_ctx=T, n_embd=args["n_embd"], n_head=args["n_head"], n_layer=args["n_layer"])
 
-    def cfg(steps, lr):
+    def cfg(steps, lr, **kw):
         return TrainConfig(steps=steps, learning_rate=lr, batch_size=B, context=T, seed=1, sample_every=0,
-                           plot=False, warmup=min(50, steps // 10), lr_schedule="cosine", log_every=10**9)
+                           plot=False, warmup=min(50, steps // 10), lr_schedule="cosine", log_every=10**9, **kw)
     base, base_info = quality_base(args, hp, cfg)
     base_params = {k: v.copy() for k, v in base.params.items()}
     devil = corpus_tokens(DEVIL)
@@ -365,22 +366,29 @@ def lora_quality(args):
            "devil_tokens": {"fine_tune": int(ft_part.size), "validation": int(val.size), "held_out": int(held_out.size)},
            **{k: args[k] for k in ("ft_steps", "r", "B", "T")},
            "base_val": evaluate(base, val, T)[0], "base_loss": evaluate(base, held_out, T)[0], "sweep": []}
-    for side, lrs in (("full", args["full_lrs"]), ("lora", args["lora_lrs"])):
+    # "layers": a full fine-tune of the transformer layers alone (--only_train_transformer_layers:
+    # wte, wpe and ln_f frozen, as under LoRA), the same weights LoRA adapts, at full rank
+    for side, lrs in (("full", args["full_lrs"]), ("lora", args["lora_lrs"]), ("layers", args.get("layers_lrs", []))):
         for lr in lrs:
             t1 = time.perf_counter()
             model = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
             if side == "lora":
                 lora.attach(model, lora.init_adapters(hp, lora.LoraConfig(r=args["r"], alpha=2 * args["r"])))
-            losses = fit(model, ft_part, cfg(args["ft_steps"], lr))["history"]["loss"]
+            losses = fit(model, ft_part, cfg(args["ft_steps"], lr, only_train_transformer_layers=side == "layers")
+                         )["history"]["loss"]
             if side == "lora":  # the base stayed frozen
                 assert all(np.array_equal(model.params[k], base_params[k]) for k in base_params)
             out["sweep"].append({"side": side, "lr": lr, "val": evaluate(model, val, T)[0],
                                  "held_out": evaluate(model, held_out, T)[0], "train_first": losses[0],
                                  "train_last": losses[-1], "seconds": time.perf_counter() - t1})
-    for side in ("full", "lora"):
-        best = min((s for s in out["sweep"] if s["side"] == side), key=lambda s: s["val"])
-        out[f"{side}_lr"], out[f"{side}_loss"] = best["lr"], best["held_out"]
+    for side in ("full", "lora", "layers"):
+        runs = [s for s in out["sweep"] if s["side"] == side]
+        if runs:
+            best = min(runs, key=lambda s: s["val"])
+            out[f"{side}_lr"], out[f"{side}_loss"] = best["lr"], best["held_out"]
     out["share"] = (out["base_loss"] - out["lora_loss"]) / (out["base_loss"] - out["full_loss"])
+    if "layers_loss" in out:  # LoRA's reduction as a share of the layers-only full-rank fine-tune's
+        out["share_of_layers"] = (out["base_loss"] - out["lora_loss"]) / (out["base_loss"] - out["layers_loss"])
     out.update(wall_s=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib())
     return out
 
