@@ -255,6 +255,7 @@ class GPT2:
             x, block_saved = self._block_forward(nn, blk, x, block_hook)  # [B, T, C] -> [B, T, C]
             if saved is not None:
                 saved["blocks"].append(block_saved)
+            del block_saved  # (inference) before the next block makes its own
         ln_f, ln_f_mean, ln_f_rstd = nn.layernorm_forward(
             x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
         if saved is not None:
