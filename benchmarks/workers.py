@@ -277,49 +277,119 @@ def lora_setup(args):
     return run, {"result": out}
 
 
+DEVIL = Path(__file__).resolve().parent / "data" / "devil.txt.gz"  # tools/extract_devil.py
+
+
+def corpus_tokens(path):
+    """GPT-2 token ids of a gzipped UTF-8 text."""
+    import gzip
+
+    import numpy as np
+
+    from npgpt2.tokenizer import load_tokenizer
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return np.array(load_tokenizer().encode(f.read()), dtype=np.int64)
+
+
+def quality_base(args, hp, cfg):
+    """The quality row's base: GPT-2's full vocabulary at small width (hp), trained from random
+    init on the Jargon File's first 90 % (demo.split_corpus) for args["base_steps"] steps at
+    args["base_lr"]; its loss on the first 10k tokens of the held-out last 10 % is measured
+    every eighth of the way (the curve shows whether it has flattened), on all of it at the end. Kept in args["cache"]/lora_quality_base-<settings>
+    (benchmarks/results, not committed): a second run loads it instead of training it again.
+    -> (model, info)."""
+    import numpy as np
+
+    from npgpt2.demo import split_corpus
+    from npgpt2.fsutil import atomic_write, read_json
+    from npgpt2.model import init_model, load_model, save_model
+    from npgpt2.train import evaluate, fit
+    key = "-".join(f"{k}{args[k]}" for k in ("n_layer", "n_embd", "T", "B", "base_steps", "base_lr"))
+    folder = Path(args["cache"]) / f"lora_quality_base-{key}"
+    train_part, held_out = split_corpus(corpus_tokens(Path(__file__).resolve().parent.parent / "npgpt2" / "assets"
+                                                      / "jargon.txt.gz"))
+    if (folder / "base.json").is_file():
+        model, info = load_model(folder), read_json(folder / "base.json")
+        if "jargon_held_out" not in info:
+            info["jargon_held_out"] = evaluate(model, held_out, hp["n_ctx"])[0]
+        return model, {**info, "cached": str(folder)}
+    t0 = time.perf_counter()
+    model = init_model(hp, seed=0)
+    steps, every = args["base_steps"], max(1, args["base_steps"] // 8)
+    probe = held_out[:10_000]  # the curve's points on the held-out part's first 10k tokens (each costs seconds)
+    curve = [[0, evaluate(model, probe, hp["n_ctx"])[0]]]
+
+    def on_step(info):
+        if info["step"] % every == 0:
+            curve.append([info["step"], evaluate(model, probe, hp["n_ctx"])[0]])
+    fit(model, train_part, cfg(steps, args["base_lr"]), on_step=on_step)
+    info = {"jargon_held_out_curve": curve, "jargon_held_out": evaluate(model, held_out, hp["n_ctx"])[0], "base_train_s": time.perf_counter() - t0,
+            "jargon_tokens": {"train": int(train_part.size), "held_out": int(held_out.size)}}
+    assert np.isfinite(curve[-1][1])
+    save_model(model, folder)
+    with atomic_write(folder / "base.json", "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    return model, {**info, "cached": None}
+
+
 def lora_quality(args):
     """LoRA against a full fine-tune from the same base, on the same data and steps.
 
-    The base: GPT-2's full vocabulary (50257) at small width (args n_embd, n_layer, context T;
-    run.py's LORA_QUALITY), trained from random init on the first 60 % of the bundled Jargon File
-    (demo.split_corpus's training 90 %, its first two thirds). Both fine-tunes then train
-    `ft_steps` steps on the next 30 % (the rest of the training 90 %, a slice the base never
-    saw), full with AdamW at `full_lr`, LoRA r = 8 on all four matrices at `lora_lr`; all three
-    are scored on the held-out last 10 % (train.evaluate). Returns the losses and LoRA's
-    held-out loss reduction as a share of the full fine-tune's."""
+    The base (quality_base): full vocabulary, trained here on the Jargon File. The second
+    corpus: Ambrose Bierce's The Devil's Dictionary (public domain; benchmarks/data/devil.txt.gz,
+    tools/extract_devil.py), split in order: its first 80 % to fine-tune on, the next 10 % to
+    pick each side's learning rate (validation), the last 10 % held out (the score). Each side
+    trains `ft_steps` steps (batch B, context T, cosine schedule) from the base once per learning
+    rate of its sweep (full: AdamW over every weight, `full_lrs`; LoRA r=`r`, alpha 2r on all four
+    matrices of every block, `lora_lrs`; and, to tell where a gap comes from, the transformer
+    layers alone at full rank, `layers_lrs`, with wte, wpe and ln_f frozen as under LoRA); the
+    learning rate with the lowest validation loss is that side's. Returns the held-out losses (base, full, LoRA), the sweep, and LoRA's held-out
+    loss reduction as a share of the full fine-tune's."""
     import numpy as np
 
     from npgpt2 import lora
-    from npgpt2.demo import split_corpus
-    from npgpt2.model import GPT2, init_model
+    from npgpt2.model import GPT2
     from npgpt2.train import TrainConfig, evaluate, fit
     t0 = time.perf_counter()
-    train_part, held_out = split_corpus(jargon_tokens(None))
-    base_part, ft_part = train_part[:len(train_part) * 2 // 3], train_part[len(train_part) * 2 // 3:]
-    T = args.get("T", 128)
-    hp = dict(n_vocab=50257, n_ctx=T, n_embd=args.get("n_embd", 128), n_head=4, n_layer=args.get("n_layer", 4))
-    base = init_model(hp, seed=0)
+    T, B = args["T"], args["B"]
+    hp = dict(n_vocab=50257, n_ctx=T, n_embd=args["n_embd"], n_head=args["n_head"], n_layer=args["n_layer"])
 
     def cfg(steps, lr, **kw):
-        return TrainConfig(steps=steps, learning_rate=lr, batch_size=args.get("B", 8), context=T, seed=1,
-                           sample_every=0, plot=False, warmup=min(20, steps // 10), lr_schedule="cosine", **kw)
-    fit(base, base_part, cfg(args.get("base_steps", 400), 1e-3))
+        return TrainConfig(steps=steps, learning_rate=lr, batch_size=B, context=T, seed=1, sample_every=0,
+                           plot=False, warmup=min(50, steps // 10), lr_schedule="cosine", log_every=10**9, **kw)
+    base, base_info = quality_base(args, hp, cfg)
     base_params = {k: v.copy() for k, v in base.params.items()}
-    out = {"tokens": {"base": int(base_part.size), "fine_tune": int(ft_part.size), "held_out": int(held_out.size)},
-           "hparams": hp, **{k: args.get(k) for k in ("ft_steps", "full_lr", "lora_lr")}}
-    out["base_loss"] = evaluate(base, held_out, T)[0]
-    t1 = time.perf_counter()
-    full = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
-    out["full_history"] = fit(full, ft_part, cfg(args["ft_steps"], args["full_lr"]))["history"]["loss"]
-    out["full_loss"] = evaluate(full, held_out, T)[0]
-    t2 = time.perf_counter()
-    adapted = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
-    lora.attach(adapted, lora.init_adapters(hp, lora.LoraConfig(r=8, alpha=16)))
-    out["lora_history"] = fit(adapted, ft_part, cfg(args["ft_steps"], args["lora_lr"]))["history"]["loss"]
-    out["lora_loss"] = evaluate(adapted, held_out, T)[0]
-    assert all(np.array_equal(adapted.params[k], base_params[k]) for k in base_params)  # the base stayed frozen
+    devil = corpus_tokens(DEVIL)
+    n = devil.size
+    ft_part, val, held_out = devil[:n * 8 // 10], devil[n * 8 // 10:n * 9 // 10], devil[n * 9 // 10:]
+    out = {"hparams": hp, "base": base_info, "base_s": time.perf_counter() - t0,
+           "devil_tokens": {"fine_tune": int(ft_part.size), "validation": int(val.size), "held_out": int(held_out.size)},
+           **{k: args[k] for k in ("ft_steps", "r", "B", "T")},
+           "base_val": evaluate(base, val, T)[0], "base_loss": evaluate(base, held_out, T)[0], "sweep": []}
+    # "layers": a full fine-tune of the transformer layers alone (--only_train_transformer_layers:
+    # wte, wpe and ln_f frozen, as under LoRA), the same weights LoRA adapts, at full rank
+    for side, lrs in (("full", args["full_lrs"]), ("lora", args["lora_lrs"]), ("layers", args.get("layers_lrs", []))):
+        for lr in lrs:
+            t1 = time.perf_counter()
+            model = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
+            if side == "lora":
+                lora.attach(model, lora.init_adapters(hp, lora.LoraConfig(r=args["r"], alpha=2 * args["r"])))
+            losses = fit(model, ft_part, cfg(args["ft_steps"], lr, only_train_transformer_layers=side == "layers")
+                         )["history"]["loss"]
+            if side == "lora":  # the base stayed frozen
+                assert all(np.array_equal(model.params[k], base_params[k]) for k in base_params)
+            out["sweep"].append({"side": side, "lr": lr, "val": evaluate(model, val, T)[0],
+                                 "held_out": evaluate(model, held_out, T)[0], "train_first": losses[0],
+                                 "train_last": losses[-1], "seconds": time.perf_counter() - t1})
+    for side in ("full", "lora", "layers"):
+        runs = [s for s in out["sweep"] if s["side"] == side]
+        if runs:
+            best = min(runs, key=lambda s: s["val"])
+            out[f"{side}_lr"], out[f"{side}_loss"] = best["lr"], best["held_out"]
     out["share"] = (out["base_loss"] - out["lora_loss"]) / (out["base_loss"] - out["full_loss"])
-    out.update(base_s=t1 - t0, full_s=t2 - t1, lora_s=time.perf_counter() - t2, peak_rss_mib=peak_rss_mib())
+    if "layers_loss" in out:  # LoRA's reduction as a share of the layers-only full-rank fine-tune's
+        out["share_of_layers"] = (out["base_loss"] - out["lora_loss"]) / (out["base_loss"] - out["layers_loss"])
+    out.update(wall_s=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib())
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layers, quant
+from . import layers, memsave, quant
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
@@ -176,11 +176,15 @@ class GPT2(Hooks, Training, Loss, FastForward):
             # layer i's keys and values: (R, NH, n_ctx, hs) each, batch row b in cache row rows[b]
             kv = None if cache is None else (cache.k[i], cache.v[i], pos0, cache.rows)
             resid_pre = x  # [B, T, C]
+            if saved is not None and saved.get("memory_saving"):
+                # memory_saving keeps only the block's input: backward re-runs the block from it
+                x = memsave.block_forward(self, lay, blk, x)  # [B, T, C] -> [B, T, C], no saves kept
+                saved["blocks"].append({"resid_pre": resid_pre})
+                continue
             x, block_saved = self._block_forward(lay, blk, x, block_hook, kv)  # [B, T, C] -> [B, T, C]
             if saved is not None:
-                # memory_saving keeps only the block's input: backward re-runs the block from it
-                saved["blocks"].append({"resid_pre": resid_pre} if saved.get("memory_saving") else block_saved)
-            del block_saved  # (memory_saving) before the next block makes its own
+                saved["blocks"].append(block_saved)
+            del block_saved  # (inference) before the next block makes its own
         ln_f, ln_f_mean, ln_f_rstd = lay.layernorm_forward(
             x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
         if saved is not None:

@@ -6,6 +6,7 @@ are in model_loss.py.
 """
 import numpy as np
 
+from . import memsave
 from .errors import Npgpt2Error
 from .jit import ops
 from .linear import linear_backward as _linear_backward
@@ -25,7 +26,9 @@ class Training:
         holds resid_pre alone (C floats a token and layer instead of 10C + attention's), and
         backward re-runs block i's forward from it, with its saves, just before block i's
         backward: one block's activations exist at a time, for one more forward of the blocks.
-        The same ops on the same inputs, so the gradients are the same.
+        The same ops on the same inputs, so the gradients are the same (memsave.py runs a block
+        a chunk of batch rows at a time when B*T > 1024: the weight gradients are then summed
+        chunk by chunk, equal within rounding).
         saved holds (llm.c's ActivationTensors; B, T, C, NH as usual):
 
             per block, saved["blocks"][i]:
@@ -88,8 +91,9 @@ class Training:
         for i in reversed(range(len(blocks))):
             act = blocks.pop()
             if saved.get("memory_saving"):  # the forward kept only the block's input: run the block again
-                act = self._block_forward(lay, self.blocks[i], act["resid_pre"])[1]  # [B, T, C] -> its saves
-            dresid = self._block_backward(lay, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
+                dresid = memsave.block_backward(self, lay, i, act.pop("resid_pre"), dresid, grads)  # [B, T, C]
+            else:
+                dresid = self._block_backward(lay, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
             del act  # this block's activations go before the next block's are made
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
         if self.lora is not None:  # LoRA: the adapters' gradients alone (the layer norms' (C,) ones, two
