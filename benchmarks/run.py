@@ -719,6 +719,11 @@ def machine_line(out):
     g = hw.get("gemm_gflops", {})
     bw = hw.get("bandwidth_gbs", {})
     parts = [f"{m['cpu']}, {m['cores']} cores, {m['mem_gib']:.0f} GiB, {m['python']}"]
+    isa = m.get("isa")
+    if isa is not None:
+        have = set(isa)
+        parts.append("ISA features that select kernels: " + ", ".join(
+            f if f in have else f"no {f}" for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")))
     blas = m.get("npgpt2", {}).get("blas")
     if isinstance(blas, list) and blas:
         b = blas[0]
@@ -734,6 +739,33 @@ def machine_line(out):
     return "\n".join("- " + p for p in parts)
 
 
+def kernel_lines(out):
+    """One line per benchmark run by npgpt2 workers: which decode kernels ran, on how many
+    threads (gemv_pool's job counts), and the instructions LLVM chose for the int8 dot."""
+    lines = []
+    for name, b in out["benchmarks"].items():
+        if not isinstance(b, dict):
+            continue
+        for side, r in b.items():
+            k = r.get("info", {}).get("kernels") if isinstance(r, dict) and side.startswith("npgpt2") else None
+            if not k:
+                continue
+            blas = r["info"].get("blas")
+            what = [f"BLAS {blas[0]['internal_api']} {blas[0]['architecture']}" if isinstance(blas, list) and blas
+                    else "BLAS ?"]
+            if k.get("jobs"):
+                what.append("GEMV jobs: " + ", ".join(f"{key} x{n}" for key, n in sorted(k["jobs"].items())))
+            if side.endswith("int8"):
+                asm = k.get("int8_dot_asm")
+                what.append(f"int8 kernel {k['int8_kernel']}" + (
+                    f" ({', '.join(asm['instructions']) or 'no SIMD multiply-add'} on {asm['register']})"
+                    if asm else ""))
+            if k.get("threads_env"):
+                what.append(f"NPGPT2_THREADS={k['threads_env']}")
+            lines.append(f"- {name} / {side}: " + "; ".join(what))
+    return lines
+
+
 def machine_info():
     cpu = platform.processor() or platform.machine()
     try:
@@ -745,7 +777,8 @@ def machine_info():
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     _, removed = worker_env()
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
+    from npgpt2.int8_dot import cpu_info
+    return {"cpu": cpu, "isa": cpu_info()["flags"], "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
             "executable": sys.executable, "openblas_env_removed": removed,
             "loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
 
@@ -844,6 +877,7 @@ def main(argv=None):
                wall_s=time.perf_counter() - t0, quick=args.quick)
     rows, checks = rows_of(out)
     out["checks"] = checks
+    out["kernels_ran"] = kernel_lines(out)
     out["table_markdown"] = table(out)
     with atomic_write(args.out, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
@@ -854,6 +888,8 @@ def main(argv=None):
     print(machine_line(out))
     print()
     print(out["table_markdown"])
+    if out["kernels_ran"]:
+        print("\nKernels each npgpt2 row ran:\n" + "\n".join(out["kernels_ran"]))
     krows = out["benchmarks"].get("kernels", {}).get("rows")
     if krows:
         sys.path.insert(0, str(HERE))

@@ -67,6 +67,7 @@ def matmul_rows(x, w, bias=None, out=None):
     b = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     n = threads.gemv_threads(M * C * OC)
     if n == 1:  # no job machinery: the kernel on this thread
+        gemv_pool.note(gemv_pool.KIND_F32_ROWS, 1)
         _rows(x, w.T, b, out, 0, OC)
         return out
     params = np.array([x.ctypes.data, w.T.ctypes.data, b.ctypes.data, out.ctypes.data,

@@ -241,6 +241,15 @@ def _spins_for(seconds):
 
 
 _pool = None
+# jobs run since import, by (kind name, threads): the benchmarks report which path ran
+STATS = {}
+KIND_NAMES = {KIND_INT8: "int8 x int8 dot", KIND_F32_ROWS: "float32 rows"}
+
+
+def note(kind, threads):
+    """Count a job of `kind` run on `threads` threads (also the callers' one-thread calls)."""
+    key = f"{KIND_NAMES[kind]}, {threads} thread{'s' if threads > 1 else ''}"
+    STATS[key] = STATS.get(key, 0) + 1
 
 
 def run(kind, params, nchunks, threads=1):
@@ -250,6 +259,7 @@ def run(kind, params, nchunks, threads=1):
     caller keeps the arrays alive until run returns (it returns when every chunk is done).
     """
     global _pool
+    note(kind, threads)
     if _pool is None:
         _pool = _Pool()
     _pool.run(kind, params, nchunks, threads)

@@ -121,6 +121,7 @@ def int8_matmul(x, q, scale, bias=None):
     b = int8_dot._NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     n = threads.gemv_threads(N * R * K)
     if n == 1:
+        gemv_pool.note(gemv_pool.KIND_INT8, 1)
         int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R)
         return out
     params = np.array([xq.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data, b.ctypes.data,
