@@ -441,6 +441,19 @@ def quality(args):
         loss, _ = evaluate(m, held, context, batch_size=per)
         out[name] = {"loss": loss, "delta_loss": loss - loss32, "weight_mib": weight_mib(m),
                      "greedy_agreement": float((greedy(m) == g32).mean())}
+    # decoding's kernel (<= GEMV_MAX_ROWS rows: activations quantised to int8 too, int8_dot.py)
+    # on every position: the same held-out windows with that kernel forced for all rows
+    from npgpt2 import quant_kernels
+    rows_max = quant_kernels.GEMV_MAX_ROWS
+    quant_kernels.GEMV_MAX_ROWS = 1 << 30
+    try:
+        m = variants["int8"]
+        loss, _ = evaluate(m, held, context, batch_size=per)
+        out["int8, decode kernel"] = {"loss": loss, "delta_loss": loss - loss32, "weight_mib": weight_mib(m),
+                                      "greedy_agreement": float((greedy(m) == g32).mean()),
+                                      "kernel": quant_kernels.KERNEL}
+    finally:
+        quant_kernels.GEMV_MAX_ROWS = rows_max
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 
