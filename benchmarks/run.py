@@ -108,13 +108,28 @@ def worker_env():
     return env, removed
 
 
+LLAMA_VENV_PYTHON = Path("/opt/llamaenv/bin/python")
+
+
+def llama_python():
+    """The Python with llama-cpp-python and gguf (benchmarks/requirements-anchors.txt): the
+    one NPGPT2_LLAMA_PYTHON names, else /opt/llamaenv's, else this one if it has them; or None."""
+    for exe in (os.environ.get("NPGPT2_LLAMA_PYTHON"), LLAMA_VENV_PYTHON, sys.executable):
+        if exe and Path(exe).exists() and subprocess.run(
+                [str(exe), "-c", "import llama_cpp, gguf"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL).returncode == 0:
+            return str(exe)
+    return None
+
+
 class Worker:
     """One side of one benchmark in its own process (benchmarks/workers.py)."""
 
     def __init__(self, side, bench, args, log):
         env, _ = worker_env()
         self.side = side
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "workers.py"), side, bench, json.dumps(args)],
+        exe = llama_python() if side.startswith("llama") else sys.executable
+        self.proc = subprocess.Popen([exe, str(HERE / "workers.py"), side, bench, json.dumps(args)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                      text=True, env=env, cwd=ROOT)
         self.ready = self._read()
@@ -269,7 +284,7 @@ def bench_hardware(reps, log):
     return json.loads(out.stdout)
 
 
-STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "train_b4t64", "train_b1t1024", "train_memsave",
+STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "decode_anchors", "train_b4t64", "train_b1t1024", "train_memsave",
          "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
          "int8_quality_124M", "tokenizer", "kernels", "lora_124M", "lora_774M", "lora_1558M",
          "lora_quality")  # --only names, in the order they run
@@ -301,6 +316,7 @@ def run_all(args, log):
     step("decode", lambda: {**duel("decode", {"prompt": 16, "new": new}, reps, sides, log), "new": new})
     # 8-bit weights: the same decode protocol, int8 and float32 npgpt2 and PyTorch in turns
     step("decode_int8", lambda: decode_int8(reps, new, sides, log))
+    step("decode_anchors", lambda: decode_anchors(reps, new, log))
     step("train_b4t64", lambda: duel("train", {"B": 4, "T": 64}, reps, sides, log))
     step("train_b1t1024", lambda: duel("train", {"B": 1, "T": 1024}, reps, sides, log))
     # --memory_saving_gradients against the normal path: two npgpt2 workers in turns (2 reps: a
@@ -403,6 +419,17 @@ def decode_int8(reps, new, sides, log):
     res = duel("decode", {"prompt": 16, "new": new}, reps, ["npgpt2-int8"] + sides, log)
     # random weights: nearly flat logits, so equal ids are likely but not promised
     res.update(new=new, greedy_ids_equal_int8_float32=res["npgpt2-int8"]["result"] == res["npgpt2"]["result"])
+    return res
+
+
+def decode_anchors(reps, new, log):
+    """Decode (16-token prompt + `new`) with npgpt2 int8 and float32 and llama.cpp q8_0 and
+    f32 (llama-cpp-python, GGUF from benchmarks/gguf_anchor.py, the machine's cores as
+    threads), all four taking turns."""
+    if llama_python() is None:
+        return {"skipped": "llama-cpp-python + gguf not installed (benchmarks/requirements-anchors.txt)"}
+    res = duel("decode", {"prompt": 16, "new": new}, reps, ["npgpt2-int8", "llama-q8_0", "npgpt2", "llama-f32"], log)
+    res["new"] = new
     return res
 
 
@@ -529,6 +556,23 @@ def rows_of(out):
         rows.append((f"{label} vs PyTorch float32", f"{i8:.1f} tok/s",
                      f"{pt:.1f} tok/s" if pt else "not installed", f"{i8 / pt:.2f}x" if pt else "", "",
                      ">= 2.3x PyTorch float32", "yes" if checks["decode_int8_vs_torch"] else "no"))
+
+    why = missing("decode_anchors")
+    for ours, theirs, target in (("npgpt2-int8", "llama-q8_0", 1.0), ("npgpt2", "llama-f32", None)):
+        label = (f"{'int8' if ours.endswith('int8') else 'float32'} decode, batch 1, vs llama.cpp {theirs[6:]} "
+                 "(llama-cpp-python, same run)")
+        goal = f">= {target}x llama.cpp" if target else "reported"
+        if why:
+            rows.append((label, why, "", "", "", goal, "no" if target else ""))
+            continue
+        b = Bm["decode_anchors"]
+        n = new_tokens = b.get("new", 50)
+        a, t = n / b[ours]["median_s"], n / b[theirs]["median_s"]
+        ok = target is None or a / t >= target
+        if target:
+            checks[f"decode_vs_llama_{theirs[6:]}"] = ok
+        rows.append((f"{label} (16-token prompt + {new_tokens} new)", f"{a:.1f} tok/s",
+                     f"llama.cpp {t:.1f} tok/s", f"{a / t:.2f}x", "", goal, ("yes" if ok else "no") if target else ""))
 
     timed("train_b4t64", "train step (fwd+bwd+AdamW) B=4,T=64", 1.0, train_T=(4, 64))
     # fused attention: 25 % below the 3.15 GiB measured before it (2026-11-26)
@@ -751,6 +795,10 @@ def kernel_lines(out):
         if not isinstance(b, dict):
             continue
         for side, r in b.items():
+            if side.startswith("llama") and isinstance(r, dict) and "info" in r:
+                lines.append(f"- {name} / {side}: llama-cpp-python {r['info']['llama_cpp_python']}, "
+                             f"{r['info']['system_info'][:200]}")
+                continue
             k = r.get("info", {}).get("kernels") if isinstance(r, dict) and side.startswith("npgpt2") else None
             if not k:
                 continue

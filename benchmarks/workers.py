@@ -141,6 +141,52 @@ def npgpt2_setup(bench, args, dtype="float32"):
     raise SystemExit(f"unknown npgpt2 benchmark {bench!r}")
 
 
+# ---------------------------------------------------------------- llama.cpp (llama-cpp-python)
+LLAMA_SIDES = {"llama-f32": "f32", "llama-q8_0": "q8_0"}  # side -> GGUF type (benchmarks/gguf_anchor.py)
+
+
+def llama_info():
+    import llama_cpp
+    return {"llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+
+
+def llama_setup(side, bench, args):
+    """Decode with llama.cpp on GPT-2 124M random weights written by gguf_anchor.py (once,
+    kept in the temp dir), 2 threads (the machine's cores), greedy (top_k=1), the same
+    16-token prompt + args["new"] tokens as npgpt2's decode."""
+    import tempfile
+
+    from llama_cpp import Llama
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gguf_anchor import SIZES as GG_SIZES
+    from gguf_anchor import random_params, write_gguf
+    if bench != "decode":
+        raise SystemExit(f"unknown llama.cpp benchmark {bench!r}")
+    qtype = LLAMA_SIDES[side]
+    folder = Path(tempfile.gettempdir()) / "npgpt2-bench-gguf"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"gpt2-124M-random-{qtype}.gguf"
+    if not path.exists():
+        tmp = path.with_suffix(".part")
+        write_gguf(random_params(GG_SIZES["124M"]), GG_SIZES["124M"], tmp, qtype)
+        tmp.replace(path)
+    n = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+    llm = Llama(model_path=str(path), n_ctx=args["prompt"] + args["new"] + 8, n_threads=n, n_threads_batch=n,
+                verbose=False)
+    prompt = [int(t) for t in tokens(2, args["prompt"])]
+    out = {}
+
+    def run():
+        ids = []
+        for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            ids.append(int(tok))
+            if len(ids) == args["new"]:
+                break
+        out["ids"] = ids
+    return run, {"result": out}
+
+
 # ---------------------------------------------------------------- PyTorch + transformers
 def torch_info():
     import torch
@@ -512,6 +558,9 @@ def main():
     if side == "npgpt2-lora":
         run, extra = lora_setup(args)
         info = npgpt2_info
+    elif side in LLAMA_SIDES:
+        run, extra = llama_setup(side, bench, args)
+        info = llama_info
     elif side in NPGPT2_SIDES:
         run, extra = npgpt2_setup(bench, args, NPGPT2_SIDES[side])
         info = npgpt2_info
