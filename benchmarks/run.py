@@ -771,7 +771,8 @@ def machine_line(out):
     if isa is not None:
         have = set(isa)
         parts.append("ISA features that select kernels: " + ", ".join(
-            f if f in have else f"no {f}" for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")))
+            f if f in have else f"no {f}" for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile"))
+            + f" (LLVM/Numba target: {m.get('llvm_cpu', '?')})")
     blas = m.get("npgpt2", {}).get("blas")
     if isinstance(blas, list) and blas:
         b = blas[0]
@@ -829,8 +830,10 @@ def machine_info():
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     _, removed = worker_env()
+    from llvmlite import binding
+
     from npgpt2.int8_dot import cpu_info
-    return {"cpu": cpu, "isa": cpu_info()["flags"], "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
+    return {"cpu": cpu, "isa": cpu_info()["flags"], "llvm_cpu": binding.get_host_cpu_name(), "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
             "executable": sys.executable, "openblas_env_removed": removed,
             "loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
 
