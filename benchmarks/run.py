@@ -284,7 +284,7 @@ def bench_hardware(reps, log):
     return json.loads(out.stdout)
 
 
-STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "decode_anchors", "train_b4t64", "train_b1t1024", "train_memsave",
+STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "decode_anchors", "policy", "train_b4t64", "train_b1t1024", "train_memsave",
          "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
          "int8_quality_124M", "tokenizer", "kernels", "lora_124M", "lora_774M", "lora_1558M",
          "lora_quality")  # --only names, in the order they run
@@ -317,6 +317,7 @@ def run_all(args, log):
     # 8-bit weights: the same decode protocol, int8 and float32 npgpt2 and PyTorch in turns
     step("decode_int8", lambda: decode_int8(reps, new, sides, log))
     step("decode_anchors", lambda: decode_anchors(reps, new, log))
+    step("policy", lambda: policy(reps, log))
     step("train_b4t64", lambda: duel("train", {"B": 4, "T": 64}, reps, sides, log))
     step("train_b1t1024", lambda: duel("train", {"B": 1, "T": 1024}, reps, sides, log))
     # --memory_saving_gradients against the normal path: two npgpt2 workers in turns (2 reps: a
@@ -431,6 +432,17 @@ def decode_anchors(reps, new, log):
     res = duel("decode", {"prompt": 16, "new": new}, reps, ["npgpt2-int8", "llama-q8_0", "npgpt2", "llama-f32"], log)
     res["new"] = new
     return res
+
+
+def policy(reps, log):
+    """The default thread policy against fixed NPGPT2_THREADS=1 and =2 (threads.py), three
+    npgpt2 workers in one rotation: forward B=1,T=1024 and train B=4,T=64."""
+    out = {}
+    for bench, args in (("forward", {"T": 1024}), ("train", {"B": 4, "T": 64})):
+        plan = {"default": ("npgpt2", args), **{f"NPGPT2_THREADS={n}": ("npgpt2", {**args, "npgpt2_threads": n})
+                                               for n in (1, 2)}}
+        out[bench] = duel(bench, args, reps, plan, log)
+    return out
 
 
 def bench_big(side, log):
@@ -573,6 +585,21 @@ def rows_of(out):
             checks[f"decode_vs_llama_{theirs[6:]}"] = ok
         rows.append((f"{label} (16-token prompt + {new_tokens} new)", f"{a:.1f} tok/s",
                      f"llama.cpp {t:.1f} tok/s", f"{a / t:.2f}x", "", goal, ("yes" if ok else "no") if target else ""))
+
+    why = missing("policy")
+    for bench, label in (("forward", "forward B=1,T=1024"), ("train", "train step B=4,T=64")):
+        goal = "default <= 1.05x the best fixed NPGPT2_THREADS (idle machine)"
+        if why:
+            rows.append((f"thread policy: {label}", why, "", "", "", goal, "no"))
+            continue
+        b = Bm["policy"][bench]
+        fixed = {k: v["median_s"] for k, v in b.items() if k.startswith("NPGPT2_THREADS")}
+        best = min(fixed, key=fixed.get)
+        ratio = b["default"]["median_s"] / fixed[best]
+        checks[f"policy_{bench}"] = ratio <= 1.05
+        rows.append((f"thread policy: {label}, default vs fixed", fmt_s(b["default"]["median_s"]),
+                     ", ".join(f"{k}: {fmt_s(v)}" for k, v in fixed.items()), f"{ratio:.2f}x vs {best}",
+                     "", goal, "yes" if ratio <= 1.05 else "no"))
 
     timed("train_b4t64", "train step (fwd+bwd+AdamW) B=4,T=64", 1.0, train_T=(4, 64))
     # fused attention: 25 % below the 3.15 GiB measured before it (2026-11-26)

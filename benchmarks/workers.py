@@ -87,9 +87,14 @@ def kernels_info():
 
 def npgpt2_setup(bench, args, dtype="float32"):
     """-> (a function running one repetition, extra info). dtype "int8": the same random
-    weights quantised as load_model(dtype="int8") does (generation only)."""
+    weights quantised as load_model(dtype="int8") does (generation only). args["npgpt2_threads"]:
+    run as under NPGPT2_THREADS=N (the thread-policy rows race the default against it)."""
     import numpy as np
 
+    if args.get("npgpt2_threads"):
+        os.environ["NPGPT2_THREADS"] = str(args["npgpt2_threads"])
+        from npgpt2 import threads
+        threads.reset()
     import npgpt2
     from npgpt2 import quant
     from npgpt2.model import GPT2, init_model
