@@ -1,13 +1,18 @@
-"""Numba twins of quant.py's int8 matmul: they dequantise on the fly.
+"""Numba twins of quant.py's int8 matmul: they dequantise on the fly (or, decoding, quantise the activations too).
 
 `matmul_forward(inp, weight, bias)` computes what `layers.matmul_forward` computes when
 `weight` is a transposed `QuantizedWeight` (the plain way: dequantise all of it, then one
-float32 matmul); tests hold the two equal to float32 rounding.
+float32 matmul); tests hold the two equal to float32 rounding, and the int8-activation GEMV
+equal to its own plain reference (quant.int8_dot_reference) and near the float product.
 
-- A few rows (decode: one token per step) take `_gemv`: each int8 row of the weight is read
-  once, converted to float32 in registers and dotted with the inputs; the scale multiplies
-  each group's sum. Decode reads every weight once per token, so reading 1 byte instead of
-  4 per weight is the whole gain (memory bandwidth, not arithmetic, is the limit).
+- A few rows (decode: one token per step; up to GEMV_MAX_ROWS) take `int8_matmul`: the
+  activation rows are quantised to int8 as well (per row and weight group) and each weight
+  row is dotted with them in integer arithmetic (int8_dot.py), the rows shared between this
+  thread and gemv_pool.py's spinning worker while a core is free. Decode reads every weight
+  once per token, so reading 1 byte instead of 4 per weight is the whole gain (memory
+  bandwidth, not arithmetic, is the limit), and the second core doubles the bytes read.
+  NPGPT2_INT8_KERNEL=dequant keeps the float activations instead: `_gemv`, each int8 row
+  converted to float32 in registers and dotted with the inputs, one thread.
 - A prompt of up to GEMV_PAR_MAX_ROWS rows takes the same kernel with the weight's rows
   split between the threads (`_gemv_par`), when threads.py finds a second core free.
 - Many rows (a long prompt, eval) dequantise the weight into a float32 matrix
@@ -22,7 +27,9 @@ from numba import njit, prange
 from . import gemv_pool, int8_dot, threads
 from .quant import QuantizedWeight
 
-# Decoding's GEMV, and a short prompt's (up to GEMV_MAX_ROWS rows), runs on one thread: a
+# The float-activation GEMV (`_gemv`, NPGPT2_INT8_KERNEL=dequant) of up to GEMV_MAX_ROWS rows
+# runs on one thread (the default int8 x int8 path shares rows with gemv_pool's worker, which
+# spins between jobs, so it does not pay the wake-up measured here): a
 # parallel launch costs ~0.4 ms under Numba's workqueue layer (threads.py's choice), and on
 # this project's VM a sleeping thread takes up to ~1 ms to wake (the 50257 x 768 head: 2.0-2.6
 # ms on one thread; on two, 1.1-1.4 ms at best but 2.4-3.3 ms median), more than a layer's
