@@ -20,7 +20,8 @@ worker is never posted to and goes back to sleep after SPIN_S.
 
 Jobs (kind, params as int64 addresses and sizes; the caller keeps the arrays alive):
 - KIND_INT8: int8_dot._dot_rows on rows [c*R/n, (c+1)*R/n) for chunk c;
-- KIND_F32_ROWS: gemv._rows on rows [c*OC/n, (c+1)*OC/n).
+- KIND_F32_ROWS: gemv._rows on rows [c*OC/n, (c+1)*OC/n) of w (OC, C);
+- KIND_F32_COLS: gemv._cols on columns [c*OC/n, (c+1)*OC/n) of w (C, OC).
 """
 import atexit
 import platform
@@ -42,7 +43,7 @@ KIND, NCHUNKS, P = 32, 33, 34  # the job: kind, chunks, parameters P..P+13
 CTL_SIZE = 48
 SEQ_SHIFT = 24  # CLAIM = seq << SEQ_SHIFT | next chunk
 CHUNK_MASK = (1 << SEQ_SHIFT) - 1
-KIND_INT8, KIND_F32_ROWS = 1, 2
+KIND_INT8, KIND_F32_ROWS, KIND_F32_COLS = 1, 2, 3
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
@@ -118,13 +119,17 @@ def _chunk(ctl, c):
         bias = carray(_as_ptr(ctl[P + 4]), (nb,), np.float32)
         out = carray(_as_ptr(ctl[P + 5]), (N, R), np.float32)
         int8_dot._dot_rows(xq, xs, q, ws, bias, out, c * R // n, (c + 1) * R // n)
-    else:  # KIND_F32_ROWS: x w bias out M C OC nb; w (OC, C) rows, float32
+    else:  # KIND_F32_ROWS / _COLS: x w bias out M C OC nb, float32
         M, C, OC, nb = ctl[P + 4], ctl[P + 5], ctl[P + 6], ctl[P + 7]
         x = carray(_as_ptr(ctl[P]), (M, C), np.float32)
-        w = carray(_as_ptr(ctl[P + 1]), (OC, C), np.float32)
         bias = carray(_as_ptr(ctl[P + 2]), (nb,), np.float32)
         out = carray(_as_ptr(ctl[P + 3]), (M, OC), np.float32)
-        gemv._rows(x, w, bias, out, c * OC // n, (c + 1) * OC // n)
+        if kind == KIND_F32_ROWS:
+            gemv._rows(x, carray(_as_ptr(ctl[P + 1]), (OC, C), np.float32), bias, out,
+                       c * OC // n, (c + 1) * OC // n)
+        else:
+            gemv._cols(x, carray(_as_ptr(ctl[P + 1]), (C, OC), np.float32), bias, out,
+                       c * OC // n, (c + 1) * OC // n)
 
 
 @njit(cache=True, nogil=True)
@@ -243,7 +248,7 @@ def _spins_for(seconds):
 _pool = None
 # jobs run since import, by (kind name, threads): the benchmarks report which path ran
 STATS = {}
-KIND_NAMES = {KIND_INT8: "int8 x int8 dot", KIND_F32_ROWS: "float32 rows"}
+KIND_NAMES = {KIND_INT8: "int8 x int8 dot", KIND_F32_ROWS: "float32 rows", KIND_F32_COLS: "float32 columns"}
 
 
 def note(kind, threads):
