@@ -18,6 +18,9 @@ caller's thread (no worker involved at all). The callers (gemv.py, quant_kernels
 threads.gemv_threads(), which says 2 only while a core is free: on a busy machine the
 worker is never posted to and goes back to sleep after SPIN_S.
 
+Numba's on-disk cache keys _chunk on this file only: after editing a kernel in int8_dot.py
+or gemv.py, touch this file (or clear npgpt2/__pycache__) so the worker's copy recompiles.
+
 Jobs (kind, params as int64 addresses and sizes; the caller keeps the arrays alive):
 - KIND_INT8: int8_dot._dot_rows on rows [c*R/n, (c+1)*R/n) for chunk c;
 - KIND_F32_ROWS: gemv._rows on rows [c*OC/n, (c+1)*OC/n) of w (OC, C);
