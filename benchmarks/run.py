@@ -112,13 +112,28 @@ def worker_env():
     return env, removed
 
 
+LLAMA_VENV_PYTHON = Path("/opt/llamaenv/bin/python")
+
+
+def llama_python():
+    """The Python with llama-cpp-python and gguf (benchmarks/requirements-anchors.txt): the
+    one NPGPT2_LLAMA_PYTHON names, else /opt/llamaenv's, else this one if it has them; or None."""
+    for exe in (os.environ.get("NPGPT2_LLAMA_PYTHON"), LLAMA_VENV_PYTHON, sys.executable):
+        if exe and Path(exe).exists() and subprocess.run(
+                [str(exe), "-c", "import llama_cpp, gguf"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL).returncode == 0:
+            return str(exe)
+    return None
+
+
 class Worker:
     """One side of one benchmark in its own process (benchmarks/workers.py)."""
 
     def __init__(self, side, bench, args, log):
         env, _ = worker_env()
         self.side = side
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "workers.py"), side, bench, json.dumps(args)],
+        exe = llama_python() if side.startswith("llama") else sys.executable
+        self.proc = subprocess.Popen([exe, str(HERE / "workers.py"), side, bench, json.dumps(args)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                      text=True, env=env, cwd=ROOT)
         self.ready = self._read()
@@ -273,7 +288,7 @@ def bench_hardware(reps, log):
     return json.loads(out.stdout)
 
 
-STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "train_b4t64", "train_b1t1024", "train_memsave",
+STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "decode_anchors", "policy", "train_b4t64", "train_b1t1024", "train_memsave",
          "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
          "int8_quality_124M", "tokenizer", "kernels", "lora_124M", "lora_774M", "lora_1558M",
          "lora_quality")  # --only names, in the order they run
@@ -305,6 +320,8 @@ def run_all(args, log):
     step("decode", lambda: {**duel("decode", {"prompt": 16, "new": new}, reps, sides, log), "new": new})
     # 8-bit weights: the same decode protocol, int8 and float32 npgpt2 and PyTorch in turns
     step("decode_int8", lambda: decode_int8(reps, new, sides, log))
+    step("decode_anchors", lambda: decode_anchors(reps, new, log))
+    step("policy", lambda: policy(reps, log))
     step("train_b4t64", lambda: duel("train", {"B": 4, "T": 64}, reps, sides, log))
     step("train_b1t1024", lambda: duel("train", {"B": 1, "T": 1024}, reps, sides, log))
     # --memory_saving_gradients against the normal path: two npgpt2 workers in turns (2 reps: a
@@ -411,6 +428,28 @@ def decode_int8(reps, new, sides, log):
     # random weights: nearly flat logits, so equal ids are likely but not promised
     res.update(new=new, greedy_ids_equal_int8_float32=res["npgpt2-int8"]["result"] == res["npgpt2"]["result"])
     return res
+
+
+def decode_anchors(reps, new, log):
+    """Decode (16-token prompt + `new`) with npgpt2 int8 and float32 and llama.cpp q8_0 and
+    f32 (llama-cpp-python, GGUF from benchmarks/gguf_anchor.py, the machine's cores as
+    threads), all four taking turns."""
+    if llama_python() is None:
+        return {"skipped": "llama-cpp-python + gguf not installed (benchmarks/requirements-anchors.txt)"}
+    res = duel("decode", {"prompt": 16, "new": new}, reps, ["npgpt2-int8", "llama-q8_0", "npgpt2", "llama-f32"], log)
+    res["new"] = new
+    return res
+
+
+def policy(reps, log):
+    """The default thread policy against fixed NPGPT2_THREADS=1 and =2 (threads.py), three
+    npgpt2 workers in one rotation: forward B=1,T=1024 and train B=4,T=64."""
+    out = {}
+    for bench, args in (("forward", {"T": 1024}), ("train", {"B": 4, "T": 64})):
+        plan = {"default": ("npgpt2", args), **{f"NPGPT2_THREADS={n}": ("npgpt2", {**args, "npgpt2_threads": n})
+                                               for n in (1, 2)}}
+        out[bench] = duel(bench, args, reps, plan, log)
+    return out
 
 
 def bench_big(side, log):
@@ -537,6 +576,38 @@ def rows_of(out):
                      f"{pt:.1f} tok/s" if pt else "not installed", f"{i8 / pt:.2f}x" if pt else "", "",
                      ">= 2.3x PyTorch float32", "yes" if checks["decode_int8_vs_torch"] else "no"))
 
+    why = missing("decode_anchors")
+    for ours, theirs, target in (("npgpt2-int8", "llama-q8_0", 1.0), ("npgpt2", "llama-f32", None)):
+        label = (f"{'int8' if ours.endswith('int8') else 'float32'} decode, batch 1, vs llama.cpp {theirs[6:]} "
+                 "(llama-cpp-python, same run)")
+        goal = f">= {target}x llama.cpp" if target else "reported"
+        if why:
+            rows.append((label, why, "", "", "", goal, "no" if target else ""))
+            continue
+        b = Bm["decode_anchors"]
+        n = new_tokens = b.get("new", 50)
+        a, t = n / b[ours]["median_s"], n / b[theirs]["median_s"]
+        ok = target is None or a / t >= target
+        if target:
+            checks[f"decode_vs_llama_{theirs[6:]}"] = ok
+        rows.append((f"{label} (16-token prompt + {new_tokens} new)", f"{a:.1f} tok/s",
+                     f"llama.cpp {t:.1f} tok/s", f"{a / t:.2f}x", "", goal, ("yes" if ok else "no") if target else ""))
+
+    why = missing("policy")
+    for bench, label in (("forward", "forward B=1,T=1024"), ("train", "train step B=4,T=64")):
+        goal = "default <= 1.05x the best fixed NPGPT2_THREADS (idle machine)"
+        if why:
+            rows.append((f"thread policy: {label}", why, "", "", "", goal, "no"))
+            continue
+        b = Bm["policy"][bench]
+        fixed = {k: v["median_s"] for k, v in b.items() if k.startswith("NPGPT2_THREADS")}
+        best = min(fixed, key=fixed.get)
+        ratio = b["default"]["median_s"] / fixed[best]
+        checks[f"policy_{bench}"] = ratio <= 1.05
+        rows.append((f"thread policy: {label}, default vs fixed", fmt_s(b["default"]["median_s"]),
+                     ", ".join(f"{k}: {fmt_s(v)}" for k, v in fixed.items()), f"{ratio:.2f}x vs {best}",
+                     "", goal, "yes" if ratio <= 1.05 else "no"))
+
     timed("train_b4t64", "train step (fwd+bwd+AdamW) B=4,T=64", 1.0, train_T=(4, 64))
     # fused attention: 25 % below the 3.15 GiB measured before it (2026-11-26)
     timed("train_b1t1024", "train step (fwd+bwd+AdamW) B=1,T=1024 (fused attention)", 1.0,
@@ -610,12 +681,16 @@ def rows_of(out):
             continue
         b = Bm[name]
         q = b["int8"]
-        checks[name + "_loss"] = q["delta_loss"] <= 0.02
-        checks[name + "_agreement"] = q["greedy_agreement"] >= 0.98
+        d = b.get("int8, decode kernel")  # decoding's int8 x int8 kernel on every position
+        worst = [q] + ([d] if d else [])
+        checks[name + "_loss"] = max(v["delta_loss"] for v in worst) <= 0.02
+        checks[name + "_agreement"] = min(v["greedy_agreement"] for v in worst) >= 0.98
+        dec = (f"; decode kernel (int8 activations): loss {d['loss']:.4f}, "
+               f"greedy agreement {100 * d['greedy_agreement']:.2f}%") if d else ""
         rows.append((f"int8 quality: {model}, {b['held_out_tokens']:,} held-out tokens",
                      f"loss {q['loss']:.4f} (float32 {b['float32']['loss']:.4f}), "
-                     f"greedy agreement {100 * q['greedy_agreement']:.2f}%", "",
-                     f"{q['delta_loss']:+.4f} nats", "", target,
+                     f"greedy agreement {100 * q['greedy_agreement']:.2f}%{dec}", "",
+                     f"{q['delta_loss']:+.4f} nats" + (f" / {d['delta_loss']:+.4f}" if d else ""), "", target,
                      "yes" if checks[name + "_loss"] and checks[name + "_agreement"] else "no"))
 
     lora_rows(Bm, rows, checks, missing)
@@ -737,6 +812,12 @@ def machine_line(out):
     g = hw.get("gemm_gflops", {})
     bw = hw.get("bandwidth_gbs", {})
     parts = [f"{m['cpu']}, {m['cores']} cores, {m['mem_gib']:.0f} GiB, {m['python']}"]
+    isa = m.get("isa")
+    if isa is not None:
+        have = set(isa)
+        parts.append("ISA features that select kernels: " + ", ".join(
+            f if f in have else f"no {f}" for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile"))
+            + f" (LLVM/Numba target: {m.get('llvm_cpu', '?')})")
     blas = m.get("npgpt2", {}).get("blas")
     if isinstance(blas, list) and blas:
         b = blas[0]
@@ -752,6 +833,37 @@ def machine_line(out):
     return "\n".join("- " + p for p in parts)
 
 
+def kernel_lines(out):
+    """One line per benchmark run by npgpt2 workers: which decode kernels ran, on how many
+    threads (gemv_pool's job counts), and the instructions LLVM chose for the int8 dot."""
+    lines = []
+    for name, b in out["benchmarks"].items():
+        if not isinstance(b, dict):
+            continue
+        for side, r in b.items():
+            if side.startswith("llama") and isinstance(r, dict) and "info" in r:
+                lines.append(f"- {name} / {side}: llama-cpp-python {r['info']['llama_cpp_python']}, "
+                             f"{r['info']['system_info'][:200]}")
+                continue
+            k = r.get("info", {}).get("kernels") if isinstance(r, dict) and side.startswith("npgpt2") else None
+            if not k:
+                continue
+            blas = r["info"].get("blas")
+            what = [f"BLAS {blas[0]['internal_api']} {blas[0]['architecture']}" if isinstance(blas, list) and blas
+                    else "BLAS ?"]
+            if k.get("jobs"):
+                what.append("GEMV jobs: " + ", ".join(f"{key} x{n}" for key, n in sorted(k["jobs"].items())))
+            if side.endswith("int8"):
+                asm = k.get("int8_dot_asm")
+                what.append(f"int8 kernel {k['int8_kernel']}" + (
+                    f" ({', '.join(asm['instructions']) or 'no SIMD multiply-add'} on {asm['register']})"
+                    if asm else ""))
+            if k.get("threads_env"):
+                what.append(f"NPGPT2_THREADS={k['threads_env']}")
+            lines.append(f"- {name} / {side}: " + "; ".join(what))
+    return lines
+
+
 def machine_info():
     cpu = platform.processor() or platform.machine()
     try:
@@ -763,7 +875,10 @@ def machine_info():
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     _, removed = worker_env()
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
+    from llvmlite import binding
+
+    from npgpt2.int8_dot import cpu_info
+    return {"cpu": cpu, "isa": cpu_info()["flags"], "llvm_cpu": binding.get_host_cpu_name(), "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
             "executable": sys.executable, "openblas_env_removed": removed,
             "loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
 
@@ -864,6 +979,7 @@ def main(argv=None):
                wall_s=time.perf_counter() - t0, quick=args.quick)
     rows, checks = rows_of(out)
     out["checks"] = checks
+    out["kernels_ran"] = kernel_lines(out)
     out["table_markdown"] = table(out)
     with atomic_write(args.out, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
@@ -874,6 +990,8 @@ def main(argv=None):
     print(machine_line(out))
     print()
     print(out["table_markdown"])
+    if out["kernels_ran"]:
+        print("\nKernels each npgpt2 row ran:\n" + "\n".join(out["kernels_ran"]))
     krows = out["benchmarks"].get("kernels", {}).get("rows")
     if krows:
         sys.path.insert(0, str(HERE))

@@ -70,14 +70,31 @@ def npgpt2_info():
     except ValueError:
         info["numba_threading_layer"] = "not started"
     info["plain"] = os.environ.get("NPGPT2_PLAIN", "") not in ("", "0")
+    info["kernels"] = kernels_info()
     return info
+
+
+def kernels_info():
+    """Which decode kernels this process ran: gemv_pool's job counts by kind and threads, the
+    int8 GEMV kernel chosen, and the multiply-add instructions LLVM picked for it here."""
+    from npgpt2 import gemv_pool, int8_dot, quant_kernels
+    out = {"jobs": dict(gemv_pool.STATS), "int8_kernel": quant_kernels.KERNEL,
+           "threads_env": os.environ.get("NPGPT2_THREADS")}
+    if any(k.startswith("int8") for k in gemv_pool.STATS):
+        out["int8_dot_asm"] = int8_dot.dot_instructions()
+    return out
 
 
 def npgpt2_setup(bench, args, dtype="float32"):
     """-> (a function running one repetition, extra info). dtype "int8": the same random
-    weights quantised as load_model(dtype="int8") does (generation only)."""
+    weights quantised as load_model(dtype="int8") does (generation only). args["npgpt2_threads"]:
+    run as under NPGPT2_THREADS=N (the thread-policy rows race the default against it)."""
     import numpy as np
 
+    if args.get("npgpt2_threads"):
+        os.environ["NPGPT2_THREADS"] = str(args["npgpt2_threads"])
+        from npgpt2 import threads
+        threads.reset()
     import npgpt2
     from npgpt2 import quant
     from npgpt2.model import GPT2, init_model
@@ -127,6 +144,52 @@ def npgpt2_setup(bench, args, dtype="float32"):
         extra = {}
         return run, {"result": extra}
     raise SystemExit(f"unknown npgpt2 benchmark {bench!r}")
+
+
+# ---------------------------------------------------------------- llama.cpp (llama-cpp-python)
+LLAMA_SIDES = {"llama-f32": "f32", "llama-q8_0": "q8_0"}  # side -> GGUF type (benchmarks/gguf_anchor.py)
+
+
+def llama_info():
+    import llama_cpp
+    return {"llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+
+
+def llama_setup(side, bench, args):
+    """Decode with llama.cpp on GPT-2 124M random weights written by gguf_anchor.py (once,
+    kept in the temp dir), 2 threads (the machine's cores), greedy (top_k=1), the same
+    16-token prompt + args["new"] tokens as npgpt2's decode."""
+    import tempfile
+
+    from llama_cpp import Llama
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gguf_anchor import SIZES as GG_SIZES
+    from gguf_anchor import random_params, write_gguf
+    if bench != "decode":
+        raise SystemExit(f"unknown llama.cpp benchmark {bench!r}")
+    qtype = LLAMA_SIDES[side]
+    folder = Path(tempfile.gettempdir()) / "npgpt2-bench-gguf"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"gpt2-124M-random-{qtype}.gguf"
+    if not path.exists():
+        tmp = path.with_suffix(".part")
+        write_gguf(random_params(GG_SIZES["124M"]), GG_SIZES["124M"], tmp, qtype)
+        tmp.replace(path)
+    n = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+    llm = Llama(model_path=str(path), n_ctx=args["prompt"] + args["new"] + 8, n_threads=n, n_threads_batch=n,
+                verbose=False)
+    prompt = [int(t) for t in tokens(2, args["prompt"])]
+    out = {}
+
+    def run():
+        ids = []
+        for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            ids.append(int(tok))
+            if len(ids) == args["new"]:
+                break
+        out["ids"] = ids
+    return run, {"result": out}
 
 
 # ---------------------------------------------------------------- PyTorch + transformers
@@ -499,6 +562,19 @@ def quality(args):
         loss, _ = evaluate(m, held, context, batch_size=per)
         out[name] = {"loss": loss, "delta_loss": loss - loss32, "weight_mib": weight_mib(m),
                      "greedy_agreement": float((greedy(m) == g32).mean())}
+    # decoding's kernel (<= GEMV_MAX_ROWS rows: activations quantised to int8 too, int8_dot.py)
+    # on every position: the same held-out windows with that kernel forced for all rows
+    from npgpt2 import quant_kernels
+    rows_max = quant_kernels.GEMV_MAX_ROWS
+    quant_kernels.GEMV_MAX_ROWS = 1 << 30
+    try:
+        m = variants["int8"]
+        loss, _ = evaluate(m, held, context, batch_size=per)
+        out["int8, decode kernel"] = {"loss": loss, "delta_loss": loss - loss32, "weight_mib": weight_mib(m),
+                                      "greedy_agreement": float((greedy(m) == g32).mean()),
+                                      "kernel": quant_kernels.KERNEL}
+    finally:
+        quant_kernels.GEMV_MAX_ROWS = rows_max
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 
@@ -557,6 +633,9 @@ def main():
     if side == "npgpt2-lora":
         run, extra = lora_setup(args)
         info = npgpt2_info
+    elif side in LLAMA_SIDES:
+        run, extra = llama_setup(side, bench, args)
+        info = llama_info
     elif side in NPGPT2_SIDES:
         run, extra = npgpt2_setup(bench, args, NPGPT2_SIDES[side])
         info = npgpt2_info

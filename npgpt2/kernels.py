@@ -36,7 +36,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from . import quant_kernels, threads  # noqa: E402
+from . import gemv, quant_kernels, threads  # noqa: E402
 
 # the plain functions, which have no fast twin here (the model calls them through this module)
 from .layers import (  # noqa: F401,E402
@@ -238,6 +238,9 @@ def matmul_forward(inp, weight, bias):
         return quant_kernels.matmul_forward(inp, weight, bias)
     C, OC = weight.shape
     x = inp.reshape(-1, C)
+    if x.shape[0] <= gemv.MAX_ROWS and weight.dtype == x.dtype == np.float32 and weight.flags.c_contiguous:
+        # decoding (one row per sequence): gemv.py reads each weight once, on 2 cores while one is free
+        return gemv.matmul_rows(x, weight, bias).reshape(inp.shape[:-1] + (OC,))
     threads.blas_threads(2 * x.shape[0] * C * OC)
     out = x @ weight
     out += bias

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layers, memsave, quant
+from . import gemv, layers, memsave, quant
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
@@ -244,6 +244,9 @@ class GPT2(Hooks, Training, Loss, FastForward):
         # one GEMM over all B*T rows: NumPy's matmul of (B, T, C) would make one per batch row,
         # each reading all of wte (at T = 1, batched decoding, B times the head's memory traffic)
         B, T, C = x.shape
+        if B * T <= gemv.MAX_ROWS and wte.dtype == np.float32 and ops() is not layers:
+            # decoding: gemv.py reads each wte row once for all rows, on 2 cores when one is free
+            return gemv.matmul_rows(x.reshape(B * T, C), wte.T).reshape(B, T, -1)  # [B*T, C] -> [B, T, V]
         return (x.reshape(B * T, C) @ wte.T).reshape(B, T, -1)  # [B*T, C] @ [C, V] -> [B, T, V]
 
     # ------------------------------------------------------------ inference

@@ -167,6 +167,42 @@ def _release(a):
     mm.madvise(mmap.MADV_DONTNEED, first, min(len(mm), lo + a.nbytes) - first)
 
 
+# ---------------------------------------------------------------- 8-bit activations (decode's kernel)
+def quantize_activations(x, G):
+    """x: float32 (N, K), G divides K -> (xq int8 (N, K), xs float32 (N, K // G)).
+
+    The plain reference of int8_dot.quantize_rows: per row and group of G inputs,
+    xs = max |x| / 127 and xq = rint(x / xs) (half to even), all in float32; an all-zero
+    group gets xs = 0, xq = 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    N, K = x.shape
+    xg = x.reshape(N, K // G, G)  # [N, K/G, G]
+    xs = np.abs(xg).max(axis=-1) / np.float32(QMAX)  # [N, K/G] float32
+    safe = np.where(xs > 0, xs, np.float32(1))
+    xq = np.clip(np.rint(xg / safe[..., None]), -QMAX, QMAX).astype(np.int8).reshape(N, K)
+    return xq, xs.astype(np.float32)
+
+
+def int8_dot_reference(xq, xs, q, ws, bias=None):
+    """The plain reference of int8_dot._dot_rows: (N, K) int8 x (R, K) int8 -> (N, R).
+
+    Per group g (G = K // NG inputs): the exact integer sum isum[n, r, g] (int64 here; it
+    fits int32), then out = sum_g isum * ws[r, g] * xs[n, g] (+ bias), in float64.
+    Returns (out float64 (N, R), isum int64 (N, R, NG)).
+    """
+    N, K = xq.shape
+    R, NG = ws.shape
+    G = K // NG
+    xg = xq.astype(np.int64).reshape(N, NG, G)  # [N, NG, G]
+    qg = q.astype(np.int64).reshape(R, NG, G)  # [R, NG, G]
+    isum = np.einsum("ngk,rgk->nrg", xg, qg)  # [N, R, NG] exact
+    out = np.einsum("nrg,rg,ng->nr", isum.astype(np.float64), ws.astype(np.float64), xs.astype(np.float64))
+    if bias is not None:
+        out = out + bias
+    return out, isum
+
+
 # ---------------------------------------------------------------- the converted file format
 def checkpoint_tensors(params):
     """Quantised params -> {name: array} for write_checkpoint (NAME/q8 + NAME/scale per weight)."""

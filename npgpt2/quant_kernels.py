@@ -1,26 +1,35 @@
-"""Numba twins of quant.py's int8 matmul: they dequantise on the fly.
+"""Numba twins of quant.py's int8 matmul: they dequantise on the fly (or, decoding, quantise the activations too).
 
 `matmul_forward(inp, weight, bias)` computes what `layers.matmul_forward` computes when
 `weight` is a transposed `QuantizedWeight` (the plain way: dequantise all of it, then one
-float32 matmul); tests hold the two equal to float32 rounding.
+float32 matmul); tests hold the two equal to float32 rounding, and the int8-activation GEMV
+equal to its own plain reference (quant.int8_dot_reference) and near the float product.
 
-- A few rows (decode: one token per step) take `_gemv`: each int8 row of the weight is read
-  once, converted to float32 in registers and dotted with the inputs; the scale multiplies
-  each group's sum. Decode reads every weight once per token, so reading 1 byte instead of
-  4 per weight is the whole gain (memory bandwidth, not arithmetic, is the limit).
+- A few rows (decode: one token per step; up to GEMV_MAX_ROWS) take `int8_matmul`: the
+  activation rows are quantised to int8 as well (per row and weight group) and each weight
+  row is dotted with them in integer arithmetic (int8_dot.py), the rows shared between this
+  thread and gemv_pool.py's spinning worker while a core is free. Decode reads every weight
+  once per token, so reading 1 byte instead of 4 per weight is the whole gain (memory
+  bandwidth, not arithmetic, is the limit), and the second core doubles the bytes read.
+  NPGPT2_INT8_KERNEL=dequant keeps the float activations instead: `_gemv`, each int8 row
+  converted to float32 in registers and dotted with the inputs, one thread.
 - A prompt of up to GEMV_PAR_MAX_ROWS rows takes the same kernel with the weight's rows
   split between the threads (`_gemv_par`), when threads.py finds a second core free.
 - Many rows (a long prompt, eval) dequantise the weight into a float32 matrix
   (`QuantizedWeight.dequantize`, as the plain way does) and hand the product to BLAS: there
   each weight is reused by every row, so the GEMM's arithmetic dominates and BLAS does it best.
 """
+import os
+
 import numpy as np
 from numba import njit, prange
 
-from . import threads
+from . import gemv_pool, int8_dot, threads
 from .quant import QuantizedWeight
 
-# Decoding's GEMV, and a short prompt's (up to GEMV_MAX_ROWS rows), runs on one thread: a
+# The float-activation GEMV (`_gemv`, NPGPT2_INT8_KERNEL=dequant) of up to GEMV_MAX_ROWS rows
+# runs on one thread (the default int8 x int8 path shares rows with gemv_pool's worker, which
+# spins between jobs, so it does not pay the wake-up measured here): a
 # parallel launch costs ~0.4 ms under Numba's workqueue layer (threads.py's choice), and on
 # this project's VM a sleeping thread takes up to ~1 ms to wake (the 50257 x 768 head: 2.0-2.6
 # ms on one thread; on two, 1.1-1.4 ms at best but 2.4-3.3 ms median), more than a layer's
@@ -34,6 +43,13 @@ GEMV_MAX_ROWS = 16
 # prompt took 290 ms that way (the dequantised matrices are 4x the int8 bytes, written then
 # read), but at 64 rows BLAS's GEMM is ahead again.
 GEMV_PAR_MAX_ROWS = 32
+# Which kernel takes the GEMV rows: "int8" (default: the activation rows quantised too and
+# integer dot products, int8_dot.py, on up to two threads through gemv_pool.py) or
+# "dequant" (the weights converted to float32 in registers, _gemv above: float activations,
+# one thread). NPGPT2_INT8_KERNEL=dequant selects the latter (set before import).
+KERNEL = os.environ.get("NPGPT2_INT8_KERNEL", "int8")
+if KERNEL not in ("int8", "dequant"):
+    KERNEL = "int8"
 # the dot products may be summed in any order (SIMD lanes), so LLVM can vectorise them
 FAST = {"reassoc", "contract", "nsz"}
 
@@ -81,6 +97,9 @@ def matmul_forward(inp, weight, bias):
     R, K = weight.q.shape
     x = np.ascontiguousarray(inp.reshape(-1, K), dtype=np.float32)  # [N, K]
     N = x.shape[0]
+    if N <= GEMV_MAX_ROWS and KERNEL == "int8":
+        out = int8_matmul(x, weight.q, weight.scale, bias)  # [N, K] -> [N, R], bias added
+        return out.reshape(inp.shape[:-1] + (R,))
     if N <= GEMV_PAR_MAX_ROWS:
         out = np.empty((N, R), dtype=np.float32)  # [N, R]
         n = threads.numba_threads(N * R * K) if N > GEMV_MAX_ROWS else 1
@@ -96,3 +115,25 @@ def matmul_forward(inp, weight, bias):
     if bias is not None:
         out += bias
     return out.reshape(inp.shape[:-1] + (R,))
+
+
+def int8_matmul(x, q, scale, bias=None):
+    """x: float32 (N, K) C-contiguous, q: int8 (R, K), scale: float32 (R, K // G), bias (R,) or
+    None -> (N, R) float32: x quantised per row and group (int8_dot.quantize), then the
+    integer dot products, their rows shared with gemv_pool's worker while a core is free."""
+    N, K = x.shape
+    R, NG = scale.shape
+    xq, xs = int8_dot.quantize(x, K // NG)  # [N, K] int8, [N, NG] float32
+    out = np.empty((N, R), np.float32)
+    b = int8_dot._NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    n = threads.gemv_threads(N * R * K)
+    if n == 1:
+        gemv_pool.note(gemv_pool.KIND_INT8, 1)
+        int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R)
+        return out
+    params = np.array([xq.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data, b.ctypes.data,
+                       out.ctypes.data, N, K, R, NG, b.shape[0]], np.int64)
+    # chunks of >= 64 rows (~50 KB of int8 at K = 768), up to 16 per thread: a late worker
+    # holds the caller up by one chunk at most
+    gemv_pool.run(gemv_pool.KIND_INT8, params, max(1, min(16 * n, R // 64)), n)
+    return out

@@ -57,7 +57,10 @@ HISTORY = 3  # samples averaged for `others`
 # 768 x 768 projection (1.2 MFLOP) got one thread and the others two, so OpenBLAS's count
 # flipped 2 -> 1 -> 2 in every layer; on a VM, where a parked thread takes up to ~1 ms to
 # wake, that cost 29-42 ms a token against 26 ms with the count held at 2.
-MIN_WORK_PER_THREAD = {"blas": 5e5, "numba": 1 << 19}
+# "gemv": multiply-adds of a decode GEMV handed to gemv_pool's spinning worker (a job costs
+# ~5 us to post and claim; below ~64K multiply-adds the caller alone is as fast)
+MIN_WORK_PER_THREAD = {"blas": 5e5, "numba": 1 << 19, "gemv": 1 << 16}
+GEMV_POOL_THREADS = 2  # gemv_pool: the caller and one worker
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS",
             "BLIS_NUM_THREADS")
@@ -267,6 +270,17 @@ def numba_threads(work):
         numba.set_num_threads(n)
         p.numba_n = n
     return n
+
+
+def gemv_threads(work):
+    """Threads for a decode GEMV of `work` multiply-adds (gemv_pool: 1 or 2): 2 only while a
+    core is free, so on a busy machine the pool's worker is never posted to (and sleeps)."""
+    p = _get()
+    if p.fixed is not None:
+        return min(p.fixed, GEMV_POOL_THREADS)
+    if p.numba_user:
+        return min(p.numba_max, GEMV_POOL_THREADS)
+    return min(GEMV_POOL_THREADS, p.count(work, "gemv"))
 
 
 def reset():

@@ -115,3 +115,22 @@ def test_numba_layer_never_spins():
     import numba
     if "NUMBA_THREADING_LAYER" not in os.environ:
         assert numba.config.THREADING_LAYER == "workqueue"
+
+
+def test_gemv_threads_two_only_while_a_core_is_free(fresh_policy):
+    """Decode GEMVs (gemv_pool): the worker is used only while the second core is free, never
+    more than the pool's two threads, and a fixed NPGPT2_THREADS is obeyed."""
+    p = threads._get()
+    p.next_sample = float("inf")
+    p.others, p.cpus, p.steal = [0.0], 4, 0.0
+    assert threads.gemv_threads(768 * 3072) == 2  # four free cores: still the pool's two
+    assert threads.gemv_threads(1000) == 1  # too small to share
+    p.cpus = 2
+    p.others = [1.0]  # one neighbour on a 2-core machine: no free core for the worker
+    assert threads.gemv_threads(768 * 3072) == 1
+    fresh_policy.setenv("NPGPT2_THREADS", "1")
+    threads.reset()
+    assert threads.gemv_threads(768 * 3072) == 1
+    fresh_policy.setenv("NPGPT2_THREADS", "8")
+    threads.reset()
+    assert threads.gemv_threads(768 * 3072) == 2
