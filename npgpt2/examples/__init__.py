@@ -35,10 +35,15 @@ no encoder.json/vocab.bpe of its own, load_tokenizer uses the GPT-2 files packag
   and give the textbook layer-1 head (V 128, 2 heads: 0.75 on t - period + 1, 0.04 one place
   further; second copy 0.03-0.4 nats), but the previous-token head only covers the positions
   where the loops start (0.93 over 16 tokens, 0.61 over 32) and copies whose first occurrence
-  sits late were missed; moving the loop starts later after 2000 steps (loop_switch=2000,
-  loop_start2=16) lifts it to 0.98 (over 24 tokens; 0.78 over 32) but some offsets then fail
-  (3.9 nats). With V 512-1000 the loops form other circuits (t - period + 2, or layer-1 heads
-  on t - period + 1 at 0.33 with no previous-token head).
+  sits late were missed; spans of 3-12 also left copies 16 apart unpredicted (3.4-3.9 nats).
+  Closest so far, spans 3-16 (`--set skip_rows=0 --set loop_rows=1.0 --set learning_rate=1e-3
+  --set decay_embeddings=False --set n_head=2 --set "span=(3,17)"`, 6000 steps, ~100 s): the textbook
+  head in layer 1 (0.65-0.74 on t - period + 1 for periods 8, 12, 16; 0.03 one further), second
+  copy 0.04-0.10 nats at every offset tried, first 4.9-5.1, but the previous-token head fades
+  with position (0.93, 0.77, 0.68 over 16, 24, 32 tokens); with loop_switch=2000,
+  loop_start2=16 it holds better (0.98, 0.96, 0.83) but second copy 0.05-0.54 nats. With
+  V 512-1000 the loops formed other circuits (t - period + 2, or layer-1 heads on
+  t - period + 1 at 0.33 with no previous-token head).
 - "jargon": the `npgpt2 demo` recipe (3 layers, n_embd 96, n_ctx 64, 500 steps on The Jargon
   File) with the full GPT-2 vocabulary (n_vocab 50257, no compact_vocab.npy: any text encodes),
   stored with int8 weights (`quant.json`, HACKING.md "int8 folder"; 5.4 MB); load_model
