@@ -36,7 +36,11 @@ log = logging.getLogger("train_examples")
 
 INDUCTION = dict(n_ctx=32, n_embd=64, n_head=4, n_layer=2, words=64, batch_size=32, steps=6000, learning_rate=3e-3,
                  warmup=100, schedule="cosine", weight_decay=0.1, span=(3, 13), skip_rows=0.25,
-                 skip_rule=0.8, seed=0, eval_period=12, save_every=0)
+                 skip_rule=0.8, seed=0, eval_period=12, save_every=0, log_every=250,
+                 # knobs for experiments, off in the shipped recipe (examples/__init__.py says what they gave):
+                 # vocab=N: N GPT-2 " word" tokens instead of `words`; loop_rows: a fraction of rows that
+                 # loop a span (loop_rows()); decay_embeddings=False: no weight decay on wte/wpe
+                 vocab=0, loop_rows=0.0, loop_start=4, loop_switch=0, loop_start2=4, decay_embeddings=True)
 JARGON = dict(n_embd=96, n_head=3, n_layer=3, context=64, batch_size=16, steps=500, learning_rate=3e-3, warmup=60,
               val_every=100, seed=0)
 
@@ -47,6 +51,30 @@ def induction_vocab(n_words):
     words = WORDS[:n_words]
     ids = [tok.encode(w)[0] for w in words] + [tok.encode(" " + w)[0] for w in words]
     return np.unique(np.array(ids, dtype=np.int64))
+
+
+def space_word_vocab(n):
+    """The GPT-2 ids of the first n (by id) single tokens that are a leading space and 3-8
+    lowercase ASCII letters (" the", " and", ...), ascending: a vocabulary large enough that a
+    token rarely recurs by chance within a row, so only the repeat predicts it."""
+    enc = load_tokenizer().encoder
+    ids = sorted(i for s, i in enc.items()
+                 if s[0] == "\u0120" and 3 <= len(s) - 1 <= 8 and s[1:].isascii() and s[1:].isalpha()
+                 and s[1:].islower())
+    if len(ids) < n:
+        raise ValueError(f"vocab: only {len(ids)} such tokens, asked for {n}")
+    return np.array(ids[:n], dtype=np.int64)
+
+
+def loop_rows(rng, n, T, V, span, start=4):
+    """(n, T + 1) rows: 1 to start - 1 random tokens, then a random span of length L (span[0] <= L <
+    span[1]) over and over to the end: most tokens are predictable by looking up what followed
+    the current one last time, and nothing else predicts them."""
+    x = rng.integers(0, V, size=(n, T + 1))
+    for b in range(n):
+        L, s1 = int(rng.integers(*span)), int(rng.integers(1, start))
+        x[b, s1:] = np.resize(x[b, s1:s1 + L], T + 1 - s1)
+    return x
 
 
 def repeat_batch(rng, B, T, V, span):
@@ -103,12 +131,13 @@ def train_induction(out_dir, steps=None, overrides=None):
     c = {**INDUCTION, **(overrides or {})}
     c["steps"] = steps or c["steps"]
     log.info("induction recipe: %s", c)
-    vocab = induction_vocab(c["words"])
+    vocab = space_word_vocab(c["vocab"]) if c["vocab"] else induction_vocab(c["words"])
     V, T = int(vocab.size), c["n_ctx"]
     model = init_model(dict(n_vocab=V, n_ctx=T, n_embd=c["n_embd"], n_head=c["n_head"], n_layer=c["n_layer"]),
                        seed=c["seed"])
     trained = dict(model.params)
-    decay = {k: (c["weight_decay"] if p.ndim >= 2 else 0.0) for k, p in trained.items()}
+    emb = () if c["decay_embeddings"] else ("model/wte", "model/wpe")
+    decay = {k: (c["weight_decay"] if p.ndim >= 2 and k not in emb else 0.0) for k, p in trained.items()}
     opt = optim.AdamW(trained, lr=c["learning_rate"], weight_decay=decay)
     rng, eval_rng = np.random.default_rng(c["seed"]), np.random.default_rng(c["seed"] + 1)
     perm = rng.permutation(V)
@@ -119,10 +148,14 @@ def train_induction(out_dir, steps=None, overrides=None):
         n_skip = int(c["batch_size"] * c["skip_rows"])
         if n_skip:
             x[:n_skip] = skip_bigram_rows(rng, n_skip, T, perm, c["skip_rule"])
+        n_loop = int(c["batch_size"] * c["loop_rows"])
+        if n_loop:  # a curriculum: the loops start early first, anywhere up to loop_start2 after loop_switch
+            start = c["loop_start"] if step <= (c["loop_switch"] or c["steps"]) else c["loop_start2"]
+            x[n_skip:n_skip + n_loop] = loop_rows(rng, n_loop, T, V, c["span"], start)
         loss, grads = model.loss_and_grads(x[:, :-1], x[:, 1:])
         optim.clip_grad_norm(grads, 1.0)
         opt.step(grads, lr)
-        if step % 250 == 0 or step == c["steps"]:
+        if step % c["log_every"] == 0 or step == c["steps"]:
             log.info("step %d (%.0f s): loss %.3f; %s (log V = %.2f)", step, time.time() - t0, loss,
                      measure(model, eval_rng, c["eval_period"]), math.log(V))
         if c["save_every"] and step % c["save_every"] == 0 and step != c["steps"]:  # to watch a long run

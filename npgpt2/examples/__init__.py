@@ -26,6 +26,24 @@ no encoder.json/vocab.bpe of its own, load_tokenizer uses the GPT-2 files packag
   plateau or formed other induction circuits: layer-0 heads at fixed offsets (1 and 3, or 3 and
   4) with a layer-1 head that matches through one and copies through the other (attending
   t - period + 2 or + 4); none formed the textbook one.
+  Later tries (`--set` knobs in tools/train_examples.py, off in the shipped recipe; 2-5k steps
+  each): a vocabulary of 256-1500 GPT-2 " word" tokens (vocab=N, so a token rarely recurs by
+  chance) with pure repeats stays at the in-context unigram plateau (V 1000, n_embd 64 or 128:
+  second copy 2.6-5.4 nats, induction 0.05), and with skip-bigram rows all layer-0 heads turn
+  previous-token heads (0.8) but no layer-1 head follows. Rows that loop a span from near
+  the start (loop_rows=1, lr 1e-3, no decay on wte/wpe) break the plateau within 1000 steps
+  and give the textbook layer-1 head (V 128, 2 heads: 0.75 on t - period + 1, 0.04 one place
+  further; second copy 0.03-0.4 nats), but the previous-token head only covers the positions
+  where the loops start (0.93 over 16 tokens, 0.61 over 32) and copies whose first occurrence
+  sits late were missed; spans of 3-12 also left copies 16 apart unpredicted (3.4-3.9 nats).
+  Closest so far, spans 3-16 (`--set skip_rows=0 --set loop_rows=1.0 --set learning_rate=1e-3
+  --set decay_embeddings=False --set n_head=2 --set "span=(3,17)"`, 6000 steps, ~100 s): the textbook
+  head in layer 1 (0.65-0.74 on t - period + 1 for periods 8, 12, 16; 0.03 one further), second
+  copy 0.04-0.10 nats at every offset tried, first 4.9-5.1, but the previous-token head fades
+  with position (0.93, 0.77, 0.68 over 16, 24, 32 tokens); with loop_switch=2000,
+  loop_start2=16 it holds better (0.98, 0.96, 0.83) but second copy 0.05-0.54 nats. With
+  V 512-1000 the loops formed other circuits (t - period + 2, or layer-1 heads on
+  t - period + 1 at 0.33 with no previous-token head).
 - "jargon": the `npgpt2 demo` recipe (3 layers, n_embd 96, n_ctx 64, 500 steps on The Jargon
   File) with the full GPT-2 vocabulary (n_vocab 50257, no compact_vocab.npy: any text encodes),
   stored with int8 weights (`quant.json`, HACKING.md "int8 folder"; 5.4 MB); load_model
