@@ -49,6 +49,9 @@ from .layers import (  # noqa: F401,E402
 )
 from .quant import QuantizedWeight  # noqa: E402
 
+# training's forward multiplies int8 weights by unquantised activations (model_backward.py)
+from .quant_kernels import float_activations  # noqa: E402,F401
+
 PLAIN = ("embedding_forward", "lora_backward", "merge_heads", "softmax", "split_heads")
 # the fast twins defined below, each with its plain namesake's signature (layers.py; for
 # adamw_update, optim.py)

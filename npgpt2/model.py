@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gemv, layers, memsave, quant
+from . import layers, memsave, quant
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint, write_checkpoint_state
 from .compact_vocab import VOCAB_FILE as COMPACT_VOCAB_FILE
 from .errors import Npgpt2Error
@@ -235,18 +235,26 @@ class GPT2(Hooks, Training, Loss, FastForward):
             saved["lora.h"] = lora_h
         return resid_post, saved
 
-    def _head(self, x):
-        """x: (B, T, C) after ln_f -> logits (B, T, V); the output head is the token embedding."""
+    def _head(self, x, fast=False):
+        """x: (B, T, C) after ln_f -> logits (B, T, V); the output head is the token embedding.
+        fast (the kernels' decoding, model_fast.py): few rows go through the decode GEMVs, an int8
+        head with its activations quantised too; otherwise the product is exact in x."""
         wte = self._params["model/wte"]
         if isinstance(wte, QuantizedWeight) and ops() is not layers:  # int8: the dequantising GEMV
-            from .quant_kernels import matmul_forward
-            return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
+            from .quant_kernels import float_activations, matmul_forward
+            if fast:
+                return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
+            with float_activations():
+                return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
         # one GEMM over all B*T rows: NumPy's matmul of (B, T, C) would make one per batch row,
         # each reading all of wte (at T = 1, batched decoding, B times the head's memory traffic)
         B, T, C = x.shape
-        if B * T <= gemv.MAX_ROWS and wte.dtype == np.float32 and ops() is not layers:
+        if fast and B * T <= 8 and wte.dtype == np.float32:
             # decoding: gemv.py reads each wte row once for all rows, on 2 cores when one is free
-            return gemv.matmul_rows(x.reshape(B * T, C), wte.T).reshape(B, T, -1)  # [B*T, C] -> [B, T, V]
+            # (imported here: it needs Numba, which the plain path must not)
+            from . import gemv
+            if B * T <= gemv.MAX_ROWS:
+                return gemv.matmul_rows(x.reshape(B * T, C), wte.T).reshape(B, T, -1)  # [B*T, C] -> [B, T, V]
         return (x.reshape(B * T, C) @ wte.T).reshape(B, T, -1)  # [B*T, C] @ [C, V] -> [B, T, V]
 
     # ------------------------------------------------------------ inference

@@ -4,6 +4,8 @@ runs every layer's backward from the output head down to the embedding.
 GPT2 gets these methods from `Training`; the loss and the output head's backward in chunks
 are in model_loss.py.
 """
+import contextlib
+
 import numpy as np
 
 from . import memsave
@@ -11,6 +13,12 @@ from .errors import Npgpt2Error
 from .jit import ops
 from .linear import linear_backward as _linear_backward
 from .model_loss import head_backward
+
+
+def exact_products(lay):
+    """A context in which an int8 base's products are exact in the activations (the kernels'
+    decode GEMV quantises them; a training forward's gradient is the unquantised product's)."""
+    return getattr(lay, "float_activations", contextlib.nullcontext)()
 
 
 class Training:
@@ -59,7 +67,8 @@ class Training:
         lay = lay or ops()
         tokens = self._check_tokens(tokens)
         saved = {"tokens": tokens, "lay": lay, "blocks": [], "memory_saving": bool(memory_saving)}
-        return self._trunk(tokens, lay, saved=saved), saved
+        with exact_products(lay):
+            return self._trunk(tokens, lay, saved=saved), saved
 
     def backward(self, dlogits, saved):
         """dlogits: (B, T, V), any gradient of the logits; saved: from forward_with_saves.
@@ -91,7 +100,8 @@ class Training:
         for i in reversed(range(len(blocks))):
             act = blocks.pop()
             if saved.get("memory_saving"):  # the forward kept only the block's input: run the block again
-                dresid = memsave.block_backward(self, lay, i, act.pop("resid_pre"), dresid, grads)  # [B, T, C]
+                with exact_products(lay):
+                    dresid = memsave.block_backward(self, lay, i, act.pop("resid_pre"), dresid, grads)  # [B, T, C]
             else:
                 dresid = self._block_backward(lay, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
             del act  # this block's activations go before the next block's are made

@@ -62,4 +62,4 @@ class FastForward:
         if last_only:
             x = x[:, -1:]  # [B, 1, C]
         x, _, _ = lay.layernorm_forward(x, self._params["model/ln_f/g"], self._params["model/ln_f/b"])  # [B, T, C]
-        return self._head(x)  # [B, T, C] -> [B, T, V]
+        return self._head(x, fast=True)  # [B, T, C] -> [B, T, V]

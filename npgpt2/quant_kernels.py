@@ -19,7 +19,9 @@ equal to its own plain reference (quant.int8_dot_reference) and near the float p
   (`QuantizedWeight.dequantize`, as the plain way does) and hand the product to BLAS: there
   each weight is reused by every row, so the GEMM's arithmetic dominates and BLAS does it best.
 """
+import contextlib
 import os
+import threading
 
 import numpy as np
 from numba import njit, prange
@@ -50,6 +52,23 @@ GEMV_PAR_MAX_ROWS = 32
 KERNEL = os.environ.get("NPGPT2_INT8_KERNEL", "int8")
 if KERNEL not in ("int8", "dequant"):
     KERNEL = "int8"
+_FLOAT_ACTIVATIONS = threading.local()
+
+
+@contextlib.contextmanager
+def float_activations():
+    """Within this block, int8 weights multiply the float32 activations as they are (the
+    dequantising kernels), whatever the row count: training's forward, whose backward
+    (matmul_backward through the dequantised weight) is that product's gradient. Outside it,
+    up to GEMV_MAX_ROWS rows (decoding) have their activations quantised too (int8_dot.py)."""
+    before = getattr(_FLOAT_ACTIVATIONS, "on", False)
+    _FLOAT_ACTIVATIONS.on = True
+    try:
+        yield
+    finally:
+        _FLOAT_ACTIVATIONS.on = before
+
+
 # the dot products may be summed in any order (SIMD lanes), so LLVM can vectorise them
 FAST = {"reassoc", "contract", "nsz"}
 
@@ -97,7 +116,7 @@ def matmul_forward(inp, weight, bias):
     R, K = weight.q.shape
     x = np.ascontiguousarray(inp.reshape(-1, K), dtype=np.float32)  # [N, K]
     N = x.shape[0]
-    if N <= GEMV_MAX_ROWS and KERNEL == "int8":
+    if N <= GEMV_MAX_ROWS and KERNEL == "int8" and not getattr(_FLOAT_ACTIVATIONS, "on", False):
         out = int8_matmul(x, weight.q, weight.scale, bias)  # [N, K] -> [N, R], bias added
         return out.reshape(inp.shape[:-1] + (R,))
     if N <= GEMV_PAR_MAX_ROWS:

@@ -46,7 +46,7 @@ def test_induction_second_copy_is_predicted_first_is_chance(induction, prefix, s
     first = nll[:, s1:s1 + span - 1].mean()                                   # inside the first copy
     second = nll[:, s2 + 1:s2 + span - 1].mean()                              # the copy, from its 2nd token on
     assert abs(first - math.log(V)) < 0.25, first                             # chance: log 128 = 4.85
-    assert second < 1.5, second                                               # measured 0.59-1.13
+    assert second < 0.3, second                                               # measured 0.04-0.10
 
 
 def head_scores(model, period, offset):
@@ -66,16 +66,35 @@ def head_scores(model, period, offset):
 
 @pytest.mark.parametrize("period", [8, 12, 16])
 def test_induction_heads_by_their_patterns(induction, period):
+    """The textbook circuit: a previous-token head in layer 0; in layer 1 an induction head that
+    attends to the token right after the previous occurrence of the current one (t - period + 1),
+    not one place further (the circuit an earlier recipe formed)."""
     model, _ = induction
-    prev, _ = head_scores(model, period, 1)
-    assert prev.max() > 0.9, prev                                             # measured 0.99
-    # the layer-1 head looks one place further than the textbook induction head (see
-    # examples/__init__.py): two after the previous occurrence, where the previous-token head
-    # has put the token that followed it; the textbook position gets no more than uniform
-    _, textbook = head_scores(model, period, 1)
+    prev, textbook = head_scores(model, period, 1)
     _, further = head_scores(model, period, 2)
-    assert further.max() > 0.6, further                                       # measured 0.75-0.80
-    assert textbook.max() < 0.15, textbook
+    assert prev.max() > 0.6, prev                # measured 0.93, 0.77, 0.68 (it fades with position)
+    assert textbook.max() > 0.6, textbook        # measured 0.67, 0.74, 0.73
+    assert further.max() < 0.1, further          # measured 0.02-0.04
+
+
+def test_ablating_the_induction_heads_loses_the_copy(induction):
+    """Zero layer 1's attention output (both heads score as induction heads) with a hook: the
+    second copy's loss goes back to about chance, the first copy's barely moves."""
+    model, _ = induction
+    V = model.hparams["n_vocab"]
+    toks, s1, s2 = repeated(np.random.default_rng(7), V, 32, 3, 12, 2)
+
+    def losses(hooks):
+        logits = model.run_with_hooks(toks, hooks).astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp[:, :-1], toks[:, 1:, None], axis=-1)[..., 0]
+        return nll[:, s1:s1 + 11].mean(), nll[:, s2 + 1:s2 + 11].mean()
+
+    first, second = losses({})
+    first_ab, second_ab = losses({"h1.attn.z": lambda z: np.zeros_like(z)})
+    assert second < 0.3 and second_ab > 3.0, (second, second_ab)   # measured 0.01 -> 6.6
+    assert abs(first_ab - first) < 0.5, (first, first_ab)
 
 
 def test_induction_text_through_the_tokenizer(induction):
