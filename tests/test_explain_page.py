@@ -244,6 +244,6 @@ def test_random_weights_banner(browser, report_file, tmp_path):
     out = tmp_path / "induction.html"
     assert main(["explain", "--example", "induction", "--out", str(out), "cat dog red blue sun cat dog red"]) == 0
     page = open_page(browser, out.as_uri())
-    page.wait_for("document.querySelectorAll('#grid canvas').length === 4")  # its 4 heads
+    page.wait_for("document.querySelectorAll('#grid canvas').length === 2")  # its 2 heads a layer
     assert page.js("R.random_weights.verdict") is False
     assert page.js("getComputedStyle(document.getElementById('random')).display") == "none"
