@@ -6,23 +6,20 @@ The committed notebook must be byte-equal to what the script makes from the comm
 opens it in Jupyter gets. tests/test_walkthrough.py runs the same code as plain Python with a
 per-block report; this file proves the notebook form works.
 """
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import tool_module
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "WALKTHROUGH.ipynb"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("make_notebook", ROOT / "tools" / "make_notebook.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module.load_tool("make_notebook")
 
 
 def test_split_into_cells():

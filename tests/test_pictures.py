@@ -6,20 +6,18 @@ trained-model pictures come from the shipped weights, with their numbers rounded
 become colours or labels). A retrained example model therefore fails here until the pictures
 are redrawn: `python tools/make_pictures.py`.
 """
-import importlib.util
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import tool_module
 
 ROOT = Path(__file__).resolve().parent.parent
 IMG = ROOT / "docs" / "img"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("make_pictures", ROOT / "tools" / "make_pictures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module.load_tool("make_pictures")
 
 
 def linked_images():

@@ -15,27 +15,13 @@ notice) are left out.
 import gzip
 import re
 import sys
-from pathlib import Path
 
-B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-
-def b64num(s):
-    n = 0
-    for ch in s:
-        n = n * 64 + B64.index(ch)
-    return n
+from dictd import dictd_entries
 
 
 def main(folder):
-    folder = Path(folder)
-    data = gzip.open(folder / "devil.dict.dz").read()
     entries = []
-    for line in (folder / "devil.index").read_text("utf-8").splitlines():
-        head, off, length = line.split("\t")
-        if head.startswith("00database") or head.startswith("00-database"):
-            continue
-        body = data[b64num(off):b64num(off) + b64num(length)].decode("utf-8")
+    for _, body in dictd_entries(folder, "devil"):
         paragraphs = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", body)]
         text = "\n".join(p for p in paragraphs if p)
         if text:

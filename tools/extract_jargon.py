@@ -10,27 +10,13 @@ paragraphs separated by a blank line. The Jargon File 4.4.7 is in the public dom
 import gzip
 import re
 import sys
-from pathlib import Path
 
-B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-
-def b64num(s):
-    n = 0
-    for ch in s:
-        n = n * 64 + B64.index(ch)
-    return n
+from dictd import dictd_entries
 
 
 def main(folder):
-    folder = Path(folder)
-    data = gzip.open(folder / "jargon.dict.dz").read()
     entries = []
-    for line in (folder / "jargon.index").read_text("utf-8").splitlines():
-        head, off, length = line.split("\t")
-        if head.startswith("00-database") or head.startswith("00database"):
-            continue
-        body = data[b64num(off):b64num(off) + b64num(length)].decode("utf-8")
+    for _, body in dictd_entries(folder, "jargon"):
         lines = body.split("\n")
         # first line repeats the headword, second is pronunciation/part of speech
         term = lines[0].strip()
