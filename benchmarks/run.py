@@ -484,6 +484,11 @@ def fmt_s(x):
     return f"{x:.2f} s" if x >= 0.1 else f"{x * 1e3:.0f} ms"
 
 
+def not_run(label, why, target, met="no"):
+    """The table row of a benchmark with no result: why (not run, its error, or why skipped)."""
+    return (label, why, "", "", "", target, met)
+
+
 def fmt_mib(x):
     return f"{x / GIB:.2f} GiB" if x >= 1000 else f"{x:.0f} MiB"
 
@@ -509,7 +514,7 @@ def rows_of(out):
     def timed(name, label, target, all_logits=True, train_T=None, rss_max_mib=None):
         why = missing(name)
         if why:
-            rows.append((label, why, "", "", "", f"<= {target}x", "no"))
+            rows.append(not_run(label, why, f"<= {target}x"))
             return
         b = Bm[name]
         npg = b["npgpt2"]["median_s"]
@@ -538,7 +543,7 @@ def rows_of(out):
 
     why = missing("decode")
     if why:
-        rows.append(("KV-cache decode, batch 1", why, "", "", "", ">= 1.3x, >= 70% of bound", "no"))
+        rows.append(not_run("KV-cache decode, batch 1", why, ">= 1.3x, >= 70% of bound"))
     else:
         b = Bm["decode"]
         n = b["new"]
@@ -557,8 +562,8 @@ def rows_of(out):
 
     why = missing("decode_int8")
     if why:
-        rows.append(("int8 decode, batch 1, vs npgpt2 float32", why, "", "", "", ">= 2.0x npgpt2 float32", "no"))
-        rows.append(("int8 decode, batch 1, vs PyTorch float32", why, "", "", "", ">= 2.3x PyTorch float32", "no"))
+        rows.append(not_run("int8 decode, batch 1, vs npgpt2 float32", why, ">= 2.0x npgpt2 float32"))
+        rows.append(not_run("int8 decode, batch 1, vs PyTorch float32", why, ">= 2.3x PyTorch float32"))
     else:
         b = Bm["decode_int8"]
         n = b["new"]
@@ -582,7 +587,7 @@ def rows_of(out):
                  "(llama-cpp-python, same run)")
         goal = f">= {target}x llama.cpp" if target else "reported"
         if why:
-            rows.append((label, why, "", "", "", goal, "no" if target else ""))
+            rows.append(not_run(label, why, goal, "no" if target else ""))
             continue
         b = Bm["decode_anchors"]
         n = new_tokens = b.get("new", 50)
@@ -597,7 +602,7 @@ def rows_of(out):
     for bench, label in (("forward", "forward B=1,T=1024"), ("train", "train step B=4,T=64")):
         goal = "default <= 1.05x the best fixed NPGPT2_THREADS (idle machine)"
         if why:
-            rows.append((f"thread policy: {label}", why, "", "", "", goal, "no"))
+            rows.append(not_run(f"thread policy: {label}", why, goal))
             continue
         b = Bm["policy"][bench]
         fixed = {k: v["median_s"] for k, v in b.items() if k.startswith("NPGPT2_THREADS")}
@@ -621,7 +626,7 @@ def rows_of(out):
             label = f"under load: {work}, next to {who}"
             why = missing(name)
             if why:
-                rows.append((label, why, "", "", "", "slowdown <= 1.25x PyTorch's", "no"))
+                rows.append(not_run(label, why, "slowdown <= 1.25x PyTorch's"))
                 continue
             b = Bm[name][neigh]
 
@@ -638,7 +643,7 @@ def rows_of(out):
 
     why = missing("load")
     if why:
-        rows.append(("model load 124M (crc) / second process", why, "", "", "", "< 3 s / no JIT recompile", "no"))
+        rows.append(not_run("model load 124M (crc) / second process", why, "< 3 s / no JIT recompile"))
     else:
         b = Bm["load"]["npgpt2"]
         misses = b["numba_cache_misses_after_first"]
@@ -651,7 +656,7 @@ def rows_of(out):
 
     why = missing("generate_1558M")
     if why:
-        rows.append(("1558M: load (mmap) + generate 20 tokens", why, "", "", "", "peak RSS < 8 GiB", "no"))
+        rows.append(not_run("1558M: load (mmap) + generate 20 tokens", why, "peak RSS < 8 GiB"))
     else:
         b = Bm["generate_1558M"]
         checks["generate_1558M"] = b["peak_rss_mib"] < 8 * GIB
@@ -664,7 +669,7 @@ def rows_of(out):
     label = "1558M int8: load (quantised from the float32 mmap) + generate 20 tokens"
     why = missing("int8_1558M")
     if why:
-        rows.append((label, why, "", "", "", "peak RSS < 2.5 GiB", "no"))
+        rows.append(not_run(label, why, "peak RSS < 2.5 GiB"))
     else:
         b = Bm["int8_1558M"]
         checks["int8_1558M"] = b["peak_rss_mib"] < 2.5 * GIB
@@ -677,7 +682,7 @@ def rows_of(out):
         target = "loss <= float32 + 0.02 nats, >= 98% greedy agreement"
         why = missing(name)
         if why:
-            rows.append((f"int8 quality: {model}'s held-out text", why, "", "", "", target, "no"))
+            rows.append(not_run(f"int8 quality: {model}'s held-out text", why, target))
             continue
         b = Bm[name]
         q = b["int8"]
@@ -697,7 +702,7 @@ def rows_of(out):
 
     why = missing("tokenizer")
     if why:
-        rows.append(("tokenizer: encode 10 MB", why, "", "", "", ">= 3x original, same ids", "no"))
+        rows.append(not_run("tokenizer: encode 10 MB", why, ">= 3x original, same ids"))
     else:
         b = Bm["tokenizer"]
         by = {r["name"]: r for r in b["rows"]}
@@ -724,7 +729,7 @@ def memsave_row(Bm, rows, checks, why):
     label = "train step 124M B=4,T=1024: --memory_saving_gradients vs without"
     target = "activations <= 1/4, step time <= 1.4x"
     if why:
-        rows.append((label, why, "", "", "", target, "no"))
+        rows.append(not_run(label, why, target))
         return
     b = Bm["train_memsave"]
     ms, wo = b["memory_saving"], b["without"]
@@ -742,7 +747,7 @@ def lora_rows(Bm, rows, checks, missing):
     label, target = "124M B=4,T=64 LoRA R=8 (all four) vs full fine-tune", "step time <= 0.75x, peak RSS <= 0.5x"
     why = missing("lora_124M")
     if why:
-        rows.append((label, why, "", "", "", target, "no"))
+        rows.append(not_run(label, why, target))
     else:
         b = Bm["lora_124M"]
         lo, full = b["npgpt2-lora"], b["npgpt2"]
@@ -757,7 +762,7 @@ def lora_rows(Bm, rows, checks, missing):
         target = f"peak RSS < {rss_max} GiB" + ("; loss falls over 20 steps" if falls else "") + "; s/step reported"
         why = missing(name)
         if why:
-            rows.append((label, why, "", "", "", target, "no"))
+            rows.append(not_run(label, why, target))
             continue
         b = Bm[name]
         ok = checks[name + "_rss"] = b["peak_rss_mib"] < rss_max * GIB
@@ -776,7 +781,7 @@ def lora_rows(Bm, rows, checks, missing):
     label, target = "quality: LoRA vs full fine-tune, held-out loss reduction", "LoRA >= 80% of full fine-tune's"
     why = missing("lora_quality")
     if why:
-        rows.append((label, why, "", "", "", target, "no"))
+        rows.append(not_run(label, why, target))
     else:
         b = Bm["lora_quality"]
         ok = checks["lora_quality"] = b["share"] >= 0.8
