@@ -8,6 +8,7 @@ GPT2's other methods come from one module each: model_hooks.py (run_with_cache,
 run_with_hooks), model_backward.py (forward_with_saves, backward), model_loss.py
 (loss_and_grads), model_fast.py (_forward_fast); the KV cache is kv_cache.py.
 """
+import contextlib
 import filecmp
 import json
 import logging
@@ -242,9 +243,7 @@ class GPT2(Hooks, Training, Loss, FastForward):
         wte = self._params["model/wte"]
         if isinstance(wte, QuantizedWeight) and ops() is not layers:  # int8: the dequantising GEMV
             from .quant_kernels import float_activations, matmul_forward
-            if fast:
-                return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
-            with float_activations():
+            with contextlib.nullcontext() if fast else float_activations():
                 return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
         # one GEMM over all B*T rows: NumPy's matmul of (B, T, C) would make one per batch row,
         # each reading all of wte (at T = 1, batched decoding, B times the head's memory traffic)
