@@ -57,6 +57,8 @@ def tokens(rng_seed, shape, n_vocab=50257):
 def npgpt2_info():
     import numba
     import numpy as np
+
+    from npgpt2.jit import plain_requested
     info = {"numpy": np.__version__, "numba": numba.__version__}
     try:
         from threadpoolctl import threadpool_info
@@ -69,7 +71,7 @@ def npgpt2_info():
         info["numba_threading_layer"] = numba.threading_layer()
     except ValueError:
         info["numba_threading_layer"] = "not started"
-    info["plain"] = os.environ.get("NPGPT2_PLAIN", "") not in ("", "0")
+    info["plain"] = plain_requested()
     info["kernels"] = kernels_info()
     return info
 

@@ -54,14 +54,17 @@ def training_bytes(hparams, batch_size, context, dtype=np.float32, memory_saving
     logits, then the probabilities, then their gradient; an upper bound, since
     model.loss_and_grads makes them HEAD_ROWS positions at a time). memory_saving
     (--memory_saving_gradients): every layer keeps only its input, and one layer at a time
-    holds the rest."""
+    holds the rest, for memsave.chunk_rows batch rows at a time."""
+    from .memsave import chunk_rows
     L, C, NH, V = (int(hparams[k]) for k in ("n_layer", "n_embd", "n_head", "n_vocab"))
     item = np.dtype(dtype).itemsize
-    T = int(context)
-    block = 10 * C + 2 * NH * T  # a layer's saves: residuals, qkv, attn, MLP input
-    blocks = L * C + block if memory_saving else L * block
-    per_token = blocks + V  # then the head
-    return int(batch_size) * T * per_token * item
+    B, T = int(batch_size), int(context)
+    block = 10 * C + 2 * NH * T  # a layer's saves a token: residuals, qkv, attn, MLP input
+    if memory_saving:  # every block's input, and one block re-run on a chunk of rows
+        blocks = B * T * L * C + chunk_rows(B, T) * T * block
+    else:
+        blocks = B * T * L * block
+    return (blocks + B * T * V) * item  # then the head
 
 
 def validation_bytes(hparams, batch_size, batch_count, context, dtype=np.float32):

@@ -102,6 +102,21 @@ def test_activations_are_not_kept(monkeypatch):
         assert measured / 2 <= estimate, (flag, measured, estimate)
 
 
+def test_memory_estimate_counts_one_chunk_of_rows(monkeypatch):
+    """With the block re-run 2 rows at a time, the memory-saving estimate holds one chunk's
+    block activations, not the batch's: smaller, and still an upper bound of the traced peak."""
+    from npgpt2 import memsave
+    monkeypatch.setenv("NPGPT2_PLAIN", "1")
+    hp = dict(n_vocab=32, n_ctx=64, n_embd=16, n_head=4, n_layer=8)
+    whole = memory.training_bytes(hp, 8, 64, np.float64, memory_saving=True)
+    monkeypatch.setattr(memsave, "CHUNK_POSITIONS", 128)
+    assert memsave.chunk_rows(8, 64) == 2
+    chunked = memory.training_bytes(hp, 8, 64, np.float64, memory_saving=True)
+    block = (10 * 16 + 2 * 4 * 64) * 64 * 8  # a row's block saves (bytes)
+    assert whole - chunked == (8 - 2) * block
+    assert peak_traced_bytes(8, True) / 2 <= chunked
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-14), (np.float32, 5e-6)])
 @pytest.mark.parametrize("adapters", [False, True])
 def test_chunks_of_rows_give_the_normal_paths_gradients(monkeypatch, dtype, tol, adapters):
