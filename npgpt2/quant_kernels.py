@@ -22,6 +22,7 @@ equal to its own plain reference (quant.int8_dot_reference) and near the float p
 import contextlib
 import os
 import threading
+import weakref
 
 import numpy as np
 from numba import njit, prange
@@ -142,17 +143,42 @@ def int8_matmul(x, q, scale, bias=None):
     integer dot products, their rows shared with gemv_pool's worker while a core is free."""
     N, K = x.shape
     R, NG = scale.shape
-    xq, xs = int8_dot.quantize(x, K // NG)  # [N, K] int8, [N, NG] float32
     out = np.empty((N, R), np.float32)
     b = int8_dot._NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     n = threads.gemv_threads(N * R * K)
-    if n == 1:
-        gemv_pool.note(gemv_pool.KIND_INT8, 1)
-        int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R)
-        return out
-    params = np.array([xq.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data, b.ctypes.data,
-                       out.ctypes.data, N, K, R, NG, b.shape[0]], np.int64)
+    if int8_dot.PATH == "vnni":
+        xq, xs, xu = int8_dot.quantize(x, K // NG, offset=True)  # [N, K] int8, [N, NG] float32, [N, K] uint8
+        wsum = weight_sums(q, K // NG)  # [R, NG] int32
+        if n == 1:
+            gemv_pool.note(gemv_pool.KIND_INT8_VNNI, 1)
+            int8_dot._dot_rows_vnni(xu, xs, q, scale, wsum, b, out, 0, R)
+            return out
+        kind = gemv_pool.KIND_INT8_VNNI
+        params = [xu.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data, wsum.ctypes.data]
+    else:
+        xq, xs = int8_dot.quantize(x, K // NG)  # [N, K] int8, [N, NG] float32
+        if n == 1:
+            gemv_pool.note(gemv_pool.KIND_INT8, 1)
+            int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R)
+            return out
+        kind = gemv_pool.KIND_INT8
+        params = [xq.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data]
+    params = np.array(params + [b.ctypes.data, out.ctypes.data, N, K, R, NG, b.shape[0]], np.int64)
     # chunks of >= 64 rows (~50 KB of int8 at K = 768), up to 16 per thread: a late worker
     # holds the caller up by one chunk at most
-    gemv_pool.run(gemv_pool.KIND_INT8, params, max(1, min(16 * n, R // 64)), n)
+    gemv_pool.run(kind, params, max(1, min(16 * n, R // 64)), n)
     return out
+
+
+_WEIGHT_SUMS = {}  # id(q) -> int32 (R, NG): int8_dot.weight_sums, once per weight
+
+
+def weight_sums(q, G):
+    """The VNNI kernel's per-row correction for int8 weight q (R, K), groups of G: computed on
+    a weight's first decode and kept while q lives (~0.4 % of its bytes at G = K = 768)."""
+    key = (id(q), G)
+    s = _WEIGHT_SUMS.get(key)
+    if s is None:
+        s = _WEIGHT_SUMS[key] = int8_dot.weight_sums(q, G)
+        weakref.finalize(q, _WEIGHT_SUMS.pop, key, None)
+    return s
