@@ -77,8 +77,8 @@ def npgpt2_info():
 def kernels_info():
     """Which decode kernels this process ran: gemv_pool's job counts by kind and threads, the
     int8 GEMV kernel chosen, and the multiply-add instructions LLVM picked for it here."""
-    from npgpt2 import gemv_pool, int8_dot, quant_kernels
-    out = {"jobs": dict(gemv_pool.STATS), "int8_kernel": quant_kernels.KERNEL,
+    from npgpt2 import gemv_pool, int8_dot, quant_kernels, threads
+    out = {"jobs": dict(gemv_pool.STATS), "int8_kernel": quant_kernels.KERNEL, "policy": threads.decisions(),
            "threads_env": os.environ.get("NPGPT2_THREADS")}
     if any(k.startswith("int8") for k in gemv_pool.STATS):
         out["int8_dot_asm"] = int8_dot.dot_instructions()
