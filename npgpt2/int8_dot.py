@@ -16,8 +16,11 @@ Why: decoding reads every weight once per token, so the kernel must keep up with
 Converting each int8 weight to float32 and multiplying (quant_kernels._gemv_rows) takes
 three instructions per 16 weights; the int8 x int8 -> int32 form takes about three per 32
 (sign-extend to int16, `vpmaddwd` multiply-and-add-pairs, add; LLVM picks them itself from
-the plain loop in _dot_rows: see `dot_instructions()`), so one core keeps up with its share
-of the bandwidth and two cores share the rows (gemv_pool.py).
+the plain loop in _dot_rows: see `dot_instructions()`), and one per 32 with VNNI's
+`vpdpbusd` (_dot_rows_vnni, where the CPU has it: below), so one core keeps up with its
+share of the bandwidth and two cores share the rows (gemv_pool.py). On an Intel Xeon
+(emeraldrapids, busy machine) a 768 x 2304 weight in cache took 0.179 ms with _dot_rows and
+0.066 ms with _dot_rows_vnni, and int8 decoding (124M, one thread) 2.47 s against 1.84 s.
 
 The plain NumPy reference of the same arithmetic is `quant.quantize_activations` and
 `quant.int8_dot_reference`; tests hold these kernels equal to it (integers bit-exact).

@@ -7,7 +7,8 @@ equal to its own plain reference (quant.int8_dot_reference) and near the float p
 
 - A few rows (decode: one token per step; up to GEMV_MAX_ROWS) take `int8_matmul`: the
   activation rows are quantised to int8 as well (per row and weight group) and each weight
-  row is dotted with them in integer arithmetic (int8_dot.py), the rows shared between this
+  row is dotted with them in integer arithmetic (int8_dot.py: VNNI's vpdpbusd where the CPU
+  has it, with the weight's per-row sums from `weight_sums`; else vpmaddwd), the rows shared between this
   thread and gemv_pool.py's spinning worker while a core is free. Decode reads every weight
   once per token, so reading 1 byte instead of 4 per weight is the whole gain (memory
   bandwidth, not arithmetic, is the limit), and the second core doubles the bytes read.
