@@ -5,7 +5,9 @@
 float32 matmul); tests hold the two equal to float32 rounding, and the int8-activation GEMV
 equal to its own plain reference (quant.int8_dot_reference) and near the float product.
 
-- A few rows (decode: one token per step; up to GEMV_MAX_ROWS) take `int8_matmul`: the
+- A few rows (decode: one token per step; up to GEMV_MAX_ROWS), inside
+  `quantised_activations()` (model_fast's forward enters it; everything else is exact in the
+  activations, see float_activations), take `int8_matmul`: the
   activation rows are quantised to int8 as well (per row and weight group) and each weight
   row is dotted with them in integer arithmetic (int8_dot.py: VNNI's vpdpbusd where the CPU
   has it, with the weight's per-row sums from `weight_sums`; else vpmaddwd), the rows shared between this
@@ -54,21 +56,43 @@ GEMV_PAR_MAX_ROWS = 32
 KERNEL = os.environ.get("NPGPT2_INT8_KERNEL", "int8")
 if KERNEL not in ("int8", "dequant"):
     KERNEL = "int8"
-_FLOAT_ACTIVATIONS = threading.local()
+# How int8 weights multiply a few activation rows, per thread: None (outside any block: exact),
+# "exact" (float_activations) or "quantised" (quantised_activations, decoding).
+_MODE = threading.local()
 
 
 @contextlib.contextmanager
-def float_activations():
-    """Within this block, int8 weights multiply the float32 activations as they are (the
-    dequantising kernels), whatever the row count: training's forward, whose backward
-    (matmul_backward through the dequantised weight) is that product's gradient. Outside it,
-    up to GEMV_MAX_ROWS rows (decoding) have their activations quantised too (int8_dot.py)."""
-    before = getattr(_FLOAT_ACTIVATIONS, "on", False)
-    _FLOAT_ACTIVATIONS.on = True
+def _activation_mode(mode, override):
+    before = getattr(_MODE, "mode", None)
+    if override or before is None:
+        _MODE.mode = mode
     try:
         yield
     finally:
-        _FLOAT_ACTIVATIONS.on = before
+        _MODE.mode = before
+
+
+def float_activations():
+    """Within this block, int8 weights multiply the float32 activations as they are (the
+    dequantising kernels), whatever the row count and whatever an enclosing block asked:
+    training's forward, whose backward (matmul_backward through the dequantised weight) is
+    that product's gradient; GPT2._head(fast=False); and a caller who wants decoding's
+    products exact (its model_fast decode then leaves the activations unquantised). This is
+    also what happens outside any block."""
+    return _activation_mode("exact", True)
+
+
+def quantised_activations():
+    """Within this block, up to GEMV_MAX_ROWS rows (decoding) have their activations quantised
+    too (int8_dot.py), unless an enclosing float_activations() asked for exact products: what
+    model_fast's forward (the kernels' decoding and prefill) enters. Opt-in: every other
+    product stays exact in the activations."""
+    return _activation_mode("quantised", False)
+
+
+def quantising():
+    """Whether a few-row product here quantises its activations (see quantised_activations)."""
+    return getattr(_MODE, "mode", None) == "quantised"
 
 
 # the dot products may be summed in any order (SIMD lanes), so LLVM can vectorise them
@@ -118,7 +142,7 @@ def matmul_forward(inp, weight, bias):
     R, K = weight.q.shape
     x = np.ascontiguousarray(inp.reshape(-1, K), dtype=np.float32)  # [N, K]
     N = x.shape[0]
-    if N <= GEMV_MAX_ROWS and KERNEL == "int8" and not getattr(_FLOAT_ACTIVATIONS, "on", False):
+    if N <= GEMV_MAX_ROWS and KERNEL == "int8" and quantising():
         out = int8_matmul(x, weight.q, weight.scale, bias)  # [N, K] -> [N, R], bias added
         return out.reshape(inp.shape[:-1] + (R,))
     if N <= GEMV_PAR_MAX_ROWS:

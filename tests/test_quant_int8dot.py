@@ -81,7 +81,7 @@ def test_offset_activations():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("N,K,G,R", SHAPES + [(1, 768, 768, 3000)])
 def test_int8_matmul_one_and_two_threads(N, K, G, R, threads, path, monkeypatch):
-    """quant_kernels.matmul_forward's default GEMV path (<= 16 rows), through each kernel this
+    """quant_kernels.matmul_forward's decode GEMV path (<= 16 rows, quantised_activations), through each kernel this
     machine can run (the fallback forced too): the rows shared with gemv_pool's worker give
     what one thread gives (up to the order LLVM sums a row's groups in, which may differ
     between a chunk's vector body and its tail), and equal the reference."""
@@ -94,13 +94,51 @@ def test_int8_matmul_one_and_two_threads(N, K, G, R, threads, path, monkeypatch)
     ref, _ = quant.int8_dot_reference(xq, xs, w.q, w.scale, b)
     one = int8_dot.dot(xq, xs, w.q, w.scale, b)
     for _ in range(20):  # many jobs: the worker spins, claims, sleeps, wakes
-        got = quant_kernels.matmul_forward(x[:, None], w.T, b)[:, 0]
+        with quant_kernels.quantised_activations():
+            got = quant_kernels.matmul_forward(x[:, None], w.T, b)[:, 0]
         np.testing.assert_allclose(got, one, rtol=1e-6, atol=1e-6 * np.abs(one).max())
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     # and near the float-activation product: activations off by at most half a step each
     plain = layers.matmul_forward(x, w.T, b)
     step = np.abs(x).max() / 127
     assert np.abs(got - plain).max() <= 0.5 * step * np.abs(w.dequantize()).sum(1).max() + 1e-4
+
+
+def test_activations_exact_unless_decoding_opts_in(monkeypatch):
+    """Exact products are the default; quantised_activations() (model_fast's forward) opts in;
+    an enclosing float_activations() (a caller asking for exact decoding) wins over it."""
+    calls = []
+    real = quant_kernels.int8_matmul
+    monkeypatch.setattr(quant_kernels, "int8_matmul", lambda *a: calls.append(1) or real(*a))
+    x, w, b = data(2, 96, 32, 50)
+    exact = layers.matmul_forward(x, w.T, b)
+    np.testing.assert_allclose(quant_kernels.matmul_forward(x, w.T, b), exact, rtol=1e-5, atol=1e-4)
+    assert calls == []
+    with quant_kernels.quantised_activations():
+        quant_kernels.matmul_forward(x, w.T, b)
+        assert calls == [1]
+        with quant_kernels.float_activations():  # training's forward inside a decode: exact
+            quant_kernels.matmul_forward(x, w.T, b)
+    assert calls == [1]
+    with quant_kernels.float_activations(), quant_kernels.quantised_activations():
+        np.testing.assert_allclose(quant_kernels.matmul_forward(x, w.T, b), exact, rtol=1e-5, atol=1e-4)
+    assert calls == [1] and not quant_kernels.quantising()
+
+
+def test_model_decode_quantises_unless_asked_for_exact(monkeypatch):
+    """model_fast's forward (the kernels' decoding) quantises an int8 model's activations; the same
+    forward inside float_activations() gives the exact products, equal to the float twin's."""
+    import npgpt2
+    from npgpt2 import kernels, model
+    hp = {"n_vocab": 50, "n_ctx": 16, "n_embd": 32, "n_head": 2, "n_layer": 2}
+    q = npgpt2.GPT2(hp, quant.quantize_params(dict(model.init_model(hp, seed=1).params)))
+    f = npgpt2.GPT2(hp, quant.dequantize_params(dict(q.params)))  # the float twin
+    tokens = np.arange(6)[None] % 50
+    want = f._forward_fast(kernels, tokens, None, False)
+    with quant_kernels.float_activations():
+        np.testing.assert_allclose(q._forward_fast(kernels, tokens, None, False), want, rtol=1e-4, atol=1e-4)
+    got = q._forward_fast(kernels, tokens, None, False)  # the quantised decode: near, not equal
+    assert 0 < np.abs(got - want).max() < 0.05
 
 
 def test_dequant_fallback_kernel_still_selectable(monkeypatch):
