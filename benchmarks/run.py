@@ -850,8 +850,10 @@ def kernel_lines(out):
                  for label, r in sides.items()}
         for side, r in b.items():
             if side.startswith("llama") and isinstance(r, dict) and "info" in r:
+                off = isinstance(r.get("result"), dict) and r["result"].get("extra_buffer_types") is False
                 lines.append(f"- {name} / {side}: llama-cpp-python {r['info']['llama_cpp_python']}, "
-                             f"{r['info']['system_info'][:200]}")
+                             f"{r['info']['system_info'][:200]}"
+                             + ("; extra buffer types (AMX, repack) off: they exit with SIGILL here" if off else ""))
                 continue
             k = r.get("info", {}).get("kernels") if isinstance(r, dict) and (
                 side.startswith("npgpt2") or name == "policy") else None
