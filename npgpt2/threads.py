@@ -57,8 +57,10 @@ SAMPLE_S = 0.2  # seconds between two looks at the machine
 # one such sample among three gave others = 0.33 and so one thread: on the idle AMD VM the
 # default policy ran 1.29x (forward B=1,T=1024) and 1.15x (train B=4,T=64) slower than
 # NPGPT2_THREADS=2 in benchmarks/run.py's policy row, whose three workers take turns (each
-# one's first sample sees the previous worker's OpenBLAS threads still spinning). A
-# neighbour that stays (two samples of three: 0.2-0.4 s) is still seen.
+# one's first sample sees the previous worker's OpenBLAS threads still spinning). Measured on
+# the Intel Xeon VM: an idle process's OpenBLAS keeps one thread running 110-130 ms after its
+# last call, torch's 20-40 ms, both shorter than SAMPLE_S, so one sample at most. A neighbour
+# that stays (two samples of three: 0.2-0.4 s) is still seen.
 HISTORY = 3
 # work per thread below which a further thread does not pay: FLOPs for BLAS calls (waking
 # a thread costs ~10 us on bare metal, what one core does with ~1 MFLOP; GPT-2 124M's decode

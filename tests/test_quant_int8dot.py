@@ -130,6 +130,7 @@ def test_model_decode_quantises_unless_asked_for_exact(monkeypatch):
     forward inside float_activations() gives the exact products, equal to the float twin's."""
     import npgpt2
     from npgpt2 import kernels, model
+    monkeypatch.setattr(model, "ops", lambda: kernels)  # _head's choice too, whatever ops() says here
     hp = {"n_vocab": 50, "n_ctx": 16, "n_embd": 32, "n_head": 2, "n_layer": 2}
     q = npgpt2.GPT2(hp, quant.quantize_params(dict(model.init_model(hp, seed=1).params)))
     f = npgpt2.GPT2(hp, quant.dequantize_params(dict(q.params)))  # the float twin
