@@ -168,6 +168,8 @@ def int8_matmul(x, q, scale, bias=None):
     integer dot products, their rows shared with gemv_pool's worker while a core is free."""
     N, K = x.shape
     R, NG = scale.shape
+    if not q.flags.c_contiguous:  # both kernels read rows at flat offsets (r * K)
+        q = np.ascontiguousarray(q)
     out = np.empty((N, R), np.float32)
     b = int8_dot._NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     n = threads.gemv_threads(N * R * K)
