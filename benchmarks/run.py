@@ -845,12 +845,18 @@ def kernel_lines(out):
     for name, b in out["benchmarks"].items():
         if not isinstance(b, dict):
             continue
+        if name == "policy":  # {bench: {label: result}}: one line per bench and label
+            b = {f"{bench} {label}": r for bench, sides in b.items() if isinstance(sides, dict)
+                 for label, r in sides.items()}
         for side, r in b.items():
             if side.startswith("llama") and isinstance(r, dict) and "info" in r:
+                off = isinstance(r.get("result"), dict) and r["result"].get("extra_buffer_types") is False
                 lines.append(f"- {name} / {side}: llama-cpp-python {r['info']['llama_cpp_python']}, "
-                             f"{r['info']['system_info'][:200]}")
+                             f"{r['info']['system_info'][:200]}"
+                             + ("; extra buffer types (AMX, repack) off: they exit with SIGILL here" if off else ""))
                 continue
-            k = r.get("info", {}).get("kernels") if isinstance(r, dict) and side.startswith("npgpt2") else None
+            k = r.get("info", {}).get("kernels") if isinstance(r, dict) and (
+                side.startswith("npgpt2") or name == "policy") else None
             if not k:
                 continue
             blas = r["info"].get("blas")
@@ -861,8 +867,10 @@ def kernel_lines(out):
             if side.endswith("int8"):
                 asm = k.get("int8_dot_asm")
                 what.append(f"int8 kernel {k['int8_kernel']}" + (
-                    f" ({', '.join(asm['instructions']) or 'no SIMD multiply-add'} on {asm['register']})"
-                    if asm else ""))
+                    f" ({asm.get('path', 'madd')}: {', '.join(asm['instructions']) or 'no SIMD multiply-add'} "
+                    f"on {asm['register']})" if asm else ""))
+            if k.get("policy") and name == "policy":
+                what.append("thread choices: " + ", ".join(f"{key} x{n}" for key, n in k["policy"].items()))
             if k.get("threads_env"):
                 what.append(f"NPGPT2_THREADS={k['threads_env']}")
             lines.append(f"- {name} / {side}: " + "; ".join(what))

@@ -22,6 +22,7 @@ T_START = time.perf_counter()  # before the imports: `startup` counts them
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -79,8 +80,8 @@ def npgpt2_info():
 def kernels_info():
     """Which decode kernels this process ran: gemv_pool's job counts by kind and threads, the
     int8 GEMV kernel chosen, and the multiply-add instructions LLVM picked for it here."""
-    from npgpt2 import gemv_pool, int8_dot, quant_kernels
-    out = {"jobs": dict(gemv_pool.STATS), "int8_kernel": quant_kernels.KERNEL,
+    from npgpt2 import gemv_pool, int8_dot, quant_kernels, threads
+    out = {"jobs": dict(gemv_pool.STATS), "int8_kernel": quant_kernels.KERNEL, "policy": threads.decisions(),
            "threads_env": os.environ.get("NPGPT2_THREADS")}
     if any(k.startswith("int8") for k in gemv_pool.STATS):
         out["int8_dot_asm"] = int8_dot.dot_instructions()
@@ -158,6 +159,21 @@ def llama_info():
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
 
 
+def llama_extra_bufts_work(path, threads):
+    """Whether llama.cpp decodes `path` with its extra buffer types (AMX, repacked weights), tried
+    in a child process: on an Intel Xeon VM (Emerald Rapids, amx_int8 in cpuinfo) its AMX q8_0
+    kernels die with SIGILL, so the anchor then runs with them off (what a user there must do)."""
+    code = ("import sys; from llama_cpp import Llama; "
+            "m = Llama(model_path=sys.argv[1], n_ctx=16, n_threads=int(sys.argv[2]), verbose=False); "
+            "next(iter(m.generate([1, 2, 3], top_k=1, temp=0.0)))")
+    r = subprocess.run([sys.executable, "-c", code, str(path), str(threads)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    if r.returncode:
+        print(f"llama.cpp with extra buffer types exited with {r.returncode} on {path.name}: running without them",
+              file=sys.stderr)
+    return r.returncode == 0
+
+
 def llama_setup(side, bench, args):
     """Decode with llama.cpp on GPT-2 124M random weights written by gguf_anchor.py (once,
     kept in the temp dir), 2 threads (the machine's cores), greedy (top_k=1), the same
@@ -179,10 +195,20 @@ def llama_setup(side, bench, args):
         write_gguf(random_params(GG_SIZES["124M"]), GG_SIZES["124M"], tmp, qtype)
         tmp.replace(path)
     n = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+    extra = llama_extra_bufts_work(path, n)
+    if not extra:  # AMX / repacked weights crash here: llama.cpp's plain CPU kernels instead
+        import llama_cpp.llama_cpp as lc
+        default = lc.llama_model_default_params
+
+        def no_extra_bufts():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        lc.llama_model_default_params = no_extra_bufts
     llm = Llama(model_path=str(path), n_ctx=args["prompt"] + args["new"] + 8, n_threads=n, n_threads_batch=n,
                 verbose=False)
     prompt = [int(t) for t in tokens(2, args["prompt"])]
-    out = {}
+    out = {"extra_buffer_types": extra}
 
     def run():
         ids = []

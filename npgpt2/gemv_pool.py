@@ -23,6 +23,7 @@ or gemv.py, touch this file (or clear npgpt2/__pycache__) so the worker's copy r
 
 Jobs (kind, params as int64 addresses and sizes; the caller keeps the arrays alive):
 - KIND_INT8: int8_dot._dot_rows on rows [c*R/n, (c+1)*R/n) for chunk c;
+- KIND_INT8_VNNI: int8_dot._dot_rows_vnni on the same rows (offset activations, vpdpbusd);
 - KIND_F32_ROWS: gemv._rows on rows [c*OC/n, (c+1)*OC/n) of w (OC, C);
 - KIND_F32_COLS: gemv._cols on columns [c*OC/n, (c+1)*OC/n) of w (C, OC).
 """
@@ -46,7 +47,7 @@ KIND, NCHUNKS, P = 32, 33, 34  # the job: kind, chunks, parameters P..P+13
 CTL_SIZE = 48
 SEQ_SHIFT = 24  # CLAIM = seq << SEQ_SHIFT | next chunk
 CHUNK_MASK = (1 << SEQ_SHIFT) - 1
-KIND_INT8, KIND_F32_ROWS, KIND_F32_COLS = 1, 2, 3
+KIND_INT8, KIND_F32_ROWS, KIND_F32_COLS, KIND_INT8_VNNI = 1, 2, 3, 4
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
@@ -122,6 +123,16 @@ def _chunk(ctl, c):
         bias = carray(_as_ptr(ctl[P + 4]), (nb,), np.float32)
         out = carray(_as_ptr(ctl[P + 5]), (N, R), np.float32)
         int8_dot._dot_rows(xq, xs, q, ws, bias, out, c * R // n, (c + 1) * R // n)
+    elif kind == KIND_INT8_VNNI:  # xu xs q ws wsum bias out N K R NG has_bias
+        N, K, R, NG, nb = ctl[P + 7], ctl[P + 8], ctl[P + 9], ctl[P + 10], ctl[P + 11]
+        xu = carray(_as_ptr(ctl[P]), (N, K), np.uint8)
+        xs = carray(_as_ptr(ctl[P + 1]), (N, NG), np.float32)
+        q = carray(_as_ptr(ctl[P + 2]), (R, K), np.int8)
+        ws = carray(_as_ptr(ctl[P + 3]), (R, NG), np.float32)
+        wsum = carray(_as_ptr(ctl[P + 4]), (R, NG), np.int32)
+        bias = carray(_as_ptr(ctl[P + 5]), (nb,), np.float32)
+        out = carray(_as_ptr(ctl[P + 6]), (N, R), np.float32)
+        int8_dot._dot_rows_vnni(xu, xs, q, ws, wsum, bias, out, c * R // n, (c + 1) * R // n)
     else:  # KIND_F32_ROWS / _COLS: x w bias out M C OC nb, float32
         M, C, OC, nb = ctl[P + 4], ctl[P + 5], ctl[P + 6], ctl[P + 7]
         x = carray(_as_ptr(ctl[P]), (M, C), np.float32)
@@ -251,7 +262,8 @@ def _spins_for(seconds):
 _pool = None
 # jobs run since import, by (kind name, threads): the benchmarks report which path ran
 STATS = {}
-KIND_NAMES = {KIND_INT8: "int8 x int8 dot", KIND_F32_ROWS: "float32 rows", KIND_F32_COLS: "float32 columns"}
+KIND_NAMES = {KIND_INT8: "int8 x int8 dot", KIND_F32_ROWS: "float32 rows", KIND_F32_COLS: "float32 columns",
+              KIND_INT8_VNNI: "int8 x int8 dot (vpdpbusd)"}
 
 
 def note(kind, threads):

@@ -3,10 +3,22 @@
 The same result as the readable forward (GPT2._trunk + GPT2._head; tests hold them equal),
 arranged for speed and memory instead of for reading.
 """
+import contextlib
+
 import numpy as np
 
 from . import layers
 from .linear import linear as _linear
+
+
+def _quantised_decode(lay):
+    """The kernels' forward quantises a few activation rows for an int8 weight's GEMV
+    (quant_kernels.quantised_activations: the opt-in; a caller's float_activations() still wins);
+    the plain layers have no such GEMV."""
+    if lay is layers:
+        return contextlib.nullcontext()
+    from .quant_kernels import quantised_activations
+    return quantised_activations()
 
 
 class FastForward:
@@ -23,8 +35,14 @@ class FastForward:
         - with a cache, tokens are only the new positions; earlier keys and values are reused;
         - with last_only, the last layer computes attention, MLP and residual for the last
           position only (the others only give it keys and values);
-        - the residual additions go into x in place (no saved activation needs the old x).
+        - the residual additions go into x in place (no saved activation needs the old x);
+        - an int8 model's few-row products (decoding) quantise their activations too
+          (int8_dot.py), unless the caller asked for exact ones (quant_kernels.float_activations).
         """
+        with _quantised_decode(lay):
+            return self._forward_fast_body(lay, tokens, cache, last_only)
+
+    def _forward_fast_body(self, lay, tokens, cache, last_only):
         B, T = tokens.shape  # T new positions pos0..pos0+T-1 (all of them without a cache)
         rows, pos0 = (None, 0) if cache is None else (cache.rows, cache.lengths)  # cache rows, (B,) lengths
         if rows is None and (pos0 == np.min(pos0)).all():

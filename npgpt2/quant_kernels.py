@@ -5,9 +5,12 @@
 float32 matmul); tests hold the two equal to float32 rounding, and the int8-activation GEMV
 equal to its own plain reference (quant.int8_dot_reference) and near the float product.
 
-- A few rows (decode: one token per step; up to GEMV_MAX_ROWS) take `int8_matmul`: the
+- A few rows (decode: one token per step; up to GEMV_MAX_ROWS), inside
+  `quantised_activations()` (model_fast's forward enters it; everything else is exact in the
+  activations, see float_activations), take `int8_matmul`: the
   activation rows are quantised to int8 as well (per row and weight group) and each weight
-  row is dotted with them in integer arithmetic (int8_dot.py), the rows shared between this
+  row is dotted with them in integer arithmetic (int8_dot.py: VNNI's vpdpbusd where the CPU
+  has it, with the weight's per-row sums from `weight_sums`; else vpmaddwd), the rows shared between this
   thread and gemv_pool.py's spinning worker while a core is free. Decode reads every weight
   once per token, so reading 1 byte instead of 4 per weight is the whole gain (memory
   bandwidth, not arithmetic, is the limit), and the second core doubles the bytes read.
@@ -22,6 +25,7 @@ equal to its own plain reference (quant.int8_dot_reference) and near the float p
 import contextlib
 import os
 import threading
+import weakref
 
 import numpy as np
 from numba import njit, prange
@@ -52,21 +56,43 @@ GEMV_PAR_MAX_ROWS = 32
 KERNEL = os.environ.get("NPGPT2_INT8_KERNEL", "int8")
 if KERNEL not in ("int8", "dequant"):
     KERNEL = "int8"
-_FLOAT_ACTIVATIONS = threading.local()
+# How int8 weights multiply a few activation rows, per thread: None (outside any block: exact),
+# "exact" (float_activations) or "quantised" (quantised_activations, decoding).
+_MODE = threading.local()
 
 
 @contextlib.contextmanager
-def float_activations():
-    """Within this block, int8 weights multiply the float32 activations as they are (the
-    dequantising kernels), whatever the row count: training's forward, whose backward
-    (matmul_backward through the dequantised weight) is that product's gradient. Outside it,
-    up to GEMV_MAX_ROWS rows (decoding) have their activations quantised too (int8_dot.py)."""
-    before = getattr(_FLOAT_ACTIVATIONS, "on", False)
-    _FLOAT_ACTIVATIONS.on = True
+def _activation_mode(mode, override):
+    before = getattr(_MODE, "mode", None)
+    if override or before is None:
+        _MODE.mode = mode
     try:
         yield
     finally:
-        _FLOAT_ACTIVATIONS.on = before
+        _MODE.mode = before
+
+
+def float_activations():
+    """Within this block, int8 weights multiply the float32 activations as they are (the
+    dequantising kernels), whatever the row count and whatever an enclosing block asked:
+    training's forward, whose backward (matmul_backward through the dequantised weight) is
+    that product's gradient; GPT2._head(fast=False); and a caller who wants decoding's
+    products exact (its model_fast decode then leaves the activations unquantised). This is
+    also what happens outside any block."""
+    return _activation_mode("exact", True)
+
+
+def quantised_activations():
+    """Within this block, up to GEMV_MAX_ROWS rows (decoding) have their activations quantised
+    too (int8_dot.py), unless an enclosing float_activations() asked for exact products: what
+    model_fast's forward (the kernels' decoding and prefill) enters. Opt-in: every other
+    product stays exact in the activations."""
+    return _activation_mode("quantised", False)
+
+
+def quantising():
+    """Whether a few-row product here quantises its activations (see quantised_activations)."""
+    return getattr(_MODE, "mode", None) == "quantised"
 
 
 # the dot products may be summed in any order (SIMD lanes), so LLVM can vectorise them
@@ -116,7 +142,7 @@ def matmul_forward(inp, weight, bias):
     R, K = weight.q.shape
     x = np.ascontiguousarray(inp.reshape(-1, K), dtype=np.float32)  # [N, K]
     N = x.shape[0]
-    if N <= GEMV_MAX_ROWS and KERNEL == "int8" and not getattr(_FLOAT_ACTIVATIONS, "on", False):
+    if N <= GEMV_MAX_ROWS and KERNEL == "int8" and quantising():
         out = int8_matmul(x, weight.q, weight.scale, bias)  # [N, K] -> [N, R], bias added
         return out.reshape(inp.shape[:-1] + (R,))
     if N <= GEMV_PAR_MAX_ROWS:
@@ -142,17 +168,44 @@ def int8_matmul(x, q, scale, bias=None):
     integer dot products, their rows shared with gemv_pool's worker while a core is free."""
     N, K = x.shape
     R, NG = scale.shape
-    xq, xs = int8_dot.quantize(x, K // NG)  # [N, K] int8, [N, NG] float32
+    if not q.flags.c_contiguous:  # both kernels read rows at flat offsets (r * K)
+        q = np.ascontiguousarray(q)
     out = np.empty((N, R), np.float32)
     b = int8_dot._NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     n = threads.gemv_threads(N * R * K)
-    if n == 1:
-        gemv_pool.note(gemv_pool.KIND_INT8, 1)
-        int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R)
-        return out
-    params = np.array([xq.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data, b.ctypes.data,
-                       out.ctypes.data, N, K, R, NG, b.shape[0]], np.int64)
+    if int8_dot.PATH == "vnni":
+        xq, xs, xu = int8_dot.quantize(x, K // NG, offset=True)  # [N, K] int8, [N, NG] float32, [N, K] uint8
+        wsum = weight_sums(q, K // NG)  # [R, NG] int32
+        if n == 1:
+            gemv_pool.note(gemv_pool.KIND_INT8_VNNI, 1)
+            int8_dot._dot_rows_vnni(xu, xs, q, scale, wsum, b, out, 0, R)
+            return out
+        kind = gemv_pool.KIND_INT8_VNNI
+        params = [xu.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data, wsum.ctypes.data]
+    else:
+        xq, xs = int8_dot.quantize(x, K // NG)  # [N, K] int8, [N, NG] float32
+        if n == 1:
+            gemv_pool.note(gemv_pool.KIND_INT8, 1)
+            int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R)
+            return out
+        kind = gemv_pool.KIND_INT8
+        params = [xq.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data]
+    params = np.array(params + [b.ctypes.data, out.ctypes.data, N, K, R, NG, b.shape[0]], np.int64)
     # chunks of >= 64 rows (~50 KB of int8 at K = 768), up to 16 per thread: a late worker
     # holds the caller up by one chunk at most
-    gemv_pool.run(gemv_pool.KIND_INT8, params, max(1, min(16 * n, R // 64)), n)
+    gemv_pool.run(kind, params, max(1, min(16 * n, R // 64)), n)
     return out
+
+
+_WEIGHT_SUMS = {}  # id(q) -> int32 (R, NG): int8_dot.weight_sums, once per weight
+
+
+def weight_sums(q, G):
+    """The VNNI kernel's per-row correction for int8 weight q (R, K), groups of G: computed on
+    a weight's first decode and kept while q lives (~0.4 % of its bytes at G = K = 768)."""
+    key = (id(q), G)
+    s = _WEIGHT_SUMS.get(key)
+    if s is None:
+        s = _WEIGHT_SUMS[key] = int8_dot.weight_sums(q, G)
+        weakref.finalize(q, _WEIGHT_SUMS.pop, key, None)
+    return s

@@ -12,7 +12,8 @@ call, as
   (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`), whichever is smaller.
 - `others`: how many threads of other processes want a core right now: /proc/stat's
   `procs_running` minus this process's own running threads (/proc/self/task/*/stat),
-  scaled to our share of the machine's cores, averaged over the last few samples.
+  scaled to our share of the machine's cores, the median of the last few samples (a
+  neighbour seen once, for a fraction of a second, does not count; see HISTORY).
 - `steal`: the fraction of CPU time the hypervisor gave to other guests since the
   previous sample (/proc/stat), which takes cores away just the same.
 - `work`: the size of the call (FLOPs of a GEMM, elements of a loop); below
@@ -49,7 +50,18 @@ import numba
 log = logging.getLogger(__name__)
 
 SAMPLE_S = 0.2  # seconds between two looks at the machine
-HISTORY = 3  # samples averaged for `others`
+# `others` is the median of the last HISTORY samples (the lower one while there are two), not
+# their mean: a neighbour seen in one sample only (another process's BLAS threads spinning for
+# ~0.1 s after its last call before they sleep, or a thread of ours caught between states by
+# the two reads of a sample) must not take our second thread for the next 0.6 s. With the mean,
+# one such sample among three gave others = 0.33 and so one thread: on the idle AMD VM the
+# default policy ran 1.29x (forward B=1,T=1024) and 1.15x (train B=4,T=64) slower than
+# NPGPT2_THREADS=2 in benchmarks/run.py's policy row, whose three workers take turns (each
+# one's first sample sees the previous worker's OpenBLAS threads still spinning). Measured on
+# the Intel Xeon VM: an idle process's OpenBLAS keeps one thread running 110-130 ms after its
+# last call, torch's 20-40 ms, both shorter than SAMPLE_S, so one sample at most. A neighbour
+# that stays (two samples of three: 0.2-0.4 s) is still seen.
+HISTORY = 3
 # work per thread below which a further thread does not pay: FLOPs for BLAS calls (waking
 # a thread costs ~10 us on bare metal, what one core does with ~1 MFLOP; GPT-2 124M's decode
 # GEMVs are 1.2-77 MFLOP and, memory-bound, do gain from a second core's bandwidth when it is
@@ -76,7 +88,7 @@ def choose_threads(work, cpus, others, steal=0.0, min_work=MIN_WORK_PER_THREAD["
     can use.
 
     work: size of the call (same unit as min_work); cpus: cores this process may use;
-    others: threads of other processes running (a mean, may be fractional); steal:
+    others: threads of other processes running (may be fractional); steal:
     fraction of CPU taken by the hypervisor (0..1). Returns 1..cpus.
     A half-free core counts as not free: a thread that waits at a barrier for a partner
     without a core loses far more than one thread fewer costs.
@@ -191,8 +203,11 @@ class _Policy:
         now = time.monotonic()
         if now >= self.next_sample:
             self.sample(now)
-        others = sum(self.others) / len(self.others)
-        return choose_threads(work, self.cpus, others, self.steal, MIN_WORK_PER_THREAD[kind])
+        others = sorted(self.others)[(len(self.others) - 1) // 2]
+        n = choose_threads(work, self.cpus, others, self.steal, MIN_WORK_PER_THREAD[kind])
+        key = (kind, n)
+        STATS[key] = STATS.get(key, 0) + 1
+        return n
 
 
 MAX_THREADS = 4096  # BLAS and Numba take a C int; a larger setting is a typo, not a machine
@@ -212,6 +227,13 @@ def _env_int(name):
 
 
 _policy = None
+# decisions since import, by (kind, threads): the benchmarks report what the policy chose
+STATS = {}
+
+
+def decisions():
+    """{"kind N threads": calls} of the decisions made so far (benchmarks/workers.py)."""
+    return {f"{k} {n}": c for (k, n), c in sorted(STATS.items())}
 
 
 def _get():

@@ -76,12 +76,16 @@ def test_lora_through_an_int8_weight_is_the_dequantised_matrix():
     np.testing.assert_allclose(fast, out, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(fh.shape, h.shape)
     np.testing.assert_allclose(one, out[:1, :1], rtol=1e-5, atol=1e-5)
-    # decoding (outside the block): the activation row is quantised too (int8_dot.py), so the
-    # base product is off by about its rounding, |x| max / 254 per entry
-    dec, _ = kernels.lora_forward(x[:1, :1], qw, b, A, Bm, 2.0)
+    # decoding (model_fast's forward opts in): the activation row is quantised too (int8_dot.py),
+    # so the base product is off by about its rounding, |x| max / 254 per entry
+    from npgpt2 import quant_kernels
+    with quant_kernels.quantised_activations():
+        dec, _ = kernels.lora_forward(x[:1, :1], qw, b, A, Bm, 2.0)
     bound = np.abs(x[:1, :1]).max() / 254 * np.abs(W).sum(axis=0) + 1e-5  # (OC,)
     assert (np.abs(dec - out[:1, :1]) <= bound).all()
     assert not np.array_equal(dec, one)  # it really is the other kernel
+    # outside any block the product is exact: the dequantising GEMV, as in training
+    np.testing.assert_array_equal(kernels.lora_forward(x[:1, :1], qw, b, A, Bm, 2.0)[0], one)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -134,3 +134,19 @@ def test_gemv_threads_two_only_while_a_core_is_free(fresh_policy):
     fresh_policy.setenv("NPGPT2_THREADS", "8")
     threads.reset()
     assert threads.gemv_threads(768 * 3072) == 2
+
+
+def test_one_passing_neighbour_does_not_take_the_second_thread(fresh_policy, monkeypatch):
+    """`others` is the median of the recent samples: a neighbour seen in one sample of three
+    (another process's BLAS threads spinning down) leaves both threads; seen in two, one."""
+    p = threads._get()
+    p.cpus, p.host_cpus, p.steal = 2, 2, 0.0
+    seen = iter([0, 0, 2, 0, 2, 2])  # other processes' running threads, one per sample
+    monkeypatch.setattr(threads, "parse_proc_stat", lambda text: (next(seen) + 1, 0, 1))
+    monkeypatch.setattr(threads, "own_running_threads", lambda: 1)
+    got = []
+    for _ in range(6):
+        p.next_sample = 0.0  # sample on every call
+        got.append(threads.blas_threads(BIG))
+    assert got == [2, 2, 2, 2, 1, 1]
+    assert threads.decisions()["blas 1"] >= 2
