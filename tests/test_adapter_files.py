@@ -374,12 +374,16 @@ BAD = [
     ("rank_pattern 0", dict(cfg={"rank_pattern": {"h.1.mlp.c_fc": 0}}), "rank_pattern for transformer.h.1"),
     ("bad regex", dict(cfg={"alpha_pattern": {"(": 2}}), "not a valid regex"),
     ("another model's targets", dict(cfg={"target_modules": ["q_proj", "v_proj"]}), "does not target"),
-    ("embedding target", dict(cfg={"target_modules": ["wte", "c_attn", "c_proj", "c_fc"]}),
-     "matches transformer.wte, which npgpt2 cannot adapt"),
+    ("position embedding target", dict(cfg={"target_modules": ["wpe", "c_attn", "c_proj", "c_fc"]}),
+     "matches transformer.wpe, which npgpt2 cannot adapt"),
+    ("wte targeted, no tensors", dict(cfg={"target_modules": ["wte", "c_attn", "c_proj", "c_fc"]}),
+     "targets transformer.wte but adapter_model.safetensors has no tensors for it"),
     ("target_modules type", dict(cfg={"target_modules": 5}), "target_modules must be"),
     ("another model's tensors", dict(cfg={"target_modules": ["q_proj"]}, tensors=rename_llama), "unknown tensor"),
-    ("extra tensor", dict(tensors=lambda t: {**t, "base_model.model.lm_head.lora_A.weight": t[KEY.format(
-        0, "attn.c_attn", "A")]}), "unknown tensor 'base_model.model.lm_head"),
+    ("half a head adapter", dict(tensors=lambda t: {**t, "base_model.model.lm_head.lora_A.weight": t[KEY.format(
+        0, "attn.c_attn", "A")]}), "has lora_A but no lora_B for lm_head"),
+    ("extra tensor", dict(tensors=lambda t: {**t, "base_model.model.transformer.wpe.lora_embedding_A": t[KEY.format(
+        0, "attn.c_attn", "A")]}), "unknown tensor 'base_model.model.transformer.wpe"),
     ("wrong shape", dict(cfg={"rank_pattern": {}}), "has shape (2, 24), but r=4"),
     ("missing B", dict(tensors=drop("h.0.mlp.c_fc", "lora_B")), "no lora_B for h.0.mlp.c_fc"),
     ("untargeted tensors", dict(cfg={"target_modules": ["c_attn", "c_fc"]}), "does not target transformer.h.0.attn.c_proj"),
