@@ -580,3 +580,17 @@ def test_wte_adapter_loss_and_gradients_equal_torch_peft(path, dtype, suffix, to
     dlogits = np.random.default_rng(0).standard_normal(logits.shape).astype(dtype)
     grads, _ = model.backward(dlogits, saved)
     assert set(grads) == set(params)
+
+
+def test_logit_lens_and_explain_use_the_adapted_head():
+    """With an adapter on the tied wte, the logit lens's last row is the model's own distribution
+    (explain's last lens row, interp.logit_lens), as without adapters."""
+    from npgpt2 import interp
+    from npgpt2.explain import logit_lens_top
+    model = tiny_with_adapters(("wte",))
+    tokens = np.random.default_rng(4).integers(0, 13, (1, 5))
+    logits, acts = model.run_with_cache(tokens)
+    lens = interp.logit_lens(model, acts)
+    np.testing.assert_allclose(lens[-1], logits, rtol=1e-12, atol=1e-12)
+    ids, _ = logit_lens_top(model, acts["h1.resid_post"], 1)  # (1, T, C) after the last block
+    np.testing.assert_array_equal(ids[0, :, 0], logits[0].argmax(-1))
