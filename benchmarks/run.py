@@ -367,8 +367,8 @@ def run_all(args, log):
 # the quality row (workers.lora_quality): a full-vocabulary base trained on the Jargon File (cached in
 # results/), fine-tuned on The Devil's Dictionary with each side's learning rate picked from its sweep
 LORA_QUALITY = {"n_embd": 64, "n_layer": 2, "n_head": 4, "T": 64, "B": 8, "base_steps": 1000, "base_lr": 2e-3,
-                "ft_steps": 150, "r": 8, "full_lrs": [1e-3, 3e-3], "lora_lrs": [1e-2, 3e-2], "lora_wte_lrs": [1e-2, 3e-2],
-                "layers_lrs": [3e-3],
+                "ft_steps": 150, "r": 8, "full_lrs": [1e-3, 3e-3], "lora_lrs": [1e-2, 3e-2],
+                "lora_wte_lrs": [1e-3, 3e-3, 1e-2], "layers_lrs": [3e-3],
                 "cache": str(RESULTS)}
 
 
