@@ -432,10 +432,12 @@ def lora_quality(args):
     pick each side's learning rate (validation), the last 10 % held out (the score). Each side
     trains `ft_steps` steps (batch B, context T, cosine schedule) from the base once per learning
     rate of its sweep (full: AdamW over every weight, `full_lrs`; LoRA r=`r`, alpha 2r on all four
-    matrices of every block, `lora_lrs`; and, to tell where a gap comes from, the transformer
+    matrices of every block, `lora_lrs`; the same plus an adapter of rank r on the tied token
+    embedding / output head (target wte), `lora_wte_lrs`; and, to tell where a gap comes from, the transformer
     layers alone at full rank, `layers_lrs`, with wte, wpe and ln_f frozen as under LoRA); the
-    learning rate with the lowest validation loss is that side's. Returns the held-out losses (base, full, LoRA), the sweep, and LoRA's held-out
-    loss reduction as a share of the full fine-tune's."""
+    learning rate with the lowest validation loss is that side's. Returns the held-out losses (base, full, LoRA,
+    LoRA with wte), the sweep, and each LoRA's held-out loss reduction as a share of the full fine-tune's
+    (`share`: the four block matrices; `share_wte`: with wte)."""
     import numpy as np
 
     from npgpt2 import lora
@@ -459,25 +461,31 @@ def lora_quality(args):
            "base_val": evaluate(base, val, T)[0], "base_loss": evaluate(base, held_out, T)[0], "sweep": []}
     # "layers": a full fine-tune of the transformer layers alone (--only_train_transformer_layers:
     # wte, wpe and ln_f frozen, as under LoRA), the same weights LoRA adapts, at full rank
-    for side, lrs in (("full", args["full_lrs"]), ("lora", args["lora_lrs"]), ("layers", args.get("layers_lrs", []))):
+    sides = (("full", args["full_lrs"]), ("lora", args["lora_lrs"]), ("lora_wte", args.get("lora_wte_lrs", [])),
+             ("layers", args.get("layers_lrs", [])))
+    for side, lrs in sides:
         for lr in lrs:
             t1 = time.perf_counter()
             model = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
-            if side == "lora":
-                lora.attach(model, lora.init_adapters(hp, lora.LoraConfig(r=args["r"], alpha=2 * args["r"])))
+            if side in ("lora", "lora_wte"):
+                targets = lora.TARGETS + ((lora.WTE,) if side == "lora_wte" else ())
+                lora.attach(model, lora.init_adapters(hp, lora.LoraConfig(r=args["r"], alpha=2 * args["r"],
+                                                                          targets=targets)))
             losses = fit(model, ft_part, cfg(args["ft_steps"], lr, only_train_transformer_layers=side == "layers")
                          )["history"]["loss"]
-            if side == "lora":  # the base stayed frozen
+            if side in ("lora", "lora_wte"):  # the base stayed frozen
                 assert all(np.array_equal(model.params[k], base_params[k]) for k in base_params)
             out["sweep"].append({"side": side, "lr": lr, "val": evaluate(model, val, T)[0],
                                  "held_out": evaluate(model, held_out, T)[0], "train_first": losses[0],
                                  "train_last": losses[-1], "seconds": time.perf_counter() - t1})
-    for side in ("full", "lora", "layers"):
+    for side, _ in sides:
         runs = [s for s in out["sweep"] if s["side"] == side]
         if runs:
             best = min(runs, key=lambda s: s["val"])
             out[f"{side}_lr"], out[f"{side}_loss"] = best["lr"], best["held_out"]
     out["share"] = (out["base_loss"] - out["lora_loss"]) / (out["base_loss"] - out["full_loss"])
+    if "lora_wte_loss" in out:
+        out["share_wte"] = (out["base_loss"] - out["lora_wte_loss"]) / (out["base_loss"] - out["full_loss"])
     if "layers_loss" in out:  # LoRA's reduction as a share of the layers-only full-rank fine-tune's
         out["share_of_layers"] = (out["base_loss"] - out["lora_loss"]) / (out["base_loss"] - out["layers_loss"])
     out.update(wall_s=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib())

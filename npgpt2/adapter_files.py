@@ -8,6 +8,19 @@ A PEFT LoRA folder, as `PeftModel.save_pretrained` writes it for GPT-2:
                               base_model.model.transformer.h.{i}.{target}.lora_B.weight  (C_out, r)
                               float32, float16 or bfloat16
 
+The tied token embedding / output head (npgpt2's target "wte", one delta A (V, r) @ B (r, C) on the one
+matrix) is, in PEFT, an Embedding LoRA on transformer.wte plus a Linear LoRA on lm_head holding the same
+values, tied by `ensure_weight_tying` (peft >= 0.19; peft shares the head's tensors with the embedding's):
+
+  base_model.model.transformer.wte.lora_embedding_A  (r, V) = A.T    .lora_embedding_B  (C, r) = B.T
+  base_model.model.lm_head.lora_A.weight              (r, C) = B      .lora_B.weight     (V, r) = A
+
+scaling alpha / r for both (PEFT's Embedding delta is lora_embedding_A.T @ lora_embedding_B.T). Reading,
+the head's tensors must equal the embedding's (transposed) and have the same r and alpha: an adapter on
+only one of the two (untied, the head and the lookup differing) is refused in one line, as npgpt2's
+model has one tied matrix. peft's own save_pretrained of a tied adapter lists "wte" but not "lm_head" in
+target_modules (ensure_weight_tying: true says the head is tied); npgpt2 writes both, which peft reloads.
+
 GPT-2's matrices are HF `Conv1D` modules, whose weight is (C_in, C_out) like ours (`fan_in_fan_out`),
 and PEFT's delta is scaling * (lora_B @ lora_A).T = scaling * lora_A.T @ lora_B.T, so
 A = lora_A.weight.T (C_in, r) and B = lora_B.weight.T (r, C_out) exactly (lora.py's layout).
@@ -39,6 +52,10 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # base_model.model.[transformer.]h.{i}.{target}.lora_{A,B}.weight (no "transformer." when the base was GPT2Model)
 TENSOR_KEY = re.compile(r"base_model\.model\.((?:transformer\.)?)h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc"
                         r"|mlp\.c_proj)\.lora_([AB])\.weight")
+# the tied token embedding's two halves (WTE in lora.py): the lookup's Embedding LoRA and the head's Linear LoRA
+EMBED_KEY = re.compile(r"base_model\.model\.((?:transformer\.)?)wte\.lora_embedding_([AB])")
+HEAD_KEY = re.compile(r"base_model\.model\.lm_head\.lora_([AB])\.weight")
+HEAD = "lm_head"
 # PEFT's default targets for GPT-2 when target_modules is null (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 GPT2_DEFAULT_TARGETS = ["c_attn"]
 # Config options whose adapters compute something else than x @ A @ B * alpha / r on the four matrices:
@@ -90,12 +107,13 @@ def read_peft_adapter(path, hparams):
     found, hf_prefix = _sort_tensors(tensors, hparams, weights_path)
 
     wanted = _targeted_modules(cfg, hparams, hf_prefix, config_path)
-    for i, target in sorted(wanted ^ set(found)):
+    for i, target in sorted(wanted ^ set(found), key=str):
         has = "targets" if (i, target) in wanted else "does not target"
-        raise Npgpt2Error(f"{config_path}: {has} {hf_prefix}h.{i}.{target} but {WEIGHTS_FILE} "
+        raise Npgpt2Error(f"{config_path}: {has} {_hf_name(hf_prefix, i, target)} but {WEIGHTS_FILE} "
                           f"{'has no' if (i, target) in wanted else 'has'} tensors for it")
-    targets = tuple(t for t in TARGETS if any(t == tt for _, tt in found))
-    for target in targets:
+    _check_tied(cfg, found, hf_prefix, config_path, weights_path)
+    targets = tuple(t for t in lora.ALL_TARGETS if any(t == tt for _, tt in found))
+    for target in (t for t in targets if t != lora.WTE):
         missing = [i for i in range(hparams["n_layer"]) if (i, target) not in found]
         if missing:
             raise Npgpt2Error(f"{config_path}: adapts {target} in some layers but not in layer {missing[0]}; "
@@ -105,8 +123,10 @@ def read_peft_adapter(path, hparams):
 
     rank_pattern, alpha_pattern, params = {}, {}, {}
     shapes = matrix_shapes(hparams)
-    for (i, target), ab in sorted(found.items()):
-        name = f"{hf_prefix}h.{i}.{target}"
+    for (i, target), ab in sorted(found.items(), key=str):
+        if target == HEAD:  # the same values as wte's (checked by _check_tied)
+            continue
+        name = _hf_name(hf_prefix, i, target)
         r_m = _pattern_value(cfg, "rank_pattern", name, r, config_path)
         alpha_m = _pattern_value(cfg, "alpha_pattern", name, alpha, config_path)
         _check_number(r_m, f"{config_path}: rank_pattern for {name}", integer=True)
@@ -121,7 +141,8 @@ def read_peft_adapter(path, hparams):
             key, arr = ab[which]
             if tuple(arr.shape) != want:
                 raise Npgpt2Error(f"{weights_path}: tensor '{key}' has shape {tuple(arr.shape)}, but r={r_m} and "
-                                  f"n_embd={hparams['n_embd']} imply {want}")
+                                  f"n_embd={hparams['n_embd']}{', n_vocab=' + str(c_in) if target == lora.WTE else ''}"
+                                  f" imply {want}")
             if arr.dtype.kind != "f" or not np.isfinite(arr).all():
                 raise Npgpt2Error(f"{weights_path}: tensor '{key}' is {arr.dtype}"
                                   f"{' with NaN or inf values' if arr.dtype.kind == 'f' else ', not a float'}")
@@ -129,6 +150,32 @@ def read_peft_adapter(path, hparams):
     config = LoraConfig(r=int(r), alpha=float(alpha), targets=targets, rank_pattern=rank_pattern,
                         alpha_pattern=alpha_pattern)
     return LoraAdapters(config=config, params=params)
+
+
+def _hf_name(hf_prefix, layer, target):
+    """HF's module name: transformer.h.3.mlp.c_fc, transformer.wte, lm_head."""
+    return {lora.WTE: f"{hf_prefix}wte", HEAD: HEAD}.get(target, f"{hf_prefix}h.{layer}.{target}")
+
+
+def _check_tied(cfg, found, hf_prefix, config_path, weights_path):
+    """An adapter on wte must be tied: the same on the embedding and the head (see the module docstring)."""
+    emb, head = found.get((None, lora.WTE)), found.get((None, HEAD))
+    if emb is None and head is None:
+        return
+    if emb is None or head is None:
+        has, lacks = (f"{hf_prefix}wte", HEAD) if head is None else (HEAD, f"{hf_prefix}wte")
+        raise Npgpt2Error(f"{config_path}: adapts {has} but not {lacks} (untied); npgpt2 adapts GPT-2's tied "
+                          f"embedding and output head as one matrix (target both, ensure_weight_tying=true)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        default = cfg["r"] if key == "rank_pattern" else cfg["lora_alpha"]
+        if _pattern_value(cfg, key, f"{hf_prefix}wte", default, config_path) != \
+                _pattern_value(cfg, key, HEAD, default, config_path):
+            raise Npgpt2Error(f"{config_path}: {key} gives {hf_prefix}wte and lm_head different values; "
+                              f"npgpt2 adapts the tied matrix once")
+    for (hk, h), (ek, e) in ((head["A"], emb["B"]), (head["B"], emb["A"])):
+        if h.shape != e.shape[::-1] or not np.array_equal(np.asarray(h, np.float32), np.asarray(e, np.float32).T):
+            raise Npgpt2Error(f"{weights_path}: '{hk}' is not '{ek}' transposed: the head's adapter differs from "
+                              f"the embedding's (untied); npgpt2 adapts GPT-2's tied wte/lm_head as one matrix")
 
 
 def _check_number(v, what, integer=False):
@@ -163,6 +210,11 @@ def _sort_tensors(tensors, hparams, weights_path):
     found, prefixes = {}, set()
     for key in sorted(tensors):
         m = TENSOR_KEY.fullmatch(key)
+        if m is None and (e := EMBED_KEY.fullmatch(key) or HEAD_KEY.fullmatch(key)):
+            if e.re is EMBED_KEY:
+                prefixes.add(e.group(1))
+            found.setdefault((None, lora.WTE if e.re is EMBED_KEY else HEAD), {})[e.groups()[-1]] = (key, tensors[key])
+            continue
         if not m:
             raise Npgpt2Error(f"{weights_path}: unknown tensor '{key}' (not lora_A/lora_B of a GPT-2 block's "
                               f"attn.c_attn, attn.c_proj, mlp.c_fc or mlp.c_proj: an adapter for another "
@@ -175,11 +227,11 @@ def _sort_tensors(tensors, hparams, weights_path):
         found.setdefault((layer, target), {})[which] = (key, tensors[key])
     if len(prefixes) > 1:
         raise Npgpt2Error(f"{weights_path}: mixes tensor names with and without 'transformer.'")
-    for (layer, target), ab in sorted(found.items()):
+    for (layer, target), ab in sorted(found.items(), key=str):
         for which in "AB":
             if which not in ab:
                 raise Npgpt2Error(f"{weights_path}: has lora_{'B' if which == 'A' else 'A'} but no "
-                                  f"lora_{which} for h.{layer}.{target}")
+                                  f"lora_{which} for {_hf_name('', layer, target)}")
     return found, prefixes.pop() if prefixes else "transformer."
 
 
@@ -211,8 +263,9 @@ def _module_targeted(cfg, name, layer, config_path):
 
 
 def _targeted_modules(cfg, hparams, hf_prefix, config_path):
-    """{(layer, target)} the config adapts in a GPT-2 with these hparams; refuses a config that
-    targets one of GPT-2's other modules (embeddings, head, layer norms)."""
+    """{(layer, target)} the config adapts in a GPT-2 with these hparams ((None, "wte") the embedding,
+    (None, "lm_head") the head: with ensure_weight_tying, adapting wte adapts the head too); refuses a
+    config that targets one of GPT-2's other modules (position embedding, layer norms)."""
     wanted = set()
     names = [(n.replace("transformer.", hf_prefix, 1), None) for n in OTHER_MODULES if n != "transformer" or hf_prefix]
     for i in range(hparams["n_layer"]):
@@ -221,11 +274,15 @@ def _targeted_modules(cfg, hparams, hf_prefix, config_path):
     for name, layer in names:
         if not _module_targeted(cfg, name, layer, config_path):
             continue
-        target = name.split(".", 3 if hf_prefix else 2)[-1] if layer is not None else None
-        if target not in TARGETS:
+        target = name.split(".", 3 if hf_prefix else 2)[-1] if layer is not None else \
+            {f"{hf_prefix}wte": lora.WTE, HEAD: HEAD}.get(name)
+        if target not in TARGETS + (lora.WTE, HEAD):
             raise Npgpt2Error(f"{config_path}: target_modules matches {name}, which npgpt2 cannot adapt "
-                              f"(only a block's attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)")
+                              f"(only a block's attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, and the tied "
+                              f"wte/lm_head)")
         wanted.add((layer, target))
+    if (None, lora.WTE) in wanted and cfg.get("ensure_weight_tying") is True:
+        wanted.add((None, HEAD))  # peft ties the head's adapter to the embedding's
     return wanted
 
 
@@ -242,7 +299,10 @@ def _pattern_value(cfg, key, name, default, config_path):
 
 # ---------------------------------------------------------------- writing
 def hf_module(prefix):
-    """"model/h3/mlp/c_fc" -> "h.3.mlp.c_fc": PEFT's name for the module (a suffix of transformer.h.3.mlp.c_fc)."""
+    """"model/h3/mlp/c_fc" -> "h.3.mlp.c_fc": PEFT's name for the module (a suffix of transformer.h.3.mlp.c_fc);
+    "model/wte" -> "wte"."""
+    if prefix == lora.module_prefix(None, lora.WTE):
+        return "wte"
     m = re.fullmatch(r"model/h(\d+)/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)", prefix)
     if not m:
         raise Npgpt2Error(f"adapters: {prefix!r} is not a block's adapted matrix")
@@ -252,8 +312,13 @@ def hf_module(prefix):
 def peft_config(adapters, base_name="gpt2"):
     """The adapter_config.json dict for these adapters (HF module names, r, alpha, patterns)."""
     cfg = adapters.config
+    tied = lora.WTE in cfg.targets  # the head's adapter is the embedding's (module docstring)
+
+    def pattern(p, kind):
+        out = {hf_module(k): kind(v) for k, v in sorted(p.items())}
+        return {**out, HEAD: out["wte"]} if "wte" in out else out
     return {
-        "alpha_pattern": {hf_module(k): float(v) for k, v in sorted(cfg.alpha_pattern.items())},
+        "alpha_pattern": pattern(cfg.alpha_pattern, float),
         "base_model_name_or_path": base_name,
         "bias": "none",
         "fan_in_fan_out": True,  # GPT-2's Conv1D stores (C_in, C_out)
@@ -266,12 +331,14 @@ def peft_config(adapters, base_name="gpt2"):
         "modules_to_save": None,
         "peft_type": "LORA",
         "r": int(cfg.r),
-        "rank_pattern": {hf_module(k): int(v) for k, v in sorted(cfg.rank_pattern.items())},
+        "rank_pattern": pattern(cfg.rank_pattern, int),
         "revision": None,
-        "target_modules": list(cfg.targets),  # "attn.c_attn" matches transformer.h.{i}.attn.c_attn only
+        # "attn.c_attn" matches transformer.h.{i}.attn.c_attn only; "wte": transformer.wte
+        "target_modules": list(cfg.targets) + [HEAD] * tied,
         "task_type": "CAUSAL_LM",
         "use_dora": False,
         "use_rslora": False,
+        **({"ensure_weight_tying": True} if tied else {}),
     }
 
 
@@ -281,29 +348,33 @@ def n_layers(adapters):
     cfg = adapters.config
     layers = {int(m.group(1)) for k in adapters.params if (m := re.match(r"model/h(\d+)/", k))}
     n = max(layers) + 1 if layers else 0
-    want = {f"{module_prefix(i, t)}/lora_{w}" for i in range(n) for t in cfg.targets for w in "AB"}
-    if not n or set(adapters.params) != want:
+    modules = lora.adapted_modules(n, cfg.targets)
+    want = {f"{module_prefix(i, t)}/lora_{w}" for i, t in modules for w in "AB"}
+    if not modules or set(adapters.params) != want:
         extra = sorted(set(adapters.params) ^ want)
-        raise Npgpt2Error(f"adapters: {'no arrays' if not n else 'array ' + repr(extra[0])} does not fit the "
+        raise Npgpt2Error(f"adapters: {'no arrays' if not want else 'array ' + repr(extra[0])} does not fit the "
                           f"config (targets {','.join(cfg.targets)} in each of {n} layers)")
-    for i in range(n):
-        for t in cfg.targets:
-            a, b = (adapters.params[f"{module_prefix(i, t)}/lora_{w}"] for w in "AB")
-            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != cfg.rank(i, t) or b.shape[0] != cfg.rank(i, t):
-                raise Npgpt2Error(f"adapters: {module_prefix(i, t)} has A {a.shape} and B {b.shape}, "
-                                  f"not rank {cfg.rank(i, t)}")
+    for i, t in modules:
+        a, b = (adapters.params[f"{module_prefix(i, t)}/lora_{w}"] for w in "AB")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != cfg.rank(i, t) or b.shape[0] != cfg.rank(i, t):
+            raise Npgpt2Error(f"adapters: {module_prefix(i, t)} has A {a.shape} and B {b.shape}, "
+                              f"not rank {cfg.rank(i, t)}")
     return n
 
 
 def peft_tensors(adapters):
     """{PEFT key: float32 array in PEFT's layout} for adapter_model.safetensors."""
     out = {}
-    for i in range(n_layers(adapters)):
-        for t in adapters.config.targets:
-            for w in "AB":
-                arr = adapters.params[f"{module_prefix(i, t)}/lora_{w}"]
-                key = f"base_model.model.transformer.h.{i}.{t}.lora_{w}.weight"
-                out[key] = np.ascontiguousarray(np.asarray(arr).T, dtype=np.float32)  # ours -> PEFT: .T
+    for i, t in lora.adapted_modules(n_layers(adapters), adapters.config.targets):
+        for w in "AB":
+            arr = np.asarray(adapters.params[f"{module_prefix(i, t)}/lora_{w}"])
+            if t == lora.WTE:  # the lookup's Embedding LoRA, and the head's Linear LoRA: the same values
+                out[f"base_model.model.transformer.wte.lora_embedding_{w}"] = np.ascontiguousarray(arr.T, np.float32)
+                out[f"base_model.model.lm_head.lora_{'B' if w == 'A' else 'A'}.weight"] = \
+                    np.ascontiguousarray(arr, np.float32)
+                continue
+            key = f"base_model.model.transformer.h.{i}.{t}.lora_{w}.weight"
+            out[key] = np.ascontiguousarray(arr.T, dtype=np.float32)  # ours -> PEFT: .T
     return out
 
 
@@ -349,16 +420,16 @@ def merged_params(params, adapters, dtype=np.float32):
     and rounded once. int8 weights (quant.QuantizedWeight) are dequantised first."""
     cfg = adapters.config
     out = {name: np.asarray(w, dtype=dtype) for name, w in quant.dequantize_params(params).items()}
-    for i in range(n_layers(adapters)):
-        for target in cfg.targets:
-            prefix = module_prefix(i, target)
-            a = np.asarray(adapters.params[prefix + "/lora_A"], dtype=np.float64)  # [C_in, r]
-            b = np.asarray(adapters.params[prefix + "/lora_B"], dtype=np.float64)  # [r, C_out]
-            w = np.asarray(out.get(prefix + "/w"), dtype=np.float64)  # [1, C_in, C_out]
-            if w.shape != (1, a.shape[0], b.shape[1]):
-                raise Npgpt2Error(f"adapters: {prefix} is {a.shape[0]}x{b.shape[1]} but the base's "
-                                  f"{prefix}/w is {w.shape}")
-            out[prefix + "/w"] = (w + cfg.scaling(i, target) * (a @ b)[None]).astype(dtype)  # [1, C_in, C_out]
+    for i, target in lora.adapted_modules(n_layers(adapters), cfg.targets):
+        prefix = module_prefix(i, target)
+        name = prefix if target == lora.WTE else prefix + "/w"  # model/wte (V, C): no leading 1
+        a = np.asarray(adapters.params[prefix + "/lora_A"], dtype=np.float64)  # [C_in, r]
+        b = np.asarray(adapters.params[prefix + "/lora_B"], dtype=np.float64)  # [r, C_out]
+        w = np.asarray(out.get(name), dtype=np.float64)  # [1, C_in, C_out], wte [V, C]
+        if w.shape[-2:] != (a.shape[0], b.shape[1]) or w.ndim != (2 if target == lora.WTE else 3):
+            raise Npgpt2Error(f"adapters: {prefix} is {a.shape[0]}x{b.shape[1]} but the base's "
+                              f"{name} is {w.shape}")
+        out[name] = (w + cfg.scaling(i, target) * (a @ b)).astype(dtype)  # the tied wte: lookup and head alike
     return out
 
 

@@ -86,7 +86,8 @@ def add_lora_flags(p):
                    help="train LoRA adapters of rank R on a frozen base instead of every weight (e.g. 8)")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA's alpha: updates scale by alpha/R (default 2R)")
     p.add_argument("--lora_targets", default=",".join(TARGETS),
-                   help="the matrices of each block that get adapters (default all four: %(default)s)")
+                   help="the matrices that get adapters: a block's four (default, in every block: %(default)s) "
+                        "and wte, the tied token embedding / output head (one adapter for both uses)")
     p.add_argument("--dtype", default="float32", type=dtype_choice,
                    help="the frozen base's weights with --lora: float32 (default) or int8 (8-bit, quantised at load)")
 

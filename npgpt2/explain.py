@@ -100,7 +100,9 @@ def logit_lens_top(model, streams, k, check=None):
         if check is not None:
             check()
         x, _, _ = layers.layernorm_forward(flat[r0:r0 + LENS_CHUNK], p["model/ln_f/g"], p["model/ln_f/b"])
-        i, pr = top_tokens(x @ p["model/wte"].T, k)                 # (n, C) @ (C, V) -> (n, V) -> (n, k)
+        # (a LoRA adapter on the tied wte: the model's own head, W + scaling * A @ B)
+        head = x @ p["model/wte"].T if getattr(model, "wte_lora", None) is None else model._head(x[None])[0]
+        i, pr = top_tokens(head, k)                                  # (n, C) @ (C, V) -> (n, V) -> (n, k)
         ids.append(i)
         probs.append(pr)
     return np.concatenate(ids).reshape(R, P, k), np.concatenate(probs).reshape(R, P, k)

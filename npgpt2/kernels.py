@@ -43,6 +43,10 @@ from .layers import (  # noqa: F401,E402
     GELU_SCALE,  # noqa: E402
     embedding_forward,
     lora_backward,
+    lora_embedding_backward,
+    lora_embedding_forward,
+    lora_head_backward,
+    lora_head_forward,
     merge_heads,
     softmax,
     split_heads,
@@ -52,7 +56,8 @@ from .quant import QuantizedWeight  # noqa: E402
 # training's forward multiplies int8 weights by unquantised activations (model_backward.py)
 from .quant_kernels import float_activations  # noqa: E402,F401
 
-PLAIN = ("embedding_forward", "lora_backward", "merge_heads", "softmax", "split_heads")
+PLAIN = ("embedding_forward", "lora_backward", "lora_embedding_backward", "lora_embedding_forward",
+         "lora_head_backward", "lora_head_forward", "merge_heads", "softmax", "split_heads")
 # the fast twins defined below, each with its plain namesake's signature (layers.py; for
 # adamw_update, optim.py)
 TWINS = ("layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward",

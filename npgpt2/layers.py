@@ -108,6 +108,73 @@ def lora_backward(dout, inp, weight, lora_A, lora_B, scaling, h):
     return dinp.reshape(inp.shape), dA, dB
 
 
+# ---------------------------------------------------------------- LoRA on the tied token embedding (target "wte")
+# GPT-2 uses wte (V, C) twice: as the input lookup and, transposed, as the output head. One
+# low-rank delta on the tied matrix, W' = W + scaling * A @ B (A: (V, r), B: (r, C)), serves
+# both uses, so merging it gives a tied model again; its gradient is the sum of the two uses'.
+def lora_embedding_forward(wte, wpe, inp, lora_A, lora_B, scaling, pos0=0):
+    """embedding_forward with the adapted token embedding: W'[inp] + wpe[positions], where
+    W'[inp] = wte[inp] + scaling * A[inp] @ B. wte and wpe are frozen.
+
+    wte: (V, C) (or int8), wpe: (maxT, C), inp: int (B, T), lora_A: (V, r), lora_B: (r, C).
+    Returns out (B, T, C); the backward needs only inp.
+    """
+    out = embedding_forward(wte, wpe, inp, pos0)  # [B, T, C]: the frozen lookup
+    out += scaling * (lora_A[inp] @ lora_B)  # [B, T, r] @ [r, C] -> [B, T, C]: the rows' low-rank part
+    return out
+
+
+def lora_embedding_backward(dout, inp, lora_A, lora_B, scaling):
+    """-> dA (V, r), dB (r, C) of lora_embedding_forward (wte and wpe are frozen: no gradient).
+
+    out[n] = ... + s * A[inp[n]] @ B, so dB = s * A[inp]^T dout and row v of dA sums
+    s * dout[n] @ B^T over the positions n holding token v (a token may repeat).
+    """
+    V, r = lora_A.shape
+    C = lora_B.shape[1]
+    ids = inp.reshape(-1)
+    d = dout.reshape(-1, C)  # [N, C]
+    dB = lora_A[ids].T @ d  # [r, N] @ [N, C] -> [r, C]
+    dB *= scaling
+    drows = d @ lora_B.T  # [N, C] @ [C, r] -> [N, r]
+    drows *= scaling
+    dA = np.zeros((V, r), dtype=drows.dtype)
+    np.add.at(dA, ids, drows)  # repeated tokens accumulate
+    return dA, dB
+
+
+def lora_head_forward(x, wte, lora_A, lora_B, scaling):
+    """The output head with the adapted tied matrix: logits = x @ W'^T
+    = x @ wte^T + scaling * (x @ B^T) @ A^T, never forming the (V, C) W'.
+
+    x: (..., C), wte: (V, C) frozen (or int8), lora_A: (V, r), lora_B: (r, C).
+    Returns logits (..., V) and u = x @ B^T (..., r), which lora_head_backward needs.
+    """
+    u = x @ lora_B.T  # [..., C] @ [C, r] -> [..., r]
+    logits = x @ wte.T  # [..., C] @ [C, V] -> [..., V]: the frozen head
+    logits += scaling * (u @ lora_A.T)  # [..., r] @ [r, V] -> [..., V]
+    return logits, u
+
+
+def lora_head_backward(dlogits, x, wte, lora_A, lora_B, scaling, u):
+    """-> dx (..., C), dA (V, r), dB (r, C) of lora_head_forward (wte frozen: no (V, C) gradient).
+
+    logits = x W^T + s u A^T with u = x B^T: dA = s dlogits^T u; du = s dlogits A;
+    dB = du^T x; dx = dlogits W + du B.
+    """
+    V, r = lora_A.shape
+    C = x.shape[-1]
+    d, xr, ur = dlogits.reshape(-1, V), x.reshape(-1, C), u.reshape(-1, r)  # [N, V], [N, C], [N, r]
+    dA = d.T @ ur  # [V, N] @ [N, r] -> [V, r]
+    dA *= scaling
+    du = d @ lora_A  # [N, V] @ [V, r] -> [N, r]
+    du *= scaling
+    dB = du.T @ xr  # [r, N] @ [N, C] -> [r, C]
+    dx = d @ wte  # [N, V] @ [V, C] -> [N, C]: through the frozen head (int8: dequantised)
+    dx += du @ lora_B  # [N, r] @ [r, C] -> [N, C]: and through the adapter
+    return dx.reshape(x.shape), dA, dB
+
+
 # ---------------------------------------------------------------- attention
 def split_heads(x, NH):
     """(B, T, C) -> (B, NH, T, hs)."""

@@ -44,13 +44,25 @@ log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.json"
 FORMAT = "npgpt2-lora"
 
-# a block's four matrices, as `--lora_targets` names them
+# a block's four matrices, as `--lora_targets` names them (the default)
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# the tied token embedding / output head (V, C), one matrix for the whole model: one adapter,
+# W + scaling * A @ B with A (V, r), B (r, C), used by the lookup and the head alike
+WTE = "wte"
+ALL_TARGETS = TARGETS + (WTE,)
 
 
 def module_prefix(layer, target):
-    """(3, "attn.c_attn") -> "model/h3/attn/c_attn": the TF name of the module whose /w is adapted."""
+    """(3, "attn.c_attn") -> "model/h3/attn/c_attn": the TF name of the module whose /w is adapted;
+    (None, "wte") -> "model/wte" (the model's one token embedding)."""
+    if target == WTE:
+        return "model/wte"
     return f"model/h{layer}/{target.replace('.', '/')}"
+
+
+def adapted_modules(n_layer, targets):
+    """[(layer, target)] of every adapted matrix: the block targets in each layer, then (None, "wte")."""
+    return [(i, t) for i in range(n_layer) for t in targets if t != WTE] + [(None, WTE)] * (WTE in targets)
 
 
 @dataclasses.dataclass
@@ -79,10 +91,10 @@ class LoraConfig:
             raise Npgpt2Error(f"--lora must be a whole number >= 1, got {self.r!r}")
         if not np.isfinite(self.alpha) or self.alpha <= 0:
             raise Npgpt2Error(f"--lora_alpha must be a finite number > 0, got {self.alpha!r}")
-        unknown = [t for t in self.targets if t not in TARGETS]
+        unknown = [t for t in self.targets if t not in ALL_TARGETS]
         if unknown or not self.targets:
             raise Npgpt2Error(f"--lora_targets: unknown target {unknown[0] if unknown else '(none given)'!r}; "
-                              f"choose from {','.join(TARGETS)}")
+                              f"choose from {','.join(ALL_TARGETS)}")
 
 
 @dataclasses.dataclass
@@ -98,14 +110,15 @@ class LoraAdapters:
 
 
 def parse_targets(text, flag="--lora_targets"):
-    """"attn.c_attn, mlp.c_fc" -> ("attn.c_attn", "mlp.c_fc") in TARGETS' order; unknown -> Npgpt2Error."""
+    """"attn.c_attn, mlp.c_fc, wte" -> ("attn.c_attn", "mlp.c_fc", "wte") in ALL_TARGETS' order;
+    unknown -> Npgpt2Error."""
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     for t in names:
-        if t not in TARGETS:
-            raise Npgpt2Error(f"{flag}: unknown target {t!r}; choose from {','.join(TARGETS)}")
+        if t not in ALL_TARGETS:
+            raise Npgpt2Error(f"{flag}: unknown target {t!r}; choose from {','.join(ALL_TARGETS)}")
     if not names:
-        raise Npgpt2Error(f"{flag}: no target given; choose from {','.join(TARGETS)}")
-    return tuple(t for t in TARGETS if t in names)
+        raise Npgpt2Error(f"{flag}: no target given; choose from {','.join(ALL_TARGETS)}")
+    return tuple(t for t in ALL_TARGETS if t in names)
 
 
 def config_from_train(cfg):
@@ -138,23 +151,28 @@ def check_train_flags(cfg):
 
 # ---------------------------------------------------------------- the arrays
 def matrix_shapes(hparams):
-    """{target: (C_in, C_out)} of a block's four matrices."""
+    """{target: (C_in, C_out)} of a block's four matrices and of wte ((V, C): its "input" is a token's one-hot)."""
     C = hparams["n_embd"]
-    return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C),
+            WTE: (hparams["n_vocab"], C)}
 
 
 def init_adapters(hparams, config, seed=0, dtype=np.float32):
     """Fresh adapters for every layer's config.targets, as PEFT initialises them: A uniform in
-    +-1/sqrt(C_in) (kaiming_uniform with a=sqrt(5)), B zero, so the model starts as its base."""
+    +-1/sqrt(C_in) (kaiming_uniform with a=sqrt(5)), B zero, so the model starts as its base;
+    wte as PEFT's Embedding LoRA: A zero, B standard normal (the product is zero all the same)."""
     config.check()
     rng = np.random.default_rng(seed)
     shapes = matrix_shapes(hparams)
     params = {}
-    for i in range(hparams["n_layer"]):
-        for target in config.targets:
-            c_in, c_out = shapes[target]
-            r, bound = config.rank(i, target), 1.0 / np.sqrt(c_in)
-            name = module_prefix(i, target)
+    for i, target in adapted_modules(hparams["n_layer"], config.targets):
+        c_in, c_out = shapes[target]
+        r, bound = config.rank(i, target), 1.0 / np.sqrt(c_in)
+        name = module_prefix(i, target)
+        if target == WTE:
+            params[name + "/lora_A"] = np.zeros((c_in, r), dtype=dtype)
+            params[name + "/lora_B"] = rng.standard_normal((r, c_out)).astype(dtype)
+        else:
             params[name + "/lora_A"] = rng.uniform(-bound, bound, (c_in, r)).astype(dtype)
             params[name + "/lora_B"] = np.zeros((r, c_out), dtype=dtype)
     return LoraAdapters(config, params)
@@ -163,38 +181,42 @@ def init_adapters(hparams, config, seed=0, dtype=np.float32):
 def attach(model, adapters, source="adapters"):
     """Give model these adapters (model.lora): their arrays, cast to the model's float dtype,
     join each block's views (`attn/c_attn/lora_A`, `/lora_B`, `/lora_scaling`), where
-    model._block_forward and its backward find them. Raises Npgpt2Error naming `source` when
-    an array is missing or does not fit its matrix."""
+    model._block_forward and its backward find them (the wte target: model.wte_lora). Raises
+    Npgpt2Error naming `source` when an array is missing or does not fit its matrix."""
     dtype = np.float32 if model.weight_dtype == "int8" else model.dtype
     config = adapters.config
-    expected = {f"{module_prefix(i, t)}/{leaf}" for i in range(len(model.blocks)) for t in config.targets
-                for leaf in ("lora_A", "lora_B")}
+    modules = adapted_modules(len(model.blocks), config.targets)
+    expected = {f"{module_prefix(i, t)}/{leaf}" for i, t in modules for leaf in ("lora_A", "lora_B")}
     extra = sorted(set(adapters.params) - expected)
     if extra:
         raise Npgpt2Error(f"{source}: adapter tensor '{extra[0]}' belongs to no adapted matrix of this model "
                           f"(targets {','.join(config.targets)}, {len(model.blocks)} layers)")
     arrays = {}  # everything is checked before the model changes: a refusal leaves it as it was
-    for i, blk in enumerate(model.blocks):
-        for target in config.targets:
-            name, r = module_prefix(i, target), config.rank(i, target)
-            c_in, c_out = blk[target.replace(".", "/") + "/w"].shape
-            for leaf, shape in (("lora_A", (c_in, r)), ("lora_B", (r, c_out))):
-                a = adapters.params.get(f"{name}/{leaf}")
-                if a is None or tuple(a.shape) != shape:
-                    got = "missing" if a is None else f"shape {tuple(a.shape)}"
-                    raise Npgpt2Error(f"{source}: adapter tensor '{name}/{leaf}' is {got}, expected {shape}")
-                a = np.ascontiguousarray(a, dtype=dtype)
-                if not a.flags.writeable:  # e.g. read from a memory map: the optimizer updates it in place
-                    a = a.copy()
-                arrays[f"{name}/{leaf}"] = a
+    for i, target in modules:
+        name, r = module_prefix(i, target), config.rank(i, target)
+        c_in, c_out = (model._params["model/wte"] if target == WTE
+                       else model.blocks[i][target.replace(".", "/") + "/w"]).shape
+        for leaf, shape in (("lora_A", (c_in, r)), ("lora_B", (r, c_out))):
+            a = adapters.params.get(f"{name}/{leaf}")
+            if a is None or tuple(a.shape) != shape:
+                got = "missing" if a is None else f"shape {tuple(a.shape)}"
+                raise Npgpt2Error(f"{source}: adapter tensor '{name}/{leaf}' is {got}, expected {shape}")
+            a = np.ascontiguousarray(a, dtype=dtype)
+            if not a.flags.writeable:  # e.g. read from a memory map: the optimizer updates it in place
+                a = a.copy()
+            arrays[f"{name}/{leaf}"] = a
     adapters.params.update(arrays)
-    for i, blk in enumerate(model.blocks):
+    for blk in model.blocks:
         for key in [k for k in blk if "/lora_" in k]:  # adapters attached before (other targets) go
             del blk[key]
-        for target in config.targets:
-            short, name = target.replace(".", "/"), module_prefix(i, target)
-            blk[short + "/lora_A"], blk[short + "/lora_B"] = arrays[name + "/lora_A"], arrays[name + "/lora_B"]
-            blk[short + "/lora_scaling"] = config.scaling(i, target)
+    for i, target in modules:
+        if target == WTE:
+            continue
+        short, name, blk = target.replace(".", "/"), module_prefix(i, target), model.blocks[i]
+        blk[short + "/lora_A"], blk[short + "/lora_B"] = arrays[name + "/lora_A"], arrays[name + "/lora_B"]
+        blk[short + "/lora_scaling"] = config.scaling(i, target)
+    model.wte_lora = None if WTE not in config.targets else (  # GPT2._embed and _head use it
+        arrays["model/wte/lora_A"], arrays["model/wte/lora_B"], config.scaling(None, WTE))
     model.lora = adapters
     return model
 

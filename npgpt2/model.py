@@ -125,6 +125,7 @@ class GPT2(Hooks, Training, Loss, FastForward):
         self.hparams = dict(hparams)
         self.dtype = np.dtype(dtype)
         self.lora = None  # lora.LoraAdapters once lora.attach() gives it adapters; the base is then frozen
+        self.wte_lora = None  # (A (V, r), B (r, C), scaling) when the adapters include the tied wte (target "wte")
         self.set_params(params)
         self.source_dir = None  # the folder it was loaded from (for encoder.json etc.)
 
@@ -169,9 +170,8 @@ class GPT2(Hooks, Training, Loss, FastForward):
         cache.lengths[b] (rows may differ), appended to the cache; it advances by T at the end.
         """
         at = hook or _unchanged
-        wte, wpe = self._params["model/wte"], self._params["model/wpe"]
         pos0 = 0 if cache is None else np.array(cache.lengths)  # (B,): where each row's new tokens go
-        x = at("embed", lay.embedding_forward(wte, wpe, tokens, pos0))  # [B, T] -> [B, T, C]
+        x = at("embed", self._embed(lay, tokens, pos0))  # [B, T] -> [B, T, C]
         for i, blk in enumerate(self.blocks):
             block_hook = None if hook is None else _prefixed(hook, f"h{i}.")
             # layer i's keys and values: (R, NH, n_ctx, hs) each, batch row b in cache row rows[b]
@@ -193,6 +193,14 @@ class GPT2(Hooks, Training, Loss, FastForward):
         if cache is not None:  # only now: an interrupted forward leaves the cache's lengths as they were
             cache.advance(tokens.shape[1])
         return at("ln_f", ln_f)
+
+    def _embed(self, lay, tokens, pos0=0):
+        """tokens (B, T) -> wte[tokens] + wpe[positions] (B, T, C); with a LoRA adapter on the tied
+        wte (self.wte_lora), its adapted rows (layers.lora_embedding_forward)."""
+        wte, wpe = self._params["model/wte"], self._params["model/wpe"]
+        if self.wte_lora is None:
+            return lay.embedding_forward(wte, wpe, tokens, pos0)
+        return lay.lora_embedding_forward(wte, wpe, tokens, *self.wte_lora, pos0)
 
     def _block_forward(self, lay, blk, x, hook=None, kv=None):
         """One transformer block: x (B, T, C) -> (x (B, T, C), what its backward needs).
@@ -241,6 +249,9 @@ class GPT2(Hooks, Training, Loss, FastForward):
         fast (the kernels' decoding, model_fast.py): few rows go through the decode GEMVs, an int8
         head with its activations quantised too; otherwise the product is exact in x."""
         wte = self._params["model/wte"]
+        if self.wte_lora is not None:  # a LoRA adapter on the tied wte: the frozen head + its low-rank part
+            B, T, C = x.shape
+            return layers.lora_head_forward(x.reshape(B * T, C), wte, *self.wte_lora)[0].reshape(B, T, -1)
         if isinstance(wte, QuantizedWeight) and ops() is not layers:  # int8: the dequantising GEMV
             from .quant_kernels import float_activations, matmul_forward
             with contextlib.nullcontext() if fast else float_activations():

@@ -84,8 +84,15 @@ class Training:
         # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
         dln_f = np.empty((1, B * T, C), dtype=dtype)  # the B*T positions as one row, as loss_and_grads
         dwte = None if self.lora is not None else np.empty((V, C), dtype=dtype)  # a frozen base (LoRA): none
-        head_backward(dlogits.reshape(1, B * T, V), saved["ln_f"].reshape(1, B * T, C), self._params["model/wte"],
-                      dln_f, dwte)  # [1, B*T, V] -> [1, B*T, C], [V, C]
+        if self.wte_lora is not None:  # the tied wte's adapter: its head-side gradients, for _trunk_backward
+            x = saved["ln_f"].reshape(B * T, C)
+            dln_f[0], dA, dB = saved["lay"].lora_head_backward(
+                dlogits.reshape(B * T, V), x, self._params["model/wte"], *self.wte_lora,
+                x @ self.wte_lora[1].T)  # [B*T, C], [V, r], [r, C]
+            saved["lora.wte"] = (dA, dB)
+        else:
+            head_backward(dlogits.reshape(1, B * T, V), saved["ln_f"].reshape(1, B * T, C),
+                          self._params["model/wte"], dln_f, dwte)  # [1, B*T, V] -> [1, B*T, C], [V, C]
         return self._trunk_backward(dln_f.reshape(B, T, C), dwte, saved)
 
     def _trunk_backward(self, dln_f, dwte, saved):
@@ -106,6 +113,10 @@ class Training:
                 dresid = self._block_backward(lay, i, dresid, act, grads)  # [B, T, C] -> [B, T, C]
             del act  # this block's activations go before the next block's are made
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
+        if self.wte_lora is not None:  # the tied wte's adapter: the embedding's use added to the head's
+            dA, dB = lay.lora_embedding_backward(dembed, tokens, *self.wte_lora)  # [V, r], [r, C]
+            head_dA, head_dB = saved.pop("lora.wte")
+            grads["model/wte/lora_A"], grads["model/wte/lora_B"] = dA + head_dA, dB + head_dB
         if self.lora is not None:  # LoRA: the adapters' gradients alone (the layer norms' (C,) ones, two
             return {k: grads[k] for k in self.lora.params}, dembed  # sums each, are dropped); no embedding's
         # the embedding: rows of wte picked by the tokens (a repeated token sums its rows' gradients).

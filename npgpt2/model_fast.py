@@ -50,7 +50,7 @@ class FastForward:
         NH, L = self.hparams["n_head"], self.hparams["n_layer"]
         hs = self.hparams["n_embd"] // NH
         # x is a fresh array: the residual additions below go into it in place
-        x = lay.embedding_forward(self._params["model/wte"], self._params["model/wpe"], tokens, pos0)  # [B, T, C]
+        x = self._embed(lay, tokens, pos0)  # [B, T, C]
         for i, blk in enumerate(self.blocks):
             ln_1, _, _ = lay.layernorm_forward(x, blk["ln_1/g"], blk["ln_1/b"])  # [B, T, C]
             qkv = _linear(lay, blk, "attn/c_attn", ln_1)  # [B, T, C] -> [B, T, 3C]

@@ -29,6 +29,8 @@ class Loss:
         targets = np.asarray(targets)
         ln_f, saved = self._trunk_with_saves(inputs, lay, memory_saving)  # [B, T] -> [B, T, C]
         losses, dln_f, dwte = self._head_loss_backward(lay, ln_f, targets, mask)  # [B, T], [B, T, C], [V, C]
+        if self.wte_lora is not None:  # the tied wte's adapter: the head's (dA, dB), which the embedding's join
+            saved["lora.wte"], dwte = dwte, None
         del ln_f  # saved holds it until _trunk_backward is past ln_f
         grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
         if mask is None:
@@ -39,7 +41,8 @@ class Loss:
         """The output head, the cross-entropy and their backward, HEAD_ROWS positions at a time.
 
         ln_f (B, T, C), targets (B, T), mask None or (B, T) -> (losses (B, T), dln_f (B, T, C),
-        dwte (V, C) the head's part of wte's gradient): what _head, crossentropy_forward,
+        dwte (V, C) the head's part of wte's gradient; with an adapter on the tied wte, [dA (V, r),
+        dB (r, C)] its head-side gradients instead): what _head, crossentropy_forward,
         crossentropy_softmax_backward (for the mean loss, or the masked mean) and backward's head
         give for the whole batch, up to float rounding.
         The logits are the largest array of a step (B*T*V floats: 206 MB at B=1, T=1024), so
@@ -53,6 +56,9 @@ class Loss:
         losses = np.empty((1, N), dtype=self.dtype)
         dln_f = np.empty((1, N, C), dtype=self.dtype)
         dwte = None if self.lora is not None else np.empty((V, C), dtype=self.dtype)  # LoRA: wte is frozen
+        if self.wte_lora is not None:  # ... but its adapter (A (V, r), B (r, C)) gets the head's gradients
+            lora_A, lora_B, scaling = self.wte_lora
+            dwte = [np.zeros_like(lora_A), np.zeros_like(lora_B)]
         if mask is None:
             dlosses = np.full((1, min(N, HEAD_ROWS)), 1.0 / N, dtype=self.dtype)  # d mean / d each loss
         else:  # d (sum(mask * ce) / sum(mask)) / d each loss: 0 off the mask
@@ -60,13 +66,21 @@ class Loss:
         part = np.empty((min(V, HEAD_VOCAB_BLOCK), C), dtype=self.dtype)  # head_backward's scratch
         for n0 in range(0, N, HEAD_ROWS):
             n1 = min(N, n0 + HEAD_ROWS)
-            logits = self._head(x[:, n0:n1])  # [1, R, C] -> [1, R, V]
+            if self.wte_lora is None:
+                logits = self._head(x[:, n0:n1])  # [1, R, C] -> [1, R, V]
+            else:  # u = x @ B^T (R, r), the adapter's part that its backward needs
+                logits, u = lay.lora_head_forward(x[:, n0:n1], wte, *self.wte_lora)  # [1, R, V], [1, R, r]
             losses[:, n0:n1], probs = lay.crossentropy_forward(logits, tgt[:, n0:n1], out=logits)
             dlogits = lay.crossentropy_softmax_backward(
                 dlosses[:, :n1 - n0] if mask is None else dlosses[:, n0:n1], probs, tgt[:, n0:n1],
                 out=probs)  # [1, R, V], over probs
             # [1, R, V] -> dln_f [1, R, C]; the first chunk writes dwte, the later ones add to it
-            head_backward(dlogits, x[:, n0:n1], wte, dln_f[:, n0:n1], dwte, add=n0 > 0, part=part)
+            if self.wte_lora is None:
+                head_backward(dlogits, x[:, n0:n1], wte, dln_f[:, n0:n1], dwte, add=n0 > 0, part=part)
+            else:  # the frozen head's input gradient and the adapter's, summed over the chunks
+                dln_f[:, n0:n1], dA, dB = lay.lora_head_backward(dlogits, x[:, n0:n1], wte, *self.wte_lora, u)
+                dwte[0] += dA
+                dwte[1] += dB
             del logits, probs, dlogits  # this chunk's buffer goes before the next one is made
         return losses.reshape(B, T), dln_f.reshape(B, T, C), dwte
 

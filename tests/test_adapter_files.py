@@ -374,12 +374,16 @@ BAD = [
     ("rank_pattern 0", dict(cfg={"rank_pattern": {"h.1.mlp.c_fc": 0}}), "rank_pattern for transformer.h.1"),
     ("bad regex", dict(cfg={"alpha_pattern": {"(": 2}}), "not a valid regex"),
     ("another model's targets", dict(cfg={"target_modules": ["q_proj", "v_proj"]}), "does not target"),
-    ("embedding target", dict(cfg={"target_modules": ["wte", "c_attn", "c_proj", "c_fc"]}),
-     "matches transformer.wte, which npgpt2 cannot adapt"),
+    ("position embedding target", dict(cfg={"target_modules": ["wpe", "c_attn", "c_proj", "c_fc"]}),
+     "matches transformer.wpe, which npgpt2 cannot adapt"),
+    ("wte targeted, no tensors", dict(cfg={"target_modules": ["wte", "c_attn", "c_proj", "c_fc"]}),
+     "targets transformer.wte but adapter_model.safetensors has no tensors for it"),
     ("target_modules type", dict(cfg={"target_modules": 5}), "target_modules must be"),
     ("another model's tensors", dict(cfg={"target_modules": ["q_proj"]}, tensors=rename_llama), "unknown tensor"),
-    ("extra tensor", dict(tensors=lambda t: {**t, "base_model.model.lm_head.lora_A.weight": t[KEY.format(
-        0, "attn.c_attn", "A")]}), "unknown tensor 'base_model.model.lm_head"),
+    ("half a head adapter", dict(tensors=lambda t: {**t, "base_model.model.lm_head.lora_A.weight": t[KEY.format(
+        0, "attn.c_attn", "A")]}), "has lora_A but no lora_B for lm_head"),
+    ("extra tensor", dict(tensors=lambda t: {**t, "base_model.model.transformer.wpe.lora_embedding_A": t[KEY.format(
+        0, "attn.c_attn", "A")]}), "unknown tensor 'base_model.model.transformer.wpe"),
     ("wrong shape", dict(cfg={"rank_pattern": {}}), "has shape (2, 24), but r=4"),
     ("missing B", dict(tensors=drop("h.0.mlp.c_fc", "lora_B")), "no lora_B for h.0.mlp.c_fc"),
     ("untargeted tensors", dict(cfg={"target_modules": ["c_attn", "c_fc"]}), "does not target transformer.h.0.attn.c_proj"),
@@ -435,3 +439,102 @@ def test_a_peft_folder_loads_through_adapter_and_the_cli(tmp_path, ref, capsys):
         assert main(["eval", "--dataset", str(data), "--models_dir", str(FIX), "--model_name", "tiny", *extra]) in (0, None)
         losses.append(capsys.readouterr().out)
     assert losses[0] != losses[1] and all("loss" in out for out in losses)
+
+
+# ---------------------------------------------------------------- the tied wte (target "wte")
+WTE_KEYS = ("base_model.model.transformer.wte.lora_embedding_A", "base_model.model.transformer.wte.lora_embedding_B",
+            "base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight")
+
+
+@pytest.fixture(scope="module")
+def wte_ref():
+    with np.load(LORA / "lora_wte_reference.npz") as z:  # tools/make_fixtures.py lora_wte (peft's numbers)
+        return {k: z[k] for k in z.files}
+
+
+def test_peft_wte_folder_loads_with_peft_logits(tmp_path, wte_ref, base, capsys):
+    """peft_wte/ as peft's save_pretrained wrote it (target_modules lists wte but not lm_head;
+    ensure_weight_tying: true) reads as one adapter on the tied wte, whose logits are those of the
+    peft model that saved it (float32 <=1e-5, float64 <=1e-9), as an attached adapter and merged."""
+    cfg = json.loads((LORA / "peft_wte" / "adapter_config.json").read_text())
+    assert "lm_head" not in cfg["target_modules"] and cfg["ensure_weight_tying"] is True
+    adapters = af.read_peft_adapter(LORA / "peft_wte", TINY_HP)
+    c = adapters.config
+    assert (c.r, c.alpha, c.targets) == (3, 5.0, ("attn.c_attn", "mlp.c_proj", "wte"))
+    for name, a in adapters.params.items():
+        assert np.array_equal(a, wte_ref["adapter/" + name]), name
+    tokens = wte_ref["tokens"]
+    assert np.abs(logits(af.merged_params(base, adapters), tokens) - wte_ref["logits_f32"]).max() <= 1e-5
+    got64 = logits(af.merged_params(base, adapters, dtype=np.float64), tokens, np.float64)
+    assert np.abs(got64 - wte_ref["logits_f64"]).max() <= 1e-9
+    model = load_model(TINY, adapter=LORA / "peft_wte")
+    assert model.wte_lora is not None
+    assert np.abs(model.forward(tokens) - wte_ref["logits_f32"]).max() <= 1e-5
+    assert cli_main(["convert", str(LORA / "peft_wte"), str(tmp_path / "merged"), "--merge", "--base", str(TINY)]) == 0
+    capsys.readouterr()
+    assert np.abs(load_model(tmp_path / "merged").forward(tokens) - wte_ref["logits_f32"]).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def ours_wte():
+    with np.load(LORA / "npgpt2_written_wte_input.npz") as z:  # tools/write_lora_fixture.py's seeded inputs
+        cfg = json.loads(str(z["config"]))
+        params = {k: z[k] for k in z.files if k.startswith("model/")}
+    return LoraAdapters(LoraConfig(r=cfg["r"], alpha=cfg["alpha"], targets=tuple(cfg["targets"])), params)
+
+
+def test_ours_wte_written_as_peft_loads_it_tied(tmp_path, ours_wte, base):
+    """write_peft_adapter with wte: the committed folder byte for byte (an Embedding LoRA on transformer.wte,
+    lm_head's LoRA holding the same values, ensure_weight_tying); peft loaded it with the head tied to the
+    embedding (make_fixtures.py lora_wte_ours asserts it) and its logits equal ours; it reads back exactly."""
+    out = af.write_peft_adapter(ours_wte, tmp_path / "a", base_name="tests/fixtures/hf_tiny")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (LORA / "npgpt2_written_wte" / name).read_bytes(), name
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["attn.c_proj", "wte", "lm_head"] and cfg["ensure_weight_tying"] is True
+    t, _ = read_safetensors(out / "adapter_model.safetensors")
+    assert t[WTE_KEYS[0]].shape == (2, 96) and t[WTE_KEYS[3]].shape == (96, 2)
+    with np.load(LORA / "npgpt2_written_wte_peft.npz") as z:
+        peft = {k: z[k] for k in z.files}
+    assert peft["scaling_f32"] == ours_wte.config.scaling(None, "wte")
+    assert np.abs(logits(af.merged_params(base, ours_wte), peft["tokens"]) - peft["logits_f32"]).max() <= 1e-5
+    got64 = logits(af.merged_params(base, ours_wte, dtype=np.float64), peft["tokens"], np.float64)
+    assert np.abs(got64 - peft["logits_f64"]).max() <= 1e-9
+    back = af.read_peft_adapter(out, TINY_HP)
+    assert back.config == ours_wte.config
+    assert all(np.array_equal(back.params[k], ours_wte.params[k]) for k in ours_wte.params)
+
+
+def wte_copy(tmp_path, cfg=None, tensors=None):
+    folder = tmp_path / "adapter"
+    shutil.copytree(LORA / "peft_wte", folder)
+    json_edit(folder, cfg or {})
+    if tensors is not None:
+        t, _ = read_safetensors(folder / "adapter_model.safetensors")
+        t = tensors(dict(t))
+        (folder / "adapter_model.safetensors").unlink()
+        write_safetensors(folder / "adapter_model.safetensors", t)
+    return folder
+
+
+BAD_WTE = [
+    ("untied: wte alone", dict(cfg={"ensure_weight_tying": False}, tensors=drop("lm_head")),
+     "adapts transformer.wte but not lm_head (untied)"),
+    ("head alone", dict(cfg={"target_modules": ["c_attn", "mlp.c_proj", "lm_head"], "ensure_weight_tying": False},
+                        tensors=drop("transformer.wte")), "adapts lm_head but not transformer.wte (untied)"),
+    ("head differs", dict(tensors=with_value(WTE_KEYS[3], lambda a: a * 1.5)),
+     "'base_model.model.lm_head.lora_B.weight' is not 'base_model.model.transformer.wte.lora_embedding_A' transposed"),
+    ("head's alpha differs", dict(cfg={"alpha_pattern": {"lm_head": 7}}), "alpha_pattern gives transformer.wte and lm_head"),
+    ("tied but no head tensors", dict(tensors=drop("lm_head")), "targets lm_head but adapter_model.safetensors has no"),
+    ("wrong vocabulary", dict(tensors=lambda t: {**t, WTE_KEYS[0]: t[WTE_KEYS[0]][:, :50],
+                                                 WTE_KEYS[3]: t[WTE_KEYS[3]][:50]}), "n_vocab=96 imply (3, 96)"),
+]
+
+
+@pytest.mark.parametrize("edit, message", [b[1:] for b in BAD_WTE], ids=[b[0] for b in BAD_WTE])
+def test_bad_wte_peft_folder(tmp_path, edit, message):
+    folder = wte_copy(tmp_path, **edit)
+    with pytest.raises(Npgpt2Error) as e:
+        af.read_peft_adapter(folder, TINY_HP)
+    msg = one_line(e)
+    assert message in msg and str(folder) in msg

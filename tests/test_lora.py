@@ -49,6 +49,41 @@ def test_lora_layer_gradients_by_finite_differences(B, T, C, OC, r, seed):
         assert rel_error(numeric_grad(f, arr), analytic) <= TOL
 
 
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(2, 9), st.integers(1, 6), st.integers(1, 3),
+       st.integers(0, 2**32 - 1))
+def test_wte_lora_layers_gradients_by_finite_differences(B, T, V, C, r, seed):
+    """The tied wte's adapter in its two uses: the lookup (lora_embedding_*, tokens repeat) and the
+    head (lora_head_*), each forward against its formula and each backward against central differences."""
+    rng = np.random.default_rng(seed)
+    wte, wpe = rng.standard_normal((V, C)), rng.standard_normal((T + 2, C))
+    A, Bm, s = rng.standard_normal((V, r)), rng.standard_normal((r, C)), 0.75
+    inp = rng.integers(0, V, (B, T))
+    inp[0, -1] = inp[0, 0]  # a repeated token: its row of dA sums both positions
+    W = wte + s * A @ Bm
+    dout = rng.standard_normal((B, T, C))
+    np.testing.assert_allclose(layers.lora_embedding_forward(wte, wpe, inp, A, Bm, s, 2), W[inp] + wpe[2:2 + T],
+                               rtol=1e-12, atol=1e-12)
+    dA, dB = layers.lora_embedding_backward(dout, inp, A, Bm, s)
+
+    def f_embed():
+        return float((dout * layers.lora_embedding_forward(wte, wpe, inp, A, Bm, s)).sum())
+    for arr, analytic in ((A, dA), (Bm, dB)):
+        assert analytic.shape == arr.shape
+        assert rel_error(numeric_grad(f_embed, arr), analytic) <= TOL
+    x = rng.standard_normal((B, T, C))
+    dlogits = rng.standard_normal((B, T, V))
+    logits, u = layers.lora_head_forward(x, wte, A, Bm, s)
+    np.testing.assert_allclose(logits, x @ W.T, rtol=1e-12, atol=1e-12)
+    dx, dA, dB = layers.lora_head_backward(dlogits, x, wte, A, Bm, s, u)
+
+    def f_head():
+        return float((dlogits * layers.lora_head_forward(x, wte, A, Bm, s)[0]).sum())
+    for arr, analytic in ((x, dx), (A, dA), (Bm, dB)):
+        assert analytic.shape == arr.shape
+        assert rel_error(numeric_grad(f_head, arr), analytic) <= TOL
+
+
 def test_gradcheck_covers_lora():
     rows = {r.name: r for r in gradcheck.check_layers()}
     assert rows["lora"].ok and rows["lora"].worst in ("dinp", "dA", "dB")
@@ -122,11 +157,14 @@ def merged_copy(model):
         for t in c.targets:
             name = lora.module_prefix(i, t)
             delta = model.lora.params[name + "/lora_A"] @ model.lora.params[name + "/lora_B"]
-            params[name + "/w"] = params[name + "/w"] + c.alpha / c.r * delta[None]
+            if t == "wte":  # the tied (V, C) matrix: lookup and head alike
+                params[name] = model.params[name] + c.alpha / c.r * delta
+            else:
+                params[name + "/w"] = params[name + "/w"] + c.alpha / c.r * delta[None]
     return npgpt2.GPT2(model.hparams, params, dtype=model.dtype)
 
 
-@pytest.mark.parametrize("targets", [lora.TARGETS, ("attn.c_proj", "mlp.c_fc")])
+@pytest.mark.parametrize("targets", [lora.TARGETS, ("attn.c_proj", "mlp.c_fc"), ("mlp.c_fc", "wte"), ("wte",)])
 def test_model_adapter_gradients_by_finite_differences(path, targets):
     """loss_and_grads of an adapted model: the adapters' gradients alone (no base name at all),
     each against central differences of the loss (gradcheck.check_model), on both paths."""
@@ -149,10 +187,12 @@ def test_gradcheck_of_a_float32_model_checks_its_adapters_in_float64():
     assert all(r.ok for r in rows)
 
 
-def test_adapted_forward_equals_merged_weights_on_every_path(path):
+@pytest.mark.parametrize("targets", [("attn.c_attn", "mlp.c_proj"), ("attn.c_attn", "mlp.c_proj", "wte")])
+def test_adapted_forward_equals_merged_weights_on_every_path(path, targets):
     """forward (with and without a KV cache), run_with_cache and forward_with_saves of an
-    adapted model = the same calls on W + scaling * A @ B merged in NumPy."""
-    model = tiny_with_adapters(("attn.c_attn", "mlp.c_proj"))
+    adapted model = the same calls on W + scaling * A @ B merged in NumPy (wte: one merged
+    matrix for the lookup and the head)."""
+    model = tiny_with_adapters(targets)
     merged = merged_copy(model)
     tokens = np.random.default_rng(2).integers(0, 13, (2, 7))
     want = merged.forward(tokens)
@@ -174,6 +214,12 @@ def test_fresh_adapters_leave_the_model_as_its_base(path):
     want = base.forward(tokens)
     lora.attach(base, lora.init_adapters(base.hparams, lora.LoraConfig(r=4, alpha=8)))
     np.testing.assert_array_equal(base.forward(tokens), want)  # B = 0: exactly the base
+    ad = lora.init_adapters(base.hparams, lora.LoraConfig(r=4, alpha=8, targets=lora.TARGETS + ("wte",)))
+    assert not ad.params["model/wte/lora_A"].any() and ad.params["model/wte/lora_B"].std() > 0.5  # peft's init
+    lora.attach(base, ad)
+    # wte's A = 0: the base, up to float32 rounding (its head is one (B*T, C) @ (C, V) product, not the
+    # decode GEMV the fast path uses for a few rows)
+    np.testing.assert_allclose(base.forward(tokens), want, rtol=1e-6, atol=1e-7)
 
 
 def int8_base(seed=0):
@@ -186,12 +232,13 @@ def int8_base(seed=0):
     return q, quant.dequantize_params(dict(q.params))
 
 
-def test_int8_base_trains_adapters_like_its_dequantised_float32_twin(path):
+@pytest.mark.parametrize("targets", [lora.TARGETS, lora.ALL_TARGETS])
+def test_int8_base_trains_adapters_like_its_dequantised_float32_twin(path, targets):
     """An int8 base with adapters: loss and adapter gradients equal those of a float32 model
     holding the dequantised weights (float32 rounding), and generation with a cache agrees."""
     q, deq = int8_base()
     f = npgpt2.GPT2(q.hparams, deq)
-    ad = lora.init_adapters(q.hparams, lora.LoraConfig(r=2, alpha=4), seed=3)
+    ad = lora.init_adapters(q.hparams, lora.LoraConfig(r=2, alpha=4, targets=targets), seed=3)
     rng = np.random.default_rng(0)
     for k in ad.params:
         ad.params[k][...] = rng.standard_normal(ad.params[k].shape) * 0.2
@@ -300,6 +347,35 @@ def test_training_moves_only_the_adapters(base, tmp_path, dtype):
     np.testing.assert_array_equal(again.forward(tokens), model.forward(tokens))
 
 
+def test_training_wte_adapter_leaves_wte_bit_unchanged(base, tmp_path):
+    """--lora_targets ...,wte: the tied wte (and every base weight) stays bit for bit, AdamW holds the
+    adapters alone (wte's A (V, r) and B (r, C) among them), loss falls, the run reloads, and
+    convert --merge writes one merged wte whose plain model gives the adapter model's logits."""
+    from npgpt2.adapter_files import convert_adapter
+    cfg = cfg_for(base, tmp_path, steps=20, lora_targets="mlp.c_fc,wte")
+    run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
+    model, state = restore(cfg, run_dir)
+    frozen = {k: v.copy() for k, v in model.params.items()}
+    result = fit(model, tokens_for(96), cfg, run_dir, state=state)
+    assert all(np.array_equal(model.params[k], frozen[k]) for k in frozen)
+    h = result["history"]["loss"]
+    assert np.mean(h[-5:]) < np.mean(h[:5]) - 0.3
+    with np.load(run_dir / "train_state-20.npz") as z:
+        moments = {k.split("/", 2)[2] for k in z.files if k.startswith("opt/") and k.count("/") > 2}
+    assert moments == set(model.lora.params) and {"model/wte/lora_A", "model/wte/lora_B"} <= moments
+    assert model.lora.params["model/wte/lora_A"].shape == (96, 4) and model.lora.params["model/wte/lora_A"].any()
+    tokens = np.arange(8).reshape(1, 8)
+    np.testing.assert_array_equal(load_model(run_dir).forward(tokens), model.forward(tokens))
+    convert_adapter(run_dir, tmp_path / "merged", merge=True)
+    merged = load_model(tmp_path / "merged")
+    assert not np.array_equal(merged.params["model/wte"], frozen["model/wte"])
+    np.testing.assert_allclose(merged.forward(tokens), model.forward(tokens), rtol=1e-5, atol=1e-5)
+    convert_adapter(run_dir, tmp_path / "peft", fmt="peft")  # --to peft: the tied pair, read back the same
+    back = lora.load_adapters(tmp_path / "peft", model.hparams)
+    assert back.config.targets == ("mlp.c_fc", "wte")
+    assert all(np.array_equal(back.params[k], model.lora.params[k]) for k in model.lora.params)
+
+
 def test_stopped_and_resumed_lora_run_equals_a_straight_one(base, tmp_path):
     tokens = tokens_for(96)
     kw = dict(accumulate_gradients=2, lr_schedule="cosine", warmup=2, lr_decay_steps=8, weight_decay=0.1,
@@ -367,6 +443,7 @@ def test_a_missing_or_changed_base_is_refused_in_one_line(base, tmp_path):
     (dict(lora=2.5), "--lora must be a whole number >= 1"),
     (dict(only_train_transformer_layers=True), "--only_train_transformer_layers: with --lora"),
     (dict(lora_targets="attn.c_attn,mlp.fc"), "--lora_targets: unknown target 'mlp.fc'"),
+    (dict(lora_targets="wte,lm_head"), "--lora_targets: unknown target 'lm_head'; choose from .*,wte"),
     (dict(lora=0, dtype="int8"), "--dtype int8: .* add --lora R"),
     (dict(lora_alpha=0.0), "--lora_alpha must be a finite number > 0"),
 ])
@@ -479,3 +556,45 @@ def test_memory_saving_and_a_mask_compose_with_adapters(path):
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     ce = -np.take_along_axis(logp, ref["targets"][..., None], -1)[..., 0]
     assert abs(plain[0] - (ce * mask).sum() / mask.sum()) <= 1e-9
+
+
+PEFT_WTE = FIX / "lora" / "lora_wte_reference.npz"  # tools/make_fixtures.py lora_wte
+
+
+@pytest.mark.parametrize("dtype, suffix, tol", [(np.float64, "f64", 1e-9), (np.float32, "f32", 1e-4)])
+def test_wte_adapter_loss_and_gradients_equal_torch_peft(path, dtype, suffix, tol):
+    """peft's tied-wte LoRA (an Embedding LoRA on transformer.wte, lm_head's LoRA tied to it by
+    ensure_weight_tying; r 3, alpha 5, with attn.c_attn and mlp.c_proj): loss, logits and every
+    adapter gradient (wte's: the sum of torch's gradients for the lookup's and the head's tensors)
+    equal ours, with and without --memory_saving_gradients."""
+    ref = np.load(PEFT_WTE)
+    config = lora.LoraConfig(r=3, alpha=5.0, targets=("attn.c_attn", "mlp.c_proj", "wte"))
+    assert config.scaling(None, "wte") == float(ref["scaling"])
+    params = {k[len("adapter/"):]: ref[k] for k in ref.files if k.startswith("adapter/")}
+    model = lora.attach(load_model(FIX / "tiny", dtype=dtype), lora.LoraAdapters(config, params))
+    np.testing.assert_allclose(model.forward(ref["tokens"]), ref["logits_" + suffix], rtol=tol, atol=tol)
+    key = f"grad_{suffix}/"
+    for memory_saving in (False, True):
+        loss, grads = model.loss_and_grads(ref["tokens"], ref["targets"], memory_saving=memory_saving)
+        assert abs(loss - float(ref["loss_" + suffix])) <= tol * max(1.0, abs(float(ref["loss_" + suffix])))
+        assert set(grads) == {k[len(key):] for k in ref.files if k.startswith(key)}
+        for name, g in grads.items():
+            assert rel_error(ref[key + name], g) <= tol, (name, rel_error(ref[key + name], g))
+    logits, saved = model.forward_with_saves(ref["tokens"])  # backward() from given dlogits: the same head
+    dlogits = np.random.default_rng(0).standard_normal(logits.shape).astype(dtype)
+    grads, _ = model.backward(dlogits, saved)
+    assert set(grads) == set(params)
+
+
+def test_logit_lens_and_explain_use_the_adapted_head():
+    """With an adapter on the tied wte, the logit lens's last row is the model's own distribution
+    (explain's last lens row, interp.logit_lens), as without adapters."""
+    from npgpt2 import interp
+    from npgpt2.explain import logit_lens_top
+    model = tiny_with_adapters(("wte",))
+    tokens = np.random.default_rng(4).integers(0, 13, (1, 5))
+    logits, acts = model.run_with_cache(tokens)
+    lens = interp.logit_lens(model, acts)
+    np.testing.assert_allclose(lens[-1], logits, rtol=1e-12, atol=1e-12)
+    ids, _ = logit_lens_top(model, acts["h1.resid_post"], 1)  # (1, T, C) after the last block
+    np.testing.assert_array_equal(ids[0, :, 0], logits[0].argmax(-1))

@@ -19,12 +19,15 @@ Outputs (see tests/fixtures/README.md for the formats):
   lora/                       a peft LoRA on the tiny model: peft's adapter folders (float32/16, bfloat16),
                               logits, loss, adapter gradients, merge_and_unload weights (lora/README.md)
   lora/npgpt2_written_peft.npz  peft's logits for the adapter folder npgpt2 wrote (part lora_ours)
+  lora/peft_wte/, lora/lora_wte_reference.npz  a peft LoRA that adapts the tied wte (Embedding LoRA on
+                              transformer.wte + lm_head tied by ensure_weight_tying): logits, loss, gradients
+  lora/npgpt2_written_wte_peft.npz  peft's logits for npgpt2's wte adapter folder (part lora_wte_ours)
 
   mask_reference.npz          torch cross_entropy(..., ignore_index=-100): the masked loss and its
                               gradients, on given logits (x @ wte.T) and through the whole tiny model
 
-Pass part names (tiny, full, optim, introspect, lora, lora_ours, mask) to regenerate only those parts; the
-lora and mask parts need only torch (and transformers, peft), no TensorFlow.
+Pass part names (tiny, full, optim, introspect, lora, lora_ours, lora_wte, lora_wte_ours, mask) to regenerate
+only those parts; the lora and mask parts need only torch (and transformers, peft), no TensorFlow.
 
 The generator also checks, without committing anything: the checkpoint reads back bit-exactly through
 TensorFlow, HF float64 logits agree with an independent NumPy forward written below (guards against a
@@ -729,6 +732,155 @@ def make_lora_ours(report):
                     out[f"rank/{prefix}"] = np.int64(mod.r["default"])
     report["ours in peft |f32 - f64 logits|"] = float(np.abs(out["logits_f32"] - out["logits_f64"]).max())
     save_npz(LORA / f"{OURS}_peft.npz", out)
+
+
+# ---------------------------------------------------------------- LoRA on the tied wte (peft, issue 17)
+SEED_LORA_WTE = 19
+OURS_WTE = "npgpt2_written_wte"  # tools/write_lora_fixture.py writes it too
+WTE_TARGETS = ("attn.c_attn", "mlp.c_proj")  # the block matrices adapted beside wte in these fixtures
+
+
+def peft_wte_config():
+    """r 3, alpha 5 on each block's attn.c_attn and mlp.c_proj, and on the tied token embedding: an
+    Embedding LoRA on transformer.wte whose lm_head LoRA peft ties to it (ensure_weight_tying)."""
+    from peft import LoraConfig
+    return LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "mlp.c_proj", "wte", "lm_head"],
+                      ensure_weight_tying=True, fan_in_fan_out=True, lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def wte_halves(model):
+    """(the Embedding LoRA on transformer.wte, the Linear LoRA on lm_head) of a peft GPT-2."""
+    return lora_module(model, "transformer.wte"), model.get_submodule("base_model.model.lm_head")
+
+
+def build_peft_wte(hp, values, seed, dtype):
+    """peft's tied-wte LoRA GPT-2, every adapter entry N(0, 0.15) (peft's init would leave the
+    product zero); -> (model, {npgpt2 name: array in npgpt2's layout})."""
+    from peft import get_peft_model
+    model = get_peft_model(build_hf(hp, values, dtype), peft_wte_config()).eval()
+    rng = np.random.default_rng(seed)
+    ours = {}
+    with torch.no_grad():
+        for i in range(hp["n_layer"]):
+            for t in WTE_TARGETS:
+                mod = lora_module(model, f"transformer.h.{i}.{t}")
+                prefix = f"model/h{i}/{t.replace('.', '/')}"
+                for w, weight in (("A", mod.lora_A["default"].weight), ("B", mod.lora_B["default"].weight)):
+                    arr = rng.normal(0.0, 0.15, tuple(weight.shape))
+                    weight.copy_(torch.from_numpy(arr.astype(np.float32).astype(np.float64)).to(dtype))
+                    ours[f"{prefix}/lora_{w}"] = arr.astype(np.float32).T.copy()
+        emb, head = wte_halves(model)
+        for w, weight in (("A", emb.lora_embedding_A["default"]), ("B", emb.lora_embedding_B["default"])):
+            arr = rng.normal(0.0, 0.15, tuple(weight.shape)).astype(np.float32)
+            weight.copy_(torch.from_numpy(arr.astype(np.float64)).to(dtype))
+            ours[f"model/wte/lora_{w}"] = arr.T.copy()  # A (V, r), B (r, C)
+        # the head's adapter is the embedding's (shared storage): B^T A^T
+        assert torch.equal(head.lora_A["default"].weight, emb.lora_embedding_B["default"].T)
+        assert torch.equal(head.lora_B["default"].weight, emb.lora_embedding_A["default"].T)
+    return model, ours
+
+
+def make_lora_wte(report):
+    """tests/fixtures/lora/peft_wte/ (peft's save_pretrained) and lora_wte_reference.npz: peft's logits,
+    loss and adapter gradients for a LoRA that adapts the tied wte (embedding + head)."""
+    from peft import PeftModel
+    hp = TINY_HPARAMS
+    values = dict(np.load(FIX / "tiny_values.npz"))
+    ref = np.load(FIX / "tiny_reference.npz")
+    tokens, targets = ref["tokens"], ref["targets"]
+    m64, ours = build_peft_wte(hp, values, SEED_LORA_WTE, torch.float64)
+    m32, _ = build_peft_wte(hp, values, SEED_LORA_WTE, torch.float32)
+    emb, head = wte_halves(m64)
+    scaling = float(emb.scaling["default"])
+    assert scaling == float(head.scaling["default"]) == 5 / 3
+    logits64, logits32 = hf_logits(m64, tokens), hf_logits(m32, tokens)
+    # sanity: the merged float64 model (W + scaling * A @ B, wte for both uses) in plain NumPy
+    merged = {k: v.astype(np.float64) for k, v in values.items()}
+    for name in ours:
+        if name.endswith("/lora_A"):
+            prefix = name[:-len("/lora_A")]
+            delta = scaling * (ours[name].astype(np.float64) @ ours[prefix + "/lora_B"].astype(np.float64))
+            key = prefix if prefix == "model/wte" else prefix + "/w"
+            merged[key] = merged[key] + (delta if prefix == "model/wte" else delta[None])
+    report["sanity lora_wte |peft f64 - numpy merged f64|"] = float(np.abs(numpy_forward(hp, merged, tokens)
+                                                                           - logits64).max())
+    assert report["sanity lora_wte |peft f64 - numpy merged f64|"] < 1e-10
+    base64 = hf_logits(build_hf(hp, values, torch.float64), tokens)
+    assert np.abs(logits64 - base64).max() > 0.5
+
+    out = {"tokens": tokens, "targets": targets, "logits_f64": logits64, "logits_f32": logits32,
+           "scaling": np.float64(scaling)}
+    out.update({f"adapter/{k}": v for k, v in ours.items()})
+    for tag, model in (("f64", m64), ("f32", m32)):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=torch.from_numpy(tokens)).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 torch.from_numpy(targets).reshape(-1))
+        loss.backward()
+        assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+        out[f"loss_{tag}"] = np.float64(loss.item())
+        for i in range(hp["n_layer"]):
+            for t in WTE_TARGETS:
+                mod, prefix = lora_module(model, f"transformer.h.{i}.{t}"), f"model/h{i}/{t.replace('.', '/')}"
+                out[f"grad_{tag}/{prefix}/lora_A"] = mod.lora_A["default"].weight.grad.numpy().T.copy()
+                out[f"grad_{tag}/{prefix}/lora_B"] = mod.lora_B["default"].weight.grad.numpy().T.copy()
+        emb, head = wte_halves(model)
+        # torch gives each use's parameter its own gradient; the tied matrix's is their sum
+        out[f"grad_{tag}/model/wte/lora_A"] = (emb.lora_embedding_A["default"].grad.numpy().T
+                                              + head.lora_B["default"].weight.grad.numpy())
+        out[f"grad_{tag}/model/wte/lora_B"] = (emb.lora_embedding_B["default"].grad.numpy().T
+                                              + head.lora_A["default"].weight.grad.numpy())
+        report[f"lora_wte loss_{tag}"] = loss.item()
+    # sanity: central differences of the NumPy loss through the merged wte for two entries
+    worst, eps = 0.0, 1e-6
+    for name, idx in (("model/wte/lora_A", (int(tokens[0, 0]), 1)), ("model/wte/lora_B", (2, 5))):
+        fd = []
+        for sign in (1, -1):
+            pert = {k: v.astype(np.float64) for k, v in ours.items()}
+            pert[name][idx] += sign * eps
+            p = {k: v.astype(np.float64) for k, v in values.items()}
+            p["model/wte"] = merged["model/wte"] - scaling * (ours["model/wte/lora_A"].astype(np.float64)
+                                                              @ ours["model/wte/lora_B"]) \
+                + scaling * (pert["model/wte/lora_A"] @ pert["model/wte/lora_B"])
+            p.update({k: merged[k] for k in merged if k.endswith("/w")})
+            fd.append(numpy_loss(hp, p, tokens, targets))
+        g = out[f"grad_f64/{name}"][idx]
+        worst = max(worst, abs((fd[0] - fd[1]) / (2 * eps) - g) / abs(g))
+    report["sanity lora_wte grad rel err vs numpy finite differences"] = worst
+    assert worst < 1e-6
+
+    folder = LORA / "peft_wte"
+    if folder.exists():
+        shutil.rmtree(folder)
+    m32.save_pretrained(folder)
+    strip_card(folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    report["lora_wte peft's saved target_modules"] = cfg["target_modules"]
+    # peft itself, reloading its own file, leaves lm_head out unless target_modules names it (peft 0.21.2):
+    back = PeftModel.from_pretrained(build_hf(hp, values, torch.float32), folder).eval()
+    report["lora_wte peft reload |logits - saved model's|"] = float(np.abs(hf_logits(back, tokens) - logits32).max())
+    save_npz(LORA / "lora_wte_reference.npz", out)
+
+
+def make_lora_wte_ours(report):
+    """npgpt2_written_wte/ (tools/write_lora_fixture.py: npgpt2's write_peft_adapter, wte among the
+    targets) loaded by peft: the head's adapter must be tied to the embedding's; peft's logits."""
+    from peft import PeftModel
+    hp = TINY_HPARAMS
+    values = dict(np.load(FIX / "tiny_values.npz"))
+    tokens = np.load(FIX / "tiny_reference.npz")["tokens"]
+    out = {"tokens": tokens}
+    for tag, dtype in (("f32", torch.float32), ("f64", torch.float64)):
+        model = PeftModel.from_pretrained(build_hf(hp, values, dtype), LORA / OURS_WTE).eval()
+        emb, head = wte_halves(model)
+        assert type(emb).__name__ == "Embedding" and type(head).__name__ == "Linear"
+        assert head.lora_A["default"].weight.data_ptr() == emb.lora_embedding_B["default"].data_ptr()  # tied
+        out[f"logits_{tag}"] = hf_logits(model, tokens)
+        out[f"scaling_{tag}"] = np.float64(emb.scaling["default"])
+    save_npz(LORA / f"{OURS_WTE}_peft.npz", out)
+
+
 # ---------------------------------------------------------------- loss mask (chat training)
 SEED_MASK = 44
 
@@ -781,7 +933,7 @@ def make_mask(report):
 
 def main():
     only = sys.argv[1:]  # e.g. `make_fixtures.py introspect` regenerates just that part
-    if (not only or "lora" in only) and os.environ.get("PYTHONHASHSEED") != "0":
+    if (not only or {"lora", "lora_wte"} & set(only)) and os.environ.get("PYTHONHASHSEED") != "0":
         # peft stores target_modules from a set: fix str hashing so the JSON order is the same every run
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     torch.set_num_threads(1)  # shared 2-core machine; also keeps reductions in one order
@@ -790,7 +942,8 @@ def main():
               "tensorflow": tf.__version__ if tf is not None else None, "torch": torch.__version__,
               "transformers": transformers.__version__}
     parts = (("tiny", make_tiny), ("full", make_full), ("optim", make_optim), ("introspect", make_introspect),
-             ("lora", make_lora), ("lora_ours", make_lora_ours), ("mask", make_mask))
+             ("lora", make_lora), ("lora_ours", make_lora_ours), ("lora_wte", make_lora_wte),
+             ("lora_wte_ours", make_lora_wte_ours), ("mask", make_mask))
     for name, make in parts:
         if not only or name in only:
             if name in ("tiny", "full", "optim", "introspect"):  # they write or read TF checkpoints
