@@ -29,22 +29,53 @@ from . import threads
 
 MAX_ROWS = 8
 MIN_COLS = 256  # a column piece of a (C, OC) weight: >= 1 KiB contiguous per row (prefetch-friendly)
-FAST = {"reassoc", "contract", "nsz"}  # sums in any order: SIMD lanes
+KC = 8      # _cols: weight rows per pass (8 products per accumulator load and store)
+TILE = 512  # _cols: columns per piece of a pass (8 x 2 KiB of weights, in L1 while the rows use them)
+FAST = {"reassoc", "contract", "nsz"}  # sums in any order: SIMD lanes (_rows' dot products)
+EXACT = {"contract"}  # fused multiply-adds only: _cols' sums keep the source's order
 _NO_BIAS = np.zeros(0, np.float32)
 
 
-@njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=EXACT, error_model="numpy")
 def _cols(x, w, bias, out, j0, j1):
     """out[m, j0:j1] = x[m] @ w[:, j0:j1] (+ bias[j0:j1]); x (M, C), w (C, OC) rows, bias (OC,) or (0,).
 
-    Each of the C rows' j1-j0 weights is read once (a contiguous piece) and multiplied into
-    the M rows of a local accumulator: local, so LLVM knows it aliases neither w nor out and
-    keeps the loop in SIMD registers (written into `out` directly it measured 4x slower).
+    The weight is read in passes of KC (8) rows: for each TILE of columns of those rows,
+    every input row (two at a time) adds its 8 products into a local accumulator (M, j1-j0).
+    So an accumulator entry is loaded and stored once per 8 multiply-adds (16 for a pair of
+    rows), each weight value is loaded once per pair of rows from L1 (the 8 x TILE piece
+    stays there while the M rows use it) and once from memory, and the 8 row pieces are 8
+    sequential streams the prefetcher follows. One accumulator entry per output column:
+    every column's sum is computed in the same order whatever M, the columns' split
+    between threads or the pairing of rows (no reassociation needed: the j loop is
+    elementwise), so a row's result has the same bits alone or in a batch.
+    (LLVM does not keep an M x 16-column block in registers across the c loop here; the
+    8-row passes get the same effect from L1: 3-4x the old one-row-at-a-time loop at M = 8.)
     """
     M, C = x.shape
     n = j1 - j0
-    acc = np.zeros((M, n), np.float32)
-    for c in range(C):
+    acc = np.zeros((M, n), np.float32)  # local: LLVM knows it aliases neither w nor out
+    ck = C - C % KC
+    for c in range(0, ck, KC):
+        for t0 in range(0, n, TILE):
+            t1 = min(t0 + TILE, n)
+            w0, w1, w2, w3 = w[c, j0 + t0:j0 + t1], w[c + 1, j0 + t0:j0 + t1], w[c + 2, j0 + t0:j0 + t1], w[c + 3, j0 + t0:j0 + t1]
+            w4, w5, w6, w7 = w[c + 4, j0 + t0:j0 + t1], w[c + 5, j0 + t0:j0 + t1], w[c + 6, j0 + t0:j0 + t1], w[c + 7, j0 + t0:j0 + t1]
+            for m in range(0, M, 2):
+                a = acc[m, t0:t1]
+                x0, x1, x2, x3, x4, x5, x6, x7 = x[m, c], x[m, c + 1], x[m, c + 2], x[m, c + 3], x[m, c + 4], x[m, c + 5], x[m, c + 6], x[m, c + 7]
+                if m + 1 < M:  # a pair: each weight loaded once for two rows
+                    b = acc[m + 1, t0:t1]
+                    y0, y1, y2, y3, y4, y5, y6, y7 = x[m + 1, c], x[m + 1, c + 1], x[m + 1, c + 2], x[m + 1, c + 3], x[m + 1, c + 4], x[m + 1, c + 5], x[m + 1, c + 6], x[m + 1, c + 7]
+                    for j in range(t1 - t0):
+                        v0, v1, v2, v3, v4, v5, v6, v7 = w0[j], w1[j], w2[j], w3[j], w4[j], w5[j], w6[j], w7[j]
+                        a[j] += x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
+                        b[j] += y0 * v0 + y1 * v1 + y2 * v2 + y3 * v3 + y4 * v4 + y5 * v5 + y6 * v6 + y7 * v7
+                else:
+                    for j in range(t1 - t0):
+                        v0, v1, v2, v3, v4, v5, v6, v7 = w0[j], w1[j], w2[j], w3[j], w4[j], w5[j], w6[j], w7[j]
+                        a[j] += x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
+    for c in range(ck, C):  # the last C % KC rows, one at a time
         wr = w[c, j0:j1]
         for m in range(M):
             xv = x[m, c]
@@ -58,14 +89,47 @@ def _cols(x, w, bias, out, j0, j1):
 
 @njit(cache=True, nogil=True, fastmath=FAST)
 def _rows(x, w, bias, out, r0, r1):
-    """out[m, r] = x[m] . w[r] (+ bias[r]) for r in r0..r1-1; x (M, C), w (OC, C) rows."""
+    """out[m, r] = x[m] . w[r] (+ bias[r]) for r in r0..r1-1; x (M, C), w (OC, C) rows.
+
+    Four weight rows at a time (one sequential read of 4*C floats), each dotted with two
+    input rows at a time: 8 sums in one loop over c, which LLVM vectorises as 8 (x2) vector
+    accumulators in registers, 6 loads per 8 multiply-adds; the 4 weight rows stay in L1
+    for the other pairs. Every output comes from that one loop, so its bits do not depend
+    on M, on its place in the batch or on the split between threads: an odd last input row
+    is paired with itself, and the last block of a range slides back to end at r1
+    (recomputing up to 3 rows; only rows r0..r1-1 are written).
+    """
     M, C = x.shape
-    for r in range(r0, r1):
-        for m in range(M):
-            acc = np.float32(0.0)
+    if w.shape[0] < 4:  # too few rows for a block (tiny test models only)
+        for r in range(r0, r1):
+            for m in range(M):
+                s = np.float32(0.0)
+                for c in range(C):
+                    s += x[m, c] * w[r, c]
+                out[m, r] = s + (bias[r] if bias.shape[0] > 0 else np.float32(0.0))
+        return
+    for r in range(r0, r1, 4):
+        rb = max(0, min(r, r1 - 4))  # the block's first row
+        for m in range(0, M, 2):
+            mb = min(m + 1, M - 1)  # the pair's second row (m itself when M is odd)
+            s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
             for c in range(C):
-                acc += x[m, c] * w[r, c]
-            out[m, r] = acc + (bias[r] if bias.shape[0] > 0 else np.float32(0.0))
+                xa, xb = x[m, c], x[mb, c]
+                v0, v1, v2, v3 = w[rb, c], w[rb + 1, c], w[rb + 2, c], w[rb + 3, c]
+                s00 += xa * v0
+                s01 += xb * v0
+                s10 += xa * v1
+                s11 += xb * v1
+                s20 += xa * v2
+                s21 += xb * v2
+                s30 += xa * v3
+                s31 += xb * v3
+            sa, sb = (s00, s10, s20, s30), (s01, s11, s21, s31)
+            for k in range(4):
+                if r0 <= rb + k < r1:
+                    b = bias[rb + k] if bias.shape[0] > 0 else np.float32(0.0)
+                    out[m, rb + k] = sa[k] + b
+                    out[mb, rb + k] = sb[k] + b
 
 
 def chunks(units, threads):
