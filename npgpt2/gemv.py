@@ -59,14 +59,17 @@ def _cols(x, w, bias, out, j0, j1):
     for c in range(0, ck, KC):
         for t0 in range(0, n, TILE):
             t1 = min(t0 + TILE, n)
-            w0, w1, w2, w3 = w[c, j0 + t0:j0 + t1], w[c + 1, j0 + t0:j0 + t1], w[c + 2, j0 + t0:j0 + t1], w[c + 3, j0 + t0:j0 + t1]
-            w4, w5, w6, w7 = w[c + 4, j0 + t0:j0 + t1], w[c + 5, j0 + t0:j0 + t1], w[c + 6, j0 + t0:j0 + t1], w[c + 7, j0 + t0:j0 + t1]
+            p0, p1 = j0 + t0, j0 + t1  # this tile's columns of w
+            w0, w1, w2, w3 = w[c, p0:p1], w[c + 1, p0:p1], w[c + 2, p0:p1], w[c + 3, p0:p1]
+            w4, w5, w6, w7 = w[c + 4, p0:p1], w[c + 5, p0:p1], w[c + 6, p0:p1], w[c + 7, p0:p1]
             for m in range(0, M, 2):
                 a = acc[m, t0:t1]
-                x0, x1, x2, x3, x4, x5, x6, x7 = x[m, c], x[m, c + 1], x[m, c + 2], x[m, c + 3], x[m, c + 4], x[m, c + 5], x[m, c + 6], x[m, c + 7]
+                x0, x1, x2, x3 = x[m, c], x[m, c + 1], x[m, c + 2], x[m, c + 3]
+                x4, x5, x6, x7 = x[m, c + 4], x[m, c + 5], x[m, c + 6], x[m, c + 7]
                 if m + 1 < M:  # a pair: each weight loaded once for two rows
                     b = acc[m + 1, t0:t1]
-                    y0, y1, y2, y3, y4, y5, y6, y7 = x[m + 1, c], x[m + 1, c + 1], x[m + 1, c + 2], x[m + 1, c + 3], x[m + 1, c + 4], x[m + 1, c + 5], x[m + 1, c + 6], x[m + 1, c + 7]
+                    y0, y1, y2, y3 = x[m + 1, c], x[m + 1, c + 1], x[m + 1, c + 2], x[m + 1, c + 3]
+                    y4, y5, y6, y7 = x[m + 1, c + 4], x[m + 1, c + 5], x[m + 1, c + 6], x[m + 1, c + 7]
                     for j in range(t1 - t0):
                         v0, v1, v2, v3, v4, v5, v6, v7 = w0[j], w1[j], w2[j], w3[j], w4[j], w5[j], w6[j], w7[j]
                         a[j] += x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
