@@ -53,7 +53,8 @@ def _cols(x, w, bias, out, j0, j1):
     """out[m, j0:j1] = x[m] @ w[:, j0:j1] (+ bias[j0:j1]); x (M, C), w (C, OC) rows, bias (OC,) or (0,).
 
     The weight is read in passes of KC (8) rows: for each TILE of columns of those rows,
-    every input row (two at a time) adds its 8 products into a local accumulator (M, j1-j0).
+    every input row (two at a time) adds its 8 products into a local accumulator (M, j1-j0),
+    in one chain of fused multiply-adds from the accumulator.
     So an accumulator entry is loaded and stored once per 8 multiply-adds (16 for a pair of
     rows), each weight value is loaded once per pair of rows from L1 (the 8 x TILE piece
     stays there while the M rows use it) and once from memory, and the 8 row pieces are 8
@@ -84,12 +85,12 @@ def _cols(x, w, bias, out, j0, j1):
                     y4, y5, y6, y7 = x[m + 1, c + 4], x[m + 1, c + 5], x[m + 1, c + 6], x[m + 1, c + 7]
                     for j in range(t1 - t0):
                         v0, v1, v2, v3, v4, v5, v6, v7 = w0[j], w1[j], w2[j], w3[j], w4[j], w5[j], w6[j], w7[j]
-                        a[j] += x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
-                        b[j] += y0 * v0 + y1 * v1 + y2 * v2 + y3 * v3 + y4 * v4 + y5 * v5 + y6 * v6 + y7 * v7
+                        a[j] = a[j] + x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
+                        b[j] = b[j] + y0 * v0 + y1 * v1 + y2 * v2 + y3 * v3 + y4 * v4 + y5 * v5 + y6 * v6 + y7 * v7
                 else:
                     for j in range(t1 - t0):
                         v0, v1, v2, v3, v4, v5, v6, v7 = w0[j], w1[j], w2[j], w3[j], w4[j], w5[j], w6[j], w7[j]
-                        a[j] += x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
+                        a[j] = a[j] + x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
     for c in range(ck, C):  # the last C % KC rows, one at a time
         wr = w[c, j0:j1]
         for m in range(M):
