@@ -170,9 +170,14 @@ def _put(out, bias, m, rb, r0, r1, sums):
 
 
 def chunks(units, threads):
-    """How many pieces to cut `units` (tiles or rows) into: one per thread is enough when
-    both run, but a few more let the caller finish alone if the worker is late."""
-    return max(1, min(units, 1 if threads == 1 else 8 * threads))
+    """How many pieces to cut `units` (column pieces or rows) into: one per thread is enough
+    when both run, but a few more let the caller finish alone if the worker is late; a
+    multiple of `threads` when there are enough units, so that both threads get the same
+    share (a 768-column weight is 3 pieces of 256: 2 equal chunks, not 2 + 1)."""
+    if threads == 1:
+        return 1
+    n = max(1, min(units, 8 * threads))
+    return n - n % threads if n >= threads else n
 
 
 def matmul_rows(x, w, bias=None, out=None):

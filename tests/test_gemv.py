@@ -157,3 +157,12 @@ def test_every_cpu_path_equals_numpy(cpu, tmp_path):
         if cpu != "generic":  # packed fused multiply-adds on 256-bit (or 512-bit) registers
             assert any(f.startswith("vfmadd") and "ps " in f and f.endswith(("ymm", "zmm")) for f in res[name]["fmas"]), \
                 (name, res[name]["fmas"])
+
+
+def test_chunks_are_shared_equally():
+    assert gemv.chunks(3, 1) == 1
+    assert gemv.chunks(3, 2) == 2        # 768 columns: two pieces of 384, not 256 + 512
+    assert gemv.chunks(9, 2) == 8
+    assert gemv.chunks(12, 2) == 12
+    assert gemv.chunks(50257, 2) == 16   # rows: 8 per thread, so a late worker costs one
+    assert gemv.chunks(1, 2) == 1
