@@ -35,7 +35,10 @@ when written as loops over a small local array, hence the 8-row passes.
 layers.matmul_forward (x @ w + b) is the plain reference; tests hold these equal.
 """
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import threads
 
@@ -45,7 +48,23 @@ KC = 8      # _cols: weight rows per pass (8 products per accumulator load and s
 TILE = 512  # _cols: columns per piece of a pass (8 x 2 KiB of weights, in L1 while the rows use them)
 FAST = {"reassoc", "contract", "nsz"}  # sums in any order: SIMD lanes (_rows' dot products)
 EXACT = {"contract"}  # fused multiply-adds only: _cols' sums keep the source's order
+AHEAD = 2   # _rows: how many 8-row blocks ahead the pairs' passes prefetch
 _NO_BIAS = np.zeros(0, np.float32)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Ask for arr[idx]'s cache line (1-D arr) into L2 without waiting: LLVM's llvm.prefetch
+    (x86 prefetcht1, ARM prfm; nothing where the CPU has none). Never faults."""
+    def codegen(context, builder, sig, args):
+        ptr = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [args[1]])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        # read (0), locality 2 (L2: the block is used a few passes later), data cache (1)
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(arr, idx), codegen
 
 
 @njit(cache=True, nogil=True, fastmath=EXACT, error_model="numpy")
@@ -105,20 +124,23 @@ def _cols(x, w, bias, out, j0, j1):
 
 @njit(cache=True, nogil=True, fastmath=FAST)
 def _rows(x, w, bias, out, r0, r1):
-    """out[m, r] = x[m] . w[r] (+ bias[r]) for r in r0..r1-1; x (M, C), w (OC, C) rows.
+    """out[m, r] = x[m] . w[r] (+ bias[r]) for r in r0..r1-1; x (M, C), w (OC, C) rows, C-contiguous.
 
-    Input rows two at a time, each pair against four weight rows at a time (one sequential
-    read of 4*C floats): 8 sums in one loop over c, which LLVM vectorises as 8 (x2) vector
-    accumulators in registers, 6 loads per 8 multiply-adds; the 4 weight rows stay in L1
-    for the other pairs. An odd last input row goes against eight weight rows at a time:
-    again 8 sums in one loop, which LLVM vectorises the same way, so every output's sum has
-    the same order and its bits do not depend on M, its place in the batch or the split
-    between threads (tests/test_gemv.py; pairing that row with itself gave the same bits
-    but cost 15% more at M = 1). The last block of a range slides back to end at r1
-    (recomputing a few rows; only rows r0..r1-1 are written).
+    Blocks of eight weight rows (one sequential read of 8*C floats, then in L1). Input rows
+    two at a time, each pair against four weight rows at a time: 8 sums in one loop over c,
+    which LLVM vectorises as 8 (x2) vector accumulators in registers, 6 loads per 8
+    multiply-adds. An odd last input row goes against all eight: again 8 sums in one loop,
+    which LLVM vectorises the same way, so every output's sum has the same order and its
+    bits do not depend on M, its place in the batch or the split between threads
+    (tests/test_gemv.py; pairing that row with itself gave the same bits but cost 15% more
+    at M = 1). The last block of a range slides back to end at r1 (recomputing a few rows;
+    only rows r0..r1-1 are written). While the pairs work on a block from L1, each asks for
+    its share of the block AHEAD blocks on (into L2): the hardware prefetcher alone runs
+    too little ahead, and memory then waits for the arithmetic (20% of the head at M = 8).
     """
     M, C = x.shape
-    if w.shape[0] < 8:  # too few rows for a block (tiny test models only)
+    OC = w.shape[0]
+    if OC < 8:  # too few rows for a block (tiny test models only)
         for r in range(r0, r1):
             for m in range(M):
                 s = np.float32(0.0)
@@ -126,27 +148,34 @@ def _rows(x, w, bias, out, r0, r1):
                     s += x[m, c] * w[r, c]
                 out[m, r] = s + (bias[r] if bias.shape[0] > 0 else np.float32(0.0))
         return
-    for r in range(r0, r1, 4):
-        rb = max(0, min(r, r1 - 4))  # the block's first row
-        for m in range(0, M - 1, 2):
-            s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
-            for c in range(C):
-                xa, xb = x[m, c], x[m + 1, c]
-                v0, v1, v2, v3 = w[rb, c], w[rb + 1, c], w[rb + 2, c], w[rb + 3, c]
-                s00 += xa * v0
-                s01 += xb * v0
-                s10 += xa * v1
-                s11 += xb * v1
-                s20 += xa * v2
-                s21 += xb * v2
-                s30 += xa * v3
-                s31 += xb * v3
-            _put(out, bias, m, rb, r0, r1, (s00, s10, s20, s30))
-            _put(out, bias, m + 1, rb, r0, r1, (s01, s11, s21, s31))
-    if M % 2:
-        m = M - 1
-        for r in range(r0, r1, 8):
-            rb = max(0, min(r, r1 - 8))
+    flat = w.reshape(-1)
+    passes = 2 * (M // 2)  # pair passes per block (two halves each)
+    share = ((8 * C + 15) // 16 + passes - 1) // max(1, passes) * 16  # floats each pass prefetches
+    for r in range(r0, r1, 8):
+        rb = max(0, min(r, r1 - 8))  # the block's first row
+        ahead = (rb + 8 * AHEAD) * C  # where the block AHEAD blocks on starts in `flat`
+        k = 0
+        for h in range(rb, rb + 8, 4):
+            for m in range(0, M - 1, 2):
+                for p in range(ahead + k * share, min(ahead + (k + 1) * share, ahead + 8 * C, flat.shape[0]), 16):
+                    _prefetch(flat, p)
+                k += 1
+                s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
+                for c in range(C):
+                    xa, xb = x[m, c], x[m + 1, c]
+                    v0, v1, v2, v3 = w[h, c], w[h + 1, c], w[h + 2, c], w[h + 3, c]
+                    s00 += xa * v0
+                    s01 += xb * v0
+                    s10 += xa * v1
+                    s11 += xb * v1
+                    s20 += xa * v2
+                    s21 += xb * v2
+                    s30 += xa * v3
+                    s31 += xb * v3
+                _put(out, bias, m, h, r0, r1, (s00, s10, s20, s30))
+                _put(out, bias, m + 1, h, r0, r1, (s01, s11, s21, s31))
+        if M % 2:
+            m = M - 1
             s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
             for c in range(C):
                 xa = x[m, c]
