@@ -11,9 +11,10 @@ not wait on loads and stores of their own accumulators. OpenBLAS handles M = 1 w
 GEMV but 2..8 rows with its GEMM, whose packing and blocking are built for large M
 (measured slow), and either way it parks and wakes its threads around each call. Here:
 
-- w a transposed view of rows (OC, C) (the output head, wte.T): `_rows`, input rows two at
-  a time against four weight rows at a time, 8 dot products in one loop over c (8 vector
-  accumulators in registers; the weight rows stay in L1 for the other pairs).
+- w a transposed view of rows (OC, C) (the output head, wte.T): `_rows`, blocks of 8 weight
+  rows; input rows two at a time against four weight rows at a time, 8 dot products in one
+  loop over c (8 vector accumulators in registers; the block stays in L1 for the other
+  pairs), while each pair's pass prefetches its share of a block further on.
 - w (C, OC) C-contiguous (a block's weights, as GPT-2's conv1d stores them): `_cols`,
   passes of 8 weight rows over tiles of 512 columns, two input rows per pass, into a local
   accumulator (loaded and stored once per 8 multiply-adds per row). The columns are cut

@@ -24,7 +24,7 @@ or gemv.py, touch this file (or clear npgpt2/__pycache__) so the worker's copy r
 Jobs (kind, params as int64 addresses and sizes; the caller keeps the arrays alive):
 - KIND_INT8: int8_dot._dot_rows on rows [c*R/n, (c+1)*R/n) for chunk c;
 - KIND_F32_ROWS: gemv._rows on rows [c*OC/n, (c+1)*OC/n) of w (OC, C);
-- KIND_F32_COLS: gemv._cols on columns [c*OC/n, (c+1)*OC/n) of w (C, OC) (8-row passes since 2026-12-06; _rows prefetches).
+- KIND_F32_COLS: gemv._cols on columns [c*OC/n, (c+1)*OC/n) of w (C, OC) (both: see gemv.py, 2026-12-06).
 """
 import atexit
 import platform
