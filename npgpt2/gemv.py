@@ -26,9 +26,11 @@ GEMV but 2..8 rows with its GEMM, whose packing and blocking are built for large
 A row's outputs have the same bits whatever M, its place among the rows and the split
 between threads (each output is summed by the same loop): batched decoding gives each
 sequence the logits it gets alone (tests/test_gemv.py, on the generic, AVX2 and AVX-512
-paths). Measured (one thread, CPU time, Intel Xeon with AVX-512, busy machine, 2026-12-06,
-the four block matrices and the head of a 124M step): M = 1 41.8 ms and M = 8 70.5 ms (1.69x),
-against 47.9 and 112.0 ms (2.34x) for the previous one-row-at-a-time loops. LLVM uses
+paths). Measured (one thread, CPU time, the kernels called directly on the four block
+matrices x 12 layers and the head of a 124M step, Intel Xeon with AVX-512, busy machine,
+2026-12-06, alternating with the previous one-row-at-a-time loops): M = 1 36.8-40.4 ms and
+M = 8 53.6-60.6 ms (1.5x), against 43.4-53.4 and 105.3-110.7 ms (2.1-2.4x); compiled for
+AVX2 (NUMBA_CPU_NAME=haswell) 35.4 and 53.7 ms against 56.3 and 125.3. LLVM uses
 256-bit vectors on Intel's AVX-512 cores (its prefer-vector-width) and on AVX2 CPUs alike;
 it did not keep an 8-row x 16-column block of accumulators in registers across the c loop
 when written as loops over a small local array, hence the 8-row passes.
