@@ -126,6 +126,9 @@ def main():
     print(f"matrix products (matmul + head): {gemm1 * 1e3:.1f} ms of a 1-row step ({gemm1 / step1:.0%}), "
           f"{gemmB * 1e3:.1f} ms of a {B}-row step ({gemmB / stepB:.0%}); {B} rows per step give "
           f"{B * step1 / stepB:.2f}x the tokens/s of one")
+    if args.dtype != "float64":  # which decode kernels ran (gemv.py / int8_dot.py jobs, by thread count)
+        from npgpt2 import gemv_pool
+        print("GEMV jobs: " + ", ".join(f"{k} x{v}" for k, v in sorted(gemv_pool.STATS.items())))
 
 
 if __name__ == "__main__":

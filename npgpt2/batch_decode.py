@@ -12,10 +12,13 @@ position. A row never waits for another to finish.
 
 A row decoded in a batch gets the tokens it would get alone: its attention reads only its
 own cache row, its random stream is its own, and the per-row kernels (layernorm, attention)
-compute each row alone. The matrix products do not promise that: BLAS may sum a product
-of 8 rows in another order than one row's (another kernel, another blocking, another
-thread split), so logits can differ in the last bits (tests/test_batch_decode.py holds them
-within 1e-5 in float32, 1e-12 in float64, and greedy ids equal).
+compute each row alone. So do the float32 products of up to 8 rows on the kernels
+(gemv.py: each output summed by the same loop whatever the batch), so there a row's logits
+are its solo logits bit for bit. BLAS does not promise that (float64, the plain layers):
+it may sum a product of 8 rows in another order than one row's
+(another kernel, another blocking, another thread split), so logits can differ in the last
+bits; the promise is therefore 1e-5 in float32, 1e-12 in float64, and greedy ids equal
+(tests/test_batch_decode.py).
 """
 import logging
 

@@ -25,7 +25,7 @@ Jobs (kind, params as int64 addresses and sizes; the caller keeps the arrays ali
 - KIND_INT8: int8_dot._dot_rows on rows [c*R/n, (c+1)*R/n) for chunk c;
 - KIND_INT8_VNNI: int8_dot._dot_rows_vnni on the same rows (offset activations, vpdpbusd);
 - KIND_F32_ROWS: gemv._rows on rows [c*OC/n, (c+1)*OC/n) of w (OC, C);
-- KIND_F32_COLS: gemv._cols on columns [c*OC/n, (c+1)*OC/n) of w (C, OC).
+- KIND_F32_COLS: gemv._cols on columns [c*OC/n, (c+1)*OC/n) of w (C, OC) (both: see gemv.py, 2026-12-06).
 """
 import atexit
 import platform

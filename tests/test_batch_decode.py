@@ -98,6 +98,34 @@ def test_rows_join_and_leave_at_different_steps_and_equal_solo(dtype):
         assert np.abs(got - plain).max() <= TOL[dtype] * max(1.0, np.abs(plain).max())
 
 
+def test_float32_rows_get_their_solo_logits_bit_for_bit(monkeypatch):
+    """On the kernels every float32 step of <= 8 rows (gemv.py, per-row attention and
+    layernorm) computes each row alone: a row's logits in a batch of 1..8 rows joining at
+    different steps are its solo logits exactly. Shapes with tails: C = 140 (not a multiple
+    of the SIMD width or of gemv._cols' 8-row passes), 4C = 560 (more than one 512-column tile)."""
+    pytest.importorskip("numba")
+    monkeypatch.delenv("NPGPT2_PLAIN", raising=False)
+    hp = {"n_vocab": 301, "n_ctx": 32, "n_embd": 140, "n_head": 4, "n_layer": 2}
+    model = npgpt2.init_model(hp, seed=3)
+    rng = np.random.default_rng(2)
+    rows = [Row(rng.integers(0, 301, n).tolist(), 6, temperature=0) for n in (3, 9, 1, 5, 2, 7, 4, 6, 8)]
+    seen = {id(r): [] for r in rows}
+    dec = BatchDecoder(model, max_batch=8)
+    waiting = list(rows)
+    while waiting or dec.rows:
+        for _ in range(2):  # two rows join per step while a slot is free
+            if waiting and not dec.full:
+                dec.add(waiting.pop(0))
+        for row in dec.rows:
+            seen[id(row)].append(row.logits.copy())
+        for row, _ in dec.sample():
+            if row.finished:
+                dec.leave(row)
+        dec.feed()
+    for row in rows:
+        np.testing.assert_array_equal(np.array(seen[id(row)]), solo_logits(model, row.prompt, row.tokens))
+
+
 def test_generate_batch_equals_each_prompt_alone():
     model = npgpt2.load_model(FIX / "full")
     prompts = [[50256], [464, 3797, 3332, 319], [15496, 11], [40, 588, 257, 1263, 3290, 290]]
