@@ -368,7 +368,7 @@ def run_all(args, log):
 # results/), fine-tuned on The Devil's Dictionary with each side's learning rate picked from its sweep
 LORA_QUALITY = {"n_embd": 64, "n_layer": 2, "n_head": 4, "T": 64, "B": 8, "base_steps": 1000, "base_lr": 2e-3,
                 "ft_steps": 150, "r": 8, "full_lrs": [1e-3, 3e-3], "lora_lrs": [1e-2, 3e-2],
-                "lora_wte_lrs": [1e-3, 3e-3, 1e-2], "layers_lrs": [3e-3],
+                "wte_r": 16, "lora_wte_lrs": [3e-4, 1e-3, 3e-3], "layers_lrs": [3e-3],
                 "cache": str(RESULTS)}
 
 
@@ -802,13 +802,16 @@ def lora_rows(Bm, rows, checks, missing):
                          f"{b['layers_loss']:.4f} (lr {b['layers_lr']:g}): LoRA {100 * b['share_of_layers']:.0f}% "
                          f"of theirs" if "layers_loss" in b else ""),
                      "", f"{100 * b['share']:.0f}%", "", target, "yes" if ok else "no"))
-        if "share_wte" in b:  # the same r on the tied token embedding / output head too (--lora_targets ...,wte)
+        if "share_wte" in b:  # the tied token embedding / output head too (--lora_targets ...,wte)
             ok = checks["lora_quality_wte"] = b["share_wte"] >= 0.8
-            rows.append((f"{label}: LoRA R={b['r']} on the four block matrices and the tied wte "
-                         f"(--lora_targets attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj,wte), same base, data, steps "
-                         f"and sweep",
-                         f"held-out Devil loss: base {b['base_loss']:.4f}, full {b['full_loss']:.4f}, LoRA R={b['r']} "
-                         f"with wte {b['lora_wte_loss']:.4f} (lr {b['lora_wte_lr']:g})",
+            r = b.get("lora_wte_r", b["r"])
+            trainable = (f", {b['lora_wte_trainable']:,} trainable = {100 * b['lora_wte_trainable'] / b['model_params']:.0f}%"
+                         f" of the model's {b['model_params']:,}" if "model_params" in b else "")
+            rows.append((f"{label}: LoRA R={r} on the four block matrices and the tied wte "
+                         f"(--lora {r} --lora_targets attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj,wte), same base, "
+                         f"data and steps",
+                         f"held-out Devil loss: base {b['base_loss']:.4f}, full {b['full_loss']:.4f}, LoRA R={r} "
+                         f"with wte {b['lora_wte_loss']:.4f} (lr {b['lora_wte_lr']:g}{trainable})",
                          "", f"{100 * b['share_wte']:.0f}%", "", target, "yes" if ok else "no"))
 
 

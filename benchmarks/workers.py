@@ -432,8 +432,8 @@ def lora_quality(args):
     pick each side's learning rate (validation), the last 10 % held out (the score). Each side
     trains `ft_steps` steps (batch B, context T, cosine schedule) from the base once per learning
     rate of its sweep (full: AdamW over every weight, `full_lrs`; LoRA r=`r`, alpha 2r on all four
-    matrices of every block, `lora_lrs`; the same plus an adapter of rank r on the tied token
-    embedding / output head (target wte), `lora_wte_lrs`; and, to tell where a gap comes from, the transformer
+    matrices of every block, `lora_lrs`; the same targets plus the tied token embedding / output
+    head (target wte), all at rank `wte_r` (default r), `lora_wte_lrs`; and, to tell where a gap comes from, the transformer
     layers alone at full rank, `layers_lrs`, with wte, wpe and ln_f frozen as under LoRA); the
     learning rate with the lowest validation loss is that side's. Returns the held-out losses (base, full, LoRA,
     LoRA with wte), the sweep, and each LoRA's held-out loss reduction as a share of the full fine-tune's
@@ -458,6 +458,7 @@ def lora_quality(args):
     out = {"hparams": hp, "base": base_info, "base_s": time.perf_counter() - t0,
            "devil_tokens": {"fine_tune": int(ft_part.size), "validation": int(val.size), "held_out": int(held_out.size)},
            **{k: args[k] for k in ("ft_steps", "r", "B", "T")},
+           "model_params": int(sum(v.size for v in base_params.values())),
            "base_val": evaluate(base, val, T)[0], "base_loss": evaluate(base, held_out, T)[0], "sweep": []}
     # "layers": a full fine-tune of the transformer layers alone (--only_train_transformer_layers:
     # wte, wpe and ln_f frozen, as under LoRA), the same weights LoRA adapts, at full rank
@@ -469,8 +470,10 @@ def lora_quality(args):
             model = GPT2(hp, {k: v.copy() for k, v in base_params.items()})
             if side in ("lora", "lora_wte"):
                 targets = lora.TARGETS + ((lora.WTE,) if side == "lora_wte" else ())
-                lora.attach(model, lora.init_adapters(hp, lora.LoraConfig(r=args["r"], alpha=2 * args["r"],
-                                                                          targets=targets)))
+                r = args.get("wte_r", args["r"]) if side == "lora_wte" else args["r"]
+                lora.attach(model, lora.init_adapters(hp, lora.LoraConfig(r=r, alpha=2 * r, targets=targets)))
+                out[f"{side}_r"] = r
+                out[f"{side}_trainable"] = int(sum(a.size for a in model.lora.params.values()))
             losses = fit(model, ft_part, cfg(args["ft_steps"], lr, only_train_transformer_layers=side == "layers")
                          )["history"]["loss"]
             if side in ("lora", "lora_wte"):  # the base stayed frozen
