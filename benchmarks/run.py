@@ -40,8 +40,9 @@ How it measures:
   made), one process each: seconds per step after a warm-up step, peak RSS, the losses.
 - LoRA quality (lora_quality, only when named): a full-vocabulary base trained on the Jargon File
   (cached in results/), fine-tuned on The Devil's Dictionary (benchmarks/data/devil.txt.gz) in
-  full, with LoRA r=8 and with the transformer layers alone, each at the learning rate of its
-  sweep that does best on a validation slice; held-out loss reductions compared.
+  full, with LoRA r=8 on the four block matrices, with LoRA r=16 on those and the tied wte, and
+  with the transformer layers alone, each at the learning rate of its sweep that does best on a
+  validation slice; held-out loss reductions compared.
 - Hardware limits: fp32 GEMM GFLOP/s and memory bandwidth (benchmarks/hardware.py); the
   decode bound is bandwidth / bytes of weights read per token.
 """

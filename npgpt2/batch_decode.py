@@ -4,7 +4,8 @@ KV cache and at its own length (continuous batching, as llama.cpp's server slots
 Decoding one token reads every weight once, so it is bound by memory bandwidth, not
 arithmetic: eight rows fed through each matrix together cost little more than one. So a
 `BatchDecoder` keeps a cache of max_batch rows ("slots"). A new sequence (`Row`) has its
-prompt prefilled alone into a free slot, then joins the others: each `sample()` draws one
+prompt prefilled into a free slot (together with the prompts that arrive with it and feed
+as many tokens: `add_many`), then joins the others: each `sample()` draws one
 token for every row (its own temperature, top-k, top-p and random stream), the caller
 says which rows are done (`leave()`: finished, stopped by a stop string or cancelled), and
 `feed()` runs the rest one position further in a single forward pass, each row at its own
@@ -14,7 +15,8 @@ A row decoded in a batch gets the tokens it would get alone: its attention reads
 own cache row, its random stream is its own, and the per-row kernels (layernorm, attention)
 compute each row alone. So do the float32 products of up to 8 rows on the kernels
 (gemv.py: each output summed by the same loop whatever the batch), so there a row's logits
-are its solo logits bit for bit. BLAS does not promise that (float64, the plain layers):
+are its solo logits bit for bit, when its prompt was prefilled alone (prompts prefilled
+together go through BLAS's products of many rows). BLAS does not promise that (float64, the plain layers):
 it may sum a product of 8 rows in another order than one row's
 (another kernel, another blocking, another thread split), so logits can differ in the last
 bits; the promise is therefore 1e-5 in float32, 1e-12 in float64, and greedy ids equal
@@ -105,23 +107,49 @@ class BatchDecoder:
 
     def add(self, row):
         """Prefill row's prompt into a free slot; its first token is drawn at the next sample()."""
-        if self.full:
+        self.add_many([row])
+
+    def add_many(self, rows):
+        """Prefill several rows' prompts into free slots; each one's first token is drawn at the
+        next sample(). Rows that feed the same number of tokens are prefilled in one forward,
+        each at its own cache position: eight 32-token prompts arriving together are one
+        product of 256 rows per weight instead of eight of 32 (a weight read once, not eight
+        times). A row that scores its prompt (prompt_logprobs) is prefilled alone."""
+        if len(rows) > self.max_batch - len(self.rows):
             raise RuntimeError("no free slot: every row is being decoded")
-        slot, n = self._pick_slot(row)
-        self.clock += 1
-        self.used[slot] = self.clock
-        self.cache.lengths[slot] = n
-        del self.held[slot][n:]
-        fed = row.prompt[n:]
-        logits = self.model.forward(np.asarray([fed], dtype=np.int64), cache=self.cache.select([slot]),
-                                    last_only=not row.prompt_logprobs)[0]  # [T or 1, V]
-        self.held[slot].extend(fed)  # only after forward returned: an interrupted one left the cache as it was
-        if row.prompt_logprobs:
-            row.prompt_scores = [(None, [])] + [
-                self._scores(lp, t, row.logprobs or 0)
-                for lp, t in zip(map(log_softmax, logits[:-1]), row.prompt[1:])]
-        row.slot, row.reused, row.logits = slot, n, logits[-1]
-        self.rows.append(row)
+        groups = {}
+        for i, row in enumerate(rows):
+            slot, n = self._pick_slot(row)
+            self.clock += 1
+            self.used[slot] = self.clock
+            self.cache.lengths[slot] = n
+            del self.held[slot][n:]
+            row.slot, row.reused, row.logits = slot, n, None
+            self.rows.append(row)  # the slot is taken (_pick_slot looks at self.rows)
+            key = ("alone", i) if row.prompt_logprobs else len(row.prompt) - n
+            groups.setdefault(key, []).append(row)
+        try:
+            for group in groups.values():
+                self._prefill(group)
+        except BaseException:  # an interrupted prefill: its rows leave, their slots as they were
+            for row in rows:
+                if row.logits is None:
+                    self.rows.remove(row)
+            raise
+
+    def _prefill(self, group):
+        """One forward of the prompts of `group` (rows feeding the same number of tokens)."""
+        fed = [row.prompt[row.reused:] for row in group]
+        last_only = not group[0].prompt_logprobs  # a scoring row is alone in its group
+        logits = self.model.forward(np.asarray(fed, dtype=np.int64), cache=self.cache.select([r.slot for r in group]),
+                                    last_only=last_only)  # [G, T or 1, V]
+        for row, tokens, lg in zip(group, fed, logits):
+            self.held[row.slot].extend(tokens)  # after forward returned: an interrupted one left the cache as it was
+            if row.prompt_logprobs:
+                row.prompt_scores = [(None, [])] + [
+                    self._scores(lp, t, row.logprobs or 0)
+                    for lp, t in zip(map(log_softmax, lg[:-1]), row.prompt[1:])]
+            row.logits = lg[-1]
 
     def _pick_slot(self, row):
         """-> (slot, prompt tokens already in its cache). A reusing row takes the free slot

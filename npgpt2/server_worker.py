@@ -199,16 +199,27 @@ class Worker:
         for job in [j for j in self.waiting if j.cancelled.is_set() or now > j.deadline]:
             self.waiting.remove(job)
             self._ready(job)
-        while self.waiting and len(self.waiting[0].gen.rows) <= self.decoder.max_batch - len(self.decoder.rows):
+        admitted, free = [], self.decoder.max_batch - len(self.decoder.rows)
+        while self.waiting and len(self.waiting[0].gen.rows) <= free:
             job = self.waiting.popleft()
             if not self._ready(job):
                 continue
             job.gen.start(job, self.tokenizer)
             for i, row in enumerate(job.gen.rows):
                 row.tag = (job, i)
-                self.decoder.add(row)
-                # its first token now, not after the prefills of the others arriving with it
-                self._deliver(self.decoder.sample([row]))
+                admitted.append(row)
+            free -= len(job.gen.rows)
+        if admitted:
+            # the jobs waiting now are prefilled together (one product per weight for prompts
+            # of one length), and each gets its first token before the next decode step
+            try:
+                self.decoder.add_many(admitted)
+            except Exception as e:  # the rows not prefilled left the decoder: close their jobs here
+                log.exception("a prefill failed")
+                for job in {r.tag[0] for r in admitted}:
+                    self._close(job, "error", HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(e).__name__}")
+                return
+            self._deliver(self.decoder.sample(admitted))
 
     def _step(self):
         """One token for every row: sampled, sent, the finished rows out; then one forward."""

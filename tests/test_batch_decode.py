@@ -182,3 +182,68 @@ def test_cli_batch_size_gives_the_same_samples():
     one, three = run("1"), run("3")
     assert one.returncode == 0 and three.returncode == 0, one.stderr + three.stderr
     assert one.stdout == three.stdout and one.stdout.count(" SAMPLE ") == 3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prompts_arriving_together_are_prefilled_together(dtype, monkeypatch):
+    """add_many: rows feeding as many tokens share one forward (each at its own cache row and
+    position), a prompt-scoring row goes alone; every row then decodes as it would alone."""
+    model = npgpt2.load_model(FIX / "tiny", dtype=dtype)
+    V = model.hparams["n_vocab"]
+    rng = np.random.default_rng(5)
+    rows = [Row(rng.integers(0, V, n).tolist(), 5, temperature=0) for n in (4, 7, 4, 7, 4)]
+    rows.append(Row(rng.integers(0, V, 4).tolist(), 5, temperature=0, logprobs=2, prompt_logprobs=True))
+    dec = BatchDecoder(model, max_batch=8)
+    dec.add(Row(rng.integers(0, V, 6).tolist(), 3, temperature=0))  # a row already decoding
+    dec.sample()
+    dec.feed()
+    batches = []
+    forward = model.forward
+
+    def counting(tokens, **kw):
+        batches.append(tokens.shape)
+        return forward(tokens, **kw)
+    monkeypatch.setattr(model, "forward", counting)
+    dec.add_many(rows)
+    assert sorted(batches) == [(1, 4), (2, 7), (3, 4)]  # 3 x 4 tokens, 2 x 7, the scoring row alone
+    assert len({r.slot for r in dec.rows}) == 7
+    seen = {id(r): [] for r in rows}
+    while any(not r.finished for r in rows):
+        for row in rows:
+            if row in dec.rows:
+                seen[id(row)].append(row.logits.copy())
+        for row, _ in dec.sample():
+            if row.finished:
+                dec.leave(row)
+        dec.feed()
+    for row in rows:
+        solo = solo_logits(model, row.prompt, row.tokens)
+        got = np.array(seen[id(row)])
+        assert np.abs(got - solo).max() <= TOL[dtype] * max(1.0, np.abs(solo).max())
+        assert row.tokens == [int(x) for x in solo.argmax(axis=-1)]
+    assert len(rows[-1].prompt_scores) == 4
+
+
+def test_an_interrupted_prefill_leaves_no_row_behind(monkeypatch):
+    """A forward that fails in add_many: the rows it did not prefill leave the decoder (their
+    slots free again), the ones prefilled before it stay; the decoder goes on working."""
+    model = npgpt2.load_model(FIX / "tiny")
+    dec = BatchDecoder(model, max_batch=4)
+    rows = [Row([1, 2, 3], 2, temperature=0), Row([4, 5], 2, temperature=0), Row([6, 7], 2, temperature=0)]
+    forward, calls = model.forward, []
+
+    def failing(tokens, **kw):
+        calls.append(tokens.shape)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(tokens, **kw)
+    monkeypatch.setattr(model, "forward", failing)
+    with pytest.raises(KeyboardInterrupt):
+        dec.add_many(rows)
+    assert dec.rows == [rows[0]] and rows[0].logits is not None
+    monkeypatch.setattr(model, "forward", forward)
+    dec.add_many(rows[1:])  # the slots are free again, the cache rows as before
+    assert len(dec.rows) == 3
+    for row in rows[1:]:
+        assert row.logits is not None
+        np.testing.assert_allclose(row.logits, solo_logits(model, row.prompt, [0])[0], rtol=0, atol=1e-5)
