@@ -23,8 +23,9 @@ Design, by module:
   request gets a thread of its own, at most --max_connections at once (more get 503), which
   reads and checks the body and submits a job. Headers and bodies have --read_timeout.
 - server_worker.py: one model thread. Generation requests are decoded together, up to
-  --max_batch rows (batch_decode.py): a new one is prefilled into a free KV-cache row and
-  joins at the next token, a finished or cancelled one leaves at once. A seeded request gives
+  --max_batch rows (batch_decode.py): a new one is prefilled into a free KV-cache row (the
+  requests waiting together in one forward) and joins at the next token, a finished or
+  cancelled one leaves at once. A seeded request gives
   the same tokens whatever else is going on: it prefills a fresh cache row and draws from its
   own random stream (its logits match a solo run's within float rounding: see batch_decode).
   Unseeded requests may start from a free row that holds a prefix of their prompt and feed

@@ -2,7 +2,8 @@
 
 The model is not thread-safe and its work is CPU-bound, so one thread owns it. Generation
 requests go through a `batch_decode.BatchDecoder`: up to --max_batch rows decode together,
-a new request joins at the next step and a finished or cancelled one leaves at once (the
+the requests waiting are prefilled together and join at the next step, and a finished or
+cancelled one leaves at once (the
 batching itself is in batch_decode.py). Other jobs (explain) run between two steps. The
 worker never touches a socket: a job's results go on the job's own queue, and the
 connection thread that made the job writes them out (see server_http.py).
