@@ -330,11 +330,11 @@ def json_edit(folder, cfg):
     path.write_text(json.dumps(data))
 
 
-def peft_copy(tmp_path, cfg=None, tensors=None):
-    """A copy of peft_f32/ with its config edited (value KeyError: key removed) and its tensors
-    passed through tensors(dict) (inputs for the refusals below)."""
+def peft_copy(tmp_path, cfg=None, tensors=None, source="peft_f32"):
+    """A copy of the fixture folder `source` with its config edited (value KeyError: key removed)
+    and its tensors passed through tensors(dict) (inputs for the refusals below)."""
     folder = tmp_path / "adapter"
-    shutil.copytree(LORA / "peft_f32", folder)
+    shutil.copytree(LORA / source, folder)
     json_edit(folder, cfg or {})
     if tensors is not None:
         t, _ = read_safetensors(folder / "adapter_model.safetensors")
@@ -506,15 +506,7 @@ def test_ours_wte_written_as_peft_loads_it_tied(tmp_path, ours_wte, base):
 
 
 def wte_copy(tmp_path, cfg=None, tensors=None):
-    folder = tmp_path / "adapter"
-    shutil.copytree(LORA / "peft_wte", folder)
-    json_edit(folder, cfg or {})
-    if tensors is not None:
-        t, _ = read_safetensors(folder / "adapter_model.safetensors")
-        t = tensors(dict(t))
-        (folder / "adapter_model.safetensors").unlink()
-        write_safetensors(folder / "adapter_model.safetensors", t)
-    return folder
+    return peft_copy(tmp_path, cfg, tensors, source="peft_wte")
 
 
 BAD_WTE = [

@@ -54,6 +54,23 @@ def solo_logits(model, prompt, tokens):
     return np.array(out)
 
 
+def decode_all(dec, rows, join=None):
+    """Step dec until every row of `rows` has its tokens (join() adds rows before each step)
+    -> {id(row): the logits each of its tokens was drawn from}."""
+    seen = {id(r): [] for r in rows}
+    while any(not r.finished for r in rows):
+        if join is not None:
+            join()
+        for row in dec.rows:
+            if id(row) in seen:
+                seen[id(row)].append(row.logits.copy())
+        for row, _ in dec.sample():
+            if row.finished:
+                dec.leave(row)
+        dec.feed()
+    return seen
+
+
 def uncached_logits(model, prompt, tokens):
     """The same logits from the plain forward over each whole sequence (no cache at all)."""
     seq = list(prompt) + list(tokens)
@@ -109,19 +126,14 @@ def test_float32_rows_get_their_solo_logits_bit_for_bit(monkeypatch):
     model = npgpt2.init_model(hp, seed=3)
     rng = np.random.default_rng(2)
     rows = [Row(rng.integers(0, 301, n).tolist(), 6, temperature=0) for n in (3, 9, 1, 5, 2, 7, 4, 6, 8)]
-    seen = {id(r): [] for r in rows}
     dec = BatchDecoder(model, max_batch=8)
     waiting = list(rows)
-    while waiting or dec.rows:
+
+    def join():
         for _ in range(2):  # two rows join per step while a slot is free
             if waiting and not dec.full:
                 dec.add(waiting.pop(0))
-        for row in dec.rows:
-            seen[id(row)].append(row.logits.copy())
-        for row, _ in dec.sample():
-            if row.finished:
-                dec.leave(row)
-        dec.feed()
+    seen = decode_all(dec, rows, join)
     for row in rows:
         np.testing.assert_array_equal(np.array(seen[id(row)]), solo_logits(model, row.prompt, row.tokens))
 
@@ -207,15 +219,7 @@ def test_prompts_arriving_together_are_prefilled_together(dtype, monkeypatch):
     dec.add_many(rows)
     assert sorted(batches) == [(1, 4), (2, 7), (3, 4)]  # 3 x 4 tokens, 2 x 7, the scoring row alone
     assert len({r.slot for r in dec.rows}) == 7
-    seen = {id(r): [] for r in rows}
-    while any(not r.finished for r in rows):
-        for row in rows:
-            if row in dec.rows:
-                seen[id(row)].append(row.logits.copy())
-        for row, _ in dec.sample():
-            if row.finished:
-                dec.leave(row)
-        dec.feed()
+    seen = decode_all(dec, rows)
     for row in rows:
         solo = solo_logits(model, row.prompt, row.tokens)
         got = np.array(seen[id(row)])

@@ -1,21 +1,15 @@
 """gemv.py, decoding's float32 few-row products, against plain NumPy: every row count 1..8,
 shapes whose C and OC are not multiples of the SIMD width or of _cols' 8-row passes and
 512-column tiles, column/row ranges that start and end mid-vector, one thread and two."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cpu_child import NO512, run_for_cpu, x86_linux_only
 
 from npgpt2 import layers
 
 pytest.importorskip("numba")
 from npgpt2 import gemv  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # (C, OC): tails everywhere (C % 8, C % 16, OC % 16, OC % 512 not 0), one weight row,
 # one column, and a GPT-2 block shape with more than one TILE of columns
@@ -105,7 +99,6 @@ def test_matmul_rows_refuses_a_strided_weight():
 # LLVM target CPU and features -> the /proc/cpuinfo flags they need: "generic" (x86-64
 # baseline: SSE2, no FMA), AVX2 + FMA, AVX-512. The kernels are plain Numba: LLVM picks the
 # instructions, and each path must give NumPy's product and a row's same bits alone or batched.
-NO512 = "-avx512f,-avx512bw,-avx512vl,-avx512vnni,-avx512dq,-avx512cd"
 CPU_PATHS = {
     "generic": ("-avx,-avx2,-fma," + NO512, []),
     "haswell": ("+avx,+avx2,+fma," + NO512, ["avx2"]),  # every AVX2 CPU has FMA too
@@ -134,20 +127,11 @@ print(json.dumps(res))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
-                    reason="x86-64 Linux: the CPU paths are x86 ISA levels")
+@x86_linux_only
 @pytest.mark.parametrize("cpu", list(CPU_PATHS))
 def test_every_cpu_path_equals_numpy(cpu, tmp_path):
-    from npgpt2.int8_dot import cpu_info
     features, needs = CPU_PATHS[cpu]
-    missing = set(needs) - set(cpu_info()["flags"])
-    if missing:
-        pytest.skip(f"this CPU lacks {missing}")
-    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = run_for_cpu(cpu, features, needs, CHILD, tmp_path)
     rng = np.random.default_rng(7)  # the child's data
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((5, 203), (203, 1100), 1100))
     ref, tol = reference(x, w, b)

@@ -1,21 +1,16 @@
 """The int8 x int8 decode kernels (int8_dot.py, gemv_pool.py, gemv.py) against plain NumPy
 references of the same arithmetic (quant.quantize_activations, quant.int8_dot_reference,
 layers.matmul_forward), on every CPU code path this machine can run."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cpu_child import NO512, run_for_cpu, x86_linux_only
 
 from npgpt2 import layers, quant
 
 pytest.importorskip("numba")
 from npgpt2 import gemv, gemv_pool, int8_dot, quant_kernels  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 # (N rows, K inputs, G group, R outputs): K not a multiple of the SIMD width (tails), odd R
 SHAPES = [(1, 100, 100, 7), (3, 96, 32, 131), (16, 768, 768, 65), (2, 37, 37, 1), (5, 192, 64, 300)]
 
@@ -179,7 +174,6 @@ def test_pool_job_sequence_survives_a_late_worker():
 # flags they need. "generic" is the plain fallback (x86-64 baseline: SSE2, no AVX); the others
 # are the paths LLVM takes for this module's kernels on AVX2, AVX-VNNI (Intel client cores),
 # AVX-512 and AVX-512 VNNI machines.
-NO512 = "-avx512f,-avx512bw,-avx512vl,-avx512vnni,-avx512dq,-avx512cd"
 CPU_PATHS = {
     "generic": ("-avx,-avx2,-fma,-avxvnni," + NO512, []),
     "haswell": ("+avx,+avx2,+fma,-avxvnni," + NO512, ["avx2"]),
@@ -204,19 +198,11 @@ print(json.dumps(res))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
-                    reason="x86-64 Linux: the CPU paths are x86 ISA levels")
+@x86_linux_only
 @pytest.mark.parametrize("cpu", list(CPU_PATHS))
 def test_every_cpu_path_equals_reference(cpu, tmp_path):
-    have = set(int8_dot.cpu_info()["flags"])
     features, needs = CPU_PATHS[cpu]
-    if not set(needs) <= have:
-        pytest.skip(f"this CPU lacks {set(needs) - have}")
-    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = run_for_cpu(cpu, features, needs, CHILD, tmp_path)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 200)).astype(np.float32)
     w = quant.quantize(rng.standard_normal((77, 200)).astype(np.float32), 40)
