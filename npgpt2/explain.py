@@ -100,9 +100,8 @@ def logit_lens_top(model, streams, k, check=None):
         if check is not None:
             check()
         x, _, _ = layers.layernorm_forward(flat[r0:r0 + LENS_CHUNK], p["model/ln_f/g"], p["model/ln_f/b"])
-        # (a LoRA adapter on the tied wte: the model's own head, W + scaling * A @ B)
-        head = x @ p["model/wte"].T if getattr(model, "wte_lora", None) is None else model._head(x[None])[0]
-        i, pr = top_tokens(head, k)                                  # (n, C) @ (C, V) -> (n, V) -> (n, k)
+        # the model's own head: wte.T (with a LoRA adapter on the tied wte, W + scaling * A @ B)
+        i, pr = top_tokens(model._head(x[None])[0], k)               # (n, C) @ (C, V) -> (n, V) -> (n, k)
         ids.append(i)
         probs.append(pr)
     return np.concatenate(ids).reshape(R, P, k), np.concatenate(probs).reshape(R, P, k)

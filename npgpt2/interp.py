@@ -35,10 +35,8 @@ def logit_lens(model, acts, positions=None):
     for name in names:
         resid = acts[name] if positions is None else acts[name][:, positions]  # [B, T, C]
         normed, _, _ = layers.layernorm_forward(resid, p["model/ln_f/g"], p["model/ln_f/b"])  # [B, T, C]
-        if getattr(model, "wte_lora", None) is not None:  # a LoRA adapter on the tied wte: the model's own head
-            rows.append(model._head(normed))  # [B, T, C] -> [B, T, V]
-        else:
-            rows.append(normed @ p["model/wte"].T)  # [B, T, C] @ [C, V] -> [B, T, V]
+        # the model's own head (wte.T, with a LoRA adapter on the tied wte its adapted matrix)
+        rows.append(model._head(normed))  # [B, T, C] @ [C, V] -> [B, T, V]
     return np.stack(rows)  # [L + 1, B, T, V]
 
 

@@ -245,27 +245,28 @@ class GPT2(Hooks, Training, Loss, FastForward):
         return resid_post, saved
 
     def _head(self, x, fast=False):
-        """x: (B, T, C) after ln_f -> logits (B, T, V); the output head is the token embedding.
-        fast (the kernels' decoding, model_fast.py): few rows go through the decode GEMVs, an int8
-        head with its activations quantised too; otherwise the product is exact in x."""
+        """x: (..., C) after ln_f, usually (B, T, C) -> logits (..., V); the output head is the
+        token embedding. fast (the kernels' decoding, model_fast.py): few rows go through the
+        decode GEMVs, an int8 head with its activations quantised too; otherwise the product is
+        exact in x."""
         wte = self._params["model/wte"]
+        lead, C = x.shape[:-1], x.shape[-1]
+        x = x.reshape(-1, C)  # [N, C]: one GEMM over all rows; NumPy's matmul of (B, T, C) would
+        # make one per batch row, each reading all of wte (at T = 1, batched decoding, B times the traffic)
         if self.wte_lora is not None:  # a LoRA adapter on the tied wte: the frozen head + its low-rank part
-            B, T, C = x.shape
-            return layers.lora_head_forward(x.reshape(B * T, C), wte, *self.wte_lora)[0].reshape(B, T, -1)
-        if isinstance(wte, QuantizedWeight) and ops() is not layers:  # int8: the dequantising GEMV
+            logits = layers.lora_head_forward(x, wte, *self.wte_lora)[0]  # [N, C] -> [N, V]
+        elif isinstance(wte, QuantizedWeight) and ops() is not layers:  # int8: the dequantising GEMV
             from .quant_kernels import float_activations, matmul_forward
             with contextlib.nullcontext() if fast else float_activations():
-                return matmul_forward(x, wte.T, None)  # [B, T, C] -> [B, T, V]
-        # one GEMM over all B*T rows: NumPy's matmul of (B, T, C) would make one per batch row,
-        # each reading all of wte (at T = 1, batched decoding, B times the head's memory traffic)
-        B, T, C = x.shape
-        if fast and B * T <= 8 and wte.dtype == np.float32:
+                logits = matmul_forward(x, wte.T, None)  # [N, C] -> [N, V]
+        elif fast and x.shape[0] <= 8 and wte.dtype == np.float32:  # 8: gemv.MAX_ROWS
             # decoding: gemv.py reads each wte row once for all rows, on 2 cores when one is free
             # (imported here: it needs Numba, which the plain path must not)
             from . import gemv
-            if B * T <= gemv.MAX_ROWS:
-                return gemv.matmul_rows(x.reshape(B * T, C), wte.T).reshape(B, T, -1)  # [B*T, C] -> [B, T, V]
-        return (x.reshape(B * T, C) @ wte.T).reshape(B, T, -1)  # [B*T, C] @ [C, V] -> [B, T, V]
+            logits = gemv.matmul_rows(x, wte.T)  # [N, C] -> [N, V]
+        else:
+            logits = x @ wte.T  # [N, C] @ [C, V] -> [N, V]
+        return logits.reshape(lead + (-1,))  # [..., V]
 
     # ------------------------------------------------------------ inference
     def forward(self, tokens, cache=None, last_only=False):
