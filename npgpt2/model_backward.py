@@ -84,12 +84,11 @@ class Training:
         # the output head: logits = ln_f @ wte.T; wte's second contribution comes at the embedding
         dln_f = np.empty((1, B * T, C), dtype=dtype)  # the B*T positions as one row, as loss_and_grads
         dwte = None if self.lora is not None else np.empty((V, C), dtype=dtype)  # a frozen base (LoRA): none
-        if self.wte_lora is not None:  # the tied wte's adapter: its head-side gradients, for _trunk_backward
+        if self.wte_lora is not None:  # the tied wte's adapter: its head-side gradients (dA, dB) instead
             x = saved["ln_f"].reshape(B * T, C)
-            dln_f[0], dA, dB = saved["lay"].lora_head_backward(
+            dln_f[0], *dwte = saved["lay"].lora_head_backward(
                 dlogits.reshape(B * T, V), x, self._params["model/wte"], *self.wte_lora,
                 x @ self.wte_lora[1].T)  # [B*T, C], [V, r], [r, C]
-            saved["lora.wte"] = (dA, dB)
         else:
             head_backward(dlogits.reshape(1, B * T, V), saved["ln_f"].reshape(1, B * T, C),
                           self._params["model/wte"], dln_f, dwte)  # [1, B*T, V] -> [1, B*T, C], [V, C]
@@ -97,7 +96,9 @@ class Training:
 
     def _trunk_backward(self, dln_f, dwte, saved):
         """backward() after the head: dln_f (B, T, C) at ln_f's output, dwte (V, C) the head's
-        part of wte's gradient (the embedding's is added to it in place) -> (grads, dembed)."""
+        part of wte's gradient (the embedding's is added to it in place; None under LoRA; with an
+        adapter on the tied wte, the head's part of its gradients [dA (V, r), dB (r, C)])
+        -> (grads, dembed)."""
         lay, tokens, blocks = saved["lay"], saved["tokens"], saved["blocks"]
         grads = {}
         dresid, grads["model/ln_f/g"], grads["model/ln_f/b"] = lay.layernorm_backward(
@@ -115,7 +116,7 @@ class Training:
         dembed = dresid  # [B, T, C]: the gradient at wte[tokens] + wpe[positions]
         if self.wte_lora is not None:  # the tied wte's adapter: the embedding's use added to the head's
             dA, dB = lay.lora_embedding_backward(dembed, tokens, *self.wte_lora)  # [V, r], [r, C]
-            head_dA, head_dB = saved.pop("lora.wte")
+            head_dA, head_dB = dwte
             grads["model/wte/lora_A"], grads["model/wte/lora_B"] = dA + head_dA, dB + head_dB
         if self.lora is not None:  # LoRA: the adapters' gradients alone (the layer norms' (C,) ones, two
             return {k: grads[k] for k in self.lora.params}, dembed  # sums each, are dropped); no embedding's

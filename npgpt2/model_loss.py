@@ -28,9 +28,8 @@ class Loss:
         lay = ops()
         targets = np.asarray(targets)
         ln_f, saved = self._trunk_with_saves(inputs, lay, memory_saving)  # [B, T] -> [B, T, C]
-        losses, dln_f, dwte = self._head_loss_backward(lay, ln_f, targets, mask)  # [B, T], [B, T, C], [V, C]
-        if self.wte_lora is not None:  # the tied wte's adapter: the head's (dA, dB), which the embedding's join
-            saved["lora.wte"], dwte = dwte, None
+        # dwte: [V, C]; with an adapter on the tied wte, the head's part of its gradients [dA, dB]
+        losses, dln_f, dwte = self._head_loss_backward(lay, ln_f, targets, mask)  # [B, T], [B, T, C]
         del ln_f  # saved holds it until _trunk_backward is past ln_f
         grads, _ = self._trunk_backward(dln_f, dwte, saved)  # {name: array like params}
         if mask is None:
