@@ -396,16 +396,6 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("edit, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_peft_folder(tmp_path, edit, message):
-    folder = peft_copy(tmp_path, **edit)
-    with pytest.raises(Npgpt2Error) as e:
-        af.read_peft_adapter(folder, TINY_HP)
-    msg = one_line(e)
-    assert message in msg
-    assert str(folder) in msg  # names the file (or folder) at fault
-
-
 def test_bad_peft_folder_files_and_sizes(tmp_path):
     folder = peft_copy(tmp_path)
     with pytest.raises(Npgpt2Error, match="layer 1, but the model has n_layer=1"):
@@ -505,28 +495,31 @@ def test_ours_wte_written_as_peft_loads_it_tied(tmp_path, ours_wte, base):
     assert all(np.array_equal(back.params[k], ours_wte.params[k]) for k in ours_wte.params)
 
 
-def wte_copy(tmp_path, cfg=None, tensors=None):
-    return peft_copy(tmp_path, cfg, tensors, source="peft_wte")
-
-
 BAD_WTE = [
-    ("untied: wte alone", dict(cfg={"ensure_weight_tying": False}, tensors=drop("lm_head")),
+    ("untied: wte alone", dict(source="peft_wte", cfg={"ensure_weight_tying": False}, tensors=drop("lm_head")),
      "adapts transformer.wte but not lm_head (untied)"),
-    ("head alone", dict(cfg={"target_modules": ["c_attn", "mlp.c_proj", "lm_head"], "ensure_weight_tying": False},
+    ("head alone", dict(source="peft_wte", cfg={"target_modules": ["c_attn", "mlp.c_proj", "lm_head"],
+                                                "ensure_weight_tying": False},
                         tensors=drop("transformer.wte")), "adapts lm_head but not transformer.wte (untied)"),
-    ("head differs", dict(tensors=with_value(WTE_KEYS[3], lambda a: a * 1.5)),
+    ("head differs", dict(source="peft_wte", tensors=with_value(WTE_KEYS[3], lambda a: a * 1.5)),
      "'base_model.model.lm_head.lora_B.weight' is not 'base_model.model.transformer.wte.lora_embedding_A' transposed"),
-    ("head's alpha differs", dict(cfg={"alpha_pattern": {"lm_head": 7}}), "alpha_pattern gives transformer.wte and lm_head"),
-    ("tied but no head tensors", dict(tensors=drop("lm_head")), "targets lm_head but adapter_model.safetensors has no"),
-    ("wrong vocabulary", dict(tensors=lambda t: {**t, WTE_KEYS[0]: t[WTE_KEYS[0]][:, :50],
-                                                 WTE_KEYS[3]: t[WTE_KEYS[3]][:50]}), "n_vocab=96 imply (3, 96)"),
+    ("head's alpha differs", dict(source="peft_wte", cfg={"alpha_pattern": {"lm_head": 7}}),
+     "alpha_pattern gives transformer.wte and lm_head"),
+    ("tied but no head tensors", dict(source="peft_wte", tensors=drop("lm_head")),
+     "targets lm_head but adapter_model.safetensors has no"),
+    ("wrong vocabulary", dict(source="peft_wte", tensors=lambda t: {**t, WTE_KEYS[0]: t[WTE_KEYS[0]][:, :50],
+                                                                    WTE_KEYS[3]: t[WTE_KEYS[3]][:50]}),
+     "n_vocab=96 imply (3, 96)"),
 ]
 
 
-@pytest.mark.parametrize("edit, message", [b[1:] for b in BAD_WTE], ids=[b[0] for b in BAD_WTE])
-def test_bad_wte_peft_folder(tmp_path, edit, message):
-    folder = wte_copy(tmp_path, **edit)
+@pytest.mark.parametrize("edit, message", [b[1:] for b in BAD + BAD_WTE], ids=[b[0] for b in BAD + BAD_WTE])
+def test_bad_peft_folder(tmp_path, edit, message):
+    folder = peft_copy(tmp_path, **edit)
     with pytest.raises(Npgpt2Error) as e:
         af.read_peft_adapter(folder, TINY_HP)
     msg = one_line(e)
-    assert message in msg and str(folder) in msg
+    assert message in msg
+    assert str(folder) in msg  # names the file (or folder) at fault
+
+
