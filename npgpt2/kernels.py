@@ -13,9 +13,12 @@ How the speed is won (each choice was measured against the plain twin, see bench
   (layernorm, the softmax bookkeeping, cross-entropy, AdamW, embedding scatter-add).
 - Transcendentals stay with NumPy: its float32 `exp`/`tanh` are SIMD, a scalar `tanh`
   from a Numba loop is ~10x slower. So a kernel prepares an argument in one Numba pass,
-  lets NumPy apply `np.exp`/`np.tanh` in place, and finishes in a second Numba pass.
-- GEMMs stay on BLAS (`np.matmul`). Causal attention runs per block of queries and keys,
-  skipping the blocks in the masked future; training keeps no (T, T) matrix.
+  lets NumPy apply `np.exp`/`np.tanh` in place, and finishes in a second Numba pass. One
+  exception: the attention forward's float32 `exp`, a polynomial that vectorises in the
+  same Numba pass as the row's sum (see "fused attention").
+- GEMMs stay on BLAS (`np.matmul`). Causal attention runs per block of queries, skipping
+  the masked future, and keeps no (T, T) matrix; its forward's heads run on two Python
+  threads (one BLAS thread each), where OpenBLAS's own two threads gained little.
 - `parallel=True` only where two threads measurably beat one; small inputs, and any
   input while `threads.py` finds no free core, take the serial twin of each loop.
 - Sums accumulate in float64 with eight partial sums: no loss in float32 and no long
@@ -26,6 +29,7 @@ All kernels are compiled with `cache=True`: a second process loads the machine c
 """
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 # Numba's OpenMP workers spin for a while after each parallel loop (libgomp's default);
 # on a 2-core machine that spinning takes the core BLAS's second thread needs next, and
@@ -127,6 +131,33 @@ def _dot(a, b):
 def _rows(x):
     """(..., C) -> a C-contiguous (N, C) view (or copy)."""
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+# Work split into independent parts runs on Python threads: BLAS and the Numba loops marked
+# nogil release the GIL, and a part that keeps its data in one core's cache (one head's
+# attention) beats one BLAS call shared by two threads.
+_pool = None
+
+
+def _forget_pool():  # a forked child has the parent's pool object but not its threads
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _on_threads(part, n):
+    """part(t) for t in 0..n-1, part(0) on this thread, the others on the pool's threads."""
+    global _pool
+    if n > 1 and _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=threads.available_cpus(), thread_name_prefix="npgpt2-part")
+    others = [_pool.submit(part, t) for t in range(1, n)]
+    try:
+        part(0)
+    finally:
+        for f in others:
+            f.result()
 
 
 # ================================================================ layernorm
@@ -399,130 +430,137 @@ def _max(a, n):
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
-# ---------------------------------------------------------------- fused (flash) attention
-# Training never keeps the (B, NH, T, T) probabilities: the forward pass walks each block
-# of queries over blocks of keys with an online softmax (a running row max `m` and row sum `rowsum`;
-# when m grows, what was accumulated so far is rescaled by exp(m_old - m_new)) and saves
-# only the per-row log-sum-exp lse = m + log(rowsum). The backward pass recomputes each block's
-# probabilities as exp(scores - lse) (FlashAttention-2's scheme). GEMMs stay on BLAS (one
-# call per block over all heads); the row bookkeeping runs in Numba, `exp` in NumPy (SIMD).
-# Arrays below are C-contiguous with batch and heads flattened: q/k/v (BH, T, hs), a block
-# of scores s (BH, R, Kb) for query rows i0..i0+R-1 at positions q0.. against keys c0..
-# Query row r may see keys 0..q0 + r.
-KBLOCK = 256  # keys per block (256 x 256 float32 scores of 12 heads: 3 MB, stays in cache)
+# ---------------------------------------------------------------- fused attention
+# Neither pass keeps the (B, NH, T, T) probabilities. The forward takes each head's queries
+# QBLOCK rows at a time together with the whole rows of scores they see, s = q k^T of shape
+# (R, first + i1), in a buffer the size of one block; so each row's max, e = exp(s - max)
+# (0 in the row's future) and its sum are exact at once (no running max, no rescaling), and
+# y = (e v) / sum. It saves only the per-row log-sum-exp lse = max + log(sum). The backward
+# recomputes each block of probabilities as exp(scores - lse) (FlashAttention-2's scheme),
+# KBLOCK keys at a time. GEMMs run on BLAS, the row work in Numba.
+# The forward's heads are independent, so groups of them go to Python threads (BLAS and the
+# Numba row loops below release the GIL), each thread's BLAS on one core: both cores work on
+# every product, where OpenBLAS's own two threads gain little on these thin ones (hs = 64).
+# q, k, v are read where they lie in qkv or the KV cache, and y written into the output
+# (BLAS takes a row stride): no copies to split or merge heads.
+KBLOCK = 256  # keys per block of the backward (256 x 256 float32 scores of 12 heads: 3 MB, stays in cache)
+GROUP_ELEMS = 1 << 16  # scores per thread's block below which heads are grouped into one BLAS call
+LOG2E = 1.4426950408889634
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = HI + LO, HI with few bits: k * HI is exact
+EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38: 2^k stays a normal float32 (k >= -126)
+_ROW_MATH = {"nnan", "ninf", "nsz", "contract", "reassoc"}  # the poly and the 2^k loop vectorise
 
 
-@njit(cache=True, inline="always")
-def _online_shift_head(s, m, alpha, bh, i0, q0, c0):
-    """Raise the running max m by this block's visible scores; s -= m (-inf where masked);
-    alpha = exp(m_old - m_new), the factor for what was accumulated before."""
-    R, Kb = s.shape[1], s.shape[2]
-    for r in range(R):
-        row = s[bh, r]
-        lim = min(Kb, q0 + r - c0 + 1)
-        m_old = m[bh, i0 + r]
-        if lim <= 0:  # the whole block is in this row's future
-            alpha[bh, r] = 1.0
-            for j in range(Kb):
-                row[j] = -np.inf
-            continue
-        m_new = max(m_old, np.float64(_max(row, lim)))
-        alpha[bh, r] = math.exp(m_old - m_new)  # 0 for the first block (m_old = -inf)
-        m[bh, i0 + r] = m_new
-        shift = s.dtype.type(m_new)  # exact: m_new is one of the scores
-        for j in range(lim):
-            row[j] = row[j] - shift
-        for j in range(lim, Kb):
-            row[j] = -np.inf
+@njit(cache=True, nogil=True, fastmath=_ROW_MATH)
+def _exp_rows_f32(s, q0, scale, m, total, two_k):
+    """s (G, R, n) float32 scores of G heads' R query rows; row r sees keys 0..q0 + r. In
+    place: s = exp(scale * (s - max)) over those keys, 0 after them; m = max, total = sum
+    of the row (G, R) float64. two_k: (n,) int32 scratch.
+
+    exp(x) = 2^k e^r with k = round(x / ln 2), r = x - k ln 2 (|r| <= 0.35, two-part ln 2 so
+    that r is exact to the last bit): e^r by its Taylor polynomial of degree 7 (error 5e-9,
+    below float32's rounding), 2^k by writing k + 127 into a float32's exponent field. Both
+    loops vectorise; a math.exp loop would not (Numba has no vector exp without Intel's SVML),
+    and np.exp would need one more pass over the block.
+    """
+    G, R, n = s.shape
+    two_k_f = two_k.view(np.float32)
+    sc = np.float32(scale)  # float32 throughout: a float64 in the loop halves its SIMD width
+    for g in range(G):
+        for r in range(R):
+            row = s[g, r]
+            lim = min(n, q0 + r + 1)
+            mx = _max(row, lim)
+            for j in range(lim):
+                x = max(sc * (row[j] - mx), np.float32(EXP_FLOOR))
+                k = np.floor(x * np.float32(LOG2E) + np.float32(0.5))
+                f = x - k * np.float32(LN2_HI) - k * np.float32(LN2_LO)
+                row[j] = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(1 / 2) + f * (
+                    np.float32(1 / 6) + f * (np.float32(1 / 24) + f * (np.float32(1 / 120) + f * (
+                        np.float32(1 / 720) + f * np.float32(1 / 5040)))))))
+                two_k[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+            tot = np.float32(0.0)  # in SIMD lanes (fastmath), as BLAS and np.sum sum
+            for j in range(lim):
+                e = row[j] * two_k_f[j]
+                row[j] = e
+                tot += e
+            for j in range(lim, n):
+                row[j] = 0.0
+            m[g, r] = mx
+            total[g, r] = tot
 
 
-@njit(cache=True)
-def _online_shift(s, m, alpha, i0, q0, c0):
-    for bh in range(s.shape[0]):
-        _online_shift_head(s, m, alpha, bh, i0, q0, c0)
+@njit(cache=True, nogil=True)
+def _exp_rows_f64(s, q0, scale, m, total, two_k):
+    """_exp_rows_f32 for float64 (tests, gradient checks): math.exp, two_k unused."""
+    G, R, n = s.shape
+    for g in range(G):
+        for r in range(R):
+            row = s[g, r]
+            lim = min(n, q0 + r + 1)
+            mx = _max(row, lim)
+            for j in range(lim):
+                row[j] = math.exp(scale * (row[j] - mx))
+            for j in range(lim, n):
+                row[j] = 0.0
+            m[g, r] = mx
+            total[g, r] = _sum(row[:lim])
 
 
-@njit(cache=True, parallel=True)
-def _online_shift_par(s, m, alpha, i0, q0, c0):
-    for bh in prange(s.shape[0]):
-        _online_shift_head(s, m, alpha, bh, i0, q0, c0)
-
-
-@njit(cache=True, inline="always")
-def _online_accumulate_head(e, pv, rowsum, y, alpha, bh, i0, first):
-    """e = exp(shifted scores), pv = e @ v_block: rowsum = rowsum * alpha + sum(e), y = y * alpha + pv."""
-    R = e.shape[1]
-    hs = y.shape[2]
-    for r in range(R):
-        total = _sum(e[bh, r])
-        yr = y[bh, i0 + r]
-        pr = pv[bh, r]
-        if first:
-            rowsum[bh, i0 + r] = total
+@njit(cache=True, nogil=True)
+def _finish_rows(y, scale, m, total, lse):
+    """y (G, R, hs) = e v: y /= total; lse = scale * m + log(total) (G, R)."""
+    G, R, hs = y.shape
+    for g in range(G):
+        for r in range(R):
+            inv = y.dtype.type(1.0 / total[g, r])
             for d in range(hs):
-                yr[d] = pr[d]
-        else:
-            a = alpha[bh, r]
-            rowsum[bh, i0 + r] = rowsum[bh, i0 + r] * a + total
-            at = y.dtype.type(a)
-            for d in range(hs):
-                yr[d] = yr[d] * at + pr[d]
+                y[g, r, d] *= inv
+            lse[g, r] = scale * m[g, r] + math.log(total[g, r])
 
 
-@njit(cache=True)
-def _online_accumulate(e, pv, rowsum, y, alpha, i0, first):
-    for bh in range(e.shape[0]):
-        _online_accumulate_head(e, pv, rowsum, y, alpha, bh, i0, first)
-
-
-@njit(cache=True, parallel=True)
-def _online_accumulate_par(e, pv, rowsum, y, alpha, i0, first):
-    for bh in prange(e.shape[0]):
-        _online_accumulate_head(e, pv, rowsum, y, alpha, bh, i0, first)
-
-
-@njit(cache=True, parallel=True)
-def _online_finish(y, rowsum, m, lse):
-    """y /= rowsum; lse = m + log(rowsum)."""
-    for bh in prange(y.shape[0]):
-        for t in range(y.shape[1]):
-            inv = y.dtype.type(1.0 / rowsum[bh, t])
-            yr = y[bh, t]
-            for d in range(y.shape[2]):
-                yr[d] = yr[d] * inv
-            lse[bh, t] = m[bh, t] + math.log(rowsum[bh, t])
-
-
-def _flash_forward(q, k, v, first):
-    """q: (BH, Tq, hs) already scaled, k, v: (BH, L, hs); query row r sees keys 0..first + r.
-    -> y (BH, Tq, hs), lse (BH, Tq) float64. No (Tq, L) matrix: one block of scores at a time."""
-    BH, Tq, hs = q.shape
-    y = np.empty_like(q)
-    m = np.full((BH, Tq), -np.inf)
-    rowsum = np.empty((BH, Tq))
-    lse = np.empty((BH, Tq))
-    bq, bk = min(Tq, QBLOCK), min(first + Tq, KBLOCK)
-    sbuf = np.empty(BH * bq * bk, q.dtype)
-    pvbuf = np.empty(BH * bq * hs, q.dtype)
-    alpha = np.empty((BH, bq))
-    par = _parallel(BH * bq * bk)
-    threads.blas_threads(2 * BH * bq * bk * hs)
-    shift_, accumulate = (_online_shift_par, _online_accumulate_par) if par else (_online_shift, _online_accumulate)
+def _attend_group(q, k, v, first, y, lse, scale, buf):
+    """One group of heads, every query block: q (G, Tq, hs), k, v (G, >= first + Tq, hs),
+    y (G, Tq, hs), lse (G, Tq) (views, any row strides); buf = (scores, m, total, two_k)."""
+    G, Tq, hs = q.shape
+    sbuf, m, total, two_k = buf
+    exp_rows = _exp_rows_f32 if q.dtype == np.float32 else _exp_rows_f64
     for i0 in range(0, Tq, QBLOCK):
         i1 = min(Tq, i0 + QBLOCK)
-        R = i1 - i0
-        pv = pvbuf[:BH * R * hs].reshape(BH, R, hs)
-        for c0 in range(0, first + i1, KBLOCK):  # the keys the block's last row sees
-            c1 = min(first + i1, c0 + KBLOCK)
-            s = sbuf[:BH * R * (c1 - c0)].reshape(BH, R, c1 - c0)
-            np.matmul(q[:, i0:i1], k[:, c0:c1].swapaxes(1, 2), out=s)  # [BH, R, hs] @ [BH, hs, Kb]
-            shift_(s, m, alpha, i0, first + i0, c0)
-            np.exp(s, out=s)
-            np.matmul(s, v[:, c0:c1], out=pv)  # [BH, R, Kb] @ [BH, Kb, hs]
-            accumulate(s, pv, rowsum, y, alpha, i0, c0 == 0)
-    _parallel(y.size)  # sets Numba's thread count for this loop
-    _online_finish(y, rowsum, m, lse)
-    return y, lse
+        R, n = i1 - i0, first + i1  # the block's rows and the keys its last row sees
+        s = sbuf[:G * R * n].reshape(G, R, n)
+        np.matmul(q[:, i0:i1], k[:, :n].swapaxes(1, 2), out=s)  # [G, R, hs] @ [G, hs, n]
+        exp_rows(s, first + i0, scale, m[:, :R], total[:, :R], two_k)
+        np.matmul(s, v[:, :n], out=y[:, i0:i1])  # [G, R, n] @ [G, n, hs]
+        _finish_rows(y[:, i0:i1], scale, m[:, :R], total[:, :R], lse[:, i0:i1])
+
+
+def _causal_attention(q, k, v, first, y, lse):
+    """Causal softmax attention of Tq new queries per head: query row r sees keys
+    0..first + r. q: (B, NH, Tq, hs), k, v: (B, NH, >= first + Tq, hs), y: (B, NH, Tq, hs)
+    written, lse: (B, NH, Tq) float64 written; views with any strides but the last."""
+    B, NH, Tq, hs = q.shape
+    L = first + Tq
+    scale = 1.0 / math.sqrt(hs)
+    G = max(1, min(NH, GROUP_ELEMS // (min(Tq, QBLOCK) * L)))
+    groups = [(b, h, min(NH, h + G)) for b in range(B) for h in range(0, NH, G)]
+    n = threads.part_threads(len(groups)) if B * NH * Tq * L >= PARALLEL_MIN else 1
+    if n == 1:
+        threads.blas_threads(2 * B * NH * min(Tq, QBLOCK) * L * hs)
+
+    def part(t):  # thread t's share of the groups, in order
+        buf = (np.empty(G * min(Tq, QBLOCK) * L, q.dtype), np.empty((G, QBLOCK)), np.empty((G, QBLOCK)),
+               np.empty(L, np.int32))
+        for b, h0, h1 in groups[t * len(groups) // n:(t + 1) * len(groups) // n]:
+            _attend_group(q[b, h0:h1], k[b, h0:h1], v[b, h0:h1], first, y[b, h0:h1], lse[b, h0:h1], scale, buf)
+
+    _on_threads(part, n)
+
+
+def _heads(x, NH):
+    """(B, T, C) -> the (B, NH, T, hs) view of its heads (no copy)."""
+    B, T, C = x.shape
+    return x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
 
 
 def attention_forward(qkv, NH):
@@ -532,12 +570,12 @@ def attention_forward(qkv, NH):
     log-sum-exp of each row of scores: all that attention_backward needs to recompute the
     probabilities (the plain twin saves them, (B, NH, T, T)).
     """
-    B, T, _ = qkv.shape
-    q, k, v = _split_qkv(qkv, NH)  # each [B, NH, T, hs]
-    hs = q.shape[-1]
-    y, lse = _flash_forward(*(t.reshape(B * NH, T, hs) for t in (q, k, v)), 0)
-    out = merge_heads(y.reshape(B, NH, T, hs))  # [B, NH, T, hs] -> [B, T, C]
-    return out, (out, lse)
+    B, T, C3 = qkv.shape
+    q, k, v = (_heads(t, NH) for t in np.split(np.ascontiguousarray(qkv), 3, axis=-1))  # each [B, NH, T, hs]
+    out = np.empty((B, T, C3 // 3), qkv.dtype)
+    lse = np.empty((B, NH, T))
+    _causal_attention(q, k, v, 0, _heads(out, NH), lse)
+    return out, (out, lse.reshape(B * NH, T))
 
 
 @njit(cache=True, parallel=True)
@@ -725,14 +763,12 @@ def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH, rows=None):
         pos0 = np.broadcast_to(pos0, (B,))
         return np.concatenate([attention_forward_cached(qkv[b:b + 1], k_cache[r:r + 1], v_cache[r:r + 1],
                                                         int(pos0[b]), NH) for b, r in enumerate(rows)])
-    q, k, v = _split_qkv(qkv, NH)  # each [B, NH, T, hs]
-    hs = q.shape[-1]
-    end = pos0 + T
-    k_cache[:, :, pos0:end] = k
-    v_cache[:, :, pos0:end] = v
-    kc, vc = (np.ascontiguousarray(c[:, :, :end]).reshape(B * NH, end, hs) for c in (k_cache, v_cache))
-    y, _ = _flash_forward(q.reshape(B * NH, T, hs), kc, vc, pos0)
-    return merge_heads(y.reshape(B, NH, T, hs))
+    q, k, v = (_heads(t, NH) for t in np.split(np.ascontiguousarray(qkv), 3, axis=-1))  # each [B, NH, T, hs]
+    k_cache[:, :, pos0:pos0 + T] = k
+    v_cache[:, :, pos0:pos0 + T] = v
+    out = np.empty((B, T, C3 // 3), qkv.dtype)
+    _causal_attention(q, k_cache, v_cache, pos0, _heads(out, NH), np.empty((B, NH, T)))
+    return out
 
 
 # ================================================================ cross-entropy

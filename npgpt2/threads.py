@@ -38,7 +38,8 @@ its workers sleep on a condition variable between parallel loops, so they never 
 a core that OpenBLAS's threads need next (libgomp, the default `omp` layer here, spins
 after each loop; TBB's workers spin briefly too and TBB is rarely installed).
 workqueue's one limit, no concurrent parallel launches from two Python threads, cannot
-arise from npgpt2: its kernels hold the GIL while they run.
+arise from npgpt2: its parallel kernels hold the GIL while they run (the attention forward's
+parts, on Python threads, call only BLAS and serial `nogil` Numba loops; part_threads).
 """
 import logging
 import math
@@ -71,7 +72,8 @@ HISTORY = 3
 # wake, that cost 29-42 ms a token against 26 ms with the count held at 2.
 # "gemv": multiply-adds of a decode GEMV handed to gemv_pool's spinning worker (a job costs
 # ~5 us to post and claim; below ~64K multiply-adds the caller alone is as fast)
-MIN_WORK_PER_THREAD = {"blas": 5e5, "numba": 1 << 19, "gemv": 1 << 16}
+# "parts": a thread per independent part, the caller having judged the call big enough
+MIN_WORK_PER_THREAD = {"blas": 5e5, "numba": 1 << 19, "gemv": 1 << 16, "parts": 1}
 GEMV_POOL_THREADS = 2  # gemv_pool: the caller and one worker
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS",
@@ -273,11 +275,32 @@ def blas_threads(work):
     if p.blas_user and p.fixed is None:
         return None
     n = p.count(work, "blas")
+    _set_blas(p, n)
+    return n
+
+
+def _set_blas(p, n):
     if n != p.blas_n:
         if p.blas_set is None:
             p.blas_set = _find_blas_setter()
         p.blas_set(n)
         p.blas_n = n
+
+
+def part_threads(parts):
+    """Threads for a call its caller splits into `parts` independent parts on Python threads,
+    each calling BLAS on one thread (kernels._on_threads; the caller decides whether the call
+    is big enough): as many as there are free cores, at most `parts`. Sets BLAS to one thread
+    when that is more than one. 1 (the caller alone, with BLAS's count to set) while no
+    second core is free, and whenever the user's environment fixes BLAS's own count (two of
+    those pools side by side would ask for more cores than there are).
+    """
+    p = _get()
+    if p.blas_user and p.fixed is None:
+        return 1
+    n = max(1, min(parts, p.count(parts, "parts")))
+    if n > 1:
+        _set_blas(p, 1)
     return n
 
 

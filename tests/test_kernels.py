@@ -47,6 +47,8 @@ def threads(request, monkeypatch):
     """Run each test with the serial loops, and again with every loop taking the parallel one."""
     if request.param == "parallel":
         monkeypatch.setattr(kernels, "PARALLEL_MIN", 0)
+        # the attention forward's parts on two Python threads, whatever the machine's load
+        monkeypatch.setattr(kernels.threads, "part_threads", lambda parts: min(2, parts))
     return request.param
 
 
@@ -131,13 +133,15 @@ def causal_lse(qkv, NH):
 
 @FAST
 @given(dtype=dtypes, seed=seeds, shape=attn_shapes, qblock=st.sampled_from([1, 3, 4, 128]),
-       kblock=st.sampled_from([1, 2, 5, 128]))
-def test_attention_forward_backward(dtype, seed, shape, qblock, kblock, monkeypatch_module):
-    """The fused attention (online softmax over key blocks, backward recomputed from the
-    saved log-sum-exp) gives the plain twin's out and dqkv; what each saves differs."""
+       kblock=st.sampled_from([1, 2, 5, 128]), group=st.sampled_from([1, 1 << 16]))
+def test_attention_forward_backward(dtype, seed, shape, qblock, kblock, group, monkeypatch_module):
+    """The fused attention (whole rows of scores per block of queries, heads one at a time
+    or grouped, on one thread or two; backward recomputed from the saved log-sum-exp over
+    blocks of keys) gives the plain twin's out and dqkv; what each saves differs."""
     B, T, NH, hs = shape
     monkeypatch_module.setattr(kernels, "QBLOCK", qblock)
     monkeypatch_module.setattr(kernels, "KBLOCK", kblock)
+    monkeypatch_module.setattr(kernels, "GROUP_ELEMS", group)
     rng = np.random.default_rng(seed)
     qkv = randn(rng, (B, T, 3 * NH * hs), dtype, 2.0)
     qkv0 = qkv.copy()
@@ -162,7 +166,7 @@ def test_attention_forward_backward(dtype, seed, shape, qblock, kblock, monkeypa
 def test_fused_attention_gradient_by_finite_differences():
     """Independent of the plain twin: the directional derivative of sum(dout * out) along
     random directions equals <dqkv, direction> (central differences, float64), with
-    blocks small enough that the online softmax rescales several times."""
+    blocks small enough that the forward takes several query blocks and the backward several key blocks."""
     rng = np.random.default_rng(7)
     B, T, NH, hs = 2, 9, 2, 3
     qkv = rng.standard_normal((B, T, 3 * NH * hs)) * 2
@@ -184,12 +188,12 @@ def test_fused_attention_gradient_by_finite_differences():
 
 @FAST
 @given(dtype=dtypes, seed=seeds, shape=attn_shapes, pos0=st.integers(0, 6),
-       qblock=st.sampled_from([2, 128]), kblock=st.sampled_from([3, 128]))
-def test_attention_cached_prefill_and_decode(dtype, seed, shape, pos0, qblock, kblock, monkeypatch_module):
+       qblock=st.sampled_from([2, 128]), group=st.sampled_from([1, 1 << 16]))
+def test_attention_cached_prefill_and_decode(dtype, seed, shape, pos0, qblock, group, monkeypatch_module):
     """A prompt of T positions after pos0 cached ones, then two single-token steps."""
     B, T, NH, hs = shape
     monkeypatch_module.setattr(kernels, "QBLOCK", qblock)
-    monkeypatch_module.setattr(kernels, "KBLOCK", kblock)
+    monkeypatch_module.setattr(kernels, "GROUP_ELEMS", group)
     rng = np.random.default_rng(seed)
     n_ctx = pos0 + T + 3
     C = NH * hs

@@ -108,6 +108,32 @@ def test_policy_sets_blas_only_on_change(fresh_policy):
     assert calls == [2, 1]
 
 
+def test_part_threads_one_blas_thread_each(fresh_policy):
+    """Parts on Python threads (kernels' attention forward): one per free core, at most one
+    per part, BLAS set to one thread while they run; one part, BLAS untouched, while no second
+    core is free or while the user's environment fixes BLAS's own count."""
+    calls = []
+    p = threads._get()
+    p.blas_set = calls.append
+    p.next_sample = float("inf")
+    p.others, p.cpus, p.steal = [0.0], 4, 0.0
+    assert threads.part_threads(12) == 4
+    assert threads.part_threads(3) == 3
+    assert calls == [1]  # once: only changes are passed on
+    p.cpus = 2
+    p.others = [1.0]
+    assert threads.part_threads(12) == 1
+    assert threads.blas_threads(BIG) == 1 and calls == [1]
+    fresh_policy.setenv("OPENBLAS_NUM_THREADS", "2")
+    threads.reset()
+    assert threads.part_threads(12) == 1
+    fresh_policy.setenv("NPGPT2_THREADS", "2")  # fixed by npgpt2's own variable: two parts, BLAS 1 each
+    threads.reset()
+    p = threads._get()
+    p.blas_set = calls.append
+    assert threads.part_threads(12) == 2 and calls == [1, 1]
+
+
 def test_numba_layer_never_spins():
     """workqueue's workers sleep between loops (unless the user chose a layer)."""
     import os
