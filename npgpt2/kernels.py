@@ -11,11 +11,12 @@ attention_forward saves for attention_backward (the plain twin: the probabilitie
 How the speed is won (each choice was measured against the plain twin, see benchmarks/):
 - Numba loops fuse the elementwise passes NumPy would make one temporary at a time
   (layernorm, the softmax bookkeeping, cross-entropy, AdamW, embedding scatter-add).
-- Transcendentals stay with NumPy: its float32 `exp`/`tanh` are SIMD, a scalar `tanh`
-  from a Numba loop is ~10x slower. So a kernel prepares an argument in one Numba pass,
-  lets NumPy apply `np.exp`/`np.tanh` in place, and finishes in a second Numba pass. One
-  exception: the attention forward's float32 `exp`, a polynomial that vectorises in the
-  same Numba pass as the row's sum (see "fused attention").
+- Transcendentals must vectorise: a scalar `exp`/`tanh` from a Numba loop is ~10x slower
+  than NumPy's SIMD ones. float32 `exp` is `_exp32`, a polynomial plus an exponent written
+  into the bits, which LLVM vectorises inside the loop that needs it (the attention
+  forward's rows, GELU as x * sigmoid(2u)): one pass, where handing the exp to NumPy took
+  three. Elsewhere a kernel prepares an argument in one Numba pass, lets NumPy apply
+  `np.exp` in place, and finishes in a second Numba pass.
 - GEMMs stay on BLAS (`np.matmul`). Causal attention runs per block of queries, skipping
   the masked future, and keeps no (T, T) matrix; its forward's heads run on two Python
   threads (one BLAS thread each), where OpenBLAS's own two threads gained little.
@@ -38,7 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 from . import gemv, quant_kernels, threads  # noqa: E402
 
@@ -128,6 +131,53 @@ def _dot(a, b):
         s0 += a[i] * np.float64(b[i])
         i += 1
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@intrinsic
+def _f32_from_bits(typingctx, i):
+    """The float32 whose 32 bits are the integer i's low 32 (a bitcast, no conversion)."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = builder.trunc(args[0], ir.IntType(32)) if i.bitwidth > 32 else args[0]
+        return builder.bitcast(bits, ir.FloatType())
+    return types.float32(i), codegen
+
+
+LOG2E = 1.4426950408889634
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = HI + LO, HI with few bits: k * HI is exact
+
+
+@njit(cache=True, inline="always")
+def _exp32(x):
+    """exp of a float32, in float32 operations that vectorise in a loop (Numba has no vector exp
+    without Intel's SVML; NumPy's np.exp would need a pass of its own over the data).
+
+    x is clamped to [-87, 88] (exp(-87) ~ 1.6e-38, 2^k stays a normal float32). exp(x) = 2^k e^f,
+    k = round(x / ln 2), f = x - k ln 2 (|f| <= 0.35; the two-part ln 2 keeps f exact to its last
+    bit): e^f by its Taylor polynomial of degree 7 (truncation error 5e-9), 2^k by writing k + 127
+    into a float32's exponent field. Measured: relative error <= 3.2e-7 over [-87, 88]."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    k = np.floor(x * np.float32(LOG2E) + np.float32(0.5))
+    f = x - k * np.float32(LN2_HI) - k * np.float32(LN2_LO)
+    p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(1 / 2) + f * (
+        np.float32(1 / 6) + f * (np.float32(1 / 24) + f * (np.float32(1 / 120) + f * (
+            np.float32(1 / 720) + f * np.float32(1 / 5040)))))))
+    return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+
+
+def _exp(x):
+    """exp in the kernels' loops, finite for any x: _exp32 for a float32, otherwise (float64:
+    tests, gradient checks) math.exp with x clamped to 709 (exp(710) overflows float64)."""
+    return math.exp(min(x, 709.0))
+
+
+@overload(_exp, jit_options={"cache": True})
+def _exp_typed(x):
+    if x == types.float32:
+        return lambda x: _exp32(x)
+    return lambda x: math.exp(min(x, 709.0))
 
 
 def _rows(x):
@@ -310,62 +360,57 @@ def lora_forward(inp, weight, bias, lora_A, lora_B, scaling):
 
 
 # ================================================================ GELU
-# tanh form: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Each formula is written
-# once, for element i; a serial and a parallel loop run it (as layernorm's _ln_bwd_chunk)
+# tanh form: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed in one pass as
+# x * sigmoid(2u) (0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u))): float32's _exp
+# vectorises, where the tanh form took three passes (argument, NumPy's tanh, finish).
+# Each formula is written once, for element i; a serial and a parallel loop run it.
 @njit(cache=True, inline="always")
-def _gelu_arg_at(x, u, i):
+def _gelu_sigmoid(x, i):
+    """-> (x[i], e = exp(-2u), sg = sigmoid(2u) = 1 / (1 + e), du/dx) at x[i], in x's dtype."""
+    one = x.dtype.type(1.0)
+    c, k = x.dtype.type(GELU_SCALE), x.dtype.type(0.044715)
     v = x[i]
-    u[i] = GELU_SCALE * (v + 0.044715 * v * v * v)
+    e = _exp(x.dtype.type(-2.0) * c * (v + k * v * v * v))
+    return v, e, one / (one + e), c * (one + x.dtype.type(3.0) * k * v * v)
 
 
 @njit(cache=True, inline="always")
-def _gelu_fwd_at(x, t, i):
-    t[i] = 0.5 * x[i] * (1.0 + t[i])
+def _gelu_fwd_at(x, out, i):
+    v, _, sg, _ = _gelu_sigmoid(x, i)
+    out[i] = v * sg
 
 
 @njit(cache=True, inline="always")
-def _gelu_bwd_at(dout, x, t, i):
-    """t[i] holds tanh(u) of x[i] -> dout[i] * GELU'(x[i]) (the same formula as layers.gelu_backward)."""
-    v = x[i]
-    th = t[i]
-    dt = (1.0 - th * th) * GELU_SCALE * (1.0 + 3 * 0.044715 * v * v)
-    t[i] = dout[i] * (0.5 * (1.0 + th) + 0.5 * v * dt)
+def _gelu_bwd_at(dout, x, out, i):
+    """dout[i] * GELU'(x[i]): with th = tanh(u) = 2 sg - 1, layers.gelu_backward's
+    0.5 (1 + th) + 0.5 x (1 - th^2) du/dx is sg + 2 x sg (1 - sg) du/dx, and 1 - sg = e sg
+    (no cancellation where sg is near 1)."""
+    v, e, sg, du = _gelu_sigmoid(x, i)
+    out[i] = dout[i] * (sg + x.dtype.type(2.0) * v * (e * sg) * sg * du)  # e * sg first: e alone may be ~1e38
 
 
-@njit(cache=True, parallel=True)
-def _gelu_arg_par(x, u):
-    for i in prange(x.shape[0]):
-        _gelu_arg_at(x, u, i)
-
-
-@njit(cache=True)
-def _gelu_arg(x, u):
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _gelu_fwd(x, out):
     for i in range(x.shape[0]):
-        _gelu_arg_at(x, u, i)
+        _gelu_fwd_at(x, out, i)
 
 
-@njit(cache=True, parallel=True)
-def _gelu_fwd_finish_par(x, t):
+@njit(cache=True, parallel=True, error_model="numpy", fastmath={"contract"})
+def _gelu_fwd_par(x, out):
     for i in prange(x.shape[0]):
-        _gelu_fwd_at(x, t, i)
+        _gelu_fwd_at(x, out, i)
 
 
-@njit(cache=True)
-def _gelu_fwd_finish(x, t):
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _gelu_bwd(dout, x, out):
     for i in range(x.shape[0]):
-        _gelu_fwd_at(x, t, i)
+        _gelu_bwd_at(dout, x, out, i)
 
 
-@njit(cache=True, parallel=True)
-def _gelu_bwd_finish_par(dout, x, t):
+@njit(cache=True, parallel=True, error_model="numpy", fastmath={"contract"})
+def _gelu_bwd_par(dout, x, out):
     for i in prange(x.shape[0]):
-        _gelu_bwd_at(dout, x, t, i)
-
-
-@njit(cache=True)
-def _gelu_bwd_finish(dout, x, t):
-    for i in range(x.shape[0]):
-        _gelu_bwd_at(dout, x, t, i)
+        _gelu_bwd_at(dout, x, out, i)
 
 
 def _flat(x):
@@ -375,23 +420,17 @@ def _flat(x):
 def gelu_forward(inp):
     """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); inp: any shape."""
     x = _flat(inp)
-    t = np.empty_like(x)
-    par = _parallel(x.size)
-    (_gelu_arg_par if par else _gelu_arg)(x, t)
-    np.tanh(t, out=t)
-    (_gelu_fwd_finish_par if par else _gelu_fwd_finish)(x, t)
-    return t.reshape(inp.shape)
+    out = np.empty_like(x)
+    (_gelu_fwd_par if _parallel(x.size) else _gelu_fwd)(x, out)
+    return out.reshape(inp.shape)
 
 
 def gelu_backward(dout, inp):
     """-> dinp, same shape as inp."""
-    x, d = _flat(inp), _flat(dout)
-    t = np.empty_like(x)
-    par = _parallel(x.size)
-    (_gelu_arg_par if par else _gelu_arg)(x, t)
-    np.tanh(t, out=t)
-    (_gelu_bwd_finish_par if par else _gelu_bwd_finish)(d, x, t)
-    return t.reshape(inp.shape)
+    x = _flat(inp)
+    out = np.empty_like(x)
+    (_gelu_bwd_par if _parallel(x.size) else _gelu_bwd)(_flat(dout), x, out)
+    return out.reshape(inp.shape)
 
 
 # ================================================================ attention
@@ -447,66 +486,30 @@ def _max(a, n):
 # (BLAS takes a row stride): no copies to split or merge heads.
 KBLOCK = 256  # keys per block of the backward (256 x 256 float32 scores of 12 heads: 3 MB, stays in cache)
 GROUP_ELEMS = 1 << 16  # scores per thread's block below which heads are grouped into one BLAS call
-LOG2E = 1.4426950408889634
-LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = HI + LO, HI with few bits: k * HI is exact
-EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38: 2^k stays a normal float32 (k >= -126)
-_ROW_MATH = {"nnan", "ninf", "nsz", "contract", "reassoc"}  # the poly and the 2^k loop vectorise
 
 
-@njit(cache=True, nogil=True, fastmath=_ROW_MATH)
-def _exp_rows_f32(s, q0, scale, m, total, two_k):
-    """s (G, R, n) float32 scores of G heads' R query rows; row r sees keys 0..q0 + r. In
-    place: s = exp(scale * (s - max)) over those keys, 0 after them; m = max, total = sum
-    of the row (G, R) float64. two_k: (n,) int32 scratch.
-
-    exp(x) = 2^k e^r with k = round(x / ln 2), r = x - k ln 2 (|r| <= 0.35, two-part ln 2 so
-    that r is exact to the last bit): e^r by its Taylor polynomial of degree 7 (error 5e-9,
-    below float32's rounding), 2^k by writing k + 127 into a float32's exponent field. Both
-    loops vectorise; a math.exp loop would not (Numba has no vector exp without Intel's SVML),
-    and np.exp would need one more pass over the block.
-    """
+@njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})
+def _exp_rows(s, q0, scale, m, total):
+    """s (G, R, n) scores of G heads' R query rows; row r sees keys 0..q0 + r. In place:
+    s = exp(scale * (s - max)) over those keys, 0 after them; m = max, total = sum of the row
+    (G, R) float64. One pass after the max: float32's _exp vectorises, and the sum with it
+    (in SIMD lanes, as BLAS and np.sum sum)."""
     G, R, n = s.shape
-    two_k_f = two_k.view(np.float32)
-    sc = np.float32(scale)  # float32 throughout: a float64 in the loop halves its SIMD width
+    sc = s.dtype.type(scale)  # in s's dtype: a float64 in a float32 loop halves its SIMD width
     for g in range(G):
         for r in range(R):
             row = s[g, r]
             lim = min(n, q0 + r + 1)
             mx = _max(row, lim)
+            tot = s.dtype.type(0.0)
             for j in range(lim):
-                x = max(sc * (row[j] - mx), np.float32(EXP_FLOOR))
-                k = np.floor(x * np.float32(LOG2E) + np.float32(0.5))
-                f = x - k * np.float32(LN2_HI) - k * np.float32(LN2_LO)
-                row[j] = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(1 / 2) + f * (
-                    np.float32(1 / 6) + f * (np.float32(1 / 24) + f * (np.float32(1 / 120) + f * (
-                        np.float32(1 / 720) + f * np.float32(1 / 5040)))))))
-                two_k[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
-            tot = np.float32(0.0)  # in SIMD lanes (fastmath), as BLAS and np.sum sum
-            for j in range(lim):
-                e = row[j] * two_k_f[j]
+                e = _exp(sc * (row[j] - mx))
                 row[j] = e
                 tot += e
             for j in range(lim, n):
                 row[j] = 0.0
             m[g, r] = mx
             total[g, r] = tot
-
-
-@njit(cache=True, nogil=True)
-def _exp_rows_f64(s, q0, scale, m, total, two_k):
-    """_exp_rows_f32 for float64 (tests, gradient checks): math.exp, two_k unused."""
-    G, R, n = s.shape
-    for g in range(G):
-        for r in range(R):
-            row = s[g, r]
-            lim = min(n, q0 + r + 1)
-            mx = _max(row, lim)
-            for j in range(lim):
-                row[j] = math.exp(scale * (row[j] - mx))
-            for j in range(lim, n):
-                row[j] = 0.0
-            m[g, r] = mx
-            total[g, r] = _sum(row[:lim])
 
 
 @njit(cache=True, nogil=True)
@@ -523,16 +526,15 @@ def _finish_rows(y, scale, m, total, lse):
 
 def _attend_group(q, k, v, first, y, lse, scale, buf):
     """One group of heads, every query block: q (G, Tq, hs), k, v (G, >= first + Tq, hs),
-    y (G, Tq, hs), lse (G, Tq) (views, any row strides); buf = (scores, m, total, two_k)."""
+    y (G, Tq, hs), lse (G, Tq) (views, any row strides); buf = (scores, m, total)."""
     G, Tq, hs = q.shape
-    sbuf, m, total, two_k = buf
-    exp_rows = _exp_rows_f32 if q.dtype == np.float32 else _exp_rows_f64
+    sbuf, m, total = buf
     for i0 in range(0, Tq, QBLOCK):
         i1 = min(Tq, i0 + QBLOCK)
         R, n = i1 - i0, first + i1  # the block's rows and the keys its last row sees
         s = sbuf[:G * R * n].reshape(G, R, n)
         np.matmul(q[:, i0:i1], k[:, :n].swapaxes(1, 2), out=s)  # [G, R, hs] @ [G, hs, n]
-        exp_rows(s, first + i0, scale, m[:, :R], total[:, :R], two_k)
+        _exp_rows(s, first + i0, scale, m[:, :R], total[:, :R])
         np.matmul(s, v[:, :n], out=y[:, i0:i1])  # [G, R, n] @ [G, n, hs]
         _finish_rows(y[:, i0:i1], scale, m[:, :R], total[:, :R], lse[:, i0:i1])
 
@@ -551,8 +553,7 @@ def _causal_attention(q, k, v, first, y, lse):
         threads.blas_threads(2 * B * NH * min(Tq, QBLOCK) * L * hs)
 
     def part(t):  # thread t's share of the groups, in order
-        buf = (np.empty(G * min(Tq, QBLOCK) * L, q.dtype), np.empty((G, QBLOCK)), np.empty((G, QBLOCK)),
-               np.empty(L, np.int32))
+        buf = (np.empty(G * min(Tq, QBLOCK) * L, q.dtype), np.empty((G, QBLOCK)), np.empty((G, QBLOCK)))
         for b, h0, h1 in groups[t * len(groups) // n:(t + 1) * len(groups) // n]:
             _attend_group(q[b, h0:h1], k[b, h0:h1], v[b, h0:h1], first, y[b, h0:h1], lse[b, h0:h1], scale, buf)
 
