@@ -364,53 +364,56 @@ def lora_forward(inp, weight, bias, lora_A, lora_B, scaling):
 # x * sigmoid(2u) (0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u))): float32's _exp
 # vectorises, where the tanh form took three passes (argument, NumPy's tanh, finish).
 # Each formula is written once, for element i; a serial and a parallel loop run it.
-@njit(cache=True, inline="always")
+# error_model="numpy" on every inlined level (no ZeroDivisionError check) and one constant per
+# statement: without either, the loops calling these stayed scalar (checked with inspect_asm)
+@njit(cache=True, inline="always", error_model="numpy")
 def _gelu_sigmoid(x, i):
-    """-> (x[i], e = exp(-2u), sg = sigmoid(2u) = 1 / (1 + e), du/dx) at x[i], in x's dtype."""
+    """-> (x[i], e = exp(-2u), sg = sigmoid(2u) = 1 / (1 + e)) at x[i], in x's dtype."""
     one = x.dtype.type(1.0)
-    c, k = x.dtype.type(GELU_SCALE), x.dtype.type(0.044715)
+    c = x.dtype.type(GELU_SCALE)
+    k = x.dtype.type(0.044715)
     v = x[i]
     e = _exp(x.dtype.type(-2.0) * c * (v + k * v * v * v))
-    return v, e, one / (one + e), c * (one + x.dtype.type(3.0) * k * v * v)
+    return v, e, one / (one + e)
 
 
-@njit(cache=True, inline="always")
-def _gelu_fwd_at(x, out, i):
-    v, _, sg, _ = _gelu_sigmoid(x, i)
-    out[i] = v * sg
+@njit(cache=True, inline="always", error_model="numpy")
+def _gelu_dsig(x, v, e, sg):
+    """-> GELU'(v) from _gelu_sigmoid's (v, e, sg) (x: for its dtype): with th = tanh(u) =
+    2 sg - 1, layers.gelu_backward's 0.5 (1 + th) + 0.5 x (1 - th^2) du/dx is
+    sg + 2 x sg (1 - sg) du/dx, and 1 - sg = e sg (no cancellation where sg is near 1)."""
+    c = x.dtype.type(GELU_SCALE)
+    k3 = x.dtype.type(3 * 0.044715)
+    du = c * (x.dtype.type(1.0) + k3 * v * v)
+    return sg + x.dtype.type(2.0) * v * (e * sg) * sg * du  # e * sg first: e alone may be ~1e38
 
 
-@njit(cache=True, inline="always")
-def _gelu_bwd_at(dout, x, out, i):
-    """dout[i] * GELU'(x[i]): with th = tanh(u) = 2 sg - 1, layers.gelu_backward's
-    0.5 (1 + th) + 0.5 x (1 - th^2) du/dx is sg + 2 x sg (1 - sg) du/dx, and 1 - sg = e sg
-    (no cancellation where sg is near 1)."""
-    v, e, sg, du = _gelu_sigmoid(x, i)
-    out[i] = dout[i] * (sg + x.dtype.type(2.0) * v * (e * sg) * sg * du)  # e * sg first: e alone may be ~1e38
-
-
+# the loops call each helper above directly: one more level of inlining between (an
+# element-i function calling them) left the loops scalar
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _gelu_fwd(x, out):
     for i in range(x.shape[0]):
-        _gelu_fwd_at(x, out, i)
+        out[i] = x[i] * _gelu_sigmoid(x, i)[2]
 
 
 @njit(cache=True, parallel=True, error_model="numpy", fastmath={"contract"})
 def _gelu_fwd_par(x, out):
     for i in prange(x.shape[0]):
-        _gelu_fwd_at(x, out, i)
+        out[i] = x[i] * _gelu_sigmoid(x, i)[2]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _gelu_bwd(dout, x, out):
     for i in range(x.shape[0]):
-        _gelu_bwd_at(dout, x, out, i)
+        v, e, sg = _gelu_sigmoid(x, i)
+        out[i] = dout[i] * _gelu_dsig(x, v, e, sg)
 
 
 @njit(cache=True, parallel=True, error_model="numpy", fastmath={"contract"})
 def _gelu_bwd_par(dout, x, out):
     for i in prange(x.shape[0]):
-        _gelu_bwd_at(dout, x, out, i)
+        v, e, sg = _gelu_sigmoid(x, i)
+        out[i] = dout[i] * _gelu_dsig(x, v, e, sg)
 
 
 def _flat(x):
