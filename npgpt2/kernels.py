@@ -75,10 +75,9 @@ TWINS = ("layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_ba
 # below this many elements a loop runs on one thread: starting the second thread costs
 # little on an idle machine, but on a busy one it waits for a core (milliseconds)
 PARALLEL_MIN = 1 << 20
-# queries per block in causal attention. Backward: 256 measured best at 2 threads (128 makes
-# BLAS calls too small to share between the threads, 512 computes more of the masked
-# triangle). Forward (one BLAS thread per part): 64, 128 and 256 took the same CPU time at
-# T=1024 (27-28 ms a layer, Intel Xeon, 2026-12-06).
+# queries per block in causal attention: 64, 128 and 256 took the same CPU time in the
+# forward at T=1024 (27-28 ms a layer, Intel Xeon, 2026-12-06); fewer rows waste less of the
+# diagonal block on masked scores, more make longer BLAS calls.
 QBLOCK = 256
 
 
@@ -389,27 +388,29 @@ def _gelu_dsig(x, v, e, sg):
 
 
 # the loops call each helper above directly: one more level of inlining between (an
-# element-i function calling them) left the loops scalar
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
+# element-i function calling them) left the loops scalar. No fastmath "contract": LLVM would
+# fuse multiply-adds in the SIMD body and maybe not in the scalar tail, so an element's bits
+# would depend on where the array ends (a batch of 2 windows vs 3 gave different losses)
+@njit(cache=True, error_model="numpy")
 def _gelu_fwd(x, out):
     for i in range(x.shape[0]):
         out[i] = x[i] * _gelu_sigmoid(x, i)[2]
 
 
-@njit(cache=True, parallel=True, error_model="numpy", fastmath={"contract"})
+@njit(cache=True, parallel=True, error_model="numpy")
 def _gelu_fwd_par(x, out):
     for i in prange(x.shape[0]):
         out[i] = x[i] * _gelu_sigmoid(x, i)[2]
 
 
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
+@njit(cache=True, error_model="numpy")
 def _gelu_bwd(dout, x, out):
     for i in range(x.shape[0]):
         v, e, sg = _gelu_sigmoid(x, i)
         out[i] = dout[i] * _gelu_dsig(x, v, e, sg)
 
 
-@njit(cache=True, parallel=True, error_model="numpy", fastmath={"contract"})
+@njit(cache=True, parallel=True, error_model="numpy")
 def _gelu_bwd_par(dout, x, out):
     for i in prange(x.shape[0]):
         v, e, sg = _gelu_sigmoid(x, i)
@@ -437,22 +438,6 @@ def gelu_backward(dout, inp):
 
 
 # ================================================================ attention
-def _split_qkv(qkv, NH):
-    """(B, T, 3C) -> q, k, v each a C-contiguous (B, NH, T, hs), q already times 1/sqrt(hs).
-
-    Scaling q (T*C numbers) instead of the scores (T*T) saves work; it rounds differently
-    from the plain (q @ k.T) * scale only in the last bit.
-    """
-    B, T, C3 = qkv.shape
-    hs = C3 // 3 // NH
-    # a copy even when the transpose is already contiguous (T = 1 or NH = 1): q is scaled
-    # in place below, and the caller's qkv must stay as it was
-    qkv = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4).copy(order="C")
-    q = qkv[0]
-    q *= 1.0 / math.sqrt(hs)
-    return q, qkv[1], qkv[2]
-
-
 @njit(cache=True, inline="always")
 def _max(a, n):
     """max of a[:n] (n >= 1), eight partial maxima."""
@@ -475,19 +460,18 @@ def _max(a, n):
 
 
 # ---------------------------------------------------------------- fused attention
-# Neither pass keeps the (B, NH, T, T) probabilities. The forward takes each head's queries
-# QBLOCK rows at a time together with the whole rows of scores they see, s = q k^T of shape
-# (R, first + i1), in a buffer the size of one block; so each row's max, e = exp(s - max)
-# (0 in the row's future) and its sum are exact at once (no running max, no rescaling), and
-# y = (e v) / sum. It saves only the per-row log-sum-exp lse = max + log(sum). The backward
-# recomputes each block of probabilities as exp(scores - lse) (FlashAttention-2's scheme),
-# KBLOCK keys at a time. GEMMs run on BLAS, the row work in Numba.
-# The forward's heads are independent, so groups of them go to Python threads (BLAS and the
-# Numba row loops below release the GIL), each thread's BLAS on one core: both cores work on
-# every product, where OpenBLAS's own two threads gain little on these thin ones (hs = 64).
-# q, k, v are read where they lie in qkv or the KV cache, and y written into the output
-# (BLAS takes a row stride): no copies to split or merge heads.
-KBLOCK = 256  # keys per block of the backward (256 x 256 float32 scores of 12 heads: 3 MB, stays in cache)
+# Neither pass keeps the (B, NH, T, T) probabilities. Both take each head's queries QBLOCK
+# rows at a time together with the whole rows of scores they see, s = q k^T of shape
+# (R, first + i1), in a buffer the size of one block. The forward's softmax is then exact
+# per row at once (no running max, no rescaling): e = exp(s - max) (0 in the row's future),
+# y = (e v) / sum(e), and it saves only each row's log-sum-exp lse = max + log(sum). The
+# backward recomputes the block's probabilities as exp(scores - lse) (FlashAttention-2's
+# scheme). GEMMs run on BLAS, the row work in Numba.
+# Heads are independent, so groups of them go to Python threads (BLAS and the Numba row
+# loops below release the GIL), each thread's BLAS on one core: both cores work on every
+# product, where OpenBLAS's own two threads gain little on these thin ones (hs = 64).
+# q, k, v (and dy) are read where they lie in qkv, dout or the KV cache, and y (and dqkv)
+# written in place (BLAS takes a row stride): no copies to split or merge heads.
 GROUP_ELEMS = 1 << 16  # scores per thread's block below which heads are grouped into one BLAS call
 
 
@@ -527,19 +511,37 @@ def _finish_rows(y, scale, m, total, lse):
             lse[g, r] = scale * m[g, r] + math.log(total[g, r])
 
 
-def _attend_group(q, k, v, first, y, lse, scale, buf):
+def _attend_group(q, k, v, first, y, lse, scale, sbuf, m, total):
     """One group of heads, every query block: q (G, Tq, hs), k, v (G, >= first + Tq, hs),
-    y (G, Tq, hs), lse (G, Tq) (views, any row strides); buf = (scores, m, total)."""
+    y (G, Tq, hs), lse, m, total (G, Tq) (views, any row strides); sbuf: the scores' buffer."""
     G, Tq, hs = q.shape
-    sbuf, m, total = buf
     for i0 in range(0, Tq, QBLOCK):
         i1 = min(Tq, i0 + QBLOCK)
         R, n = i1 - i0, first + i1  # the block's rows and the keys its last row sees
         s = sbuf[:G * R * n].reshape(G, R, n)
         np.matmul(q[:, i0:i1], k[:, :n].swapaxes(1, 2), out=s)  # [G, R, hs] @ [G, hs, n]
-        _exp_rows(s, first + i0, scale, m[:, :R], total[:, :R])
+        _exp_rows(s, first + i0, scale, m[:, i0:i1], total[:, i0:i1])
         np.matmul(s, v[:, :n], out=y[:, i0:i1])  # [G, R, n] @ [G, n, hs]
-        _finish_rows(y[:, i0:i1], scale, m[:, :R], total[:, :R], lse[:, i0:i1])
+        _finish_rows(y[:, i0:i1], scale, m[:, i0:i1], total[:, i0:i1], lse[:, i0:i1])
+
+
+def _head_parts(B, NH, Tq, L, hs, dtype, run, nbuf):
+    """run(b, h0, h1, buf) for every group of heads h0..h1-1 of batch row b, the groups shared
+    out to the part threads (G heads a group: enough scores for one BLAS call to pay);
+    buf = (scores, scores, (G * L * hs,) scratch)[:nbuf] of the group's size, one per thread."""
+    R = min(Tq, QBLOCK)
+    G = max(1, min(NH, GROUP_ELEMS // (R * L)))
+    groups = [(b, h, min(NH, h + G)) for b in range(B) for h in range(0, NH, G)]
+    n = threads.part_threads(len(groups)) if B * NH * Tq * L >= PARALLEL_MIN else 1
+    if n == 1:
+        threads.blas_threads(2 * B * NH * R * L * hs)
+
+    def part(t):  # thread t's share of the groups, in order
+        buf = (np.empty(G * R * L, dtype), np.empty(G * R * L, dtype), np.empty(G * L * hs, dtype))[:nbuf]
+        for b, h0, h1 in groups[t * len(groups) // n:(t + 1) * len(groups) // n]:
+            run(b, h0, h1, buf)
+
+    _on_threads(part, n)
 
 
 def _causal_attention(q, k, v, first, y, lse):
@@ -547,20 +549,13 @@ def _causal_attention(q, k, v, first, y, lse):
     0..first + r. q: (B, NH, Tq, hs), k, v: (B, NH, >= first + Tq, hs), y: (B, NH, Tq, hs)
     written, lse: (B, NH, Tq) float64 written; views with any strides but the last."""
     B, NH, Tq, hs = q.shape
-    L = first + Tq
     scale = 1.0 / math.sqrt(hs)
-    G = max(1, min(NH, GROUP_ELEMS // (min(Tq, QBLOCK) * L)))
-    groups = [(b, h, min(NH, h + G)) for b in range(B) for h in range(0, NH, G)]
-    n = threads.part_threads(len(groups)) if B * NH * Tq * L >= PARALLEL_MIN else 1
-    if n == 1:
-        threads.blas_threads(2 * B * NH * min(Tq, QBLOCK) * L * hs)
+    m, total = (np.empty((B, NH, Tq)) for _ in range(2))
 
-    def part(t):  # thread t's share of the groups, in order
-        buf = (np.empty(G * min(Tq, QBLOCK) * L, q.dtype), np.empty((G, QBLOCK)), np.empty((G, QBLOCK)))
-        for b, h0, h1 in groups[t * len(groups) // n:(t + 1) * len(groups) // n]:
-            _attend_group(q[b, h0:h1], k[b, h0:h1], v[b, h0:h1], first, y[b, h0:h1], lse[b, h0:h1], scale, buf)
-
-    _on_threads(part, n)
+    def run(b, h0, h1, buf):
+        _attend_group(q[b, h0:h1], k[b, h0:h1], v[b, h0:h1], first, y[b, h0:h1], lse[b, h0:h1], scale,
+                      buf[0], m[b, h0:h1], total[b, h0:h1])
+    _head_parts(B, NH, Tq, first + Tq, hs, q.dtype, run, 1)
 
 
 def _heads(x, NH):
@@ -595,101 +590,83 @@ def _rowdot_heads(dout, out, D, NH):
             D[bh, t] = _dot(dout[b, t, h * hs:(h + 1) * hs], out[b, t, h * hs:(h + 1) * hs])
 
 
-@njit(cache=True, inline="always")
-def _probs_head(s, lse, bh, i0, q0, c0):
-    """s -= lse (-inf where masked), so that exp(s) are the probabilities of the block."""
-    R, Kb = s.shape[1], s.shape[2]
-    for r in range(R):
-        row = s[bh, r]
-        lim = max(0, min(Kb, q0 + r - c0 + 1))
-        z = lse[bh, i0 + r]
-        for j in range(lim):
-            row[j] = row[j] - z
-        for j in range(lim, Kb):
-            row[j] = -np.inf
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _probs_rows(s, q0, scale, lse):
+    """s (G, R, n) scores q.k of G heads' R query rows (unscaled); row r sees keys
+    0..q0 + r. In place: s = exp(scale * s - lse), the probabilities, 0 after those keys."""
+    G, R, n = s.shape
+    sc = s.dtype.type(scale)
+    for g in range(G):
+        for r in range(R):
+            row = s[g, r]
+            lim = min(n, q0 + r + 1)
+            z = s.dtype.type(lse[g, r])
+            for j in range(lim):
+                row[j] = _exp(sc * row[j] - z)
+            for j in range(lim, n):
+                row[j] = 0.0
 
 
-@njit(cache=True)
-def _probs(s, lse, i0, q0, c0):
-    for bh in range(s.shape[0]):
-        _probs_head(s, lse, bh, i0, q0, c0)
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _dscores_rows(dp, p, D, scale):
+    """dp <- scale * p * (dp - D) (G, R, n): the softmax backward (masked entries have p = 0),
+    times d(scaled scores)/d(q.k) = scale, so that dq = dp k and dk = dp^T q."""
+    G, R, n = dp.shape
+    sc = dp.dtype.type(scale)
+    for g in range(G):
+        for r in range(R):
+            d = dp.dtype.type(D[g, r])
+            dr = dp[g, r]
+            pr = p[g, r]
+            for j in range(n):
+                dr[j] = sc * pr[j] * (dr[j] - d)
 
 
-@njit(cache=True, parallel=True)
-def _probs_par(s, lse, i0, q0, c0):
-    for bh in prange(s.shape[0]):
-        _probs_head(s, lse, bh, i0, q0, c0)
-
-
-@njit(cache=True, inline="always")
-def _dscores_head(dp, p, D, bh, i0):
-    """dp <- p * (dp - D): the softmax backward (masked entries have p = 0)."""
-    R, Kb = dp.shape[1], dp.shape[2]
-    for r in range(R):
-        d = dp.dtype.type(D[bh, i0 + r])
-        dr = dp[bh, r]
-        pr = p[bh, r]
-        for j in range(Kb):
-            dr[j] = pr[j] * (dr[j] - d)
-
-
-@njit(cache=True)
-def _dscores(dp, p, D, i0):
-    for bh in range(dp.shape[0]):
-        _dscores_head(dp, p, D, bh, i0)
-
-
-@njit(cache=True, parallel=True)
-def _dscores_par(dp, p, D, i0):
-    for bh in prange(dp.shape[0]):
-        _dscores_head(dp, p, D, bh, i0)
+def _backward_group(q, k, v, dy, lse, D, dq, dk, dv, scale, buf):
+    """One group of heads' gradients, every query block: q, k, v, dy (G, T, hs), lse, D (G, T)
+    -> dq written, dk, dv accumulated (G, T, hs) (views, any row strides); buf = (p, dp, tmp)."""
+    G, T, hs = q.shape
+    pbuf, dpbuf, tmp = buf
+    for i0 in range(0, T, QBLOCK):
+        i1 = min(T, i0 + QBLOCK)
+        R = i1 - i0  # the block's rows see keys 0..i1-1
+        p = pbuf[:G * R * i1].reshape(G, R, i1)
+        np.matmul(q[:, i0:i1], k[:, :i1].swapaxes(1, 2), out=p)  # scores [G, R, i1]
+        _probs_rows(p, i0, scale, lse[:, i0:i1])
+        t_kv = tmp[:G * i1 * hs].reshape(G, i1, hs)
+        dv[:, :i1] += np.matmul(p.swapaxes(1, 2), dy[:, i0:i1], out=t_kv)  # [G, i1, R] @ [G, R, hs]
+        dp = dpbuf[:G * R * i1].reshape(G, R, i1)
+        np.matmul(dy[:, i0:i1], v[:, :i1].swapaxes(1, 2), out=dp)  # [G, R, i1]
+        _dscores_rows(dp, p, D[:, i0:i1], scale)  # in the forward: scores = scale * q.k
+        np.matmul(dp, k[:, :i1], out=dq[:, i0:i1])  # [G, R, i1] @ [G, i1, hs]
+        dk[:, :i1] += np.matmul(dp.swapaxes(1, 2), q[:, i0:i1], out=t_kv)  # [G, i1, R] @ [G, R, hs]
 
 
 def attention_backward(dout, qkv, saved, NH):
     """dout: (B, T, C), saved = (out, lse) from attention_forward -> dqkv (B, T, 3C).
 
-    Per pair of blocks: p = exp(q k^T - lse), dv += p^T dy, dp = dy v^T,
-    ds = p (dp - D) with D = rowsum(dy * out), dq += ds k, dk += ds^T q.
+    Per block of queries, against all the keys they see: p = exp(scale q k^T - lse),
+    dv += p^T dy, dp = dy v^T, ds = p (dp - D) with D = rowsum(dy * out), dq = scale ds k,
+    dk += scale ds^T q. Groups of heads on the part threads, as in the forward.
     """
     out, lse = saved
     B, T, C3 = qkv.shape
-    BH = B * NH
-    q, k, v = (t.reshape(BH, T, -1) for t in _split_qkv(qkv, NH))  # q scaled by 1/sqrt(hs)
-    hs = q.shape[-1]
-    dy = np.ascontiguousarray(split_heads(dout, NH)).reshape(BH, T, hs)  # [B, T, C] -> [BH, T, hs]
-    D = np.empty((BH, T))
+    C = C3 // 3
+    D = np.empty((B * NH, T))
     _parallel(dout.size)  # sets Numba's thread count for this loop
     _rowdot_heads(np.ascontiguousarray(dout), np.ascontiguousarray(out), D, NH)
-    dqkv = np.zeros((3, BH, T, hs), dtype=qkv.dtype)
-    dq, dk, dv = dqkv[0], dqkv[1], dqkv[2]
-    bq, bk = min(T, QBLOCK), min(T, KBLOCK)
-    sbuf = np.empty(BH * bq * bk, q.dtype)
-    dpbuf = np.empty(BH * bq * bk, q.dtype)
-    tmp = np.empty(BH * max(bq, bk) * hs, q.dtype)
-    par = _parallel(BH * bq * bk)
-    threads.blas_threads(2 * BH * bq * bk * hs)
-    probs, dscores = (_probs_par, _dscores_par) if par else (_probs, _dscores)
-    for i0 in range(0, T, QBLOCK):
-        i1 = min(T, i0 + QBLOCK)
-        R = i1 - i0
-        for c0 in range(0, i1, KBLOCK):
-            c1 = min(i1, c0 + KBLOCK)
-            Kb = c1 - c0
-            p = sbuf[:BH * R * Kb].reshape(BH, R, Kb)
-            np.matmul(q[:, i0:i1], k[:, c0:c1].swapaxes(1, 2), out=p)  # scores [BH, R, Kb]
-            probs(p, lse, i0, i0, c0)
-            np.exp(p, out=p)
-            t_kv = tmp[:BH * Kb * hs].reshape(BH, Kb, hs)
-            dv[:, c0:c1] += np.matmul(p.swapaxes(1, 2), dy[:, i0:i1], out=t_kv)  # [BH, Kb, hs]
-            dp = dpbuf[:BH * R * Kb].reshape(BH, R, Kb)
-            np.matmul(dy[:, i0:i1], v[:, c0:c1].swapaxes(1, 2), out=dp)  # [BH, R, Kb]
-            dscores(dp, p, D, i0)
-            t_q = tmp[:BH * R * hs].reshape(BH, R, hs)
-            dq[:, i0:i1] += np.matmul(dp, k[:, c0:c1], out=t_q)  # [BH, R, hs]
-            dk[:, c0:c1] += np.matmul(dp.swapaxes(1, 2), q[:, i0:i1], out=t_kv)  # q holds the scale
-    dq *= 1.0 / math.sqrt(hs)  # d(scores)/dq = k / sqrt(hs)
-    # (3, B, NH, T, hs) -> (B, T, 3, NH, hs) = (B, T, 3C)
-    return np.ascontiguousarray(dqkv.reshape(3, B, NH, T, hs).transpose(1, 3, 0, 2, 4)).reshape(B, T, C3)
+    dqkv = np.zeros((B, T, C3), dtype=qkv.dtype)
+    q, k, v = (_heads(t, NH) for t in np.split(np.ascontiguousarray(qkv), 3, axis=-1))  # each [B, NH, T, hs]
+    dq, dk, dv = (_heads(t, NH) for t in np.split(dqkv, 3, axis=-1))  # views into dqkv
+    dy = _heads(np.ascontiguousarray(dout), NH)
+    lse, D = lse.reshape(B, NH, T), D.reshape(B, NH, T)
+    scale = 1.0 / math.sqrt(C // NH)
+
+    def run(b, h0, h1, buf):
+        _backward_group(q[b, h0:h1], k[b, h0:h1], v[b, h0:h1], dy[b, h0:h1], lse[b, h0:h1], D[b, h0:h1],
+                        dq[b, h0:h1], dk[b, h0:h1], dv[b, h0:h1], scale, buf)
+    _head_parts(B, NH, T, T, C // NH, qkv.dtype, run, 3)
+    return dqkv
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})

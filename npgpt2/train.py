@@ -310,7 +310,9 @@ def evaluate(model, tokens, context=None, batch_size=16, progress=None, mask=Non
     Returns (mean loss, number of tokens scored)."""
     T = context or model.hparams["n_ctx"]
     windows = eval_windows(tokens.size, T)
-    total, count = 0.0, 0
+    # each window's sum, added exactly at the end (math.fsum): the result does not depend on
+    # how the windows were batched (a running float total rounds differently per batching)
+    sums, count = [], 0
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
         # windows of equal length go through together (only the last one can be shorter)
@@ -320,13 +322,15 @@ def evaluate(model, tokens, context=None, batch_size=16, progress=None, mask=Non
             seqs = tokens[where].astype(np.int64)
             losses = forward_losses(model, seqs[:, :-1], seqs[:, 1:])  # [W, n]
             if mask is None:
-                total, count = total + float(losses.sum()), count + n * len(starts)
+                sums.extend(losses.sum(axis=1))
+                count += n * len(starts)
             else:
                 scored = mask[where[:, 1:]]  # [W, n] the targets' mask
-                total, count = total + float((losses * scored).sum()), count + int(scored.sum())
+                sums.extend((losses * scored).sum(axis=1))
+                count += int(scored.sum())
         if progress:
             progress(min(i + batch_size, len(windows)), len(windows))
-    return total / max(count, 1), count
+    return math.fsum(sums) / max(count, 1), count
 
 
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM

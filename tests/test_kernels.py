@@ -158,14 +158,13 @@ def causal_lse(qkv, NH):
 
 @FAST
 @given(dtype=dtypes, seed=seeds, shape=attn_shapes, qblock=st.sampled_from([1, 3, 4, 128]),
-       kblock=st.sampled_from([1, 2, 5, 128]), group=st.sampled_from([1, 1 << 16]))
-def test_attention_forward_backward(dtype, seed, shape, qblock, kblock, group, monkeypatch_module):
+       group=st.sampled_from([1, 1 << 16]))
+def test_attention_forward_backward(dtype, seed, shape, qblock, group, monkeypatch_module):
     """The fused attention (whole rows of scores per block of queries, heads one at a time
-    or grouped, on one thread or two; backward recomputed from the saved log-sum-exp over
-    blocks of keys) gives the plain twin's out and dqkv; what each saves differs."""
+    or grouped, on one thread or two; backward recomputed from the saved log-sum-exp) gives
+    the plain twin's out and dqkv; what each saves differs."""
     B, T, NH, hs = shape
     monkeypatch_module.setattr(kernels, "QBLOCK", qblock)
-    monkeypatch_module.setattr(kernels, "KBLOCK", kblock)
     monkeypatch_module.setattr(kernels, "GROUP_ELEMS", group)
     rng = np.random.default_rng(seed)
     qkv = randn(rng, (B, T, 3 * NH * hs), dtype, 2.0)
@@ -191,14 +190,13 @@ def test_attention_forward_backward(dtype, seed, shape, qblock, kblock, group, m
 def test_fused_attention_gradient_by_finite_differences():
     """Independent of the plain twin: the directional derivative of sum(dout * out) along
     random directions equals <dqkv, direction> (central differences, float64), with
-    blocks small enough that the forward takes several query blocks and the backward several key blocks."""
+    blocks small enough that both passes take several blocks of queries."""
     rng = np.random.default_rng(7)
     B, T, NH, hs = 2, 9, 2, 3
     qkv = rng.standard_normal((B, T, 3 * NH * hs)) * 2
     dout = rng.standard_normal((B, T, NH * hs))
     mp = pytest.MonkeyPatch()
     mp.setattr(kernels, "QBLOCK", 4)
-    mp.setattr(kernels, "KBLOCK", 3)
     try:
         f = lambda x: float((dout * kernels.attention_forward(x, NH)[0]).sum())  # noqa: E731
         dqkv = kernels.attention_backward(dout, qkv, kernels.attention_forward(qkv, NH)[1], NH)
