@@ -27,7 +27,7 @@ import logging
 import numpy as np
 
 from .errors import Npgpt2Error
-from .sampling import check_batch_memory, check_sampling_args, check_seed, fit_prompt, sample_logits
+from .sampling import check_batch_memory, check_sampling_args, check_seed, fit_prompt, sample_row
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class BatchDecoder:
         self.used = [0] * max_batch                # when each slot last took a row (least recent is reused)
         self.clock = 0
         self.rows = []                             # being decoded, in arrival order
+        self.work = np.empty(model.hparams["n_vocab"])  # sample_row's buffer, reused every row and step
 
     @property
     def full(self):
@@ -178,7 +179,7 @@ class BatchDecoder:
         for row in self.rows if rows is None else rows:
             if row.logits is None:  # drawn already: waiting for feed()
                 continue
-            token = int(sample_logits(row.logits[None], row.rng, row.temperature, row.top_k, row.top_p)[0])
+            token = sample_row(row.logits, row.rng, row.temperature, row.top_k, row.top_p, self.work)
             if row.logprobs is not None:
                 lp, top = self._scores(log_softmax(row.logits), token, row.logprobs)
                 row.token_logprobs.append(lp)

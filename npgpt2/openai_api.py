@@ -318,14 +318,14 @@ class OpenAIGeneration(Generation):
         if piece:
             self.shown[i] = len(self.rows[i].tokens)
             if self.stream:
-                job.out.put(("chunk", self.chunk(i, {"content": piece} if self.chat else piece, self.take(i))))
+                job.emit(("chunk", self.chunk(i, {"content": piece} if self.chat else piece, self.take(i))))
 
     def finish(self, job, i, reason):
         last = super().finish(job, i, reason)
         if reason != "stop":
             self.shown[i] = len(self.rows[i].tokens)
         if self.stream:
-            job.out.put(("chunk", self.chunk(i, {} if self.chat else "", self.take(i), reason)))
+            job.emit(("chunk", self.chunk(i, {} if self.chat else "", self.take(i), reason)))
         return last
 
     def chunk(self, i, delta, logprobs, finish_reason=None):

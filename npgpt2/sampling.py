@@ -55,6 +55,35 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     return out
 
 
+def sample_row(logits, rng, temperature=1.0, top_k=0, top_p=1.0, work=None):
+    """One row's token id: sample_logits(logits[None], rng, ...)[0], the same draw to the bit,
+    for batched decoding, which samples every row of every step. logits: (V,) float32 or
+    float64; work: an optional float64 (V,) buffer to reuse.
+
+    Without a cut (top_k 0, top_p 1) it skips what a token does not need: no float64 copy
+    before the max (the max of float32 values converted is the max converted; dividing by
+    a positive temperature keeps the order, so the scaled max is the max scaled), no division
+    at temperature 1 (x / 1.0 is x), and the float64 conversion, scaling and shift are one
+    pass into `work` instead of three new arrays. Each element gets the float64 operations
+    sample_logits does on it, in the same order, so the weights and the draw are the same.
+    """
+    if temperature == 0 or top_k or top_p < 1.0:
+        return int(sample_logits(logits[None], rng, temperature, top_k, top_p)[0])
+    hi, lo = np.float64(logits.max()), np.float64(logits.min())
+    with np.errstate(over="ignore"):
+        top, low = hi / temperature, lo / temperature
+    if not (np.isfinite(top) and np.isfinite(low)):  # overflow (or NaN): sample_logits's greedy limit
+        return int(np.asarray(logits, dtype=np.float64).argmax())
+    w = np.empty(logits.shape[0]) if work is None else work
+    if temperature == 1.0:
+        np.subtract(logits, top, out=w, dtype=np.float64)
+    else:
+        np.divide(logits, temperature, out=w, dtype=np.float64)
+        w -= top
+    np.exp(w, out=w)  # unnormalised: draw() scales by the total
+    return draw(w, rng.random())
+
+
 DRAW_BLOCK = 1024
 
 

@@ -30,9 +30,11 @@ Design, by module:
   own random stream (its logits match a solo run's within float rounding: see batch_decode).
   Unseeded requests may start from a free row that holds a prefix of their prompt and feed
   only the rest, which is most of a conversation that a chat page sends again.
-  The worker never touches a socket: it puts text pieces on the job's own queue and the
+  The worker never waits on a socket: it puts text pieces on the job's own queue and the
   request's thread writes them with a socket timeout, so a slow reader cannot stall the
   worker; when a write fails or the client goes away the job is cancelled at the next token.
+  (A stream's pieces the worker writes itself while the socket takes each one at once,
+  sparing a wake-up of the request's thread per token: server_http.Lane.)
   A per-request deadline (from arrival, so time in the queue counts) ends generation early
   with finish_reason "timeout".
 - server_fields.py: every field of a body checked, a 400 naming it otherwise.

@@ -12,6 +12,7 @@
 """
 import json
 import logging
+import os
 import queue
 import re
 import select
@@ -601,17 +602,89 @@ class EventStream:
         """A bare `data: text` event (OpenAI's `data: [DONE]`)."""
         self._write(f"data: {text}\n\n".encode("utf-8"))
 
+    def frame(self, data):
+        return b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+
     def _write(self, data):
-        if self.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self.raw(self.frame(data))
+
+    def raw(self, data):
+        """Bytes already framed (Lane's rest of an event)."""
         self.handler.wfile.write(data)
         self.handler.wfile.flush()
         self.handler.sent += len(data)
+
+    def encode(self, write, item):
+        """The bytes write(self, item) would send, sent by nobody (for Lane)."""
+        frames = Frames(self.chunked)
+        write(frames, item)
+        return b"".join(frames.parts)
 
     def end(self):
         if self.chunked:
             self.handler.wfile.write(b"0\r\n\r\n")
         self.handler.wfile.flush()
+
+
+class Frames(EventStream):
+    """An EventStream that keeps its events' bytes instead of sending them."""
+
+    def __init__(self, chunked):  # no handler, no headers
+        self.chunked, self.parts = chunked, []
+
+    def _write(self, data):
+        self.parts.append(self.frame(data))
+
+
+class Lane:
+    """A stream's events written by the model worker itself (Job.emit) while the socket takes
+    each one whole at once.
+
+    Why: otherwise every token of every stream wakes its connection thread, which must get a
+    core and the GIL from the model's threads, encode the event and write it; with 8 streams
+    that is 8 context switches and GIL hand-overs per decode step, on cores the model is using.
+    The worker never waits here: the socket's descriptor is non-blocking (the socket has a
+    timeout), and what it does not take at once (a slow reader, a full buffer, a closed
+    connection) goes on the job's queue for the connection thread, which writes it with its
+    timeout as before. The lane stays shut from then until that thread has emptied the queue,
+    so the events keep their order; it is shut for good (detach) before the connection thread
+    lets go of the socket, so the worker never writes to a descriptor that may be reused.
+    Used with job.lock held (Job.emit, attach, reopen, detach).
+    """
+
+    def __init__(self, handler, stream, write, job):
+        self.fd, self.stream, self.write, self.job = handler.connection.fileno(), stream, write, job
+        self.open = False   # the queue was empty when the connection thread last looked
+        self.sent = 0       # bytes the worker wrote (the access log's count)
+
+    def offer(self, item):
+        """Worker thread: write item now if the lane is open and the socket takes it whole."""
+        if not self.open:
+            self.job.out.put(item)
+            return
+        data = self.stream.encode(self.write, item)
+        try:
+            n = os.write(self.fd, data)
+        except OSError:  # full (BlockingIOError) or gone: the connection thread finds out which
+            n = 0
+        self.sent += n
+        if n < len(data):
+            self.open = False
+            self.job.out.put(("raw", data[n:]))
+
+    def attach(self):
+        with self.job.lock:
+            self.job.lane = self
+
+    def reopen(self):
+        """Connection thread, after writing what it took: open the lane if nothing is queued."""
+        with self.job.lock:
+            self.open = self.job.out.empty()
+
+    def detach(self):
+        with self.job.lock:
+            self.job.lane, self.open = None, False
+        self.stream.handler.sent += self.sent
 
 
 def write_event(stream, item):
@@ -634,15 +707,26 @@ def answer_stream(handler, job, error_body=plain_error, write=write_event):
     if item[0] == "error":  # before any output: a plain JSON error with its status
         send_json(handler, item[1], error_body(item[1], item[2]))
         return
+    lane = None
     try:
         stream = EventStream(handler)
+        if handler.connection.gettimeout():  # a non-blocking descriptor: the worker may write (Lane)
+            lane = Lane(handler, stream, write, job)
+            lane.attach()
         while True:
             item = results.next()
             if item is None:
                 return
-            if write(stream, item):
+            if item[0] == "raw":
+                stream.raw(item[1])
+            elif write(stream, item):
                 break
+            if lane is not None:
+                lane.reopen()
         stream.end()
     except OSError as e:  # includes a write that timed out: a reader too slow to keep
         log.info("%s: stream ended early (%s); cancelling its request", handler.client_address[0], e)
         results.give_up()
+    finally:
+        if lane is not None:
+            lane.detach()

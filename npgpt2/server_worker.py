@@ -4,9 +4,11 @@ The model is not thread-safe and its work is CPU-bound, so one thread owns it. G
 requests go through a `batch_decode.BatchDecoder`: up to --max_batch rows decode together,
 the requests waiting are prefilled together and join at the next step, and a finished or
 cancelled one leaves at once (the
-batching itself is in batch_decode.py). Other jobs (explain) run between two steps. The
-worker never touches a socket: a job's results go on the job's own queue, and the
-connection thread that made the job writes them out (see server_http.py).
+batching itself is in batch_decode.py). Other jobs (explain) run between two steps. A
+job's results go on the job's own queue, and the connection thread that made the job
+writes them out (see server_http.py); the one exception is a stream's events while its
+socket takes them at once (Job.emit, server_http.Lane): the worker writes those itself,
+never waiting, which spares the connection thread a wake-up per token.
 """
 import collections
 import logging
@@ -43,6 +45,18 @@ class Job:
         self.out = queue.Queue()
         self.cancelled = threading.Event()
         self.closed = False     # answered (or given up): the worker counts it no more
+        self.lane = None        # while set, emit() may write to the client itself (server_http.Lane)
+        self.lock = threading.Lock()  # orders emit() against the connection thread's lane changes
+
+    def emit(self, item):
+        """A result that is not the last ("text", "chunk"): written to the client by the worker
+        itself when the connection thread has opened a lane for it and the socket takes it at
+        once, else put on .out for that thread. Results stay in order either way."""
+        with self.lock:
+            if self.lane is not None:
+                self.lane.offer(item)
+            else:
+                self.out.put(item)
 
     def error(self, status, message):
         self.out.put(("error", status, message))
@@ -71,7 +85,7 @@ class Generation:
 
     def send(self, job, i, piece):
         if piece:
-            job.out.put(("text", piece))
+            job.emit(("text", piece))
 
     def finish(self, job, i, reason):
         """Row i is done; True when it was the job's last."""

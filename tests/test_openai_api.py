@@ -342,3 +342,69 @@ def test_fifty_concurrent_clients_mixing_apis_cancellations_and_bad_requests():
 def test_max_batch_flag_is_checked(value):
     with pytest.raises(Npgpt2Error, match="--max_batch"):
         Limits(max_batch=value).check()
+
+
+def sse_data(body):
+    """A chunked text/event-stream body (bytes after the head) -> its `data:` payloads."""
+    out, rest = b"", body
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        out, rest = out + rest[:n], rest[n + 2:]
+    return [block[6:].decode() for block in out.split(b"\n\n") if block.startswith(b"data: ")]
+
+
+def test_a_stream_the_socket_cannot_take_at_once_arrives_whole_and_in_order(monkeypatch):
+    """The worker writes a stream's chunks itself while the socket takes them at once
+    (server_http.Lane). A client that stops reading fills the socket: the rest goes through
+    the connection thread, the lane opens again once that thread has caught up, and the client
+    gets the same chunks in the same order as one that reads as they come."""
+    from npgpt2 import server_http
+    ways = []  # per chunk the worker was offered while its lane was open: written ("d") or queued ("q")
+    offer = server_http.Lane.offer
+
+    def spy(self, item):
+        was = self.open
+        offer(self, item)
+        if was:
+            ways.append("d" if self.open else "q")
+    monkeypatch.setattr(server_http.Lane, "offer", spy)
+    setup = server_http.Handler.setup
+
+    def small_buffer(self):  # a small send buffer (a slow network's): a few events fill it
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        setup(self)
+    monkeypatch.setattr(server_http.Handler, "setup", small_buffer)
+    model, tok = load()
+    slowed(model, 0.02)  # 60 steps take over a second: the slow client's pause falls mid-stream
+    body = {"model": "x", "prompt": "Once upon a time", "max_tokens": 60, "n": 4, "logprobs": 5, "seed": 7,
+            "stream": True}
+    data = json.dumps(body).encode()
+    with Server(model, tok, port=0) as s:
+        s.start()
+        with requests.post(s.url + "v1/completions", json=body, timeout=T) as r:
+            fast = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+        assert ways and set(ways) == {"d"}
+        ways.clear()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        sock.settimeout(T)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        time.sleep(0.4)  # reads nothing while the server has some 20 KB more to send
+        got = b""
+        while not got.endswith(b"\r\n0\r\n\r\n"):
+            more = sock.recv(65536)
+            assert more, got[-200:]
+            got += more
+        sock.close()
+    assert "q" in ways and "d" in ways[ways.index("q"):], ways  # shut when full, open again after
+    slow = sse_data(got.split(b"\r\n\r\n", 1)[1])
+
+    def content(payloads):
+        return [(c["choices"][0]["index"], c["choices"][0]["text"], c["choices"][0]["logprobs"],
+                 c["choices"][0]["finish_reason"]) for c in map(json.loads, payloads[:-1])] + payloads[-1:]
+    assert len(fast) > 200 and content(slow) == content(fast)

@@ -192,3 +192,30 @@ def test_draw_finds_the_interval_of_u():
             if not near:
                 got = draw(w, float(u))
                 assert got == want and w[got] > 0, (n, u)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sample_row_is_sample_logits_draw_for_draw(dtype):
+    """The batch path's sample_row draws what sample_logits draws, from the same random
+    stream, for each kind of settings (its own no-cut path: temperature 1 and others, the
+    greedy limit of a tiny temperature, non-finite logits; the cuts: delegated), with its
+    buffer reused between rows of different values."""
+    from npgpt2.sampling import sample_row
+    rng = np.random.default_rng(5)
+    work = np.empty(50257)
+    for V in (50257, 300):
+        for temperature, top_k, top_p in ((1.0, 0, 1.0), (1, 0, 1.0), (0.7, 0, 1.0), (1.9, 0, 1.0), (1e-308, 0, 1.0),
+                                          (0.0, 0, 1.0), (1.0, 40, 1.0), (0.8, 0, 0.9), (1.2, 5, 0.5)):
+            a, b = np.random.default_rng(V), np.random.default_rng(V)
+            for _ in range(30):
+                logits = (rng.standard_normal(V) * rng.uniform(0.5, 8)).astype(dtype)
+                want = int(sample_logits(logits[None], a, temperature, top_k, top_p)[0])
+                got = sample_row(logits, b, temperature, top_k, top_p, work if V == 50257 else None)
+                assert got == want, (V, temperature, top_k, top_p)
+            assert a.random() == b.random()  # as many draws taken from each stream
+    for bad in (np.nan, np.inf, -np.inf):
+        logits = rng.standard_normal(300).astype(dtype)
+        logits[17] = bad
+        a, b = np.random.default_rng(1), np.random.default_rng(1)
+        assert sample_row(logits, b) == int(sample_logits(logits[None], a)[0])
+        assert a.random() == b.random()
