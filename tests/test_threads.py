@@ -176,3 +176,28 @@ def test_one_passing_neighbour_does_not_take_the_second_thread(fresh_policy, mon
         got.append(threads.blas_threads(BIG))
     assert got == [2, 2, 2, 2, 1, 1]
     assert threads.decisions()["blas 1"] >= 2
+
+
+def test_openblas_threads_sleep_after_a_call():
+    """`import npgpt2` before NumPy sets OPENBLAS_THREAD_TIMEOUT (unless the user did): after a
+    2-thread GEMM, OpenBLAS's idle thread sleeps instead of spinning for ~0.1 s. Measured as the
+    process's CPU time while it waits 0.3 s (a spinning thread: ~75-130 ms of it)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os, time, npgpt2, numpy as np\n"
+            "from npgpt2 import threads\n"
+            "a = np.random.rand(512, 512).astype(np.float32)\n"
+            "threads._find_blas_setter()(2)\n"
+            "a @ a\n"
+            "t = time.process_time(); time.sleep(0.3)\n"
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], round((time.process_time() - t) * 1e3))\n")
+    env = {k: v for k, v in os.environ.items() if k not in threads.BLAS_ENV + ("OPENBLAS_THREAD_TIMEOUT",)}
+    timeout, idle_ms = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout.split()
+    assert timeout == "4"
+    assert int(idle_ms) < 30
+    env["OPENBLAS_THREAD_TIMEOUT"] = "28"  # the user's own setting stays
+    timeout, _ = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout.split()
+    assert timeout == "28"
