@@ -40,7 +40,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
+from numba import literal_unroll, njit, prange, types  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 from . import gemv, quant_kernels, threads  # noqa: E402
@@ -144,8 +144,24 @@ def _f32_from_bits(typingctx, i):
     return types.float32(i), codegen
 
 
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a * b + c for float32s, rounded once (llvm.fma): the same bits in a loop's SIMD body and in
+    its scalar tail, where fastmath "contract" may fuse in one and not the other."""
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f], fnty=ir.FunctionType(f, [f, f, f]))
+        return builder.call(fn, args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
 LOG2E = 1.4426950408889634
 LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = HI + LO, HI with few bits: k * HI is exact
+# 1/7!, 1/6!, ..., 1/1!, 1/0!: e^f's Taylor coefficients, highest first (Horner)
+EXP_TAYLOR = (1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0)
 
 
 @njit(cache=True, inline="always")
@@ -155,14 +171,15 @@ def _exp32(x):
 
     x is clamped to [-87, 88] (exp(-87) ~ 1.6e-38, 2^k stays a normal float32). exp(x) = 2^k e^f,
     k = round(x / ln 2), f = x - k ln 2 (|f| <= 0.35; the two-part ln 2 keeps f exact to its last
-    bit): e^f by its Taylor polynomial of degree 7 (truncation error 5e-9), 2^k by writing k + 127
-    into a float32's exponent field. Measured: relative error <= 3.2e-7 over [-87, 88]."""
+    bit): e^f by its Taylor polynomial of degree 7 (truncation error 5e-9) in fused multiply-adds,
+    2^k by writing k + 127 into a float32's exponent field. Measured: relative error <= 3.2e-7
+    over [-87, 88]; ~0.6 ns an element in a GELU loop (1.0 with separate multiplies and adds)."""
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    k = np.floor(x * np.float32(LOG2E) + np.float32(0.5))
-    f = x - k * np.float32(LN2_HI) - k * np.float32(LN2_LO)
-    p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(1 / 2) + f * (
-        np.float32(1 / 6) + f * (np.float32(1 / 24) + f * (np.float32(1 / 120) + f * (
-            np.float32(1 / 720) + f * np.float32(1 / 5040)))))))
+    k = np.floor(_fma32(x, np.float32(LOG2E), np.float32(0.5)))
+    f = _fma32(k, np.float32(-LN2_LO), _fma32(k, np.float32(-LN2_HI), x))
+    p = np.float32(EXP_TAYLOR[0])
+    for c in literal_unroll(EXP_TAYLOR[1:]):
+        p = _fma32(f, p, np.float32(c))
     return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
@@ -475,7 +492,7 @@ def _max(a, n):
 GROUP_ELEMS = 1 << 16  # scores per thread's block below which heads are grouped into one BLAS call
 
 
-@njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})
+@njit(cache=True, nogil=True, fastmath={"reassoc"})  # reassoc: the row sum in SIMD lanes
 def _exp_rows(s, q0, scale, m, total):
     """s (G, R, n) scores of G heads' R query rows; row r sees keys 0..q0 + r. In place:
     s = exp(scale * (s - max)) over those keys, 0 after them; m = max, total = sum of the row
@@ -590,7 +607,7 @@ def _rowdot_heads(dout, out, D, NH):
             D[bh, t] = _dot(dout[b, t, h * hs:(h + 1) * hs], out[b, t, h * hs:(h + 1) * hs])
 
 
-@njit(cache=True, nogil=True, fastmath={"contract"})
+@njit(cache=True, nogil=True)
 def _probs_rows(s, q0, scale, lse):
     """s (G, R, n) scores q.k of G heads' R query rows (unscaled); row r sees keys
     0..q0 + r. In place: s = exp(scale * s - lse), the probabilities, 0 after those keys."""
@@ -607,7 +624,7 @@ def _probs_rows(s, q0, scale, lse):
                 row[j] = 0.0
 
 
-@njit(cache=True, nogil=True, fastmath={"contract"})
+@njit(cache=True, nogil=True)
 def _dscores_rows(dp, p, D, scale):
     """dp <- scale * p * (dp - D) (G, R, n): the softmax backward (masked entries have p = 0),
     times d(scaled scores)/d(q.k) = scale, so that dq = dp k and dk = dp^T q."""
