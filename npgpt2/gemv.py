@@ -212,10 +212,22 @@ def chunks(units, threads):
     return n - n % threads if n >= threads else n
 
 
+_gemv_pool = None
+
+
+def _pool():
+    """gemv_pool, imported on first use (it imports this module's kernels)."""
+    global _gemv_pool
+    if _gemv_pool is None:
+        from . import gemv_pool
+        _gemv_pool = gemv_pool
+    return _gemv_pool
+
+
 def matmul_rows(x, w, bias=None, out=None):
     """x: float32 (M, C), w: float32 (C, OC) C-contiguous or the .T of a C-contiguous (OC, C),
     bias: (OC,) or None -> out (M, OC) float32 (x @ w + bias)."""
-    from . import gemv_pool  # gemv_pool imports this module's kernels
+    gemv_pool = _pool()
     x = np.ascontiguousarray(x, dtype=np.float32)
     M, C = x.shape
     OC = w.shape[1]

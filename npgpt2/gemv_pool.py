@@ -264,11 +264,14 @@ _pool = None
 STATS = {}
 KIND_NAMES = {KIND_INT8: "int8 x int8 dot", KIND_F32_ROWS: "float32 rows", KIND_F32_COLS: "float32 columns",
               KIND_INT8_VNNI: "int8 x int8 dot (vpdpbusd)"}
+_KEYS = {}  # (kind, threads) -> its STATS key: ~50 jobs a token, so no string formatting per job
 
 
 def note(kind, threads):
     """Count a job of `kind` run on `threads` threads (also the callers' one-thread calls)."""
-    key = f"{KIND_NAMES[kind]}, {threads} thread{'s' if threads > 1 else ''}"
+    key = _KEYS.get((kind, threads))
+    if key is None:
+        key = _KEYS[kind, threads] = f"{KIND_NAMES[kind]}, {threads} thread{'s' if threads > 1 else ''}"
     STATS[key] = STATS.get(key, 0) + 1
 
 
