@@ -18,14 +18,16 @@ caller's thread (no worker involved at all). The callers (gemv.py, quant_kernels
 threads.gemv_threads(), which says 2 only while a core is free: on a busy machine the
 worker is never posted to and goes back to sleep after SPIN_S.
 
-Numba's on-disk cache keys _chunk on this file only: after editing a kernel in int8_dot.py
-or gemv.py, touch this file (or clear npgpt2/__pycache__) so the worker's copy recompiles.
+Numba's on-disk cache keys _chunk on this file only: after editing a kernel in int8_dot.py,
+gemv.py or kernels._decode_attention_kernel, touch this file (or clear npgpt2/__pycache__) so
+the worker's copy recompiles.
 
 Jobs (kind, params as int64 addresses and sizes; the caller keeps the arrays alive):
 - KIND_INT8: int8_dot._dot_rows on rows [c*R/n, (c+1)*R/n) for chunk c;
 - KIND_INT8_VNNI: int8_dot._dot_rows_vnni on the same rows (offset activations, vpdpbusd);
 - KIND_F32_ROWS: gemv._rows on rows [c*OC/n, (c+1)*OC/n) of w (OC, C);
-- KIND_F32_COLS: gemv._cols on columns [c*OC/n, (c+1)*OC/n) of w (C, OC) (both: see gemv.py, 2026-12-06).
+- KIND_F32_COLS: gemv._cols on columns [c*OC/n, (c+1)*OC/n) of w (C, OC) (both: see gemv.py, 2026-12-06);
+- KIND_DECODE_ATTN: kernels._decode_attention_kernel on heads [c*U/n, (c+1)*U/n), U = B*NH.
 """
 import atexit
 import platform
@@ -37,7 +39,7 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from . import gemv, int8_dot
+from . import gemv, int8_dot, kernels
 
 SPIN_S = 0.005  # a worker spins this long after its last job before sleeping
 
@@ -47,7 +49,7 @@ KIND, NCHUNKS, P = 32, 33, 34  # the job: kind, chunks, parameters P..P+13
 CTL_SIZE = 48
 SEQ_SHIFT = 24  # CLAIM = seq << SEQ_SHIFT | next chunk
 CHUNK_MASK = (1 << SEQ_SHIFT) - 1
-KIND_INT8, KIND_F32_ROWS, KIND_F32_COLS, KIND_INT8_VNNI = 1, 2, 3, 4
+KIND_INT8, KIND_F32_ROWS, KIND_F32_COLS, KIND_INT8_VNNI, KIND_DECODE_ATTN = 1, 2, 3, 4, 5
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
@@ -133,6 +135,15 @@ def _chunk(ctl, c):
         bias = carray(_as_ptr(ctl[P + 5]), (nb,), np.float32)
         out = carray(_as_ptr(ctl[P + 6]), (N, R), np.float32)
         int8_dot._dot_rows_vnni(xu, xs, q, ws, wsum, bias, out, c * R // n, (c + 1) * R // n)
+    elif kind == KIND_DECODE_ATTN:  # qkv k_cache v_cache rows pos out B C3 R NH n_ctx hs, float32
+        B, C3, R, NH, T, hs = ctl[P + 6], ctl[P + 7], ctl[P + 8], ctl[P + 9], ctl[P + 10], ctl[P + 11]
+        qkv = carray(_as_ptr(ctl[P]), (B, C3), np.float32)
+        kc = carray(_as_ptr(ctl[P + 1]), (R, NH, T, hs), np.float32)
+        vc = carray(_as_ptr(ctl[P + 2]), (R, NH, T, hs), np.float32)
+        rows = carray(_as_ptr(ctl[P + 3]), (B,), np.int64)
+        pos = carray(_as_ptr(ctl[P + 4]), (B,), np.int64)
+        out = carray(_as_ptr(ctl[P + 5]), (B, C3 // 3), np.float32)
+        kernels._decode_attention_kernel(qkv, kc, vc, rows, pos, NH, out, c * B * NH // n, (c + 1) * B * NH // n)
     else:  # KIND_F32_ROWS / _COLS: x w bias out M C OC nb, float32
         M, C, OC, nb = ctl[P + 4], ctl[P + 5], ctl[P + 6], ctl[P + 7]
         x = carray(_as_ptr(ctl[P]), (M, C), np.float32)
@@ -263,7 +274,7 @@ _pool = None
 # jobs run since import, by (kind name, threads): the benchmarks report which path ran
 STATS = {}
 KIND_NAMES = {KIND_INT8: "int8 x int8 dot", KIND_F32_ROWS: "float32 rows", KIND_F32_COLS: "float32 columns",
-              KIND_INT8_VNNI: "int8 x int8 dot (vpdpbusd)"}
+              KIND_INT8_VNNI: "int8 x int8 dot (vpdpbusd)", KIND_DECODE_ATTN: "decode attention heads"}
 _KEYS = {}  # (kind, threads) -> its STATS key: ~50 jobs a token, so no string formatting per job
 
 

@@ -686,9 +686,10 @@ def attention_backward(dout, qkv, saved, NH):
     return dqkv
 
 
-@njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
-def _decode_attention_kernel(qkv, k_cache, v_cache, rows, pos, NH, out):
-    """One new position per sequence, every head in one call (decoding).
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+def _decode_attention_kernel(qkv, k_cache, v_cache, rows, pos, NH, out, u0, u1):
+    """One new position per sequence, the heads u = b*NH + h for u0 <= u < u1 in one call
+    (decoding; gemv_pool shares them between two threads: each head is computed alone).
 
     qkv: (B, 3C) the new position's queries, keys, values; k_cache, v_cache: (R, NH, n_ctx, hs);
     batch row b is cache row rows[b], filled up to pos[b], and its new key and value are
@@ -699,47 +700,62 @@ def _decode_attention_kernel(qkv, k_cache, v_cache, rows, pos, NH, out):
     A few thousand multiply-adds a head: as loops here they cost less than the NumPy calls
     around two small batched matmuls did (~0.1 ms a layer at short contexts).
     """
-    B = qkv.shape[0]
     C = qkv.shape[1] // 3
     hs = C // NH
     zero = qkv.dtype.type(0.0)
     scale = qkv.dtype.type(1.0 / math.sqrt(hs))
     s = np.empty(pos.max() + 1, dtype=qkv.dtype)
-    for b in range(B):
+    for u in range(u0, u1):
+        b, h = u // NH, u % NH
         p_b = pos[b]
         end = p_b + 1
-        for h in range(NH):
-            c0 = h * hs
-            kc = k_cache[rows[b], h]
-            vc = v_cache[rows[b], h]
-            kc[p_b] = qkv[b, C + c0:C + c0 + hs]
-            vc[p_b] = qkv[b, 2 * C + c0:2 * C + c0 + hs]
-            q = qkv[b, c0:c0 + hs]
-            for j in range(end):
-                acc = zero
-                for d in range(hs):
-                    acc += kc[j, d] * q[d]
-                s[j] = acc * scale
-            m = _max(s, end)
-            total = 0.0
-            for j in range(end):
-                e = math.exp(s[j] - m)
-                s[j] = e
-                total += e
-            inv = qkv.dtype.type(1.0 / total)
-            y = out[b, c0:c0 + hs]
-            y[:] = zero
-            for j in range(end):
-                p = s[j] * inv
-                for d in range(hs):
-                    y[d] += p * vc[j, d]
+        c0 = h * hs
+        kc = k_cache[rows[b], h]
+        vc = v_cache[rows[b], h]
+        kc[p_b] = qkv[b, C + c0:C + c0 + hs]
+        vc[p_b] = qkv[b, 2 * C + c0:2 * C + c0 + hs]
+        q = qkv[b, c0:c0 + hs]
+        for j in range(end):
+            acc = zero
+            for d in range(hs):
+                acc += kc[j, d] * q[d]
+            s[j] = acc * scale
+        m = _max(s, end)
+        total = 0.0
+        for j in range(end):
+            e = math.exp(s[j] - m)
+            s[j] = e
+            total += e
+        inv = qkv.dtype.type(1.0 / total)
+        y = out[b, c0:c0 + hs]
+        y[:] = zero
+        for j in range(end):
+            p = s[j] * inv
+            for d in range(hs):
+                y[d] += p * vc[j, d]
 
 
 def _decode_attention(qkv, k_cache, v_cache, pos, NH, rows):
-    """attention_forward_cached for one new position: (B, 1, 3C) -> (B, 1, C)."""
+    """attention_forward_cached for one new position: (B, 1, 3C) -> (B, 1, C). float32 heads
+    are shared with gemv_pool's worker while threads.gemv_threads finds a core free for their
+    multiply-adds (a token's attention reads the cache's keys and values, cold after the
+    weights' stream: ~1 ms a token at 124M and 50 positions, growing with the context)."""
     B, _, C3 = qkv.shape
     out = np.empty((B, C3 // 3), dtype=qkv.dtype)  # [B, C]
-    _decode_attention_kernel(np.ascontiguousarray(qkv.reshape(B, C3)), k_cache, v_cache, rows, pos, NH, out)
+    q = np.ascontiguousarray(qkv.reshape(B, C3))
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    units = B * NH
+    n = 1
+    if q.dtype == np.float32 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous:
+        n = threads.gemv_threads(2 * units * (int(pos.max()) + 1) * (C3 // 3 // NH))
+    if n == 1:
+        _decode_attention_kernel(q, k_cache, v_cache, rows, pos, NH, out, 0, units)
+    else:
+        from . import gemv_pool  # it imports this module's decode kernel
+        params = np.array([q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, rows.ctypes.data,
+                           pos.ctypes.data, out.ctypes.data, B, C3, k_cache.shape[0], NH, k_cache.shape[2],
+                           k_cache.shape[3]], np.int64)
+        gemv_pool.run(gemv_pool.KIND_DECODE_ATTN, params, gemv.chunks(units, n), n)
     return out.reshape(B, 1, C3 // 3)
 
 

@@ -150,3 +150,29 @@ def test_chunks_are_shared_equally():
     assert gemv.chunks(12, 2) == 12
     assert gemv.chunks(50257, 2) == 16   # rows: 8 per thread, so a late worker costs one
     assert gemv.chunks(1, 2) == 1
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_decode_attention_heads_on_two_threads(B, monkeypatch):
+    """kernels' decode attention shares its heads with gemv_pool's worker: the bits of one
+    thread (outputs and the keys and values written), rows at their own lengths in cache rows
+    out of order, and layers' plain attention over each row's cache."""
+    from npgpt2 import kernels
+    rng = np.random.default_rng(B)
+    NH, hs, n_ctx = 5, 16, 40
+    C = NH * hs
+    lengths, rows = np.array([30, 3, 17][:B]), np.array([2, 0, 3][:B])
+    base = rng.standard_normal((2, 4, NH, n_ctx, hs)).astype(np.float32)
+    qkv = rng.standard_normal((B, 1, 3 * C)).astype(np.float32)
+    got = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(gemv.threads, "gemv_threads", lambda work, n=threads: n)
+        kc, vc = base[0].copy(), base[1].copy()
+        got[threads] = kernels.attention_forward_cached(qkv, kc, vc, lengths, NH, rows), kc, vc
+    for a, b in zip(got[1], got[2]):
+        np.testing.assert_array_equal(a, b)
+    out, kc, vc = got[2]
+    for b in range(B):
+        r, n = rows[b], lengths[b]
+        want = layers.attention_forward_cached(qkv[b:b + 1], base[0][r:r + 1].copy(), base[1][r:r + 1].copy(), int(n), NH)
+        np.testing.assert_allclose(out[b:b + 1], want, rtol=1e-4, atol=1e-5)
