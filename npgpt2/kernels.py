@@ -542,10 +542,10 @@ def _attend_group(q, k, v, first, y, lse, scale, sbuf, m, total):
         _finish_rows(y[:, i0:i1], scale, m[:, i0:i1], total[:, i0:i1], lse[:, i0:i1])
 
 
-def _head_parts(B, NH, Tq, L, hs, dtype, run, nbuf):
+def _head_parts(B, NH, Tq, L, hs, run, buffers):
     """run(b, h0, h1, buf) for every group of heads h0..h1-1 of batch row b, the groups shared
     out to the part threads (G heads a group: enough scores for one BLAS call to pay);
-    buf = (scores, scores, (G * L * hs,) scratch)[:nbuf] of the group's size, one per thread."""
+    buf = buffers(G, R, L), made once per thread (R = a block's query rows, L = the keys)."""
     R = min(Tq, QBLOCK)
     G = max(1, min(NH, GROUP_ELEMS // (R * L)))
     groups = [(b, h, min(NH, h + G)) for b in range(B) for h in range(0, NH, G)]
@@ -554,7 +554,7 @@ def _head_parts(B, NH, Tq, L, hs, dtype, run, nbuf):
         threads.blas_threads(2 * B * NH * R * L * hs)
 
     def part(t):  # thread t's share of the groups, in order
-        buf = (np.empty(G * R * L, dtype), np.empty(G * R * L, dtype), np.empty(G * L * hs, dtype))[:nbuf]
+        buf = buffers(G, R, L)
         for b, h0, h1 in groups[t * len(groups) // n:(t + 1) * len(groups) // n]:
             run(b, h0, h1, buf)
 
@@ -571,14 +571,13 @@ def _causal_attention(q, k, v, first, y, lse):
 
     def run(b, h0, h1, buf):
         _attend_group(q[b, h0:h1], k[b, h0:h1], v[b, h0:h1], first, y[b, h0:h1], lse[b, h0:h1], scale,
-                      buf[0], m[b, h0:h1], total[b, h0:h1])
-    _head_parts(B, NH, Tq, first + Tq, hs, q.dtype, run, 1)
+                      buf, m[b, h0:h1], total[b, h0:h1])
+    _head_parts(B, NH, Tq, first + Tq, hs, run, lambda G, R, L: np.empty(G * R * L, q.dtype))  # scores
 
 
-def _heads(x, NH):
-    """(B, T, C) -> the (B, NH, T, hs) view of its heads (no copy)."""
-    B, T, C = x.shape
-    return x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
+def _qkv_heads(qkv, NH):
+    """(B, T, 3C) -> q, k, v: views (B, NH, T, hs) of its three thirds' heads (no copy)."""
+    return (split_heads(t, NH) for t in np.split(np.ascontiguousarray(qkv), 3, axis=-1))
 
 
 def attention_forward(qkv, NH):
@@ -589,10 +588,10 @@ def attention_forward(qkv, NH):
     probabilities (the plain twin saves them, (B, NH, T, T)).
     """
     B, T, C3 = qkv.shape
-    q, k, v = (_heads(t, NH) for t in np.split(np.ascontiguousarray(qkv), 3, axis=-1))  # each [B, NH, T, hs]
+    q, k, v = _qkv_heads(qkv, NH)  # each [B, NH, T, hs]
     out = np.empty((B, T, C3 // 3), qkv.dtype)
     lse = np.empty((B, NH, T))
-    _causal_attention(q, k, v, 0, _heads(out, NH), lse)
+    _causal_attention(q, k, v, 0, split_heads(out, NH), lse)
     return out, (out, lse.reshape(B * NH, T))
 
 
@@ -673,16 +672,18 @@ def attention_backward(dout, qkv, saved, NH):
     _parallel(dout.size)  # sets Numba's thread count for this loop
     _rowdot_heads(np.ascontiguousarray(dout), np.ascontiguousarray(out), D, NH)
     dqkv = np.zeros((B, T, C3), dtype=qkv.dtype)
-    q, k, v = (_heads(t, NH) for t in np.split(np.ascontiguousarray(qkv), 3, axis=-1))  # each [B, NH, T, hs]
-    dq, dk, dv = (_heads(t, NH) for t in np.split(dqkv, 3, axis=-1))  # views into dqkv
-    dy = _heads(np.ascontiguousarray(dout), NH)
+    q, k, v = _qkv_heads(qkv, NH)  # each [B, NH, T, hs]
+    dq, dk, dv = _qkv_heads(dqkv, NH)  # views into dqkv
+    dy = split_heads(np.ascontiguousarray(dout), NH)
     lse, D = lse.reshape(B, NH, T), D.reshape(B, NH, T)
     scale = 1.0 / math.sqrt(C // NH)
 
     def run(b, h0, h1, buf):
         _backward_group(q[b, h0:h1], k[b, h0:h1], v[b, h0:h1], dy[b, h0:h1], lse[b, h0:h1], D[b, h0:h1],
                         dq[b, h0:h1], dk[b, h0:h1], dv[b, h0:h1], scale, buf)
-    _head_parts(B, NH, T, T, C // NH, qkv.dtype, run, 3)
+    _head_parts(B, NH, T, T, C // NH, run,  # probabilities, their gradient, (G, L, hs) scratch
+                lambda G, R, L: (np.empty(G * R * L, qkv.dtype), np.empty(G * R * L, qkv.dtype),
+                                 np.empty(G * L * (C // NH), qkv.dtype)))
     return dqkv
 
 
@@ -779,11 +780,11 @@ def attention_forward_cached(qkv, k_cache, v_cache, pos0, NH, rows=None):
         pos0 = np.broadcast_to(pos0, (B,))
         return np.concatenate([attention_forward_cached(qkv[b:b + 1], k_cache[r:r + 1], v_cache[r:r + 1],
                                                         int(pos0[b]), NH) for b, r in enumerate(rows)])
-    q, k, v = (_heads(t, NH) for t in np.split(np.ascontiguousarray(qkv), 3, axis=-1))  # each [B, NH, T, hs]
+    q, k, v = _qkv_heads(qkv, NH)  # each [B, NH, T, hs]
     k_cache[:, :, pos0:pos0 + T] = k
     v_cache[:, :, pos0:pos0 + T] = v
     out = np.empty((B, T, C3 // 3), qkv.dtype)
-    _causal_attention(q, k_cache, v_cache, pos0, _heads(out, NH), np.empty((B, NH, T)))
+    _causal_attention(q, k_cache, v_cache, pos0, split_heads(out, NH), np.empty((B, NH, T)))
     return out
 
 
