@@ -38,8 +38,8 @@ its workers sleep on a condition variable between parallel loops, so they never 
 a core that OpenBLAS's threads need next (libgomp, the default `omp` layer here, spins
 after each loop; TBB's workers spin briefly too and TBB is rarely installed).
 workqueue's one limit, no concurrent parallel launches from two Python threads, cannot
-arise from npgpt2: its parallel kernels hold the GIL while they run (the attention forward's
-parts, on Python threads, call only BLAS and serial `nogil` Numba loops; part_threads).
+arise from npgpt2: its parallel kernels hold the GIL while they run (the attention's parts,
+on Python threads, call only BLAS and serial `nogil` Numba loops; part_threads).
 """
 import logging
 import math

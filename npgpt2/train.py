@@ -322,12 +322,12 @@ def evaluate(model, tokens, context=None, batch_size=16, progress=None, mask=Non
             seqs = tokens[where].astype(np.int64)
             losses = forward_losses(model, seqs[:, :-1], seqs[:, 1:])  # [W, n]
             if mask is None:
-                sums.extend(losses.sum(axis=1))
                 count += n * len(starts)
             else:
                 scored = mask[where[:, 1:]]  # [W, n] the targets' mask
-                sums.extend((losses * scored).sum(axis=1))
+                losses = losses * scored
                 count += int(scored.sum())
+            sums.extend(losses.sum(axis=1))
         if progress:
             progress(min(i + batch_size, len(windows)), len(windows))
     return math.fsum(sums) / max(count, 1), count

@@ -47,7 +47,7 @@ def threads(request, monkeypatch):
     """Run each test with the serial loops, and again with every loop taking the parallel one."""
     if request.param == "parallel":
         monkeypatch.setattr(kernels, "PARALLEL_MIN", 0)
-        # the attention forward's parts on two Python threads, whatever the machine's load
+        # the attention's parts (forward and backward) on two Python threads, whatever the machine's load
         monkeypatch.setattr(kernels.threads, "part_threads", lambda parts: min(2, parts))
     return request.param
 
@@ -90,7 +90,7 @@ def test_layernorm_noncontiguous_input():
 
 # ---------------------------------------------------------------- the kernels' exp
 def test_exp32_against_float64_exp():
-    """kernels._exp32 (the attention forward's and GELU's float32 exp: a polynomial and an
+    """kernels._exp32 (the attention's and GELU's float32 exp: a polynomial and an
     exponent written into the bits) within 4e-7 relative of NumPy's float64 exp over its whole
     range; clamped outside it, never inf or 0."""
     from numba import njit

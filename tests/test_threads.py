@@ -109,7 +109,7 @@ def test_policy_sets_blas_only_on_change(fresh_policy):
 
 
 def test_part_threads_one_blas_thread_each(fresh_policy):
-    """Parts on Python threads (kernels' attention forward): one per free core, at most one
+    """Parts on Python threads (kernels' attention forward and backward): one per free core, at most one
     per part, BLAS set to one thread while they run; one part, BLAS untouched, while no second
     core is free or while the user's environment fixes BLAS's own count."""
     calls = []
