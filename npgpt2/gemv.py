@@ -16,24 +16,27 @@ GEMV but 2..8 rows with its GEMM, whose packing and blocking are built for large
   loop over c (8 vector accumulators in registers; the block stays in L1 for the other
   pairs), while each pair's pass prefetches its share of a block further on.
 - w (C, OC) C-contiguous (a block's weights, as GPT-2's conv1d stores them): `_cols`,
-  passes of 8 weight rows over tiles of 512 columns, two input rows per pass, into a local
-  accumulator (loaded and stored once per 8 multiply-adds per row). The columns are cut
-  into pieces of >= MIN_COLS for the threads (pieces of 64 columns read C short pieces
-  4*OC bytes apart: 0.4 GB/s).
+  panels of KC (32) weight rows x the piece's columns, cut into strips of STRIP (32 or 16)
+  columns; each strip's sums for 4 input rows at a time stay in registers over the panel's
+  rows (`_strip`, written in LLVM IR: LLVM would not keep them there), and each strip
+  prefetches the strip AHEAD on. The columns are cut into pieces of >= MIN_COLS for the
+  threads (pieces of 64 columns read C short pieces 4*OC bytes apart: 0.4 GB/s).
 - the pieces (or rows) are shared between this thread and gemv_pool's worker when
   threads.gemv_threads() finds a second core free; no BLAS threads to wake.
 
 A row's outputs have the same bits whatever M, its place among the rows and the split
 between threads (each output is summed by the same loop): batched decoding gives each
 sequence the logits it gets alone (tests/test_gemv.py, on the generic, AVX2 and AVX-512
-paths). Measured (one thread, CPU time, the kernels called directly on the four block
-matrices x 12 layers and the head of a 124M step, Intel Xeon with AVX-512, busy machine,
-2026-12-06, alternating with the previous one-row-at-a-time loops): M = 1 36.8-40.4 ms and
-M = 8 53.6-60.6 ms (1.5x), against 43.4-53.4 and 105.3-110.7 ms (2.1-2.4x); compiled for
-AVX2 (NUMBA_CPU_NAME=haswell) 35.4 and 53.7 ms against 56.3 and 125.3. LLVM uses
-256-bit vectors on Intel's AVX-512 cores (its prefer-vector-width) and on AVX2 CPUs alike;
-it did not keep an 8-row x 16-column block of accumulators in registers across the c loop
-when written as loops over a small local array, hence the 8-row passes.
+paths). Measured (`_rows` and the previous `_cols`: one thread, CPU time, the kernels called directly
+on the four block matrices x 12 layers and the head of a 124M step, Intel Xeon with AVX-512,
+busy machine, 2026-12-06, alternating with the one-row-at-a-time loops before them): M = 1
+36.8-40.4 ms and M = 8 53.6-60.6 ms (1.5x), against 43.4-53.4 and 105.3-110.7 ms; compiled
+for AVX2 (NUMBA_CPU_NAME=haswell) 35.4 and 53.7 ms against 56.3 and 125.3. The register
+strips of `_cols` (the block matrices only, one thread, wall, medians of 7 alternating,
+same Xeon, 2026-12-06, a later session): M = 1 25.8 ms, M = 8 35.2 ms, against 28.1 and
+60.1 ms for the 8-row passes before them (compiled for AVX2, NV = 2: 25.9 and 32.3 against
+26.5 and 53.5). LLVM uses 256-bit vectors on Intel's AVX-512 cores (its prefer-vector-width) and on
+AVX2 CPUs alike.
 
 layers.matmul_forward (x @ w + b) is the plain reference; tests hold these equal.
 """
@@ -47,8 +50,6 @@ from . import threads
 
 MAX_ROWS = 8
 MIN_COLS = 256  # a column piece of a (C, OC) weight: >= 1 KiB contiguous per row (prefetch-friendly)
-KC = 8      # _cols: weight rows per pass (8 products per accumulator load and store)
-TILE = 512  # _cols: columns per piece of a pass (8 x 2 KiB of weights, in L1 while the rows use them)
 FAST = {"reassoc", "contract", "nsz"}  # sums in any order: SIMD lanes (_rows' dot products)
 EXACT = {"contract"}  # fused multiply-adds only: _cols' sums keep the source's order
 AHEAD = 2   # _rows: how many 8-row blocks ahead the pairs' passes prefetch
@@ -70,59 +71,138 @@ def _prefetch(typingctx, arr, idx):
     return types.none(arr, idx), codegen
 
 
+def _wide_registers():
+    """Whether Numba's target has 32 vector registers (AVX-512's ymm0-31), not AVX2's 16."""
+    from .int8_dot import _target_features
+    return {"+avx512f", "+avx512vl"} <= _target_features()
+
+
+VW = 8      # floats per vector in _strip (256 bits: what LLVM prefers on AVX2 and AVX-512 alike)
+NV = 4 if _wide_registers() else 2  # vectors per strip row: RB*NV accumulators + NV weights fit the registers
+STRIP = VW * NV  # _cols: columns per strip (32 with AVX-512's registers, 16 with AVX2's)
+RB = 4      # _cols: input rows per strip pass
+KC = 32      # _cols: weight rows per panel (32 x a piece's columns: in L2 while the strips use them)
+AHEAD = 4   # _cols: the strip of a panel's rows that each strip prefetches: 4 strips on
+
+
+def _strip_kernel(R):
+    """An intrinsic for R input rows (1..RB): acc[m0+r, a0:a0+STRIP] += x[m0+r, c] * w[c, j:j+STRIP],
+    c = c0 .. c1-1 in order (c1 > c0), each column's sum one chain of fused multiply-adds;
+    and a prefetch of w.flat[c * OC + j + ahead] for each c.
+
+        strip(x (M, C), w (C, OC), acc (M, n), m0, c0, c1, j, a0, ahead)   all C-contiguous, in bounds
+
+    Written in LLVM IR because LLVM does not keep an R x STRIP block of sums in registers
+    across the c loop when it is written as Numba loops (it loads and stores a local array's
+    entries every step, or leaves the scalars unvectorised): here the R*NV accumulators are
+    phi values of the loop, each step loads NV weight vectors and R broadcast x values and
+    does R*NV multiply-adds (contract: LLVM fuses them where the CPU has FMA, as Numba's
+    fastmath contract does), and asks for the strip `ahead` elements on (llvm.prefetch into
+    L2: a strip to come of these 64 rows, which the hardware prefetcher cannot follow at
+    once). Unchecked loads: _cols keeps every index in bounds (a prefetch never faults)."""
+    @intrinsic
+    def strip(typingctx, x, w, acc, m0, c0, c1, j, a0, ahead):
+        def codegen(context, builder, sig, args):
+            xa, wa, aa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
+            m0, c0, c1, j, a0, ahead = args[3:]
+            i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
+            vt = ir.VectorType(ir.FloatType(), VW)
+            fmf = ("contract",)
+            pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                "llvm.prefetch.p0")
+
+            def at(arr, idx):  # &arr.data[idx] as a vector pointer
+                return builder.bitcast(builder.gep(arr.data, [idx]), vt.as_pointer())
+
+            def offset(base, k):
+                return builder.add(base, ir.Constant(i64, k))
+
+            def row(arr, r):  # first element of row m0 + r of a C-contiguous 2-D array
+                return builder.mul(offset(m0, r), builder.extract_value(arr.shape, 1))
+            arow = [builder.add(row(aa, r), a0) for r in range(R)]
+            xrow = [row(xa, r) for r in range(R)]
+            start = [[builder.load(at(aa, offset(arow[r], v * VW)), align=4) for v in range(NV)] for r in range(R)]
+            entry, loop, done = builder.block, builder.append_basic_block("strip.c"), builder.append_basic_block("strip.end")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            c = builder.phi(i64)
+            sums = [[builder.phi(vt) for _ in range(NV)] for _ in range(R)]
+            wbase = builder.add(builder.mul(c, builder.extract_value(wa.shape, 1)), j)
+            wv = [builder.load(at(wa, offset(wbase, v * VW)), align=4) for v in range(NV)]
+            for k in range(0, STRIP, 16):  # 16 floats: one 64-byte line
+                line = builder.gep(wa.data, [offset(builder.add(wbase, ahead), k)])
+                builder.call(pf, [builder.bitcast(line, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+            new = []
+            for r in range(R):
+                xv = builder.load(builder.gep(xa.data, [builder.add(xrow[r], c)]))
+                bx = builder.shuffle_vector(builder.insert_element(ir.Constant(vt, ir.Undefined), xv, ir.Constant(i32, 0)),
+                                            ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(i32, VW), [0] * VW))
+                new.append([builder.fadd(sums[r][v], builder.fmul(bx, wv[v], flags=fmf), flags=fmf) for v in range(NV)])
+            step = builder.add(c, ir.Constant(i64, 1))
+            c.add_incoming(c0, entry)
+            c.add_incoming(step, loop)
+            for r in range(R):
+                for v in range(NV):
+                    sums[r][v].add_incoming(start[r][v], entry)
+                    sums[r][v].add_incoming(new[r][v], loop)
+            builder.cbranch(builder.icmp_signed("<", step, c1), loop, done)
+            builder.position_at_end(done)
+            for r in range(R):
+                for v in range(NV):
+                    builder.store(new[r][v], at(aa, offset(arow[r], v * VW)), align=4)
+            return context.get_dummy_value()
+        return types.none(x, w, acc, m0, c0, c1, j, a0, ahead), codegen
+    return strip
+
+
+_strip1, _strip2, _strip3, _strip4 = (_strip_kernel(R) for R in range(1, RB + 1))
+
+
 @njit(cache=True, nogil=True, fastmath=EXACT, error_model="numpy")
 def _cols(x, w, bias, out, j0, j1):
     """out[m, j0:j1] = x[m] @ w[:, j0:j1] (+ bias[j0:j1]); x (M, C), w (C, OC) rows, bias (OC,) or (0,).
 
-    The weight is read in passes of KC (8) rows: for each TILE of columns of those rows,
-    every input row (two at a time) adds its 8 products into a local accumulator (M, j1-j0),
-    in one chain of fused multiply-adds from the accumulator.
-    So an accumulator entry is loaded and stored once per 8 multiply-adds (16 for a pair of
-    rows), each weight value is loaded once per pair of rows from L1 (the 8 x TILE piece
-    stays there while the M rows use it) and once from memory, and the 8 row pieces are 8
-    sequential streams the prefetcher follows. One accumulator entry per output column:
-    every column's sum is computed in the same order whatever M, the columns' split
-    between threads or the pairing of rows (no reassociation needed: the j loop is
-    elementwise), so a row's result has the same bits alone or in a batch.
-    (LLVM does not keep an M x 16-column block in registers across the c loop here; the
-    8-row passes get the same effect from L1: 3-4x the old one-row-at-a-time loop at M = 8.)
+    The weight is read in panels of KC rows x the piece's columns (in L2 while used); each
+    panel in strips of STRIP columns, and each strip's KC rows summed into RB (4) input
+    rows' accumulators held in registers (_strip): per step NV weight vectors and 4
+    broadcast x values feed 4*NV multiply-adds, so an 8-row step does the arithmetic of
+    eight rows with two reads of the strip from L1, not eight loads and stores of
+    accumulators. Every output column is one chain of fused multiply-adds over c = 0..C-1
+    in order, into a local accumulator (M, j1-j0), whatever M, the rows' grouping (4, 3, 2,
+    1 at a time), the strip or the split of columns between threads: a row's result has the
+    same bits alone or in a batch. Columns past the last whole strip (only in models whose
+    widths are not multiples of STRIP) take the same chain one column at a time.
     """
     M, C = x.shape
     n = j1 - j0
+    whole = n - n % STRIP
     acc = np.zeros((M, n), np.float32)  # local: LLVM knows it aliases neither w nor out
-    ck = C - C % KC
-    for c in range(0, ck, KC):
-        for t0 in range(0, n, TILE):
-            t1 = min(t0 + TILE, n)
-            p0, p1 = j0 + t0, j0 + t1  # this tile's columns of w
-            w0, w1, w2, w3 = w[c, p0:p1], w[c + 1, p0:p1], w[c + 2, p0:p1], w[c + 3, p0:p1]
-            w4, w5, w6, w7 = w[c + 4, p0:p1], w[c + 5, p0:p1], w[c + 6, p0:p1], w[c + 7, p0:p1]
-            for m in range(0, M, 2):
-                a = acc[m, t0:t1]
-                x0, x1, x2, x3 = x[m, c], x[m, c + 1], x[m, c + 2], x[m, c + 3]
-                x4, x5, x6, x7 = x[m, c + 4], x[m, c + 5], x[m, c + 6], x[m, c + 7]
-                if m + 1 < M:  # a pair: each weight loaded once for two rows
-                    b = acc[m + 1, t0:t1]
-                    y0, y1, y2, y3 = x[m + 1, c], x[m + 1, c + 1], x[m + 1, c + 2], x[m + 1, c + 3]
-                    y4, y5, y6, y7 = x[m + 1, c + 4], x[m + 1, c + 5], x[m + 1, c + 6], x[m + 1, c + 7]
-                    for j in range(t1 - t0):
-                        v0, v1, v2, v3, v4, v5, v6, v7 = w0[j], w1[j], w2[j], w3[j], w4[j], w5[j], w6[j], w7[j]
-                        a[j] = a[j] + x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
-                        b[j] = b[j] + y0 * v0 + y1 * v1 + y2 * v2 + y3 * v3 + y4 * v4 + y5 * v5 + y6 * v6 + y7 * v7
-                else:
-                    for j in range(t1 - t0):
-                        v0, v1, v2, v3, v4, v5, v6, v7 = w0[j], w1[j], w2[j], w3[j], w4[j], w5[j], w6[j], w7[j]
-                        a[j] = a[j] + x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3 + x4 * v4 + x5 * v5 + x6 * v6 + x7 * v7
-    for c in range(ck, C):  # the last C % KC rows, one at a time
-        wr = w[c, j0:j1]
-        for m in range(M):
-            xv = x[m, c]
-            a = acc[m]
-            for j in range(n):
-                a[j] += xv * wr[j]
+    rest = M % RB
+    OC = w.shape[1]
+    for c0 in range(0, C, KC):
+        c1 = min(c0 + KC, C)
+        for t in range(0, whole, STRIP):
+            # the strip AHEAD on in this piece's order: further along these rows, or at the
+            # start of the next panel's (a piece may be only 9 strips wide: a thread's share)
+            nxt = t + AHEAD * STRIP
+            ahead = nxt - t if nxt < whole else KC * OC + nxt - whole - t
+            for m in range(0, M - rest, RB):
+                _strip4(x, w, acc, m, c0, c1, j0 + t, t, ahead)
+            if rest == 3:
+                _strip3(x, w, acc, M - 3, c0, c1, j0 + t, t, ahead)
+            elif rest == 2:
+                _strip2(x, w, acc, M - 2, c0, c1, j0 + t, t, ahead)
+            elif rest == 1:
+                _strip1(x, w, acc, M - 1, c0, c1, j0 + t, t, ahead)
+    if whole < n:
+        for c in range(C):
+            for m in range(M):
+                xv = x[m, c]
+                for t in range(whole, n):
+                    acc[m, t] += xv * w[c, j0 + t]
     for m in range(M):
-        for j in range(n):
-            out[m, j0 + j] = acc[m, j] + (bias[j0 + j] if bias.shape[0] > 0 else np.float32(0.0))
+        for t in range(n):
+            out[m, j0 + t] = acc[m, t] + (bias[j0 + t] if bias.shape[0] > 0 else np.float32(0.0))
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import npgpt2
-from npgpt2 import kernels, layers
+from npgpt2 import batch_decode, kernels, layers
 from npgpt2.batch_decode import BatchDecoder, Row, generate_batch, row_rng
 from npgpt2.sampling import generate_stream
 
@@ -226,6 +226,35 @@ def test_prompts_arriving_together_are_prefilled_together(dtype, monkeypatch):
         assert np.abs(got - solo).max() <= TOL[dtype] * max(1.0, np.abs(solo).max())
         assert row.tokens == [int(x) for x in solo.argmax(axis=-1)]
     assert len(rows[-1].prompt_scores) == 4
+
+
+def test_a_prefill_forward_holds_at_most_prefill_tokens(monkeypatch):
+    """add_many cuts a group of prompts feeding as many tokens into forwards of at most
+    PREFILL_TOKENS tokens (whole prompts; one longer prompt goes alone): the prefill's
+    activations stay bounded however many prompts arrive together, and every row still
+    decodes as it would alone."""
+    monkeypatch.setattr(batch_decode, "PREFILL_TOKENS", 8)
+    model = npgpt2.load_model(FIX / "tiny")
+    V = model.hparams["n_vocab"]
+    rng = np.random.default_rng(11)
+    rows = [Row(rng.integers(0, V, n).tolist(), 4, temperature=0) for n in (4, 4, 9, 4, 3, 3, 3, 4)]
+    batches = []
+    forward = model.forward
+
+    def counting(tokens, **kw):
+        batches.append(tokens.shape)
+        return forward(tokens, **kw)
+    monkeypatch.setattr(model, "forward", counting)
+    BatchDecoder(model, max_batch=8).add_many(rows)
+    # 4 x 4 tokens: 2 + 2; 9 tokens: alone; 3 x 3 tokens: 2 + 1
+    assert sorted(batches) == [(1, 3), (1, 9), (2, 3), (2, 4), (2, 4)]
+    monkeypatch.setattr(model, "forward", forward)
+    dec = BatchDecoder(model, max_batch=8)
+    dec.add_many(rows)
+    seen = decode_all(dec, rows)
+    for row in rows:
+        solo = solo_logits(model, row.prompt, row.tokens)
+        assert np.abs(np.array(seen[id(row)]) - solo).max() <= TOL[np.float32] * max(1.0, np.abs(solo).max())
 
 
 def test_an_interrupted_prefill_leaves_no_row_behind(monkeypatch):
