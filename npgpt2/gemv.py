@@ -122,21 +122,24 @@ def _strip_kernel(R):
             arow = [builder.add(row(aa, r), a0) for r in range(R)]
             xrow = [row(xa, r) for r in range(R)]
             start = [[builder.load(at(aa, offset(arow[r], v * VW)), align=4) for v in range(NV)] for r in range(R)]
-            entry, loop, done = builder.block, builder.append_basic_block("strip.c"), builder.append_basic_block("strip.end")
+            entry = builder.block
+            loop, done = builder.append_basic_block("strip.c"), builder.append_basic_block("strip.end")
             builder.branch(loop)
             builder.position_at_end(loop)
             c = builder.phi(i64)
             sums = [[builder.phi(vt) for _ in range(NV)] for _ in range(R)]
             wbase = builder.add(builder.mul(c, builder.extract_value(wa.shape, 1)), j)
             wv = [builder.load(at(wa, offset(wbase, v * VW)), align=4) for v in range(NV)]
+            read, into_l2, data = (ir.Constant(i32, n) for n in (0, 2, 1))  # llvm.prefetch's last three
             for k in range(0, STRIP, 16):  # 16 floats: one 64-byte line
                 line = builder.gep(wa.data, [offset(builder.add(wbase, ahead), k)])
-                builder.call(pf, [builder.bitcast(line, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+                builder.call(pf, [builder.bitcast(line, i8p), read, into_l2, data])
             new = []
+            undef, lane0 = ir.Constant(vt, ir.Undefined), ir.Constant(i32, 0)
+            to_all = ir.Constant(ir.VectorType(i32, VW), [0] * VW)  # shuffle mask: lane 0 everywhere
             for r in range(R):
                 xv = builder.load(builder.gep(xa.data, [builder.add(xrow[r], c)]))
-                bx = builder.shuffle_vector(builder.insert_element(ir.Constant(vt, ir.Undefined), xv, ir.Constant(i32, 0)),
-                                            ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(i32, VW), [0] * VW))
+                bx = builder.shuffle_vector(builder.insert_element(undef, xv, lane0), undef, to_all)  # x broadcast
                 new.append([builder.fadd(sums[r][v], builder.fmul(bx, wv[v], flags=fmf), flags=fmf) for v in range(NV)])
             step = builder.add(c, ir.Constant(i64, 1))
             c.add_incoming(c0, entry)
