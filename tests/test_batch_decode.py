@@ -196,6 +196,17 @@ def test_cli_batch_size_gives_the_same_samples():
     assert one.stdout == three.stdout and one.stdout.count(" SAMPLE ") == 3
 
 
+def count_forwards(model, monkeypatch):
+    """-> the list of the token shapes of model.forward's calls from now on."""
+    shapes, forward = [], model.forward
+
+    def counting(tokens, **kw):
+        shapes.append(tokens.shape)
+        return forward(tokens, **kw)
+    monkeypatch.setattr(model, "forward", counting)
+    return shapes
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_prompts_arriving_together_are_prefilled_together(dtype, monkeypatch):
     """add_many: rows feeding as many tokens share one forward (each at its own cache row and
@@ -209,13 +220,7 @@ def test_prompts_arriving_together_are_prefilled_together(dtype, monkeypatch):
     dec.add(Row(rng.integers(0, V, 6).tolist(), 3, temperature=0))  # a row already decoding
     dec.sample()
     dec.feed()
-    batches = []
-    forward = model.forward
-
-    def counting(tokens, **kw):
-        batches.append(tokens.shape)
-        return forward(tokens, **kw)
-    monkeypatch.setattr(model, "forward", counting)
+    batches = count_forwards(model, monkeypatch)
     dec.add_many(rows)
     assert sorted(batches) == [(1, 4), (2, 7), (3, 4)]  # 3 x 4 tokens, 2 x 7, the scoring row alone
     assert len({r.slot for r in dec.rows}) == 7
@@ -238,13 +243,8 @@ def test_a_prefill_forward_holds_at_most_prefill_tokens(monkeypatch):
     V = model.hparams["n_vocab"]
     rng = np.random.default_rng(11)
     rows = [Row(rng.integers(0, V, n).tolist(), 4, temperature=0) for n in (4, 4, 9, 4, 3, 3, 3, 4)]
-    batches = []
     forward = model.forward
-
-    def counting(tokens, **kw):
-        batches.append(tokens.shape)
-        return forward(tokens, **kw)
-    monkeypatch.setattr(model, "forward", counting)
+    batches = count_forwards(model, monkeypatch)
     BatchDecoder(model, max_batch=8).add_many(rows)
     # 4 x 4 tokens: 2 + 2; 9 tokens: alone; 3 x 3 tokens: 2 + 1
     assert sorted(batches) == [(1, 3), (1, 9), (2, 3), (2, 4), (2, 4)]
