@@ -60,8 +60,14 @@ from .layers import (  # noqa: F401,E402
 )
 from .quant import QuantizedWeight  # noqa: E402
 
-# training's forward multiplies int8 weights by unquantised activations (model_backward.py)
-from .quant_kernels import float_activations  # noqa: E402,F401
+
+def float_activations():
+    """quant_kernels.float_activations(): training's forward multiplies int8 weights by
+    unquantised activations (model_backward.py finds it here, on the ops module). Looked up at
+    the call: quant_kernels imports gemv_pool, which imports this module, so it may not have
+    its functions yet while this one is imported."""
+    return quant_kernels.float_activations()
+
 
 PLAIN = ("embedding_forward", "lora_backward", "lora_embedding_backward", "lora_embedding_forward",
          "lora_head_backward", "lora_head_forward", "merge_heads", "softmax", "split_heads")

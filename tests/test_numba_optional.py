@@ -95,3 +95,14 @@ def test_without_numba_everything_runs_on_the_plain_path(tmp_path):
     text = "Hello world, it's npgpt2 without Numba!"
     assert got["ids"] == enc.encode(text)
     assert got["decoded"] == text
+
+
+def test_each_kernel_module_imports_first():
+    """The Numba modules import one another (quant_kernels -> gemv_pool -> kernels ->
+    quant_kernels): each must import as the first npgpt2 module of a fresh interpreter (a
+    name taken from a partly imported module at import time was an ImportError)."""
+    mods = ["gemv", "gemv_pool", "int8_dot", "kernels", "quant", "quant_kernels", "model_fast", "batch_decode"]
+    code = "import importlib, sys; importlib.import_module('npgpt2.' + sys.argv[1])"
+    for mod in mods:
+        r = subprocess.run([sys.executable, "-c", code, mod], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, (mod, r.stderr.strip().splitlines()[-1:])
