@@ -63,9 +63,12 @@ def npgpt2_info():
     info = {"numpy": np.__version__, "numba": numba.__version__}
     try:
         from threadpoolctl import threadpool_info
+        # NumPy's BLAS first: importing Numba imports SciPy where it is installed, which loads
+        # a second OpenBLAS of its own (idle; threadpoolctl lists it in load order)
+        libs = sorted((d for d in threadpool_info() if d.get("user_api") == "blas"),
+                      key=lambda d: "numpy" not in str(d.get("filepath", "")))
         info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "architecture",
-                                                "num_threads", "threading_layer")}
-                        for d in threadpool_info() if d.get("user_api") == "blas"]
+                                                "num_threads", "threading_layer", "filepath")} for d in libs]
     except ImportError:
         info["blas"] = "threadpoolctl not installed"
     try:
