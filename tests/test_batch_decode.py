@@ -119,7 +119,7 @@ def test_float32_rows_get_their_solo_logits_bit_for_bit(monkeypatch):
     """On the kernels every float32 step of <= 8 rows (gemv.py, per-row attention and
     layernorm) computes each row alone: a row's logits in a batch of 1..8 rows joining at
     different steps are its solo logits exactly. Shapes with tails: C = 140 (not a multiple
-    of the SIMD width or of gemv._cols' 8-row passes), 4C = 560 (more than one 512-column tile)."""
+    of the SIMD width, of gemv._cols' 32-row panels or of its strips), 4C = 560 (17.5 strips of 32)."""
     pytest.importorskip("numba")
     monkeypatch.delenv("NPGPT2_PLAIN", raising=False)
     hp = {"n_vocab": 301, "n_ctx": 32, "n_embd": 140, "n_head": 4, "n_layer": 2}

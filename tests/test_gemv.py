@@ -1,6 +1,6 @@
 """gemv.py, decoding's float32 few-row products, against plain NumPy: every row count 1..8,
-shapes whose C and OC are not multiples of the SIMD width or of _cols' 8-row passes and
-512-column tiles, column/row ranges that start and end mid-vector, one thread and two."""
+shapes whose C and OC are not multiples of the SIMD width or of _cols' KC-row panels and
+STRIP-column strips, column/row ranges that start and end mid-vector, one thread and two."""
 
 import numpy as np
 import pytest
@@ -11,8 +11,8 @@ from npgpt2 import layers
 pytest.importorskip("numba")
 from npgpt2 import gemv  # noqa: E402
 
-# (C, OC): tails everywhere (C % 8, C % 16, OC % 16, OC % 512 not 0), one weight row,
-# one column, and a GPT-2 block shape with more than one TILE of columns
+# (C, OC): tails everywhere (C % 8, C % KC, OC % 16, OC % STRIP not 0), one weight row,
+# one column, and a GPT-2 block shape of many panels and strips
 SHAPES = [(37, 53), (100, 517), (8, 16), (1, 9), (13, 1), (769, 1100), (768, 2304)]
 
 
