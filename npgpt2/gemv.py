@@ -42,7 +42,7 @@ layers.matmul_forward (x @ w + b) is the plain reference; tests hold these equal
 """
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import errors, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -102,6 +102,9 @@ def _strip_kernel(R):
     once). Unchecked loads: _cols keeps every index in bounds (a prefetch never faults)."""
     @intrinsic
     def strip(typingctx, x, w, acc, m0, c0, c1, j, a0, ahead):
+        if any(getattr(a, "layout", None) != "C" or getattr(a, "dtype", None) != types.float32 for a in (x, w, acc)):
+            raise errors.TypingError("gemv._strip: x, w and acc must be C-contiguous float32 arrays")
+
         def codegen(context, builder, sig, args):
             xa, wa, aa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
             m0, c0, c1, j, a0, ahead = args[3:]

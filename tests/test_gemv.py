@@ -89,6 +89,16 @@ def test_matmul_rows_equals_plain_layer(M, threads, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+def test_cols_refuses_arrays_its_strips_would_misread():
+    """_strip's loads take a row's start from the shape (C-contiguous rows): another layout is
+    refused when Numba compiles the call, not read wrongly."""
+    from numba.core.errors import TypingError
+    x, w, b = data(3, 40, 64)
+    out = np.empty((3, 64), np.float32)
+    with pytest.raises(TypingError, match="C-contiguous float32"):
+        gemv._cols(np.asfortranarray(x), w, b, out, 0, 64)
+
+
 def test_matmul_rows_refuses_a_strided_weight():
     x, w, _ = data(2, 16, 32)
     with pytest.raises(ValueError, match="C-contiguous"):
