@@ -32,11 +32,12 @@ from .sampling import check_batch_memory, check_sampling_args, check_seed, fit_p
 log = logging.getLogger(__name__)
 
 # add_many: at most this many prompt tokens in one prefill forward (whole prompts; a longer
-# one goes alone). Its activations (~11 x n_embd floats a token, 4.4 MB per 128 tokens at
-# 124M) are held while it runs: eight 32-token prompts in one forward took 11 MB more than
-# two forwards of four, which on a server whose cache rows are already touched is the peak
-# RSS. Two forwards cost ~15% more prefill time than one (124M, measured), still one read of
-# each weight per 128 tokens. llama.cpp's server bounds its prefill batch the same way (n_ubatch).
+# one goes alone). Its activations (~11 x n_embd floats a token, 4.3 MB per 128 tokens at
+# 124M) are held while it runs: eight 32-token prompts in one forward peaked at 11.8 MB
+# (tracemalloc), which on a server whose cache rows are already touched set its peak RSS
+# (759 MB under benchmarks/serve.py's load, 753 MB with forwards of 128 tokens). Two forwards
+# cost ~15% more prefill time than one (124M, measured), still one read of each weight per
+# 128 tokens. llama.cpp's server bounds its prefill batch the same way (n_ubatch).
 PREFILL_TOKENS = 128
 
 
@@ -123,7 +124,8 @@ class BatchDecoder:
         next sample(). Rows that feed the same number of tokens are prefilled in one forward
         (up to PREFILL_TOKENS tokens), each at its own cache position: eight 32-token prompts
         arriving together are two products of 128 rows per weight instead of eight of 32 (a
-        weight read twice, not eight times). A row that scores its prompt (prompt_logprobs) is prefilled alone."""
+        weight read twice, not eight times). A row that scores its prompt (prompt_logprobs) is
+        prefilled alone."""
         if len(rows) > self.max_batch - len(self.rows):
             raise RuntimeError("no free slot: every row is being decoded")
         groups = {}
