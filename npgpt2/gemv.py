@@ -98,7 +98,7 @@ def _strip_kernel(R):
     phi values of the loop, each step loads NV weight vectors and R broadcast x values and
     does R*NV multiply-adds (contract: LLVM fuses them where the CPU has FMA, as Numba's
     fastmath contract does), and asks for the strip `ahead` elements on (llvm.prefetch into
-    L2: a strip to come of these 64 rows, which the hardware prefetcher cannot follow at
+    L2: a strip to come of the panel's KC rows, which the hardware prefetcher cannot follow at
     once). Unchecked loads: _cols keeps every index in bounds (a prefetch never faults)."""
     @intrinsic
     def strip(typingctx, x, w, acc, m0, c0, c1, j, a0, ahead):
