@@ -56,17 +56,21 @@ AHEAD = 2   # _rows: how many 8-row blocks ahead the pairs' passes prefetch
 _NO_BIAS = np.zeros(0, np.float32)
 
 
+def _emit_prefetch(builder, ptr):
+    """IR: ask for ptr's cache line into L2 without waiting: LLVM's llvm.prefetch (x86
+    prefetcht1, ARM prfm; nothing where the CPU has none). Never faults."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    # read (0), locality 2 (L2: used a few passes or strips later), data cache (1)
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+
+
 @intrinsic
 def _prefetch(typingctx, arr, idx):
-    """Ask for arr[idx]'s cache line (1-D arr) into L2 without waiting: LLVM's llvm.prefetch
-    (x86 prefetcht1, ARM prfm; nothing where the CPU has none). Never faults."""
+    """Ask for arr[idx]'s cache line (1-D arr) into L2 without waiting (_emit_prefetch)."""
     def codegen(context, builder, sig, args):
-        ptr = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [args[1]])
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        # read (0), locality 2 (L2: the block is used a few passes later), data cache (1)
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        _emit_prefetch(builder, builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [args[1]]))
         return context.get_dummy_value()
     return types.none(arr, idx), codegen
 
@@ -108,11 +112,9 @@ def _strip_kernel(R):
         def codegen(context, builder, sig, args):
             xa, wa, aa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
             m0, c0, c1, j, a0, ahead = args[3:]
-            i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
+            i32, i64 = ir.IntType(32), ir.IntType(64)
             vt = ir.VectorType(ir.FloatType(), VW)
             fmf = ("contract",)
-            pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                                "llvm.prefetch.p0")
 
             def at(arr, idx):  # &arr.data[idx] as a vector pointer
                 return builder.bitcast(builder.gep(arr.data, [idx]), vt.as_pointer())
@@ -133,10 +135,8 @@ def _strip_kernel(R):
             sums = [[builder.phi(vt) for _ in range(NV)] for _ in range(R)]
             wbase = builder.add(builder.mul(c, builder.extract_value(wa.shape, 1)), j)
             wv = [builder.load(at(wa, offset(wbase, v * VW)), align=4) for v in range(NV)]
-            read, into_l2, data = (ir.Constant(i32, n) for n in (0, 2, 1))  # llvm.prefetch's last three
             for k in range(0, STRIP, 16):  # 16 floats: one 64-byte line
-                line = builder.gep(wa.data, [offset(builder.add(wbase, ahead), k)])
-                builder.call(pf, [builder.bitcast(line, i8p), read, into_l2, data])
+                _emit_prefetch(builder, builder.gep(wa.data, [offset(builder.add(wbase, ahead), k)]))
             new = []
             undef, lane0 = ir.Constant(vt, ir.Undefined), ir.Constant(i32, 0)
             to_all = ir.Constant(ir.VectorType(i32, VW), [0] * VW)  # shuffle mask: lane 0 everywhere
