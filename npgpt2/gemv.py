@@ -302,7 +302,8 @@ _gemv_pool = None
 
 
 def _pool():
-    """gemv_pool, imported on first use (it imports this module's kernels)."""
+    """gemv_pool, imported on first use (it imports this module's kernels and kernels'
+    decode attention; both call here)."""
     global _gemv_pool
     if _gemv_pool is None:
         from . import gemv_pool

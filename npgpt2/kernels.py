@@ -758,7 +758,7 @@ def _decode_attention(qkv, k_cache, v_cache, pos, NH, rows):
     if n == 1:
         _decode_attention_kernel(q, k_cache, v_cache, rows, pos, NH, out, 0, units)
     else:
-        from . import gemv_pool  # it imports this module's decode kernel
+        gemv_pool = gemv._pool()  # imported on first use: it imports this module's decode kernel
         params = np.array([q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, rows.ctypes.data,
                            pos.ctypes.data, out.ctypes.data, B, C3, k_cache.shape[0], NH, k_cache.shape[2],
                            k_cache.shape[3]], np.int64)
