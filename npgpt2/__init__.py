@@ -11,17 +11,14 @@ before it parses its flags) loads neither NumPy nor Numba: a Ctrl-C then lands i
 own handler, not in the middle of an import, and `npgpt2 --help` is instant.
 """
 import importlib
-import os
 
+from . import blas_idle
 from .errors import Npgpt2Error
 
-# OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call before they sleep: a
-# core burnt after every burst of GEMMs, which a decode step's GEMV worker (gemv_pool), the
-# other processes and the thread policy's load samples (threads.py) all feel. 2^4 cycles: they
-# sleep at once, and the next GEMM wakes them (microseconds, against milliseconds of work).
-# Read once, when NumPy loads its OpenBLAS: so only if NumPy is not imported yet (as `import
-# npgpt2` is lazy, the first npgpt2 module that needs NumPy loads it). A user's setting wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# OpenBLAS's idle threads sleep right after a call instead of spinning ~0.1 s (blas_idle.py):
+# OpenBLAS reads this when NumPy loads it, so before any npgpt2 module imports NumPy (when
+# NumPy came first, threads.py restarts OpenBLAS's workers at its first BLAS decision).
+blas_idle.set_default_env()
 
 __version__ = "0.1.0"
 

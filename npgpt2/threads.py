@@ -48,6 +48,8 @@ import time
 
 import numba
 
+from . import blas_idle
+
 log = logging.getLogger(__name__)
 
 SAMPLE_S = 0.2  # seconds between two looks at the machine
@@ -229,6 +231,7 @@ def _env_int(name):
 
 
 _policy = None
+_blas_checked = False  # blas_idle.restart_workers has looked at NumPy's BLAS
 # decisions since import, by (kind, threads): the benchmarks report what the policy chose
 STATS = {}
 
@@ -239,14 +242,18 @@ def decisions():
 
 
 def _get():
-    global _policy
+    global _policy, _blas_checked
     if _policy is None:
         _policy = _Policy()
+    if not _blas_checked:  # once a process: OpenBLAS's workers spin after each call if NumPy came first
+        _blas_checked = True
+        for lib in _numpy_blas():
+            blas_idle.restart_workers(lib)
     return _policy
 
 
-def _find_blas_setter():
-    """The set_num_threads of the BLAS NumPy uses (threadpoolctl), or a no-op.
+def _numpy_blas():
+    """The BLAS libraries NumPy uses (threadpoolctl controllers; [] without threadpoolctl).
 
     A process may hold several BLAS libraries (another package's OpenBLAS, torch's MKL):
     the ones shipped with NumPy are chosen, or all of them if none is recognisably NumPy's.
@@ -258,7 +265,12 @@ def _find_blas_setter():
         log.warning("threadpoolctl cannot control BLAS threads (%s): BLAS keeps its own count", e)
         libs = []
     numpys = [lib for lib in libs if "numpy" in os.path.basename(os.path.dirname(lib.filepath))]
-    setters = [lib.set_num_threads for lib in (numpys or libs)]
+    return numpys or libs
+
+
+def _find_blas_setter():
+    """The set_num_threads of the BLAS NumPy uses, or a no-op."""
+    setters = [lib.set_num_threads for lib in _numpy_blas()]
     if len(setters) == 1:
         return setters[0]
 
