@@ -45,6 +45,8 @@ How it measures:
   validation slice; held-out loss reductions compared.
 - Hardware limits: fp32 GEMM GFLOP/s and memory bandwidth (benchmarks/hardware.py); the
   decode bound is bandwidth / bytes of weights read per token.
+- GEMM engines (gemm_engines): NumPy's BLAS and PyTorch's on the model's shapes, in turns
+  (benchmarks/gemm_engines.py): the floor under the forward and prefill ratios.
 """
 import argparse
 import datetime
@@ -289,7 +291,15 @@ def bench_hardware(reps, log):
     return json.loads(out.stdout)
 
 
-STEPS = ("hardware", "forward", "prefill", "decode", "decode_int8", "decode_anchors", "policy", "train_b4t64", "train_b1t1024", "train_memsave",
+def bench_gemm_engines(reps, log):
+    """benchmarks/gemm_engines.py: NumPy's BLAS against PyTorch's on the model's shapes."""
+    env, _ = worker_env()
+    out = subprocess.run([sys.executable, str(HERE / "gemm_engines.py"), "--json", "--rounds", str(max(reps, 5))],
+                         stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT, check=True)
+    return json.loads(out.stdout)
+
+
+STEPS = ("hardware", "gemm_engines", "forward", "prefill", "decode", "decode_int8", "decode_anchors", "policy", "train_b4t64", "train_b1t1024", "train_memsave",
          "load_train_b4t64", "load_decode", "load", "generate_1558M", "int8_1558M", "int8_quality",
          "int8_quality_124M", "tokenizer", "kernels", "lora_124M", "lora_774M", "lora_1558M",
          "lora_quality")  # --only names, in the order they run
@@ -316,6 +326,7 @@ def run_all(args, log):
         print(f" {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     step("hardware", lambda: bench_hardware(reps, log))
+    step("gemm_engines", lambda: bench_gemm_engines(reps, log))
     step("forward", lambda: duel("forward", {"T": 1024}, reps, sides, log))
     step("prefill", lambda: duel("prefill", {"T": 1024}, reps, sides, log))
     step("decode", lambda: {**duel("decode", {"prompt": 16, "new": new}, reps, sides, log), "new": new})
@@ -552,6 +563,15 @@ def rows_of(out):
 
     timed("forward", "forward B=1,T=1024, all logits (fused attention)", 1.0)
     timed("prefill", "prefill T=1024, last logits only", 0.85, all_logits=False)
+    # the floor under the two rows above: their GEMMs alone, in each side's BLAS
+    label = "GEMM engines: a T=1024 prefill's 48 block-matrix products, NumPy's BLAS vs PyTorch's"
+    why = missing("gemm_engines")
+    if why or "torch" not in Bm["gemm_engines"]["blocks_s"]:
+        rows.append(not_run(label, why or "not installed", "reported", ""))
+    else:
+        g = Bm["gemm_engines"]["blocks_s"]
+        rows.append((label, fmt_s(g["numpy"]), fmt_s(g["torch"]), f"{g['numpy'] / g['torch']:.2f}x",
+                     "", "reported (benchmarks/gemm_engines.py)", ""))
 
     why = missing("decode")
     if why:
