@@ -18,7 +18,6 @@ restart_workers restarts it the way OpenBLAS itself does after a fork: re-read t
 (blas_thread_init, which reads the timeout anew). Builds without those symbols, or with an
 OpenMP thread layer (the variable does not apply there), are left as they are.
 """
-import ctypes
 import logging
 import os
 
@@ -40,6 +39,7 @@ def restart_workers(lib):
     restarted. Call when no other thread is inside this BLAS (threads.py: at its first use)."""
     if getattr(lib, "internal_api", None) != "openblas" or getattr(lib, "threading_layer", None) != "pthreads":
         return False
+    import ctypes  # here: `import npgpt2` loads this module and stays light
     wanted = os.environ.get(TIMEOUT_ENV)
     try:
         so = ctypes.CDLL(lib.filepath)
