@@ -214,3 +214,20 @@ def test_openblas_threads_sleep_after_a_call(first):
     timeout, _, _ = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                    check=True).stdout.split()
     assert timeout == "28"
+
+
+def test_blas_idle_leaves_other_blas_libraries_alone():
+    """blas_idle.restart_workers only restarts a pthreads OpenBLAS that exports the restart
+    functions: MKL, an OpenMP-threaded OpenBLAS (the variable does not apply there) and a
+    library without those symbols are left as they are (False), never an exception."""
+    import ctypes.util
+    import types
+
+    from npgpt2 import blas_idle
+    libc = ctypes.util.find_library("c") or "libc.so.6"
+    fake = lambda api, layer, path: types.SimpleNamespace(internal_api=api, threading_layer=layer,  # noqa: E731
+                                                          filepath=path)
+    assert blas_idle.restart_workers(fake("mkl", "intel", libc)) is False
+    assert blas_idle.restart_workers(fake("openblas", "openmp", libc)) is False
+    assert blas_idle.restart_workers(fake("openblas", "pthreads", libc)) is False  # no openblas_read_env
+    assert blas_idle.restart_workers(fake("openblas", "pthreads", "/nonexistent/libopenblas.so")) is False
