@@ -231,7 +231,7 @@ def _env_int(name):
 
 
 _policy = None
-_blas_checked = False  # blas_idle.restart_workers has looked at NumPy's BLAS
+_blas_libs = None  # NumPy's BLAS (threadpoolctl controllers), found once a process by _numpy_blas
 # decisions since import, by (kind, threads): the benchmarks report what the policy chose
 STATS = {}
 
@@ -242,30 +242,34 @@ def decisions():
 
 
 def _get():
-    global _policy, _blas_checked
+    global _policy
     if _policy is None:
+        _numpy_blas()  # the first use: OpenBLAS's workers restarted if NumPy came first (blas_idle)
         _policy = _Policy()
-    if not _blas_checked:  # once a process: OpenBLAS's workers spin after each call if NumPy came first
-        _blas_checked = True
-        for lib in _numpy_blas():
-            blas_idle.restart_workers(lib)
     return _policy
 
 
 def _numpy_blas():
-    """The BLAS libraries NumPy uses (threadpoolctl controllers; [] without threadpoolctl).
+    """The BLAS libraries NumPy uses (threadpoolctl controllers; [] without threadpoolctl),
+    found once a process; OpenBLAS's among them restarted then so that its idle workers sleep
+    (blas_idle.restart_workers: they spin after each call when NumPy was imported first).
 
     A process may hold several BLAS libraries (another package's OpenBLAS, torch's MKL):
     the ones shipped with NumPy are chosen, or all of them if none is recognisably NumPy's.
     """
-    try:
-        from threadpoolctl import ThreadpoolController
-        libs = ThreadpoolController().select(user_api="blas").lib_controllers
-    except Exception as e:  # threadpoolctl missing or a library it cannot drive
-        log.warning("threadpoolctl cannot control BLAS threads (%s): BLAS keeps its own count", e)
-        libs = []
-    numpys = [lib for lib in libs if "numpy" in os.path.basename(os.path.dirname(lib.filepath))]
-    return numpys or libs
+    global _blas_libs
+    if _blas_libs is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            libs = ThreadpoolController().select(user_api="blas").lib_controllers
+        except Exception as e:  # threadpoolctl missing or a library it cannot drive
+            log.warning("threadpoolctl cannot control BLAS threads (%s): BLAS keeps its own count", e)
+            libs = []
+        numpys = [lib for lib in libs if "numpy" in os.path.basename(os.path.dirname(lib.filepath))]
+        _blas_libs = numpys or libs
+        for lib in _blas_libs:
+            blas_idle.restart_workers(lib)
+    return _blas_libs
 
 
 def _find_blas_setter():
