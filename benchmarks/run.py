@@ -284,19 +284,21 @@ def bench_under_load(bench, args, reps, sides, log):
 
 
 # ---------------------------------------------------------------- the benchmarks
-def bench_hardware(reps, log):
+def script_json(script, args, log):
+    """Run benchmarks/<script> with `args` in the workers' environment -> its stdout's JSON."""
     env, _ = worker_env()
-    out = subprocess.run([sys.executable, str(HERE / "hardware.py"), "--reps", str(reps)],
+    out = subprocess.run([sys.executable, str(HERE / script), *args],
                          stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT, check=True)
     return json.loads(out.stdout)
+
+
+def bench_hardware(reps, log):
+    return script_json("hardware.py", ["--reps", str(reps)], log)
 
 
 def bench_gemm_engines(reps, log):
     """benchmarks/gemm_engines.py: NumPy's BLAS against PyTorch's on the model's shapes."""
-    env, _ = worker_env()
-    out = subprocess.run([sys.executable, str(HERE / "gemm_engines.py"), "--json", "--rounds", str(max(reps, 5))],
-                         stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT, check=True)
-    return json.loads(out.stdout)
+    return script_json("gemm_engines.py", ["--json", "--rounds", str(max(reps, 5))], log)
 
 
 STEPS = ("hardware", "gemm_engines", "forward", "prefill", "decode", "decode_int8", "decode_anchors", "policy", "train_b4t64", "train_b1t1024", "train_memsave",
