@@ -412,9 +412,13 @@ def load_model(model_dir, dtype=np.float32, verify=True, mmap=False, adapter=Non
         params = read_checkpoint(prefix, verify=verify, mmap=mmap or int8)
         validate_params(hparams, params, f"{prefix}.index")
         params = {k: params[k] for k in param_shapes(hparams)}  # drop optimizer slots etc.
-        if verify:  # the crc pass has read every byte already; this reads them once more
+        # the crc pass has read every byte already; the finite check reads them once more (int8:
+        # each mapped tensor just before it is quantised and its pages given back)
+        if int8:
+            params = quant.quantize_params(params, check=(lambda name, w: check_finite({name: w}, prefix))
+                                           if verify else None)
+        elif verify:
             check_finite(params, prefix)
-        params = quant.quantize_params(params) if int8 else params
     model = GPT2(hparams, params, np.float32 if int8 else dtype)
     model.source_dir = model_dir
     return model

@@ -132,16 +132,20 @@ def quantize(m, group_size=None):
     return QuantizedWeight(q, scale)
 
 
-def quantize_params(params, group_size=None, embedding=True):
+def quantize_params(params, group_size=None, embedding=True, check=None):
     """{TF name: float array} -> the same names, matrices as QuantizedWeight, the rest float32.
 
     Block conv weights (1, C, OC) become the `.T` view (C, OC) of their (OC, C) rows; wte
     (V, C) is quantised per row (= per output channel of the tied head) unless
     embedding=False, which keeps it float32. Tensors of a memory-mapped checkpoint are read
     once each and their pages given back, so the float32 file is never resident at once.
+    check: None, or called as check(name, w) before w is quantised (load_model's finite check:
+    run over the whole mapped file first, it made all 6.2 GB of 1558M's float32 pages resident).
     """
     out = {}
     for name, w in params.items():
+        if check is not None:
+            check(name, w)
         if name == "model/wte":
             out[name] = quantize(w, group_size) if embedding else np.array(w, dtype=np.float32)
         elif is_matrix(name):

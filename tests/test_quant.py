@@ -177,6 +177,58 @@ def test_int8_folder_with_a_wrong_tensor_is_one_line_error(tmp_path):
     assert "model/h0/mlp/c_fc/w" in str(e.value) and "\n" not in str(e.value)
 
 
+# Quantising at load peaks at one float32 tensor's pages above the int8 result; reading the whole
+# float32 mapping first (the finite check did, before quantising) put all of it in RSS: 1558M's
+# int8 load peaked at 6.1 GiB against the < 2.5 GiB it is meant to need.
+LOAD_PEAK_CODE = """
+import sys
+import npgpt2
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+npgpt2.load_model(sys.argv[2], dtype="int8")  # the code's one-time costs (imports, cached kernels) first
+before = hwm()
+npgpt2.load_model(sys.argv[1], dtype="int8")
+print(hwm() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_int8_load_of_a_float32_folder_never_maps_the_whole_file_in(tmp_path):
+    from npgpt2.model import init_model
+    hp = dict(n_vocab=2000, n_ctx=64, n_embd=256, n_head=4, n_layer=48)  # many small tensors
+    save_model(init_model(hp, seed=0), tmp_path / "m")
+    file_bytes = sum(f.stat().st_size for f in (tmp_path / "m").glob("*.data-*"))  # ~155 MB float32
+    r = subprocess.run([sys.executable, "-c", LOAD_PEAK_CODE, str(tmp_path / "m"), str(FIX / "tiny")], capture_output=True,
+                       text=True, env=ENV, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    grew = int(r.stdout.split()[-1])  # the int8 weights are a quarter of the file, plus one tensor's pages
+    print(f"peak RSS grew {grew / 2**20:.0f} MiB loading a {file_bytes / 2**20:.0f} MiB file")
+    assert grew < file_bytes / 2, f"peak RSS grew {grew / 2**20:.0f} MiB loading a {file_bytes / 2**20:.0f} MiB file"
+
+
+def test_int8_load_refuses_a_non_finite_float_weight_in_one_line(tmp_path):
+    """The finite check runs tensor by tensor inside quantize_params for dtype="int8": still one
+    line naming the tensor, before any NumPy warning about casting a NaN to int8."""
+    import shutil
+    import warnings
+
+    from npgpt2.checkpoint import read_checkpoint, write_checkpoint
+    shutil.copytree(FIX / "tiny", tmp_path / "tiny")
+    prefix = str(tmp_path / "tiny" / "model.ckpt")
+    tensors = dict(read_checkpoint(prefix))
+    tensors["model/h1/mlp/c_fc/w"] = tensors["model/h1/mlp/c_fc/w"].copy()
+    tensors["model/h1/mlp/c_fc/w"].flat[3] = np.inf
+    write_checkpoint(prefix, tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Npgpt2Error) as e:
+            load_model(tmp_path / "tiny", dtype="int8")
+    assert "model/h1/mlp/c_fc/w" in str(e.value) and "NaN or infinite" in str(e.value) and "\n" not in str(e.value)
+    with np.errstate(invalid="ignore"):  # quantising the inf (the user skipped the checks)
+        load_model(tmp_path / "tiny", dtype="int8", verify=False)  # verify=False skips the check, as the CRCs
+
+
 def test_training_and_saving_an_int8_model_are_refused(tmp_path):
     model = load_model(FIX / "tiny", dtype="int8")
     tokens = np.zeros((1, 4), dtype=np.int64)
