@@ -206,7 +206,9 @@ def duel(bench, args, reps, sides, log):
     for s in sides:
         q = workers[s].quit()
         res[s] = {**summarize(times[s]), "peak_rss_mib": q["peak_rss_mib"], "info": q["info"],
-                  "rss_before_first_run_mib": workers[s].ready.get("rss_now_mib")}
+                  "rss_before_first_run_mib": workers[s].ready.get("rss_now_mib"),
+                  "rss_at_end_mib": q.get("rss_now_mib"), "huge_pages_at_end_mib": q.get("huge_pages_mib"),
+                  "ru_maxrss_mib": q.get("ru_maxrss_mib")}
         if "result" in last[s]:
             res[s]["result"] = last[s]["result"]
     return res

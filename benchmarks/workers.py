@@ -6,7 +6,8 @@ SIDE is `npgpt2`, `npgpt2-int8` (the same model with 8-bit weights, npgpt2/quant
 `npgpt2-lora` (bench `train` with LoRA adapters on a frozen base, npgpt2/lora.py) or
 `torch` (PyTorch + HF transformers' GPT2LMHeadModel). The worker builds its model, prints
 `{"ready": ...}` as one JSON line, then answers each line `run` on stdin with
-`{"seconds": ...}` after one repetition, and `quit` with `{"peak_rss_mib": ...}`.
+`{"seconds": ...}` after one repetition, and `quit` with `{"peak_rss_mib": ...}` (and the
+resident set and its part in transparent huge pages at the end).
 Three benchmarks are one-shot instead (one JSON line, then exit): `prepare` writes a model
 folder with random weights, `startup` measures a fresh process from start to first token,
 `quality` compares int8 with float32 on a trained model folder.
@@ -39,8 +40,30 @@ SIZES = {  # the released GPT-2 sizes (the same table as npgpt2.model.MODEL_HPAR
 NPGPT2_SIDES = {"npgpt2": "float32", "npgpt2-int8": "int8"}  # side -> weight dtype
 
 
+def _status_kib(path, field):
+    """The `field:  N kB` line of a /proc file (Linux), or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident set: VmHWM, its own address space's. ru_maxrss (the fallback
+    off Linux) starts at the parent's peak when the process is spawned (Linux keeps the larger
+    across the exec), so a big parent would show up in every worker."""
+    kib = _status_kib("/proc/self/status", "VmHWM")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def huge_pages_mib():
+    """The resident set's part in transparent huge pages now (AnonHugePages), or None."""
+    kib = _status_kib("/proc/self/smaps_rollup", "AnonHugePages")
+    return None if kib is None else kib / 1024
 
 
 def rss_mib():
@@ -692,7 +715,10 @@ def main():
             run()
             send({"seconds": time.perf_counter() - t0, **extra})
         elif cmd == "quit":
-            send({"peak_rss_mib": peak_rss_mib(), "info": info()})
+            # ru_maxrss beside VmHWM: they differ when the peak came from the parent (the
+            # unexplained 2.77 GiB train B=1,T=1024 peaks of earlier full runs were ru_maxrss)
+            send({"peak_rss_mib": peak_rss_mib(), "rss_now_mib": rss_mib(), "huge_pages_mib": huge_pages_mib(),
+                  "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "info": info()})
             return
 
 
