@@ -26,32 +26,35 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     with np.errstate(over="ignore"):
         scaled = logits / temperature
     out = np.empty(logits.shape[0], dtype=np.int64)
-    for b, row in enumerate(scaled):
-        if not (np.isfinite(row.max()) and np.isfinite(row.min())):  # (NaN propagates through both)
-            # a temperature so small that logit / temperature overflows: the limit is greedy
-            out[b] = logits[b].argmax()
-            continue
-        if top_k == 0 and top_p < 1.0:
-            ids, probs = nucleus_head(row, top_p)  # most likely first, ties broken by id
-        elif top_k:
-            if top_k < row.shape[0]:
-                ids = np.argpartition(-row, top_k - 1)[:top_k]
-                ids = ids[np.lexsort((ids, -row[ids]))]  # most likely first, ties broken by id
+    # a tiny temperature can leave the scaled logits finite but not their spread: row - max then
+    # overflows to -inf, whose exp is 0, the greedy limit that temperature tends to
+    with np.errstate(over="ignore"):
+        for b, row in enumerate(scaled):
+            if not (np.isfinite(row.max()) and np.isfinite(row.min())):  # (NaN propagates through both)
+                # a temperature so small that logit / temperature overflows: the limit is greedy
+                out[b] = logits[b].argmax()
+                continue
+            if top_k == 0 and top_p < 1.0:
+                ids, probs = nucleus_head(row, top_p)  # most likely first, ties broken by id
+            elif top_k:
+                if top_k < row.shape[0]:
+                    ids = np.argpartition(-row, top_k - 1)[:top_k]
+                    ids = ids[np.lexsort((ids, -row[ids]))]  # most likely first, ties broken by id
+                else:
+                    ids = np.argsort(-row, kind="stable")  # stable: ties by id
+                probs = np.exp(row[ids] - row[ids[0]])
+                probs /= probs.sum()
             else:
-                ids = np.argsort(-row, kind="stable")  # stable: ties by id
-            probs = np.exp(row[ids] - row[ids[0]])
-            probs /= probs.sum()
-        else:
-            # without a cut the order does not matter: no sort, no copy of the 50257 logits
-            ids = None
-            probs = row - row.max()
-            np.exp(probs, out=probs)  # unnormalised: draw() scales by the total
-        if top_p < 1.0:
-            # keep the smallest head whose mass reaches top_p (always at least one token)
-            keep = nucleus_size(probs, top_p)
-            ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-        i = draw(probs, rng.random())
-        out[b] = i if ids is None else ids[i]
+                # without a cut the order does not matter: no sort, no copy of the 50257 logits
+                ids = None
+                probs = row - row.max()
+                np.exp(probs, out=probs)  # unnormalised: draw() scales by the total
+            if top_p < 1.0:
+                # keep the smallest head whose mass reaches top_p (always at least one token)
+                keep = nucleus_size(probs, top_p)
+                ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+            i = draw(probs, rng.random())
+            out[b] = i if ids is None else ids[i]
     return out
 
 
@@ -75,11 +78,12 @@ def sample_row(logits, rng, temperature=1.0, top_k=0, top_p=1.0, work=None):
     if not (np.isfinite(top) and np.isfinite(low)):  # overflow (or NaN): sample_logits's greedy limit
         return int(np.asarray(logits, dtype=np.float64).argmax())
     w = np.empty(logits.shape[0]) if work is None else work
-    if temperature == 1.0:
-        np.subtract(logits, top, out=w, dtype=np.float64)
-    else:
-        np.divide(logits, temperature, out=w, dtype=np.float64)
-        w -= top
+    with np.errstate(over="ignore"):  # -inf for a spread that overflows, as in sample_logits
+        if temperature == 1.0:
+            np.subtract(logits, top, out=w, dtype=np.float64)
+        else:
+            np.divide(logits, temperature, out=w, dtype=np.float64)
+            w -= top
     np.exp(w, out=w)  # unnormalised: draw() scales by the total
     return draw(w, rng.random())
 

@@ -194,6 +194,7 @@ def test_draw_finds_the_interval_of_u():
                 assert got == want and w[got] > 0, (n, u)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # temperature 1e-308 once printed NumPy's overflow warnings
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sample_row_is_sample_logits_draw_for_draw(dtype):
     """The batch path's sample_row draws what sample_logits draws, from the same random
