@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import string
 import sys
@@ -36,6 +35,8 @@ import regex
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from workers import peak_rss_mib  # noqa: E402  (benchmarks/workers.py: this script's folder is on sys.path)
 
 from npgpt2 import tokenizer as tk  # noqa: E402
 
@@ -191,7 +192,7 @@ def bench_tokenizer(mb=10, reps=5):
     if tt is None:
         rows.append({"name": "tiktoken", "status": "not installed"})
     return {"mb": mb, "bytes": nbytes, "tokens": len(ids[base_name]), "reps": reps, "rows": rows,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def format_table(res):

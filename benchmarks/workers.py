@@ -52,12 +52,17 @@ def _status_kib(path, field):
     return None
 
 
+def ru_maxrss_mib():
+    """The kernel's other peak count (Linux: KiB): it starts at the parent's peak when the
+    process is spawned (Linux keeps the larger across the exec)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss_mib():
-    """This process's peak resident set: VmHWM, its own address space's. ru_maxrss (the fallback
-    off Linux) starts at the parent's peak when the process is spawned (Linux keeps the larger
-    across the exec), so a big parent would show up in every worker."""
+    """This process's peak resident set: VmHWM, its own address space's; ru_maxrss_mib (the
+    fallback off Linux) would show a big parent's peak in every worker."""
     kib = _status_kib("/proc/self/status", "VmHWM")
-    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    return kib / 1024 if kib is not None else ru_maxrss_mib()
 
 
 def huge_pages_mib():
@@ -718,7 +723,7 @@ def main():
             # ru_maxrss beside VmHWM: they differ when the peak came from the parent (the
             # unexplained 2.77 GiB train B=1,T=1024 peaks of earlier full runs were ru_maxrss)
             send({"peak_rss_mib": peak_rss_mib(), "rss_now_mib": rss_mib(), "huge_pages_mib": huge_pages_mib(),
-                  "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "info": info()})
+                  "ru_maxrss_mib": ru_maxrss_mib(), "info": info()})
             return
 
 
