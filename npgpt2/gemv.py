@@ -332,7 +332,6 @@ def matmul_rows(x, w, bias=None, out=None):
         gemv_pool.note(kind, 1)
         kernel(x, base, b, out, 0, OC)
         return out
-    params = np.array([x.ctypes.data, base.ctypes.data, b.ctypes.data, out.ctypes.data,
-                       M, C, OC, b.shape[0]], np.int64)
+    params = gemv_pool.job_params((x, base, b, out), (M, C, OC, b.shape[0]))
     gemv_pool.run(kind, params, chunks(units, n), n)
     return out

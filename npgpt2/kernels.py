@@ -759,9 +759,8 @@ def _decode_attention(qkv, k_cache, v_cache, pos, NH, rows):
         _decode_attention_kernel(q, k_cache, v_cache, rows, pos, NH, out, 0, units)
     else:
         gemv_pool = gemv._pool()  # imported on first use: it imports this module's decode kernel
-        params = np.array([q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, rows.ctypes.data,
-                           pos.ctypes.data, out.ctypes.data, B, C3, k_cache.shape[0], NH, k_cache.shape[2],
-                           k_cache.shape[3]], np.int64)
+        params = gemv_pool.job_params((q, k_cache, v_cache, rows, pos, out),
+                                      (B, C3, k_cache.shape[0], NH, k_cache.shape[2], k_cache.shape[3]))
         gemv_pool.run(gemv_pool.KIND_DECODE_ATTN, params, gemv.chunks(units, n), n)
     return out.reshape(B, 1, C3 // 3)
 

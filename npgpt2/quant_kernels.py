@@ -181,7 +181,7 @@ def int8_matmul(x, q, scale, bias=None):
             int8_dot._dot_rows_vnni(xu, xs, q, scale, wsum, b, out, 0, R)
             return out
         kind = gemv_pool.KIND_INT8_VNNI
-        params = [xu.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data, wsum.ctypes.data]
+        params = gemv_pool.job_params((xu, xs, q, scale, wsum, b, out), (N, K, R, NG, b.shape[0]))
     else:
         xq, xs = int8_dot.quantize(x, K // NG)  # [N, K] int8, [N, NG] float32
         if n == 1:
@@ -189,8 +189,7 @@ def int8_matmul(x, q, scale, bias=None):
             int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R)
             return out
         kind = gemv_pool.KIND_INT8
-        params = [xq.ctypes.data, xs.ctypes.data, q.ctypes.data, scale.ctypes.data]
-    params = np.array(params + [b.ctypes.data, out.ctypes.data, N, K, R, NG, b.shape[0]], np.int64)
+        params = gemv_pool.job_params((xq, xs, q, scale, b, out), (N, K, R, NG, b.shape[0]))
     # chunks of >= 64 rows (~50 KB of int8 at K = 768), up to 16 per thread: a late worker
     # holds the caller up by one chunk at most
     gemv_pool.run(kind, params, max(1, min(16 * n, R // 64)), n)
