@@ -43,10 +43,10 @@ layers.matmul_forward (x @ w + b) is the plain reference; tests hold these equal
 import numpy as np
 from llvmlite import ir
 from numba import errors, njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import threads
+from .cpu_target import emit_prefetch, prefetch, target_features
 
 MAX_ROWS = 8
 MIN_COLS = 256  # a column piece of a (C, OC) weight: >= 1 KiB contiguous per row (prefetch-friendly)
@@ -56,29 +56,9 @@ AHEAD = 2   # _rows: how many 8-row blocks ahead the pairs' passes prefetch
 _NO_BIAS = np.zeros(0, np.float32)
 
 
-def _emit_prefetch(builder, ptr):
-    """IR: ask for ptr's cache line into L2 without waiting: LLVM's llvm.prefetch (x86
-    prefetcht1, ARM prfm; nothing where the CPU has none). Never faults."""
-    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                        "llvm.prefetch.p0")
-    # read (0), locality 2 (L2: used a few passes or strips later), data cache (1)
-    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
-
-
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """Ask for arr[idx]'s cache line (1-D arr) into L2 without waiting (_emit_prefetch)."""
-    def codegen(context, builder, sig, args):
-        _emit_prefetch(builder, builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [args[1]]))
-        return context.get_dummy_value()
-    return types.none(arr, idx), codegen
-
-
 def _wide_registers():
     """Whether Numba's target has 32 vector registers (AVX-512's ymm0-31), not AVX2's 16."""
-    from .int8_dot import _target_features
-    return {"+avx512f", "+avx512vl"} <= _target_features()
+    return {"+avx512f", "+avx512vl"} <= target_features()
 
 
 VW = 8      # floats per vector in _strip (256 bits: what LLVM prefers on AVX2 and AVX-512 alike)
@@ -136,7 +116,7 @@ def _strip_kernel(R):
             wbase = builder.add(builder.mul(c, builder.extract_value(wa.shape, 1)), j)
             wv = [builder.load(at(wa, offset(wbase, v * VW)), align=4) for v in range(NV)]
             for k in range(0, STRIP, 16):  # 16 floats: one 64-byte line
-                _emit_prefetch(builder, builder.gep(wa.data, [offset(builder.add(wbase, ahead), k)]))
+                emit_prefetch(builder, builder.gep(wa.data, [offset(builder.add(wbase, ahead), k)]))
             new = []
             undef, lane0 = ir.Constant(vt, ir.Undefined), ir.Constant(i32, 0)
             to_all = ir.Constant(ir.VectorType(i32, VW), [0] * VW)  # shuffle mask: lane 0 everywhere
@@ -247,7 +227,7 @@ def _rows(x, w, bias, out, r0, r1):
         for h in range(rb, rb + 8, 4):
             for m in range(0, M - 1, 2):
                 for p in range(ahead + k * share, min(ahead + (k + 1) * share, ahead + 8 * C, flat.shape[0]), 16):
-                    _prefetch(flat, p)
+                    prefetch(flat, p)
                 k += 1
                 s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
                 for c in range(C):

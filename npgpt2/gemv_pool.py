@@ -142,7 +142,7 @@ def _chunk(ctl, c):
         ws = carray(_as_ptr(ctl[P + 3]), (R, NG), np.float32)
         bias = carray(_as_ptr(ctl[P + 4]), (nb,), np.float32)
         out = carray(_as_ptr(ctl[P + 5]), (N, R), np.float32)
-        int8_dot._dot_rows(xq, xs, q, ws, bias, out, c * R // n, (c + 1) * R // n)
+        int8_dot._dot_rows(xq, xs, q, ws, bias, out, c * R // n, (c + 1) * R // n, 0)  # 0: no prefetch (PREFETCH_BYTES)
     elif kind == KIND_INT8_VNNI:  # xu xs q ws wsum bias out N K R NG has_bias
         N, K, R, NG, nb = ctl[P + 7], ctl[P + 8], ctl[P + 9], ctl[P + 10], ctl[P + 11]
         xu = carray(_as_ptr(ctl[P]), (N, K), np.uint8)
@@ -152,7 +152,7 @@ def _chunk(ctl, c):
         wsum = carray(_as_ptr(ctl[P + 4]), (R, NG), np.int32)
         bias = carray(_as_ptr(ctl[P + 5]), (nb,), np.float32)
         out = carray(_as_ptr(ctl[P + 6]), (N, R), np.float32)
-        int8_dot._dot_rows_vnni(xu, xs, q, ws, wsum, bias, out, c * R // n, (c + 1) * R // n)
+        int8_dot._dot_rows_vnni(xu, xs, q, ws, wsum, bias, out, c * R // n, (c + 1) * R // n, 0)  # the same
     elif kind == KIND_DECODE_ATTN:  # qkv k_cache v_cache rows pos out B C3 R NH n_ctx hs, float32
         B, C3, R, NH, T, hs = ctl[P + 6], ctl[P + 7], ctl[P + 8], ctl[P + 9], ctl[P + 10], ctl[P + 11]
         qkv = carray(_as_ptr(ctl[P]), (B, C3), np.float32)

@@ -35,8 +35,22 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .cpu_target import prefetch, target_features
+
 QMAX = 127
 _FAST = {"reassoc", "contract", "nsz"}
+# On one thread the kernels ask for the weight row this many bytes on (rounded up to whole
+# rows) into L2 while they work on the current one: one core streamed (R, 768) int8 matrices
+# at 8-10 GB/s without, 10-16 GB/s with 4 KB ahead (Intel Xeon, 2026-12-06: the hardware
+# prefetcher alone runs too little ahead of a kernel this quick). With both cores reading
+# (gemv_pool) it gained nothing from memory and lost up to a third where the weights were
+# in L3, so the pool's chunks run without (ahead = 0).
+PREFETCH_BYTES = 4096
+
+
+def prefetch_rows(K):
+    """The kernels' `ahead` for one thread over rows of K bytes: PREFETCH_BYTES in whole rows."""
+    return -(-PREFETCH_BYTES // K)
 
 
 @njit(cache=True, nogil=True)
@@ -65,9 +79,21 @@ def quantize_rows(x, G, xq, xs):
                 xq[n, k] = np.int8(min(max(v, -QMAX), QMAX))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_row(flat, r, ahead, K, r1):
+    """With ahead > 0, ask for row r + ahead of the (R, K) matrix whose flat view is `flat` into
+    L2 (every cache line of it, the last byte's too: a row need not start on a line), if it is
+    before r1, the end of this call's rows."""
+    if ahead > 0 and r + ahead < r1:
+        p = (r + ahead) * K
+        for k in range(0, K + 63, 64):
+            prefetch(flat, p + min(k, K - 1))
+
+
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def _dot_rows(xq, xs, q, ws, bias, out, r0, r1):
-    """out[n, r] for rows r0..r1-1 of q (see the module docstring); bias: (R,) or (0,) for none.
+def _dot_rows(xq, xs, q, ws, bias, out, r0, r1, ahead):
+    """out[n, r] for rows r0..r1-1 of q (see the module docstring); bias: (R,) or (0,) for none;
+    ahead: prefetch_rows(K) on one thread, else 0 (see PREFETCH_BYTES).
 
     Plain nested loops with flat indices: LLVM vectorises the int32 reduction (on AVX-512:
     vpmovsxbw + vpmaddwd on 32 int8 pairs per instruction). The integer sums are exact in any
@@ -77,7 +103,9 @@ def _dot_rows(xq, xs, q, ws, bias, out, r0, r1):
     NG = ws.shape[1]
     G = K // NG
     has_bias = bias.shape[0] > 0
+    flat = q.reshape(-1)
     for r in range(r0, r1):
+        _prefetch_row(flat, r, ahead, K, r1)
         for n in range(N):
             acc = np.float32(0.0)
             for g in range(NG):
@@ -102,18 +130,10 @@ def _dot_rows(xq, xs, q, ws, bias, out, r0, r1):
 # weight (`weight_sums`), is taken off again. Both sums are exact int32 (|sum| <= K * 255 *
 # 127 < 2**31 for K < 66 000). LLVM does not form vpdpbusd from a plain loop's
 # zext * sext (as of LLVM 22), so `_dot_u8s8` writes the loop in LLVM IR.
-def _target_features():
-    """The LLVM features Numba compiles for (NUMBA_CPU_FEATURES, else the host's)."""
-    from numba.core import config
-    from numba.core.codegen import get_host_cpu_features
-    f = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-    return set(f.split(","))
-
-
 def target_has_vnni():
     """Whether Numba's target can run vpdpbusd on 256-bit registers (AVX-VNNI, or AVX-512 VNNI
     with VL): the condition under which _dot_u8s8 emits it."""
-    f = _target_features()
+    f = target_features()
     return "+avxvnni" in f or {"+avx512vnni", "+avx512vl"} <= f
 
 
@@ -179,16 +199,18 @@ def _dot_u8s8(typingctx, a, a0, b, b0, n32):
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def _dot_rows_vnni(xu, xs, q, ws, wsum, bias, out, r0, r1):
+def _dot_rows_vnni(xu, xs, q, ws, wsum, bias, out, r0, r1, ahead):
     """_dot_rows with the activations offset (xu = xq + 128, uint8) and vpdpbusd: out[n, r]
     for rows r0..r1-1, the same numbers (the integer sums are equal, see above); wsum: int32
-    (R, NG), weight_sums(q, G). xu and q C-contiguous."""
+    (R, NG), weight_sums(q, G); ahead as in _dot_rows. xu and q C-contiguous."""
     N, K = xu.shape
     NG = ws.shape[1]
     G = K // NG
     n32 = G // 32
     has_bias = bias.shape[0] > 0
+    flat = q.reshape(-1)
     for r in range(r0, r1):
+        _prefetch_row(flat, r, ahead, K, r1)
         for n in range(N):
             acc = np.float32(0.0)
             for g in range(NG):
@@ -223,7 +245,7 @@ def dot_vnni(xq, xs, q, ws, bias=None):
     xu = (xq.view(np.uint8) ^ np.uint8(0x80)).reshape(xq.shape)
     out = np.empty((xq.shape[0], q.shape[0]), np.float32)
     _dot_rows_vnni(xu, xs, np.ascontiguousarray(q), ws, weight_sums(q, q.shape[1] // ws.shape[1]),
-                   _NO_BIAS if bias is None else bias, out, 0, q.shape[0])
+                   _NO_BIAS if bias is None else bias, out, 0, q.shape[0], prefetch_rows(q.shape[1]))
     return out
 
 
@@ -248,7 +270,7 @@ _NO_BIAS = np.zeros(0, np.float32)
 def dot(xq, xs, q, ws, bias=None):
     """The whole product on this thread: (N, K) int8 x (R, K) int8 -> (N, R) float32."""
     out = np.empty((xq.shape[0], q.shape[0]), np.float32)
-    _dot_rows(xq, xs, q, ws, _NO_BIAS if bias is None else bias, out, 0, q.shape[0])
+    _dot_rows(xq, xs, q, ws, _NO_BIAS if bias is None else bias, out, 0, q.shape[0], prefetch_rows(q.shape[1]))
     return out
 
 
@@ -288,7 +310,7 @@ def dot_instructions(path=None):
     py = (_dot_rows_vnni if path == "vnni" else _dot_rows).py_func
     fn = njit(cache=False, nogil=True, fastmath=_FAST)(py)
     i8, f32 = numba.types.int8[:, ::1], numba.types.float32[:, ::1]
-    args = (i8, f32, i8, f32, numba.types.float32[::1], f32, numba.types.int64, numba.types.int64)
+    args = (i8, f32, i8, f32, numba.types.float32[::1], f32, numba.types.int64, numba.types.int64, numba.types.int64)
     if path == "vnni":
         args = (numba.types.uint8[:, ::1], f32, i8, f32, numba.types.int32[:, ::1]) + args[4:]
     fn.compile(args)
@@ -297,3 +319,4 @@ def dot_instructions(path=None):
     found = {i: n for i, n in found.items() if n}
     width = next((w for w in ("zmm", "ymm", "xmm") if re.search(r"%" + w + r"\d", asm)), "scalar")
     return {"path": path, "instructions": found, "register": width}
+

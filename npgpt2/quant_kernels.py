@@ -178,7 +178,7 @@ def int8_matmul(x, q, scale, bias=None):
         wsum = weight_sums(q, K // NG)  # [R, NG] int32
         if n == 1:
             gemv_pool.note(gemv_pool.KIND_INT8_VNNI, 1)
-            int8_dot._dot_rows_vnni(xu, xs, q, scale, wsum, b, out, 0, R)
+            int8_dot._dot_rows_vnni(xu, xs, q, scale, wsum, b, out, 0, R, int8_dot.prefetch_rows(K))
             return out
         kind = gemv_pool.KIND_INT8_VNNI
         params = gemv_pool.job_params((xu, xs, q, scale, wsum, b, out), (N, K, R, NG, b.shape[0]))
@@ -186,7 +186,7 @@ def int8_matmul(x, q, scale, bias=None):
         xq, xs = int8_dot.quantize(x, K // NG)  # [N, K] int8, [N, NG] float32
         if n == 1:
             gemv_pool.note(gemv_pool.KIND_INT8, 1)
-            int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R)
+            int8_dot._dot_rows(xq, xs, q, scale, b, out, 0, R, int8_dot.prefetch_rows(K))
             return out
         kind = gemv_pool.KIND_INT8
         params = gemv_pool.job_params((xq, xs, q, scale, b, out), (N, K, R, NG, b.shape[0]))
