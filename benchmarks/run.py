@@ -193,14 +193,16 @@ def duel(bench, args, reps, sides, log):
     sides = list(plan)
     workers = {s: Worker(side, bench, a, log) for s, (side, a) in plan.items()}
     times = {s: [] for s in sides}
+    peaks = {s: [] for s in sides}  # VmHWM after each call, the warm-up's first
     last = {}
     for s in sides:
-        workers[s].call("run")
+        peaks[s].append(workers[s].call("run").get("peak_rss_so_far_mib"))
     for r in range(reps):
         order = sides[r % len(sides):] + sides[:r % len(sides)]
         for s in order:
             out = workers[s].call("run")
             times[s].append(out["seconds"])
+            peaks[s].append(out.get("peak_rss_so_far_mib"))
             last[s] = out
     res = {}
     for s in sides:
@@ -208,7 +210,7 @@ def duel(bench, args, reps, sides, log):
         res[s] = {**summarize(times[s]), "peak_rss_mib": q["peak_rss_mib"], "info": q["info"],
                   "rss_before_first_run_mib": workers[s].ready.get("rss_now_mib"),
                   "rss_at_end_mib": q.get("rss_now_mib"), "huge_pages_at_end_mib": q.get("huge_pages_mib"),
-                  "ru_maxrss_mib": q.get("ru_maxrss_mib")}
+                  "ru_maxrss_mib": q.get("ru_maxrss_mib"), "peak_rss_by_run_mib": peaks[s]}
         if "result" in last[s]:
             res[s]["result"] = last[s]["result"]
     return res

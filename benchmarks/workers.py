@@ -718,10 +718,12 @@ def main():
         if cmd == "run":
             t0 = time.perf_counter()
             run()
-            send({"seconds": time.perf_counter() - t0, **extra})
+            # the peak so far after each repetition (the warm-up's first): where a peak arose
+            send({"seconds": time.perf_counter() - t0, "peak_rss_so_far_mib": peak_rss_mib(), **extra})
         elif cmd == "quit":
-            # ru_maxrss beside VmHWM: they differ when the peak came from the parent (the
-            # unexplained 2.77 GiB train B=1,T=1024 peaks of earlier full runs were ru_maxrss)
+            # ru_maxrss beside VmHWM: they differ when the peak came from the parent. (The 2.77
+            # GiB train B=1,T=1024 peaks of some full runs are not that: run i, 2026-12-06,
+            # had 2.77 GiB in both; still unexplained, and 2.20 GiB in every shorter run.)
             send({"peak_rss_mib": peak_rss_mib(), "rss_now_mib": rss_mib(), "huge_pages_mib": huge_pages_mib(),
                   "ru_maxrss_mib": ru_maxrss_mib(), "info": info()})
             return
