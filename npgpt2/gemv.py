@@ -45,7 +45,7 @@ from llvmlite import ir
 from numba import errors, njit, types
 from numba.extending import intrinsic
 
-from . import threads
+from . import cpu_target, jit, threads
 from .cpu_target import emit_prefetch, prefetch, target_features
 
 MAX_ROWS = 8
@@ -315,3 +315,6 @@ def matmul_rows(x, w, bias=None, out=None):
     params = gemv_pool.job_params((x, base, b, out), (M, C, OC, b.shape[0]))
     gemv_pool.run(kind, params, chunks(units, n), n)
     return out
+
+
+jit.drop_stale_cache(_rows, (cpu_target.__file__,))  # its prefetch intrinsic's code is compiled in

@@ -18,9 +18,10 @@ caller's thread (no worker involved at all). The callers (gemv.py, quant_kernels
 threads.gemv_threads(), which says 2 only while a core is free: on a busy machine the
 worker is never posted to and goes back to sleep after SPIN_S.
 
-Numba's on-disk cache keys _chunk on this file only: after editing a kernel in int8_dot.py,
-gemv.py or kernels._decode_attention_kernel, touch this file (or clear npgpt2/__pycache__) so
-the worker's copy recompiles.
+Numba's on-disk cache keys _chunk on this file's contents only (a hash: touching a file does
+nothing), though it compiles in int8_dot's, gemv's and kernels' code: at import,
+jit.drop_stale_cache deletes this module's cache files whenever those files' contents changed,
+so the worker never runs an old copy of a kernel the caller runs new.
 
 Jobs (kind, params as int64 addresses and sizes; the caller keeps the arrays alive):
 - KIND_INT8: int8_dot._dot_rows on rows [c*R/n, (c+1)*R/n) for chunk c;
@@ -39,7 +40,7 @@ from llvmlite import ir
 from numba import carray, literal_unroll, njit, types
 from numba.extending import intrinsic
 
-from . import gemv, int8_dot, kernels
+from . import cpu_target, gemv, int8_dot, jit, kernels
 
 SPIN_S = 0.005  # a worker spins this long after its last job before sleeping
 STOP_WAIT_S = 1.0  # at exit, how long to wait for the worker to leave its loop (it checks STOP every spin)
@@ -324,3 +325,6 @@ def run(kind, params, nchunks, threads=1):
         _pool = _Pool()
     _pool.run(kind, params, nchunks, threads)
 
+
+# _chunk compiles in int8_dot's, gemv's and kernels' code (and cpu_target's intrinsics)
+jit.drop_stale_cache(_chunk, (int8_dot.__file__, gemv.__file__, kernels.__file__, cpu_target.__file__))

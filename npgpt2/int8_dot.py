@@ -35,6 +35,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import cpu_target, jit
 from .cpu_target import prefetch, target_features
 
 QMAX = 127
@@ -320,3 +321,5 @@ def dot_instructions(path=None):
     width = next((w for w in ("zmm", "ymm", "xmm") if re.search(r"%" + w + r"\d", asm)), "scalar")
     return {"path": path, "instructions": found, "register": width}
 
+
+jit.drop_stale_cache(_dot_rows, (cpu_target.__file__,))  # its prefetch intrinsic's code is compiled in

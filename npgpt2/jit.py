@@ -82,3 +82,47 @@ def plain_fallback(reason):
     if not _warned:
         _warned = True
         log.warning("Numba is unavailable (%s): running the plain NumPy code instead (slower)", reason)
+
+
+def drop_stale_cache(dispatcher, sources):
+    """Numba keys a cached function on its own file's contents only, yet compiles into it the
+    code of the jitted functions and intrinsics it calls from other files: after one of those
+    changes (an edit, an upgrade over an old cache) it would go on running their old code,
+    while a direct call of the same kernel runs the new (seen: gemv_pool's two-thread int8 GEMV
+    against the one-thread one). Called at import by a module whose kernels call into
+    `sources` (paths): when their contents' hash differs from the one recorded beside the
+    module's cache, the module's cache files are deleted, so Numba compiles them afresh.
+
+    dispatcher: any cached (cache=True) function of the module, to find where its cache lives.
+    Best effort: an unwritable cache or a Numba without these attributes is left alone.
+    """
+    import glob
+    import hashlib
+
+    try:
+        folder = dispatcher._cache._cache_path  # Numba's cache locator: __pycache__, or NUMBA_CACHE_DIR's
+    except AttributeError:
+        return
+    module = dispatcher.py_func.__module__.rsplit(".", 1)[-1]
+    digest = hashlib.sha256()
+    for path in sorted(sources):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    stamp = digest.hexdigest()
+    marker = os.path.join(folder, f"{module}.deps")
+    try:
+        with open(marker, encoding="ascii") as f:
+            if f.read().strip() == stamp:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        for path in glob.glob(os.path.join(glob.escape(folder), f"{module}.*.nb[ic]")):
+            os.remove(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{marker}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(stamp + "\n")
+        os.replace(tmp, marker)
+    except OSError as e:
+        log.debug("could not refresh %s's Numba cache in %s: %s", module, folder, e)

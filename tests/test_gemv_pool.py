@@ -3,6 +3,7 @@
 The kernels a job runs are held equal to NumPy in test_gemv.py and test_quant_int8dot.py.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,46 @@ def test_a_short_run_exits_cleanly_when_the_worker_loop_is_not_cached(tmp_path):
         r = _short_run(cache, 1.5)
         assert r.returncode == 0 and r.stdout.strip() == "done", (r.returncode, r.stderr[-2000:])
         assert "Assertion" not in r.stderr and "Fatal" not in r.stderr, r.stderr[-2000:]
+
+
+# Both thread counts of one int8 GEMV, through the fallback kernel (_dot_rows: every machine
+# runs it): the one-thread call runs int8_dot's kernel itself, the two-thread call the copy
+# compiled into gemv_pool._chunk.
+BOTH_PATHS = """
+import numpy as np
+from npgpt2 import quant_kernels, threads
+rng = np.random.default_rng(0)
+q = rng.integers(-127, 128, (256, 64), dtype=np.int8)
+s = rng.random((256, 1), dtype=np.float32)
+x = rng.standard_normal((1, 64)).astype(np.float32)
+threads.gemv_threads = lambda work: 1
+one = quant_kernels.int8_matmul(x, q, s)
+threads.gemv_threads = lambda work: 2
+two = quant_kernels.int8_matmul(x, q, s)
+print(float(one.sum()), float(two.sum()))
+"""
+
+
+def test_an_edited_kernel_reaches_the_pool_through_numbas_cache(tmp_path):
+    """Numba keys gemv_pool._chunk's cache on gemv_pool.py alone: after an edit of int8_dot.py
+    (or an upgrade over an old cache) the two-thread GEMV ran the old kernel while the
+    one-thread GEMV ran the new one. jit.drop_stale_cache now drops gemv_pool's cache then."""
+    shutil.copytree(ROOT / "npgpt2", tmp_path / "npgpt2", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"), NPGPT2_INT8_DOT="madd")
+
+    def both():
+        r = subprocess.run([sys.executable, "-c", BOTH_PATHS], env=env, capture_output=True, text=True,
+                           cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return [float(v) for v in r.stdout.split()]
+
+    one, two = both()  # compiles both into the cache
+    assert one == two
+    kernel = tmp_path / "npgpt2" / "int8_dot.py"
+    line = "acc += np.float32(np.int32(s)) * (ws[r, g] * xs[n, g])"
+    source = kernel.read_text()
+    assert source.count(line) == 1
+    kernel.write_text(source.replace(line, line + " + np.float32(1000.0)"))  # each output + 1000 per group
+    one_after, two_after = both()
+    assert abs(one_after - (one + 1000.0 * 256)) < 1.0  # the edit is in effect on one thread ...
+    assert two_after == one_after  # ... and on two
