@@ -23,12 +23,12 @@ def sample_logits(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return logits.argmax(axis=-1)
+    out = np.empty(logits.shape[0], dtype=np.int64)
+    # a tiny temperature overflows logit / temperature (the rows below then take the greedy
+    # limit), or leaves the scaled logits finite but not their spread: row - max then overflows
+    # to -inf, whose exp is 0, the greedy limit that temperature tends to
     with np.errstate(over="ignore"):
         scaled = logits / temperature
-    out = np.empty(logits.shape[0], dtype=np.int64)
-    # a tiny temperature can leave the scaled logits finite but not their spread: row - max then
-    # overflows to -inf, whose exp is 0, the greedy limit that temperature tends to
-    with np.errstate(over="ignore"):
         for b, row in enumerate(scaled):
             if not (np.isfinite(row.max()) and np.isfinite(row.min())):  # (NaN propagates through both)
                 # a temperature so small that logit / temperature overflows: the limit is greedy

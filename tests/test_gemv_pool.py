@@ -25,15 +25,20 @@ def test_job_params_are_numpys_addresses_then_the_sizes():
     assert got.tolist() == [a.ctypes.data, b.ctypes.data, c.ctypes.data, d.ctypes.data, 1, 768, 2 ** 40, 0]
 
 
-# A short run: int8 GEMVs on two threads (the worker used) for a while, then the process ends
-# at once, as a user's script that prints one generation does.
-SHORT_RUN = """
-import time, numpy as np
+# One int8 GEMV's data in a child process: a (256, 64) weight, one row of activations.
+GEMV_DATA = """
+import numpy as np
 from npgpt2 import quant_kernels
 rng = np.random.default_rng(0)
 q = rng.integers(-127, 128, (256, 64), dtype=np.int8)
 s = rng.random((256, 1), dtype=np.float32)
 x = rng.standard_normal((1, 64)).astype(np.float32)
+"""
+
+# A short run: int8 GEMVs on two threads (the worker used) for a while, then the process ends
+# at once, as a user's script that prints one generation does.
+SHORT_RUN = GEMV_DATA + """
+import time
 t = time.perf_counter()
 quant_kernels.int8_matmul(x, q, s)
 while time.perf_counter() - t < {seconds}:
@@ -69,13 +74,8 @@ def test_a_short_run_exits_cleanly_when_the_worker_loop_is_not_cached(tmp_path):
 # Both thread counts of one int8 GEMV, through the fallback kernel (_dot_rows: every machine
 # runs it): the one-thread call runs int8_dot's kernel itself, the two-thread call the copy
 # compiled into gemv_pool._chunk.
-BOTH_PATHS = """
-import numpy as np
-from npgpt2 import quant_kernels, threads
-rng = np.random.default_rng(0)
-q = rng.integers(-127, 128, (256, 64), dtype=np.int8)
-s = rng.random((256, 1), dtype=np.float32)
-x = rng.standard_normal((1, 64)).astype(np.float32)
+BOTH_PATHS = GEMV_DATA + """
+from npgpt2 import threads
 threads.gemv_threads = lambda work: 1
 one = quant_kernels.int8_matmul(x, q, s)
 threads.gemv_threads = lambda work: 2

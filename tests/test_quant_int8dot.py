@@ -163,8 +163,7 @@ def test_pool_job_sequence_survives_a_late_worker():
     x, w, b = data(1, 96, 96, 200)
     xq, xs = int8_dot.quantize(x, 96)
     out = np.zeros((1, 200), np.float32)
-    params = np.array([xq.ctypes.data, xs.ctypes.data, w.q.ctypes.data, w.scale.ctypes.data, b.ctypes.data,
-                       out.ctypes.data, 1, 96, 200, 1, 200], np.int64)
+    params = gemv_pool.job_params((xq, xs, w.q, w.scale, b, out), (1, 96, 200, 1, 200))
     gemv_pool.run(gemv_pool.KIND_INT8, params, 7, threads=1)
     np.testing.assert_array_equal(out, int8_dot.dot(xq, xs, w.q, w.scale, b))
 
